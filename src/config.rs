@@ -1,0 +1,304 @@
+//! Broker configuration: `broker.toml` parsed with serde, every key with a
+//! default (so no file is needed at all), unknown keys refused, and every
+//! value validated at load with an error naming the key, the value and the
+//! allowed range.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::record::MESSAGE_BYTES_LIMIT;
+use crate::storage::{ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, StoreConfig};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// Allowed range of `segment_bytes`.
+pub const SEGMENT_BYTES_RANGE: RangeInclusive<u64> = KIB..=GIB;
+/// Allowed range of `segment_max_age_secs` (one second to ten years).
+pub const SEGMENT_MAX_AGE_SECS_RANGE: RangeInclusive<u64> = 1..=10 * 365 * 24 * 3600;
+/// Allowed range of `index_interval_bytes`.
+pub const INDEX_INTERVAL_BYTES_RANGE: RangeInclusive<u64> = 1..=16 * MIB;
+/// Allowed range of `fsync_interval_ms`.
+pub const FSYNC_INTERVAL_MS_RANGE: RangeInclusive<u64> = 1..=60_000;
+/// Allowed range of `max_message_bytes`.
+pub const MAX_MESSAGE_BYTES_RANGE: RangeInclusive<u64> = 1..=MESSAGE_BYTES_LIMIT as u64;
+/// Allowed range of every retention limit, when set.
+pub const RETENTION_LIMIT_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
+/// Allowed range of `retention_check_interval_ms`.
+pub const RETENTION_CHECK_INTERVAL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
+/// Allowed range of `max_channels`.
+pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
+
+/// The whole broker configuration. See `broker.toml` for every key, its
+/// default and its range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub segment_bytes: u64,
+    pub segment_max_age_secs: u64,
+    pub index_interval_bytes: u64,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval_ms: u64,
+    pub max_message_bytes: u64,
+    pub retention_max_bytes: Option<u64>,
+    pub retention_max_age_secs: Option<u64>,
+    pub retention_max_messages: Option<u64>,
+    pub retention_check_interval_ms: u64,
+    pub max_channels: u64,
+    /// Per-channel overrides, keyed by channel name.
+    pub channels: BTreeMap<String, ChannelOverrides>,
+}
+
+/// Settings one channel may set differently from the broker-wide defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelOverrides {
+    pub segment_bytes: Option<u64>,
+    pub segment_max_age_secs: Option<u64>,
+    pub fsync: Option<FsyncPolicy>,
+    pub retention_max_bytes: Option<u64>,
+    pub retention_max_age_secs: Option<u64>,
+    pub retention_max_messages: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from("weir-data"),
+            segment_bytes: 128 * MIB,
+            segment_max_age_secs: 7 * 24 * 3600,
+            index_interval_bytes: 4 * KIB,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            max_message_bytes: MIB,
+            retention_max_bytes: None,
+            retention_max_age_secs: None,
+            retention_max_messages: None,
+            retention_check_interval_ms: 30_000,
+            max_channels: 10_000,
+            channels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key} = {value} is out of range: allowed {allowed}")]
+    OutOfRange { key: String, value: String, allowed: String },
+    #[error("config key {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl Config {
+    /// Reads and validates `path`, or returns the validated defaults when
+    /// `path` is `None`.
+    ///
+    /// # Errors
+    /// The file cannot be read, does not parse, has an unknown key, or has a
+    /// value out of range.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            let config = Config::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text).map_err(|error| match error {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_path_buf(), message },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|error| ConfigError::Parse { path: PathBuf::from("<text>"), message: error.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML (`weir serve --print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|error| format!("# cannot print the configuration: {error}\n"))
+    }
+
+    /// Checks every value against its range.
+    ///
+    /// # Errors
+    /// The first key out of range, naming key, value and range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_range("segment_bytes", self.segment_bytes, SEGMENT_BYTES_RANGE)?;
+        check_range("segment_max_age_secs", self.segment_max_age_secs, SEGMENT_MAX_AGE_SECS_RANGE)?;
+        check_range("index_interval_bytes", self.index_interval_bytes, INDEX_INTERVAL_BYTES_RANGE)?;
+        check_range("fsync_interval_ms", self.fsync_interval_ms, FSYNC_INTERVAL_MS_RANGE)?;
+        check_range("max_message_bytes", self.max_message_bytes, MAX_MESSAGE_BYTES_RANGE)?;
+        check_optional("retention_max_bytes", self.retention_max_bytes)?;
+        check_optional("retention_max_age_secs", self.retention_max_age_secs)?;
+        check_optional("retention_max_messages", self.retention_max_messages)?;
+        check_range(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+            RETENTION_CHECK_INTERVAL_MS_RANGE,
+        )?;
+        check_range("max_channels", self.max_channels, MAX_CHANNELS_RANGE)?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });
+        }
+        for (name, overrides) in &self.channels {
+            let key = |field: &str| format!("channels.{name}.{field}");
+            ChannelName::new(name).map_err(|error| ConfigError::Invalid {
+                key: format!("channels.{name}"),
+                problem: error.to_string(),
+            })?;
+            if let Some(value) = overrides.segment_bytes {
+                check_range(&key("segment_bytes"), value, SEGMENT_BYTES_RANGE)?;
+            }
+            if let Some(value) = overrides.segment_max_age_secs {
+                check_range(&key("segment_max_age_secs"), value, SEGMENT_MAX_AGE_SECS_RANGE)?;
+            }
+            check_optional(&key("retention_max_bytes"), overrides.retention_max_bytes)?;
+            check_optional(&key("retention_max_age_secs"), overrides.retention_max_age_secs)?;
+            check_optional(&key("retention_max_messages"), overrides.retention_max_messages)?;
+        }
+        Ok(())
+    }
+
+    /// The log settings of channels without overrides.
+    pub fn default_log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            segment_max_age: Duration::from_secs(self.segment_max_age_secs),
+            index_interval_bytes: self.index_interval_bytes,
+            fsync: self.fsync,
+            max_message_bytes: self.max_message_bytes as usize,
+            retention: RetentionPolicy {
+                max_bytes: self.retention_max_bytes,
+                max_age: self.retention_max_age_secs.map(Duration::from_secs),
+                max_messages: self.retention_max_messages,
+            },
+        }
+    }
+
+    /// The storage engine's settings.
+    pub fn store_config(&self) -> StoreConfig {
+        let default_log = self.default_log_config();
+        let channel_logs = self
+            .channels
+            .iter()
+            .map(|(name, overrides)| {
+                let mut log = default_log.clone();
+                log.segment_bytes = overrides.segment_bytes.unwrap_or(log.segment_bytes);
+                if let Some(secs) = overrides.segment_max_age_secs {
+                    log.segment_max_age = Duration::from_secs(secs);
+                }
+                log.fsync = overrides.fsync.unwrap_or(log.fsync);
+                log.retention.max_bytes = overrides.retention_max_bytes.or(log.retention.max_bytes);
+                log.retention.max_age =
+                    overrides.retention_max_age_secs.map(Duration::from_secs).or(log.retention.max_age);
+                log.retention.max_messages = overrides.retention_max_messages.or(log.retention.max_messages);
+                (name.clone(), log)
+            })
+            .collect();
+        StoreConfig {
+            data_dir: self.data_dir.clone(),
+            default_log,
+            channel_logs,
+            max_channels: self.max_channels as usize,
+            fsync_interval: Duration::from_millis(self.fsync_interval_ms),
+            retention_check_interval: Duration::from_millis(self.retention_check_interval_ms),
+        }
+    }
+}
+
+fn check_range(key: &str, value: u64, range: RangeInclusive<u64>) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::OutOfRange {
+        key: key.to_owned(),
+        value: value.to_string(),
+        allowed: format!("{}..={}", range.start(), range.end()),
+    })
+}
+
+fn check_optional(key: &str, value: Option<u64>) -> Result<(), ConfigError> {
+    value.map_or(Ok(()), |value| check_range(key, value, RETENTION_LIMIT_RANGE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_repository_broker_toml_is_the_defaults() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/broker.toml")).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let error = Config::parse("segment_byte = 5").unwrap_err().to_string();
+        assert!(error.contains("segment_byte"), "{error}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_value_and_range() {
+        let error = Config::parse("segment_bytes = 10").unwrap_err().to_string();
+        assert_eq!(error, "config key segment_bytes = 10 is out of range: allowed 1024..=1073741824");
+        let error = Config::parse("[channels.orders]\nretention_max_bytes = 0").unwrap_err().to_string();
+        assert!(error.contains("channels.orders.retention_max_bytes = 0"), "{error}");
+        let error = Config::parse("[channels.\"a/b\"]").unwrap_err().to_string();
+        assert!(error.contains("invalid channel name"), "{error}");
+        let error = Config::parse("fsync = \"sometimes\"").unwrap_err().to_string();
+        assert!(error.contains("sometimes"), "{error}");
+    }
+
+    #[test]
+    fn limits_are_accepted_at_the_bound_and_refused_past_it() {
+        assert!(Config::parse(&format!("max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());
+        assert!(Config::parse(&format!("max_message_bytes = {}", MESSAGE_BYTES_LIMIT + 1)).is_err());
+        assert!(Config::parse("segment_bytes = 1024").is_ok());
+        assert!(Config::parse("segment_bytes = 1023").is_err());
+    }
+
+    #[test]
+    fn channel_overrides_apply_to_that_channel_only() {
+        let config = Config::parse(
+            "retention_max_messages = 100\n[channels.audit]\nretention_max_age_secs = 60\nfsync = \"never\"",
+        )
+        .unwrap();
+        let store = config.store_config();
+        let audit = store.log_config(&ChannelName::new("audit").unwrap());
+        assert_eq!(audit.retention.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(audit.retention.max_messages, Some(100));
+        assert_eq!(audit.fsync, FsyncPolicy::Never);
+        let other = store.log_config(&ChannelName::new("other").unwrap());
+        assert_eq!(other.retention.max_age, None);
+        assert_eq!(other.fsync, FsyncPolicy::Always);
+    }
+}

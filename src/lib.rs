@@ -1,0 +1,20 @@
+//! weir: a commit-log message broker with explicit limits and backpressure.
+//!
+//! Publishers append events to named channels; the broker stores them in
+//! checksummed, segmented log files; subscribers replay from any offset or
+//! time and follow the tail. Every queue and buffer has a named limit, and
+//! reaching one is answered with a notice, never with a hidden queue.
+//!
+//! # Layout
+//! - [`storage`]: the segmented log per channel, recovery, retention and
+//!   the offline checker. Synchronous; no tokio.
+//! - [`config`]: `broker.toml`, its defaults and its validation.
+//!
+//! # Untrusted input
+//! Bytes from files and from the network are untrusted: every length is
+//! checked against a named limit before anything is allocated for it, and
+//! malformed input is a typed error, never a panic.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod storage;

@@ -1,0 +1,67 @@
+//! The storage engine's error type. Variants carry the values involved (the
+//! path, the byte position, the offset asked for and the range that exists)
+//! so that a message can be acted on without reading the source.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::channel_name::ChannelNameError;
+use super::record::{MessageError, RecordError};
+
+/// An operating condition the storage engine reports instead of panicking.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "offset {requested} is out of range for channel {channel}: it holds offsets {start}..{next} (start inclusive, next exclusive)"
+    )]
+    OffsetOutOfRange { channel: String, requested: u64, start: u64, next: u64 },
+    #[error("corrupt record in {path} at byte {position}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        #[source]
+        reason: RecordError,
+    },
+    #[error("{path}: {problem}")]
+    InvalidFile { path: PathBuf, problem: String },
+    #[error("message {index} of the batch is rejected: {source}")]
+    InvalidMessage {
+        index: usize,
+        #[source]
+        source: MessageError,
+    },
+    #[error("a batch of {size_bytes} encoded bytes exceeds the append limit of {size_bytes_max} bytes")]
+    BatchTooLarge { size_bytes: usize, size_bytes_max: usize },
+    #[error(
+        "channel {channel} refuses appends after an earlier failure ({cause}); restart the broker to recover the log"
+    )]
+    Failed { channel: String, cause: String },
+    #[error(transparent)]
+    InvalidChannelName(#[from] ChannelNameError),
+    #[error("channel {channel} does not exist")]
+    UnknownChannel { channel: String },
+    #[error("channel {channel} already exists")]
+    ChannelExists { channel: String },
+    #[error("cannot create channel {channel}: the broker already has max_channels = {count_max} channels")]
+    TooManyChannels { channel: String, count_max: usize },
+    #[error("data directory {path} is in use by another weir process (lock file held)")]
+    DataDirLocked { path: PathBuf },
+}
+
+/// Attaches the path an `io::Error` happened on.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T, StorageError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T, StorageError> {
+        self.map_err(|source| StorageError::Io { path: path.into(), source })
+    }
+}

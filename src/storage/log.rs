@@ -1,0 +1,553 @@
+//! A channel's log: an ordered set of segments, one writer appending batches
+//! to the last (active) one, any number of readers, rolling and retention.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::channel_name::ChannelName;
+use super::error::{IoContext, StorageError};
+use super::fs::FileSystem;
+use super::index::{FILE_HEADER_BYTES, IndexEntry};
+use super::record::{self, Message, RecordIter};
+use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole};
+
+/// The most encoded bytes one append may write: the writer's buffer never
+/// grows past this.
+pub const APPEND_BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// The writer keeps its encode buffer between appends up to this capacity,
+/// and releases anything larger.
+const ENCODE_BUFFER_RETAINED_BYTES: usize = 4 * 1024 * 1024;
+
+/// When an append is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// `fdatasync` before an append returns: one sync per batch.
+    #[default]
+    Always,
+    /// A background task syncs every `fsync_interval_ms`.
+    Interval,
+    /// The operating system writes back when it chooses.
+    Never,
+}
+
+/// Retention limits of one channel; `None` means unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+    pub max_messages: Option<u64>,
+}
+
+/// The settings of one channel's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    pub segment_bytes: u64,
+    pub segment_max_age: Duration,
+    pub index_interval_bytes: u64,
+    pub fsync: FsyncPolicy,
+    pub max_message_bytes: usize,
+    pub retention: RetentionPolicy,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            segment_bytes: 128 * 1024 * 1024,
+            segment_max_age: Duration::from_secs(7 * 24 * 3600),
+            index_interval_bytes: 4096,
+            fsync: FsyncPolicy::Always,
+            max_message_bytes: 1024 * 1024,
+            retention: RetentionPolicy {
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+                ..RetentionPolicy::default()
+            },
+        }
+    }
+}
+
+/// The offsets and timestamp an append assigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub first_offset: u64,
+    /// Number of records appended; their offsets are
+    /// `first_offset..first_offset + count`.
+    pub count: u64,
+    /// The timestamp every record of the batch carries.
+    pub timestamp_us: u64,
+}
+
+/// Whole, CRC-checked records read from a log, back to back in their on-disk
+/// encoding (see [`record`]), sharing the memory map they were read from.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    pub records: Bytes,
+    pub first_offset: u64,
+    /// One past the last offset in the batch.
+    pub next_offset: u64,
+    pub count: u64,
+}
+
+impl ReadBatch {
+    /// Decodes the records; payloads are not copied.
+    pub fn iter(&self) -> RecordIter {
+        RecordIter::new(self.records.clone())
+    }
+}
+
+/// What one retention pass deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub segments_deleted: u64,
+    pub bytes_deleted: u64,
+    pub records_deleted: u64,
+}
+
+/// Summary figures of a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStats {
+    pub start_offset: u64,
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub segment_count: u64,
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    next_offset: u64,
+    last_timestamp_us: u64,
+    /// Position in the active segment of its last index entry.
+    last_indexed_position: u64,
+    /// Bytes written since the last sync of the active segment.
+    unsynced: bool,
+    encode_buffer: Vec<u8>,
+    /// Set after a write or sync failure: the file's state is unknown, so no
+    /// further append is accepted until recovery (a restart) has run.
+    failure: Option<String>,
+}
+
+/// One channel's log. Appends are serialized by an internal writer lock;
+/// reads proceed concurrently with them and with each other.
+pub struct ChannelLog {
+    name: ChannelName,
+    dir: PathBuf,
+    fs: Arc<dyn FileSystem>,
+    config: LogConfig,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    /// One past the last offset readers may see.
+    visible_next_offset: AtomicU64,
+}
+
+impl std::fmt::Debug for ChannelLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelLog").field("name", &self.name).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// Microseconds since the Unix epoch by the system clock.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+impl ChannelLog {
+    /// Opens the log in `dir`, creating it if it does not exist, and runs
+    /// recovery on its segments.
+    ///
+    /// # Errors
+    /// Anything that makes the log untrustworthy, naming file and position.
+    pub fn open(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        name: ChannelName,
+        config: LogConfig,
+    ) -> Result<ChannelLog, StorageError> {
+        fs.create_dir_all(dir).at(dir)?;
+        let base_offsets = list_segments(&*fs, dir)?;
+        let mut segments = BTreeMap::new();
+        for (i, &base_offset) in base_offsets.iter().enumerate() {
+            let role = match base_offsets.get(i + 1) {
+                Some(&next_base_offset) => SegmentRole::Sealed { next_base_offset },
+                None => SegmentRole::Last,
+            };
+            let (segment, report) = Segment::open(&*fs, dir, base_offset, role, config.index_interval_bytes)?;
+            log_recovery(&name, &segment, report);
+            segments.insert(base_offset, Arc::new(segment));
+        }
+        let active = match segments.last_key_value() {
+            Some((_, segment)) => Arc::clone(segment),
+            None => {
+                let segment = Arc::new(Segment::create(&*fs, dir, 0)?);
+                segments.insert(0, Arc::clone(&segment));
+                segment
+            }
+        };
+        let (next_offset, last_timestamp_us, last_indexed_position) = {
+            let state = active.state();
+            let last_indexed = state.offset_index.last().map_or(FILE_HEADER_BYTES as u64, |entry| entry.value);
+            let last_timestamp =
+                segments.values().rev().find_map(|segment| segment.state().last_timestamp_us).unwrap_or(0);
+            (state.next_offset, last_timestamp, last_indexed)
+        };
+        Ok(ChannelLog {
+            name,
+            dir: dir.to_path_buf(),
+            fs,
+            config,
+            segments: RwLock::new(segments),
+            writer: Mutex::new(Writer {
+                active,
+                next_offset,
+                last_timestamp_us,
+                last_indexed_position,
+                unsynced: false,
+                encode_buffer: Vec::new(),
+                failure: None,
+            }),
+            visible_next_offset: AtomicU64::new(next_offset),
+        })
+    }
+
+    pub fn name(&self) -> &ChannelName {
+        &self.name
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// Appends a batch with the current time as its timestamp.
+    ///
+    /// # Errors
+    /// See [`ChannelLog::append_batch_at`].
+    pub fn append_batch(&self, messages: &[Message]) -> Result<Appended, StorageError> {
+        self.append_batch_at(messages, now_us())
+    }
+
+    /// Appends a batch as one write (and, under `fsync = "always"`, one
+    /// sync), and returns only when it is as durable as the policy promises.
+    /// The batch carries `max(now_us, last timestamp)`, so timestamps never
+    /// decrease within a channel even if the clock steps back.
+    ///
+    /// # Errors
+    /// `InvalidMessage` (nothing written) when a message breaks a limit;
+    /// `Io` when the write or sync fails, after which the log refuses
+    /// appends (`Failed`) until it is reopened.
+    pub fn append_batch_at(&self, messages: &[Message], now_us: u64) -> Result<Appended, StorageError> {
+        for (index, message) in messages.iter().enumerate() {
+            message
+                .validate(self.config.max_message_bytes)
+                .map_err(|source| StorageError::InvalidMessage { index, source })?;
+        }
+        let size_bytes: usize = messages.iter().map(Message::encoded_len).sum();
+        if size_bytes > APPEND_BATCH_BYTES_MAX {
+            return Err(StorageError::BatchTooLarge { size_bytes, size_bytes_max: APPEND_BATCH_BYTES_MAX });
+        }
+        let mut writer = self.lock_writer();
+        if let Some(cause) = &writer.failure {
+            return Err(StorageError::Failed { channel: self.name.to_string(), cause: cause.clone() });
+        }
+        let timestamp_us = now_us.max(writer.last_timestamp_us);
+        if messages.is_empty() {
+            return Ok(Appended { first_offset: writer.next_offset, count: 0, timestamp_us });
+        }
+        if self.should_roll(&writer, timestamp_us) {
+            self.roll(&mut writer)?;
+        }
+        let result = self.write_batch(&mut writer, messages, timestamp_us);
+        if let Err(error) = &result {
+            writer.failure = Some(error.to_string());
+            tracing::error!(channel = %self.name, %error, "append failed; the channel refuses appends until restart");
+        }
+        if writer.encode_buffer.capacity() > ENCODE_BUFFER_RETAINED_BYTES {
+            writer.encode_buffer = Vec::new();
+        }
+        result
+    }
+
+    fn write_batch(
+        &self,
+        writer: &mut Writer,
+        messages: &[Message],
+        timestamp_us: u64,
+    ) -> Result<Appended, StorageError> {
+        let first_offset = writer.next_offset;
+        let base_position = writer.active.written_len();
+        let mut buffer = std::mem::take(&mut writer.encode_buffer);
+        buffer.clear();
+        let mut offset_entries = Vec::new();
+        let mut time_entries = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let offset = first_offset + i as u64;
+            let position = base_position + buffer.len() as u64;
+            if position - writer.last_indexed_position >= self.config.index_interval_bytes {
+                offset_entries.push(IndexEntry { key: offset, value: position });
+                time_entries.push(IndexEntry { key: timestamp_us, value: offset });
+                writer.last_indexed_position = position;
+            }
+            record::encode(&mut buffer, offset, timestamp_us, message);
+        }
+        let written = writer.active.write(&buffer, &offset_entries, &time_entries);
+        writer.encode_buffer = buffer;
+        written?;
+        let count = messages.len() as u64;
+        if self.config.fsync == FsyncPolicy::Always {
+            writer.active.sync_log()?;
+        } else {
+            writer.unsynced = true;
+        }
+        let next_offset = first_offset + count;
+        // The log-wide next offset moves first: a reader that has seen the
+        // new records in the segment must never be told they are out of
+        // range. (The reverse order only makes a reader briefly think it is
+        // caught up.)
+        self.visible_next_offset.store(next_offset, Ordering::Release);
+        writer.active.publish(writer.active.written_len(), next_offset, timestamp_us, &offset_entries, &time_entries);
+        writer.next_offset = next_offset;
+        writer.last_timestamp_us = timestamp_us;
+        Ok(Appended { first_offset, count, timestamp_us })
+    }
+
+    fn should_roll(&self, writer: &Writer, timestamp_us: u64) -> bool {
+        let state = writer.active.state();
+        if state.next_offset == writer.active.base_offset {
+            return false;
+        }
+        let too_big = writer.active.written_len() >= self.config.segment_bytes;
+        let age_us = self.config.segment_max_age.as_micros() as u64;
+        let too_old = state.first_timestamp_us.is_some_and(|first| timestamp_us.saturating_sub(first) >= age_us);
+        too_big || too_old
+    }
+
+    /// Seals the active segment (synced whatever the policy, so that only
+    /// the last segment can ever have a torn tail) and starts a new one.
+    fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
+        writer.active.sync_all()?;
+        writer.unsynced = false;
+        let segment = Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset)?);
+        self.segments_mut().insert(segment.base_offset, Arc::clone(&segment));
+        tracing::debug!(channel = %self.name, base_offset = segment.base_offset, "rolled to a new segment");
+        writer.active = segment;
+        writer.last_indexed_position = FILE_HEADER_BYTES as u64;
+        Ok(())
+    }
+
+    /// Syncs appends not yet synced (the `interval` policy's background
+    /// task, and shutdown).
+    ///
+    /// # Errors
+    /// The failed sync; the log then refuses appends.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        let mut writer = self.lock_writer();
+        if !writer.unsynced {
+            return Ok(());
+        }
+        let result = writer.active.sync_log();
+        match &result {
+            Ok(()) => writer.unsynced = false,
+            Err(error) => writer.failure = Some(error.to_string()),
+        }
+        result
+    }
+
+    /// Syncs everything, indexes included (clean shutdown).
+    ///
+    /// # Errors
+    /// The failed sync.
+    pub fn close(&self) -> Result<(), StorageError> {
+        let mut writer = self.lock_writer();
+        writer.active.sync_all()?;
+        writer.unsynced = false;
+        Ok(())
+    }
+
+    /// The first offset still in the log.
+    pub fn start_offset(&self) -> u64 {
+        self.segments().first_key_value().map_or(0, |(&base, _)| base)
+    }
+
+    /// One past the last offset readers can see: where a subscriber that
+    /// starts at "latest" begins.
+    pub fn next_offset(&self) -> u64 {
+        self.visible_next_offset.load(Ordering::Acquire)
+    }
+
+    /// Reads whole records from `from`, up to about `max_bytes` (at least one
+    /// record when there is one). An empty batch means `from` is the next
+    /// offset to be written: the reader is caught up.
+    ///
+    /// # Errors
+    /// `OffsetOutOfRange` (with the current range) below the log start or
+    /// past its end; `Corrupt` when a record fails its CRC or checks.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<ReadBatch, StorageError> {
+        let next = self.next_offset();
+        let segment = {
+            let segments = self.segments();
+            let start = segments.first_key_value().map_or(0, |(&base, _)| base);
+            if from < start || from > next {
+                return Err(StorageError::OffsetOutOfRange {
+                    channel: self.name.to_string(),
+                    requested: from,
+                    start,
+                    next,
+                });
+            }
+            segments.range(..=from).next_back().map(|(_, segment)| Arc::clone(segment))
+        };
+        let Some(segment) = segment else {
+            return Ok(ReadBatch { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 });
+        };
+        let read = segment.read(from, max_bytes)?;
+        Ok(ReadBatch {
+            records: read.records,
+            first_offset: read.first_offset,
+            next_offset: read.next_offset,
+            count: read.count,
+        })
+    }
+
+    /// The first offset whose timestamp is at least `timestamp_us`; the next
+    /// offset when every record is older.
+    ///
+    /// # Errors
+    /// `Corrupt` as for [`ChannelLog::read`].
+    pub fn offset_for_time(&self, timestamp_us: u64) -> Result<u64, StorageError> {
+        let next = self.next_offset();
+        let candidates: Vec<Arc<Segment>> = self.segments().values().cloned().collect();
+        for segment in candidates {
+            if let Some(offset) = segment.offset_for_time(timestamp_us)? {
+                return Ok(offset.min(next));
+            }
+        }
+        Ok(next)
+    }
+
+    /// Deletes whole oldest segments beyond the retention limits, never the
+    /// active one.
+    ///
+    /// # Errors
+    /// `Io` when a file cannot be removed (the segment is already gone from
+    /// the log; the file is left for the operator).
+    pub fn apply_retention(&self, now_us: u64) -> Result<RetentionOutcome, StorageError> {
+        let retention = self.config.retention;
+        let mut outcome = RetentionOutcome::default();
+        let removed = {
+            let mut segments = self.segments_mut();
+            let mut size_bytes: u64 = segments.values().map(|s| s.state().visible_len).sum();
+            let mut message_count = self.next_offset() - segments.first_key_value().map_or(0, |(&base, _)| base);
+            let mut removed = Vec::new();
+            while segments.len() > 1 {
+                let Some((_, oldest)) = segments.first_key_value() else { break };
+                let (oldest_bytes, oldest_count, oldest_last_us) = {
+                    let state = oldest.state();
+                    (state.visible_len, state.next_offset - oldest.base_offset, state.last_timestamp_us.unwrap_or(0))
+                };
+                let over_bytes = retention.max_bytes.is_some_and(|max| size_bytes - oldest_bytes >= max);
+                let over_messages = retention.max_messages.is_some_and(|max| message_count - oldest_count >= max);
+                let too_old =
+                    retention.max_age.is_some_and(|age| now_us.saturating_sub(oldest_last_us) > age.as_micros() as u64);
+                if !(over_bytes || over_messages || too_old) {
+                    break;
+                }
+                let Some((_, segment)) = segments.pop_first() else { break };
+                size_bytes -= oldest_bytes;
+                message_count -= oldest_count;
+                outcome.segments_deleted += 1;
+                outcome.bytes_deleted += oldest_bytes;
+                outcome.records_deleted += oldest_count;
+                removed.push(segment);
+            }
+            removed
+        };
+        // Readers holding a removed segment keep reading it: its files stay
+        // open and mapped until the last reference goes.
+        for segment in removed {
+            for path in segment.paths() {
+                self.fs.remove(&path).at(&path)?;
+            }
+        }
+        if outcome.segments_deleted > 0 {
+            self.fs.sync_dir(&self.dir).at(&self.dir)?;
+            tracing::info!(
+                channel = %self.name,
+                segments = outcome.segments_deleted,
+                bytes = outcome.bytes_deleted,
+                records = outcome.records_deleted,
+                start_offset = self.start_offset(),
+                "retention deleted segments"
+            );
+        }
+        Ok(outcome)
+    }
+
+    /// Summary figures.
+    pub fn stats(&self) -> LogStats {
+        let segments = self.segments();
+        LogStats {
+            start_offset: segments.first_key_value().map_or(0, |(&base, _)| base),
+            next_offset: self.next_offset(),
+            size_bytes: segments.values().map(|s| s.state().visible_len).sum(),
+            segment_count: segments.len() as u64,
+        }
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn segments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn segments_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.segments.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Base offsets of the segments in `dir`, sorted; removes files left over
+/// from a crash (an index whose log is gone).
+fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageError> {
+    let names = fs.list(dir).at(dir)?;
+    let mut logs: Vec<u64> = names
+        .iter()
+        .filter_map(|name| segment::parse_file_name(name))
+        .filter(|&(_, extension)| extension == LOG_EXTENSION)
+        .map(|(base, _)| base)
+        .collect();
+    logs.sort_unstable();
+    for name in &names {
+        match segment::parse_file_name(name) {
+            Some((base, _)) if logs.binary_search(&base).is_ok() => {}
+            Some(_) => {
+                // An index without its log: retention removed the log and
+                // crashed before the index. Derived data, safe to delete.
+                let path = dir.join(name);
+                tracing::warn!(path = %path.display(), "removing an index file whose log is gone");
+                fs.remove(&path).at(&path)?;
+            }
+            None => tracing::warn!(path = %dir.join(name).display(), "ignoring a file that is not a segment file"),
+        }
+    }
+    Ok(logs)
+}
+
+fn log_recovery(name: &ChannelName, segment: &Segment, report: RecoveryReport) {
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            channel = %name,
+            segment = %segment.log_path.display(),
+            truncated_bytes = report.truncated_bytes,
+            next_offset = segment.state().next_offset,
+            "recovery cut a torn or corrupt tail at the last valid record"
+        );
+    }
+    if report.index_rebuilt {
+        tracing::info!(channel = %name, segment = %segment.log_path.display(), "recovery rebuilt the segment's indexes");
+    }
+}

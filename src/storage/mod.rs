@@ -1,0 +1,36 @@
+//! The storage engine: one append-only, segmented, checksummed log per
+//! channel, with sparse offset and time indexes, group commit, zero-copy
+//! reads from memory maps, retention and crash recovery.
+//!
+//! Layout, from the bottom up:
+//! - [`fs`]: the narrow file interface every path goes through.
+//! - `mmap`: the only `unsafe` code, mapping files for zero-copy reads.
+//! - [`record`]: the on-disk (and on-wire) record codec.
+//! - [`index`]: segment file headers and index entries.
+//! - `segment`: one segment's files, its recovery and reads.
+//! - [`ChannelLog`]: a channel's segments, appends, rolls and retention.
+//! - [`Store`]: every channel of a data directory, plus maintenance.
+//! - [`check`]: offline verification (`weir check`).
+//!
+//! Nothing here depends on tokio: the engine is synchronous, and the server
+//! calls it from blocking tasks.
+
+pub mod channel_name;
+pub mod check;
+mod error;
+pub mod fs;
+pub mod index;
+mod log;
+mod mmap;
+pub mod record;
+mod segment;
+mod store;
+
+pub use channel_name::{ChannelName, ChannelNameError};
+pub use error::StorageError;
+pub use log::{
+    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogStats, ReadBatch, RetentionOutcome,
+    RetentionPolicy, now_us,
+};
+pub use record::{Header, Message, Record};
+pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};

@@ -1,0 +1,583 @@
+//! One segment: a `.log` file of records plus its sparse `.index` (offset to
+//! byte position) and `.timeindex` (timestamp to offset), all named by the
+//! segment's zero-padded base offset.
+//!
+//! A segment owns recovery of its own files (verify, truncate a torn tail,
+//! rebuild indexes) and serves reads of whole, CRC-checked records. Appends
+//! are driven by the channel log, which is the segment's only writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+
+use super::error::{IoContext, StorageError};
+use super::fs::{FileSystem, OpenMode, StorageFile};
+use super::index::{self, FILE_HEADER_BYTES, FileKind, INDEX_ENTRY_BYTES, IndexEntry};
+use super::record::{self, RecordError, RecordMeta};
+
+pub(crate) const LOG_EXTENSION: &str = "log";
+pub(crate) const OFFSET_INDEX_EXTENSION: &str = "index";
+pub(crate) const TIME_INDEX_EXTENSION: &str = "timeindex";
+
+/// The file name of a segment file: base offset in 20 digits, then the
+/// extension, so that names sort in offset order.
+pub(crate) fn file_name(base_offset: u64, extension: &str) -> String {
+    format!("{base_offset:020}.{extension}")
+}
+
+/// The base offset a segment file name encodes, if it is one of ours.
+pub(crate) fn parse_file_name(name: &str) -> Option<(u64, &str)> {
+    let (stem, extension) = name.split_once('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem.parse().ok()?, extension))
+}
+
+/// What readers may see of a segment. Changed only by the writer, after the
+/// bytes it describes are written (and synced, under `fsync = "always"`).
+#[derive(Debug)]
+pub(crate) struct SegmentState {
+    /// Bytes of whole records readers may read, header included.
+    pub visible_len: u64,
+    /// One past the last visible offset.
+    pub next_offset: u64,
+    pub first_timestamp_us: Option<u64>,
+    pub last_timestamp_us: Option<u64>,
+    pub offset_index: Vec<IndexEntry>,
+    pub time_index: Vec<IndexEntry>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub base_offset: u64,
+    pub log_path: PathBuf,
+    log: Box<dyn StorageFile>,
+    offset_index_file: Box<dyn StorageFile>,
+    time_index_file: Box<dyn StorageFile>,
+    state: RwLock<SegmentState>,
+}
+
+/// What recovery did to a segment on open.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RecoveryReport {
+    pub truncated_bytes: u64,
+    pub index_rebuilt: bool,
+}
+
+/// Whether a segment being opened is the last of its log (and so may have a
+/// torn tail to cut) or a sealed one (which must be whole).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SegmentRole {
+    Last,
+    Sealed { next_base_offset: u64 },
+}
+
+/// A batch of whole records read from one segment.
+#[derive(Clone, Debug)]
+pub(crate) struct SegmentRead {
+    pub records: Bytes,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub count: u64,
+}
+
+impl Segment {
+    /// Creates the three files of a new, empty segment.
+    pub fn create(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<Segment, StorageError> {
+        let open_new = |extension: &str, kind: FileKind| -> Result<Box<dyn StorageFile>, StorageError> {
+            let path = dir.join(file_name(base_offset, extension));
+            let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
+            file.append(&index::encode_file_header(kind, base_offset)).at(&path)?;
+            Ok(file)
+        };
+        let segment = Segment {
+            base_offset,
+            log_path: dir.join(file_name(base_offset, LOG_EXTENSION)),
+            log: open_new(LOG_EXTENSION, FileKind::Log)?,
+            offset_index_file: open_new(OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex)?,
+            time_index_file: open_new(TIME_INDEX_EXTENSION, FileKind::TimeIndex)?,
+            state: RwLock::new(SegmentState {
+                visible_len: FILE_HEADER_BYTES as u64,
+                next_offset: base_offset,
+                first_timestamp_us: None,
+                last_timestamp_us: None,
+                offset_index: Vec::new(),
+                time_index: Vec::new(),
+            }),
+        };
+        segment.sync_all()?;
+        fs.sync_dir(dir).at(dir)?;
+        Ok(segment)
+    }
+
+    /// Opens an existing segment, verifying it from its last valid index
+    /// entry to its end and repairing what is derived or torn.
+    ///
+    /// # Errors
+    /// `InvalidFile` or `Corrupt` naming the file and position when the
+    /// segment cannot be trusted; `Io` for operating-system failures.
+    pub fn open(
+        fs: &dyn FileSystem,
+        dir: &Path,
+        base_offset: u64,
+        role: SegmentRole,
+        index_interval_bytes: u64,
+    ) -> Result<(Segment, RecoveryReport), StorageError> {
+        let log_path = dir.join(file_name(base_offset, LOG_EXTENSION));
+        let log = fs.open(&log_path, OpenMode::Existing).at(&log_path)?;
+        let mut report = RecoveryReport::default();
+        if log.len() < FILE_HEADER_BYTES as u64 && matches!(role, SegmentRole::Last) {
+            // A crash right after the segment was created: nothing in it was
+            // ever acknowledged, so writing the header again loses nothing.
+            report.truncated_bytes = log.len();
+            log.truncate(0).at(&log_path)?;
+            log.append(&index::encode_file_header(FileKind::Log, base_offset)).at(&log_path)?;
+            log.sync().at(&log_path)?;
+        }
+        let header = log.read_range(0, FILE_HEADER_BYTES.min(log.len() as usize)).at(&log_path)?;
+        index::check_file_header(&header, FileKind::Log, base_offset)
+            .map_err(|problem| StorageError::InvalidFile { path: log_path.clone(), problem })?;
+
+        let (offset_index_file, offset_entries) = open_index(fs, dir, base_offset, FileKind::OffsetIndex)?;
+        let (time_index_file, time_entries) = open_index(fs, dir, base_offset, FileKind::TimeIndex)?;
+        let (mut offset_index, mut time_index) = trusted_index_prefix(&*log, base_offset, offset_entries, time_entries);
+        let kept_entries = offset_index.len();
+        let indexes_were_whole = kept_entries == offset_index_file_entries(&*offset_index_file)
+            && kept_entries == offset_index_file_entries(&*time_index_file);
+
+        let scan_start = match (offset_index.last(), time_index.last()) {
+            (Some(entry), Some(time)) => {
+                ScanStart { position: entry.value, offset: entry.key, timestamp_us: Some(time.key) }
+            }
+            _ => ScanStart { position: FILE_HEADER_BYTES as u64, offset: base_offset, timestamp_us: None },
+        };
+        let scan = scan_records(&*log, &log_path, scan_start, index_interval_bytes)?;
+        // Entries found by the scan after the last trusted one.
+        offset_index.extend(scan.offset_entries.iter().filter(|e| e.value > scan_start.position));
+        time_index.extend(scan.time_entries.iter().filter(|e| e.value > scan_start.offset));
+
+        if let Some((position, reason)) = scan.stopped {
+            match role {
+                SegmentRole::Last => {
+                    report.truncated_bytes += log.len() - position;
+                    log.truncate(position).at(&log_path)?;
+                    log.sync().at(&log_path)?;
+                }
+                SegmentRole::Sealed { .. } => {
+                    return Err(StorageError::Corrupt { path: log_path, position, reason });
+                }
+            }
+        }
+        if let SegmentRole::Sealed { next_base_offset } = role
+            && scan.next_offset != next_base_offset
+        {
+            return Err(StorageError::InvalidFile {
+                path: log_path,
+                problem: format!(
+                    "segment ends at offset {} but the next segment starts at {next_base_offset}",
+                    scan.next_offset
+                ),
+            });
+        }
+
+        let index_changed = !indexes_were_whole || offset_index.len() != kept_entries;
+        if index_changed {
+            report.index_rebuilt = true;
+            rewrite_index(
+                &*offset_index_file,
+                &dir.join(file_name(base_offset, OFFSET_INDEX_EXTENSION)),
+                FileKind::OffsetIndex,
+                base_offset,
+                &offset_index,
+            )?;
+            rewrite_index(
+                &*time_index_file,
+                &dir.join(file_name(base_offset, TIME_INDEX_EXTENSION)),
+                FileKind::TimeIndex,
+                base_offset,
+                &time_index,
+            )?;
+        }
+
+        let first_timestamp_us = if scan.next_offset > base_offset {
+            Some(
+                record_at(&*log, FILE_HEADER_BYTES as u64, log.len())
+                    .map_err(|reason| StorageError::Corrupt {
+                        path: log_path.clone(),
+                        position: FILE_HEADER_BYTES as u64,
+                        reason,
+                    })?
+                    .timestamp_us,
+            )
+        } else {
+            None
+        };
+        let segment = Segment {
+            base_offset,
+            log_path,
+            state: RwLock::new(SegmentState {
+                visible_len: log.len(),
+                next_offset: scan.next_offset,
+                first_timestamp_us,
+                last_timestamp_us: scan.last_timestamp_us,
+                offset_index,
+                time_index,
+            }),
+            log,
+            offset_index_file,
+            time_index_file,
+        };
+        Ok((segment, report))
+    }
+
+    pub fn state(&self) -> RwLockReadGuard<'_, SegmentState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, SegmentState> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes written to the log file, visible or not.
+    pub fn written_len(&self) -> u64 {
+        self.log.len()
+    }
+
+    /// Writes encoded records and their index entries. Nothing becomes
+    /// visible to readers until [`Segment::publish`].
+    ///
+    /// # Errors
+    /// The failed write, after cutting the log back to its previous length.
+    pub fn write(
+        &self,
+        records: &[u8],
+        offset_entries: &[IndexEntry],
+        time_entries: &[IndexEntry],
+    ) -> Result<(), StorageError> {
+        let previous_len = self.log.len();
+        if let Err(error) = self.log.append(records) {
+            // Best effort: a partial write above the visible length is
+            // invisible to readers and cut again by recovery if this fails.
+            let _ = self.log.truncate(previous_len);
+            return Err(StorageError::Io { path: self.log_path.clone(), source: error });
+        }
+        if !offset_entries.is_empty() {
+            let mut buf = Vec::with_capacity(offset_entries.len() * INDEX_ENTRY_BYTES);
+            index::encode_entries(offset_entries, &mut buf);
+            self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
+            buf.clear();
+            index::encode_entries(time_entries, &mut buf);
+            self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))?;
+        }
+        Ok(())
+    }
+
+    /// Makes written records visible to readers.
+    pub fn publish(
+        &self,
+        visible_len: u64,
+        next_offset: u64,
+        timestamp_us: u64,
+        offset_entries: &[IndexEntry],
+        time_entries: &[IndexEntry],
+    ) {
+        let mut state = self.state_mut();
+        assert!(
+            visible_len >= state.visible_len && next_offset >= state.next_offset,
+            "publish: a segment never shrinks"
+        );
+        assert!(visible_len <= self.log.len(), "publish: only written bytes become visible");
+        if state.next_offset == next_offset {
+            return;
+        }
+        state.visible_len = visible_len;
+        state.next_offset = next_offset;
+        state.first_timestamp_us.get_or_insert(timestamp_us);
+        state.last_timestamp_us = Some(timestamp_us);
+        state.offset_index.extend_from_slice(offset_entries);
+        state.time_index.extend_from_slice(time_entries);
+    }
+
+    /// Syncs the log file.
+    pub fn sync_log(&self) -> Result<(), StorageError> {
+        self.log.sync().at(&self.log_path)
+    }
+
+    /// Syncs the log and both indexes (when a segment is sealed or closed).
+    pub fn sync_all(&self) -> Result<(), StorageError> {
+        self.sync_log()?;
+        self.offset_index_file.sync().at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
+        self.time_index_file.sync().at(self.log_path.with_extension(TIME_INDEX_EXTENSION))
+    }
+
+    /// Paths of the segment's three files.
+    pub fn paths(&self) -> [PathBuf; 3] {
+        [
+            self.log_path.clone(),
+            self.log_path.with_extension(OFFSET_INDEX_EXTENSION),
+            self.log_path.with_extension(TIME_INDEX_EXTENSION),
+        ]
+    }
+
+    /// Reads whole records starting at `from`, up to about `max_bytes` (at
+    /// least one record, however large). Empty when `from` is at or past the
+    /// segment's visible end.
+    ///
+    /// # Errors
+    /// `Corrupt` with the position of a record that fails its checks.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<SegmentRead, StorageError> {
+        let (visible_len, next_offset, start) = {
+            let state = self.state();
+            let start = index::floor(&state.offset_index, from)
+                .map(|entry| (entry.value, entry.key))
+                .unwrap_or((FILE_HEADER_BYTES as u64, self.base_offset));
+            (state.visible_len, state.next_offset, start)
+        };
+        let empty = SegmentRead { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 };
+        if from >= next_offset || from < self.base_offset {
+            return Ok(empty);
+        }
+        let (start_position, _) = start;
+        let data = self.log.read_range(start_position, (visible_len - start_position) as usize).at(&self.log_path)?;
+        let mut position = 0usize;
+        let mut first = None;
+        let mut expected_offset = None;
+        let mut count = 0u64;
+        while position < data.len() {
+            let meta = record::verify(&data[position..])
+                .map_err(|reason| self.corrupt(start_position + position as u64, reason))?;
+            if let Some(expected) = expected_offset
+                && meta.offset != expected
+            {
+                let reason = RecordError::Malformed { reason: "offset out of sequence" };
+                return Err(self.corrupt(start_position + position as u64, reason));
+            }
+            expected_offset = Some(meta.offset + 1);
+            if meta.offset >= from {
+                let first_position = *first.get_or_insert(position);
+                count += 1;
+                if position + meta.len - first_position >= max_bytes {
+                    position += meta.len;
+                    break;
+                }
+            }
+            position += meta.len;
+        }
+        let Some(first_position) = first else { return Ok(empty) };
+        Ok(SegmentRead {
+            records: data.slice(first_position..position),
+            first_offset: from,
+            next_offset: from + count,
+            count,
+        })
+    }
+
+    /// The first offset whose timestamp is at least `timestamp_us`, if this
+    /// segment has one.
+    ///
+    /// # Errors
+    /// `Corrupt` as for [`Segment::read`].
+    pub fn offset_for_time(&self, timestamp_us: u64) -> Result<Option<u64>, StorageError> {
+        let (start_offset, visible_len) = {
+            let state = self.state();
+            match state.last_timestamp_us {
+                Some(last) if last >= timestamp_us => {}
+                _ => return Ok(None),
+            }
+            let start =
+                index::last_below(&state.time_index, timestamp_us).map_or(self.base_offset, |entry| entry.value);
+            (start, state.visible_len)
+        };
+        let mut from = start_offset;
+        loop {
+            let batch = self.read(from, 64 * 1024)?;
+            if batch.count == 0 {
+                return Ok(None);
+            }
+            let mut position = 0;
+            while position < batch.records.len() {
+                let meta = record::verify(&batch.records[position..]).map_err(|reason| self.corrupt(0, reason))?;
+                if meta.timestamp_us >= timestamp_us {
+                    return Ok(Some(meta.offset));
+                }
+                position += meta.len;
+            }
+            from = batch.next_offset;
+            debug_assert!(visible_len >= FILE_HEADER_BYTES as u64);
+        }
+    }
+
+    fn corrupt(&self, position: u64, reason: RecordError) -> StorageError {
+        StorageError::Corrupt { path: self.log_path.clone(), position, reason }
+    }
+}
+
+/// An index file and its entries (`None`: unreadable, rebuild it).
+type OpenedIndex = (Box<dyn StorageFile>, Option<Vec<IndexEntry>>);
+
+fn offset_index_file_entries(file: &dyn StorageFile) -> usize {
+    (file.len() as usize).saturating_sub(FILE_HEADER_BYTES) / INDEX_ENTRY_BYTES
+}
+
+/// Opens (creating if missing) an index file and decodes its entries;
+/// `None` when the file is missing or unreadable, meaning: rebuild.
+fn open_index(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    base_offset: u64,
+    kind: FileKind,
+) -> Result<OpenedIndex, StorageError> {
+    let extension = if kind == FileKind::OffsetIndex { OFFSET_INDEX_EXTENSION } else { TIME_INDEX_EXTENSION };
+    let path = dir.join(file_name(base_offset, extension));
+    let file = match fs.open(&path, OpenMode::Existing) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), "index file missing; rebuilding it from the log");
+            return Ok((fs.open(&path, OpenMode::CreateNew).at(&path)?, None));
+        }
+        Err(error) => return Err(StorageError::Io { path, source: error }),
+    };
+    let bytes = file.read_range(0, file.len() as usize).at(&path)?;
+    let entries = index::check_file_header(&bytes, kind, base_offset)
+        .and_then(|()| index::decode_entries(&bytes[FILE_HEADER_BYTES..]));
+    match entries {
+        Ok(entries) => Ok((file, Some(entries))),
+        Err(problem) => {
+            tracing::warn!(path = %path.display(), problem, "index file invalid; rebuilding it from the log");
+            Ok((file, None))
+        }
+    }
+}
+
+/// The longest prefix of the two indexes that agrees with itself and whose
+/// last entry points at a valid record with the offset it claims.
+fn trusted_index_prefix(
+    log: &dyn StorageFile,
+    base_offset: u64,
+    offset_entries: Option<Vec<IndexEntry>>,
+    time_entries: Option<Vec<IndexEntry>>,
+) -> (Vec<IndexEntry>, Vec<IndexEntry>) {
+    let (Some(mut offsets), Some(mut times)) = (offset_entries, time_entries) else {
+        return (Vec::new(), Vec::new());
+    };
+    let log_len = log.len();
+    let mut keep = offsets.len().min(times.len());
+    let mut previous: Option<IndexEntry> = None;
+    for i in 0..keep {
+        let entry = offsets[i];
+        let in_order = previous.is_none_or(|p| entry.key > p.key && entry.value > p.value);
+        let consistent = entry.key >= base_offset
+            && entry.value >= FILE_HEADER_BYTES as u64
+            && entry.value < log_len
+            && times[i].value == entry.key
+            && previous.is_none_or(|_| times[i].key >= times[i - 1].key);
+        if !(in_order && consistent) {
+            // Indexes disagreeing in their middle cannot be trusted at all.
+            return (Vec::new(), Vec::new());
+        }
+        previous = Some(entry);
+    }
+    // Index entries may reach past records that never made it to disk; drop
+    // entries from the end until one points at a whole record.
+    while keep > 0 {
+        let entry = offsets[keep - 1];
+        match record_at(log, entry.value, log_len) {
+            Ok(meta) if meta.offset == entry.key && meta.timestamp_us == times[keep - 1].key => break,
+            _ => keep -= 1,
+        }
+    }
+    offsets.truncate(keep);
+    times.truncate(keep);
+    (offsets, times)
+}
+
+/// Verifies the record at `position`.
+fn record_at(log: &dyn StorageFile, position: u64, log_len: u64) -> Result<RecordMeta, RecordError> {
+    let available = log_len.saturating_sub(position) as usize;
+    let incomplete = |needed| RecordError::Incomplete { available_bytes: available, needed_bytes: needed };
+    let prefix = log.read_range(position, 4.min(available)).map_err(|_| incomplete(4))?;
+    let len = record::peek_len(&prefix)?.ok_or_else(|| incomplete(4))?;
+    let bytes = log.read_range(position, len.min(available)).map_err(|_| incomplete(len))?;
+    record::verify(&bytes)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ScanStart {
+    position: u64,
+    offset: u64,
+    timestamp_us: Option<u64>,
+}
+
+struct Scan {
+    next_offset: u64,
+    last_timestamp_us: Option<u64>,
+    offset_entries: Vec<IndexEntry>,
+    time_entries: Vec<IndexEntry>,
+    /// Where and why the scan stopped before the end of the file.
+    stopped: Option<(u64, RecordError)>,
+}
+
+/// Verifies records from `start` to the end of the log, collecting index
+/// entries every `index_interval_bytes`.
+fn scan_records(
+    log: &dyn StorageFile,
+    path: &Path,
+    start: ScanStart,
+    index_interval_bytes: u64,
+) -> Result<Scan, StorageError> {
+    let data = log.read_range(start.position, (log.len() - start.position) as usize).at(path)?;
+    let mut scan = Scan {
+        next_offset: start.offset,
+        last_timestamp_us: start.timestamp_us,
+        offset_entries: Vec::new(),
+        time_entries: Vec::new(),
+        stopped: None,
+    };
+    let mut position = 0usize;
+    let mut last_indexed = start.position;
+    while position < data.len() {
+        let absolute = start.position + position as u64;
+        let meta = match record::verify(&data[position..]) {
+            Ok(meta) => meta,
+            Err(reason) => {
+                scan.stopped = Some((absolute, reason));
+                break;
+            }
+        };
+        if meta.offset != scan.next_offset {
+            scan.stopped = Some((absolute, RecordError::Malformed { reason: "offset out of sequence" }));
+            break;
+        }
+        if scan.last_timestamp_us.is_some_and(|last| meta.timestamp_us < last) {
+            scan.stopped = Some((absolute, RecordError::Malformed { reason: "timestamp goes backwards" }));
+            break;
+        }
+        if absolute - last_indexed >= index_interval_bytes {
+            scan.offset_entries.push(IndexEntry { key: meta.offset, value: absolute });
+            scan.time_entries.push(IndexEntry { key: meta.timestamp_us, value: meta.offset });
+            last_indexed = absolute;
+        }
+        scan.next_offset = meta.offset + 1;
+        scan.last_timestamp_us = Some(meta.timestamp_us);
+        position += meta.len;
+    }
+    Ok(scan)
+}
+
+/// Replaces an index file's contents with `entries`, then syncs it.
+fn rewrite_index(
+    file: &dyn StorageFile,
+    path: &Path,
+    kind: FileKind,
+    base_offset: u64,
+    entries: &[IndexEntry],
+) -> Result<(), StorageError> {
+    let mut buf = Vec::with_capacity(FILE_HEADER_BYTES + entries.len() * INDEX_ENTRY_BYTES);
+    buf.extend_from_slice(&index::encode_file_header(kind, base_offset));
+    index::encode_entries(entries, &mut buf);
+    file.truncate(0).at(path)?;
+    file.append(&buf).at(path)?;
+    file.sync().at(path)
+}

@@ -1,0 +1,518 @@
+//! Black-box tests of the storage engine through its public API, on real
+//! files in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use weir::storage::fs::StdFileSystem;
+use weir::storage::{
+    ChannelLog, ChannelName, FsyncPolicy, Header, LogConfig, Message, Record, RetentionPolicy, StorageError, Store,
+    StoreConfig,
+};
+
+fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 256,
+        fsync: FsyncPolicy::Never,
+        retention: RetentionPolicy::default(),
+        ..LogConfig::default()
+    }
+}
+
+fn open(dir: &Path, config: LogConfig) -> ChannelLog {
+    ChannelLog::open(Arc::new(StdFileSystem), dir, ChannelName::new("test").unwrap(), config).unwrap()
+}
+
+fn message(i: u64, payload_bytes: usize) -> Message {
+    Message {
+        key: Bytes::from(format!("key-{i}")),
+        headers: vec![Header { name: Bytes::from_static(b"n"), value: Bytes::from(i.to_string()) }],
+        payload: Bytes::from(vec![(i % 251) as u8; payload_bytes]),
+    }
+}
+
+fn read_all(log: &ChannelLog, from: u64) -> Vec<Record> {
+    let mut records = Vec::new();
+    let mut offset = from;
+    loop {
+        let batch = log.read(offset, 64 * 1024).unwrap();
+        if batch.count == 0 {
+            return records;
+        }
+        for record in batch.iter() {
+            records.push(record.unwrap());
+        }
+        assert_eq!(records.last().unwrap().offset + 1, batch.next_offset);
+        offset = batch.next_offset;
+    }
+}
+
+fn segment_logs(dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+fn arbitrary_message() -> impl Strategy<Value = Message> {
+    let bytes = |max: usize| proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from);
+    let header = (bytes(16), bytes(16)).prop_map(|(name, value)| Header { name, value });
+    (bytes(16), proptest::collection::vec(header, 0..3), bytes(1500)).prop_map(|(key, headers, payload)| Message {
+        key,
+        headers,
+        payload,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn appended_batches_read_back_identical_after_reopen(
+        batches in proptest::collection::vec(proptest::collection::vec(arbitrary_message(), 1..20), 1..12)
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let channel_dir = dir.path().join("channels").join("test");
+        let mut expected = Vec::new();
+        {
+            let log = open(&channel_dir, small_config());
+            for batch in &batches {
+                let appended = log.append_batch(batch).unwrap();
+                prop_assert_eq!(appended.first_offset, expected.len() as u64);
+                prop_assert_eq!(appended.count, batch.len() as u64);
+                expected.extend(batch.iter().cloned());
+            }
+            log.close().unwrap();
+        }
+        let log = open(&channel_dir, small_config());
+        prop_assert_eq!(log.next_offset(), expected.len() as u64);
+        let records = read_all(&log, 0);
+        prop_assert_eq!(records.len(), expected.len());
+        let mut last_timestamp = 0;
+        for (i, (record, message)) in records.iter().zip(&expected).enumerate() {
+            prop_assert_eq!(record.offset, i as u64);
+            prop_assert!(record.timestamp_us >= last_timestamp);
+            last_timestamp = record.timestamp_us;
+            prop_assert_eq!(&record.key, &message.key);
+            prop_assert_eq!(&record.headers, &message.headers);
+            prop_assert_eq!(&record.payload, &message.payload);
+        }
+        let report = weir::storage::check::check_data_dir(dir.path()).unwrap();
+        prop_assert!(report.is_clean(), "{:?}", report.problems);
+        prop_assert_eq!(report.records, expected.len() as u64);
+    }
+}
+
+#[test]
+fn segments_roll_at_segment_bytes_and_reads_cross_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), small_config());
+    for i in 0..100 {
+        log.append_batch(&[message(i, 200)]).unwrap();
+    }
+    let logs = segment_logs(dir.path());
+    assert!(logs.len() > 4, "expected several segments, got {}", logs.len());
+    // Each segment but the last is at least segment_bytes, and no bigger
+    // than segment_bytes plus the one batch that crossed it.
+    for path in &logs[..logs.len() - 1] {
+        let len = std::fs::metadata(path).unwrap().len();
+        assert!((4096..4096 + 300).contains(&len), "{} is {len} bytes", path.display());
+    }
+    let names: Vec<String> = logs.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names[0], "00000000000000000000.log");
+    let records = read_all(&log, 0);
+    assert_eq!(records.len(), 100);
+    // A read from the middle of any segment starts exactly there.
+    for from in [0, 17, 18, 19, 50, 99] {
+        let batch = log.read(from, 1).unwrap();
+        assert_eq!(batch.iter().next().unwrap().unwrap().offset, from);
+        assert_eq!(batch.count, 1);
+    }
+    assert_eq!(log.read(100, 1024).unwrap().count, 0);
+    assert!(matches!(log.read(101, 1024), Err(StorageError::OffsetOutOfRange { next: 100, .. })));
+}
+
+#[test]
+fn a_segment_older_than_segment_max_age_rolls_on_the_next_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_max_age: Duration::from_secs(60), ..small_config() };
+    let log = open(dir.path(), config);
+    let start = 1_000_000_000_000_000;
+    log.append_batch_at(&[message(0, 10)], start).unwrap();
+    log.append_batch_at(&[message(1, 10)], start + 59_000_000).unwrap();
+    assert_eq!(segment_logs(dir.path()).len(), 1);
+    log.append_batch_at(&[message(2, 10)], start + 60_000_000).unwrap();
+    assert_eq!(segment_logs(dir.path()).len(), 2);
+}
+
+#[test]
+fn retention_by_messages_deletes_whole_oldest_segments_and_moves_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        retention: RetentionPolicy { max_messages: Some(30), ..RetentionPolicy::default() },
+        ..small_config()
+    };
+    let log = open(dir.path(), config);
+    for i in 0..100 {
+        log.append_batch(&[message(i, 200)]).unwrap();
+    }
+    let before = segment_logs(dir.path()).len();
+    let outcome = log.apply_retention(weir::storage::now_us()).unwrap();
+    assert!(outcome.segments_deleted > 0);
+    assert_eq!(segment_logs(dir.path()).len(), before - outcome.segments_deleted as usize);
+    let start = log.start_offset();
+    // At least 30 messages are kept, and no whole segment more than needed.
+    assert!(100 - start >= 30, "start {start}");
+    assert_eq!(outcome.records_deleted, start);
+    match log.read(start - 1, 1024) {
+        Err(StorageError::OffsetOutOfRange { requested, start: reported, next, .. }) => {
+            assert_eq!((requested, reported, next), (start - 1, start, 100));
+        }
+        other => panic!("expected OffsetOutOfRange, got {other:?}"),
+    }
+    assert_eq!(read_all(&log, start).len() as u64, 100 - start);
+    // The same range survives a reopen.
+    drop(log);
+    let log = open(dir.path(), small_config());
+    assert_eq!(log.start_offset(), start);
+}
+
+#[test]
+fn retention_by_bytes_keeps_at_least_the_limit_and_never_deletes_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        LogConfig { retention: RetentionPolicy { max_bytes: Some(1), ..RetentionPolicy::default() }, ..small_config() };
+    let log = open(dir.path(), config);
+    for i in 0..100 {
+        log.append_batch(&[message(i, 200)]).unwrap();
+    }
+    log.apply_retention(weir::storage::now_us()).unwrap();
+    assert_eq!(segment_logs(dir.path()).len(), 1, "only the active segment is left");
+    assert_eq!(log.stats().segment_count, 1);
+    let start = log.start_offset();
+    assert_eq!(read_all(&log, start).len() as u64, 100 - start);
+    log.append_batch(&[message(100, 10)]).unwrap();
+    assert_eq!(log.next_offset(), 101);
+}
+
+#[test]
+fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        retention: RetentionPolicy { max_age: Some(Duration::from_secs(3600)), ..RetentionPolicy::default() },
+        ..small_config()
+    };
+    let log = open(dir.path(), config);
+    let hour_us = 3_600_000_000;
+    let t0 = 1_700_000_000_000_000;
+    for i in 0..40 {
+        log.append_batch_at(&[message(i, 200)], t0 + i).unwrap();
+    }
+    let old_next = log.next_offset();
+    for i in 0..40 {
+        log.append_batch_at(&[message(i, 200)], t0 + 2 * hour_us + i).unwrap();
+    }
+    let outcome = log.apply_retention(t0 + 2 * hour_us + 100).unwrap();
+    assert!(outcome.segments_deleted > 0);
+    // Every deleted record was from the old hour, and only segments made
+    // entirely of old records went.
+    assert!(log.start_offset() <= old_next);
+    assert!(outcome.records_deleted <= old_next);
+    let remaining_old =
+        read_all(&log, log.start_offset()).iter().filter(|r| r.timestamp_us < t0 + hour_us).count() as u64;
+    assert!(remaining_old < old_next);
+}
+
+#[test]
+fn reads_by_time_find_the_first_record_at_or_after_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), small_config());
+    let t0 = 1_700_000_000_000_000u64;
+    // Ten records per millisecond, over many segments.
+    for i in 0..300u64 {
+        log.append_batch_at(&[message(i, 100)], t0 + (i / 10) * 1000).unwrap();
+    }
+    assert_eq!(log.offset_for_time(0).unwrap(), 0);
+    assert_eq!(log.offset_for_time(t0).unwrap(), 0);
+    assert_eq!(log.offset_for_time(t0 + 1).unwrap(), 10);
+    assert_eq!(log.offset_for_time(t0 + 1000).unwrap(), 10);
+    assert_eq!(log.offset_for_time(t0 + 15_500).unwrap(), 160);
+    assert_eq!(log.offset_for_time(t0 + 29_000).unwrap(), 290);
+    assert_eq!(log.offset_for_time(t0 + 29_001).unwrap(), 300, "past the newest record: the next offset");
+}
+
+#[test]
+fn timestamps_never_decrease_even_when_the_clock_steps_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), small_config());
+    let first = log.append_batch_at(&[message(0, 1)], 2_000).unwrap();
+    let second = log.append_batch_at(&[message(1, 1)], 1_000).unwrap();
+    assert_eq!(first.timestamp_us, 2_000);
+    assert_eq!(second.timestamp_us, 2_000);
+}
+
+#[test]
+fn recovery_after_truncating_inside_the_last_record_yields_exactly_the_earlier_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("c");
+    let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+    {
+        let log = open(&channel_dir, config.clone());
+        for i in 0..20 {
+            log.append_batch(&[message(i, 100)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let path = segment_logs(&channel_dir).pop().unwrap();
+    let original = std::fs::read(&path).unwrap();
+    let last_record_len = message(19, 100).encoded_len();
+    let last_record_start = original.len() - last_record_len;
+    let index_files: Vec<(PathBuf, Vec<u8>)> = ["index", "timeindex"]
+        .iter()
+        .map(|ext| {
+            let p = path.with_extension(ext);
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    for cut in last_record_start..original.len() {
+        std::fs::write(&path, &original[..cut]).unwrap();
+        for (p, bytes) in &index_files {
+            std::fs::write(p, bytes).unwrap();
+        }
+        let log = open(&channel_dir, config.clone());
+        assert_eq!(log.next_offset(), 19, "cut at {cut}");
+        let records = read_all(&log, 0);
+        assert_eq!(records.len(), 19, "cut at {cut}");
+        assert_eq!(records[18].payload, message(18, 100).payload);
+        assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, last_record_start);
+        // The log takes appends again at the right offset.
+        assert_eq!(log.append_batch(&[message(19, 100)]).unwrap().first_offset, 19);
+        drop(log);
+    }
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("orders");
+    {
+        let log = ChannelLog::open(
+            Arc::new(StdFileSystem),
+            &channel_dir,
+            ChannelName::new("orders").unwrap(),
+            small_config(),
+        )
+        .unwrap();
+        for i in 0..10 {
+            log.append_batch(&[message(i, 100)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let path = segment_logs(&channel_dir).pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let record_len = message(0, 100).encoded_len();
+    let flipped_at = 16 + 5 * record_len + record_len / 2;
+    bytes[flipped_at] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let report = weir::storage::check::check_data_dir(dir.path()).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let problem = &report.problems[0];
+    assert_eq!(problem.position, Some((16 + 5 * record_len) as u64));
+    assert!(problem.what.contains("CRC mismatch"), "{}", problem.what);
+    assert!(problem.to_string().starts_with("channel orders, 00000000000000000000.log, byte "), "{problem}");
+
+    // A reader never sees corrupt data: recovery verifies only the tail
+    // after the last index entry, so the log opens whole and the read of the
+    // damaged record fails with its position.
+    let log =
+        ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("orders").unwrap(), small_config())
+            .unwrap();
+    assert_eq!(log.next_offset(), 10);
+    for from in [0, 5] {
+        match log.read(from, 1 << 20) {
+            Err(StorageError::Corrupt { position, .. }) => assert_eq!(position, (16 + 5 * record_len) as u64),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert_eq!(read_all(&log, 6).len(), 4);
+}
+
+#[test]
+fn a_reader_of_a_sealed_segment_gets_an_error_naming_the_corrupt_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), small_config());
+    for i in 0..50 {
+        log.append_batch(&[message(i, 200)]).unwrap();
+    }
+    let first = &segment_logs(dir.path())[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    bytes[16 + 40] ^= 1; // Inside the first record's payload.
+    std::fs::write(first, &bytes).unwrap();
+    match log.read(0, 1024) {
+        Err(StorageError::Corrupt { path, position, .. }) => {
+            assert_eq!(&path, first);
+            assert_eq!(position, 16);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn corruption_inside_a_sealed_segment_is_reported_at_open_by_name_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), small_config());
+        for i in 0..50 {
+            log.append_batch(&[message(i, 200)]).unwrap();
+        }
+    }
+    let first = &segment_logs(dir.path())[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 1; // The last record of a sealed segment is verified on open.
+    std::fs::write(first, &bytes).unwrap();
+    let error = ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), small_config())
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("00000000000000000000.log"), "{message}");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{message}");
+}
+
+#[test]
+fn missing_or_corrupt_indexes_are_rebuilt_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("c");
+    let config = small_config();
+    let log = ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("c").unwrap(), config.clone())
+        .unwrap();
+    for i in 0..60 {
+        log.append_batch_at(&[message(i, 200)], 1_000 + i * 10).unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let logs = segment_logs(&channel_dir);
+    let pristine: Vec<Vec<u8>> = logs.iter().map(|p| std::fs::read(p.with_extension("index")).unwrap()).collect();
+    std::fs::remove_file(logs[0].with_extension("index")).unwrap();
+    std::fs::write(logs[1].with_extension("timeindex"), b"garbage").unwrap();
+    let mut wrong = std::fs::read(logs[2].with_extension("index")).unwrap();
+    let entry_position = wrong.len() - 1;
+    wrong[entry_position] ^= 0xff; // The last entry points at the wrong byte.
+    std::fs::write(logs[2].with_extension("index"), &wrong).unwrap();
+
+    let log = ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("c").unwrap(), config).unwrap();
+    for (path, original) in logs.iter().zip(&pristine).take(3) {
+        assert_eq!(&std::fs::read(path.with_extension("index")).unwrap(), original, "{}", path.display());
+    }
+    assert_eq!(read_all(&log, 0).len(), 60);
+    assert_eq!(log.offset_for_time(1_000 + 335).unwrap(), 34);
+    assert!(weir::storage::check::check_data_dir(dir.path()).unwrap().is_clean());
+}
+
+#[test]
+fn a_reader_tailing_the_log_sees_every_record_once_in_order_while_the_writer_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(open(dir.path(), small_config()));
+    const TOTAL: u64 = 5_000;
+    let writer = {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for i in 0..TOTAL / 5 {
+                let batch: Vec<Message> = (0..5).map(|j| message(i * 5 + j, 50)).collect();
+                log.append_batch(&batch).unwrap();
+            }
+        })
+    };
+    let mut next = 0;
+    while next < TOTAL {
+        let batch = log.read(next, 4096).unwrap();
+        for record in batch.iter() {
+            let record = record.unwrap();
+            assert_eq!(record.offset, next);
+            assert_eq!(record.payload, message(next, 50).payload);
+            next += 1;
+        }
+        if batch.count == 0 {
+            std::thread::yield_now();
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(log.read(TOTAL, 4096).unwrap().count, 0);
+}
+
+#[test]
+fn messages_over_the_limit_are_rejected_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { max_message_bytes: 100, ..small_config() };
+    let log = open(dir.path(), config);
+    let at_limit = Message::from_payload(vec![0u8; 100]);
+    let over = Message::from_payload(vec![0u8; 101]);
+    let error = log.append_batch(&[at_limit.clone(), over]).unwrap_err();
+    assert!(matches!(error, StorageError::InvalidMessage { index: 1, .. }), "{error}");
+    assert_eq!(log.next_offset(), 0);
+    assert_eq!(log.append_batch(&[at_limit]).unwrap().first_offset, 0);
+}
+
+#[test]
+fn a_store_reopens_its_channels_and_locks_its_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::with_data_dir(dir.path());
+    {
+        let store = Store::open(config.clone(), Arc::new(StdFileSystem)).unwrap();
+        let orders = store.get_or_create(&ChannelName::new("orders").unwrap()).unwrap();
+        orders.append_batch(&[message(0, 10), message(1, 10)]).unwrap();
+        assert!(matches!(
+            Store::open(config.clone(), Arc::new(StdFileSystem)),
+            Err(StorageError::DataDirLocked { .. })
+        ));
+        store.close().unwrap();
+    }
+    let store = Store::open(config, Arc::new(StdFileSystem)).unwrap();
+    let orders = store.channel(&ChannelName::new("orders").unwrap()).unwrap();
+    assert_eq!(orders.next_offset(), 2);
+}
+
+#[test]
+fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("events");
+    {
+        let log = ChannelLog::open(
+            Arc::new(StdFileSystem),
+            &channel_dir,
+            ChannelName::new("events").unwrap(),
+            small_config(),
+        )
+        .unwrap();
+        for i in 0..10 {
+            log.append_batch(&[message(i, 100)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let run = || std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("check").arg(dir.path()).output().unwrap();
+    let clean = run();
+    assert!(clean.status.success());
+    let stdout = String::from_utf8_lossy(&clean.stdout);
+    assert_eq!(stdout.trim(), "ok: 1 channels, 1 segments, 10 records, 1476 bytes", "{stdout}");
+
+    let path = segment_logs(&channel_dir).pop().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
+    let torn = run();
+    assert_eq!(torn.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&torn.stdout);
+    assert!(
+        stdout.contains(
+            "channel events, 00000000000000000000.log, byte 1330: torn tail: 139 bytes after the last whole record"
+        ),
+        "{stdout}"
+    );
+}
