@@ -31,6 +31,29 @@ pub const MAX_MESSAGE_BYTES_RANGE: RangeInclusive<u64> = 1..=MESSAGE_BYTES_LIMIT
 pub const RETENTION_LIMIT_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
 /// Allowed range of `retention_check_interval_ms`.
 pub const RETENTION_CHECK_INTERVAL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
+/// Allowed range of the per-connection and per-subscription windows.
+pub const INFLIGHT_RANGE: RangeInclusive<u64> = 1..=65_536;
+/// Allowed range of `max_connections`.
+pub const MAX_CONNECTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
+/// Allowed range of `max_subscriptions_per_connection`.
+pub const MAX_SUBSCRIPTIONS_RANGE: RangeInclusive<u64> = 1..=4096;
+/// Allowed range of `max_batch_bytes` (the advertised frame limit is derived
+/// from it and must fit in a u32 with room to spare).
+pub const MAX_BATCH_BYTES_RANGE: RangeInclusive<u64> = KIB..=256 * MIB;
+/// Allowed range of `max_batch_records`.
+pub const MAX_BATCH_RECORDS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+/// Allowed range of `channel_queue_depth`.
+pub const CHANNEL_QUEUE_DEPTH_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+/// Allowed range of the heartbeat, idle and frame timeouts.
+pub const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 10..=3_600_000;
+/// Allowed range of `delivery_batch_bytes`.
+pub const DELIVERY_BATCH_BYTES_RANGE: RangeInclusive<u64> = KIB..=64 * MIB;
+/// Allowed range of `lag_notice_threshold`.
+pub const LAG_NOTICE_THRESHOLD_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
+/// Allowed range of `dedup_window`.
+pub const DEDUP_WINDOW_RANGE: RangeInclusive<u64> = 1..=65_536;
+/// Allowed range of `max_producers`.
+pub const MAX_PRODUCERS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 /// Allowed range of `max_channels`.
 pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
 
@@ -39,6 +62,25 @@ pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub listen_addr: String,
+    pub auth_token: Option<String>,
+    pub max_connections: u64,
+    pub max_inflight_publishes: u64,
+    pub max_inflight_deliveries: u64,
+    pub max_subscriptions_per_connection: u64,
+    pub max_batch_bytes: u64,
+    pub max_batch_records: u64,
+    pub channel_queue_depth: u64,
+    pub heartbeat_interval_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub frame_timeout_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    pub delivery_batch_bytes: u64,
+    pub lag_notice_threshold: u64,
+    pub notice_interval_ms: u64,
+    pub dedup_window: u64,
+    pub max_producers: u64,
+    pub auto_create_channels: bool,
     pub data_dir: PathBuf,
     pub segment_bytes: u64,
     pub segment_max_age_secs: u64,
@@ -70,6 +112,25 @@ pub struct ChannelOverrides {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            listen_addr: "127.0.0.1:7450".into(),
+            auth_token: None,
+            max_connections: 1024,
+            max_inflight_publishes: 1024,
+            max_inflight_deliveries: 4096,
+            max_subscriptions_per_connection: 64,
+            max_batch_bytes: 8 * MIB,
+            max_batch_records: 10_000,
+            channel_queue_depth: 4096,
+            heartbeat_interval_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            frame_timeout_ms: 10_000,
+            shutdown_timeout_ms: 10_000,
+            delivery_batch_bytes: MIB,
+            lag_notice_threshold: 10_000,
+            notice_interval_ms: 1_000,
+            dedup_window: 1024,
+            max_producers: 10_000,
+            auto_create_channels: true,
             data_dir: PathBuf::from("weir-data"),
             segment_bytes: 128 * MIB,
             segment_max_age_secs: 7 * 24 * 3600,
@@ -147,6 +208,55 @@ impl Config {
     /// # Errors
     /// The first key out of range, naming key, value and range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "listen_addr".into(),
+                problem: format!("{:?} is not an IP address and port such as 127.0.0.1:7450", self.listen_addr),
+            });
+        }
+        if let Some(token) = &self.auth_token
+            && (token.is_empty() || token.len() > crate::protocol::AUTH_TOKEN_BYTES_MAX)
+        {
+            return Err(ConfigError::Invalid { key: "auth_token".into(), problem: "must be 1 to 1024 bytes".into() });
+        }
+        check_range("max_connections", self.max_connections, MAX_CONNECTIONS_RANGE)?;
+        check_range("max_inflight_publishes", self.max_inflight_publishes, INFLIGHT_RANGE)?;
+        check_range("max_inflight_deliveries", self.max_inflight_deliveries, INFLIGHT_RANGE)?;
+        check_range(
+            "max_subscriptions_per_connection",
+            self.max_subscriptions_per_connection,
+            MAX_SUBSCRIPTIONS_RANGE,
+        )?;
+        check_range("max_batch_bytes", self.max_batch_bytes, MAX_BATCH_BYTES_RANGE)?;
+        check_range("max_batch_records", self.max_batch_records, MAX_BATCH_RECORDS_RANGE)?;
+        check_range("channel_queue_depth", self.channel_queue_depth, CHANNEL_QUEUE_DEPTH_RANGE)?;
+        check_range("heartbeat_interval_ms", self.heartbeat_interval_ms, TIMEOUT_MS_RANGE)?;
+        check_range("idle_timeout_ms", self.idle_timeout_ms, TIMEOUT_MS_RANGE)?;
+        check_range("frame_timeout_ms", self.frame_timeout_ms, TIMEOUT_MS_RANGE)?;
+        check_range("shutdown_timeout_ms", self.shutdown_timeout_ms, TIMEOUT_MS_RANGE)?;
+        check_range("delivery_batch_bytes", self.delivery_batch_bytes, DELIVERY_BATCH_BYTES_RANGE)?;
+        check_range("lag_notice_threshold", self.lag_notice_threshold, LAG_NOTICE_THRESHOLD_RANGE)?;
+        check_range("notice_interval_ms", self.notice_interval_ms, TIMEOUT_MS_RANGE)?;
+        check_range("dedup_window", self.dedup_window, DEDUP_WINDOW_RANGE)?;
+        check_range("max_producers", self.max_producers, MAX_PRODUCERS_RANGE)?;
+        if self.idle_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::Invalid {
+                key: "idle_timeout_ms".into(),
+                problem: format!(
+                    "{} must be greater than heartbeat_interval_ms = {}, or idle clients that heartbeat on time are cut off",
+                    self.idle_timeout_ms, self.heartbeat_interval_ms
+                ),
+            });
+        }
+        if self.max_batch_bytes < self.max_message_bytes {
+            return Err(ConfigError::Invalid {
+                key: "max_batch_bytes".into(),
+                problem: format!(
+                    "{} is smaller than max_message_bytes = {}: a batch must be able to carry one message",
+                    self.max_batch_bytes, self.max_message_bytes
+                ),
+            });
+        }
         check_range("segment_bytes", self.segment_bytes, SEGMENT_BYTES_RANGE)?;
         check_range("segment_max_age_secs", self.segment_max_age_secs, SEGMENT_MAX_AGE_SECS_RANGE)?;
         check_range("index_interval_bytes", self.index_interval_bytes, INDEX_INTERVAL_BYTES_RANGE)?;
@@ -280,8 +390,13 @@ mod tests {
 
     #[test]
     fn limits_are_accepted_at_the_bound_and_refused_past_it() {
-        assert!(Config::parse(&format!("max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());
-        assert!(Config::parse(&format!("max_message_bytes = {}", MESSAGE_BYTES_LIMIT + 1)).is_err());
+        let batch = "max_batch_bytes = 268435456\n";
+        assert!(Config::parse(&format!("{batch}max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());
+        assert!(Config::parse(&format!("{batch}max_message_bytes = {}", MESSAGE_BYTES_LIMIT + 1)).is_err());
+        let error = Config::parse("max_batch_bytes = 1024\nmax_message_bytes = 1025").unwrap_err().to_string();
+        assert!(error.contains("max_batch_bytes"), "{error}");
+        let error = Config::parse("idle_timeout_ms = 1000\nheartbeat_interval_ms = 1000").unwrap_err().to_string();
+        assert!(error.contains("idle_timeout_ms"), "{error}");
         assert!(Config::parse("segment_bytes = 1024").is_ok());
         assert!(Config::parse("segment_bytes = 1023").is_err());
     }

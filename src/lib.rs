@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`storage`]: the segmented log per channel, recovery, retention and
 //!   the offline checker. Synchronous; no tokio.
+//! - [`protocol`]: the binary wire protocol (pure codecs, no I/O).
 //! - [`config`]: `broker.toml`, its defaults and its validation.
 //!
 //! # Untrusted input
@@ -17,4 +18,5 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod protocol;
 pub mod storage;

@@ -423,12 +423,7 @@ fn offset_index_file_entries(file: &dyn StorageFile) -> usize {
 
 /// Opens (creating if missing) an index file and decodes its entries;
 /// `None` when the file is missing or unreadable, meaning: rebuild.
-fn open_index(
-    fs: &dyn FileSystem,
-    dir: &Path,
-    base_offset: u64,
-    kind: FileKind,
-) -> Result<OpenedIndex, StorageError> {
+fn open_index(fs: &dyn FileSystem, dir: &Path, base_offset: u64, kind: FileKind) -> Result<OpenedIndex, StorageError> {
     let extension = if kind == FileKind::OffsetIndex { OFFSET_INDEX_EXTENSION } else { TIME_INDEX_EXTENSION };
     let path = dir.join(file_name(base_offset, extension));
     let file = match fs.open(&path, OpenMode::Existing) {

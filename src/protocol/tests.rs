@@ -1,0 +1,208 @@
+//! Round trips of every frame through encode and decode, and the decoder's
+//! behaviour on arbitrary bytes.
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::frame::*;
+use crate::storage::{Header, Message};
+
+fn bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn channel() -> impl Strategy<Value = String> {
+    "[a-z0-9._-]{1,40}"
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let header = (bytes(20), bytes(20)).prop_map(|(name, value)| Header { name, value });
+    (bytes(30), proptest::collection::vec(header, 0..3), bytes(300)).prop_map(|(key, headers, payload)| Message {
+        key,
+        headers,
+        payload,
+    })
+}
+
+fn producer() -> impl Strategy<Value = Option<ProducerSequence>> {
+    proptest::option::of(
+        (any::<u64>(), any::<u64>()).prop_map(|(producer_id, sequence)| ProducerSequence { producer_id, sequence }),
+    )
+}
+
+fn start() -> impl Strategy<Value = StartPosition> {
+    prop_oneof![
+        Just(StartPosition::Earliest),
+        Just(StartPosition::Latest),
+        any::<u64>().prop_map(StartPosition::Offset),
+        any::<u64>().prop_map(StartPosition::TimeUs),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (any::<u16>(), any::<u16>(), "[ -~]{0,40}", bytes(40)).prop_map(
+            |(version_min, version_max, client_name, auth_token)| {
+                Request::Hello { version_min, version_max, client_name, auth_token }
+            }
+        ),
+        Just(Request::Ping),
+        (channel(), producer(), message()).prop_map(|(channel, producer, message)| Request::Publish {
+            channel,
+            producer,
+            message
+        }),
+        (channel(), producer(), proptest::collection::vec(message(), 1..5))
+            .prop_map(|(channel, producer, messages)| Request::PublishBatch { channel, producer, messages }),
+        (any::<u32>(), channel(), start(), proptest::option::of("[a-z]{1,20}"), any::<u32>()).prop_map(
+            |(subscription_id, channel, start, durable_name, max_inflight)| Request::Subscribe {
+                subscription_id,
+                channel,
+                start,
+                durable_name,
+                max_inflight
+            }
+        ),
+        (any::<u32>(), any::<u64>()).prop_map(|(subscription_id, offset)| Request::Ack { subscription_id, offset }),
+        any::<u32>().prop_map(|subscription_id| Request::Unsubscribe { subscription_id }),
+        (channel(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(channel, offset, max_messages, max_bytes)| {
+            Request::Fetch { channel, offset, max_messages, max_bytes }
+        }),
+        (
+            channel(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(channel, max_bytes, max_age_secs, max_messages)| Request::CreateChannel {
+                channel,
+                retention: ChannelRetention { max_bytes, max_age_secs, max_messages }
+            }),
+        Just(Request::ListChannels),
+    ]
+}
+
+fn response() -> impl Strategy<Value = Response> {
+    let limits = proptest::array::uniform9(any::<u32>()).prop_map(|v| Limits {
+        max_message_bytes: v[0],
+        max_frame_bytes: v[1],
+        max_batch_bytes: v[2],
+        max_batch_records: v[3],
+        max_inflight_publishes: v[4],
+        max_inflight_deliveries: v[5],
+        max_subscriptions_per_connection: v[6],
+        heartbeat_interval_ms: v[7],
+        idle_timeout_ms: v[8],
+    });
+    let subscription = ("[a-z]{0,10}", any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>()).prop_map(
+        |(durable_name, next_offset, acked_offset, lag)| SubscriptionInfo {
+            durable_name,
+            next_offset,
+            acked_offset,
+            lag,
+        },
+    );
+    let channel_info = (channel(), any::<[u64; 4]>(), proptest::collection::vec(subscription, 0..3)).prop_map(
+        |(name, v, subscriptions)| ChannelInfo {
+            name,
+            start_offset: v[0],
+            next_offset: v[1],
+            size_bytes: v[2],
+            segment_count: v[3],
+            subscriptions,
+        },
+    );
+    prop_oneof![
+        (any::<u16>(), "[ -~]{0,20}", limits).prop_map(|(version, server_version, limits)| Response::Welcome {
+            version,
+            server_version,
+            limits
+        }),
+        Just(Response::Pong),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(first_offset, count, timestamp_us, duplicate)| {
+                Response::PublishAck { first_offset, count, timestamp_us, duplicate }
+            }
+        ),
+        (channel(), any::<u32>()).prop_map(|(channel, retry_after_ms)| Response::Backpressure {
+            channel,
+            reason: BackpressureReason::ChannelQueueFull,
+            retry_after_ms
+        }),
+        (any::<u16>(), "[ -~]{0,60}").prop_map(|(code, message)| Response::Error { code, message }),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(subscription_id, first_offset)| Response::Subscribed { subscription_id, first_offset }),
+        (any::<u32>(), 2u32..10, bytes(100)).prop_map(|(subscription_id, count, records)| Response::Deliver {
+            subscription_id,
+            count,
+            records
+        }),
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(subscription_id, lag, next_offset)| Response::Notice {
+            subscription_id,
+            notice: Notice::Lag { lag, next_offset }
+        }),
+        any::<u32>().prop_map(|subscription_id| Response::Unsubscribed { subscription_id }),
+        (any::<u64>(), any::<u32>(), bytes(100)).prop_map(|(next_offset, count, records)| Response::FetchResult {
+            next_offset,
+            count,
+            records
+        }),
+        Just(Response::ChannelCreated),
+        proptest::collection::vec(channel_info, 0..3).prop_map(|channels| Response::Channels { channels }),
+    ]
+}
+
+fn split(frame: &[u8]) -> (FrameHeader, Bytes) {
+    let header = FrameHeader::parse(frame[..FRAME_HEADER_BYTES].try_into().unwrap()).unwrap();
+    assert_eq!(header.body_len as usize, frame.len() - FRAME_HEADER_BYTES);
+    (header, Bytes::copy_from_slice(&frame[FRAME_HEADER_BYTES..]))
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(request in request(), correlation_id: u32) {
+        let frame = request.encode(correlation_id);
+        let (header, body) = split(&frame);
+        prop_assert_eq!(header.correlation_id, correlation_id);
+        prop_assert_eq!(Request::decode(header.frame_type, body).unwrap(), request);
+    }
+
+    #[test]
+    fn responses_round_trip(response in response(), correlation_id: u32) {
+        let frame = response.encode(correlation_id);
+        let (header, body) = split(&frame);
+        prop_assert_eq!(header.correlation_id, correlation_id);
+        prop_assert_eq!(Response::decode(header.frame_type, body).unwrap(), response);
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic(frame_type: u8, body in bytes(300)) {
+        let _ = Request::decode(frame_type, body.clone());
+        let _ = Response::decode(frame_type, body);
+    }
+
+    #[test]
+    fn truncated_requests_are_errors_not_panics(request in request(), cut: prop::sample::Index) {
+        let frame = request.encode(1);
+        let (header, body) = split(&frame);
+        if !body.is_empty() {
+            let cut = cut.index(body.len());
+            prop_assert!(Request::decode(header.frame_type, body.slice(..cut)).is_err());
+        }
+    }
+}
+
+#[test]
+fn a_batch_count_larger_than_the_body_can_hold_is_refused_before_allocating() {
+    let mut body = vec![1u8, b'c', 0];
+    body.extend_from_slice(&u32::MAX.to_be_bytes());
+    let error = Request::decode(FrameType::PublishBatch as u8, Bytes::from(body)).unwrap_err();
+    assert!(error.to_string().contains("record_count"), "{error}");
+}
+
+#[test]
+fn a_length_below_the_header_is_rejected() {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    header[3] = 4;
+    assert!(FrameHeader::parse(&header).is_err());
+}

@@ -1,0 +1,185 @@
+//! Primitive field codecs shared by every frame: big-endian integers and
+//! length-prefixed byte strings, read from a `Bytes` without copying.
+//!
+//! A reader never allocates more than the bytes it has been given: every
+//! length is checked against what remains in the body before it is used.
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::storage::record::{HEADER_NAME_BYTES_MAX, HEADERS_COUNT_MAX, KEY_BYTES_MAX};
+use crate::storage::{Header, Message};
+
+/// Why a frame body does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame body ends inside field {field}")]
+    Truncated { field: &'static str },
+    #[error("field {field} is {value}, outside {allowed}")]
+    OutOfRange { field: &'static str, value: u64, allowed: &'static str },
+    #[error("field {field} is not valid UTF-8")]
+    NotUtf8 { field: &'static str },
+    #[error("{extra_bytes} bytes left over after the last field")]
+    TrailingBytes { extra_bytes: usize },
+    #[error("unknown frame type {frame_type:#04x}")]
+    UnknownFrameType { frame_type: u8 },
+}
+
+/// A cursor over a frame body.
+pub struct Reader {
+    body: Bytes,
+}
+
+impl Reader {
+    pub fn new(body: Bytes) -> Reader {
+        Reader { body }
+    }
+
+    fn need(&self, len: usize, field: &'static str) -> Result<(), DecodeError> {
+        if self.body.remaining() < len { Err(DecodeError::Truncated { field }) } else { Ok(()) }
+    }
+
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+        self.need(1, field)?;
+        Ok(self.body.get_u8())
+    }
+
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        self.need(2, field)?;
+        Ok(self.body.get_u16())
+    }
+
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        self.need(4, field)?;
+        Ok(self.body.get_u32())
+    }
+
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        self.need(8, field)?;
+        Ok(self.body.get_u64())
+    }
+
+    /// `len` raw bytes, sharing the body's memory.
+    pub fn bytes(&mut self, len: usize, field: &'static str) -> Result<Bytes, DecodeError> {
+        self.need(len, field)?;
+        Ok(self.body.split_to(len))
+    }
+
+    /// A string with a u8 length.
+    pub fn short_string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let len = self.u8(field)? as usize;
+        self.utf8(len, field)
+    }
+
+    /// A string with a u16 length, at most `len_max` bytes.
+    pub fn string(
+        &mut self,
+        field: &'static str,
+        len_max: usize,
+        allowed: &'static str,
+    ) -> Result<String, DecodeError> {
+        let len = self.u16(field)? as usize;
+        if len > len_max {
+            return Err(DecodeError::OutOfRange { field, value: len as u64, allowed });
+        }
+        self.utf8(len, field)
+    }
+
+    fn utf8(&mut self, len: usize, field: &'static str) -> Result<String, DecodeError> {
+        let bytes = self.bytes(len, field)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8 { field })
+    }
+
+    /// A message: key, headers, payload (the record layout after `flags`).
+    pub fn message(&mut self) -> Result<Message, DecodeError> {
+        let key_len = self.u16("key_len")? as usize;
+        if key_len > KEY_BYTES_MAX {
+            return Err(DecodeError::OutOfRange { field: "key_len", value: key_len as u64, allowed: "0..=4096" });
+        }
+        let key = self.bytes(key_len, "key")?;
+        let header_count = self.u16("header_count")? as usize;
+        if header_count > HEADERS_COUNT_MAX {
+            return Err(DecodeError::OutOfRange {
+                field: "header_count",
+                value: header_count as u64,
+                allowed: "0..=64",
+            });
+        }
+        let mut headers = Vec::with_capacity(header_count);
+        for _ in 0..header_count {
+            let name_len = self.u16("header_name_len")? as usize;
+            if name_len > HEADER_NAME_BYTES_MAX {
+                return Err(DecodeError::OutOfRange {
+                    field: "header_name_len",
+                    value: name_len as u64,
+                    allowed: "0..=255",
+                });
+            }
+            let name = self.bytes(name_len, "header_name")?;
+            let value_len = self.u32("header_value_len")? as usize;
+            let value = self.bytes(value_len, "header_value")?;
+            headers.push(Header { name, value });
+        }
+        let payload_len = self.u32("payload_len")? as usize;
+        let payload = self.bytes(payload_len, "payload")?;
+        Ok(Message { key, headers, payload })
+    }
+
+    /// Everything left.
+    pub fn rest(&mut self) -> Bytes {
+        self.body.split_to(self.body.len())
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.body.remaining()
+    }
+
+    /// Fails unless the body was consumed exactly.
+    pub fn finish(self) -> Result<(), DecodeError> {
+        match self.body.remaining() {
+            0 => Ok(()),
+            extra_bytes => Err(DecodeError::TrailingBytes { extra_bytes }),
+        }
+    }
+}
+
+/// Appends a string with a u8 length; the caller guarantees it fits.
+pub fn put_short_string(out: &mut Vec<u8>, value: &str) {
+    assert!(value.len() <= u8::MAX as usize, "short string too long");
+    out.put_u8(value.len() as u8);
+    out.put_slice(value.as_bytes());
+}
+
+/// Appends a string with a u16 length, cut to fit if it is longer.
+pub fn put_string(out: &mut Vec<u8>, value: &str) {
+    let mut end = value.len().min(u16::MAX as usize);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_u16(end as u16);
+    out.put_slice(&value.as_bytes()[..end]);
+}
+
+/// Appends a message: key, headers, payload.
+pub fn put_message(out: &mut Vec<u8>, message: &Message) {
+    out.put_u16(message.key.len() as u16);
+    out.put_slice(&message.key);
+    out.put_u16(message.headers.len() as u16);
+    for header in &message.headers {
+        out.put_u16(header.name.len() as u16);
+        out.put_slice(&header.name);
+        out.put_u32(header.value.len() as u32);
+        out.put_slice(&header.value);
+    }
+    out.put_u32(message.payload.len() as u32);
+    out.put_slice(&message.payload);
+}
+
+/// Bytes a message takes on the wire.
+pub fn message_wire_len(message: &Message) -> usize {
+    2 + message.key.len()
+        + 2
+        + message.headers.iter().map(|h| 6 + h.name.len() + h.value.len()).sum::<usize>()
+        + 4
+        + message.payload.len()
+}
