@@ -9,6 +9,9 @@
 //! - [`storage`]: the segmented log per channel, recovery, retention and
 //!   the offline checker. Synchronous; no tokio.
 //! - [`protocol`]: the binary wire protocol (pure codecs, no I/O).
+//! - [`server`]: the tokio TCP server: connections, group commit,
+//!   subscriptions, durable offsets, shutdown.
+//! - [`client`]: the async Rust client: publisher, subscriber.
 //! - [`config`]: `broker.toml`, its defaults and its validation.
 //!
 //! # Untrusted input
@@ -17,6 +20,8 @@
 //! malformed input is a typed error, never a panic.
 #![deny(unsafe_code)]
 
+pub mod client;
 pub mod config;
 pub mod protocol;
+pub mod server;
 pub mod storage;

@@ -1,9 +1,20 @@
-//! The `weir` command line: a thin layer of clap over the library.
+//! The `weir` command line: a thin layer of clap over the library. Errors
+//! become one line on stderr and a non-zero exit status.
 
-use std::path::PathBuf;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
+use weir::config::Config;
+use weir::protocol::{Notice, Request, Response, StartPosition};
+use weir::storage::Message;
+
+const DEFAULT_ADDR: &str = "127.0.0.1:7450";
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A commit-log message broker with explicit limits and backpressure")]
@@ -12,8 +23,62 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the broker (no config file needed: every setting has a default).
+    Serve {
+        /// A broker.toml; flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (listen_addr).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory (data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print the effective configuration as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Log format; the level comes from RUST_LOG (default info).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Publish a message, or one message per line of stdin; prints offsets.
+    Publish {
+        channel: String,
+        /// The message; without it, each line of stdin is a message.
+        message: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+    /// Print messages of a channel as they arrive: offset, time, key, payload.
+    Subscribe {
+        channel: String,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "latest")]
+        from: String,
+        /// Durable subscription name: resume where this name left off.
+        #[arg(long)]
+        durable: Option<String>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
+    /// List channels: offsets, size, segments, subscriptions and their lag.
+    Channels {
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
     /// Verify every channel and segment of a data directory offline.
     Check {
         /// The broker's data directory.
@@ -25,6 +90,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { data_dir } => check(&data_dir),
+        Command::Serve { config, listen, data_dir, print_config, log_format } => {
+            serve(config.as_deref(), listen, data_dir, print_config, log_format)
+        }
+        Command::Publish { channel, message, key, addr } => run_async(publish(addr, channel, key, message)),
+        Command::Subscribe { channel, from, durable, count, addr } => {
+            run_async(subscribe(addr, channel, from, durable, count))
+        }
+        Command::Channels { addr } => run_async(channels(addr)),
     };
     match result {
         Ok(code) => code,
@@ -35,7 +108,209 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+fn init_logs(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn run_async(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    init_logs(LogFormat::Text, "warn");
+    runtime()?.block_on(future)
+}
+
+fn serve(
+    config_path: Option<&Path>,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    print_config: bool,
+    log_format: LogFormat,
+) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(config_path)?;
+    if let Some(listen) = listen {
+        config.listen_addr = listen;
+    }
+    if let Some(data_dir) = data_dir {
+        config.data_dir = data_dir;
+    }
+    config.validate()?;
+    if print_config {
+        print!("{}", config.to_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    init_logs(log_format, "info");
+    tracing::info!(config = %config.to_toml().replace('\n', "; "), "effective configuration");
+    runtime()?.block_on(async move {
+        let server = weir::server::start(config).await?;
+        let shutdown = server.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down gracefully");
+            shutdown.cancel();
+        });
+        server.wait().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match terminate.as_mut() {
+                Some(signal) => { signal.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+async fn publish(
+    addr: String,
+    channel: String,
+    key: Option<String>,
+    message: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let publisher = Publisher::connect(&addr, &channel, PublisherOptions::default()).await?;
+    let key = Bytes::from(key.unwrap_or_default());
+    let to_message = |payload: String| Message { key: key.clone(), headers: Vec::new(), payload: Bytes::from(payload) };
+    if let Some(message) = message {
+        let receipt = publisher.publish(to_message(message)).await?;
+        println!("{}", receipt.offset);
+        publisher.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Lines are pipelined; receipts are printed in order as they arrive.
+    let (lines, mut receipts) = tokio::sync::mpsc::channel(1024);
+    let printer = tokio::spawn(async move {
+        let mut failed = None;
+        while let Some(receipt) = receipts.recv().await {
+            let receipt: tokio::sync::oneshot::Receiver<Result<weir::client::Receipt, weir::client::ClientError>> =
+                receipt;
+            match receipt.await {
+                Ok(Ok(receipt)) => println!("{}", receipt.offset),
+                Ok(Err(error)) => failed = Some(error.to_string()),
+                Err(_) => failed = Some("the publisher stopped".into()),
+            }
+        }
+        failed
+    });
+    let stdin = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().collect::<Result<Vec<String>, _>>());
+    for line in stdin.await.context("reading stdin")?.context("reading stdin")? {
+        let receipt = publisher.enqueue(to_message(line)).await?;
+        if lines.send(receipt).await.is_err() {
+            break;
+        }
+    }
+    drop(lines);
+    publisher.close().await;
+    if let Some(error) = printer.await.context("printing offsets")? {
+        bail!("{error}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
+    match from {
+        "earliest" => return Ok(StartPosition::Earliest),
+        "latest" => return Ok(StartPosition::Latest),
+        _ => {}
+    }
+    if let Ok(offset) = from.parse::<u64>() {
+        return Ok(StartPosition::Offset(offset));
+    }
+    let time = humantime::parse_rfc3339_weak(from)
+        .with_context(|| format!("--from {from:?} is not earliest, latest, an offset, or an RFC 3339 time"))?;
+    let micros = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    Ok(StartPosition::TimeUs(micros))
+}
+
+async fn subscribe(
+    addr: String,
+    channel: String,
+    from: String,
+    durable: Option<String>,
+    count: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let start = parse_start(&from)?;
+    let connection = Connection::connect(&addr, "weir-cli").await?;
+    let options = SubscribeOptions { start, durable_name: durable, ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
+    let mut received = 0u64;
+    if count == Some(0) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    while let Some(event) = subscriber.next().await {
+        match event? {
+            Event::Message(record) => {
+                let time = humantime::format_rfc3339_micros(
+                    SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us),
+                );
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    record.offset,
+                    time,
+                    String::from_utf8_lossy(&record.key),
+                    String::from_utf8_lossy(&record.payload)
+                );
+                subscriber.ack(record.offset).await?;
+                received += 1;
+                if count.is_some_and(|count| received >= count) {
+                    break;
+                }
+            }
+            Event::Notice(Notice::Lag { lag, next_offset }) => {
+                eprintln!("notice: {lag} messages behind (channel next offset {next_offset})");
+            }
+            Event::Notice(Notice::Skipped { skipped, resume_offset }) => {
+                eprintln!("notice: retention deleted {skipped} unread messages; resuming at {resume_offset}");
+            }
+        }
+    }
+    // Let the last ack reach the broker before the connection closes.
+    let _ = connection.request(Request::Ping).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn channels(addr: String) -> anyhow::Result<ExitCode> {
+    let connection = Connection::connect(&addr, "weir-cli").await?;
+    let Response::Channels { channels } = connection.request(Request::ListChannels).await? else {
+        bail!("unexpected answer to LIST_CHANNELS");
+    };
+    println!("{:<32} {:>12} {:>12} {:>12} {:>14} {:>8}", "CHANNEL", "START", "NEXT", "MESSAGES", "BYTES", "SEGMENTS");
+    for channel in channels {
+        println!(
+            "{:<32} {:>12} {:>12} {:>12} {:>14} {:>8}",
+            channel.name,
+            channel.start_offset,
+            channel.next_offset,
+            channel.next_offset - channel.start_offset,
+            channel.size_bytes,
+            channel.segment_count
+        );
+        for subscription in channel.subscriptions {
+            let name =
+                if subscription.durable_name.is_empty() { "(ephemeral)".to_owned() } else { subscription.durable_name };
+            let acked = subscription.acked_offset.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
+            println!(
+                "    subscription {name}: next {} acked {acked} lag {}",
+                subscription.next_offset, subscription.lag
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(data_dir: &Path) -> anyhow::Result<ExitCode> {
     let report = weir::storage::check::check_data_dir(data_dir)
         .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", data_dir.display()))?;
     for problem in &report.problems {

@@ -126,12 +126,15 @@ pub enum ErrorCode {
     SequenceTooOld = 20,
     /// A field value the server refuses (not malformed), e.g. max_inflight 0.
     InvalidRequest = 21,
+    /// An idempotent publish whose sequence is ahead of the producer's next
+    /// sequence: an earlier publish was rejected; resend from it.
+    OutOfOrderSequence = 22,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 21] = [
+        const ALL: [ErrorCode; 22] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -153,6 +156,7 @@ impl ErrorCode {
             SubscriptionExists,
             SequenceTooOld,
             InvalidRequest,
+            OutOfOrderSequence,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }

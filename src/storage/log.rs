@@ -386,6 +386,14 @@ impl ChannelLog {
     /// `OffsetOutOfRange` (with the current range) below the log start or
     /// past its end; `Corrupt` when a record fails its CRC or checks.
     pub fn read(&self, from: u64, max_bytes: usize) -> Result<ReadBatch, StorageError> {
+        self.read_bounded(from, max_bytes, u64::MAX)
+    }
+
+    /// As [`ChannelLog::read`], returning at most `max_records` records.
+    ///
+    /// # Errors
+    /// As [`ChannelLog::read`].
+    pub fn read_bounded(&self, from: u64, max_bytes: usize, max_records: u64) -> Result<ReadBatch, StorageError> {
         let next = self.next_offset();
         let segment = {
             let segments = self.segments();
@@ -403,7 +411,7 @@ impl ChannelLog {
         let Some(segment) = segment else {
             return Ok(ReadBatch { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 });
         };
-        let read = segment.read(from, max_bytes)?;
+        let read = segment.read(from, max_bytes, max_records)?;
         Ok(ReadBatch {
             records: read.records,
             first_offset: read.first_offset,
@@ -531,6 +539,7 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
                 tracing::warn!(path = %path.display(), "removing an index file whose log is gone");
                 fs.remove(&path).at(&path)?;
             }
+            None if name.starts_with(super::store::CHANNEL_SETTINGS_FILE) => {}
             None => tracing::warn!(path = %dir.join(name).display(), "ignoring a file that is not a segment file"),
         }
     }

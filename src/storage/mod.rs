@@ -33,4 +33,4 @@ pub use log::{
     RetentionPolicy, now_us,
 };
 pub use record::{Header, Message, Record};
-pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};
+pub use store::{CHANNEL_SETTINGS_FILE, CHANNELS_DIR, ChannelSettings, Maintenance, Store, StoreConfig};

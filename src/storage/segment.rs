@@ -327,7 +327,7 @@ impl Segment {
     ///
     /// # Errors
     /// `Corrupt` with the position of a record that fails its checks.
-    pub fn read(&self, from: u64, max_bytes: usize) -> Result<SegmentRead, StorageError> {
+    pub fn read(&self, from: u64, max_bytes: usize, max_records: u64) -> Result<SegmentRead, StorageError> {
         let (visible_len, next_offset, start) = {
             let state = self.state();
             let start = index::floor(&state.offset_index, from)
@@ -336,7 +336,7 @@ impl Segment {
             (state.visible_len, state.next_offset, start)
         };
         let empty = SegmentRead { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 };
-        if from >= next_offset || from < self.base_offset {
+        if from >= next_offset || from < self.base_offset || max_records == 0 {
             return Ok(empty);
         }
         let (start_position, _) = start;
@@ -358,7 +358,7 @@ impl Segment {
             if meta.offset >= from {
                 let first_position = *first.get_or_insert(position);
                 count += 1;
-                if position + meta.len - first_position >= max_bytes {
+                if position + meta.len - first_position >= max_bytes || count >= max_records {
                     position += meta.len;
                     break;
                 }
@@ -392,7 +392,7 @@ impl Segment {
         };
         let mut from = start_offset;
         loop {
-            let batch = self.read(from, 64 * 1024)?;
+            let batch = self.read(from, 64 * 1024, u64::MAX)?;
             if batch.count == 0 {
                 return Ok(None);
             }

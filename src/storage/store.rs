@@ -19,6 +19,32 @@ use super::log::{ChannelLog, FsyncPolicy, LogConfig, RetentionOutcome, now_us};
 /// channel.
 pub const CHANNELS_DIR: &str = "channels";
 const LOCK_FILE: &str = "weir.lock";
+/// Per-channel settings chosen at creation (CREATE_CHANNEL), kept in the
+/// channel's directory so that they survive restarts.
+pub const CHANNEL_SETTINGS_FILE: &str = "channel.toml";
+/// Largest settings file read back.
+const CHANNEL_SETTINGS_BYTES_MAX: u64 = 64 * 1024;
+
+/// Retention chosen for one channel when it was created; unset fields fall
+/// back to the broker's configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub retention_max_bytes: Option<u64>,
+    pub retention_max_age_secs: Option<u64>,
+    pub retention_max_messages: Option<u64>,
+}
+
+impl ChannelSettings {
+    /// `base` with these settings applied.
+    pub fn apply(&self, base: &LogConfig) -> LogConfig {
+        let mut config = base.clone();
+        config.retention.max_bytes = self.retention_max_bytes.or(config.retention.max_bytes);
+        config.retention.max_age = self.retention_max_age_secs.map(Duration::from_secs).or(config.retention.max_age);
+        config.retention.max_messages = self.retention_max_messages.or(config.retention.max_messages);
+        config
+    }
+}
 
 /// Settings of a store.
 #[derive(Clone, Debug)]
@@ -97,8 +123,9 @@ impl Store {
                     continue;
                 }
             };
-            let log =
-                ChannelLog::open(Arc::clone(&fs), &channels_dir.join(&entry), name.clone(), config.log_config(&name))?;
+            let dir = channels_dir.join(&entry);
+            let settings = read_settings(&*fs, &dir)?;
+            let log = ChannelLog::open(Arc::clone(&fs), &dir, name.clone(), settings.apply(&config.log_config(&name)))?;
             channels.insert(name, Arc::new(log));
         }
         tracing::info!(data_dir = %config.data_dir.display(), channels = channels.len(), "storage opened");
@@ -133,11 +160,34 @@ impl Store {
         })
     }
 
+    /// Creates the channel `name` with its configured settings overridden by
+    /// `settings`, which are stored with the channel.
+    ///
+    /// # Errors
+    /// `ChannelExists`, `TooManyChannels`, or `Io`.
+    pub fn create_with_settings(
+        &self,
+        name: &ChannelName,
+        settings: ChannelSettings,
+    ) -> Result<Arc<ChannelLog>, StorageError> {
+        let config = settings.apply(&self.config.log_config(name));
+        self.create_inner(name, config, Some(settings))
+    }
+
     /// Creates the channel `name` with `config`.
     ///
     /// # Errors
     /// `ChannelExists`, `TooManyChannels`, or `Io`.
     pub fn create(&self, name: &ChannelName, config: LogConfig) -> Result<Arc<ChannelLog>, StorageError> {
+        self.create_inner(name, config, None)
+    }
+
+    fn create_inner(
+        &self,
+        name: &ChannelName,
+        config: LogConfig,
+        settings: Option<ChannelSettings>,
+    ) -> Result<Arc<ChannelLog>, StorageError> {
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if channels.contains_key(name) {
             return Err(StorageError::ChannelExists { channel: name.to_string() });
@@ -149,8 +199,12 @@ impl Store {
             });
         }
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
-        let log =
-            Arc::new(ChannelLog::open(Arc::clone(&self.fs), &channels_dir.join(name.as_str()), name.clone(), config)?);
+        let dir = channels_dir.join(name.as_str());
+        if let Some(settings) = settings {
+            self.fs.create_dir_all(&dir).at(&dir)?;
+            write_settings(&*self.fs, &dir, &settings)?;
+        }
+        let log = Arc::new(ChannelLog::open(Arc::clone(&self.fs), &dir, name.clone(), config)?);
         self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
         channels.insert(name.clone(), Arc::clone(&log));
         tracing::info!(channel = %name, "channel created");
@@ -201,6 +255,38 @@ impl Store {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+fn read_settings(fs: &dyn FileSystem, dir: &Path) -> Result<ChannelSettings, StorageError> {
+    let path = dir.join(CHANNEL_SETTINGS_FILE);
+    let file = match fs.open(&path, super::fs::OpenMode::Existing) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(ChannelSettings::default()),
+        Err(source) => return Err(StorageError::Io { path, source }),
+    };
+    if file.len() > CHANNEL_SETTINGS_BYTES_MAX {
+        return Err(StorageError::InvalidFile {
+            path,
+            problem: format!("larger than {CHANNEL_SETTINGS_BYTES_MAX} bytes"),
+        });
+    }
+    let bytes = file.read_range(0, file.len() as usize).at(&path)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| StorageError::InvalidFile { path: path.clone(), problem: "not UTF-8".into() })?;
+    toml::from_str(text).map_err(|error| StorageError::InvalidFile { path, problem: error.to_string() })
+}
+
+fn write_settings(fs: &dyn FileSystem, dir: &Path, settings: &ChannelSettings) -> Result<(), StorageError> {
+    let path = dir.join(CHANNEL_SETTINGS_FILE);
+    let temporary = dir.join(format!("{CHANNEL_SETTINGS_FILE}.tmp"));
+    let text = toml::to_string(settings)
+        .map_err(|error| StorageError::InvalidFile { path: path.clone(), problem: error.to_string() })?;
+    let _ = fs.remove(&temporary);
+    let file = fs.open(&temporary, super::fs::OpenMode::CreateNew).at(&temporary)?;
+    file.append(text.as_bytes()).at(&temporary)?;
+    file.sync().at(&temporary)?;
+    fs.rename(&temporary, &path).at(&path)?;
+    fs.sync_dir(dir).at(dir)
 }
 
 /// The background thread running interval fsync and retention. Dropping it

@@ -1,0 +1,275 @@
+//! One connection to a broker: the handshake, requests matched to answers
+//! by correlation id, deliveries routed to their subscriptions, and
+//! heartbeats. A writer task and a reader task share the socket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::ClientError;
+use crate::protocol::{FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response};
+
+/// Largest frame body the client accepts from a server.
+pub const RESPONSE_BODY_BYTES_MAX: u32 = 256 * 1024 * 1024;
+/// Requests queued for the writer task.
+const COMMAND_QUEUE_DEPTH: usize = 1024;
+/// How long to wait for the server's WELCOME.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a subscription receives.
+#[derive(Debug)]
+pub(crate) enum SubscriptionEvent {
+    Records {
+        count: u32,
+        records: Bytes,
+    },
+    Notice(Notice),
+    /// The subscription ended: unsubscribed, a server error, or the
+    /// connection was lost.
+    Closed(ClientError),
+}
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, ClientError>>>>>;
+type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<SubscriptionEvent>>>>;
+
+enum Command {
+    Request { request: Request, reply: Option<oneshot::Sender<Result<Response, ClientError>>> },
+}
+
+/// A handshaken connection. Cheap to clone; all clones share the socket.
+#[derive(Clone)]
+pub struct Connection {
+    commands: mpsc::Sender<Command>,
+    routes: Routes,
+    limits: Limits,
+    server_version: String,
+    next_subscription_id: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("server_version", &self.server_version).finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects to `addr` and performs the handshake.
+    ///
+    /// # Errors
+    /// The connection or handshake failed, or the server refused it.
+    pub async fn connect(addr: &str, client_name: &str) -> Result<Connection, ClientError> {
+        Connection::connect_with_token(addr, client_name, None).await
+    }
+
+    /// As [`Connection::connect`], sending an auth token.
+    ///
+    /// # Errors
+    /// As [`Connection::connect`].
+    pub async fn connect_with_token(
+        addr: &str,
+        client_name: &str,
+        auth_token: Option<&str>,
+    ) -> Result<Connection, ClientError> {
+        let socket = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source: Arc::new(source) })?;
+        let _ = socket.set_nodelay(true);
+        let (read_half, write_half) = socket.into_split();
+        let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+        let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
+        let hello = Request::Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            client_name: client_name.chars().take(255).collect(),
+            auth_token: Bytes::from(auth_token.unwrap_or("").as_bytes().to_vec()),
+        };
+        writer.write_all(&hello.encode(0)).await.map_err(ClientError::io)?;
+        writer.flush().await.map_err(ClientError::io)?;
+        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader))
+            .await
+            .map_err(|_| ClientError::Timeout("handshake"))??;
+        let (server_version, limits) = match welcome.1 {
+            Response::Welcome { server_version, limits, .. } => (server_version, limits),
+            Response::Error { code, message } => return Err(ClientError::Server { code, message }),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        let pending: Pending = Arc::default();
+        let routes: Routes = Arc::default();
+        let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
+        let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
+        tokio::spawn(write_loop(writer, command_rx, Arc::clone(&pending), heartbeat));
+        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes)));
+        Ok(Connection { commands, routes, limits, server_version, next_subscription_id: Arc::new(AtomicU32::new(1)) })
+    }
+
+    /// The limits the server advertised.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The server's version string.
+    pub fn server_version(&self) -> &str {
+        &self.server_version
+    }
+
+    /// Sends a request and waits for its answer. An ERROR answer is
+    /// returned as `ClientError::Server`.
+    ///
+    /// # Errors
+    /// The server's error, or a lost connection.
+    pub async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        let answer = self.send_request(request).await?;
+        answer.await.map_err(|_| ClientError::Disconnected)?
+    }
+
+    /// Sends a request and returns a receiver for its answer, so that
+    /// callers can pipeline.
+    ///
+    /// # Errors
+    /// The connection is gone.
+    pub(crate) async fn send_request(
+        &self,
+        request: Request,
+    ) -> Result<oneshot::Receiver<Result<Response, ClientError>>, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request { request, reply: Some(reply) })
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
+        Ok(answer)
+    }
+
+    /// Sends a request that has no answer (ACK).
+    ///
+    /// # Errors
+    /// The connection is gone.
+    pub(crate) async fn send_only(&self, request: Request) -> Result<(), ClientError> {
+        self.commands.send(Command::Request { request, reply: None }).await.map_err(|_| ClientError::Disconnected)
+    }
+
+    /// Registers where deliveries for a new subscription go, and returns
+    /// its id.
+    pub(crate) fn route(&self, events: mpsc::Sender<SubscriptionEvent>) -> u32 {
+        let id = self.next_subscription_id.fetch_add(1, Ordering::Relaxed);
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, events);
+        id
+    }
+
+    pub(crate) fn unroute(&self, subscription_id: u32) {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&subscription_id);
+    }
+}
+
+async fn read_response(reader: &mut BufReader<OwnedReadHalf>) -> Result<(u32, Response), ClientError> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ClientError::Disconnected),
+        Err(error) => return Err(ClientError::io(error)),
+    }
+    let header = FrameHeader::parse(&header).map_err(|error| ClientError::Protocol(error.to_string()))?;
+    if header.body_len > RESPONSE_BODY_BYTES_MAX {
+        return Err(ClientError::Protocol(format!(
+            "server frame of {} bytes exceeds the client limit",
+            header.body_len
+        )));
+    }
+    let mut body = vec![0u8; header.body_len as usize];
+    reader.read_exact(&mut body).await.map_err(ClientError::io)?;
+    let response = Response::decode(header.frame_type, Bytes::from(body))
+        .map_err(|error| ClientError::Protocol(error.to_string()))?;
+    Ok((header.correlation_id, response))
+}
+
+async fn write_loop(
+    mut writer: BufWriter<OwnedWriteHalf>,
+    mut commands: mpsc::Receiver<Command>,
+    pending: Pending,
+    heartbeat: Duration,
+) {
+    let mut correlation_id = 0u32;
+    loop {
+        let command = tokio::select! {
+            command = commands.recv() => command,
+            () = tokio::time::sleep(heartbeat) => Some(Command::Request { request: Request::Ping, reply: None }),
+        };
+        let Some(Command::Request { request, reply }) = command else { break };
+        correlation_id = correlation_id.wrapping_add(1).max(1);
+        if let Some(reply) = reply {
+            pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
+        }
+        let frame = request.encode(correlation_id);
+        let written = async {
+            writer.write_all(&frame).await?;
+            if commands.is_empty() {
+                writer.flush().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        if written.await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, routes: Routes) {
+    let mut last_error: Option<ClientError> = None;
+    let failure = loop {
+        let (correlation_id, response) = match read_response(&mut reader).await {
+            Ok(frame) => frame,
+            Err(error) => break error,
+        };
+        match response {
+            Response::Deliver { subscription_id, count, records } => {
+                route(&routes, subscription_id, SubscriptionEvent::Records { count, records }).await;
+            }
+            Response::Notice { subscription_id, notice } => {
+                route(&routes, subscription_id, SubscriptionEvent::Notice(notice)).await;
+            }
+            Response::Error { code, message } if correlation_id == 0 => {
+                // Not an answer: the reason for what follows (an
+                // UNSUBSCRIBED, or the connection closing).
+                last_error = Some(ClientError::Server { code, message });
+            }
+            Response::Unsubscribed { subscription_id } if correlation_id == 0 => {
+                let error = last_error.take().unwrap_or(ClientError::Disconnected);
+                route(&routes, subscription_id, SubscriptionEvent::Closed(error)).await;
+            }
+            response => {
+                let reply = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&correlation_id);
+                if let Some(reply) = reply {
+                    let result = match response {
+                        Response::Error { code, message } => Err(ClientError::Server { code, message }),
+                        other => Ok(other),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    };
+    tracing::debug!(error = %failure, "connection closed");
+    let waiting: Vec<_> = pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    for (_, reply) in waiting {
+        let _ = reply.send(Err(ClientError::Disconnected));
+    }
+    let error = last_error.unwrap_or(ClientError::Disconnected);
+    let senders: Vec<_> = routes.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
+    for sender in senders {
+        let _ = sender.send(SubscriptionEvent::Closed(error.clone())).await;
+    }
+}
+
+async fn route(routes: &Routes, subscription_id: u32, event: SubscriptionEvent) {
+    let sender = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&subscription_id).cloned();
+    if let Some(sender) = sender {
+        let _ = sender.send(event).await;
+    }
+}

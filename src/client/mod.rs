@@ -1,0 +1,86 @@
+//! The Rust client: an async [`Connection`], a [`Publisher`] that batches
+//! and pipelines with idempotent retries, and a [`Subscriber`] that yields
+//! messages as a stream.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), weir::client::ClientError> {
+//! use weir::client::{Connection, Publisher, PublisherOptions, SubscribeOptions, Subscriber, Event};
+//! use weir::storage::Message;
+//!
+//! let publisher = Publisher::connect("127.0.0.1:7450", "orders", PublisherOptions::default()).await?;
+//! let receipt = publisher.publish(Message::from_payload("hello")).await?;
+//! println!("stored at offset {}", receipt.offset);
+//!
+//! let connection = Connection::connect("127.0.0.1:7450", "example").await?;
+//! let mut subscriber = Subscriber::subscribe(&connection, "orders", SubscribeOptions::default()).await?;
+//! while let Some(event) = subscriber.next().await {
+//!     if let Event::Message(record) = event? {
+//!         println!("{}: {:?}", record.offset, record.payload);
+//!         subscriber.ack(record.offset).await?;
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod connection;
+mod publisher;
+mod subscriber;
+
+use std::sync::Arc;
+
+pub use connection::Connection;
+pub use publisher::{BackpressurePolicy, Publisher, PublisherOptions, Receipt};
+pub use subscriber::{Event, SubscribeOptions, Subscriber};
+
+use crate::protocol::ErrorCode;
+
+/// What can go wrong on the client side.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    #[error("connection error: {0}")]
+    Io(Arc<std::io::Error>),
+    #[error("the connection to the broker was lost")]
+    Disconnected,
+    #[error("timed out waiting for the {0}")]
+    Timeout(&'static str),
+    #[error("broker error {code} ({}): {message}", error_name(*code))]
+    Server { code: u16, message: String },
+    #[error("the broker is applying backpressure on channel {channel}; retry after {retry_after_ms} ms")]
+    Backpressure { channel: String, retry_after_ms: u32 },
+    #[error("protocol violation by the broker: {0}")]
+    Protocol(String),
+    #[error("unexpected answer from the broker: {0}")]
+    Unexpected(String),
+    #[error("a delivered record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the publisher is closed")]
+    Closed,
+}
+
+impl ClientError {
+    pub(crate) fn io(error: std::io::Error) -> ClientError {
+        ClientError::Io(Arc::new(error))
+    }
+
+    /// The wire error code, for errors the broker sent.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => ErrorCode::from_u16(*code),
+            _ => None,
+        }
+    }
+}
+
+fn error_name(code: u16) -> String {
+    ErrorCode::from_u16(code).map_or_else(|| "unknown".to_owned(), |code| format!("{code:?}"))
+}

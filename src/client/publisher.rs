@@ -1,0 +1,405 @@
+//! The publisher: callers publish one message at a time; a background task
+//! gathers what is queued into batches (so a caller still gets group
+//! commit), pipelines them up to the broker's window, and keeps them in
+//! order through retries.
+//!
+//! Every batch carries this publisher's producer id and a sequence number,
+//! so a batch resent after a lost connection is recognised by the broker
+//! and answered with its original offsets instead of being stored twice.
+//! After any rejection the task stops sending, waits for every answer
+//! still due, renumbers what is left (rejected batches were not stored),
+//! and resends it in order: per-publisher order holds across retries.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::ClientError;
+use super::connection::Connection;
+use crate::protocol::{ErrorCode, ProducerSequence, Request, Response};
+use crate::storage::Message;
+use crate::storage::record::KEY_BYTES_MAX;
+
+/// What to do when the broker answers BACKPRESSURE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackpressurePolicy {
+    /// Wait the suggested time and resend, up to `max_attempts` times per
+    /// batch; then fail the batch's publishes with `Backpressure`.
+    Retry { max_attempts: u32 },
+    /// Fail the batch's publishes with `ClientError::Backpressure` at once.
+    Surface,
+}
+
+/// Publisher settings.
+#[derive(Clone, Debug)]
+pub struct PublisherOptions {
+    /// How long to wait for more messages before sending a batch. Zero (the
+    /// default) sends at once; batches still form from whatever queues up
+    /// while earlier batches are on the wire, like Kafka's `linger.ms = 0`.
+    pub linger: Duration,
+    /// Most messages per batch (capped by the broker's max_batch_records).
+    pub batch_max_messages: usize,
+    /// Most bytes per batch (capped by the broker's max_batch_bytes).
+    pub batch_max_bytes: usize,
+    /// Messages queued in the client before `publish` waits.
+    pub queue_depth: usize,
+    pub backpressure: BackpressurePolicy,
+    /// Reconnection attempts after a lost connection before publishes fail.
+    pub reconnect_attempts: u32,
+    pub client_name: String,
+    pub auth_token: Option<String>,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> PublisherOptions {
+        PublisherOptions {
+            linger: Duration::ZERO,
+            batch_max_messages: 1024,
+            batch_max_bytes: 1024 * 1024,
+            queue_depth: 16 * 1024,
+            backpressure: BackpressurePolicy::Retry { max_attempts: 1000 },
+            reconnect_attempts: 10,
+            client_name: "weir-publisher".into(),
+            auth_token: None,
+        }
+    }
+}
+
+/// Where a published message was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub offset: u64,
+    pub timestamp_us: u64,
+    /// The broker had already stored it (a retry after a lost answer).
+    pub duplicate: bool,
+}
+
+/// Resends after `OutOfOrderSequence` before a batch is failed: a bound on
+/// a loop that only a broker bug could cause.
+const RESEQUENCE_ATTEMPTS_MAX: u32 = 100;
+
+type ReceiptSender = oneshot::Sender<Result<Receipt, ClientError>>;
+
+struct Queued {
+    message: Message,
+    reply: ReceiptSender,
+}
+
+/// Publishes to one channel.
+pub struct Publisher {
+    queue: mpsc::Sender<Queued>,
+    task: JoinHandle<()>,
+    message_bytes_max: usize,
+}
+
+impl Publisher {
+    /// Connects to `addr` and starts publishing to `channel`.
+    ///
+    /// # Errors
+    /// The connection or handshake failed.
+    pub async fn connect(addr: &str, channel: &str, options: PublisherOptions) -> Result<Publisher, ClientError> {
+        let connection =
+            Connection::connect_with_token(addr, &options.client_name, options.auth_token.as_deref()).await?;
+        let limits = *connection.limits();
+        let (queue, queued) = mpsc::channel(options.queue_depth.max(1));
+        let batching = Batching {
+            max_messages: options.batch_max_messages.clamp(1, limits.max_batch_records.max(1) as usize),
+            max_bytes: options.batch_max_bytes.clamp(1, limits.max_batch_bytes as usize),
+            window: limits.max_inflight_publishes.max(1) as usize,
+        };
+        let state = PublishTask {
+            addr: addr.to_owned(),
+            channel: channel.to_owned(),
+            options,
+            connection,
+            producer_id: rand::random(),
+            next_sequence: 0,
+            pending: BTreeMap::new(),
+            requests: JoinSet::new(),
+            next_batch_id: 0,
+            batching,
+        };
+        let task = tokio::spawn(state.run(queued));
+        Ok(Publisher { queue, task, message_bytes_max: limits.max_message_bytes as usize })
+    }
+
+    /// Publishes one message and waits until the broker has stored it.
+    ///
+    /// # Errors
+    /// The message breaks a limit, the broker refused it, or it could not
+    /// be delivered after the configured retries.
+    pub async fn publish(&self, message: Message) -> Result<Receipt, ClientError> {
+        self.enqueue(message).await?.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Queues a message and returns at once with a receiver for its
+    /// receipt, so that a caller can keep many publishes in flight.
+    ///
+    /// # Errors
+    /// The message breaks a limit, or the publisher is closed.
+    pub async fn enqueue(
+        &self,
+        message: Message,
+    ) -> Result<oneshot::Receiver<Result<Receipt, ClientError>>, ClientError> {
+        if message.key.len() > KEY_BYTES_MAX {
+            return Err(ClientError::Invalid(format!("key of {} bytes exceeds {KEY_BYTES_MAX}", message.key.len())));
+        }
+        message.validate(self.message_bytes_max).map_err(|error| ClientError::Invalid(error.to_string()))?;
+        let (reply, receipt) = oneshot::channel();
+        self.queue.send(Queued { message, reply }).await.map_err(|_| ClientError::Closed)?;
+        Ok(receipt)
+    }
+
+    /// Waits until every queued message is answered, then closes.
+    pub async fn close(self) {
+        drop(self.queue);
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Batching {
+    max_messages: usize,
+    max_bytes: usize,
+    window: usize,
+}
+
+struct Batch {
+    sequence: u64,
+    messages: Vec<Message>,
+    replies: Vec<ReceiptSender>,
+    attempts: u32,
+    outcome: Option<Outcome>,
+}
+
+enum Outcome {
+    Acked { first_offset: u64, timestamp_us: u64, duplicate: bool },
+    Retry { after: Duration },
+    Reconnect,
+    Fail(ClientError),
+}
+
+struct PublishTask {
+    addr: String,
+    channel: String,
+    options: PublisherOptions,
+    connection: Connection,
+    producer_id: u64,
+    next_sequence: u64,
+    /// Batches sent and not yet settled, by id (ids grow in send order).
+    pending: BTreeMap<u64, Batch>,
+    requests: JoinSet<(u64, Outcome)>,
+    next_batch_id: u64,
+    batching: Batching,
+}
+
+impl PublishTask {
+    async fn run(mut self, mut queued: mpsc::Receiver<Queued>) {
+        let mut open = true;
+        loop {
+            let recovering = self
+                .pending
+                .values()
+                .any(|batch| matches!(batch.outcome, Some(ref o) if !matches!(o, Outcome::Acked { .. })));
+            if recovering && self.requests.is_empty() {
+                self.recover().await;
+                continue;
+            }
+            if !open && self.pending.is_empty() {
+                return;
+            }
+            let can_send = open && !recovering && self.requests.len() < self.batching.window;
+            tokio::select! {
+                Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => {
+                    if let Ok((id, outcome)) = joined {
+                        self.settle(id, outcome);
+                    }
+                }
+                first = queued.recv(), if can_send => match first {
+                    Some(first) => {
+                        let batch = self.gather(first, &mut queued).await;
+                        self.send(batch).await;
+                    }
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    async fn gather(&self, first: Queued, queued: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
+        let mut bytes = first.message.encoded_len();
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + self.options.linger;
+        while batch.len() < self.batching.max_messages && bytes < self.batching.max_bytes {
+            let next = match queued.try_recv() {
+                Ok(next) => next,
+                Err(_) if self.options.linger.is_zero() => break,
+                Err(_) => match tokio::time::timeout_at(deadline, queued.recv()).await {
+                    Ok(Some(next)) => next,
+                    _ => break,
+                },
+            };
+            bytes += next.message.encoded_len();
+            batch.push(next);
+        }
+        batch
+    }
+
+    async fn send(&mut self, queued: Vec<Queued>) {
+        let (messages, replies): (Vec<Message>, Vec<ReceiptSender>) =
+            queued.into_iter().map(|q| (q.message, q.reply)).unzip();
+        let id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let sequence = self.next_sequence;
+        self.next_sequence += messages.len() as u64;
+        let batch = Batch { sequence, messages, replies, attempts: 0, outcome: None };
+        self.transmit(id, &batch).await;
+        self.pending.insert(id, batch);
+    }
+
+    async fn transmit(&mut self, id: u64, batch: &Batch) {
+        let producer = Some(ProducerSequence { producer_id: self.producer_id, sequence: batch.sequence });
+        let channel = self.channel.clone();
+        let request = if batch.messages.len() == 1 {
+            Request::Publish { channel, producer, message: batch.messages[0].clone() }
+        } else {
+            Request::PublishBatch { channel, producer, messages: batch.messages.clone() }
+        };
+        let answer = self.connection.send_request(request).await;
+        let policy = self.options.backpressure;
+        self.requests.spawn(async move {
+            let result = match answer {
+                Ok(answer) => answer.await.unwrap_or(Err(ClientError::Disconnected)),
+                Err(error) => Err(error),
+            };
+            (id, classify(result, policy))
+        });
+    }
+
+    fn settle(&mut self, id: u64, outcome: Outcome) {
+        let Some(batch) = self.pending.get_mut(&id) else { return };
+        if let Outcome::Acked { first_offset, timestamp_us, duplicate } = outcome
+            && batch.outcome.is_none()
+        {
+            let Some(batch) = self.pending.remove(&id) else { return };
+            for (i, reply) in batch.replies.into_iter().enumerate() {
+                let _ = reply.send(Ok(Receipt { offset: first_offset + i as u64, timestamp_us, duplicate }));
+            }
+            return;
+        }
+        batch.outcome = Some(outcome);
+    }
+
+    /// Runs with nothing in flight after a rejection or a lost connection:
+    /// fail what cannot be retried, renumber the rest, resend in order.
+    async fn recover(&mut self) {
+        let reconnect = self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::Reconnect)));
+        if reconnect && let Err(error) = self.reconnect().await {
+            for (_, batch) in std::mem::take(&mut self.pending) {
+                fail(batch, &error);
+            }
+            return;
+        }
+        let wait = self
+            .pending
+            .values()
+            .filter_map(|b| match b.outcome {
+                Some(Outcome::Retry { after }) => Some(after),
+                _ => None,
+            })
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let max_attempts = match self.options.backpressure {
+            BackpressurePolicy::Retry { max_attempts } => max_attempts,
+            BackpressurePolicy::Surface => 0,
+        };
+        let mut cursor = self.pending.values().next().map(|b| b.sequence).unwrap_or(self.next_sequence);
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        for id in ids {
+            let Some(mut batch) = self.pending.remove(&id) else { continue };
+            batch.attempts += 1;
+            let give_up = match &batch.outcome {
+                Some(Outcome::Fail(error)) => Some(error.clone()),
+                Some(Outcome::Retry { after })
+                    if batch.attempts > max_attempts.max(RESEQUENCE_ATTEMPTS_MAX)
+                        || (!after.is_zero() && batch.attempts > max_attempts) =>
+                {
+                    Some(ClientError::Backpressure {
+                        channel: self.channel.clone(),
+                        retry_after_ms: after.as_millis() as u32,
+                    })
+                }
+                _ => None,
+            };
+            if let Some(error) = give_up {
+                // Not stored: the batches after it move down into its
+                // sequence numbers.
+                fail(batch, &error);
+                continue;
+            }
+            batch.sequence = cursor;
+            cursor += batch.messages.len() as u64;
+            batch.outcome = None;
+            self.transmit(id, &batch).await;
+            self.pending.insert(id, batch);
+        }
+        self.next_sequence = cursor;
+    }
+
+    async fn reconnect(&mut self) -> Result<(), ClientError> {
+        let mut delay = Duration::from_millis(50);
+        let mut last_error = ClientError::Disconnected;
+        for _ in 0..self.options.reconnect_attempts.max(1) {
+            match Connection::connect_with_token(
+                &self.addr,
+                &self.options.client_name,
+                self.options.auth_token.as_deref(),
+            )
+            .await
+            {
+                Ok(connection) => {
+                    self.connection = connection;
+                    return Ok(());
+                }
+                Err(error) => last_error = error,
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        Err(last_error)
+    }
+}
+
+fn fail(batch: Batch, error: &ClientError) {
+    for reply in batch.replies {
+        let _ = reply.send(Err(error.clone()));
+    }
+}
+
+fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -> Outcome {
+    match result {
+        Ok(Response::PublishAck { first_offset, timestamp_us, duplicate, .. }) => {
+            Outcome::Acked { first_offset, timestamp_us, duplicate }
+        }
+        Ok(Response::Backpressure { channel, retry_after_ms, .. }) => match policy {
+            BackpressurePolicy::Retry { .. } => {
+                Outcome::Retry { after: Duration::from_millis(retry_after_ms.max(1) as u64) }
+            }
+            BackpressurePolicy::Surface => Outcome::Fail(ClientError::Backpressure { channel, retry_after_ms }),
+        },
+        Ok(other) => Outcome::Fail(ClientError::Unexpected(format!("{other:?}"))),
+        Err(error) => match error.code() {
+            Some(ErrorCode::OutOfOrderSequence | ErrorCode::InflightLimitExceeded) => {
+                Outcome::Retry { after: Duration::ZERO }
+            }
+            Some(ErrorCode::ShuttingDown) => Outcome::Reconnect,
+            _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
+            _ => Outcome::Fail(error),
+        },
+    }
+}

@@ -1,0 +1,176 @@
+//! A subscription as a stream of messages and notices.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+
+use super::ClientError;
+use super::connection::{Connection, SubscriptionEvent};
+use crate::protocol::{Notice, Request, Response, StartPosition};
+use crate::storage::Record;
+use crate::storage::record::RecordIter;
+
+/// Where and how to subscribe.
+#[derive(Clone, Debug)]
+pub struct SubscribeOptions {
+    pub start: StartPosition,
+    /// Name of a durable subscription: the broker stores its acks and a
+    /// later subscription with the same name resumes after the last one.
+    pub durable_name: Option<String>,
+    /// Most unacknowledged deliveries (the broker caps it at its
+    /// `max_inflight_deliveries`).
+    pub max_inflight: u32,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> SubscribeOptions {
+        SubscribeOptions { start: StartPosition::Earliest, durable_name: None, max_inflight: 1024 }
+    }
+}
+
+/// What a subscriber receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Message(Record),
+    Notice(Notice),
+}
+
+/// A live subscription. Implements `futures_core::Stream`.
+pub struct Subscriber {
+    connection: Connection,
+    subscription_id: u32,
+    first_offset: u64,
+    events: mpsc::Receiver<SubscriptionEvent>,
+    ready: VecDeque<Event>,
+    closed: bool,
+}
+
+impl Subscriber {
+    /// Subscribes to `channel`.
+    ///
+    /// # Errors
+    /// The broker refused the subscription (unknown channel, offset out of
+    /// range, too many subscriptions), or the connection is gone.
+    pub async fn subscribe(
+        connection: &Connection,
+        channel: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscriber, ClientError> {
+        if options.max_inflight == 0 {
+            return Err(ClientError::Invalid("max_inflight must be at least 1".into()));
+        }
+        // One slot per possible delivery frame: the broker never has more
+        // than max_inflight deliveries outstanding, so this never fills.
+        let (events_sender, events) = mpsc::channel(options.max_inflight as usize + 8);
+        let subscription_id = connection.route(events_sender);
+        let request = Request::Subscribe {
+            subscription_id,
+            channel: channel.to_owned(),
+            start: options.start,
+            durable_name: options.durable_name,
+            max_inflight: options.max_inflight,
+        };
+        let first_offset = match connection.request(request).await {
+            Ok(Response::Subscribed { first_offset, .. }) => first_offset,
+            Ok(other) => {
+                connection.unroute(subscription_id);
+                return Err(ClientError::Unexpected(format!("{other:?}")));
+            }
+            Err(error) => {
+                connection.unroute(subscription_id);
+                return Err(error);
+            }
+        };
+        Ok(Subscriber {
+            connection: connection.clone(),
+            subscription_id,
+            first_offset,
+            events,
+            ready: VecDeque::new(),
+            closed: false,
+        })
+    }
+
+    /// The offset of the first message this subscription delivers.
+    pub fn first_offset(&self) -> u64 {
+        self.first_offset
+    }
+
+    /// The next message or notice; `None` once the subscription has ended.
+    /// An `Err` is the reason it ended and is returned once.
+    pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// Acknowledges every message up to and including `offset`.
+    ///
+    /// # Errors
+    /// The connection is gone.
+    pub async fn ack(&self, offset: u64) -> Result<(), ClientError> {
+        self.connection.send_only(Request::Ack { subscription_id: self.subscription_id, offset }).await
+    }
+
+    /// Ends the subscription.
+    ///
+    /// # Errors
+    /// The connection is gone.
+    pub async fn unsubscribe(self) -> Result<(), ClientError> {
+        let result = self.connection.request(Request::Unsubscribe { subscription_id: self.subscription_id }).await;
+        self.connection.unroute(self.subscription_id);
+        result.map(|_| ())
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, ClientError>>> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if self.closed {
+                return Poll::Ready(None);
+            }
+            match self.events.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.closed = true,
+                Poll::Ready(Some(SubscriptionEvent::Notice(notice))) => self.ready.push_back(Event::Notice(notice)),
+                Poll::Ready(Some(SubscriptionEvent::Closed(error))) => {
+                    self.closed = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(Some(SubscriptionEvent::Records { count, records })) => {
+                    let before = self.ready.len();
+                    for record in RecordIter::new(records) {
+                        match record {
+                            Ok(record) => self.ready.push_back(Event::Message(record)),
+                            Err(error) => {
+                                self.closed = true;
+                                return Poll::Ready(Some(Err(ClientError::Corrupt(error.to_string()))));
+                            }
+                        }
+                    }
+                    if self.ready.len() - before != count as usize {
+                        self.closed = true;
+                        let problem =
+                            format!("a delivery announced {count} records and held {}", self.ready.len() - before);
+                        return Poll::Ready(Some(Err(ClientError::Corrupt(problem))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for Subscriber {
+    type Item = Result<Event, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_event(cx)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.connection.unroute(self.subscription_id);
+    }
+}

@@ -1,0 +1,187 @@
+//! The state every connection shares: the store, a writer per channel,
+//! durable offsets, the live subscriptions (for the admin view), the
+//! advertised limits and the counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::channel_writer::{self, AppendRequest, WriterLimits};
+use super::offsets::DurableOffsets;
+use super::stats::Stats;
+use crate::config::Config;
+use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, SubscriptionInfo};
+use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError, Store};
+
+/// A channel as the server sees it: its log, the queue into its writer,
+/// and the watch that wakes its caught-up subscribers.
+pub(crate) struct ChannelHandle {
+    pub log: Arc<ChannelLog>,
+    pub appends: mpsc::Sender<AppendRequest>,
+    pub tail: watch::Receiver<u64>,
+}
+
+/// What the admin view shows of a live subscription.
+pub(crate) struct SubscriptionStatus {
+    pub channel: ChannelName,
+    pub durable_name: Option<String>,
+    pub next_offset: AtomicU64,
+    /// First offset not yet acknowledged.
+    pub ack_floor: AtomicU64,
+}
+
+pub(crate) struct Broker {
+    pub config: Config,
+    pub limits: Limits,
+    pub store: Arc<Store>,
+    pub offsets: DurableOffsets,
+    pub stats: Arc<Stats>,
+    channels: Mutex<HashMap<ChannelName, Arc<ChannelHandle>>>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    subscriptions: Mutex<HashMap<u64, Arc<SubscriptionStatus>>>,
+    next_subscription_key: AtomicU64,
+}
+
+/// Why a channel cannot be used.
+pub(crate) enum ChannelError {
+    Unknown,
+    Storage(StorageError),
+}
+
+impl Broker {
+    pub fn new(config: Config, store: Arc<Store>, offsets: DurableOffsets) -> Broker {
+        let max_frame_bytes = config.max_batch_bytes.max(config.max_message_bytes + PUBLISH_OVERHEAD_BYTES_MAX as u64);
+        let limits = Limits {
+            max_message_bytes: config.max_message_bytes as u32,
+            max_frame_bytes: max_frame_bytes as u32,
+            max_batch_bytes: config.max_batch_bytes as u32,
+            max_batch_records: config.max_batch_records as u32,
+            max_inflight_publishes: config.max_inflight_publishes as u32,
+            max_inflight_deliveries: config.max_inflight_deliveries as u32,
+            max_subscriptions_per_connection: config.max_subscriptions_per_connection as u32,
+            heartbeat_interval_ms: config.heartbeat_interval_ms as u32,
+            idle_timeout_ms: config.idle_timeout_ms as u32,
+        };
+        Broker {
+            config,
+            limits,
+            store,
+            offsets,
+            stats: Arc::new(Stats::default()),
+            channels: Mutex::new(HashMap::new()),
+            writers: Mutex::new(Vec::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            next_subscription_key: AtomicU64::new(1),
+        }
+    }
+
+    /// The channel `name`, creating it when `auto_create_channels` allows.
+    pub fn channel(&self, name: &ChannelName) -> Result<Arc<ChannelHandle>, ChannelError> {
+        if let Some(handle) = self.lock_channels().get(name) {
+            return Ok(Arc::clone(handle));
+        }
+        let log = match self.store.channel(name) {
+            Some(log) => log,
+            None if self.config.auto_create_channels => {
+                self.store.get_or_create(name).map_err(ChannelError::Storage)?
+            }
+            None => return Err(ChannelError::Unknown),
+        };
+        Ok(self.handle_for(log))
+    }
+
+    /// Creates a channel with explicit retention.
+    pub fn create_channel(&self, name: &ChannelName, settings: ChannelSettings) -> Result<(), StorageError> {
+        let log = self.store.create_with_settings(name, settings)?;
+        self.handle_for(log);
+        Ok(())
+    }
+
+    /// The handle of `log`, starting its writer on first use.
+    fn handle_for(&self, log: Arc<ChannelLog>) -> Arc<ChannelHandle> {
+        let mut channels = self.lock_channels();
+        if let Some(handle) = channels.get(log.name()) {
+            return Arc::clone(handle);
+        }
+        let (appends, requests) = mpsc::channel(self.config.channel_queue_depth as usize);
+        let (tail_sender, tail) = watch::channel(log.next_offset());
+        let limits = WriterLimits {
+            group_bytes_max: self.config.max_batch_bytes as usize,
+            dedup_window: self.config.dedup_window as usize,
+            max_producers: self.config.max_producers as usize,
+        };
+        let writer =
+            tokio::spawn(channel_writer::run(Arc::clone(&log), requests, tail_sender, limits, Arc::clone(&self.stats)));
+        self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(writer);
+        let handle = Arc::new(ChannelHandle { log: Arc::clone(&log), appends, tail });
+        channels.insert(log.name().clone(), Arc::clone(&handle));
+        handle
+    }
+
+    /// Closes every channel's queue and waits until each writer has
+    /// answered everything it had queued.
+    pub async fn stop_writers(&self) {
+        self.lock_channels().clear();
+        let writers: Vec<JoinHandle<()>> = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
+        for writer in writers {
+            let _ = writer.await;
+        }
+    }
+
+    /// Registers a live subscription for the admin view; removed when the
+    /// returned guard drops.
+    pub fn register_subscription(self: &Arc<Self>, status: Arc<SubscriptionStatus>) -> SubscriptionGuard {
+        let key = self.next_subscription_key.fetch_add(1, Ordering::Relaxed);
+        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, status);
+        SubscriptionGuard { broker: Arc::clone(self), key }
+    }
+
+    /// Every channel with its live subscriptions.
+    pub fn channel_infos(&self) -> Vec<ChannelInfo> {
+        let subscriptions: Vec<Arc<SubscriptionStatus>> =
+            self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        self.store
+            .channels()
+            .iter()
+            .map(|log| {
+                let stats = log.stats();
+                let live = subscriptions.iter().filter(|s| &s.channel == log.name()).map(|s| {
+                    let ack_floor = s.ack_floor.load(Ordering::Relaxed);
+                    SubscriptionInfo {
+                        durable_name: s.durable_name.clone().unwrap_or_default(),
+                        next_offset: s.next_offset.load(Ordering::Relaxed),
+                        acked_offset: ack_floor.checked_sub(1),
+                        lag: stats.next_offset.saturating_sub(ack_floor),
+                    }
+                });
+                ChannelInfo {
+                    name: log.name().to_string(),
+                    start_offset: stats.start_offset,
+                    next_offset: stats.next_offset,
+                    size_bytes: stats.size_bytes,
+                    segment_count: stats.segment_count,
+                    subscriptions: live.collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Arc<ChannelHandle>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Removes a subscription from the admin view when dropped.
+pub(crate) struct SubscriptionGuard {
+    broker: Arc<Broker>,
+    key: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.broker.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}

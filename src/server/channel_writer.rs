@@ -1,0 +1,259 @@
+//! One writer task per channel: the group commit. Publishes from every
+//! connection queue here (a bounded queue, `channel_queue_depth`); the task
+//! takes everything queued, appends it with one write and one sync, and
+//! answers each publish. Idempotent-producer deduplication lives here too,
+//! because this task is the only place that sees a channel's appends in
+//! order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{mpsc, watch};
+
+use super::Outbound;
+use super::stats::Stats;
+use crate::protocol::{ErrorCode, ProducerSequence, Response};
+use crate::storage::{Appended, ChannelLog, FsyncPolicy, Message, StorageError};
+
+/// A publish waiting for the channel writer.
+pub(crate) struct AppendRequest {
+    pub messages: Vec<Message>,
+    pub producer: Option<ProducerSequence>,
+    pub reply: Reply,
+}
+
+/// Where and how to answer one publish. Holding a reserved slot in the
+/// connection's response queue means the writer never waits for a slow
+/// client: the answer always fits.
+pub(crate) struct Reply {
+    pub permit: mpsc::OwnedPermit<Outbound>,
+    pub correlation_id: u32,
+    /// The connection's count of unanswered publishes, decremented when
+    /// the answer is queued.
+    pub inflight: Arc<AtomicU32>,
+}
+
+impl Reply {
+    pub fn send(self, response: Response) {
+        self.permit.send(Outbound::Frame(response.encode(self.correlation_id)));
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Settings of a channel writer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WriterLimits {
+    /// Most encoded bytes one group commit gathers.
+    pub group_bytes_max: usize,
+    pub dedup_window: usize,
+    pub max_producers: usize,
+}
+
+/// What a producer has recently published, to answer retries.
+#[derive(Default)]
+struct ProducerState {
+    /// One past the highest sequence appended.
+    next_sequence: u64,
+    /// (first sequence, count, first offset, timestamp), oldest first.
+    recent: VecDeque<(u64, u64, u64, u64)>,
+    last_used: u64,
+}
+
+/// How one request of a group is resolved.
+enum Plan {
+    Append {
+        first_offset: u64,
+        count: u64,
+    },
+    /// A retry of something already stored (or stored in this group).
+    Duplicate {
+        first_offset: u64,
+        count: u64,
+        timestamp_us: Option<u64>,
+    },
+    Reject(ErrorCode, String),
+}
+
+/// Runs until every sender of `requests` is gone, answering every request
+/// it received.
+pub(crate) async fn run(
+    log: Arc<ChannelLog>,
+    mut requests: mpsc::Receiver<AppendRequest>,
+    tail: watch::Sender<u64>,
+    limits: WriterLimits,
+    stats: Arc<Stats>,
+) {
+    let mut producers: HashMap<u64, ProducerState> = HashMap::new();
+    let mut clock = 0u64;
+    let mut group = Vec::new();
+    while let Some(first) = requests.recv().await {
+        let mut group_bytes: usize = first.messages.iter().map(Message::encoded_len).sum();
+        group.push(first);
+        while group_bytes < limits.group_bytes_max {
+            let Ok(next) = requests.try_recv() else { break };
+            group_bytes += next.messages.iter().map(Message::encoded_len).sum::<usize>();
+            group.push(next);
+        }
+        clock += 1;
+        commit_group(&log, &mut group, &mut producers, clock, limits, &stats).await;
+        let _ = tail.send(log.next_offset());
+    }
+}
+
+async fn commit_group(
+    log: &Arc<ChannelLog>,
+    group: &mut Vec<AppendRequest>,
+    producers: &mut HashMap<u64, ProducerState>,
+    clock: u64,
+    limits: WriterLimits,
+    stats: &Stats,
+) {
+    let base_offset = log.next_offset();
+    let mut next_offset = base_offset;
+    let mut plans = Vec::with_capacity(group.len());
+    let mut messages = Vec::new();
+    for request in group.iter() {
+        let count = request.messages.len() as u64;
+        let plan = match request.producer {
+            None => Plan::Append { first_offset: next_offset, count },
+            Some(producer) => plan_idempotent(producers, producer, count, next_offset, clock, limits),
+        };
+        if let Plan::Append { .. } = plan {
+            messages.extend(request.messages.iter().cloned());
+            next_offset += count;
+        }
+        plans.push(plan);
+    }
+    let result = if messages.is_empty() { Ok(None) } else { append(log, messages).await.map(Some) };
+    let timestamp_us = match &result {
+        Ok(Some(appended)) => {
+            assert_eq!(appended.first_offset, base_offset, "the channel writer is the log's only appender");
+            stats.record_append(appended.count);
+            Some(appended.timestamp_us)
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::error!(channel = %log.name(), %error, "append failed");
+            // Nothing of this group is stored: forget what it promised.
+            for (request, plan) in group.iter().zip(&plans) {
+                if let (Some(producer), Plan::Append { .. }) = (request.producer, plan)
+                    && let Some(state) = producers.get_mut(&producer.producer_id)
+                {
+                    state.recent.retain(|entry| entry.0 != producer.sequence);
+                    state.next_sequence = state.recent.back().map_or(0, |entry| entry.0 + entry.1);
+                }
+            }
+            None
+        }
+    };
+    if let Some(timestamp_us) = timestamp_us {
+        for (request, plan) in group.iter().zip(&plans) {
+            if let (Some(producer), Plan::Append { .. }) = (request.producer, plan)
+                && let Some(state) = producers.get_mut(&producer.producer_id)
+                && let Some(entry) = state.recent.iter_mut().find(|entry| entry.0 == producer.sequence)
+            {
+                entry.3 = timestamp_us;
+            }
+        }
+    }
+    for (request, plan) in group.drain(..).zip(plans) {
+        let response = match (plan, &result) {
+            (Plan::Reject(code, message), _) => Response::Error { code: code as u16, message },
+            (Plan::Append { .. }, Err(error)) => storage_error(error),
+            (Plan::Append { first_offset, count }, Ok(_)) => Response::PublishAck {
+                first_offset,
+                count: count as u32,
+                timestamp_us: timestamp_us.unwrap_or_default(),
+                duplicate: false,
+            },
+            (Plan::Duplicate { first_offset, count, timestamp_us: known }, _) => Response::PublishAck {
+                first_offset,
+                count: count as u32,
+                timestamp_us: known.or(timestamp_us).unwrap_or_default(),
+                duplicate: true,
+            },
+        };
+        request.reply.send(response);
+    }
+}
+
+/// Appends on the runtime thread when no sync is needed (a write to the
+/// page cache costs about as much as a socket write), and on the blocking
+/// pool when an `fdatasync` will follow.
+async fn append(log: &Arc<ChannelLog>, messages: Vec<Message>) -> Result<Appended, StorageError> {
+    if log.config().fsync != FsyncPolicy::Always {
+        return log.append_batch(&messages);
+    }
+    let log = Arc::clone(log);
+    match tokio::task::spawn_blocking(move || log.append_batch(&messages)).await {
+        Ok(result) => result,
+        Err(join_error) => {
+            Err(StorageError::Io { path: "append task".into(), source: std::io::Error::other(join_error) })
+        }
+    }
+}
+
+fn storage_error(error: &StorageError) -> Response {
+    let code = match error {
+        StorageError::InvalidMessage { .. } => ErrorCode::MessageTooLarge,
+        _ => ErrorCode::StorageError,
+    };
+    Response::Error { code: code as u16, message: format!("not stored: {error}") }
+}
+
+fn plan_idempotent(
+    producers: &mut HashMap<u64, ProducerState>,
+    producer: ProducerSequence,
+    count: u64,
+    first_offset: u64,
+    clock: u64,
+    limits: WriterLimits,
+) -> Plan {
+    if !producers.contains_key(&producer.producer_id) && producers.len() >= limits.max_producers {
+        // Forget the producer idle the longest; its retries after this can
+        // no longer be recognised (documented in docs/GUARANTEES.md).
+        if let Some((&oldest, _)) = producers.iter().min_by_key(|(_, state)| state.last_used) {
+            producers.remove(&oldest);
+        }
+    }
+    let known = producers.contains_key(&producer.producer_id);
+    let state = producers.entry(producer.producer_id).or_default();
+    state.last_used = clock;
+    if !known {
+        // A producer seen for the first time (or again after a restart or
+        // eviction) starts wherever it is.
+        state.next_sequence = producer.sequence;
+    }
+    if producer.sequence > state.next_sequence {
+        return Plan::Reject(
+            ErrorCode::OutOfOrderSequence,
+            format!(
+                "sequence {} of producer {} is ahead of its next sequence {}: an earlier publish was not stored",
+                producer.sequence, producer.producer_id, state.next_sequence
+            ),
+        );
+    }
+    if producer.sequence < state.next_sequence {
+        return match state.recent.iter().find(|entry| entry.0 == producer.sequence) {
+            Some(&(_, stored_count, stored_offset, timestamp_us)) => Plan::Duplicate {
+                first_offset: stored_offset,
+                count: stored_count,
+                timestamp_us: (timestamp_us != 0).then_some(timestamp_us),
+            },
+            None => Plan::Reject(
+                ErrorCode::SequenceTooOld,
+                format!(
+                    "sequence {} of producer {} is below its next sequence {} and not in the dedup window of {} publishes",
+                    producer.sequence, producer.producer_id, state.next_sequence, limits.dedup_window
+                ),
+            ),
+        };
+    }
+    state.next_sequence = producer.sequence + count;
+    state.recent.push_back((producer.sequence, count, first_offset, 0));
+    while state.recent.len() > limits.dedup_window {
+        state.recent.pop_front();
+    }
+    Plan::Append { first_offset, count }
+}

@@ -1,0 +1,644 @@
+//! One client connection: a reader that parses frames under the limits and
+//! carries out requests, and a writer task that sends answers and
+//! deliveries from two bounded queues.
+//!
+//! Every frame is checked in two steps (after mini-redis): the 9-byte
+//! header first, its length against the limit for its type, and only then
+//! is the body read, into a buffer of exactly the checked length. Waiting
+//! for the next frame is cancel-safe (the read buffer lives here); once a
+//! frame has started, it must arrive within `frame_timeout_ms`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use super::Outbound;
+use super::broker::{Broker, ChannelError, SubscriptionStatus};
+use super::channel_writer::{AppendRequest, Reply};
+use super::stats::Stats;
+use super::subscription::Subscription;
+use crate::protocol::{
+    self, BackpressureReason, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader, FrameType,
+    PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
+};
+use crate::storage::{ChannelName, ChannelSettings, Message, StorageError};
+
+/// Room in the response queue beyond the publish window, for answers to
+/// other requests.
+const RESPONSE_QUEUE_SLACK: usize = 64;
+/// Delivery frames queued for the socket per connection. Each holds a slice
+/// of a memory map, not a copy, and at most `delivery_batch_bytes`.
+const DELIVERY_QUEUE_FRAMES: usize = 16;
+/// Socket buffers of the connection's reader and writer.
+const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
+/// A frame body slower than this (after `frame_timeout_ms`) is cut off.
+const FRAME_BYTES_PER_SECOND_MIN: u64 = 1024 * 1024;
+/// Suggested wait after a BACKPRESSURE notice.
+const BACKPRESSURE_RETRY_AFTER_MS: u32 = 10;
+
+/// Whether to keep reading after a request.
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct SubscriptionHandle {
+    cancel: CancellationToken,
+    ack_floor: watch::Sender<u64>,
+    status: Arc<SubscriptionStatus>,
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    reader: BufReader<OwnedReadHalf>,
+    responses: mpsc::Sender<Outbound>,
+    deliveries: mpsc::Sender<Outbound>,
+    subscriptions: HashMap<u32, SubscriptionHandle>,
+    inflight_publishes: Arc<AtomicU32>,
+    handshaken: bool,
+    cancel: CancellationToken,
+    peer: String,
+}
+
+/// Serves one accepted connection until it closes or the broker shuts
+/// down. Holds its connection permit until then.
+pub(crate) async fn serve(
+    broker: Arc<Broker>,
+    socket: TcpStream,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let peer = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (read_half, write_half) = socket.into_split();
+    let response_capacity = broker.config.max_inflight_publishes as usize + RESPONSE_QUEUE_SLACK;
+    let (responses, responses_rx) = mpsc::channel(response_capacity);
+    let (deliveries, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_FRAMES);
+    let cancel = shutdown.child_token();
+    let write_timeout = Duration::from_millis(broker.config.idle_timeout_ms);
+    let writer = tokio::spawn(write_loop(write_half, responses_rx, deliveries_rx, write_timeout, cancel.clone()));
+    Stats::add(&broker.stats.connections_open, 1);
+    let mut connection = Connection {
+        broker: Arc::clone(&broker),
+        reader: BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half),
+        responses,
+        deliveries,
+        subscriptions: HashMap::new(),
+        inflight_publishes: Arc::new(AtomicU32::new(0)),
+        handshaken: false,
+        cancel: cancel.clone(),
+        peer,
+    };
+    connection.read_loop().await;
+    for (_, subscription) in connection.subscriptions.drain() {
+        subscription.cancel.cancel();
+    }
+    drop(connection);
+    // The writer finishes once every answer owed (including publishes still
+    // in a channel writer) has been sent.
+    let _ = writer.await;
+    broker.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Tells a connection over `max_connections` why it is closed.
+pub(crate) async fn refuse(mut socket: TcpStream, max_connections: u64) {
+    let message = format!("the broker is at max_connections = {max_connections}; try again later");
+    let frame = Response::Error { code: ErrorCode::TooManyConnections as u16, message }.encode(0);
+    let _ = timeout(Duration::from_secs(1), async {
+        let _ = socket.write_all(&frame).await;
+        let _ = socket.shutdown().await;
+    })
+    .await;
+}
+
+impl Connection {
+    async fn read_loop(&mut self) {
+        let idle_timeout = Duration::from_millis(self.broker.config.idle_timeout_ms);
+        loop {
+            let waiting = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return,
+                waiting = timeout(idle_timeout, self.reader.fill_buf()) => waiting,
+            };
+            match waiting {
+                Err(_) => {
+                    Stats::add(&self.broker.stats.idle_timeouts, 1);
+                    tracing::debug!(peer = %self.peer, "closing an idle connection");
+                    let message = format!("nothing received for idle_timeout_ms = {}", idle_timeout.as_millis());
+                    self.fail(0, ErrorCode::IdleTimeout, message);
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Ok(Ok([])) => return,
+                Ok(Ok(_)) => {}
+            }
+            let flow = match self.read_frame().await {
+                Ok(Some((header, body))) => match Request::decode(header.frame_type, body) {
+                    Ok(request) => self.handle(header.correlation_id, request).await,
+                    Err(error) => self.protocol_error(header.correlation_id, format!("malformed frame: {error}")),
+                },
+                Ok(None) => Flow::Continue,
+                Err(flow) => flow,
+            };
+            if let Flow::Close = flow {
+                return;
+            }
+        }
+    }
+
+    /// Reads one frame. `Ok(None)` when an oversized publish was drained
+    /// and answered.
+    async fn read_frame(&mut self) -> Result<Option<(FrameHeader, Bytes)>, Flow> {
+        let frame_timeout = Duration::from_millis(self.broker.config.frame_timeout_ms);
+        let deadline = Instant::now() + frame_timeout;
+        let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
+        match timeout_at(deadline, self.reader.read_exact(&mut header_bytes)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(Flow::Close),
+            Err(_) => return Err(self.frame_timed_out(0)),
+        }
+        let header = match FrameHeader::parse(&header_bytes) {
+            Ok(header) => header,
+            Err(error) => return Err(self.protocol_error(0, format!("bad frame header: {error}"))),
+        };
+        if !self.handshaken && header.frame_type != FrameType::Hello as u8 {
+            self.fail(header.correlation_id, ErrorCode::HandshakeRequired, "the first frame must be HELLO".into());
+            return Err(Flow::Close);
+        }
+        let body_len = header.body_len as u64;
+        let deadline = deadline + Duration::from_secs(body_len / FRAME_BYTES_PER_SECOND_MIN);
+        let body_bytes_max = protocol::body_bytes_max(header.frame_type, &self.broker.limits);
+        if header.body_len > body_bytes_max {
+            let is_publish =
+                header.frame_type == FrameType::Publish as u8 || header.frame_type == FrameType::PublishBatch as u8;
+            if !is_publish || header.body_len > FRAME_BODY_BYTES_HARD_MAX {
+                let message = format!(
+                    "frame type {:#04x} with a {}-byte body exceeds its limit of {} bytes",
+                    header.frame_type, header.body_len, body_bytes_max
+                );
+                return Err(self.protocol_error(header.correlation_id, message));
+            }
+            // Drain without buffering, then answer: the connection stays usable.
+            let mut body = (&mut self.reader).take(body_len);
+            match timeout_at(deadline, tokio::io::copy(&mut body, &mut tokio::io::sink())).await {
+                Ok(Ok(copied)) if copied == body_len => {}
+                Ok(_) => return Err(Flow::Close),
+                Err(_) => return Err(self.frame_timed_out(header.correlation_id)),
+            }
+            Stats::add(&self.broker.stats.publishes_rejected_too_large, 1);
+            let (code, message) = if header.frame_type == FrameType::Publish as u8 {
+                let limit = self.broker.limits.max_message_bytes;
+                (
+                    ErrorCode::MessageTooLarge,
+                    format!(
+                        "PUBLISH body of {body_len} bytes cannot hold a message within max_message_bytes = {limit}"
+                    ),
+                )
+            } else {
+                let limit = self.broker.limits.max_batch_bytes;
+                (
+                    ErrorCode::BatchTooLarge,
+                    format!("PUBLISH_BATCH body of {body_len} bytes exceeds max_batch_bytes = {limit}"),
+                )
+            };
+            return match self.respond(header.correlation_id, Response::Error { code: code as u16, message }).await {
+                Flow::Continue => Ok(None),
+                Flow::Close => Err(Flow::Close),
+            };
+        }
+        let mut body = vec![0u8; header.body_len as usize];
+        match timeout_at(deadline, self.reader.read_exact(&mut body)).await {
+            Ok(Ok(_)) => Ok(Some((header, Bytes::from(body)))),
+            Ok(Err(_)) => Err(Flow::Close),
+            Err(_) => Err(self.frame_timed_out(header.correlation_id)),
+        }
+    }
+
+    async fn handle(&mut self, correlation_id: u32, request: Request) -> Flow {
+        match request {
+            Request::Hello { version_min, version_max, client_name, auth_token } => {
+                self.hello(correlation_id, version_min, version_max, &client_name, &auth_token).await
+            }
+            Request::Ping => self.respond(correlation_id, Response::Pong).await,
+            Request::Publish { channel, producer, message } => {
+                self.publish(correlation_id, &channel, producer, vec![message]).await
+            }
+            Request::PublishBatch { channel, producer, messages } => {
+                let records_max = self.broker.limits.max_batch_records as usize;
+                if messages.len() > records_max {
+                    Stats::add(&self.broker.stats.publishes_rejected_too_large, 1);
+                    let message =
+                        format!("batch of {} records exceeds max_batch_records = {records_max}", messages.len());
+                    return self.error(correlation_id, ErrorCode::BatchTooLarge, message).await;
+                }
+                self.publish(correlation_id, &channel, producer, messages).await
+            }
+            Request::Subscribe { subscription_id, channel, start, durable_name, max_inflight } => {
+                self.subscribe(correlation_id, subscription_id, &channel, start, durable_name, max_inflight).await
+            }
+            Request::Ack { subscription_id, offset } => self.ack(correlation_id, subscription_id, offset).await,
+            Request::Unsubscribe { subscription_id } => match self.subscriptions.remove(&subscription_id) {
+                Some(subscription) => {
+                    subscription.cancel.cancel();
+                    self.respond(correlation_id, Response::Unsubscribed { subscription_id }).await
+                }
+                None => self.unknown_subscription(correlation_id, subscription_id).await,
+            },
+            Request::Fetch { channel, offset, max_messages, max_bytes } => {
+                self.fetch(correlation_id, &channel, offset, max_messages, max_bytes).await
+            }
+            Request::CreateChannel { channel, retention } => {
+                let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                let settings = ChannelSettings {
+                    retention_max_bytes: retention.max_bytes,
+                    retention_max_age_secs: retention.max_age_secs,
+                    retention_max_messages: retention.max_messages,
+                };
+                if [settings.retention_max_bytes, settings.retention_max_age_secs, settings.retention_max_messages]
+                    .contains(&Some(0))
+                {
+                    return self
+                        .error(correlation_id, ErrorCode::InvalidRequest, "retention limits must be at least 1".into())
+                        .await;
+                }
+                match self.broker.create_channel(&name, settings) {
+                    Ok(()) => self.respond(correlation_id, Response::ChannelCreated).await,
+                    Err(error) => self.storage_error(correlation_id, error).await,
+                }
+            }
+            Request::ListChannels => {
+                let channels = self.broker.channel_infos();
+                self.respond(correlation_id, Response::Channels { channels }).await
+            }
+        }
+    }
+
+    async fn hello(
+        &mut self,
+        correlation_id: u32,
+        version_min: u16,
+        version_max: u16,
+        client_name: &str,
+        auth_token: &[u8],
+    ) -> Flow {
+        if self.handshaken {
+            return self.protocol_error(correlation_id, "HELLO sent twice".into());
+        }
+        if !(version_min..=version_max).contains(&PROTOCOL_VERSION) {
+            let message = format!(
+                "client asked for protocol versions {version_min}..={version_max}; this server speaks {PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+            );
+            self.fail(correlation_id, ErrorCode::UnsupportedVersion, message);
+            return Flow::Close;
+        }
+        if let Some(expected) = &self.broker.config.auth_token
+            && expected.as_bytes() != auth_token
+        {
+            tracing::info!(peer = %self.peer, "refused a connection with a wrong auth token");
+            self.fail(correlation_id, ErrorCode::Unauthorized, "wrong or missing auth token".into());
+            return Flow::Close;
+        }
+        self.handshaken = true;
+        tracing::debug!(peer = %self.peer, client = client_name, "handshake complete");
+        let welcome = Response::Welcome {
+            version: PROTOCOL_VERSION,
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            limits: self.broker.limits,
+        };
+        self.respond(correlation_id, welcome).await
+    }
+
+    async fn publish(
+        &mut self,
+        correlation_id: u32,
+        channel: &str,
+        producer: Option<ProducerSequence>,
+        messages: Vec<Message>,
+    ) -> Flow {
+        let stats = Arc::clone(&self.broker.stats);
+        let Some(name) = self.channel_name(correlation_id, channel).await else {
+            Stats::add(&stats.publishes_rejected_invalid_channel, 1);
+            return Flow::Continue;
+        };
+        let message_bytes_max = self.broker.config.max_message_bytes as usize;
+        for (index, message) in messages.iter().enumerate() {
+            if let Err(error) = message.validate(message_bytes_max) {
+                Stats::add(&stats.publishes_rejected_too_large, 1);
+                return self
+                    .error(correlation_id, ErrorCode::MessageTooLarge, format!("message {index}: {error}"))
+                    .await;
+            }
+        }
+        let window = self.broker.limits.max_inflight_publishes;
+        if self.inflight_publishes.load(Ordering::Acquire) >= window {
+            Stats::add(&stats.publishes_rejected_inflight, 1);
+            let message =
+                format!("{window} publishes are already unanswered on this connection (max_inflight_publishes)");
+            return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
+        }
+        let handle = match self.broker.channel(&name) {
+            Ok(handle) => handle,
+            Err(ChannelError::Unknown) => {
+                let message = format!("channel {name} does not exist and auto_create_channels is off");
+                return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
+            }
+            Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
+        };
+        let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
+        let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
+        assert!(inflight <= window, "the publish window is checked before a slot is taken");
+        Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
+        let reply = Reply { permit, correlation_id, inflight: Arc::clone(&self.inflight_publishes) };
+        match handle.appends.try_send(AppendRequest { messages, producer, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(request)) => {
+                Stats::add(&stats.publishes_rejected_backpressure, 1);
+                request.reply.send(Response::Backpressure {
+                    channel: name.to_string(),
+                    reason: BackpressureReason::ChannelQueueFull,
+                    retry_after_ms: BACKPRESSURE_RETRY_AFTER_MS,
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(request)) => {
+                let message = "the broker is shutting down; nothing was stored".to_owned();
+                request.reply.send(Response::Error { code: ErrorCode::ShuttingDown as u16, message });
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn subscribe(
+        &mut self,
+        correlation_id: u32,
+        subscription_id: u32,
+        channel: &str,
+        start: StartPosition,
+        durable_name: Option<String>,
+        max_inflight: u32,
+    ) -> Flow {
+        let count_max = self.broker.limits.max_subscriptions_per_connection as usize;
+        if self.subscriptions.len() >= count_max {
+            let message =
+                format!("this connection already has max_subscriptions_per_connection = {count_max} subscriptions");
+            return self.error(correlation_id, ErrorCode::TooManySubscriptions, message).await;
+        }
+        if self.subscriptions.contains_key(&subscription_id) {
+            let message = format!("subscription id {subscription_id} is already in use on this connection");
+            return self.error(correlation_id, ErrorCode::SubscriptionExists, message).await;
+        }
+        if max_inflight == 0 {
+            return self
+                .error(correlation_id, ErrorCode::InvalidRequest, "max_inflight must be at least 1".into())
+                .await;
+        }
+        let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
+        let handle = match self.broker.channel(&name) {
+            Ok(handle) => handle,
+            Err(ChannelError::Unknown) => {
+                let message = format!("channel {name} does not exist and auto_create_channels is off");
+                return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
+            }
+            Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
+        };
+        let log = Arc::clone(&handle.log);
+        let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
+        let first_offset = match (stored, start) {
+            (Some(acked), _) => acked + 1,
+            (None, StartPosition::Earliest) => log.start_offset(),
+            (None, StartPosition::Latest) => log.next_offset(),
+            (None, StartPosition::Offset(offset)) => {
+                let (start, next) = (log.start_offset(), log.next_offset());
+                if offset < start || offset > next {
+                    let message =
+                        format!("offset {offset} is out of range for channel {name}: it holds offsets {start}..{next}");
+                    return self.error(correlation_id, ErrorCode::OffsetOutOfRange, message).await;
+                }
+                offset
+            }
+            (None, StartPosition::TimeUs(time_us)) => match log.offset_for_time(time_us) {
+                Ok(offset) => offset,
+                Err(error) => return self.storage_error(correlation_id, error).await,
+            },
+        };
+        if let Some(durable) = &durable_name
+            && stored.is_none()
+            && first_offset > 0
+            && let Err(error) = self.broker.offsets.record(name.as_str(), durable, first_offset - 1)
+        {
+            return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
+        }
+        let status = Arc::new(SubscriptionStatus {
+            channel: name.clone(),
+            durable_name: durable_name.clone(),
+            next_offset: AtomicU64::new(first_offset),
+            ack_floor: AtomicU64::new(first_offset),
+        });
+        let (ack_sender, ack_floor) = watch::channel(first_offset);
+        let cancel = self.cancel.child_token();
+        if let Flow::Close = self.respond(correlation_id, Response::Subscribed { subscription_id, first_offset }).await
+        {
+            return Flow::Close;
+        }
+        let config = &self.broker.config;
+        let subscription = Subscription {
+            subscription_id,
+            log,
+            tail: handle.tail.clone(),
+            ack_floor,
+            next_offset: first_offset,
+            window: (max_inflight as u64).min(config.max_inflight_deliveries),
+            delivery_batch_bytes: config.delivery_batch_bytes as usize,
+            lag_notice_threshold: config.lag_notice_threshold,
+            notice_interval: Duration::from_millis(config.notice_interval_ms),
+            deliveries: self.deliveries.clone(),
+            cancel: cancel.clone(),
+            status: Arc::clone(&status),
+            stats: Arc::clone(&self.broker.stats),
+            _registration: self.broker.register_subscription(Arc::clone(&status)),
+            skip_floor: 0,
+        };
+        tokio::spawn(subscription.run());
+        self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, ack_floor: ack_sender, status });
+        Flow::Continue
+    }
+
+    async fn ack(&mut self, correlation_id: u32, subscription_id: u32, offset: u64) -> Flow {
+        let Some(subscription) = self.subscriptions.get(&subscription_id) else {
+            return self.unknown_subscription(correlation_id, subscription_id).await;
+        };
+        // Acks are cumulative and can only cover what was delivered.
+        let delivered_end = subscription.status.next_offset.load(Ordering::Relaxed);
+        let floor = offset.saturating_add(1).min(delivered_end);
+        let moved = subscription.ack_floor.send_if_modified(|current| {
+            let moved = floor > *current;
+            if moved {
+                *current = floor;
+            }
+            moved
+        });
+        if moved {
+            subscription.status.ack_floor.store(floor, Ordering::Relaxed);
+            if let Some(durable) = &subscription.status.durable_name
+                && let Err(error) = self.broker.offsets.record(subscription.status.channel.as_str(), durable, floor - 1)
+            {
+                return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn fetch(
+        &mut self,
+        correlation_id: u32,
+        channel: &str,
+        offset: u64,
+        max_messages: u32,
+        max_bytes: u32,
+    ) -> Flow {
+        let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
+        let Some(log) = self.broker.store.channel(&name) else {
+            return self
+                .error(correlation_id, ErrorCode::UnknownChannel, format!("channel {name} does not exist"))
+                .await;
+        };
+        let config = &self.broker.config;
+        let max_bytes = (max_bytes as u64).min(config.delivery_batch_bytes) as usize;
+        let max_records = (max_messages as u64).min(config.max_inflight_deliveries);
+        match log.read_bounded(offset, max_bytes.max(1), max_records) {
+            Ok(batch) => {
+                let response = Response::FetchResult {
+                    next_offset: batch.next_offset,
+                    count: batch.count as u32,
+                    records: Bytes::new(),
+                };
+                let mut head = response.encode_head(correlation_id);
+                let length = (head.len() - 4 + batch.records.len()) as u32;
+                head[..4].copy_from_slice(&length.to_be_bytes());
+                self.send(Outbound::Records { head, records: batch.records }).await
+            }
+            Err(error) => self.storage_error(correlation_id, error).await,
+        }
+    }
+
+    async fn channel_name(&mut self, correlation_id: u32, channel: &str) -> Option<ChannelName> {
+        match ChannelName::new(channel) {
+            Ok(name) => Some(name),
+            Err(error) => {
+                let _ = self.error(correlation_id, ErrorCode::InvalidChannelName, error.to_string()).await;
+                None
+            }
+        }
+    }
+
+    async fn storage_error(&mut self, correlation_id: u32, error: StorageError) -> Flow {
+        let code = match &error {
+            StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            StorageError::InvalidChannelName(_) => ErrorCode::InvalidChannelName,
+            StorageError::UnknownChannel { .. } => ErrorCode::UnknownChannel,
+            StorageError::ChannelExists { .. } => ErrorCode::ChannelExists,
+            StorageError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
+            _ => ErrorCode::StorageError,
+        };
+        self.error(correlation_id, code, error.to_string()).await
+    }
+
+    async fn unknown_subscription(&mut self, correlation_id: u32, subscription_id: u32) -> Flow {
+        let message = format!("no subscription {subscription_id} on this connection");
+        self.error(correlation_id, ErrorCode::UnknownSubscription, message).await
+    }
+
+    async fn error(&mut self, correlation_id: u32, code: ErrorCode, message: String) -> Flow {
+        self.respond(correlation_id, Response::Error { code: code as u16, message }).await
+    }
+
+    async fn respond(&mut self, correlation_id: u32, response: Response) -> Flow {
+        self.send(Outbound::Frame(response.encode(correlation_id))).await
+    }
+
+    async fn send(&mut self, outbound: Outbound) -> Flow {
+        match self.responses.send(outbound).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+
+    /// Answers a violation that ends the connection.
+    fn protocol_error(&mut self, correlation_id: u32, message: String) -> Flow {
+        Stats::add(&self.broker.stats.protocol_errors, 1);
+        tracing::debug!(peer = %self.peer, %message, "protocol error; closing the connection");
+        self.fail(correlation_id, ErrorCode::ProtocolError, message);
+        Flow::Close
+    }
+
+    fn frame_timed_out(&mut self, correlation_id: u32) -> Flow {
+        let limit = self.broker.config.frame_timeout_ms;
+        self.protocol_error(correlation_id, format!("frame not completed within frame_timeout_ms = {limit}"))
+    }
+
+    /// Queues a last error without waiting: the connection is closing, and
+    /// a client that does not read must not hold it open.
+    fn fail(&mut self, correlation_id: u32, code: ErrorCode, message: String) {
+        let frame = Response::Error { code: code as u16, message }.encode(correlation_id);
+        let _ = self.responses.try_send(Outbound::Frame(frame));
+    }
+}
+
+/// Sends answers (first) and deliveries to the socket, flushing whenever
+/// both queues are empty. Ends when every sender is gone, or when a write
+/// stalls past `write_timeout` (a peer that does not read).
+async fn write_loop(
+    write_half: OwnedWriteHalf,
+    mut responses: mpsc::Receiver<Outbound>,
+    mut deliveries: mpsc::Receiver<Outbound>,
+    write_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+    let (mut responses_open, mut deliveries_open) = (true, true);
+    loop {
+        let item = tokio::select! {
+            biased;
+            item = responses.recv(), if responses_open => match item {
+                Some(item) => item,
+                None => { responses_open = false; continue; }
+            },
+            item = deliveries.recv(), if deliveries_open => match item {
+                Some(item) => item,
+                None => { deliveries_open = false; continue; }
+            },
+            else => break,
+        };
+        let written = timeout(write_timeout, async {
+            match item {
+                Outbound::Frame(frame) => writer.write_all(&frame).await?,
+                Outbound::Records { head, records } => {
+                    writer.write_all(&head).await?;
+                    writer.write_all(&records).await?;
+                }
+            }
+            if responses.is_empty() && deliveries.is_empty() {
+                writer.flush().await?;
+            }
+            std::io::Result::Ok(())
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            // The peer is gone or not reading: stop the whole connection.
+            cancel.cancel();
+            return;
+        }
+    }
+    let _ = timeout(write_timeout, async {
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}

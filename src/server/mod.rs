@@ -1,0 +1,231 @@
+//! The broker server: a tokio TCP listener speaking weir's protocol over
+//! the storage engine.
+//!
+//! - `broker`: state shared by connections (channels, limits, counters).
+//! - `connection`: one client: framing under limits, requests, answers.
+//! - `channel_writer`: one task per channel, the group commit.
+//! - `subscription`: one task per subscription, a cursor and a window.
+//! - `offsets`: durable subscription offsets in an internal log.
+//!
+//! Shutdown (after mini-redis): a cancellation token stops the accept loop
+//! and every connection's reader at a frame boundary; each connection then
+//! sends every answer it owes; the channel writers drain their queues; the
+//! store syncs and closes.
+
+mod broker;
+mod channel_writer;
+mod connection;
+pub mod offsets;
+mod stats;
+mod subscription;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use stats::Stats;
+
+use crate::config::Config;
+use crate::storage::fs::{FileSystem, StdFileSystem};
+use crate::storage::{Maintenance, StorageError, Store};
+use broker::Broker;
+use offsets::{DurableOffsets, OFFSET_COMMIT_INTERVAL};
+
+/// Something queued for a connection's socket.
+pub(crate) enum Outbound {
+    Frame(Vec<u8>),
+    /// A frame head followed by record bytes shared with a memory map.
+    Records {
+        head: Vec<u8>,
+        records: Bytes,
+    },
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a server task failed: {0}")]
+    Task(String),
+}
+
+/// A running server.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Starts a graceful shutdown; [`ServerHandle::wait`] returns when done.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// A token that shuts the server down when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the server to stop.
+    ///
+    /// # Errors
+    /// The final sync failed, or a server task panicked.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(error) => Err(ServerError::Task(error.to_string())),
+        }
+    }
+
+    /// Shuts down and waits.
+    ///
+    /// # Errors
+    /// As [`ServerHandle::wait`].
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown();
+        self.wait().await
+    }
+}
+
+/// Validates `config`, opens (recovers) the data directory, binds
+/// `listen_addr` and starts serving.
+///
+/// # Errors
+/// Invalid configuration, a data directory that cannot be opened, or an
+/// address that cannot be bound.
+pub async fn start(config: Config) -> Result<ServerHandle, ServerError> {
+    start_with_fs(config, Arc::new(StdFileSystem)).await
+}
+
+/// As [`start`], over a given file system implementation.
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    let store_config = config.store_config();
+    let default_log = store_config.default_log.clone();
+    let (store, offsets) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
+        let store = Store::open(store_config, Arc::clone(&fs))?;
+        let offsets = DurableOffsets::open(fs, store.data_dir(), &default_log)?;
+        Ok((store, offsets))
+    })
+    .await
+    .map_err(|error| ServerError::Task(error.to_string()))??;
+    let listener = TcpListener::bind(&config.listen_addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.listen_addr.clone(), source })?;
+    let local_addr =
+        listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen_addr.clone(), source })?;
+    let store = Arc::new(store);
+    let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets));
+    let shutdown = CancellationToken::new();
+    let stats = Arc::clone(&broker.stats);
+    tracing::info!(%local_addr, limits = ?broker.limits, fsync = ?broker.config.fsync, "weir is listening");
+    let task = tokio::spawn(run(broker, listener, shutdown.clone()));
+    Ok(ServerHandle { local_addr, shutdown, stats, task })
+}
+
+async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let mut maintenance = Maintenance::start(Arc::clone(&broker.store));
+    let committer = tokio::spawn(commit_offsets(Arc::clone(&broker), shutdown.clone()));
+    let connections = TaskTracker::new();
+    let max_connections = broker.config.max_connections;
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                Stats::add(&broker.stats.connections_accepted, 1);
+                match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(permit) => {
+                        connections.spawn(connection::serve(Arc::clone(&broker), socket, shutdown.clone(), permit));
+                    }
+                    Err(_) => {
+                        Stats::add(&broker.stats.connections_refused, 1);
+                        tracing::warn!(%peer, max_connections, "refused a connection: at max_connections");
+                        connections.spawn(connection::refuse(socket, max_connections));
+                    }
+                }
+            }
+            Err(error) => {
+                // Out of file descriptors, typically: back off, do not spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; answering in-flight requests");
+    connections.close();
+    let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
+    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = connections.len(),
+            "connections still open after shutdown_timeout_ms; closing anyway"
+        );
+    }
+    broker.stop_writers().await;
+    let _ = committer.await;
+    maintenance.stop();
+    let closing = Arc::clone(&broker);
+    let closed = tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+        closing.offsets.close()?;
+        closing.store.close()
+    })
+    .await
+    .map_err(|error| ServerError::Task(error.to_string()))?;
+    closed?;
+    tracing::info!("shutdown complete: every segment synced");
+    Ok(())
+}
+
+/// Writes acknowledged durable offsets every [`OFFSET_COMMIT_INTERVAL`].
+async fn commit_offsets(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(OFFSET_COMMIT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let committing = Arc::clone(&broker);
+        let committed = tokio::task::spawn_blocking(move || committing.offsets.commit()).await;
+        if let Ok(Err(error)) = committed {
+            tracing::error!(%error, "could not store durable offsets; retrying");
+        }
+    }
+}

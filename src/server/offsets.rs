@@ -1,0 +1,240 @@
+//! Durable subscription offsets: the last acknowledged offset per (channel,
+//! durable name), kept in an internal log in the same format as channels
+//! (`<data_dir>/system/offsets`) and compacted when the broker opens it.
+//!
+//! Acks update memory at once; a background task appends the changed
+//! entries as one batch every [`OFFSET_COMMIT_INTERVAL`], and shutdown
+//! appends the rest. A crash can therefore lose up to that interval of
+//! acks, which only means redelivery (at-least-once), never loss.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::storage::fs::FileSystem;
+use crate::storage::{ChannelLog, ChannelName, LogConfig, Message, RetentionPolicy, StorageError};
+
+/// How often acknowledged offsets are written to the internal log.
+pub const OFFSET_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Most durable subscriptions the broker remembers.
+pub const DURABLE_SUBSCRIPTIONS_MAX: usize = 100_000;
+/// The internal log is rewritten on open when it holds more than this many
+/// records per live entry.
+const COMPACTION_RATIO: u64 = 4;
+
+type Key = (String, String);
+
+/// The durable offsets of every channel.
+pub struct DurableOffsets {
+    log: Mutex<Arc<ChannelLog>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    offsets: HashMap<Key, u64>,
+    dirty: HashSet<Key>,
+}
+
+/// Why a durable subscription cannot be registered.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker already tracks {count_max} durable subscriptions (DURABLE_SUBSCRIPTIONS_MAX)")]
+pub struct TooManyDurables {
+    pub count_max: usize,
+}
+
+fn encode_key(channel: &str, name: &str) -> Bytes {
+    Bytes::from(format!("{channel}\n{name}"))
+}
+
+fn decode_entry(key: &[u8], payload: &[u8]) -> Option<(Key, u64)> {
+    let text = std::str::from_utf8(key).ok()?;
+    let (channel, name) = text.split_once('\n')?;
+    let offset = u64::from_be_bytes(payload.try_into().ok()?);
+    Some(((channel.to_owned(), name.to_owned()), offset))
+}
+
+impl DurableOffsets {
+    /// Opens (and compacts) the internal log under `data_dir`.
+    ///
+    /// # Errors
+    /// The internal log cannot be opened or read.
+    pub fn open(
+        fs: Arc<dyn FileSystem>,
+        data_dir: &Path,
+        base_config: &LogConfig,
+    ) -> Result<DurableOffsets, StorageError> {
+        let dir = data_dir.join("system").join("offsets");
+        let old_dir = dir.with_extension("old");
+        if !dir.exists() && old_dir.exists() {
+            // A crash between the two renames of a compaction: the old log
+            // is whole, the new one may not be.
+            std::fs::rename(&old_dir, &dir).map_err(|source| StorageError::Io { path: old_dir.clone(), source })?;
+        }
+        let config = LogConfig {
+            segment_bytes: 16 * 1024 * 1024,
+            retention: RetentionPolicy::default(),
+            max_message_bytes: 1024,
+            ..base_config.clone()
+        };
+        let name = ChannelName::new("offsets").map_err(StorageError::from)?;
+        let log = ChannelLog::open(Arc::clone(&fs), &dir, name.clone(), config.clone())?;
+        let offsets = read_all(&log)?;
+        let records = log.next_offset() - log.start_offset();
+        let log = if records > COMPACTION_RATIO * (offsets.len() as u64) + 1024 {
+            compact(&fs, &dir, log, name, config, &offsets)?
+        } else {
+            log
+        };
+        tracing::info!(durable_subscriptions = offsets.len(), "durable offsets loaded");
+        Ok(DurableOffsets {
+            log: Mutex::new(Arc::new(log)),
+            state: Mutex::new(State { offsets, dirty: HashSet::new() }),
+        })
+    }
+
+    /// The last acknowledged offset of a durable subscription.
+    pub fn get(&self, channel: &str, name: &str) -> Option<u64> {
+        self.lock().offsets.get(&(channel.to_owned(), name.to_owned())).copied()
+    }
+
+    /// Records an acknowledgement (kept in memory until the next commit).
+    /// Offsets only move forward.
+    ///
+    /// # Errors
+    /// `TooManyDurables` when this is a new name past the limit.
+    pub fn record(&self, channel: &str, name: &str, offset: u64) -> Result<(), TooManyDurables> {
+        let mut state = self.lock();
+        let key = (channel.to_owned(), name.to_owned());
+        if !state.offsets.contains_key(&key) && state.offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
+            return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
+        }
+        let entry = state.offsets.entry(key.clone()).or_insert(offset);
+        if offset >= *entry {
+            *entry = offset;
+            state.dirty.insert(key);
+        }
+        Ok(())
+    }
+
+    /// All durable offsets of `channel`, by name.
+    pub fn for_channel(&self, channel: &str) -> BTreeMap<String, u64> {
+        self.lock().offsets.iter().filter(|((c, _), _)| c == channel).map(|((_, n), &o)| (n.clone(), o)).collect()
+    }
+
+    /// Appends every changed entry as one batch (and syncs it under the
+    /// broker's fsync policy). Blocking: call from a blocking context.
+    ///
+    /// # Errors
+    /// The append failed; the entries stay dirty for the next attempt.
+    pub fn commit(&self) -> Result<(), StorageError> {
+        let entries: Vec<(Key, u64)> = {
+            let mut state = self.lock();
+            let dirty: Vec<Key> = state.dirty.drain().collect();
+            dirty.into_iter().filter_map(|key| state.offsets.get(&key).map(|&offset| (key, offset))).collect()
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let messages: Vec<Message> = entries
+            .iter()
+            .map(|((channel, name), offset)| Message {
+                key: encode_key(channel, name),
+                payload: Bytes::copy_from_slice(&offset.to_be_bytes()),
+                ..Message::default()
+            })
+            .collect();
+        let log = Arc::clone(&self.log.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(error) = log.append_batch(&messages) {
+            let mut state = self.lock();
+            state.dirty.extend(entries.into_iter().map(|(key, _)| key));
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Commits what is left and syncs the internal log.
+    ///
+    /// # Errors
+    /// The final append or sync failed.
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.commit()?;
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).close()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
+    let mut offsets = HashMap::new();
+    let mut next = log.start_offset();
+    loop {
+        let batch = log.read(next, 1 << 20)?;
+        if batch.count == 0 {
+            return Ok(offsets);
+        }
+        for record in batch.iter() {
+            let record = record.map_err(|reason| StorageError::Corrupt {
+                path: PathBuf::from("system/offsets"),
+                position: 0,
+                reason,
+            })?;
+            match decode_entry(&record.key, &record.payload) {
+                Some((key, offset)) => {
+                    offsets.insert(key, offset);
+                }
+                None => tracing::warn!(offset = record.offset, "ignoring a malformed durable offset record"),
+            }
+        }
+        next = batch.next_offset;
+    }
+}
+
+/// Rewrites the internal log with one record per live entry: write a new
+/// log beside it, then swap directories.
+fn compact(
+    fs: &Arc<dyn FileSystem>,
+    dir: &Path,
+    log: ChannelLog,
+    name: ChannelName,
+    config: LogConfig,
+    offsets: &HashMap<Key, u64>,
+) -> Result<ChannelLog, StorageError> {
+    let fresh_dir = dir.with_extension("compacting");
+    let old_dir = dir.with_extension("old");
+    for leftover in [&fresh_dir, &old_dir] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).map_err(|source| StorageError::Io { path: leftover.clone(), source })?;
+        }
+    }
+    {
+        let fresh = ChannelLog::open(Arc::clone(fs), &fresh_dir, name.clone(), config.clone())?;
+        let messages: Vec<Message> = offsets
+            .iter()
+            .map(|((channel, durable), offset)| Message {
+                key: encode_key(channel, durable),
+                payload: Bytes::copy_from_slice(&offset.to_be_bytes()),
+                ..Message::default()
+            })
+            .collect();
+        for chunk in messages.chunks(10_000) {
+            fresh.append_batch(chunk)?;
+        }
+        fresh.close()?;
+    }
+    drop(log);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StorageError::Io { path, source }
+    };
+    std::fs::rename(dir, &old_dir).map_err(io(dir))?;
+    std::fs::rename(&fresh_dir, dir).map_err(io(&fresh_dir))?;
+    std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;
+    tracing::info!(entries = offsets.len(), "compacted the durable offsets log");
+    ChannelLog::open(Arc::clone(fs), dir, name, config)
+}
