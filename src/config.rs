@@ -39,7 +39,10 @@ pub const MAX_CONNECTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
 pub const MAX_SUBSCRIPTIONS_RANGE: RangeInclusive<u64> = 1..=4096;
 /// Allowed range of `max_batch_bytes` (the advertised frame limit is derived
 /// from it and must fit in a u32 with room to spare).
-pub const MAX_BATCH_BYTES_RANGE: RangeInclusive<u64> = KIB..=256 * MIB;
+pub const MAX_BATCH_BYTES_RANGE: RangeInclusive<u64> = KIB..=64 * MIB;
+// A whole batch, encoded as records (at most 25 bytes more per message than
+// on the wire), must fit in one storage append.
+const _: () = assert!((64 * MIB + 1_000_000 * 25) as usize <= crate::storage::APPEND_BATCH_BYTES_MAX);
 /// Allowed range of `max_batch_records`.
 pub const MAX_BATCH_RECORDS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 /// Allowed range of `channel_queue_depth`.
@@ -390,7 +393,7 @@ mod tests {
 
     #[test]
     fn limits_are_accepted_at_the_bound_and_refused_past_it() {
-        let batch = "max_batch_bytes = 268435456\n";
+        let batch = "max_batch_bytes = 67108864\n";
         assert!(Config::parse(&format!("{batch}max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());
         assert!(Config::parse(&format!("{batch}max_message_bytes = {}", MESSAGE_BYTES_LIMIT + 1)).is_err());
         let error = Config::parse("max_batch_bytes = 1024\nmax_message_bytes = 1025").unwrap_err().to_string();

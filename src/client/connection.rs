@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::ClientError;
 use crate::protocol::{FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response};
@@ -104,8 +105,9 @@ impl Connection {
         let routes: Routes = Arc::default();
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
         let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
-        tokio::spawn(write_loop(writer, command_rx, Arc::clone(&pending), heartbeat));
-        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes)));
+        let closed = CancellationToken::new();
+        tokio::spawn(write_loop(writer, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
+        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes), closed));
         Ok(Connection { commands, routes, limits, server_version, next_subscription_id: Arc::new(AtomicU32::new(1)) })
     }
 
@@ -144,6 +146,19 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Disconnected)?;
         Ok(answer)
+    }
+
+    /// Sends a request and returns a receiver for its answer without
+    /// waiting for it: keep several requests in flight, then await each.
+    /// The broker's limits (e.g. `max_inflight_publishes`) apply.
+    ///
+    /// # Errors
+    /// The connection is gone.
+    pub async fn send_request_pipelined(
+        &self,
+        request: Request,
+    ) -> Result<oneshot::Receiver<Result<Response, ClientError>>, ClientError> {
+        self.send_request(request).await
     }
 
     /// Sends a request that has no answer (ACK).
@@ -188,15 +203,21 @@ async fn read_response(reader: &mut BufReader<OwnedReadHalf>) -> Result<(u32, Re
     Ok((header.correlation_id, response))
 }
 
+/// Writes requests until the commands end or the reader finds the
+/// connection closed (`closed`); then every request still queued or newly
+/// sent fails with `Disconnected` instead of waiting for an answer that
+/// cannot come.
 async fn write_loop(
     mut writer: BufWriter<OwnedWriteHalf>,
     mut commands: mpsc::Receiver<Command>,
     pending: Pending,
     heartbeat: Duration,
+    closed: CancellationToken,
 ) {
     let mut correlation_id = 0u32;
     loop {
         let command = tokio::select! {
+            () = closed.cancelled() => break,
             command = commands.recv() => command,
             () = tokio::time::sleep(heartbeat) => Some(Command::Request { request: Request::Ping, reply: None }),
         };
@@ -204,6 +225,12 @@ async fn write_loop(
         correlation_id = correlation_id.wrapping_add(1).max(1);
         if let Some(reply) = reply {
             pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
+            // The reader cancels `closed` before it fails what is pending:
+            // a request registered after that is failed here.
+            if closed.is_cancelled() {
+                fail_pending(&pending);
+                break;
+            }
         }
         let frame = request.encode(correlation_id);
         let written = async {
@@ -217,10 +244,25 @@ async fn write_loop(
             break;
         }
     }
+    // Dropping the receiver makes later sends fail at once; requests still
+    // queued are dropped, which their callers see as `Disconnected`.
+    commands.close();
+    while let Ok(Command::Request { reply, .. }) = commands.try_recv() {
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(ClientError::Disconnected));
+        }
+    }
     let _ = writer.shutdown().await;
 }
 
-async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, routes: Routes) {
+fn fail_pending(pending: &Pending) {
+    let waiting: Vec<_> = pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    for (_, reply) in waiting {
+        let _ = reply.send(Err(ClientError::Disconnected));
+    }
+}
+
+async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, routes: Routes, closed: CancellationToken) {
     let mut last_error: Option<ClientError> = None;
     let failure = loop {
         let (correlation_id, response) = match read_response(&mut reader).await {
@@ -256,10 +298,8 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, route
         }
     };
     tracing::debug!(error = %failure, "connection closed");
-    let waiting: Vec<_> = pending.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-    for (_, reply) in waiting {
-        let _ = reply.send(Err(ClientError::Disconnected));
-    }
+    closed.cancel();
+    fail_pending(&pending);
     let error = last_error.unwrap_or(ClientError::Disconnected);
     let senders: Vec<_> = routes.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
     for sender in senders {

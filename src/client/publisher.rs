@@ -18,7 +18,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::ClientError;
 use super::connection::Connection;
-use crate::protocol::{ErrorCode, ProducerSequence, Request, Response};
+use crate::protocol::{ErrorCode, ProducerSequence, Request, Response, wire};
 use crate::storage::Message;
 use crate::storage::record::KEY_BYTES_MAX;
 
@@ -120,6 +120,7 @@ impl Publisher {
             requests: JoinSet::new(),
             next_batch_id: 0,
             batching,
+            held: None,
         };
         let task = tokio::spawn(state.run(queued));
         Ok(Publisher { queue, task, message_bytes_max: limits.max_message_bytes as usize })
@@ -193,6 +194,8 @@ struct PublishTask {
     requests: JoinSet<(u64, Outcome)>,
     next_batch_id: u64,
     batching: Batching,
+    /// A message taken from the queue that did not fit in the last batch.
+    held: Option<Queued>,
 }
 
 impl PublishTask {
@@ -207,10 +210,16 @@ impl PublishTask {
                 self.recover().await;
                 continue;
             }
-            if !open && self.pending.is_empty() {
+            if !open && self.pending.is_empty() && self.held.is_none() {
                 return;
             }
-            let can_send = open && !recovering && self.requests.len() < self.batching.window;
+            let can_send = !recovering && self.requests.len() < self.batching.window;
+            if can_send && let Some(first) = self.held.take() {
+                let batch = self.gather(first, &mut queued).await;
+                self.send(batch).await;
+                continue;
+            }
+            let can_send = can_send && open;
             tokio::select! {
                 Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => {
                     if let Ok((id, outcome)) = joined {
@@ -228,12 +237,16 @@ impl PublishTask {
         }
     }
 
-    async fn gather(&self, first: Queued, queued: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
-        let mut bytes = first.message.encoded_len();
+    /// A batch starting with `first`: as many queued messages as fit in
+    /// the broker's `max_batch_bytes` (counted as the PUBLISH_BATCH body) and
+    /// `max_batch_records`. A message that does not fit is held for the next
+    /// batch.
+    async fn gather(&mut self, first: Queued, queued: &mut mpsc::Receiver<Queued>) -> Vec<Queued> {
+        let mut bytes = batch_overhead_bytes(&self.channel) + wire::message_wire_len(&first.message);
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + self.options.linger;
-        while batch.len() < self.batching.max_messages && bytes < self.batching.max_bytes {
-            let next = match queued.try_recv() {
+        while batch.len() < self.batching.max_messages {
+            let next = match self.held.take().map(Ok).unwrap_or_else(|| queued.try_recv()) {
                 Ok(next) => next,
                 Err(_) if self.options.linger.is_zero() => break,
                 Err(_) => match tokio::time::timeout_at(deadline, queued.recv()).await {
@@ -241,7 +254,12 @@ impl PublishTask {
                     _ => break,
                 },
             };
-            bytes += next.message.encoded_len();
+            let next_bytes = wire::message_wire_len(&next.message);
+            if bytes + next_bytes > self.batching.max_bytes {
+                self.held = Some(next);
+                break;
+            }
+            bytes += next_bytes;
             batch.push(next);
         }
         batch
@@ -373,6 +391,12 @@ impl PublishTask {
         }
         Err(last_error)
     }
+}
+
+/// PUBLISH_BATCH body bytes besides the messages: channel, producer fields
+/// and record count.
+fn batch_overhead_bytes(channel: &str) -> usize {
+    1 + channel.len() + 1 + 16 + 4
 }
 
 fn fail(batch: Batch, error: &ClientError) {

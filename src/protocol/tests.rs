@@ -206,3 +206,52 @@ fn a_length_below_the_header_is_rejected() {
     header[3] = 4;
     assert!(FrameHeader::parse(&header).is_err());
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn worked_example_in_protocol_md_matches_the_codec() {
+    let hello = Request::Hello { version_min: 1, version_max: 1, client_name: "cli".into(), auth_token: Bytes::new() };
+    assert_eq!(hex(&hello.encode(1)), "00 00 00 10 01 00 00 00 01 00 01 00 01 00 03 63 6c 69 00 00");
+    let welcome = Response::Welcome {
+        version: 1,
+        server_version: "0.1.0".into(),
+        limits: Limits {
+            max_message_bytes: 1048576,
+            max_frame_bytes: 8388608,
+            max_batch_bytes: 8388608,
+            max_batch_records: 10000,
+            max_inflight_publishes: 1024,
+            max_inflight_deliveries: 4096,
+            max_subscriptions_per_connection: 64,
+            heartbeat_interval_ms: 10000,
+            idle_timeout_ms: 30000,
+        },
+    };
+    assert_eq!(
+        hex(&welcome.encode(1)),
+        "00 00 00 32 81 00 00 00 01 00 01 00 05 30 2e 31 2e 30 00 10 00 00 00 80 00 00 00 80 00 00 00 00 27 10 \
+         00 00 04 00 00 00 10 00 00 00 00 40 00 00 27 10 00 00 75 30"
+    );
+    let publish =
+        Request::Publish { channel: "orders".into(), producer: None, message: Message::from_payload("hello") };
+    assert_eq!(
+        hex(&publish.encode(2)),
+        "00 00 00 1a 03 00 00 00 02 06 6f 72 64 65 72 73 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
+    );
+    let ack = Response::PublishAck { first_offset: 0, count: 1, timestamp_us: 1795320000000000, duplicate: false };
+    assert_eq!(
+        hex(&ack.encode(2)),
+        "00 00 00 1a 83 00 00 00 02 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
+    );
+    let mut record = Vec::new();
+    crate::storage::record::encode(&mut record, 0, 1795320000000000, &Message::from_payload("hello"));
+    let deliver = Response::Deliver { subscription_id: 1, count: 1, records: Bytes::from(record) };
+    assert_eq!(
+        hex(&deliver.encode(0)),
+        "00 00 00 33 87 00 00 00 00 00 00 00 01 00 00 00 01 00 00 00 22 c0 58 8f e0 00 00 00 00 00 00 00 00 00 06 \
+         60 d5 82 db b0 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
+    );
+}

@@ -16,6 +16,10 @@ use crate::config::Config;
 use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, SubscriptionInfo};
 use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError, Store};
 
+/// The least a group commit may gather, whatever `max_batch_bytes` is.
+const GROUP_COMMIT_BYTES_MIN: usize = 8 * 1024 * 1024;
+const _: () = assert!(GROUP_COMMIT_BYTES_MIN <= crate::storage::APPEND_BATCH_BYTES_MAX);
+
 /// A channel as the server sees it: its log, the queue into its writer,
 /// and the watch that wakes its caught-up subscribers.
 pub(crate) struct ChannelHandle {
@@ -109,7 +113,9 @@ impl Broker {
         let (appends, requests) = mpsc::channel(self.config.channel_queue_depth as usize);
         let (tail_sender, tail) = watch::channel(log.next_offset());
         let limits = WriterLimits {
-            group_bytes_max: self.config.max_batch_bytes as usize,
+            // One group commit gathers about one maximal batch: enough to
+            // share a sync widely, small enough to keep its latency short.
+            group_bytes_max: (self.config.max_batch_bytes as usize).max(GROUP_COMMIT_BYTES_MIN),
             dedup_window: self.config.dedup_window as usize,
             max_producers: self.config.max_producers as usize,
         };

@@ -87,18 +87,37 @@ pub(crate) async fn run(
     let mut producers: HashMap<u64, ProducerState> = HashMap::new();
     let mut clock = 0u64;
     let mut group = Vec::new();
-    while let Some(first) = requests.recv().await {
-        let mut group_bytes: usize = first.messages.iter().map(Message::encoded_len).sum();
+    let mut held: Option<AppendRequest> = None;
+    loop {
+        let first = match held.take() {
+            Some(first) => first,
+            None => match requests.recv().await {
+                Some(first) => first,
+                None => break,
+            },
+        };
+        // A group never exceeds group_bytes_max (in encoded bytes) unless a
+        // single request does; a request that does not fit waits for the
+        // next group.
+        let mut group_bytes = encoded_len(&first);
         group.push(first);
-        while group_bytes < limits.group_bytes_max {
-            let Ok(next) = requests.try_recv() else { break };
-            group_bytes += next.messages.iter().map(Message::encoded_len).sum::<usize>();
+        while let Ok(next) = requests.try_recv() {
+            let next_bytes = encoded_len(&next);
+            if group_bytes + next_bytes > limits.group_bytes_max {
+                held = Some(next);
+                break;
+            }
+            group_bytes += next_bytes;
             group.push(next);
         }
         clock += 1;
         commit_group(&log, &mut group, &mut producers, clock, limits, &stats).await;
         let _ = tail.send(log.next_offset());
     }
+}
+
+fn encoded_len(request: &AppendRequest) -> usize {
+    request.messages.iter().map(Message::encoded_len).sum()
 }
 
 async fn commit_group(

@@ -67,11 +67,14 @@ impl Subscription {
                         records: batch.records.clone(),
                     };
                     let head = response.encode_head(0);
+                    // Published before the frame is queued: a client may ack
+                    // a record the moment it arrives, and an ack counts only
+                    // up to what this says was delivered.
+                    self.next_offset = batch.next_offset;
+                    self.status.next_offset.store(self.next_offset, Ordering::Relaxed);
                     if !self.send(Outbound::Records { head, records: batch.records }).await {
                         return;
                     }
-                    self.next_offset = batch.next_offset;
-                    self.status.next_offset.store(self.next_offset, Ordering::Relaxed);
                     if !self.maybe_notify_lag(&mut last_notice).await {
                         return;
                     }

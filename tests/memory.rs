@@ -1,0 +1,119 @@
+//! A subscriber that never acknowledges costs the broker a cursor, not
+//! memory: the broker process is run as a child (`weir serve`) so that its
+//! own resident memory can be read from /proc while a publisher sends
+//! 1 GiB through it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
+use weir::protocol::{Request, Response, StartPosition};
+use weir::storage::Message;
+
+const TOTAL_BYTES: u64 = 1 << 30;
+const MESSAGE_BYTES: usize = 64 * 1024;
+const BATCH_MESSAGES: usize = 64;
+const RESIDENT_BYTES_MAX: u64 = 256 * 1024 * 1024;
+const WINDOW: u32 = 100;
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `/proc/<pid>/status` field in bytes (the file reports kB).
+fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+async fn connect_with_retries(addr: &str) -> Connection {
+    for _ in 0..600 {
+        if let Ok(connection) = Connection::connect(addr, "memory-test").await {
+            return connection;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker did not start listening on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "fsync = \"never\"\nmax_batch_bytes = 16777216\n").unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let broker = Broker(child);
+    let pid = broker.0.id();
+
+    let subscriber_connection = connect_with_retries(&addr).await;
+    let options = SubscribeOptions { start: StartPosition::Earliest, durable_name: None, max_inflight: WINDOW };
+    let mut subscriber = Subscriber::subscribe(&subscriber_connection, "flood", options).await.unwrap();
+
+    let publisher = connect_with_retries(&addr).await;
+    let payload = Bytes::from(vec![0x42u8; MESSAGE_BYTES]);
+    let batch: Vec<Message> = (0..BATCH_MESSAGES).map(|_| Message::from_payload(payload.clone())).collect();
+    let batches = TOTAL_BYTES / (MESSAGE_BYTES * BATCH_MESSAGES) as u64;
+    let mut resident_max = 0;
+    let mut next_offset = 0;
+    for i in 0..batches {
+        let request = Request::PublishBatch { channel: "flood".into(), producer: None, messages: batch.clone() };
+        let answer = tokio::time::timeout(Duration::from_secs(60), publisher.request(request)).await.unwrap();
+        match answer.unwrap() {
+            Response::PublishAck { first_offset, count, .. } => {
+                assert_eq!(first_offset, next_offset, "every batch is stored, in order, none rejected");
+                next_offset += count as u64;
+            }
+            other => panic!("publish {i} was not acknowledged: {other:?}"),
+        }
+        if i % 16 == 0 {
+            resident_max = resident_max.max(status_bytes(pid, "VmRSS:"));
+        }
+    }
+    assert_eq!(next_offset, batches * BATCH_MESSAGES as u64);
+
+    // The subscriber got exactly its window and nothing more.
+    let mut received = 0;
+    while received < WINDOW {
+        let event = tokio::time::timeout(Duration::from_secs(30), subscriber.next()).await.unwrap();
+        if let Some(Ok(Event::Message(record))) = event {
+            assert_eq!(record.offset, received as u64);
+            received += 1;
+        }
+    }
+    let peak = status_bytes(pid, "VmHWM:");
+    resident_max = resident_max.max(status_bytes(pid, "VmRSS:"));
+    assert!(
+        peak < RESIDENT_BYTES_MAX && resident_max < RESIDENT_BYTES_MAX,
+        "broker peak resident memory {peak} B (sampled max {resident_max} B) exceeds {RESIDENT_BYTES_MAX} B"
+    );
+    eprintln!("broker peak resident memory: {:.1} MiB", peak as f64 / (1024.0 * 1024.0));
+
+    // Acknowledging opens the window again: the cursor was only waiting.
+    subscriber.ack(WINDOW as u64 - 1).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), subscriber.next()).await.unwrap();
+    match event {
+        Some(Ok(Event::Message(record))) => assert_eq!(record.offset, WINDOW as u64),
+        other => panic!("expected the next message after the ack, got {other:?}"),
+    }
+}
