@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: dir.path().to_path_buf(),
         fsync,
         max_inflight_deliveries: 65_536,
+        metrics_addr: String::new(),
         ..Config::default()
     };
     let server = server_runtime.block_on(weir::server::start(config))?;
@@ -111,7 +112,7 @@ async fn latency(addr: &str, rate: u64, seconds: u64, size: usize) -> anyhow::Re
     });
     for i in 0..total {
         let intended = interval * i as u32;
-        tokio::time::sleep_until((origin + intended).into()).await;
+        wait_until(origin + intended).await;
         let mut message = body.clone();
         message[..8].copy_from_slice(&(intended.as_nanos() as u64).to_be_bytes());
         let receipt = publisher.enqueue(Message::from_payload(message)).await?;
@@ -124,6 +125,19 @@ async fn latency(addr: &str, rate: u64, seconds: u64, size: usize) -> anyhow::Re
         println!("  p{:<9} {:>10.1}", quantile * 100.0, histogram.value_at_quantile(quantile) as f64 / 1000.0);
     }
     Ok(())
+}
+
+/// Waits until `deadline` precisely: tokio's timer has millisecond
+/// granularity, which would add up to a millisecond of the benchmark's own
+/// lateness to every measurement. Sleep most of the way, then spin.
+async fn wait_until(deadline: Instant) {
+    let spin = Duration::from_millis(2);
+    if let Some(sleep) = deadline.checked_duration_since(Instant::now()).and_then(|d| d.checked_sub(spin)) {
+        tokio::time::sleep(sleep).await;
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
 }
 
 /// One message per call, every ack awaited (pipelined through the

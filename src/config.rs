@@ -57,6 +57,8 @@ pub const LAG_NOTICE_THRESHOLD_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
 pub const DEDUP_WINDOW_RANGE: RangeInclusive<u64> = 1..=65_536;
 /// Allowed range of `max_producers`.
 pub const MAX_PRODUCERS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+/// Allowed range of `metrics_channel_labels_max`.
+pub const METRICS_CHANNEL_LABELS_RANGE: RangeInclusive<u64> = 0..=10_000;
 /// Allowed range of `max_channels`.
 pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
 
@@ -84,6 +86,8 @@ pub struct Config {
     pub dedup_window: u64,
     pub max_producers: u64,
     pub auto_create_channels: bool,
+    pub metrics_addr: String,
+    pub metrics_channel_labels_max: u64,
     pub data_dir: PathBuf,
     pub segment_bytes: u64,
     pub segment_max_age_secs: u64,
@@ -134,6 +138,8 @@ impl Default for Config {
             dedup_window: 1024,
             max_producers: 10_000,
             auto_create_channels: true,
+            metrics_addr: "127.0.0.1:9464".into(),
+            metrics_channel_labels_max: 100,
             data_dir: PathBuf::from("weir-data"),
             segment_bytes: 128 * MIB,
             segment_max_age_secs: 7 * 24 * 3600,
@@ -222,6 +228,16 @@ impl Config {
         {
             return Err(ConfigError::Invalid { key: "auth_token".into(), problem: "must be 1 to 1024 bytes".into() });
         }
+        if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "metrics_addr".into(),
+                problem: format!(
+                    "{:?} is not an IP address and port such as 127.0.0.1:9464, nor \"\" (disabled)",
+                    self.metrics_addr
+                ),
+            });
+        }
+        check_range("metrics_channel_labels_max", self.metrics_channel_labels_max, METRICS_CHANNEL_LABELS_RANGE)?;
         check_range("max_connections", self.max_connections, MAX_CONNECTIONS_RANGE)?;
         check_range("max_inflight_publishes", self.max_inflight_publishes, INFLIGHT_RANGE)?;
         check_range("max_inflight_deliveries", self.max_inflight_deliveries, INFLIGHT_RANGE)?;

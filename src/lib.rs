@@ -13,6 +13,7 @@
 //!   subscriptions, durable offsets, shutdown.
 //! - [`client`]: the async Rust client: publisher, subscriber.
 //! - [`config`]: `broker.toml`, its defaults and its validation.
+//! - [`metrics`]: Prometheus metrics (names, bounded labels, exporter).
 //!
 //! # Untrusted input
 //! Bytes from files and from the network are untrusted: every length is
@@ -22,6 +23,7 @@
 
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod storage;

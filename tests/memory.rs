@@ -52,7 +52,7 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "fsync = \"never\"\nmax_batch_bytes = 16777216\n").unwrap();
+    std::fs::write(&config, "fsync = \"never\"\nmax_batch_bytes = 16777216\nmetrics_addr = \"\"\n").unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["serve", "--config"])
         .arg(&config)

@@ -50,6 +50,8 @@ fn test_config(dir: &TempDir) -> Config {
         listen_addr: "127.0.0.1:0".into(),
         data_dir: dir.path().to_path_buf(),
         fsync: FsyncPolicy::Never,
+        // One exporter per process: the metrics test has its own binary.
+        metrics_addr: String::new(),
         ..Config::default()
     }
 }

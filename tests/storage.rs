@@ -516,3 +516,45 @@ fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
         "{stdout}"
     );
 }
+
+/// Builds a log of three segments and cuts the tail of the middle one, as a
+/// crash during its background seal sync would.
+fn log_with_a_torn_middle_segment(dir: &Path, config: &LogConfig) -> u64 {
+    {
+        let log = open(dir, config.clone());
+        while segment_logs(dir).len() < 3 {
+            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let middle = &segment_logs(dir)[1];
+    let bytes = std::fs::read(middle).unwrap();
+    std::fs::write(middle, &bytes[..bytes.len() - 50]).unwrap();
+    let base: u64 = middle.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    base
+}
+
+#[test]
+fn a_torn_last_sealed_segment_is_cut_under_never_and_the_segment_after_it_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config();
+    let middle_base = log_with_a_torn_middle_segment(dir.path(), &config);
+    let log = open(dir.path(), config);
+    assert_eq!(segment_logs(dir.path()).len(), 2, "the segment after the torn one is removed");
+    let next = log.next_offset();
+    assert!(next > middle_base);
+    let records = read_all(&log, 0);
+    assert_eq!(records.len() as u64, next);
+    assert_eq!(log.append_batch(&[message(next, 10)]).unwrap().first_offset, next);
+}
+
+#[test]
+fn a_torn_sealed_segment_refuses_to_open_under_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { fsync: FsyncPolicy::Always, ..small_config() };
+    log_with_a_torn_middle_segment(dir.path(), &config);
+    let error =
+        ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), config).unwrap_err();
+    assert!(error.to_string().contains("00000000000000000"), "{error}");
+    assert_eq!(segment_logs(dir.path()).len(), 3, "nothing is removed when the data was synced");
+}

@@ -43,6 +43,7 @@ pub(crate) struct Broker {
     pub store: Arc<Store>,
     pub offsets: DurableOffsets,
     pub stats: Arc<Stats>,
+    pub channel_labels: crate::metrics::ChannelLabels,
     channels: Mutex<HashMap<ChannelName, Arc<ChannelHandle>>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     subscriptions: Mutex<HashMap<u64, Arc<SubscriptionStatus>>>,
@@ -70,6 +71,7 @@ impl Broker {
             idle_timeout_ms: config.idle_timeout_ms as u32,
         };
         Broker {
+            channel_labels: crate::metrics::ChannelLabels::new(config.metrics_channel_labels_max as usize),
             config,
             limits,
             store,
@@ -143,6 +145,11 @@ impl Broker {
         let key = self.next_subscription_key.fetch_add(1, Ordering::Relaxed);
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, status);
         SubscriptionGuard { broker: Arc::clone(self), key }
+    }
+
+    /// Snapshots of the live subscriptions.
+    pub fn subscription_statuses(&self) -> Vec<Arc<SubscriptionStatus>> {
+        self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     /// Every channel with its live subscriptions.

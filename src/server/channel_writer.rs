@@ -28,6 +28,9 @@ pub(crate) struct AppendRequest {
 /// client: the answer always fits.
 pub(crate) struct Reply {
     pub permit: mpsc::OwnedPermit<Outbound>,
+    /// When the publish frame was read, for the end-to-end histogram.
+    pub received_at: std::time::Instant,
+    pub stats: Arc<Stats>,
     pub correlation_id: u32,
     /// The connection's count of unanswered publishes, decremented when
     /// the answer is queued.
@@ -38,6 +41,8 @@ impl Reply {
     pub fn send(self, response: Response) {
         self.permit.send(Outbound::Frame(response.encode(self.correlation_id)));
         self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.stats.inflight_publishes.fetch_sub(1, Ordering::Relaxed);
+        metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
     }
 }
 
@@ -144,7 +149,14 @@ async fn commit_group(
         }
         plans.push(plan);
     }
+    let started = std::time::Instant::now();
     let result = if messages.is_empty() { Ok(None) } else { append(log, messages).await.map(Some) };
+    if let Ok(Some(appended)) = &result {
+        metrics::histogram!("weir_append_duration_seconds").record(started.elapsed());
+        if log.config().fsync == FsyncPolicy::Always {
+            metrics::histogram!("weir_fsync_duration_seconds").record(appended.sync_duration);
+        }
+    }
     let timestamp_us = match &result {
         Ok(Some(appended)) => {
             assert_eq!(appended.first_offset, base_offset, "the channel writer is the log's only appender");
@@ -154,6 +166,8 @@ async fn commit_group(
         Ok(None) => None,
         Err(error) => {
             tracing::error!(channel = %log.name(), %error, "append failed");
+            let failed = plans.iter().filter(|plan| matches!(plan, Plan::Append { .. })).count();
+            Stats::add(&stats.publishes_rejected_storage, failed as u64);
             // Nothing of this group is stored: forget what it promised.
             for (request, plan) in group.iter().zip(&plans) {
                 if let (Some(producer), Plan::Append { .. }) = (request.producer, plan)

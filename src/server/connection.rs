@@ -323,6 +323,7 @@ impl Connection {
         producer: Option<ProducerSequence>,
         messages: Vec<Message>,
     ) -> Flow {
+        let received_at = std::time::Instant::now();
         let stats = Arc::clone(&self.broker.stats);
         let Some(name) = self.channel_name(correlation_id, channel).await else {
             Stats::add(&stats.publishes_rejected_invalid_channel, 1);
@@ -356,7 +357,14 @@ impl Connection {
         let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
         assert!(inflight <= window, "the publish window is checked before a slot is taken");
         Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
-        let reply = Reply { permit, correlation_id, inflight: Arc::clone(&self.inflight_publishes) };
+        stats.inflight_publishes.fetch_add(1, Ordering::Relaxed);
+        let reply = Reply {
+            permit,
+            received_at,
+            stats: Arc::clone(&stats),
+            correlation_id,
+            inflight: Arc::clone(&self.inflight_publishes),
+        };
         match handle.appends.try_send(AppendRequest { messages, producer, reply }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(request)) => {

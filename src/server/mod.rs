@@ -62,6 +62,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("a server task failed: {0}")]
     Task(String),
 }
@@ -147,6 +149,10 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     let local_addr =
         listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen_addr.clone(), source })?;
     let store = Arc::new(store);
+    if !config.metrics_addr.is_empty() {
+        let metrics_addr = crate::metrics::install(&config.metrics_addr)?;
+        tracing::info!(%metrics_addr, "Prometheus metrics at http://{metrics_addr}/metrics");
+    }
     let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets));
     let shutdown = CancellationToken::new();
     let stats = Arc::clone(&broker.stats);
@@ -158,6 +164,9 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
 async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
     let mut maintenance = Maintenance::start(Arc::clone(&broker.store));
     let committer = tokio::spawn(commit_offsets(Arc::clone(&broker), shutdown.clone()));
+    if !broker.config.metrics_addr.is_empty() {
+        tokio::spawn(refresh_metrics(Arc::clone(&broker), shutdown.clone()));
+    }
     let connections = TaskTracker::new();
     let max_connections = broker.config.max_connections;
     let permits = Arc::new(Semaphore::new(max_connections as usize));
@@ -228,4 +237,94 @@ async fn commit_offsets(broker: Arc<Broker>, shutdown: CancellationToken) {
             tracing::error!(%error, "could not store durable offsets; retrying");
         }
     }
+}
+
+/// Publishes derived metrics every [`crate::metrics::METRICS_REFRESH_INTERVAL`].
+async fn refresh_metrics(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(crate::metrics::METRICS_REFRESH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        publish_metrics(&broker);
+    }
+}
+
+fn publish_metrics(broker: &Broker) {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use metrics::{counter, gauge};
+
+    crate::metrics::refresh_counters(&broker.stats);
+    // Sum per label first: channels past the label cap share one.
+    #[derive(Default)]
+    struct ChannelTotals {
+        counters: crate::storage::LogCounters,
+        size_bytes: u64,
+        segments: u64,
+        start_offset: u64,
+        next_offset: u64,
+        subscriptions: u64,
+        ephemeral_lag_max: u64,
+    }
+    let mut totals: BTreeMap<String, ChannelTotals> = BTreeMap::new();
+    let mut next_offsets = std::collections::HashMap::new();
+    for log in broker.store.channels() {
+        let label = broker.channel_labels.label(log.name().as_str()).to_string();
+        let stats = log.stats();
+        let counters = log.counters();
+        next_offsets.insert(log.name().clone(), stats.next_offset);
+        let entry = totals.entry(label).or_default();
+        entry.counters.messages_appended += counters.messages_appended;
+        entry.counters.bytes_appended += counters.bytes_appended;
+        entry.counters.retention_segments_deleted += counters.retention_segments_deleted;
+        entry.counters.retention_bytes_deleted += counters.retention_bytes_deleted;
+        entry.size_bytes += stats.size_bytes;
+        entry.segments += stats.segment_count;
+        entry.start_offset = stats.start_offset;
+        entry.next_offset = stats.next_offset;
+    }
+    let mut inflight_deliveries = 0;
+    let mut durable_lags: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for subscription in broker.subscription_statuses() {
+        let next = subscription.next_offset.load(Ordering::Relaxed);
+        let ack_floor = subscription.ack_floor.load(Ordering::Relaxed);
+        inflight_deliveries += next.saturating_sub(ack_floor);
+        let channel_next = next_offsets.get(&subscription.channel).copied().unwrap_or(next);
+        let lag = channel_next.saturating_sub(ack_floor);
+        let label = broker.channel_labels.label(subscription.channel.as_str()).to_string();
+        let entry = totals.entry(label.clone()).or_default();
+        entry.subscriptions += 1;
+        match &subscription.durable_name {
+            Some(name) if durable_lags.len() < broker.config.metrics_channel_labels_max as usize => {
+                let lag_entry = durable_lags.entry((label, name.clone())).or_default();
+                *lag_entry = (*lag_entry).max(lag);
+            }
+            _ => entry.ephemeral_lag_max = entry.ephemeral_lag_max.max(lag),
+        }
+    }
+    for (label, total) in totals {
+        counter!("weir_messages_appended_total", "channel" => label.clone()).absolute(total.counters.messages_appended);
+        counter!("weir_bytes_appended_total", "channel" => label.clone()).absolute(total.counters.bytes_appended);
+        counter!("weir_retention_deleted_segments_total", "channel" => label.clone())
+            .absolute(total.counters.retention_segments_deleted);
+        counter!("weir_retention_deleted_bytes_total", "channel" => label.clone())
+            .absolute(total.counters.retention_bytes_deleted);
+        gauge!("weir_log_bytes", "channel" => label.clone()).set(total.size_bytes as f64);
+        gauge!("weir_log_segments", "channel" => label.clone()).set(total.segments as f64);
+        gauge!("weir_subscriptions", "channel" => label.clone()).set(total.subscriptions as f64);
+        if label != crate::metrics::OTHER_CHANNELS_LABEL {
+            gauge!("weir_log_start_offset", "channel" => label.clone()).set(total.start_offset as f64);
+            gauge!("weir_log_next_offset", "channel" => label.clone()).set(total.next_offset as f64);
+        }
+        gauge!("weir_subscription_lag_messages", "channel" => label, "subscription" => "_ephemeral")
+            .set(total.ephemeral_lag_max as f64);
+    }
+    for ((channel, name), lag) in durable_lags {
+        gauge!("weir_subscription_lag_messages", "channel" => channel, "subscription" => name).set(lag as f64);
+    }
+    gauge!("weir_inflight_deliveries").set(inflight_deliveries as f64);
 }

@@ -15,6 +15,9 @@ pub struct Stats {
     pub publishes_rejected_inflight: AtomicU64,
     pub publishes_rejected_backpressure: AtomicU64,
     pub publishes_rejected_invalid_channel: AtomicU64,
+    pub publishes_rejected_storage: AtomicU64,
+    /// Publishes read and not yet answered, all connections together.
+    pub inflight_publishes: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub idle_timeouts: AtomicU64,
     pub lag_notices: AtomicU64,

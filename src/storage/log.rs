@@ -81,6 +81,18 @@ pub struct Appended {
     pub count: u64,
     /// The timestamp every record of the batch carries.
     pub timestamp_us: u64,
+    /// Time spent in `fdatasync` (zero unless `fsync = "always"`).
+    pub sync_duration: Duration,
+}
+
+/// Running totals of one log since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogCounters {
+    pub messages_appended: u64,
+    /// Message bytes: key + header names and values + payload.
+    pub bytes_appended: u64,
+    pub retention_segments_deleted: u64,
+    pub retention_bytes_deleted: u64,
 }
 
 /// Whole, CRC-checked records read from a log, back to back in their on-disk
@@ -127,6 +139,9 @@ struct Writer {
     /// Bytes written since the last sync of the active segment.
     unsynced: bool,
     encode_buffer: Vec<u8>,
+    /// The background sync of the last sealed segment, under `interval` and
+    /// `never`.
+    pending_seal: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
     /// Set after a write or sync failure: the file's state is unknown, so no
     /// further append is accepted until recovery (a restart) has run.
     failure: Option<String>,
@@ -143,6 +158,7 @@ pub struct ChannelLog {
     writer: Mutex<Writer>,
     /// One past the last offset readers may see.
     visible_next_offset: AtomicU64,
+    counters: Mutex<LogCounters>,
 }
 
 impl std::fmt::Debug for ChannelLog {
@@ -171,14 +187,37 @@ impl ChannelLog {
         fs.create_dir_all(dir).at(dir)?;
         let base_offsets = list_segments(&*fs, dir)?;
         let mut segments = BTreeMap::new();
-        for (i, &base_offset) in base_offsets.iter().enumerate() {
+        let mut base_offsets = base_offsets;
+        let mut i = 0;
+        while i < base_offsets.len() {
+            let base_offset = base_offsets[i];
             let role = match base_offsets.get(i + 1) {
                 Some(&next_base_offset) => SegmentRole::Sealed { next_base_offset },
                 None => SegmentRole::Last,
             };
-            let (segment, report) = Segment::open(&*fs, dir, base_offset, role, config.index_interval_bytes)?;
+            let opened = Segment::open(&*fs, dir, base_offset, role, config.index_interval_bytes);
+            let (segment, report) = match opened {
+                Err(error)
+                    if i + 2 == base_offsets.len() && config.fsync != FsyncPolicy::Always && is_torn_tail(&error) =>
+                {
+                    // Under `interval` and `never` the last sealed segment is
+                    // synced in the background after the roll, and nothing
+                    // after it is synced before it: a crash can tear its tail
+                    // and leave the segment after it holding only unsynced
+                    // records. Both are what those policies allow to lose.
+                    let removed = base_offsets.pop().unwrap_or_default();
+                    tracing::error!(
+                        channel = %name, %error, removed_segment = removed,
+                        "recovery: the last sealed segment lost its tail in a crash; cutting it and removing the segment after it"
+                    );
+                    remove_segment_files(&*fs, dir, removed)?;
+                    Segment::open(&*fs, dir, base_offset, SegmentRole::Last, config.index_interval_bytes)?
+                }
+                other => other?,
+            };
             log_recovery(&name, &segment, report);
             segments.insert(base_offset, Arc::new(segment));
+            i += 1;
         }
         let active = match segments.last_key_value() {
             Some((_, segment)) => Arc::clone(segment),
@@ -208,9 +247,11 @@ impl ChannelLog {
                 last_indexed_position,
                 unsynced: false,
                 encode_buffer: Vec::new(),
+                pending_seal: None,
                 failure: None,
             }),
             visible_next_offset: AtomicU64::new(next_offset),
+            counters: Mutex::new(LogCounters::default()),
         })
     }
 
@@ -255,7 +296,12 @@ impl ChannelLog {
         }
         let timestamp_us = now_us.max(writer.last_timestamp_us);
         if messages.is_empty() {
-            return Ok(Appended { first_offset: writer.next_offset, count: 0, timestamp_us });
+            return Ok(Appended {
+                first_offset: writer.next_offset,
+                count: 0,
+                timestamp_us,
+                sync_duration: Duration::ZERO,
+            });
         }
         if self.should_roll(&writer, timestamp_us) {
             self.roll(&mut writer)?;
@@ -297,8 +343,11 @@ impl ChannelLog {
         writer.encode_buffer = buffer;
         written?;
         let count = messages.len() as u64;
+        let mut sync_duration = Duration::ZERO;
         if self.config.fsync == FsyncPolicy::Always {
+            let started = std::time::Instant::now();
             writer.active.sync_log()?;
+            sync_duration = started.elapsed();
         } else {
             writer.unsynced = true;
         }
@@ -311,7 +360,12 @@ impl ChannelLog {
         writer.active.publish(writer.active.written_len(), next_offset, timestamp_us, &offset_entries, &time_entries);
         writer.next_offset = next_offset;
         writer.last_timestamp_us = timestamp_us;
-        Ok(Appended { first_offset, count, timestamp_us })
+        {
+            let mut counters = self.lock_counters();
+            counters.messages_appended += count;
+            counters.bytes_appended += messages.iter().map(|m| m.size_bytes() as u64).sum::<u64>();
+        }
+        Ok(Appended { first_offset, count, timestamp_us, sync_duration })
     }
 
     fn should_roll(&self, writer: &Writer, timestamp_us: u64) -> bool {
@@ -327,8 +381,25 @@ impl ChannelLog {
 
     /// Seals the active segment (synced whatever the policy, so that only
     /// the last segment can ever have a torn tail) and starts a new one.
+    ///
+    /// Under `always` the seal is synced inline (its records are already
+    /// synced; only indexes remain). Under `interval` and `never` the sync of
+    /// the sealed segment runs on its own thread, so that appends do not
+    /// wait for a whole segment to reach the disk; at most one such sync is
+    /// outstanding, and any later sync waits for it first, so a sealed
+    /// segment is never less durable than the one after it.
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
-        writer.active.sync_all()?;
+        Self::finish_seal(writer)?;
+        if self.config.fsync == FsyncPolicy::Always {
+            writer.active.sync_all()?;
+        } else {
+            let sealed = Arc::clone(&writer.active);
+            let spawned = std::thread::Builder::new().name("weir-seal".into()).spawn(move || sealed.sync_all());
+            match spawned {
+                Ok(handle) => writer.pending_seal = Some(handle),
+                Err(_) => writer.active.sync_all()?,
+            }
+        }
         writer.unsynced = false;
         let segment = Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset)?);
         self.segments_mut().insert(segment.base_offset, Arc::clone(&segment));
@@ -338,6 +409,17 @@ impl ChannelLog {
         Ok(())
     }
 
+    /// Waits for the background sync of the last sealed segment.
+    fn finish_seal(writer: &mut Writer) -> Result<(), StorageError> {
+        let Some(pending) = writer.pending_seal.take() else { return Ok(()) };
+        match pending.join() {
+            Ok(result) => result,
+            Err(_) => {
+                Err(StorageError::Failed { channel: String::new(), cause: "the seal sync thread panicked".into() })
+            }
+        }
+    }
+
     /// Syncs appends not yet synced (the `interval` policy's background
     /// task, and shutdown).
     ///
@@ -345,6 +427,10 @@ impl ChannelLog {
     /// The failed sync; the log then refuses appends.
     pub fn sync(&self) -> Result<(), StorageError> {
         let mut writer = self.lock_writer();
+        if let Err(error) = Self::finish_seal(&mut writer) {
+            writer.failure = Some(error.to_string());
+            return Err(error);
+        }
         if !writer.unsynced {
             return Ok(());
         }
@@ -362,6 +448,7 @@ impl ChannelLog {
     /// The failed sync.
     pub fn close(&self) -> Result<(), StorageError> {
         let mut writer = self.lock_writer();
+        Self::finish_seal(&mut writer)?;
         writer.active.sync_all()?;
         writer.unsynced = false;
         Ok(())
@@ -481,6 +568,11 @@ impl ChannelLog {
             }
         }
         if outcome.segments_deleted > 0 {
+            {
+                let mut counters = self.lock_counters();
+                counters.retention_segments_deleted += outcome.segments_deleted;
+                counters.retention_bytes_deleted += outcome.bytes_deleted;
+            }
             self.fs.sync_dir(&self.dir).at(&self.dir)?;
             tracing::info!(
                 channel = %self.name,
@@ -503,6 +595,15 @@ impl ChannelLog {
             size_bytes: segments.values().map(|s| s.state().visible_len).sum(),
             segment_count: segments.len() as u64,
         }
+    }
+
+    /// Running totals since the log was opened.
+    pub fn counters(&self) -> LogCounters {
+        *self.lock_counters()
+    }
+
+    fn lock_counters(&self) -> MutexGuard<'_, LogCounters> {
+        self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -544,6 +645,28 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
         }
     }
     Ok(logs)
+}
+
+/// Whether a sealed segment failed to open because its end is missing or
+/// damaged (as opposed to a bad header).
+fn is_torn_tail(error: &StorageError) -> bool {
+    match error {
+        StorageError::Corrupt { .. } => true,
+        StorageError::InvalidFile { problem, .. } => problem.contains("but the next segment starts at"),
+        _ => false,
+    }
+}
+
+fn remove_segment_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<(), StorageError> {
+    for extension in [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
+        let path = dir.join(segment::file_name(base_offset, extension));
+        match fs.remove(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::Io { path, source }),
+        }
+    }
+    fs.sync_dir(dir).at(dir)
 }
 
 fn log_recovery(name: &ChannelName, segment: &Segment, report: RecoveryReport) {

@@ -29,8 +29,8 @@ mod store;
 pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
-    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogStats, ReadBatch, RetentionOutcome,
-    RetentionPolicy, now_us,
+    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, ReadBatch,
+    RetentionOutcome, RetentionPolicy, now_us,
 };
 pub use record::{Header, Message, Record};
 pub use store::{CHANNEL_SETTINGS_FILE, CHANNELS_DIR, ChannelSettings, Maintenance, Store, StoreConfig};

@@ -1,0 +1,98 @@
+//! The Prometheus endpoint, scraped over HTTP after real traffic. Its own
+//! test binary, because the metrics recorder is global to a process.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::client::{Publisher, PublisherOptions};
+use weir::config::Config;
+use weir::storage::{FsyncPolicy, Message};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn scrape(addr: &str) -> String {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// The value of the sample whose name and labels start with `series`.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| line.starts_with(series))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_counts_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let config = Config {
+        listen_addr: "127.0.0.1:0".into(),
+        data_dir: dir.path().to_path_buf(),
+        fsync: FsyncPolicy::Always,
+        metrics_addr: metrics_addr.clone(),
+        max_message_bytes: 1000,
+        ..Config::default()
+    };
+    let server = weir::server::start(config).await.unwrap();
+    let addr = server.local_addr().to_string();
+    let publisher = Publisher::connect(&addr, "metered", PublisherOptions::default()).await.unwrap();
+    for _ in 0..25 {
+        publisher
+            .publish(Message {
+                key: Bytes::from_static(b"k"),
+                payload: Bytes::from(vec![7u8; 99]),
+                ..Message::default()
+            })
+            .await
+            .unwrap();
+    }
+    // A rejected publish: one byte over max_message_bytes, sent raw so the
+    // client does not refuse it first.
+    let connection = weir::client::Connection::connect(&addr, "raw").await.unwrap();
+    let too_large = weir::protocol::Request::Publish {
+        channel: "metered".into(),
+        producer: None,
+        message: Message::from_payload(vec![0u8; 1001]),
+    };
+    assert!(connection.request(too_large).await.is_err());
+
+    // Derived metrics refresh every second: poll, with a generous bound.
+    let expected = [
+        ("weir_messages_appended_total{channel=\"metered\"}", 25.0),
+        ("weir_bytes_appended_total{channel=\"metered\"}", 2500.0),
+        ("weir_publishes_rejected_total{reason=\"too_large\"}", 1.0),
+        ("weir_connections_open", 2.0),
+        ("weir_log_next_offset{channel=\"metered\"}", 25.0),
+        ("weir_log_segments{channel=\"metered\"}", 1.0),
+    ];
+    let mut page = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        page = scrape(&metrics_addr).await;
+        if expected.iter().all(|(series, value)| sample(&page, series) == Some(*value)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (series, value) in expected {
+        assert_eq!(sample(&page, series), Some(value), "{series} in:\n{page}");
+    }
+    // Every publish went through one group commit and one fsync each.
+    let fsyncs = sample(&page, "weir_fsync_duration_seconds_count").unwrap();
+    assert!((1.0..=25.0).contains(&fsyncs), "{fsyncs} fsyncs recorded");
+    assert_eq!(sample(&page, "weir_publish_duration_seconds_count"), Some(25.0), "every stored publish is timed");
+    assert!(page.contains("# HELP weir_messages_appended_total"), "metrics are described");
+    publisher.close().await;
+    server.stop().await.unwrap();
+}
