@@ -34,7 +34,10 @@ fn main() -> anyhow::Result<()> {
         _ => FsyncPolicy::Never,
     };
     let dir = tempfile::tempdir_in(std::env::var("WEIR_BENCH_DIR").unwrap_or_else(|_| "target".into()))?;
-    let server_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let server_threads = arg(&args, "--server-threads", 2usize);
+    let client_threads = arg(&args, "--client-threads", 2usize);
+    let server_runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(server_threads).enable_all().build()?;
     let config = Config {
         listen_addr: "127.0.0.1:0".into(),
         data_dir: dir.path().to_path_buf(),
@@ -45,7 +48,8 @@ fn main() -> anyhow::Result<()> {
     };
     let server = server_runtime.block_on(weir::server::start(config))?;
     let addr = server.local_addr().to_string();
-    let client_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client_runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(client_threads).enable_all().build()?;
     println!("mode {mode}, fsync {fsync:?}");
     client_runtime.block_on(async {
         match mode.as_str() {
@@ -131,9 +135,11 @@ async fn latency(addr: &str, rate: u64, seconds: u64, size: usize) -> anyhow::Re
 /// granularity, which would add up to a millisecond of the benchmark's own
 /// lateness to every measurement. Sleep most of the way, then spin.
 async fn wait_until(deadline: Instant) {
-    let spin = Duration::from_millis(2);
+    let spin = Duration::from_micros(200);
     if let Some(sleep) = deadline.checked_duration_since(Instant::now()).and_then(|d| d.checked_sub(spin)) {
-        tokio::time::sleep(sleep).await;
+        // This runs on the thread driving `block_on`, not on a runtime
+        // worker, so a blocking sleep (precise to tens of µs) is fine.
+        std::thread::sleep(sleep);
     }
     while Instant::now() < deadline {
         std::hint::spin_loop();

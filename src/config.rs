@@ -33,6 +33,9 @@ pub const RETENTION_LIMIT_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
 pub const RETENTION_CHECK_INTERVAL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
 /// Allowed range of the per-connection and per-subscription windows.
 pub const INFLIGHT_RANGE: RangeInclusive<u64> = 1..=65_536;
+/// Allowed range of `max_inflight_publish_bytes` (and at least
+/// `max_batch_bytes`).
+pub const MAX_INFLIGHT_PUBLISH_BYTES_RANGE: RangeInclusive<u64> = KIB..=GIB;
 /// Allowed range of `max_connections`.
 pub const MAX_CONNECTIONS_RANGE: RangeInclusive<u64> = 1..=100_000;
 /// Allowed range of `max_subscriptions_per_connection`.
@@ -71,6 +74,7 @@ pub struct Config {
     pub auth_token: Option<String>,
     pub max_connections: u64,
     pub max_inflight_publishes: u64,
+    pub max_inflight_publish_bytes: u64,
     pub max_inflight_deliveries: u64,
     pub max_subscriptions_per_connection: u64,
     pub max_batch_bytes: u64,
@@ -123,6 +127,7 @@ impl Default for Config {
             auth_token: None,
             max_connections: 1024,
             max_inflight_publishes: 1024,
+            max_inflight_publish_bytes: 64 * MIB,
             max_inflight_deliveries: 4096,
             max_subscriptions_per_connection: 64,
             max_batch_bytes: 8 * MIB,
@@ -241,6 +246,7 @@ impl Config {
         check_range("max_connections", self.max_connections, MAX_CONNECTIONS_RANGE)?;
         check_range("max_inflight_publishes", self.max_inflight_publishes, INFLIGHT_RANGE)?;
         check_range("max_inflight_deliveries", self.max_inflight_deliveries, INFLIGHT_RANGE)?;
+        check_range("max_inflight_publish_bytes", self.max_inflight_publish_bytes, MAX_INFLIGHT_PUBLISH_BYTES_RANGE)?;
         check_range(
             "max_subscriptions_per_connection",
             self.max_subscriptions_per_connection,
@@ -264,6 +270,16 @@ impl Config {
                 problem: format!(
                     "{} must be greater than heartbeat_interval_ms = {}, or idle clients that heartbeat on time are cut off",
                     self.idle_timeout_ms, self.heartbeat_interval_ms
+                ),
+            });
+        }
+        let publish_frame_bytes_max = self.max_batch_bytes.max(self.max_message_bytes + 1024);
+        if self.max_inflight_publish_bytes < publish_frame_bytes_max {
+            return Err(ConfigError::Invalid {
+                key: "max_inflight_publish_bytes".into(),
+                problem: format!(
+                    "{} is smaller than the largest publish frame ({publish_frame_bytes_max} bytes, from max_batch_bytes and max_message_bytes)",
+                    self.max_inflight_publish_bytes
                 ),
             });
         }
@@ -409,7 +425,7 @@ mod tests {
 
     #[test]
     fn limits_are_accepted_at_the_bound_and_refused_past_it() {
-        let batch = "max_batch_bytes = 67108864\n";
+        let batch = "max_batch_bytes = 67108864\nmax_inflight_publish_bytes = 134217728\n";
         assert!(Config::parse(&format!("{batch}max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());
         assert!(Config::parse(&format!("{batch}max_message_bytes = {}", MESSAGE_BYTES_LIMIT + 1)).is_err());
         let error = Config::parse("max_batch_bytes = 1024\nmax_message_bytes = 1025").unwrap_err().to_string();

@@ -106,8 +106,11 @@ impl Publisher {
         let (queue, queued) = mpsc::channel(options.queue_depth.max(1));
         let batching = Batching {
             max_messages: options.batch_max_messages.clamp(1, limits.max_batch_records.max(1) as usize),
-            max_bytes: options.batch_max_bytes.clamp(1, limits.max_batch_bytes as usize),
+            max_bytes: options
+                .batch_max_bytes
+                .clamp(1, (limits.max_batch_bytes as usize).min(limits.max_inflight_publish_bytes as usize)),
             window: limits.max_inflight_publishes.max(1) as usize,
+            window_bytes: limits.max_inflight_publish_bytes as usize,
         };
         let state = PublishTask {
             addr: addr.to_owned(),
@@ -164,7 +167,10 @@ impl Publisher {
 struct Batching {
     max_messages: usize,
     max_bytes: usize,
+    /// The broker's max_inflight_publishes.
     window: usize,
+    /// The broker's max_inflight_publish_bytes.
+    window_bytes: usize,
 }
 
 struct Batch {
@@ -213,7 +219,13 @@ impl PublishTask {
             if !open && self.pending.is_empty() && self.held.is_none() {
                 return;
             }
-            let can_send = !recovering && self.requests.len() < self.batching.window;
+            // A batch is sent only when its largest possible size fits in
+            // the broker's byte window next to everything in flight.
+            let bytes_in_flight: usize =
+                self.pending.values().map(|b| b.messages.iter().map(wire::message_wire_len).sum::<usize>()).sum();
+            let can_send = !recovering
+                && self.requests.len() < self.batching.window
+                && bytes_in_flight + self.batching.max_bytes <= self.batching.window_bytes;
             if can_send && let Some(first) = self.held.take() {
                 let batch = self.gather(first, &mut queued).await;
                 self.send(batch).await;

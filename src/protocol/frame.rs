@@ -99,7 +99,8 @@ pub enum ErrorCode {
     Unauthorized = 3,
     /// A message above `max_message_bytes`; the connection stays usable.
     MessageTooLarge = 4,
-    /// A publish beyond `max_inflight_publishes`; not queued.
+    /// A publish beyond `max_inflight_publishes` or
+    /// `max_inflight_publish_bytes`; not queued.
     InflightLimitExceeded = 5,
     InvalidChannelName = 6,
     UnknownChannel = 7,
@@ -244,6 +245,8 @@ pub struct Limits {
     pub max_batch_bytes: u32,
     pub max_batch_records: u32,
     pub max_inflight_publishes: u32,
+    /// Most bytes of unanswered publish frame bodies per connection.
+    pub max_inflight_publish_bytes: u32,
     pub max_inflight_deliveries: u32,
     pub max_subscriptions_per_connection: u32,
     pub heartbeat_interval_ms: u32,
@@ -585,6 +588,7 @@ impl Response {
                     limits.max_batch_bytes,
                     limits.max_batch_records,
                     limits.max_inflight_publishes,
+                    limits.max_inflight_publish_bytes,
                     limits.max_inflight_deliveries,
                     limits.max_subscriptions_per_connection,
                     limits.heartbeat_interval_ms,
@@ -688,6 +692,7 @@ impl Response {
                     max_batch_bytes: r.u32("max_batch_bytes")?,
                     max_batch_records: r.u32("max_batch_records")?,
                     max_inflight_publishes: r.u32("max_inflight_publishes")?,
+                    max_inflight_publish_bytes: r.u32("max_inflight_publish_bytes")?,
                     max_inflight_deliveries: r.u32("max_inflight_deliveries")?,
                     max_subscriptions_per_connection: r.u32("max_subscriptions_per_connection")?,
                     heartbeat_interval_ms: r.u32("heartbeat_interval_ms")?,

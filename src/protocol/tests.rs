@@ -83,12 +83,13 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn response() -> impl Strategy<Value = Response> {
-    let limits = proptest::array::uniform9(any::<u32>()).prop_map(|v| Limits {
+    let limits = proptest::array::uniform10(any::<u32>()).prop_map(|v| Limits {
         max_message_bytes: v[0],
         max_frame_bytes: v[1],
         max_batch_bytes: v[2],
         max_batch_records: v[3],
         max_inflight_publishes: v[4],
+        max_inflight_publish_bytes: v[9],
         max_inflight_deliveries: v[5],
         max_subscriptions_per_connection: v[6],
         heartbeat_interval_ms: v[7],
@@ -224,6 +225,7 @@ fn worked_example_in_protocol_md_matches_the_codec() {
             max_batch_bytes: 8388608,
             max_batch_records: 10000,
             max_inflight_publishes: 1024,
+            max_inflight_publish_bytes: 67108864,
             max_inflight_deliveries: 4096,
             max_subscriptions_per_connection: 64,
             heartbeat_interval_ms: 10000,
@@ -232,8 +234,8 @@ fn worked_example_in_protocol_md_matches_the_codec() {
     };
     assert_eq!(
         hex(&welcome.encode(1)),
-        "00 00 00 32 81 00 00 00 01 00 01 00 05 30 2e 31 2e 30 00 10 00 00 00 80 00 00 00 80 00 00 00 00 27 10 \
-         00 00 04 00 00 00 10 00 00 00 00 40 00 00 27 10 00 00 75 30"
+        "00 00 00 36 81 00 00 00 01 00 01 00 05 30 2e 31 2e 30 00 10 00 00 00 80 00 00 00 80 00 00 00 00 27 10 \
+         00 00 04 00 04 00 00 00 00 00 10 00 00 00 00 40 00 00 27 10 00 00 75 30"
     );
     let publish =
         Request::Publish { channel: "orders".into(), producer: None, message: Message::from_payload("hello") };

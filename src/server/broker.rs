@@ -65,6 +65,7 @@ impl Broker {
             max_batch_bytes: config.max_batch_bytes as u32,
             max_batch_records: config.max_batch_records as u32,
             max_inflight_publishes: config.max_inflight_publishes as u32,
+            max_inflight_publish_bytes: config.max_inflight_publish_bytes as u32,
             max_inflight_deliveries: config.max_inflight_deliveries as u32,
             max_subscriptions_per_connection: config.max_subscriptions_per_connection as u32,
             heartbeat_interval_ms: config.heartbeat_interval_ms as u32,

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
@@ -35,12 +35,17 @@ pub(crate) struct Reply {
     /// The connection's count of unanswered publishes, decremented when
     /// the answer is queued.
     pub inflight: Arc<AtomicU32>,
+    /// The connection's bytes of unanswered publish bodies, and this
+    /// publish's share of them.
+    pub inflight_bytes: Arc<AtomicU64>,
+    pub body_bytes: u64,
 }
 
 impl Reply {
     pub fn send(self, response: Response) {
         self.permit.send(Outbound::Frame(response.encode(self.correlation_id)));
         self.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.inflight_bytes.fetch_sub(self.body_bytes, Ordering::AcqRel);
         self.stats.inflight_publishes.fetch_sub(1, Ordering::Relaxed);
         metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
     }

@@ -64,6 +64,7 @@ struct Connection {
     deliveries: mpsc::Sender<Outbound>,
     subscriptions: HashMap<u32, SubscriptionHandle>,
     inflight_publishes: Arc<AtomicU32>,
+    inflight_publish_bytes: Arc<AtomicU64>,
     handshaken: bool,
     cancel: CancellationToken,
     peer: String,
@@ -93,6 +94,7 @@ pub(crate) async fn serve(
         deliveries,
         subscriptions: HashMap::new(),
         inflight_publishes: Arc::new(AtomicU32::new(0)),
+        inflight_publish_bytes: Arc::new(AtomicU64::new(0)),
         handshaken: false,
         cancel: cancel.clone(),
         peer,
@@ -345,6 +347,15 @@ impl Connection {
                 format!("{window} publishes are already unanswered on this connection (max_inflight_publishes)");
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
         }
+        let body_bytes: u64 = messages.iter().map(|m| crate::protocol::wire::message_wire_len(m) as u64).sum();
+        let bytes_max = self.broker.config.max_inflight_publish_bytes;
+        if self.inflight_publish_bytes.load(Ordering::Acquire) + body_bytes > bytes_max {
+            Stats::add(&stats.publishes_rejected_inflight, 1);
+            let message = format!(
+                "this publish of {body_bytes} bytes would exceed max_inflight_publish_bytes = {bytes_max} unanswered on this connection"
+            );
+            return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
+        }
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
             Err(ChannelError::Unknown) => {
@@ -354,6 +365,7 @@ impl Connection {
             Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
         };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
+        self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
         let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
         assert!(inflight <= window, "the publish window is checked before a slot is taken");
         Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
@@ -364,6 +376,8 @@ impl Connection {
             stats: Arc::clone(&stats),
             correlation_id,
             inflight: Arc::clone(&self.inflight_publishes),
+            inflight_bytes: Arc::clone(&self.inflight_publish_bytes),
+            body_bytes,
         };
         match handle.appends.try_send(AppendRequest { messages, producer, reply }) {
             Ok(()) => {}
