@@ -79,6 +79,14 @@ enum Command {
         #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
+    /// Broker counters, per-channel rates and subscriber lag, from two
+    /// samples taken --interval-ms apart.
+    Stats {
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
     /// Verify every channel and segment of a data directory offline.
     Check {
         /// The broker's data directory.
@@ -98,6 +106,7 @@ fn main() -> ExitCode {
             run_async(subscribe(addr, channel, from, durable, count))
         }
         Command::Channels { addr } => run_async(channels(addr)),
+        Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
     };
     match result {
         Ok(code) => code,
@@ -305,6 +314,44 @@ async fn channels(addr: String) -> anyhow::Result<ExitCode> {
                 "    subscription {name}: next {} acked {acked} lag {}",
                 subscription.next_offset, subscription.lag
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stats(addr: String, interval_ms: u64) -> anyhow::Result<ExitCode> {
+    let connection = Connection::connect(&addr, "weir-cli").await?;
+    let sample = || async {
+        match connection.request(Request::Stats).await? {
+            Response::Stats { counters, channels } => anyhow::Ok((std::time::Instant::now(), counters, channels)),
+            other => bail!("unexpected answer to STATS: {other:?}"),
+        }
+    };
+    let (first_at, _, first_channels) = sample().await?;
+    tokio::time::sleep(Duration::from_millis(interval_ms.max(1))).await;
+    let (second_at, counters, channels) = sample().await?;
+    let seconds = second_at.duration_since(first_at).as_secs_f64();
+    for (name, value) in &counters {
+        println!("{name:<44} {value}");
+    }
+    println!();
+    println!("{:<32} {:>12} {:>12} {:>12} {:>14}", "CHANNEL", "MSG/S", "MB/S", "NEXT", "BYTES");
+    for channel in &channels {
+        let before = first_channels.iter().find(|c| c.name == channel.name);
+        let messages =
+            channel.messages_appended - before.map_or(0, |c| c.messages_appended.min(channel.messages_appended));
+        let bytes = channel.bytes_appended - before.map_or(0, |c| c.bytes_appended.min(channel.bytes_appended));
+        println!(
+            "{:<32} {:>12.0} {:>12.2} {:>12} {:>14}",
+            channel.name,
+            messages as f64 / seconds,
+            bytes as f64 / seconds / 1e6,
+            channel.next_offset,
+            channel.size_bytes
+        );
+        for subscription in &channel.subscriptions {
+            let name = if subscription.durable_name.is_empty() { "(ephemeral)" } else { &subscription.durable_name };
+            println!("    subscription {name}: lag {} in flight {}", subscription.lag, subscription.inflight);
         }
     }
     Ok(ExitCode::SUCCESS)

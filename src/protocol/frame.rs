@@ -71,6 +71,7 @@ pub enum FrameType {
     Fetch = 0x08,
     CreateChannel = 0x09,
     ListChannels = 0x0A,
+    Stats = 0x0B,
     Welcome = 0x81,
     Pong = 0x82,
     PublishAck = 0x83,
@@ -84,6 +85,7 @@ pub enum FrameType {
     FetchResult = 0x8B,
     ChannelCreated = 0x8C,
     Channels = 0x8D,
+    StatsResult = 0x8E,
 }
 
 /// Wire error codes. Never renumbered or reused.
@@ -235,6 +237,7 @@ pub enum Request {
         retention: ChannelRetention,
     },
     ListChannels,
+    Stats,
 }
 
 /// The limits a server advertises in WELCOME.
@@ -293,6 +296,28 @@ pub struct SubscriptionInfo {
     pub lag: u64,
 }
 
+/// One channel in a STATS_RESULT answer: running totals, so that a client
+/// can derive rates from two answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelStats {
+    pub name: String,
+    pub messages_appended: u64,
+    pub bytes_appended: u64,
+    pub next_offset: u64,
+    pub size_bytes: u64,
+    pub subscriptions: Vec<SubscriptionStats>,
+}
+
+/// One live subscription in a STATS_RESULT answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionStats {
+    /// Durable name, or empty.
+    pub durable_name: String,
+    pub lag: u64,
+    /// Delivered and not yet acknowledged.
+    pub inflight: u64,
+}
+
 /// A frame the server sends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
@@ -343,6 +368,12 @@ pub enum Response {
     ChannelCreated,
     Channels {
         channels: Vec<ChannelInfo>,
+    },
+    /// Broker-wide counters by name (the list may grow; clients print what
+    /// they get), then per-channel figures.
+    Stats {
+        counters: Vec<(String, u64)>,
+        channels: Vec<ChannelStats>,
     },
 }
 
@@ -467,6 +498,7 @@ impl Request {
                 put_optional(out, retention.max_messages);
             }),
             Request::ListChannels => frame(FrameType::ListChannels, correlation_id, |_| {}),
+            Request::Stats => frame(FrameType::Stats, correlation_id, |_| {}),
         }
     }
 
@@ -556,6 +588,7 @@ impl Request {
                 },
             },
             0x0A => Request::ListChannels,
+            0x0B => Request::Stats,
             other => return Err(DecodeError::UnknownFrameType { frame_type: other }),
         };
         r.finish()?;
@@ -656,6 +689,27 @@ impl Response {
                 out
             }
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
+            Response::Stats { counters, channels } => frame(FrameType::StatsResult, correlation_id, |out| {
+                out.put_u16(counters.len() as u16);
+                for (name, value) in counters {
+                    wire::put_short_string(out, name);
+                    out.put_u64(*value);
+                }
+                out.put_u32(channels.len() as u32);
+                for channel in channels {
+                    wire::put_short_string(out, &channel.name);
+                    out.put_u64(channel.messages_appended);
+                    out.put_u64(channel.bytes_appended);
+                    out.put_u64(channel.next_offset);
+                    out.put_u64(channel.size_bytes);
+                    out.put_u32(channel.subscriptions.len() as u32);
+                    for subscription in &channel.subscriptions {
+                        wire::put_short_string(out, &subscription.durable_name);
+                        out.put_u64(subscription.lag);
+                        out.put_u64(subscription.inflight);
+                    }
+                }
+            }),
             Response::Channels { channels } => frame(FrameType::Channels, correlation_id, |out| {
                 out.put_u32(channels.len() as u32);
                 for channel in channels {
@@ -749,6 +803,40 @@ impl Response {
                 Response::FetchResult { next_offset, count, records: r.rest() }
             }
             0x8C => Response::ChannelCreated,
+            0x8E => {
+                let counter_count = r.u16("counter_count")? as usize;
+                let mut counters = Vec::with_capacity(counter_count.min(r.remaining() / 9));
+                for _ in 0..counter_count {
+                    counters.push((r.short_string("counter_name")?, r.u64("counter_value")?));
+                }
+                let channel_count = r.u32("channel_count")? as usize;
+                let mut channels = Vec::with_capacity(channel_count.min(r.remaining() / 37));
+                for _ in 0..channel_count {
+                    let name = r.short_string("name")?;
+                    let messages_appended = r.u64("messages_appended")?;
+                    let bytes_appended = r.u64("bytes_appended")?;
+                    let next_offset = r.u64("next_offset")?;
+                    let size_bytes = r.u64("size_bytes")?;
+                    let subscription_count = r.u32("subscription_count")? as usize;
+                    let mut subscriptions = Vec::with_capacity(subscription_count.min(r.remaining() / 17));
+                    for _ in 0..subscription_count {
+                        subscriptions.push(SubscriptionStats {
+                            durable_name: r.short_string("durable_name")?,
+                            lag: r.u64("lag")?,
+                            inflight: r.u64("inflight")?,
+                        });
+                    }
+                    channels.push(ChannelStats {
+                        name,
+                        messages_appended,
+                        bytes_appended,
+                        next_offset,
+                        size_bytes,
+                        subscriptions,
+                    });
+                }
+                Response::Stats { counters, channels }
+            }
             0x8D => {
                 let count = r.u32("channel_count")? as usize;
                 let mut channels = Vec::with_capacity(count.min(r.remaining() / 37));

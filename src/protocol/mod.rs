@@ -7,9 +7,9 @@ pub mod frame;
 pub mod wire;
 
 pub use frame::{
-    AUTH_TOKEN_BYTES_MAX, BackpressureReason, ChannelInfo, ChannelRetention, ErrorCode, FRAME_HEADER_BYTES,
-    FrameHeader, FrameType, Limits, Notice, PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
-    SubscriptionInfo,
+    AUTH_TOKEN_BYTES_MAX, BackpressureReason, ChannelInfo, ChannelRetention, ChannelStats, ErrorCode,
+    FRAME_HEADER_BYTES, FrameHeader, FrameType, Limits, Notice, PROTOCOL_VERSION, ProducerSequence, Request, Response,
+    StartPosition, SubscriptionInfo, SubscriptionStats,
 };
 pub use wire::DecodeError;
 

@@ -79,6 +79,7 @@ fn request() -> impl Strategy<Value = Request> {
                 retention: ChannelRetention { max_bytes, max_age_secs, max_messages }
             }),
         Just(Request::ListChannels),
+        Just(Request::Stats),
     ]
 }
 
@@ -150,6 +151,34 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         Just(Response::ChannelCreated),
         proptest::collection::vec(channel_info, 0..3).prop_map(|channels| Response::Channels { channels }),
+        (
+            proptest::collection::vec(("[a-z_]{1,30}", any::<u64>()), 0..5),
+            proptest::collection::vec(
+                (
+                    channel(),
+                    any::<[u64; 4]>(),
+                    proptest::collection::vec(("[a-z]{0,8}", any::<u64>(), any::<u64>()), 0..3)
+                ),
+                0..3
+            )
+        )
+            .prop_map(|(counters, channels)| Response::Stats {
+                counters,
+                channels: channels
+                    .into_iter()
+                    .map(|(name, v, subscriptions)| ChannelStats {
+                        name,
+                        messages_appended: v[0],
+                        bytes_appended: v[1],
+                        next_offset: v[2],
+                        size_bytes: v[3],
+                        subscriptions: subscriptions
+                            .into_iter()
+                            .map(|(durable_name, lag, inflight)| SubscriptionStats { durable_name, lag, inflight })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
     ]
 }
 

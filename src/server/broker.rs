@@ -48,6 +48,7 @@ pub(crate) struct Broker {
     writers: Mutex<Vec<JoinHandle<()>>>,
     subscriptions: Mutex<HashMap<u64, Arc<SubscriptionStatus>>>,
     next_subscription_key: AtomicU64,
+    started: std::time::Instant,
 }
 
 /// Why a channel cannot be used.
@@ -82,6 +83,7 @@ impl Broker {
             writers: Mutex::new(Vec::new()),
             subscriptions: Mutex::new(HashMap::new()),
             next_subscription_key: AtomicU64::new(1),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -146,6 +148,66 @@ impl Broker {
         let key = self.next_subscription_key.fetch_add(1, Ordering::Relaxed);
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, status);
         SubscriptionGuard { broker: Arc::clone(self), key }
+    }
+
+    /// Counters and per-channel figures for STATS.
+    pub fn stats_snapshot(&self) -> (Vec<(String, u64)>, Vec<crate::protocol::ChannelStats>) {
+        let stats = &self.stats;
+        let get = Stats::get;
+        let subscriptions = self.subscription_statuses();
+        let inflight_deliveries: u64 = subscriptions
+            .iter()
+            .map(|s| s.next_offset.load(Ordering::Relaxed).saturating_sub(s.ack_floor.load(Ordering::Relaxed)))
+            .sum();
+        let counters = vec![
+            ("uptime_seconds".to_owned(), self.started.elapsed().as_secs()),
+            ("connections_open".to_owned(), get(&stats.connections_open)),
+            ("connections_accepted_total".to_owned(), get(&stats.connections_accepted)),
+            ("connections_refused_total".to_owned(), get(&stats.connections_refused)),
+            ("messages_appended_total".to_owned(), get(&stats.messages_appended)),
+            ("publishes_rejected_too_large_total".to_owned(), get(&stats.publishes_rejected_too_large)),
+            ("publishes_rejected_inflight_total".to_owned(), get(&stats.publishes_rejected_inflight)),
+            ("publishes_rejected_backpressure_total".to_owned(), get(&stats.publishes_rejected_backpressure)),
+            ("publishes_rejected_invalid_channel_total".to_owned(), get(&stats.publishes_rejected_invalid_channel)),
+            ("publishes_rejected_storage_total".to_owned(), get(&stats.publishes_rejected_storage)),
+            ("protocol_errors_total".to_owned(), get(&stats.protocol_errors)),
+            ("idle_timeouts_total".to_owned(), get(&stats.idle_timeouts)),
+            ("lag_notices_total".to_owned(), get(&stats.lag_notices)),
+            ("skipped_notices_total".to_owned(), get(&stats.skipped_notices)),
+            ("inflight_publishes".to_owned(), get(&stats.inflight_publishes)),
+            ("inflight_deliveries".to_owned(), inflight_deliveries),
+        ];
+        let channels = self
+            .store
+            .channels()
+            .iter()
+            .map(|log| {
+                let log_stats = log.stats();
+                let counters = log.counters();
+                let subscriptions = subscriptions
+                    .iter()
+                    .filter(|s| &s.channel == log.name())
+                    .map(|s| {
+                        let next = s.next_offset.load(Ordering::Relaxed);
+                        let ack_floor = s.ack_floor.load(Ordering::Relaxed);
+                        crate::protocol::SubscriptionStats {
+                            durable_name: s.durable_name.clone().unwrap_or_default(),
+                            lag: log_stats.next_offset.saturating_sub(ack_floor),
+                            inflight: next.saturating_sub(ack_floor),
+                        }
+                    })
+                    .collect();
+                crate::protocol::ChannelStats {
+                    name: log.name().to_string(),
+                    messages_appended: counters.messages_appended,
+                    bytes_appended: counters.bytes_appended,
+                    next_offset: log_stats.next_offset,
+                    size_bytes: log_stats.size_bytes,
+                    subscriptions,
+                }
+            })
+            .collect();
+        (counters, channels)
     }
 
     /// Snapshots of the live subscriptions.

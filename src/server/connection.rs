@@ -280,6 +280,10 @@ impl Connection {
                 let channels = self.broker.channel_infos();
                 self.respond(correlation_id, Response::Channels { channels }).await
             }
+            Request::Stats => {
+                let (counters, channels) = self.broker.stats_snapshot();
+                self.respond(correlation_id, Response::Stats { counters, channels }).await
+            }
         }
     }
 
