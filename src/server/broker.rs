@@ -233,13 +233,27 @@ impl Broker {
                         lag: stats.next_offset.saturating_sub(ack_floor),
                     }
                 });
+                let mut live: Vec<SubscriptionInfo> = live.collect();
+                // Durable subscriptions with nobody connected still have a
+                // position, and their lag is what an operator looks for.
+                for (durable_name, acked) in self.offsets.for_channel(log.name().as_str()) {
+                    if live.iter().any(|s| s.durable_name == durable_name) {
+                        continue;
+                    }
+                    live.push(SubscriptionInfo {
+                        durable_name,
+                        next_offset: acked + 1,
+                        acked_offset: Some(acked),
+                        lag: stats.next_offset.saturating_sub(acked + 1),
+                    });
+                }
                 ChannelInfo {
                     name: log.name().to_string(),
                     start_offset: stats.start_offset,
                     next_offset: stats.next_offset,
                     size_bytes: stats.size_bytes,
                     segment_count: stats.segment_count,
-                    subscriptions: live.collect(),
+                    subscriptions: live,
                 }
             })
             .collect()

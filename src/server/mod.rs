@@ -306,6 +306,19 @@ fn publish_metrics(broker: &Broker) {
             _ => entry.ephemeral_lag_max = entry.ephemeral_lag_max.max(lag),
         }
     }
+    for log in broker.store.channels() {
+        let next = log.next_offset();
+        let label = broker.channel_labels.label(log.name().as_str()).to_string();
+        for (name, acked) in broker.offsets.for_channel(log.name().as_str()) {
+            let key = (label.clone(), name);
+            if durable_lags.contains_key(&key)
+                || durable_lags.len() >= broker.config.metrics_channel_labels_max as usize
+            {
+                continue;
+            }
+            durable_lags.insert(key, next.saturating_sub(acked + 1));
+        }
+    }
     for (label, total) in totals {
         counter!("weir_messages_appended_total", "channel" => label.clone()).absolute(total.counters.messages_appended);
         counter!("weir_bytes_appended_total", "channel" => label.clone()).absolute(total.counters.bytes_appended);

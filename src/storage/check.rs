@@ -82,6 +82,12 @@ pub fn check_data_dir(data_dir: &Path) -> std::io::Result<CheckReport> {
         report.channels += 1;
         check_channel(&fs, &name, &channels_dir.join(&name), &mut report);
     }
+    // The broker's internal log of durable subscription offsets has the
+    // same format.
+    let offsets_dir = data_dir.join("system").join("offsets");
+    if offsets_dir.is_dir() {
+        check_channel(&fs, "system/offsets", &offsets_dir, &mut report);
+    }
     Ok(report)
 }
 
