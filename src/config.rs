@@ -141,7 +141,7 @@ impl Default for Config {
             lag_notice_threshold: 10_000,
             notice_interval_ms: 1_000,
             dedup_window: 1024,
-            max_producers: 10_000,
+            max_producers: 1000,
             auto_create_channels: true,
             metrics_addr: "127.0.0.1:9464".into(),
             metrics_channel_labels_max: 100,

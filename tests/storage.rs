@@ -558,3 +558,46 @@ fn a_torn_sealed_segment_refuses_to_open_under_always() {
     assert!(error.to_string().contains("00000000000000000"), "{error}");
     assert_eq!(segment_logs(dir.path()).len(), 3, "nothing is removed when the data was synced");
 }
+
+#[test]
+fn a_flipped_byte_at_the_end_of_the_last_sealed_segment_refuses_to_open_even_under_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config();
+    {
+        let log = open(dir.path(), config.clone());
+        while segment_logs(dir.path()).len() < 3 {
+            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let middle = &segment_logs(dir.path())[1];
+    let mut bytes = std::fs::read(middle).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0x10; // Corruption, not a torn end: the bytes after it are not zeros.
+    std::fs::write(middle, &bytes).unwrap();
+    let error =
+        ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), config).unwrap_err();
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert_eq!(segment_logs(dir.path()).len(), 3, "nothing is removed for corruption");
+}
+
+#[test]
+fn a_zero_filled_end_of_the_last_sealed_segment_is_a_torn_end_under_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config();
+    {
+        let log = open(dir.path(), config.clone());
+        while segment_logs(dir.path()).len() < 3 {
+            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let middle = &segment_logs(dir.path())[1];
+    let mut bytes = std::fs::read(middle).unwrap();
+    let len = bytes.len();
+    bytes[len - 100..].fill(0); // Blocks that never reached the disk read as zeros.
+    std::fs::write(middle, &bytes).unwrap();
+    let log = open(dir.path(), config);
+    assert_eq!(segment_logs(dir.path()).len(), 2);
+    assert_eq!(read_all(&log, 0).len() as u64, log.next_offset());
+}

@@ -49,11 +49,14 @@ pub(crate) struct Broker {
     subscriptions: Mutex<HashMap<u64, Arc<SubscriptionStatus>>>,
     next_subscription_key: AtomicU64,
     started: std::time::Instant,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Why a channel cannot be used.
 pub(crate) enum ChannelError {
     Unknown,
+    /// The broker is shutting down: no channel writer may start.
+    ShuttingDown,
     Storage(StorageError),
 }
 
@@ -84,11 +87,15 @@ impl Broker {
             subscriptions: Mutex::new(HashMap::new()),
             next_subscription_key: AtomicU64::new(1),
             started: std::time::Instant::now(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The channel `name`, creating it when `auto_create_channels` allows.
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<ChannelHandle>, ChannelError> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(ChannelError::ShuttingDown);
+        }
         if let Some(handle) = self.lock_channels().get(name) {
             return Ok(Arc::clone(handle));
         }
@@ -99,21 +106,25 @@ impl Broker {
             }
             None => return Err(ChannelError::Unknown),
         };
-        Ok(self.handle_for(log))
+        self.handle_for(log)
     }
 
     /// Creates a channel with explicit retention.
     pub fn create_channel(&self, name: &ChannelName, settings: ChannelSettings) -> Result<(), StorageError> {
         let log = self.store.create_with_settings(name, settings)?;
-        self.handle_for(log);
+        // Stopping: the channel exists on disk; its writer starts next time.
+        let _ = self.handle_for(log);
         Ok(())
     }
 
     /// The handle of `log`, starting its writer on first use.
-    fn handle_for(&self, log: Arc<ChannelLog>) -> Arc<ChannelHandle> {
+    fn handle_for(&self, log: Arc<ChannelLog>) -> Result<Arc<ChannelHandle>, ChannelError> {
         let mut channels = self.lock_channels();
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(ChannelError::ShuttingDown);
+        }
         if let Some(handle) = channels.get(log.name()) {
-            return Arc::clone(handle);
+            return Ok(Arc::clone(handle));
         }
         let (appends, requests) = mpsc::channel(self.config.channel_queue_depth as usize);
         let (tail_sender, tail) = watch::channel(log.next_offset());
@@ -129,13 +140,19 @@ impl Broker {
         self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(writer);
         let handle = Arc::new(ChannelHandle { log: Arc::clone(&log), appends, tail });
         channels.insert(log.name().clone(), Arc::clone(&handle));
-        handle
+        Ok(handle)
     }
 
     /// Closes every channel's queue and waits until each writer has
     /// answered everything it had queued.
     pub async fn stop_writers(&self) {
-        self.lock_channels().clear();
+        {
+            // Under the channels lock, so that no `handle_for` can add a
+            // writer after the map is emptied.
+            let mut channels = self.lock_channels();
+            self.stopping.store(true, Ordering::Release);
+            channels.clear();
+        }
         let writers: Vec<JoinHandle<()>> = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
         for writer in writers {
             let _ = writer.await;
@@ -236,15 +253,15 @@ impl Broker {
                 let mut live: Vec<SubscriptionInfo> = live.collect();
                 // Durable subscriptions with nobody connected still have a
                 // position, and their lag is what an operator looks for.
-                for (durable_name, acked) in self.offsets.for_channel(log.name().as_str()) {
+                for (durable_name, resume_at) in self.offsets.for_channel(log.name().as_str()) {
                     if live.iter().any(|s| s.durable_name == durable_name) {
                         continue;
                     }
                     live.push(SubscriptionInfo {
                         durable_name,
-                        next_offset: acked + 1,
-                        acked_offset: Some(acked),
-                        lag: stats.next_offset.saturating_sub(acked + 1),
+                        next_offset: resume_at,
+                        acked_offset: resume_at.checked_sub(1),
+                        lag: stats.next_offset.saturating_sub(resume_at),
                     });
                 }
                 ChannelInfo {

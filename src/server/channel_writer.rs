@@ -179,7 +179,13 @@ async fn commit_group(
                     && let Some(state) = producers.get_mut(&producer.producer_id)
                 {
                     state.recent.retain(|entry| entry.0 != producer.sequence);
-                    state.next_sequence = state.recent.back().map_or(0, |entry| entry.0 + entry.1);
+                    match state.recent.back() {
+                        Some(&(sequence, count, _, _)) => state.next_sequence = sequence + count,
+                        // Nothing of it stored: it anchors again on its next publish.
+                        None => {
+                            producers.remove(&producer.producer_id);
+                        }
+                    }
                 }
             }
             None
@@ -205,6 +211,8 @@ async fn commit_group(
                 timestamp_us: timestamp_us.unwrap_or_default(),
                 duplicate: false,
             },
+            // The original was part of this group, which was not stored.
+            (Plan::Duplicate { first_offset, .. }, Err(error)) if first_offset >= base_offset => storage_error(error),
             (Plan::Duplicate { first_offset, count, timestamp_us: known }, _) => Response::PublishAck {
                 first_offset,
                 count: count as u32,
@@ -272,8 +280,16 @@ fn plan_idempotent(
             ),
         );
     }
+    let Some(sequence_end) = producer.sequence.checked_add(count) else {
+        return Plan::Reject(
+            ErrorCode::InvalidRequest,
+            format!("sequence {} + {count} overflows u64", producer.sequence),
+        );
+    };
     if producer.sequence < state.next_sequence {
-        return match state.recent.iter().find(|entry| entry.0 == producer.sequence) {
+        // A retry is the same publish: same first sequence and count.
+        let remembered = state.recent.iter().find(|entry| entry.0 == producer.sequence && entry.1 == count);
+        return match remembered {
             Some(&(_, stored_count, stored_offset, timestamp_us)) => Plan::Duplicate {
                 first_offset: stored_offset,
                 count: stored_count,
@@ -282,13 +298,13 @@ fn plan_idempotent(
             None => Plan::Reject(
                 ErrorCode::SequenceTooOld,
                 format!(
-                    "sequence {} of producer {} is below its next sequence {} and not in the dedup window of {} publishes",
+                    "sequence {} (count {count}) of producer {} is below its next sequence {} and matches no publish in the dedup window of {} publishes",
                     producer.sequence, producer.producer_id, state.next_sequence, limits.dedup_window
                 ),
             ),
         };
     }
-    state.next_sequence = producer.sequence + count;
+    state.next_sequence = sequence_end;
     state.recent.push_back((producer.sequence, count, first_offset, 0));
     while state.recent.len() > limits.dedup_window {
         state.recent.pop_front();

@@ -367,6 +367,10 @@ impl Connection {
                 return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
             }
             Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
+            Err(ChannelError::ShuttingDown) => {
+                let message = "the broker is shutting down; nothing was done".to_owned();
+                return self.error(correlation_id, ErrorCode::ShuttingDown, message).await;
+            }
         };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
         self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
@@ -410,6 +414,9 @@ impl Connection {
         durable_name: Option<String>,
         max_inflight: u32,
     ) -> Flow {
+        // Subscriptions the server ended itself (after a storage error) no
+        // longer count.
+        self.subscriptions.retain(|_, subscription| !subscription.cancel.is_cancelled());
         let count_max = self.broker.limits.max_subscriptions_per_connection as usize;
         if self.subscriptions.len() >= count_max {
             let message =
@@ -433,11 +440,16 @@ impl Connection {
                 return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
             }
             Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
+            Err(ChannelError::ShuttingDown) => {
+                let message = "the broker is shutting down; nothing was done".to_owned();
+                return self.error(correlation_id, ErrorCode::ShuttingDown, message).await;
+            }
         };
         let log = Arc::clone(&handle.log);
         let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
         let first_offset = match (stored, start) {
-            (Some(acked), _) => acked + 1,
+            // Never past the end: recovery may have cut records it had seen.
+            (Some(resume_at), _) => resume_at.min(log.next_offset()),
             (None, StartPosition::Earliest) => log.start_offset(),
             (None, StartPosition::Latest) => log.next_offset(),
             (None, StartPosition::Offset(offset)) => {
@@ -456,8 +468,7 @@ impl Connection {
         };
         if let Some(durable) = &durable_name
             && stored.is_none()
-            && first_offset > 0
-            && let Err(error) = self.broker.offsets.record(name.as_str(), durable, first_offset - 1)
+            && let Err(error) = self.broker.offsets.record(name.as_str(), durable, first_offset)
         {
             return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
         }
@@ -497,6 +508,9 @@ impl Connection {
     }
 
     async fn ack(&mut self, correlation_id: u32, subscription_id: u32, offset: u64) -> Flow {
+        if self.subscriptions.get(&subscription_id).is_some_and(|s| s.cancel.is_cancelled()) {
+            self.subscriptions.remove(&subscription_id);
+        }
         let Some(subscription) = self.subscriptions.get(&subscription_id) else {
             return self.unknown_subscription(correlation_id, subscription_id).await;
         };
@@ -513,7 +527,7 @@ impl Connection {
         if moved {
             subscription.status.ack_floor.store(floor, Ordering::Relaxed);
             if let Some(durable) = &subscription.status.durable_name
-                && let Err(error) = self.broker.offsets.record(subscription.status.channel.as_str(), durable, floor - 1)
+                && let Err(error) = self.broker.offsets.record(subscription.status.channel.as_str(), durable, floor)
             {
                 return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
             }
@@ -537,7 +551,7 @@ impl Connection {
         };
         let config = &self.broker.config;
         let max_bytes = (max_bytes as u64).min(config.delivery_batch_bytes) as usize;
-        let max_records = (max_messages as u64).min(config.max_inflight_deliveries);
+        let max_records = (max_messages as u64).clamp(1, config.max_inflight_deliveries);
         match log.read_bounded(offset, max_bytes.max(1), max_records) {
             Ok(batch) => {
                 let response = Response::FetchResult {

@@ -309,14 +309,14 @@ fn publish_metrics(broker: &Broker) {
     for log in broker.store.channels() {
         let next = log.next_offset();
         let label = broker.channel_labels.label(log.name().as_str()).to_string();
-        for (name, acked) in broker.offsets.for_channel(log.name().as_str()) {
+        for (name, resume_at) in broker.offsets.for_channel(log.name().as_str()) {
             let key = (label.clone(), name);
             if durable_lags.contains_key(&key)
                 || durable_lags.len() >= broker.config.metrics_channel_labels_max as usize
             {
                 continue;
             }
-            durable_lags.insert(key, next.saturating_sub(acked + 1));
+            durable_lags.insert(key, next.saturating_sub(resume_at));
         }
     }
     for (label, total) in totals {

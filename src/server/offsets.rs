@@ -1,5 +1,6 @@
-//! Durable subscription offsets: the last acknowledged offset per (channel,
-//! durable name), kept in an internal log in the same format as channels
+//! Durable subscription offsets: per (channel, durable name), the offset
+//! its next subscription resumes at (one past its last acknowledged
+//! message; where it started, before its first ack), kept in an internal log in the same format as channels
 //! (`<data_dir>/system/offsets`) and compacted when the broker opens it.
 //!
 //! Acks update memory at once; a background task appends the changed
@@ -96,13 +97,14 @@ impl DurableOffsets {
         })
     }
 
-    /// The last acknowledged offset of a durable subscription.
+    /// Where a durable subscription resumes: one past its last
+    /// acknowledged offset.
     pub fn get(&self, channel: &str, name: &str) -> Option<u64> {
         self.lock().offsets.get(&(channel.to_owned(), name.to_owned())).copied()
     }
 
-    /// Records an acknowledgement (kept in memory until the next commit).
-    /// Offsets only move forward.
+    /// Records where a durable subscription resumes (kept in memory until
+    /// the next commit). Positions only move forward.
     ///
     /// # Errors
     /// `TooManyDurables` when this is a new name past the limit.

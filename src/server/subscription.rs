@@ -103,6 +103,9 @@ impl Subscription {
                     let error = Response::Error { code: ErrorCode::StorageError as u16, message }.encode(0);
                     let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0);
                     let _ = self.send(Outbound::Frame(error)).await && self.send(Outbound::Frame(unsubscribed)).await;
+                    // Marks the subscription ended for the connection, which
+                    // then frees its id and its slot.
+                    self.cancel.cancel();
                     return;
                 }
             }

@@ -159,6 +159,9 @@ pub struct ChannelLog {
     /// One past the last offset readers may see.
     visible_next_offset: AtomicU64,
     counters: Mutex<LogCounters>,
+    /// Held by `sync` while it waits for a seal outside the writer lock, so
+    /// that a roll cannot start the next seal before that one is durable.
+    seal_order: Mutex<()>,
 }
 
 impl std::fmt::Debug for ChannelLog {
@@ -198,7 +201,9 @@ impl ChannelLog {
             let opened = Segment::open(&*fs, dir, base_offset, role, config.index_interval_bytes);
             let (segment, report) = match opened {
                 Err(error)
-                    if i + 2 == base_offsets.len() && config.fsync != FsyncPolicy::Always && is_torn_tail(&error) =>
+                    if i + 2 == base_offsets.len()
+                        && config.fsync != FsyncPolicy::Always
+                        && is_torn_tail(&*fs, dir, base_offset, &error) =>
                 {
                     // Under `interval` and `never` the last sealed segment is
                     // synced in the background after the roll, and nothing
@@ -252,6 +257,7 @@ impl ChannelLog {
             }),
             visible_next_offset: AtomicU64::new(next_offset),
             counters: Mutex::new(LogCounters::default()),
+            seal_order: Mutex::new(()),
         })
     }
 
@@ -305,6 +311,9 @@ impl ChannelLog {
         }
         if self.should_roll(&writer, timestamp_us) {
             self.roll(&mut writer)?;
+        }
+        if let Some(cause) = &writer.failure {
+            return Err(StorageError::Failed { channel: self.name.to_string(), cause: cause.clone() });
         }
         let result = self.write_batch(&mut writer, messages, timestamp_us);
         if let Err(error) = &result {
@@ -389,15 +398,29 @@ impl ChannelLog {
     /// outstanding, and any later sync waits for it first, so a sealed
     /// segment is never less durable than the one after it.
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
-        Self::finish_seal(writer)?;
-        if self.config.fsync == FsyncPolicy::Always {
-            writer.active.sync_all()?;
-        } else {
+        // A failed sync leaves the state of unsynced data unknown: the
+        // channel refuses appends from then on (see `Writer::failure`).
+        let sealed = match Self::finish_seal(writer) {
+            Ok(()) if self.config.fsync == FsyncPolicy::Always => writer.active.sync_all(),
+            other => other,
+        };
+        if let Err(error) = sealed {
+            writer.failure = Some(error.to_string());
+            tracing::error!(channel = %self.name, %error, "sealing a segment failed; the channel refuses appends until restart");
+            return Err(error);
+        }
+        if self.config.fsync != FsyncPolicy::Always {
+            let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let sealed = Arc::clone(&writer.active);
             let spawned = std::thread::Builder::new().name("weir-seal".into()).spawn(move || sealed.sync_all());
             match spawned {
                 Ok(handle) => writer.pending_seal = Some(handle),
-                Err(_) => writer.active.sync_all()?,
+                Err(_) => {
+                    if let Err(error) = writer.active.sync_all() {
+                        writer.failure = Some(error.to_string());
+                        return Err(error);
+                    }
+                }
             }
         }
         writer.unsynced = false;
@@ -426,18 +449,36 @@ impl ChannelLog {
     /// # Errors
     /// The failed sync; the log then refuses appends.
     pub fn sync(&self) -> Result<(), StorageError> {
-        let mut writer = self.lock_writer();
-        if let Err(error) = Self::finish_seal(&mut writer) {
-            writer.failure = Some(error.to_string());
-            return Err(error);
-        }
-        if !writer.unsynced {
-            return Ok(());
-        }
-        let result = writer.active.sync_log();
-        match &result {
-            Ok(()) => writer.unsynced = false,
-            Err(error) => writer.failure = Some(error.to_string()),
+        // The waits happen outside the writer lock, so appends (which may
+        // run on the server's async threads) never wait for a disk sync
+        // they did not ask for.
+        // Lock order everywhere: writer, then seal_order.
+        let (order, pending_seal, active) = {
+            let mut writer = self.lock_writer();
+            if writer.failure.is_some() {
+                return Ok(());
+            }
+            let pending_seal = writer.pending_seal.take();
+            if pending_seal.is_none() && !writer.unsynced {
+                return Ok(());
+            }
+            writer.unsynced = false;
+            let order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            (order, pending_seal, Arc::clone(&writer.active))
+        };
+        // The sealed segment first: a segment is never more durable than
+        // the one before it (recovery relies on it).
+        let result = match pending_seal.map(|handle| handle.join()) {
+            Some(Ok(Err(error))) => Err(error),
+            Some(Err(_)) => Err(StorageError::Failed {
+                channel: self.name.to_string(),
+                cause: "the seal sync thread panicked".into(),
+            }),
+            Some(Ok(Ok(()))) | None => active.sync_log(),
+        };
+        drop(order);
+        if let Err(error) = &result {
+            self.lock_writer().failure = Some(error.to_string());
         }
         result
     }
@@ -647,11 +688,32 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
     Ok(logs)
 }
 
-/// Whether a sealed segment failed to open because its end is missing or
-/// damaged (as opposed to a bad header).
-fn is_torn_tail(error: &StorageError) -> bool {
+/// Zero bytes at the very end of a bad last record that mark it as torn
+/// rather than corrupt (a block that was never written reads as zeros).
+const TORN_TAIL_ZEROS_BYTES: usize = 64;
+
+/// Whether a sealed segment failed to open because its end never reached
+/// the disk, as a crash during its background seal sync leaves it: the
+/// file ends inside a record, ends early at a record boundary, or is
+/// zero-filled from the bad record on (unwritten blocks read as zeros). A
+/// bad record followed by anything else is corruption, not a torn end.
+fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &StorageError) -> bool {
     match error {
-        StorageError::Corrupt { .. } => true,
+        StorageError::Corrupt { reason: super::record::RecordError::Incomplete { .. }, .. } => true,
+        StorageError::Corrupt { position, .. } => {
+            let path = dir.join(segment::file_name(base_offset, LOG_EXTENSION));
+            let Ok(file) = fs.open(&path, super::fs::OpenMode::Existing) else { return false };
+            let len = file.len().saturating_sub(*position) as usize;
+            let Ok(rest) = file.read_range(*position, len) else { return false };
+            if rest.iter().all(|&byte| byte == 0) {
+                return true;
+            }
+            // The bad record is the last thing in the file and its end is
+            // zeros: its beginning reached the disk, its end did not.
+            let is_last = super::record::peek_len(&rest).is_ok_and(|claimed| claimed.is_some_and(|l| l >= rest.len()));
+            let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
+            is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
+        }
         StorageError::InvalidFile { problem, .. } => problem.contains("but the next segment starts at"),
         _ => false,
     }

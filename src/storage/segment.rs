@@ -86,6 +86,17 @@ pub(crate) struct SegmentRead {
 impl Segment {
     /// Creates the three files of a new, empty segment.
     pub fn create(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<Segment, StorageError> {
+        let created = Segment::create_files(fs, dir, base_offset);
+        if created.is_err() {
+            // Leave nothing half made: a later roll creates the same names.
+            for extension in [LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION] {
+                let _ = fs.remove(&dir.join(file_name(base_offset, extension)));
+            }
+        }
+        created
+    }
+
+    fn create_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<Segment, StorageError> {
         let open_new = |extension: &str, kind: FileKind| -> Result<Box<dyn StorageFile>, StorageError> {
             let path = dir.join(file_name(base_offset, extension));
             let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
@@ -266,10 +277,18 @@ impl Segment {
         if !offset_entries.is_empty() {
             let mut buf = Vec::with_capacity(offset_entries.len() * INDEX_ENTRY_BYTES);
             index::encode_entries(offset_entries, &mut buf);
-            self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
-            buf.clear();
-            index::encode_entries(time_entries, &mut buf);
-            self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))?;
+            let offsets = self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION));
+            let times = offsets.and_then(|()| {
+                buf.clear();
+                index::encode_entries(time_entries, &mut buf);
+                self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))
+            });
+            if let Err(error) = times {
+                // Take the records back too, so that a failed append stores
+                // nothing; stray index entries are dropped by recovery.
+                let _ = self.log.truncate(previous_len);
+                return Err(error);
+            }
         }
         Ok(())
     }
