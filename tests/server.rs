@@ -1000,3 +1000,32 @@ async fn a_request_on_a_lost_connection_fails_instead_of_hanging() {
         Err(_) => panic!("a request on a closed connection hung instead of failing with Disconnected"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_more_records_than_allowed_is_refused_before_decoding_and_the_connection_stays_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { max_batch_records: 10, ..test_config(&dir) };
+    let server = start(config).await;
+    let mut stream = handshake(&addr(&server)).await;
+    let batch = |count: usize| Request::PublishBatch {
+        channel: "limited".into(),
+        producer: None,
+        messages: (0..count).map(|i| Message::from_payload(vec![i as u8; 4])).collect(),
+    };
+    let at_limit = request(&mut stream, 2, batch(10)).await;
+    assert!(matches!(at_limit, Response::PublishAck { first_offset: 0, count: 10, .. }), "{at_limit:?}");
+    let over = request(&mut stream, 3, batch(11)).await;
+    let message = expect_error(&over, ErrorCode::BatchTooLarge);
+    assert!(message.contains("max_batch_records = 10"), "{message}");
+    // A batch that claims far more records than its body holds is refused
+    // the same way, without decoding.
+    let mut lying = batch(1).encode(4);
+    let count_at = 9 + 1 + "limited".len() + 1;
+    lying[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    write(&mut stream, &lying).await;
+    let (correlation_id, response) = read_response(&mut stream).await;
+    assert_eq!(correlation_id, 4);
+    expect_error(&response, ErrorCode::BatchTooLarge);
+    assert!(matches!(request(&mut stream, 5, Request::Ping).await, Response::Pong));
+    stop(server).await;
+}

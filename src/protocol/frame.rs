@@ -428,6 +428,8 @@ fn get_producer(reader: &mut Reader) -> Result<Option<ProducerSequence>, DecodeE
     }
 }
 
+/// Most messages a batch's vector is sized for before decoding.
+const BATCH_CAPACITY_HINT_MAX: usize = 1024;
 /// The least bytes a message takes on the wire; bounds a batch's count.
 const MESSAGE_WIRE_BYTES_MIN: usize = 8;
 
@@ -542,7 +544,8 @@ impl Request {
                         allowed: "1..=(remaining body bytes / 8)",
                     });
                 }
-                let mut messages = Vec::with_capacity(count);
+                // Grows with what actually decodes, not with the claim.
+                let mut messages = Vec::with_capacity(count.min(BATCH_CAPACITY_HINT_MAX));
                 for _ in 0..count {
                     messages.push(r.message()?);
                 }

@@ -183,3 +183,24 @@ pub fn message_wire_len(message: &Message) -> usize {
         + 4
         + message.payload.len()
 }
+
+/// What one message counts against `max_inflight_publish_bytes`: its bytes
+/// on the wire plus the memory the broker holds for it while it waits
+/// (the decoded message and its headers).
+pub fn message_inflight_bytes(message: &Message) -> usize {
+    message_wire_len(message) + std::mem::size_of::<Message>() + message.headers.len() * std::mem::size_of::<Header>()
+}
+
+/// The `record_count` of a PUBLISH_BATCH body, read without decoding the
+/// messages, so that it can be checked against `max_batch_records` before
+/// anything is allocated for them. `None` when the body is too short.
+pub fn publish_batch_record_count(body: &[u8]) -> Option<u32> {
+    let channel_len = *body.first()? as usize;
+    let flags_at = 1 + channel_len;
+    let count_at = match *body.get(flags_at)? {
+        1 => flags_at + 1 + 16,
+        _ => flags_at + 1,
+    };
+    let count = body.get(count_at..count_at + 4)?;
+    Some(u32::from_be_bytes([count[0], count[1], count[2], count[3]]))
+}

@@ -143,6 +143,13 @@ impl Connection {
                 Ok(Ok(_)) => {}
             }
             let flow = match self.read_frame().await {
+                Ok(Some((header, body))) if self.batch_has_too_many_records(header.frame_type, &body) => {
+                    Stats::add(&self.broker.stats.publishes_rejected_too_large, 1);
+                    let records_max = self.broker.limits.max_batch_records;
+                    let count = crate::protocol::wire::publish_batch_record_count(&body).unwrap_or_default();
+                    let message = format!("batch of {count} records exceeds max_batch_records = {records_max}");
+                    self.error(header.correlation_id, ErrorCode::BatchTooLarge, message).await
+                }
                 Ok(Some((header, body))) => match Request::decode(header.frame_type, body) {
                     Ok(request) => self.handle(header.correlation_id, request).await,
                     Err(error) => self.protocol_error(header.correlation_id, format!("malformed frame: {error}")),
@@ -154,6 +161,14 @@ impl Connection {
                 return;
             }
         }
+    }
+
+    /// Checked before decoding, so that a batch claiming more records than
+    /// allowed costs nothing beyond its (already bounded) body.
+    fn batch_has_too_many_records(&self, frame_type: u8, body: &[u8]) -> bool {
+        frame_type == FrameType::PublishBatch as u8
+            && crate::protocol::wire::publish_batch_record_count(body)
+                .is_some_and(|count| count > self.broker.limits.max_batch_records)
     }
 
     /// Reads one frame. `Ok(None)` when an oversized publish was drained
@@ -351,9 +366,12 @@ impl Connection {
                 format!("{window} publishes are already unanswered on this connection (max_inflight_publishes)");
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
         }
-        let body_bytes: u64 = messages.iter().map(|m| crate::protocol::wire::message_wire_len(m) as u64).sum();
+        let body_bytes: u64 = messages.iter().map(|m| crate::protocol::wire::message_inflight_bytes(m) as u64).sum();
         let bytes_max = self.broker.config.max_inflight_publish_bytes;
-        if self.inflight_publish_bytes.load(Ordering::Acquire) + body_bytes > bytes_max {
+        let bytes_in_flight = self.inflight_publish_bytes.load(Ordering::Acquire);
+        // One publish alone is always let through, so that a legal frame can
+        // never be refused forever.
+        if bytes_in_flight > 0 && bytes_in_flight + body_bytes > bytes_max {
             Stats::add(&stats.publishes_rejected_inflight, 1);
             let message = format!(
                 "this publish of {body_bytes} bytes would exceed max_inflight_publish_bytes = {bytes_max} unanswered on this connection"
