@@ -19,4 +19,4 @@ EXPOSE 7450 9464
 # `weir serve` stops gracefully on SIGTERM (docker stop).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/weir"]
-CMD ["serve", "--config", "/etc/weir/broker.toml", "--data-dir", "/var/lib/weir", "--listen", "0.0.0.0:7450"]
+CMD ["serve", "--config", "/etc/weir/broker.toml", "--data-dir", "/var/lib/weir", "--listen", "0.0.0.0:7450", "--metrics-addr", "0.0.0.0:9464"]

@@ -42,6 +42,9 @@ enum Command {
         /// Data directory (data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Prometheus endpoint address, or "" to disable (metrics_addr).
+        #[arg(long)]
+        metrics_addr: Option<String>,
         /// Print the effective configuration as TOML and exit.
         #[arg(long)]
         print_config: bool,
@@ -98,8 +101,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { data_dir } => check(&data_dir),
-        Command::Serve { config, listen, data_dir, print_config, log_format } => {
-            serve(config.as_deref(), listen, data_dir, print_config, log_format)
+        Command::Serve { config, listen, data_dir, metrics_addr, print_config, log_format } => {
+            let overrides = Overrides { listen, data_dir, metrics_addr };
+            serve(config.as_deref(), overrides, print_config, log_format)
         }
         Command::Publish { channel, message, key, addr } => run_async(publish(addr, channel, key, message)),
         Command::Subscribe { channel, from, durable, count, addr } => {
@@ -153,19 +157,28 @@ fn run_async(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::
     runtime()?.block_on(future)
 }
 
-fn serve(
-    config_path: Option<&Path>,
+/// `weir serve` flags that override the configuration file.
+struct Overrides {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
+    metrics_addr: Option<String>,
+}
+
+fn serve(
+    config_path: Option<&Path>,
+    overrides: Overrides,
     print_config: bool,
     log_format: LogFormat,
 ) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(config_path)?;
-    if let Some(listen) = listen {
+    if let Some(listen) = overrides.listen {
         config.listen_addr = listen;
     }
-    if let Some(data_dir) = data_dir {
+    if let Some(data_dir) = overrides.data_dir {
         config.data_dir = data_dir;
+    }
+    if let Some(metrics_addr) = overrides.metrics_addr {
+        config.metrics_addr = metrics_addr;
     }
     config.validate()?;
     if print_config {
