@@ -197,10 +197,14 @@ impl Connection {
             let is_publish =
                 header.frame_type == FrameType::Publish as u8 || header.frame_type == FrameType::PublishBatch as u8;
             if !is_publish || header.body_len > FRAME_BODY_BYTES_HARD_MAX {
-                let message = format!(
-                    "frame type {:#04x} with a {}-byte body exceeds its limit of {} bytes",
-                    header.frame_type, header.body_len, body_bytes_max
-                );
+                let message = if is_publish {
+                    format!("a {}-byte body exceeds the hard cap of {FRAME_BODY_BYTES_HARD_MAX} bytes", header.body_len)
+                } else {
+                    format!(
+                        "frame type {:#04x} with a {}-byte body exceeds its limit of {} bytes",
+                        header.frame_type, header.body_len, body_bytes_max
+                    )
+                };
                 return Err(self.protocol_error(header.correlation_id, message));
             }
             // Drain without buffering, then answer: the connection stays usable.

@@ -506,8 +506,8 @@ impl ChannelLog {
         self.visible_next_offset.load(Ordering::Acquire)
     }
 
-    /// Reads whole records from `from`, up to about `max_bytes` (at least one
-    /// record when there is one). An empty batch means `from` is the next
+    /// Reads whole records from `from`: at most `max_bytes` of them, or one
+    /// record when that one alone is larger. An empty batch means `from` is the next
     /// offset to be written: the reader is caught up.
     ///
     /// # Errors

@@ -340,8 +340,8 @@ impl Segment {
         ]
     }
 
-    /// Reads whole records starting at `from`, up to about `max_bytes` (at
-    /// least one record, however large). Empty when `from` is at or past the
+    /// Reads whole records starting at `from`: at most `max_bytes` of them,
+    /// or one record when that one alone is larger. Empty when `from` is at or past the
     /// segment's visible end.
     ///
     /// # Errors
@@ -375,9 +375,16 @@ impl Segment {
             }
             expected_offset = Some(meta.offset + 1);
             if meta.offset >= from {
-                let first_position = *first.get_or_insert(position);
+                // Never more than max_bytes, except one record that is
+                // larger on its own.
+                if let Some(first_position) = first
+                    && position + meta.len - first_position > max_bytes
+                {
+                    break;
+                }
+                first.get_or_insert(position);
                 count += 1;
-                if position + meta.len - first_position >= max_bytes || count >= max_records {
+                if count >= max_records {
                     position += meta.len;
                     break;
                 }
