@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,10 @@ pub const RESPONSE_BODY_BYTES_MAX: u32 = 256 * 1024 * 1024;
 const COMMAND_QUEUE_DEPTH: usize = 1024;
 /// How long to wait for the server's WELCOME.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The correlation id of HELLO. Requests use non-zero ids (0 marks what the
+/// server sends unasked), and the writer task numbers the requests after
+/// HELLO from here on.
+const HELLO_CORRELATION_ID: u32 = 1;
 
 /// What a subscription receives.
 #[derive(Debug)]
@@ -38,7 +43,29 @@ pub(crate) enum SubscriptionEvent {
 }
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, ClientError>>>>>;
-type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<SubscriptionEvent>>>>;
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+
+/// Why a subscription ended, kept beside its event queue for when the
+/// queue is too full to carry a `Closed` event: the subscriber reads it
+/// once the queue has drained and ended.
+pub(crate) type EndReason = Arc<OnceLock<ClientError>>;
+
+/// Where a subscription's events go. The reader task never waits for a
+/// subscription's queue: one subscriber that does not read must not stall
+/// the answers and deliveries of everything else on the connection.
+struct Route {
+    events: mpsc::Sender<SubscriptionEvent>,
+    ended: EndReason,
+}
+
+impl Route {
+    /// Ends the subscription: the reason is kept, a `Closed` event is
+    /// queued if there is room, and dropping the sender ends the queue.
+    fn end(self, error: ClientError) {
+        let _ = self.ended.set(error.clone());
+        let _ = self.events.try_send(SubscriptionEvent::Closed(error));
+    }
+}
 
 enum Command {
     Request { request: Request, reply: Option<oneshot::Sender<Result<Response, ClientError>>> },
@@ -91,12 +118,12 @@ impl Connection {
             client_name: client_name.chars().take(255).collect(),
             auth_token: Bytes::from(auth_token.unwrap_or("").as_bytes().to_vec()),
         };
-        writer.write_all(&hello.encode(0)).await.map_err(ClientError::io)?;
+        writer.write_all(&hello.encode(HELLO_CORRELATION_ID)).await.map_err(ClientError::io)?;
         writer.flush().await.map_err(ClientError::io)?;
-        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader))
+        let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader))
             .await
             .map_err(|_| ClientError::Timeout("handshake"))??;
-        let (server_version, limits) = match welcome.1 {
+        let (server_version, limits) = match welcome {
             Response::Welcome { server_version, limits, .. } => (server_version, limits),
             Response::Error { code, message } => return Err(ClientError::Server { code, message }),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -106,8 +133,9 @@ impl Connection {
         let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE_DEPTH);
         let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
         let closed = CancellationToken::new();
+        let unsubscribes = commands.downgrade();
         tokio::spawn(write_loop(writer, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
-        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes), closed));
+        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes), unsubscribes, closed));
         Ok(Connection { commands, routes, limits, server_version, next_subscription_id: Arc::new(AtomicU32::new(1)) })
     }
 
@@ -170,11 +198,12 @@ impl Connection {
     }
 
     /// Registers where deliveries for a new subscription go, and returns
-    /// its id.
-    pub(crate) fn route(&self, events: mpsc::Sender<SubscriptionEvent>) -> u32 {
+    /// its id and where the reason it ended will be kept.
+    pub(crate) fn route(&self, events: mpsc::Sender<SubscriptionEvent>) -> (u32, EndReason) {
         let id = self.next_subscription_id.fetch_add(1, Ordering::Relaxed);
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, events);
-        id
+        let ended = EndReason::default();
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Route { events, ended: Arc::clone(&ended) });
+        (id, ended)
     }
 
     pub(crate) fn unroute(&self, subscription_id: u32) {
@@ -214,7 +243,8 @@ async fn write_loop(
     heartbeat: Duration,
     closed: CancellationToken,
 ) {
-    let mut correlation_id = 0u32;
+    // HELLO took the first id.
+    let mut correlation_id = HELLO_CORRELATION_ID;
     loop {
         let command = tokio::select! {
             () = closed.cancelled() => break,
@@ -262,28 +292,39 @@ fn fail_pending(pending: &Pending) {
     }
 }
 
-async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, routes: Routes, closed: CancellationToken) {
+async fn read_loop(
+    mut reader: BufReader<OwnedReadHalf>,
+    pending: Pending,
+    routes: Routes,
+    commands: mpsc::WeakSender<Command>,
+    closed: CancellationToken,
+) {
     let mut last_error: Option<ClientError> = None;
     let failure = loop {
         let (correlation_id, response) = match read_response(&mut reader).await {
             Ok(frame) => frame,
             Err(error) => break error,
         };
-        match response {
+        let overflowed = match response {
             Response::Deliver { subscription_id, count, records } => {
-                route(&routes, subscription_id, SubscriptionEvent::Records { count, records }).await;
+                route(&routes, subscription_id, SubscriptionEvent::Records { count, records })
             }
             Response::Notice { subscription_id, notice } => {
-                route(&routes, subscription_id, SubscriptionEvent::Notice(notice)).await;
+                route(&routes, subscription_id, SubscriptionEvent::Notice(notice))
             }
             Response::Error { code, message } if correlation_id == 0 => {
                 // Not an answer: the reason for what follows (an
                 // UNSUBSCRIBED, or the connection closing).
                 last_error = Some(ClientError::Server { code, message });
+                None
             }
             Response::Unsubscribed { subscription_id } if correlation_id == 0 => {
                 let error = last_error.take().unwrap_or(ClientError::Disconnected);
-                route(&routes, subscription_id, SubscriptionEvent::Closed(error)).await;
+                let route = routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&subscription_id);
+                if let Some(route) = route {
+                    route.end(error);
+                }
+                None
             }
             response => {
                 let reply = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&correlation_id);
@@ -294,22 +335,53 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, pending: Pending, route
                     };
                     let _ = reply.send(result);
                 }
+                None
             }
+        };
+        if let Some(subscription_id) = overflowed
+            && let Some(commands) = commands.upgrade()
+        {
+            // Its deliveries have nowhere to go any more: end it at the
+            // broker too (the answer matches no request and is dropped).
+            let unsubscribe = Request::Unsubscribe { subscription_id };
+            let _ = commands.try_send(Command::Request { request: unsubscribe, reply: None });
         }
     };
     tracing::debug!(error = %failure, "connection closed");
     closed.cancel();
     fail_pending(&pending);
-    let error = last_error.unwrap_or(ClientError::Disconnected);
-    let senders: Vec<_> = routes.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
-    for sender in senders {
-        let _ = sender.send(SubscriptionEvent::Closed(error.clone())).await;
+    end_routes(&routes, &last_error.unwrap_or(ClientError::Disconnected));
+}
+
+/// Queues an event for its subscription without waiting. A subscription
+/// whose queue is full is ended with `SubscriberOverflow`, and its id is
+/// returned.
+fn route(routes: &Routes, subscription_id: u32, event: SubscriptionEvent) -> Option<u32> {
+    let mut routes = routes.lock().unwrap_or_else(|p| p.into_inner());
+    let sent = routes.get(&subscription_id)?.events.try_send(event);
+    match sent {
+        Ok(()) => None,
+        Err(TrySendError::Closed(_)) => {
+            // The subscriber is gone (it unroutes itself as well).
+            routes.remove(&subscription_id);
+            None
+        }
+        Err(TrySendError::Full(_)) => {
+            let route = routes.remove(&subscription_id)?;
+            drop(routes);
+            let capacity = route.events.max_capacity();
+            tracing::warn!(subscription_id, capacity, "a subscriber's event queue is full; ending the subscription");
+            route.end(ClientError::SubscriberOverflow { subscription_id, capacity });
+            Some(subscription_id)
+        }
     }
 }
 
-async fn route(routes: &Routes, subscription_id: u32, event: SubscriptionEvent) {
-    let sender = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&subscription_id).cloned();
-    if let Some(sender) = sender {
-        let _ = sender.send(event).await;
+/// Ends every subscription of a closed connection, without waiting for
+/// any subscriber to make room in its queue.
+fn end_routes(routes: &Routes, error: &ClientError) {
+    let ended: Vec<Route> = routes.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, route)| route).collect();
+    for route in ended {
+        route.end(error.clone());
     }
 }

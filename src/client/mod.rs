@@ -65,6 +65,14 @@ pub enum ClientError {
     Invalid(String),
     #[error("the publisher is closed")]
     Closed,
+    /// The client ended a subscription because its event queue was full:
+    /// the application did not read it while deliveries and notices kept
+    /// arriving. The connection's reader never waits for one subscriber,
+    /// so that the others and every request keep being answered.
+    #[error(
+        "subscription {subscription_id} was ended by the client: its queue of {capacity} events was full because the application was not reading it"
+    )]
+    SubscriberOverflow { subscription_id: u32, capacity: usize },
 }
 
 impl ClientError {

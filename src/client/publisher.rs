@@ -9,6 +9,15 @@
 //! After any rejection the task stops sending, waits for every answer
 //! still due, renumbers what is left (rejected batches were not stored),
 //! and resends it in order: per-publisher order holds across retries.
+//!
+//! The broker anchors a producer it does not know (a new one, or any after
+//! a broker restart) at the sequence of its first publish that reaches the
+//! channel writer. If two batches were pipelined then and the first was
+//! turned away before the writer (BACKPRESSURE), the second would anchor
+//! the producer past the first, which could then never be stored. So after
+//! connecting and after every reconnect the publisher is *unanchored*: it
+//! keeps one batch in flight until a PUBLISH_ACK says the broker knows
+//! where this producer stands, and only then pipelines.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -119,6 +128,8 @@ impl Publisher {
             connection,
             producer_id: rand::random(),
             next_sequence: 0,
+            acked_end: 0,
+            anchored: false,
             pending: BTreeMap::new(),
             requests: JoinSet::new(),
             next_batch_id: 0,
@@ -177,7 +188,16 @@ struct Batch {
     sequence: u64,
     messages: Vec<Message>,
     replies: Vec<ReceiptSender>,
-    attempts: u32,
+    /// Times the broker answered this batch BACKPRESSURE.
+    backpressured: u32,
+    /// Times this batch had to be resent for a sequence or window
+    /// rejection (`OutOfOrderSequence`, `InflightLimitExceeded`) that no
+    /// earlier rejected batch explains.
+    resequenced: u32,
+    /// Sent on the current connection and not answered yet. A batch that
+    /// is neither in flight nor settled waits to be sent (behind a batch
+    /// resent alone while the publisher is unanchored).
+    in_flight: bool,
     outcome: Option<Outcome>,
 }
 
@@ -195,7 +215,16 @@ struct PublishTask {
     connection: Connection,
     producer_id: u64,
     next_sequence: u64,
-    /// Batches sent and not yet settled, by id (ids grow in send order).
+    /// One past the last sequence of the highest batch the broker
+    /// acknowledged: the broker's next sequence for this producer is at
+    /// least this, so no batch is ever (re)numbered below it.
+    acked_end: u64,
+    /// A PUBLISH_ACK arrived on the current connection for the current
+    /// producer id: the broker has anchored this producer, and batches may
+    /// be pipelined. Until then one batch at a time is in flight.
+    anchored: bool,
+    /// Batches not yet settled, by id (ids grow in send order): in flight,
+    /// answered with a rejection, or waiting to be resent.
     pending: BTreeMap<u64, Batch>,
     requests: JoinSet<(u64, Outcome)>,
     next_batch_id: u64,
@@ -219,19 +248,37 @@ impl PublishTask {
             if !open && self.pending.is_empty() && self.held.is_none() {
                 return;
             }
-            // A batch is sent only when its largest possible size fits in
-            // the broker's byte window next to everything in flight.
-            let bytes_in_flight: usize =
-                self.pending.values().map(|b| b.messages.iter().map(wire::message_wire_len).sum::<usize>()).sum();
+            // A batch is sent only when its largest possible size, counted
+            // as the broker counts it (wire bytes plus the memory it holds
+            // per message), fits in the byte window next to everything in
+            // flight; with nothing in flight the broker takes any one batch.
+            let bytes_in_flight: usize = self
+                .pending
+                .values()
+                .filter(|b| b.in_flight)
+                .map(|b| b.messages.iter().map(wire::message_inflight_bytes).sum::<usize>())
+                .sum();
+            let batch_bytes_max = self.batching.max_bytes + self.batching.max_messages * std::mem::size_of::<Message>();
+            // Unanchored, one batch at a time (see the module comment).
+            let window = if self.anchored { self.batching.window } else { 1 };
             let can_send = !recovering
-                && self.requests.len() < self.batching.window
-                && bytes_in_flight + self.batching.max_bytes <= self.batching.window_bytes;
-            if can_send && let Some(first) = self.held.take() {
+                && self.requests.len() < window
+                && (bytes_in_flight == 0 || bytes_in_flight + batch_bytes_max <= self.batching.window_bytes);
+            // Batches left waiting by `recover` go first, in order, before
+            // anything new.
+            let waiting = self.pending.iter().find(|(_, b)| !b.in_flight && b.outcome.is_none()).map(|(&id, _)| id);
+            if let Some(id) = waiting {
+                if can_send && let Some(mut batch) = self.pending.remove(&id) {
+                    self.transmit(id, &mut batch).await;
+                    self.pending.insert(id, batch);
+                    continue;
+                }
+            } else if can_send && let Some(first) = self.held.take() {
                 let batch = self.gather(first, &mut queued).await;
                 self.send(batch).await;
                 continue;
             }
-            let can_send = can_send && open;
+            let can_send = can_send && open && waiting.is_none();
             tokio::select! {
                 Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => {
                     if let Ok((id, outcome)) = joined {
@@ -284,12 +331,14 @@ impl PublishTask {
         self.next_batch_id += 1;
         let sequence = self.next_sequence;
         self.next_sequence += messages.len() as u64;
-        let batch = Batch { sequence, messages, replies, attempts: 0, outcome: None };
-        self.transmit(id, &batch).await;
+        let mut batch =
+            Batch { sequence, messages, replies, backpressured: 0, resequenced: 0, in_flight: false, outcome: None };
+        self.transmit(id, &mut batch).await;
         self.pending.insert(id, batch);
     }
 
-    async fn transmit(&mut self, id: u64, batch: &Batch) {
+    async fn transmit(&mut self, id: u64, batch: &mut Batch) {
+        batch.in_flight = true;
         let producer = Some(ProducerSequence { producer_id: self.producer_id, sequence: batch.sequence });
         let channel = self.channel.clone();
         let request = if batch.messages.len() == 1 {
@@ -310,9 +359,14 @@ impl PublishTask {
 
     fn settle(&mut self, id: u64, outcome: Outcome) {
         let Some(batch) = self.pending.get_mut(&id) else { return };
+        batch.in_flight = false;
         if let Outcome::Acked { first_offset, timestamp_us, duplicate } = outcome
             && batch.outcome.is_none()
         {
+            // The broker knows this producer now, and its next sequence is
+            // at least the end of this batch.
+            self.anchored = true;
+            self.acked_end = self.acked_end.max(batch.sequence + batch.messages.len() as u64);
             let Some(batch) = self.pending.remove(&id) else { return };
             for (i, reply) in batch.replies.into_iter().enumerate() {
                 let _ = reply.send(Ok(Receipt { offset: first_offset + i as u64, timestamp_us, duplicate }));
@@ -324,12 +378,20 @@ impl PublishTask {
 
     /// Runs with nothing in flight after a rejection or a lost connection:
     /// fail what cannot be retried, renumber the rest, resend in order.
+    /// Unanchored (after a reconnect, or before the first acknowledgement),
+    /// only the first batch is resent; the others wait, renumbered, until
+    /// it is acknowledged.
     async fn recover(&mut self) {
         let reconnect = self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::Reconnect)));
         if reconnect && let Err(error) = self.reconnect().await {
             for (_, batch) in std::mem::take(&mut self.pending) {
                 fail(batch, &error);
             }
+            // Those batches may or may not have been stored: their
+            // sequences must not be reused for other messages, or a later
+            // batch could be taken for one of them and answered as a
+            // duplicate. Publish as a new producer from here on.
+            self.new_producer();
             return;
         }
         let wait = self
@@ -348,24 +410,35 @@ impl PublishTask {
             BackpressurePolicy::Retry { max_attempts } => max_attempts,
             BackpressurePolicy::Surface => 0,
         };
-        let mut cursor = self.pending.values().next().map(|b| b.sequence).unwrap_or(self.next_sequence);
+        // Never below what the broker acknowledged: a sequence there is
+        // either stored already or remembered as another batch's.
+        let mut cursor = self.pending.values().next().map_or(self.next_sequence, |b| b.sequence).max(self.acked_end);
+        let mut resend = true;
+        // A batch rejected earlier in this round explains an
+        // OutOfOrderSequence of the batches after it.
+        let mut rejected_before = false;
         let ids: Vec<u64> = self.pending.keys().copied().collect();
         for id in ids {
             let Some(mut batch) = self.pending.remove(&id) else { continue };
-            batch.attempts += 1;
             let give_up = match &batch.outcome {
                 Some(Outcome::Fail(error)) => Some(error.clone()),
-                Some(Outcome::Retry { after })
-                    if batch.attempts > max_attempts.max(RESEQUENCE_ATTEMPTS_MAX)
-                        || (!after.is_zero() && batch.attempts > max_attempts) =>
-                {
-                    Some(ClientError::Backpressure {
-                        channel: self.channel.clone(),
-                        retry_after_ms: after.as_millis() as u32,
-                    })
+                Some(Outcome::Retry { after }) => {
+                    let after = *after;
+                    if !after.is_zero() {
+                        batch.backpressured += 1;
+                    } else if !rejected_before {
+                        batch.resequenced += 1;
+                    }
+                    (batch.resequenced > max_attempts.max(RESEQUENCE_ATTEMPTS_MAX)
+                        || (!after.is_zero() && batch.backpressured > max_attempts))
+                        .then(|| ClientError::Backpressure {
+                            channel: self.channel.clone(),
+                            retry_after_ms: after.as_millis() as u32,
+                        })
                 }
                 _ => None,
             };
+            rejected_before |= batch.outcome.is_some();
             if let Some(error) = give_up {
                 // Not stored: the batches after it move down into its
                 // sequence numbers.
@@ -375,10 +448,21 @@ impl PublishTask {
             batch.sequence = cursor;
             cursor += batch.messages.len() as u64;
             batch.outcome = None;
-            self.transmit(id, &batch).await;
+            if resend {
+                self.transmit(id, &mut batch).await;
+                resend = self.anchored;
+            }
             self.pending.insert(id, batch);
         }
-        self.next_sequence = cursor;
+        self.next_sequence = cursor.max(self.acked_end);
+    }
+
+    /// Starts over as a producer the broker has never seen.
+    fn new_producer(&mut self) {
+        self.producer_id = rand::random();
+        self.next_sequence = 0;
+        self.acked_end = 0;
+        self.anchored = false;
     }
 
     async fn reconnect(&mut self) -> Result<(), ClientError> {
@@ -394,6 +478,9 @@ impl PublishTask {
             {
                 Ok(connection) => {
                     self.connection = connection;
+                    // The broker may have restarted and forgotten this
+                    // producer: it is anchored anew by the first publish.
+                    self.anchored = false;
                     return Ok(());
                 }
                 Err(error) => last_error = error,

@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
 use super::ClientError;
-use super::connection::{Connection, SubscriptionEvent};
-use crate::protocol::{Notice, Request, Response, StartPosition};
+use super::connection::{Connection, EndReason, SubscriptionEvent};
+use crate::protocol::{ErrorCode, Notice, Request, Response, StartPosition};
 use crate::storage::Record;
 use crate::storage::record::RecordIter;
 
@@ -43,6 +43,9 @@ pub struct Subscriber {
     subscription_id: u32,
     first_offset: u64,
     events: mpsc::Receiver<SubscriptionEvent>,
+    /// Why the subscription ended, when its queue had no room left for a
+    /// `Closed` event.
+    ended: EndReason,
     ready: VecDeque<Event>,
     closed: bool,
 }
@@ -62,9 +65,11 @@ impl Subscriber {
             return Err(ClientError::Invalid("max_inflight must be at least 1".into()));
         }
         // One slot per possible delivery frame: the broker never has more
-        // than max_inflight deliveries outstanding, so this never fills.
+        // than max_inflight deliveries outstanding, plus room for notices.
+        // Only notices piling up while the application does not read can
+        // fill it; the subscription then ends with `SubscriberOverflow`.
         let (events_sender, events) = mpsc::channel(options.max_inflight as usize + 8);
-        let subscription_id = connection.route(events_sender);
+        let (subscription_id, ended) = connection.route(events_sender);
         let request = Request::Subscribe {
             subscription_id,
             channel: channel.to_owned(),
@@ -88,6 +93,7 @@ impl Subscriber {
             subscription_id,
             first_offset,
             events,
+            ended,
             ready: VecDeque::new(),
             closed: false,
         })
@@ -119,7 +125,16 @@ impl Subscriber {
     pub async fn unsubscribe(self) -> Result<(), ClientError> {
         let result = self.connection.request(Request::Unsubscribe { subscription_id: self.subscription_id }).await;
         self.connection.unroute(self.subscription_id);
-        result.map(|_| ())
+        match result {
+            // After an overflow the client has unsubscribed already.
+            Err(error)
+                if error.code() == Some(ErrorCode::UnknownSubscription)
+                    && matches!(self.ended.get(), Some(ClientError::SubscriberOverflow { .. })) =>
+            {
+                Ok(())
+            }
+            result => result.map(|_| ()),
+        }
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, ClientError>>> {
@@ -132,7 +147,12 @@ impl Subscriber {
             }
             match self.events.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => self.closed = true,
+                Poll::Ready(None) => {
+                    self.closed = true;
+                    if let Some(error) = self.ended.get() {
+                        return Poll::Ready(Some(Err(error.clone())));
+                    }
+                }
                 Poll::Ready(Some(SubscriptionEvent::Notice(notice))) => self.ready.push_back(Event::Notice(notice)),
                 Poll::Ready(Some(SubscriptionEvent::Closed(error))) => {
                     self.closed = true;
