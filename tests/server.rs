@@ -1029,3 +1029,84 @@ async fn a_batch_with_more_records_than_allowed_is_refused_before_decoding_and_t
     assert!(matches!(request(&mut stream, 5, Request::Ping).await, Response::Pong));
     stop(server).await;
 }
+
+/// The next notice of a subscription, passing over messages.
+async fn next_notice(subscriber: &mut Subscriber) -> weir::protocol::Notice {
+    loop {
+        match within("a notice", subscriber.next()).await {
+            Some(Ok(Event::Notice(notice))) => return notice,
+            Some(Ok(Event::Message(_))) => continue,
+            Some(Err(error)) => panic!("the subscription failed: {error}"),
+            None => panic!("the subscription ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_far_behind_gets_a_lag_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { lag_notice_threshold: 50, ..test_config(&dir) };
+    let server = start(config).await;
+    let publisher = Publisher::connect(&addr(&server), "lagging", PublisherOptions::default()).await.unwrap();
+    for i in 0..100 {
+        within("a publish", publisher.publish(message(i))).await.unwrap();
+    }
+    let connection = Connection::connect(&addr(&server), "lagging-subscriber").await.unwrap();
+    let options = SubscribeOptions { start: StartPosition::Earliest, max_inflight: 10, ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "lagging", options).await.unwrap();
+    match next_notice(&mut subscriber).await {
+        weir::protocol::Notice::Lag { lag, next_offset } => {
+            assert_eq!(next_offset, 100);
+            assert!(lag >= 50, "lag {lag} is at least the threshold");
+        }
+        other => panic!("expected LAG, got {other:?}"),
+    }
+    assert!(Stats::get(&server.stats().lag_notices) >= 1);
+    publisher.close().await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_unread_messages_retention_deleted_gets_a_skipped_notice_and_resumes_at_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        segment_bytes: 1024,
+        retention_max_messages: Some(20),
+        retention_check_interval_ms: 100,
+        ..test_config(&dir)
+    };
+    let server = start(config).await;
+    let publisher = Publisher::connect(&addr(&server), "retained", PublisherOptions::default()).await.unwrap();
+    within("a publish", publisher.publish(message(0))).await.unwrap();
+    let connection = Connection::connect(&addr(&server), "slow-subscriber").await.unwrap();
+    // A window of one, never acknowledged: the cursor stays at offset 1.
+    let options = SubscribeOptions { start: StartPosition::Earliest, max_inflight: 1, ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "retained", options).await.unwrap();
+    assert_eq!(next_record(&mut subscriber).await.offset, 0);
+    for i in 1..200 {
+        within("a publish", publisher.publish(message(i))).await.unwrap();
+    }
+    // Wait (on events, not time) until retention has moved the start.
+    let start = within("retention to move the log start", async {
+        loop {
+            let start = channel_info(&connection, "retained").await.start_offset;
+            if start > 1 {
+                return start;
+            }
+            ping(&connection).await;
+        }
+    })
+    .await;
+    subscriber.ack(0).await.unwrap();
+    match next_notice(&mut subscriber).await {
+        weir::protocol::Notice::Skipped { skipped, resume_offset } => {
+            assert!(resume_offset >= start, "resumes at the log start {start} or later: {resume_offset}");
+            assert_eq!(skipped, resume_offset - 1, "everything from offset 1 to the resume point was lost");
+        }
+        other => panic!("expected SKIPPED, got {other:?}"),
+    }
+    let record = next_record(&mut subscriber).await;
+    assert!(record.offset >= start);
+    publisher.close().await;
+    stop(server).await;
+}
