@@ -8,8 +8,6 @@
 //! await that could hang is bounded by [`LIMIT`].
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tempfile::TempDir;
@@ -24,18 +22,11 @@ use weir::config::Config;
 use weir::protocol::{
     FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response, StartPosition,
 };
-use weir::server::{self, ServerHandle, Stats};
-use weir::storage::{FsyncPolicy, Message, Record};
+use weir::server::{ServerHandle, Stats};
+use weir::storage::{Message, Record};
 
-/// How long any single await may take before the test fails as hung.
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(LIMIT, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out after {LIMIT:?} waiting for {what}"),
-    }
-}
+mod common;
+use common::{start, test_config, within};
 
 // ---------------------------------------------------------------------------
 // A real broker
@@ -44,19 +35,7 @@ async fn within<F: Future>(what: &str, future: F) -> F::Output {
 /// arrives while another waits for the channel writer is refused with
 /// BACKPRESSURE.
 fn tight_config(dir: &TempDir) -> Config {
-    Config {
-        listen_addr: "127.0.0.1:0".into(),
-        data_dir: dir.path().to_path_buf(),
-        fsync: FsyncPolicy::Never,
-        // One exporter per process: the metrics test has its own binary.
-        metrics_addr: String::new(),
-        channel_queue_depth: 1,
-        ..Config::default()
-    }
-}
-
-async fn start(config: Config) -> ServerHandle {
-    within("the server to start", server::start(config)).await.expect("the server starts")
+    Config { channel_queue_depth: 1, ..test_config(dir) }
 }
 
 async fn stop(server: ServerHandle) {

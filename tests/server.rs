@@ -8,7 +8,7 @@
 //! to fire.
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
+
 use std::io::ErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,45 +28,12 @@ use weir::protocol::{
     ChannelInfo, ErrorCode, FRAME_HEADER_BYTES, FrameHeader, FrameType, PROTOCOL_VERSION, ProducerSequence, Request,
     Response, StartPosition,
 };
-use weir::server::{self, ServerHandle, Stats};
+use weir::server::Stats;
 use weir::storage::record::RecordIter;
 use weir::storage::{FsyncPolicy, Header, Message, Record};
 
-/// How long any single await may take before the test fails as hung.
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(LIMIT, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out after {LIMIT:?} waiting for {what}"),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Servers
-
-fn test_config(dir: &TempDir) -> Config {
-    Config {
-        listen_addr: "127.0.0.1:0".into(),
-        data_dir: dir.path().to_path_buf(),
-        fsync: FsyncPolicy::Never,
-        // One exporter per process: the metrics test has its own binary.
-        metrics_addr: String::new(),
-        ..Config::default()
-    }
-}
-
-async fn start(config: Config) -> ServerHandle {
-    within("the server to start", server::start(config)).await.expect("the server starts")
-}
-
-async fn stop(server: ServerHandle) {
-    within("the server to stop", server.stop()).await.expect("the server stops cleanly");
-}
-
-fn addr(server: &ServerHandle) -> String {
-    server.local_addr().to_string()
-}
+mod common;
+use common::{LIMIT, addr, start, stop, test_config, within};
 
 // ---------------------------------------------------------------------------
 // Messages
