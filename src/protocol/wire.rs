@@ -160,19 +160,10 @@ pub fn put_string(out: &mut Vec<u8>, value: &str) {
     out.put_slice(&value.as_bytes()[..end]);
 }
 
-/// Appends a message: key, headers, payload.
+/// Appends a message: key, headers, payload (the record layout after
+/// `flags`, so the codec is shared with the storage engine).
 pub fn put_message(out: &mut Vec<u8>, message: &Message) {
-    out.put_u16(message.key.len() as u16);
-    out.put_slice(&message.key);
-    out.put_u16(message.headers.len() as u16);
-    for header in &message.headers {
-        out.put_u16(header.name.len() as u16);
-        out.put_slice(&header.name);
-        out.put_u32(header.value.len() as u32);
-        out.put_slice(&header.value);
-    }
-    out.put_u32(message.payload.len() as u32);
-    out.put_slice(&message.payload);
+    crate::storage::record::put_message_fields(out, message);
 }
 
 /// Bytes a message takes on the wire.

@@ -384,15 +384,7 @@ impl Connection {
         }
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
-            Err(ChannelError::Unknown) => {
-                let message = format!("channel {name} does not exist and auto_create_channels is off");
-                return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
-            }
-            Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
-            Err(ChannelError::ShuttingDown) => {
-                let message = "the broker is shutting down; nothing was done".to_owned();
-                return self.error(correlation_id, ErrorCode::ShuttingDown, message).await;
-            }
+            Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
         self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
@@ -457,15 +449,7 @@ impl Connection {
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
-            Err(ChannelError::Unknown) => {
-                let message = format!("channel {name} does not exist and auto_create_channels is off");
-                return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
-            }
-            Err(ChannelError::Storage(error)) => return self.storage_error(correlation_id, error).await,
-            Err(ChannelError::ShuttingDown) => {
-                let message = "the broker is shutting down; nothing was done".to_owned();
-                return self.error(correlation_id, ErrorCode::ShuttingDown, message).await;
-            }
+            Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
         let log = Arc::clone(&handle.log);
         let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
@@ -596,6 +580,20 @@ impl Connection {
             Err(error) => {
                 let _ = self.error(correlation_id, ErrorCode::InvalidChannelName, error.to_string()).await;
                 None
+            }
+        }
+    }
+
+    async fn channel_error(&mut self, correlation_id: u32, name: &ChannelName, error: ChannelError) -> Flow {
+        match error {
+            ChannelError::Unknown => {
+                let message = format!("channel {name} does not exist and auto_create_channels is off");
+                self.error(correlation_id, ErrorCode::UnknownChannel, message).await
+            }
+            ChannelError::Storage(error) => self.storage_error(correlation_id, error).await,
+            ChannelError::ShuttingDown => {
+                let message = "the broker is shutting down; nothing was done".to_owned();
+                self.error(correlation_id, ErrorCode::ShuttingDown, message).await
             }
         }
     }

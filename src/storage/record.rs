@@ -162,6 +162,15 @@ pub fn encode(buf: &mut Vec<u8>, offset: u64, timestamp_us: u64, message: &Messa
     buf.put_u64(offset);
     buf.put_u64(timestamp_us);
     buf.put_u8(0);
+    put_message_fields(buf, message);
+    let crc = crc32fast::hash(&buf[start + RECORD_PREFIX_BYTES..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    debug_assert_eq!(buf.len() - start, message.encoded_len());
+}
+
+/// Appends key, headers and payload in the layout records and publish
+/// frames share (the part of a record after `flags`).
+pub fn put_message_fields(buf: &mut Vec<u8>, message: &Message) {
     buf.put_u16(message.key.len() as u16);
     buf.put_slice(&message.key);
     buf.put_u16(message.headers.len() as u16);
@@ -173,9 +182,6 @@ pub fn encode(buf: &mut Vec<u8>, offset: u64, timestamp_us: u64, message: &Messa
     }
     buf.put_u32(message.payload.len() as u32);
     buf.put_slice(&message.payload);
-    let crc = crc32fast::hash(&buf[start + RECORD_PREFIX_BYTES..]);
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
-    debug_assert_eq!(buf.len() - start, message.encoded_len());
 }
 
 /// The fixed fields of a verified record, without its variable parts.
