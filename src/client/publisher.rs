@@ -187,6 +187,8 @@ struct Batching {
 struct Batch {
     sequence: u64,
     messages: Vec<Message>,
+    /// What the batch counts against the broker's byte window.
+    inflight_bytes: usize,
     replies: Vec<ReceiptSender>,
     /// Times the broker answered this batch BACKPRESSURE.
     backpressured: u32,
@@ -252,12 +254,7 @@ impl PublishTask {
             // as the broker counts it (wire bytes plus the memory it holds
             // per message), fits in the byte window next to everything in
             // flight; with nothing in flight the broker takes any one batch.
-            let bytes_in_flight: usize = self
-                .pending
-                .values()
-                .filter(|b| b.in_flight)
-                .map(|b| b.messages.iter().map(wire::message_inflight_bytes).sum::<usize>())
-                .sum();
+            let bytes_in_flight: usize = self.pending.values().filter(|b| b.in_flight).map(|b| b.inflight_bytes).sum();
             let batch_bytes_max = self.batching.max_bytes + self.batching.max_messages * std::mem::size_of::<Message>();
             // Unanchored, one batch at a time (see the module comment).
             let window = if self.anchored { self.batching.window } else { 1 };
@@ -331,8 +328,16 @@ impl PublishTask {
         self.next_batch_id += 1;
         let sequence = self.next_sequence;
         self.next_sequence += messages.len() as u64;
-        let mut batch =
-            Batch { sequence, messages, replies, backpressured: 0, resequenced: 0, in_flight: false, outcome: None };
+        let mut batch = Batch {
+            sequence,
+            inflight_bytes: messages.iter().map(wire::message_inflight_bytes).sum(),
+            messages,
+            replies,
+            backpressured: 0,
+            resequenced: 0,
+            in_flight: false,
+            outcome: None,
+        };
         self.transmit(id, &mut batch).await;
         self.pending.insert(id, batch);
     }
