@@ -540,7 +540,12 @@ fn a_torn_last_sealed_segment_is_cut_under_never_and_the_segment_after_it_remove
     let config = small_config();
     let middle_base = log_with_a_torn_middle_segment(dir.path(), &config);
     let log = open(dir.path(), config);
-    assert_eq!(segment_logs(dir.path()).len(), 2, "the segment after the torn one is removed");
+    assert_eq!(segment_logs(dir.path()).len(), 2, "the segment after the torn one is no longer part of the log");
+    let set_aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().to_string_lossy().ends_with(".log.torn"))
+        .count();
+    assert_eq!(set_aside, 1, "its files are kept aside for inspection");
     let next = log.next_offset();
     assert!(next > middle_base);
     let records = read_all(&log, 0);

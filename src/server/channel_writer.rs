@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use super::Outbound;
 use super::stats::Stats;
 use crate::protocol::{ErrorCode, ProducerSequence, Response};
-use crate::storage::{Appended, ChannelLog, FsyncPolicy, Message, StorageError};
+use crate::storage::{Appended, ChannelLog, FsyncPolicy, Message, StorageError, now_us};
 
 /// A publish waiting for the channel writer.
 pub(crate) struct AppendRequest {
@@ -27,7 +27,9 @@ pub(crate) struct AppendRequest {
 /// connection's response queue means the writer never waits for a slow
 /// client: the answer always fits.
 pub(crate) struct Reply {
-    pub permit: mpsc::OwnedPermit<Outbound>,
+    /// Taken when the answer is sent; a reply dropped unsent (a panicking
+    /// channel writer) still releases its share of the windows.
+    pub permit: Option<mpsc::OwnedPermit<Outbound>>,
     /// When the publish frame was read, for the end-to-end histogram.
     pub received_at: std::time::Instant,
     pub stats: Arc<Stats>,
@@ -42,12 +44,19 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    pub fn send(self, response: Response) {
-        self.permit.send(Outbound::Frame(response.encode(self.correlation_id)));
+    pub fn send(mut self, response: Response) {
+        if let Some(permit) = self.permit.take() {
+            permit.send(Outbound::Frame(response.encode(self.correlation_id)));
+        }
+        metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
         self.inflight.fetch_sub(1, Ordering::AcqRel);
         self.inflight_bytes.fetch_sub(self.body_bytes, Ordering::AcqRel);
         self.stats.inflight_publishes.fetch_sub(1, Ordering::Relaxed);
-        metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
     }
 }
 
@@ -226,9 +235,10 @@ async fn commit_group(
 
 /// Appends on the runtime thread when no sync is needed (a write to the
 /// page cache costs about as much as a socket write), and on the blocking
-/// pool when an `fdatasync` will follow.
+/// pool when an `fdatasync` will follow or the segment is due to roll.
 async fn append(log: &Arc<ChannelLog>, messages: Vec<Message>) -> Result<Appended, StorageError> {
-    if log.config().fsync != FsyncPolicy::Always {
+    // A roll syncs and creates files: also for the blocking pool.
+    if log.config().fsync != FsyncPolicy::Always && !log.roll_due(now_us()) {
         return log.append_batch(&messages);
     }
     let log = Arc::clone(log);

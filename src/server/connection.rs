@@ -393,7 +393,7 @@ impl Connection {
         Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
         stats.inflight_publishes.fetch_add(1, Ordering::Relaxed);
         let reply = Reply {
-            permit,
+            permit: Some(permit),
             received_at,
             stats: Arc::clone(&stats),
             correlation_id,
@@ -455,7 +455,14 @@ impl Connection {
         let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
         let first_offset = match (stored, start) {
             // Never past the end: recovery may have cut records it had seen.
-            (Some(resume_at), _) => resume_at.min(log.next_offset()),
+            (Some(resume_at), _) if resume_at > log.next_offset() => {
+                let next = log.next_offset();
+                if let Some(durable) = &durable_name {
+                    self.broker.offsets.rewind(name.as_str(), durable, next);
+                }
+                next
+            }
+            (Some(resume_at), _) => resume_at,
             (None, StartPosition::Earliest) => log.start_offset(),
             (None, StartPosition::Latest) => log.next_offset(),
             (None, StartPosition::Offset(offset)) => {

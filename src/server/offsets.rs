@@ -122,6 +122,20 @@ impl DurableOffsets {
         Ok(())
     }
 
+    /// Moves a durable position back to `offset` (recovery cut the channel
+    /// below where it was): unlike [`DurableOffsets::record`], this may go
+    /// backwards, so that acks of the records appended since count again.
+    pub fn rewind(&self, channel: &str, name: &str, offset: u64) {
+        let mut state = self.lock();
+        let key = (channel.to_owned(), name.to_owned());
+        if let Some(entry) = state.offsets.get_mut(&key)
+            && *entry > offset
+        {
+            *entry = offset;
+            state.dirty.insert(key);
+        }
+    }
+
     /// All durable offsets of `channel`, by name.
     pub fn for_channel(&self, channel: &str) -> BTreeMap<String, u64> {
         self.lock().offsets.iter().filter(|((c, _), _)| c == channel).map(|((_, n), &o)| (n.clone(), o)).collect()

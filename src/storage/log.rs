@@ -213,7 +213,7 @@ impl ChannelLog {
                     let removed = base_offsets.pop().unwrap_or_default();
                     tracing::error!(
                         channel = %name, %error, removed_segment = removed,
-                        "recovery: the last sealed segment lost its tail in a crash; cutting it and removing the segment after it"
+                        "recovery: the last sealed segment lost its tail in a crash; cutting it and setting the segment after it aside as *.torn"
                     );
                     remove_segment_files(&*fs, dir, removed)?;
                     Segment::open(&*fs, dir, base_offset, SegmentRole::Last, config.index_interval_bytes)?
@@ -375,6 +375,14 @@ impl ChannelLog {
             counters.bytes_appended += messages.iter().map(|m| m.size_bytes() as u64).sum::<u64>();
         }
         Ok(Appended { first_offset, count, timestamp_us, sync_duration })
+    }
+
+    /// Whether the next append will seal the active segment first (and so
+    /// sync and create files): callers on an async runtime move that append
+    /// to a blocking thread.
+    pub fn roll_due(&self, now_us: u64) -> bool {
+        let writer = self.lock_writer();
+        self.should_roll(&writer, now_us.max(writer.last_timestamp_us))
     }
 
     fn should_roll(&self, writer: &Writer, timestamp_us: u64) -> bool {
@@ -672,8 +680,14 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
         .collect();
     logs.sort_unstable();
     for name in &names {
+        let ours = |extension: &str| {
+            [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION].contains(&extension)
+        };
         match segment::parse_file_name(name) {
-            Some((base, _)) if logs.binary_search(&base).is_ok() => {}
+            Some((base, extension)) if ours(extension) && logs.binary_search(&base).is_ok() => {}
+            Some((_, extension)) if extension.ends_with(TORN_SUFFIX) => {
+                tracing::warn!(path = %dir.join(name).display(), "a segment set aside by recovery is still here; remove it once inspected");
+            }
             Some(_) => {
                 // An index without its log: retention removed the log and
                 // crashed before the index. Derived data, safe to delete.
@@ -719,10 +733,17 @@ fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &Stora
     }
 }
 
+/// Suffix of segment files recovery set aside instead of deleting.
+const TORN_SUFFIX: &str = "torn";
+
+/// Sets a segment's files aside (renamed with a `.torn` suffix, no longer
+/// part of the log) rather than deleting them: if the repair was wrong, the
+/// operator still has the bytes.
 fn remove_segment_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<(), StorageError> {
     for extension in [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
         let path = dir.join(segment::file_name(base_offset, extension));
-        match fs.remove(&path) {
+        let aside = dir.join(segment::file_name(base_offset, &format!("{extension}.{TORN_SUFFIX}")));
+        match fs.rename(&path, &aside) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(StorageError::Io { path, source }),
