@@ -17,6 +17,8 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
+/// Largest configuration file read.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 /// Allowed range of `segment_bytes`.
 pub const SEGMENT_BYTES_RANGE: RangeInclusive<u64> = KIB..=GIB;
 /// Allowed range of `segment_max_age_secs` (one second to ten years).
@@ -172,6 +174,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("config file {path} is {size_bytes} bytes; a configuration file is at most {size_bytes_max}")]
+    FileTooLarge { path: PathBuf, size_bytes: u64, size_bytes_max: u64 },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key {key} = {value} is out of range: allowed {allowed}")]
@@ -193,8 +197,16 @@ impl Config {
             config.validate()?;
             return Ok(config);
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let read_error = |source| ConfigError::Read { path: path.to_path_buf(), source };
+        let size_bytes = std::fs::metadata(path).map_err(read_error)?.len();
+        if size_bytes > CONFIG_FILE_BYTES_MAX {
+            return Err(ConfigError::FileTooLarge {
+                path: path.to_path_buf(),
+                size_bytes,
+                size_bytes_max: CONFIG_FILE_BYTES_MAX,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
         Config::parse(&text).map_err(|error| match error {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_path_buf(), message },
             other => other,

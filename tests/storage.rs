@@ -517,21 +517,24 @@ fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
     );
 }
 
-/// Builds a log of three segments and cuts the tail of the middle one, as a
-/// crash during its background seal sync would.
-fn log_with_a_torn_middle_segment(dir: &Path, config: &LogConfig) -> u64 {
-    {
-        let log = open(dir, config.clone());
-        while segment_logs(dir).len() < 3 {
-            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
-        }
-        log.close().unwrap();
+/// Writes a closed log of three segments and returns the middle one's
+/// `.log` file: the last sealed segment.
+fn three_segments(dir: &Path, config: &LogConfig) -> PathBuf {
+    let log = open(dir, config.clone());
+    while segment_logs(dir).len() < 3 {
+        log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
     }
-    let middle = &segment_logs(dir)[1];
-    let bytes = std::fs::read(middle).unwrap();
-    std::fs::write(middle, &bytes[..bytes.len() - 50]).unwrap();
-    let base: u64 = middle.file_stem().unwrap().to_str().unwrap().parse().unwrap();
-    base
+    log.close().unwrap();
+    segment_logs(dir).swap_remove(1)
+}
+
+/// Builds a log of three segments and cuts the tail of the middle one, as a
+/// crash during its background seal sync would; returns its base offset.
+fn log_with_a_torn_middle_segment(dir: &Path, config: &LogConfig) -> u64 {
+    let middle = three_segments(dir, config);
+    let bytes = std::fs::read(&middle).unwrap();
+    std::fs::write(&middle, &bytes[..bytes.len() - 50]).unwrap();
+    middle.file_stem().unwrap().to_str().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -568,14 +571,7 @@ fn a_torn_sealed_segment_refuses_to_open_under_always() {
 fn a_flipped_byte_at_the_end_of_the_last_sealed_segment_refuses_to_open_even_under_never() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config();
-    {
-        let log = open(dir.path(), config.clone());
-        while segment_logs(dir.path()).len() < 3 {
-            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
-        }
-        log.close().unwrap();
-    }
-    let middle = &segment_logs(dir.path())[1];
+    let middle = &three_segments(dir.path(), &config);
     let mut bytes = std::fs::read(middle).unwrap();
     let last = bytes.len() - 20;
     bytes[last] ^= 0x10; // Corruption, not a torn end: the bytes after it are not zeros.
@@ -590,14 +586,7 @@ fn a_flipped_byte_at_the_end_of_the_last_sealed_segment_refuses_to_open_even_und
 fn a_zero_filled_end_of_the_last_sealed_segment_is_a_torn_end_under_never() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config();
-    {
-        let log = open(dir.path(), config.clone());
-        while segment_logs(dir.path()).len() < 3 {
-            log.append_batch(&[message(log.next_offset(), 200)]).unwrap();
-        }
-        log.close().unwrap();
-    }
-    let middle = &segment_logs(dir.path())[1];
+    let middle = &three_segments(dir.path(), &config);
     let mut bytes = std::fs::read(middle).unwrap();
     let len = bytes.len();
     bytes[len - 100..].fill(0); // Blocks that never reached the disk read as zeros.

@@ -428,8 +428,6 @@ fn get_producer(reader: &mut Reader) -> Result<Option<ProducerSequence>, DecodeE
     }
 }
 
-/// Most messages a batch's vector is sized for before decoding.
-const BATCH_CAPACITY_HINT_MAX: usize = 1024;
 /// The least bytes a message takes on the wire; bounds a batch's count.
 const MESSAGE_WIRE_BYTES_MIN: usize = 8;
 
@@ -516,14 +514,7 @@ impl Request {
                 version_max: r.u16("version_max")?,
                 client_name: r.string("client_name", CLIENT_NAME_BYTES_MAX, "0..=255")?,
                 auth_token: {
-                    let len = r.u16("auth_token_len")? as usize;
-                    if len > AUTH_TOKEN_BYTES_MAX {
-                        return Err(DecodeError::OutOfRange {
-                            field: "auth_token_len",
-                            value: len as u64,
-                            allowed: "0..=1024",
-                        });
-                    }
+                    let len = r.u16_at_most("auth_token_len", AUTH_TOKEN_BYTES_MAX, "0..=1024")?;
                     r.bytes(len, "auth_token")?
                 },
             },
@@ -544,11 +535,7 @@ impl Request {
                         allowed: "1..=(remaining body bytes / 8)",
                     });
                 }
-                // Grows with what actually decodes, not with the claim.
-                let mut messages = Vec::with_capacity(count.min(BATCH_CAPACITY_HINT_MAX));
-                for _ in 0..count {
-                    messages.push(r.message()?);
-                }
+                let messages = r.list(count, MESSAGE_WIRE_BYTES_MIN, Reader::message)?;
                 Request::PublishBatch { channel, producer, messages }
             }
             0x05 => Request::Subscribe {
@@ -808,66 +795,52 @@ impl Response {
             0x8C => Response::ChannelCreated,
             0x8E => {
                 let counter_count = r.u16("counter_count")? as usize;
-                let mut counters = Vec::with_capacity(counter_count.min(r.remaining() / 9));
-                for _ in 0..counter_count {
-                    counters.push((r.short_string("counter_name")?, r.u64("counter_value")?));
-                }
+                let counters =
+                    r.list(counter_count, 9, |r| Ok((r.short_string("counter_name")?, r.u64("counter_value")?)))?;
                 let channel_count = r.u32("channel_count")? as usize;
-                let mut channels = Vec::with_capacity(channel_count.min(r.remaining() / 37));
-                for _ in 0..channel_count {
-                    let name = r.short_string("name")?;
-                    let messages_appended = r.u64("messages_appended")?;
-                    let bytes_appended = r.u64("bytes_appended")?;
-                    let next_offset = r.u64("next_offset")?;
-                    let size_bytes = r.u64("size_bytes")?;
-                    let subscription_count = r.u32("subscription_count")? as usize;
-                    let mut subscriptions = Vec::with_capacity(subscription_count.min(r.remaining() / 17));
-                    for _ in 0..subscription_count {
-                        subscriptions.push(SubscriptionStats {
-                            durable_name: r.short_string("durable_name")?,
-                            lag: r.u64("lag")?,
-                            inflight: r.u64("inflight")?,
-                        });
-                    }
-                    channels.push(ChannelStats {
-                        name,
-                        messages_appended,
-                        bytes_appended,
-                        next_offset,
-                        size_bytes,
-                        subscriptions,
-                    });
-                }
+                let channels = r.list(channel_count, 37, |r| {
+                    Ok(ChannelStats {
+                        name: r.short_string("name")?,
+                        messages_appended: r.u64("messages_appended")?,
+                        bytes_appended: r.u64("bytes_appended")?,
+                        next_offset: r.u64("next_offset")?,
+                        size_bytes: r.u64("size_bytes")?,
+                        subscriptions: {
+                            let count = r.u32("subscription_count")? as usize;
+                            r.list(count, 17, |r| {
+                                Ok(SubscriptionStats {
+                                    durable_name: r.short_string("durable_name")?,
+                                    lag: r.u64("lag")?,
+                                    inflight: r.u64("inflight")?,
+                                })
+                            })?
+                        },
+                    })
+                })?;
                 Response::Stats { counters, channels }
             }
             0x8D => {
                 let count = r.u32("channel_count")? as usize;
-                let mut channels = Vec::with_capacity(count.min(r.remaining() / 37));
-                for _ in 0..count {
-                    let name = r.short_string("name")?;
-                    let start_offset = r.u64("start_offset")?;
-                    let next_offset = r.u64("next_offset")?;
-                    let size_bytes = r.u64("size_bytes")?;
-                    let segment_count = r.u64("segment_count")?;
-                    let subscription_count = r.u32("subscription_count")? as usize;
-                    let mut subscriptions = Vec::with_capacity(subscription_count.min(r.remaining() / 26));
-                    for _ in 0..subscription_count {
-                        subscriptions.push(SubscriptionInfo {
-                            durable_name: r.short_string("durable_name")?,
-                            next_offset: r.u64("next_offset")?,
-                            acked_offset: get_optional(&mut r, "acked_offset")?,
-                            lag: r.u64("lag")?,
-                        });
-                    }
-                    channels.push(ChannelInfo {
-                        name,
-                        start_offset,
-                        next_offset,
-                        size_bytes,
-                        segment_count,
-                        subscriptions,
-                    });
-                }
+                let channels = r.list(count, 37, |r| {
+                    Ok(ChannelInfo {
+                        name: r.short_string("name")?,
+                        start_offset: r.u64("start_offset")?,
+                        next_offset: r.u64("next_offset")?,
+                        size_bytes: r.u64("size_bytes")?,
+                        segment_count: r.u64("segment_count")?,
+                        subscriptions: {
+                            let count = r.u32("subscription_count")? as usize;
+                            r.list(count, 26, |r| {
+                                Ok(SubscriptionInfo {
+                                    durable_name: r.short_string("durable_name")?,
+                                    next_offset: r.u64("next_offset")?,
+                                    acked_offset: get_optional(r, "acked_offset")?,
+                                    lag: r.u64("lag")?,
+                                })
+                            })?
+                        },
+                    })
+                })?;
                 Response::Channels { channels }
             }
             other => return Err(DecodeError::UnknownFrameType { frame_type: other }),

@@ -59,6 +59,37 @@ impl Reader {
         Ok(self.body.get_u64())
     }
 
+    /// A u16 length or count, refused above `max` before anything is read
+    /// or allocated for it.
+    pub fn u16_at_most(
+        &mut self,
+        field: &'static str,
+        max: usize,
+        allowed: &'static str,
+    ) -> Result<usize, DecodeError> {
+        let value = self.u16(field)? as usize;
+        if value > max {
+            return Err(DecodeError::OutOfRange { field, value: value as u64, allowed });
+        }
+        Ok(value)
+    }
+
+    /// `count` items read by `item`, each at least `item_bytes_min` bytes on
+    /// the wire: the vector is sized by what the body can hold, never by
+    /// the claimed count alone.
+    pub fn list<T>(
+        &mut self,
+        count: usize,
+        item_bytes_min: usize,
+        mut item: impl FnMut(&mut Reader) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let mut items = Vec::with_capacity(count.min(self.remaining() / item_bytes_min.max(1)));
+        for _ in 0..count {
+            items.push(item(self)?);
+        }
+        Ok(items)
+    }
+
     /// `len` raw bytes, sharing the body's memory.
     pub fn bytes(&mut self, len: usize, field: &'static str) -> Result<Bytes, DecodeError> {
         self.need(len, field)?;
@@ -78,10 +109,7 @@ impl Reader {
         len_max: usize,
         allowed: &'static str,
     ) -> Result<String, DecodeError> {
-        let len = self.u16(field)? as usize;
-        if len > len_max {
-            return Err(DecodeError::OutOfRange { field, value: len as u64, allowed });
-        }
+        let len = self.u16_at_most(field, len_max, allowed)?;
         self.utf8(len, field)
     }
 
@@ -92,34 +120,16 @@ impl Reader {
 
     /// A message: key, headers, payload (the record layout after `flags`).
     pub fn message(&mut self) -> Result<Message, DecodeError> {
-        let key_len = self.u16("key_len")? as usize;
-        if key_len > KEY_BYTES_MAX {
-            return Err(DecodeError::OutOfRange { field: "key_len", value: key_len as u64, allowed: "0..=4096" });
-        }
+        let key_len = self.u16_at_most("key_len", KEY_BYTES_MAX, "0..=4096")?;
         let key = self.bytes(key_len, "key")?;
-        let header_count = self.u16("header_count")? as usize;
-        if header_count > HEADERS_COUNT_MAX {
-            return Err(DecodeError::OutOfRange {
-                field: "header_count",
-                value: header_count as u64,
-                allowed: "0..=64",
-            });
-        }
-        let mut headers = Vec::with_capacity(header_count);
-        for _ in 0..header_count {
-            let name_len = self.u16("header_name_len")? as usize;
-            if name_len > HEADER_NAME_BYTES_MAX {
-                return Err(DecodeError::OutOfRange {
-                    field: "header_name_len",
-                    value: name_len as u64,
-                    allowed: "0..=255",
-                });
-            }
-            let name = self.bytes(name_len, "header_name")?;
-            let value_len = self.u32("header_value_len")? as usize;
-            let value = self.bytes(value_len, "header_value")?;
-            headers.push(Header { name, value });
-        }
+        let header_count = self.u16_at_most("header_count", HEADERS_COUNT_MAX, "0..=64")?;
+        let headers = self.list(header_count, 6, |r| {
+            let name_len = r.u16_at_most("header_name_len", HEADER_NAME_BYTES_MAX, "0..=255")?;
+            let name = r.bytes(name_len, "header_name")?;
+            let value_len = r.u32("header_value_len")? as usize;
+            let value = r.bytes(value_len, "header_value")?;
+            Ok(Header { name, value })
+        })?;
         let payload_len = self.u32("payload_len")? as usize;
         let payload = self.bytes(payload_len, "payload")?;
         Ok(Message { key, headers, payload })

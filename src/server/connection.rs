@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -235,9 +235,22 @@ impl Connection {
                 Flow::Close => Err(Flow::Close),
             };
         }
-        let mut body = vec![0u8; header.body_len as usize];
-        match timeout_at(deadline, self.reader.read_exact(&mut body)).await {
-            Ok(Ok(_)) => Ok(Some((header, Bytes::from(body)))),
+        // Sized by the checked length; filled straight from the socket
+        // buffer, without zeroing it first.
+        let body_len = header.body_len as usize;
+        let mut body = BytesMut::with_capacity(body_len);
+        let filled = timeout_at(deadline, async {
+            while body.len() < body_len {
+                let wanted = body_len - body.len();
+                if (&mut self.reader).take(wanted as u64).read_buf(&mut body).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            std::io::Result::Ok(())
+        })
+        .await;
+        match filled {
+            Ok(Ok(())) => Ok(Some((header, body.freeze()))),
             Ok(Err(_)) => Err(Flow::Close),
             Err(_) => Err(self.frame_timed_out(header.correlation_id)),
         }
@@ -570,11 +583,9 @@ impl Connection {
                 let response = Response::FetchResult {
                     next_offset: batch.next_offset,
                     count: batch.count as u32,
-                    records: Bytes::new(),
+                    records: batch.records.clone(),
                 };
-                let mut head = response.encode_head(correlation_id);
-                let length = (head.len() - 4 + batch.records.len()) as u32;
-                head[..4].copy_from_slice(&length.to_be_bytes());
+                let head = response.encode_head(correlation_id);
                 self.send(Outbound::Records { head, records: batch.records }).await
             }
             Err(error) => self.storage_error(correlation_id, error).await,

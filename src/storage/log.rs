@@ -130,6 +130,9 @@ pub struct LogStats {
     pub segment_count: u64,
 }
 
+/// The thread syncing a just-sealed segment.
+type SealSync = std::thread::JoinHandle<Result<(), StorageError>>;
+
 struct Writer {
     active: Arc<Segment>,
     next_offset: u64,
@@ -141,7 +144,7 @@ struct Writer {
     encode_buffer: Vec<u8>,
     /// The background sync of the last sealed segment, under `interval` and
     /// `never`.
-    pending_seal: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    pending_seal: Option<SealSync>,
     /// Set after a write or sync failure: the file's state is unknown, so no
     /// further append is accepted until recovery (a restart) has run.
     failure: Option<String>,
@@ -408,7 +411,7 @@ impl ChannelLog {
     fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
         // A failed sync leaves the state of unsynced data unknown: the
         // channel refuses appends from then on (see `Writer::failure`).
-        let sealed = match Self::finish_seal(writer) {
+        let sealed = match self.finish_seal(writer) {
             Ok(()) if self.config.fsync == FsyncPolicy::Always => writer.active.sync_all(),
             other => other,
         };
@@ -441,14 +444,14 @@ impl ChannelLog {
     }
 
     /// Waits for the background sync of the last sealed segment.
-    fn finish_seal(writer: &mut Writer) -> Result<(), StorageError> {
-        let Some(pending) = writer.pending_seal.take() else { return Ok(()) };
-        match pending.join() {
-            Ok(result) => result,
-            Err(_) => {
-                Err(StorageError::Failed { channel: String::new(), cause: "the seal sync thread panicked".into() })
-            }
-        }
+    fn finish_seal(&self, writer: &mut Writer) -> Result<(), StorageError> {
+        writer.pending_seal.take().map_or(Ok(()), |pending| self.join_seal(pending))
+    }
+
+    fn join_seal(&self, pending: SealSync) -> Result<(), StorageError> {
+        pending.join().unwrap_or_else(|_| {
+            Err(StorageError::Failed { channel: self.name.to_string(), cause: "the seal sync thread panicked".into() })
+        })
     }
 
     /// Syncs appends not yet synced (the `interval` policy's background
@@ -476,14 +479,7 @@ impl ChannelLog {
         };
         // The sealed segment first: a segment is never more durable than
         // the one before it (recovery relies on it).
-        let result = match pending_seal.map(|handle| handle.join()) {
-            Some(Ok(Err(error))) => Err(error),
-            Some(Err(_)) => Err(StorageError::Failed {
-                channel: self.name.to_string(),
-                cause: "the seal sync thread panicked".into(),
-            }),
-            Some(Ok(Ok(()))) | None => active.sync_log(),
-        };
+        let result = pending_seal.map_or(Ok(()), |pending| self.join_seal(pending)).and_then(|()| active.sync_log());
         drop(order);
         if let Err(error) = &result {
             self.lock_writer().failure = Some(error.to_string());
@@ -497,7 +493,7 @@ impl ChannelLog {
     /// The failed sync.
     pub fn close(&self) -> Result<(), StorageError> {
         let mut writer = self.lock_writer();
-        Self::finish_seal(&mut writer)?;
+        self.finish_seal(&mut writer)?;
         writer.active.sync_all()?;
         writer.unsynced = false;
         Ok(())

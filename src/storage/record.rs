@@ -215,6 +215,13 @@ pub fn peek_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
 /// # Errors
 /// What is wrong with the bytes; `Incomplete` when they stop short.
 pub fn verify(buf: &[u8]) -> Result<RecordMeta, RecordError> {
+    let (len, fields) = check(buf)?;
+    Ok(RecordMeta { len, offset: fields.offset, timestamp_us: fields.timestamp_us })
+}
+
+/// The checks of [`verify`], returning the parsed fields so that decoding
+/// does not parse twice.
+fn check(buf: &[u8]) -> Result<(usize, Fields), RecordError> {
     let len = match peek_len(buf)? {
         Some(len) => len,
         None => return Err(RecordError::Incomplete { available_bytes: buf.len(), needed_bytes: 4 }),
@@ -227,8 +234,18 @@ pub fn verify(buf: &[u8]) -> Result<RecordMeta, RecordError> {
     if stored != computed {
         return Err(RecordError::ChecksumMismatch { stored, computed });
     }
-    let fields = parse_fields(record)?;
-    Ok(RecordMeta { len, offset: fields.offset, timestamp_us: fields.timestamp_us })
+    Ok((len, parse_fields(record)?))
+}
+
+/// The fixed fields of the record at the start of `buf`, which has already
+/// been verified (by [`verify`] or a read of the log): no CRC is computed
+/// again. `None` when `buf` does not start with a whole record.
+pub fn verified_meta(buf: &[u8]) -> Option<RecordMeta> {
+    let len = peek_len(buf).ok()??;
+    let record = buf.get(..len)?;
+    let offset = u64::from_be_bytes(record.get(8..16)?.try_into().ok()?);
+    let timestamp_us = u64::from_be_bytes(record.get(16..24)?.try_into().ok()?);
+    Some(RecordMeta { len, offset, timestamp_us })
 }
 
 /// Decodes the verified record at the start of `buf` (a slice of a larger
@@ -237,8 +254,7 @@ pub fn verify(buf: &[u8]) -> Result<RecordMeta, RecordError> {
 /// # Errors
 /// As [`verify`].
 pub fn decode(buf: &Bytes) -> Result<Record, RecordError> {
-    let meta = verify(buf)?;
-    let fields = parse_fields(&buf[..meta.len])?;
+    let (_, fields) = check(buf)?;
     let headers = fields
         .headers
         .iter()

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::error::{IoContext, StorageError};
 use super::fs::{FileSystem, OpenMode, StorageFile};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, INDEX_ENTRY_BYTES, IndexEntry};
-use super::record::{self, RecordError, RecordMeta};
+use super::record::{self, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
 
 pub(crate) const LOG_EXTENSION: &str = "log";
 pub(crate) const OFFSET_INDEX_EXTENSION: &str = "index";
@@ -151,8 +151,8 @@ impl Segment {
         index::check_file_header(&header, FileKind::Log, base_offset)
             .map_err(|problem| StorageError::InvalidFile { path: log_path.clone(), problem })?;
 
-        let (offset_index_file, offset_entries) = open_index(fs, dir, base_offset, FileKind::OffsetIndex)?;
-        let (time_index_file, time_entries) = open_index(fs, dir, base_offset, FileKind::TimeIndex)?;
+        let (offset_index_file, offset_entries) = open_index(fs, dir, base_offset, FileKind::OffsetIndex, log.len())?;
+        let (time_index_file, time_entries) = open_index(fs, dir, base_offset, FileKind::TimeIndex, log.len())?;
         let (mut offset_index, mut time_index) = trusted_index_prefix(&*log, base_offset, offset_entries, time_entries);
         let kept_entries = offset_index.len();
         let indexes_were_whole = kept_entries == offset_index_file_entries(&*offset_index_file)
@@ -406,32 +406,28 @@ impl Segment {
     /// # Errors
     /// `Corrupt` as for [`Segment::read`].
     pub fn offset_for_time(&self, timestamp_us: u64) -> Result<Option<u64>, StorageError> {
-        let (start_offset, visible_len) = {
+        let mut from = {
             let state = self.state();
             match state.last_timestamp_us {
                 Some(last) if last >= timestamp_us => {}
                 _ => return Ok(None),
             }
-            let start =
-                index::last_below(&state.time_index, timestamp_us).map_or(self.base_offset, |entry| entry.value);
-            (start, state.visible_len)
+            index::last_below(&state.time_index, timestamp_us).map_or(self.base_offset, |entry| entry.value)
         };
-        let mut from = start_offset;
         loop {
+            // `read` has verified every record it returns.
             let batch = self.read(from, 64 * 1024, u64::MAX)?;
             if batch.count == 0 {
                 return Ok(None);
             }
-            let mut position = 0;
-            while position < batch.records.len() {
-                let meta = record::verify(&batch.records[position..]).map_err(|reason| self.corrupt(0, reason))?;
+            let mut records = &batch.records[..];
+            while let Some(meta) = record::verified_meta(records) {
                 if meta.timestamp_us >= timestamp_us {
                     return Ok(Some(meta.offset));
                 }
-                position += meta.len;
+                records = &records[meta.len..];
             }
             from = batch.next_offset;
-            debug_assert!(visible_len >= FILE_HEADER_BYTES as u64);
         }
     }
 
@@ -449,7 +445,13 @@ fn offset_index_file_entries(file: &dyn StorageFile) -> usize {
 
 /// Opens (creating if missing) an index file and decodes its entries;
 /// `None` when the file is missing or unreadable, meaning: rebuild.
-fn open_index(fs: &dyn FileSystem, dir: &Path, base_offset: u64, kind: FileKind) -> Result<OpenedIndex, StorageError> {
+fn open_index(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    base_offset: u64,
+    kind: FileKind,
+    log_len: u64,
+) -> Result<OpenedIndex, StorageError> {
     let extension = if kind == FileKind::OffsetIndex { OFFSET_INDEX_EXTENSION } else { TIME_INDEX_EXTENSION };
     let path = dir.join(file_name(base_offset, extension));
     let file = match fs.open(&path, OpenMode::Existing) {
@@ -460,6 +462,13 @@ fn open_index(fs: &dyn FileSystem, dir: &Path, base_offset: u64, kind: FileKind)
         }
         Err(error) => return Err(StorageError::Io { path, source: error }),
     };
+    // An index has at most one entry per record; a larger file is garbage,
+    // and is rebuilt rather than decoded into memory.
+    let entries_max = log_len / RECORD_OVERHEAD_BYTES as u64 + 1;
+    if file.len() > FILE_HEADER_BYTES as u64 + entries_max * INDEX_ENTRY_BYTES as u64 {
+        tracing::warn!(path = %path.display(), "index file larger than its log allows; rebuilding it from the log");
+        return Ok((file, None));
+    }
     let bytes = file.read_range(0, file.len() as usize).at(&path)?;
     let entries = index::check_file_header(&bytes, kind, base_offset)
         .and_then(|()| index::decode_entries(&bytes[FILE_HEADER_BYTES..]));
