@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use weir::record::Message;
 use weir::storage::fs::StdFileSystem;
-use weir::storage::{ChannelLog, ChannelName, FsyncPolicy, LogConfig, Message, RetentionPolicy, now_us};
+use weir::storage::{ChannelLog, ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, now_us};
 
 const RECORD_SIZES: [usize; 3] = [256, 1024, 5 * 1024];
 const BATCH_SIZES: [usize; 3] = [1, 64, 1024];

@@ -19,7 +19,8 @@ use hdrhistogram::Histogram;
 use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use weir::config::Config;
 use weir::protocol::{Request, Response, StartPosition};
-use weir::storage::{FsyncPolicy, Message};
+use weir::record::Message;
+use weir::storage::FsyncPolicy;
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)

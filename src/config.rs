@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::storage::record::MESSAGE_BYTES_LIMIT;
+use crate::record::MESSAGE_BYTES_LIMIT;
 use crate::storage::{ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, StoreConfig};
 
 const KIB: u64 = 1024;

@@ -6,6 +6,8 @@
 //! reaching one is answered with a notice, never with a hidden queue.
 //!
 //! # Layout
+//! - [`record`]: the record format, the same bytes on disk and on the wire;
+//!   the bottom layer, imported by storage, protocol and client alike.
 //! - [`storage`]: the segmented log per channel, recovery, retention and
 //!   the offline checker. Synchronous; no tokio.
 //! - [`protocol`]: the binary wire protocol (pure codecs, no I/O).
@@ -25,5 +27,6 @@ pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+pub mod record;
 pub mod server;
 pub mod storage;

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
-use weir::storage::Message;
+use weir::record::Message;
 
 const DEFAULT_ADDR: &str = "127.0.0.1:7450";
 

@@ -22,8 +22,8 @@ use weir::config::Config;
 use weir::protocol::{
     FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response, StartPosition,
 };
+use weir::record::{Message, Record};
 use weir::server::{ServerHandle, Stats};
-use weir::storage::{Message, Record};
 
 mod common;
 use common::{start, test_config, within};

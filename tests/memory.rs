@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
 use weir::protocol::{Notice, Request, Response, StartPosition};
-use weir::storage::Message;
+use weir::record::Message;
 
 const TOTAL_BYTES: u64 = 1 << 30;
 const MESSAGE_BYTES: usize = 64 * 1024;

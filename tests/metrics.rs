@@ -7,7 +7,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::client::{Publisher, PublisherOptions};
 use weir::config::Config;
-use weir::storage::{FsyncPolicy, Message};
+use weir::record::Message;
+use weir::storage::FsyncPolicy;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -28,9 +28,10 @@ use weir::protocol::{
     ChannelInfo, ErrorCode, FRAME_HEADER_BYTES, FrameHeader, FrameType, PROTOCOL_VERSION, ProducerSequence, Request,
     Response, StartPosition,
 };
+use weir::record::RecordIter;
+use weir::record::{Header, Message, Record};
 use weir::server::Stats;
-use weir::storage::record::RecordIter;
-use weir::storage::{FsyncPolicy, Header, Message, Record};
+use weir::storage::FsyncPolicy;
 
 mod common;
 use common::{LIMIT, addr, start, stop, test_config, within};

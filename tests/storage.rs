@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use weir::record::{Header, Message, Record};
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{
-    ChannelLog, ChannelName, FsyncPolicy, Header, LogConfig, Message, Record, RetentionPolicy, StorageError, Store,
-    StoreConfig,
+    ChannelLog, ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store, StoreConfig,
 };
 
 fn small_config() -> LogConfig {

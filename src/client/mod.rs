@@ -5,7 +5,7 @@
 //! ```no_run
 //! # async fn example() -> Result<(), weir::client::ClientError> {
 //! use weir::client::{Connection, Publisher, PublisherOptions, SubscribeOptions, Subscriber, Event};
-//! use weir::storage::Message;
+//! use weir::record::Message;
 //!
 //! let publisher = Publisher::connect("127.0.0.1:7450", "orders", PublisherOptions::default()).await?;
 //! let receipt = publisher.publish(Message::from_payload("hello")).await?;

@@ -28,8 +28,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::ClientError;
 use super::connection::Connection;
 use crate::protocol::{ErrorCode, ProducerSequence, Request, Response, wire};
-use crate::storage::Message;
-use crate::storage::record::KEY_BYTES_MAX;
+use crate::record::KEY_BYTES_MAX;
+use crate::record::Message;
 
 /// What to do when the broker answers BACKPRESSURE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use super::ClientError;
 use super::connection::{Connection, EndReason, SubscriptionEvent};
 use crate::protocol::{ErrorCode, Notice, Request, Response, StartPosition};
-use crate::storage::Record;
-use crate::storage::record::RecordIter;
+use crate::record::Record;
+use crate::record::RecordIter;
 
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]

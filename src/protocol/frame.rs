@@ -12,7 +12,7 @@
 use bytes::{BufMut, Bytes};
 
 use super::wire::{self, DecodeError, Reader};
-use crate::storage::Message;
+use crate::record::Message;
 
 /// Bytes of the frame header.
 pub const FRAME_HEADER_BYTES: usize = 9;

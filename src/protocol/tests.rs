@@ -5,7 +5,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::frame::*;
-use crate::storage::{Header, Message};
+use crate::record::{Header, Message};
 
 fn bytes(max: usize) -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
@@ -278,7 +278,7 @@ fn worked_example_in_protocol_md_matches_the_codec() {
         "00 00 00 1a 83 00 00 00 02 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
     );
     let mut record = Vec::new();
-    crate::storage::record::encode(&mut record, 0, 1795320000000000, &Message::from_payload("hello"));
+    crate::record::encode(&mut record, 0, 1795320000000000, &Message::from_payload("hello"));
     let deliver = Response::Deliver { subscription_id: 1, count: 1, records: Bytes::from(record) };
     assert_eq!(
         hex(&deliver.encode(0)),

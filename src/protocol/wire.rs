@@ -6,8 +6,8 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
-use crate::storage::record::{HEADER_NAME_BYTES_MAX, HEADERS_COUNT_MAX, KEY_BYTES_MAX};
-use crate::storage::{Header, Message};
+use crate::record::{HEADER_NAME_BYTES_MAX, HEADERS_COUNT_MAX, KEY_BYTES_MAX};
+use crate::record::{Header, Message};
 
 /// Why a frame body does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,7 +173,7 @@ pub fn put_string(out: &mut Vec<u8>, value: &str) {
 /// Appends a message: key, headers, payload (the record layout after
 /// `flags`, so the codec is shared with the storage engine).
 pub fn put_message(out: &mut Vec<u8>, message: &Message) {
-    crate::storage::record::put_message_fields(out, message);
+    crate::record::put_message_fields(out, message);
 }
 
 /// Bytes a message takes on the wire.

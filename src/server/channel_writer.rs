@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, watch};
 use super::Outbound;
 use super::stats::Stats;
 use crate::protocol::{ErrorCode, ProducerSequence, Response};
-use crate::storage::{Appended, ChannelLog, FsyncPolicy, Message, StorageError, now_us};
+use crate::record::Message;
+use crate::storage::{Appended, ChannelLog, FsyncPolicy, StorageError, now_us};
 
 /// A publish waiting for the channel writer.
 pub(crate) struct AppendRequest {

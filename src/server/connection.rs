@@ -30,7 +30,8 @@ use crate::protocol::{
     self, BackpressureReason, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader, FrameType,
     PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
 };
-use crate::storage::{ChannelName, ChannelSettings, Message, StorageError};
+use crate::record::Message;
+use crate::storage::{ChannelName, ChannelSettings, StorageError};
 
 /// Room in the response queue beyond the publish window, for answers to
 /// other requests.

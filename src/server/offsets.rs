@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::record::Message;
 use crate::storage::fs::FileSystem;
-use crate::storage::{ChannelLog, ChannelName, LogConfig, Message, RetentionPolicy, StorageError};
+use crate::storage::{ChannelLog, ChannelName, LogConfig, RetentionPolicy, StorageError};
 
 /// How often acknowledged offsets are written to the internal log.
 pub const OFFSET_COMMIT_INTERVAL: Duration = Duration::from_millis(100);

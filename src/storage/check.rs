@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use super::channel_name::ChannelName;
 use super::fs::{FileSystem, OpenMode, StdFileSystem};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
-use super::record;
 use super::segment::{self, LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION};
 use super::store::CHANNELS_DIR;
+use crate::record;
 
 /// One thing found wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::channel_name::ChannelNameError;
-use super::record::{MessageError, RecordError};
+use crate::record::{MessageError, RecordError};
 
 /// An operating condition the storage engine reports instead of panicking.
 #[derive(Debug, thiserror::Error)]

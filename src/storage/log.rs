@@ -14,8 +14,8 @@ use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
 use super::fs::FileSystem;
 use super::index::{FILE_HEADER_BYTES, IndexEntry};
-use super::record::{self, Message, RecordIter};
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole};
+use crate::record::{self, Message, RecordIter};
 
 /// The most encoded bytes one append may write: the writer's buffer never
 /// grows past this.
@@ -709,7 +709,7 @@ const TORN_TAIL_ZEROS_BYTES: usize = 64;
 /// bad record followed by anything else is corruption, not a torn end.
 fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &StorageError) -> bool {
     match error {
-        StorageError::Corrupt { reason: super::record::RecordError::Incomplete { .. }, .. } => true,
+        StorageError::Corrupt { reason: crate::record::RecordError::Incomplete { .. }, .. } => true,
         StorageError::Corrupt { position, .. } => {
             let path = dir.join(segment::file_name(base_offset, LOG_EXTENSION));
             let Ok(file) = fs.open(&path, super::fs::OpenMode::Existing) else { return false };
@@ -720,7 +720,7 @@ fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &Stora
             }
             // The bad record is the last thing in the file and its end is
             // zeros: its beginning reached the disk, its end did not.
-            let is_last = super::record::peek_len(&rest).is_ok_and(|claimed| claimed.is_some_and(|l| l >= rest.len()));
+            let is_last = crate::record::peek_len(&rest).is_ok_and(|claimed| claimed.is_some_and(|l| l >= rest.len()));
             let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
             is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
         }

@@ -4,8 +4,10 @@
 //!
 //! Layout, from the bottom up:
 //! - [`fs`]: the narrow file interface every path goes through.
+//!
+//! Records are encoded by [`crate::record`], the layer below storage and
+//! protocol alike.
 //! - `mmap`: the only `unsafe` code, mapping files for zero-copy reads.
-//! - [`record`]: the on-disk (and on-wire) record codec.
 //! - [`index`]: segment file headers and index entries.
 //! - `segment`: one segment's files, its recovery and reads.
 //! - [`ChannelLog`]: a channel's segments, appends, rolls and retention.
@@ -22,7 +24,6 @@ pub mod fs;
 pub mod index;
 mod log;
 mod mmap;
-pub mod record;
 mod segment;
 mod store;
 
@@ -32,5 +33,4 @@ pub use log::{
     APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, ReadBatch,
     RetentionOutcome, RetentionPolicy, now_us,
 };
-pub use record::{Header, Message, Record};
 pub use store::{CHANNEL_SETTINGS_FILE, CHANNELS_DIR, ChannelSettings, Maintenance, Store, StoreConfig};

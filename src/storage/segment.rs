@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::error::{IoContext, StorageError};
 use super::fs::{FileSystem, OpenMode, StorageFile};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, INDEX_ENTRY_BYTES, IndexEntry};
-use super::record::{self, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
+use crate::record::{self, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
 
 pub(crate) const LOG_EXTENSION: &str = "log";
 pub(crate) const OFFSET_INDEX_EXTENSION: &str = "index";

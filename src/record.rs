@@ -1,4 +1,5 @@
-//! The record codec: how one message is laid out inside a segment file, and
+//! The record format, the layer below storage, protocol and client: how one
+//! message is laid out inside a segment file and inside DELIVER frames, and
 //! how it is checked when it is read back.
 //!
 //! This module is pure (no I/O). The same bytes travel to subscribers inside
