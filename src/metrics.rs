@@ -73,6 +73,14 @@ fn describe() {
     describe_counter!("weir_idle_timeouts_total", "Connections closed after idle_timeout_ms of silence.");
     describe_counter!("weir_retention_deleted_segments_total", "Segments deleted by retention, by channel.");
     describe_counter!("weir_retention_deleted_bytes_total", "Bytes deleted by retention, by channel.");
+    describe_counter!(
+        "weir_storage_full_episodes_total",
+        "Times a channel's disk became full (appends refused with StorageFull until space was freed), by channel."
+    );
+    describe_gauge!(
+        "weir_storage_full",
+        "1 while a channel refuses appends because its disk is full (until an append succeeds again), by channel."
+    );
     describe_gauge!("weir_connections_open", "Open client connections.");
     describe_gauge!("weir_inflight_publishes", "Publishes read and not yet answered, all connections.");
     describe_gauge!("weir_inflight_deliveries", "Delivered, unacknowledged messages, all subscriptions.");
@@ -144,6 +152,7 @@ pub fn refresh_counters(stats: &Stats) {
         ("backpressure", get(&stats.publishes_rejected_backpressure)),
         ("invalid_channel", get(&stats.publishes_rejected_invalid_channel)),
         ("storage_error", get(&stats.publishes_rejected_storage)),
+        ("storage_full", get(&stats.publishes_rejected_storage_full)),
     ] {
         counter!("weir_publishes_rejected_total", "reason" => reason).absolute(value);
     }

@@ -132,12 +132,15 @@ pub enum ErrorCode {
     /// An idempotent publish whose sequence is ahead of the producer's next
     /// sequence: an earlier publish was rejected; resend from it.
     OutOfOrderSequence = 22,
+    /// The disk is full: nothing was stored. Reads keep working; appends
+    /// resume by themselves once space is freed.
+    StorageFull = 23,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 22] = [
+        const ALL: [ErrorCode; 23] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -160,6 +163,7 @@ impl ErrorCode {
             SequenceTooOld,
             InvalidRequest,
             OutOfOrderSequence,
+            StorageFull,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }

@@ -26,6 +26,8 @@ pub(crate) struct ChannelHandle {
     pub log: Arc<ChannelLog>,
     pub appends: mpsc::Sender<AppendRequest>,
     pub tail: watch::Receiver<u64>,
+    /// The log's first offset, moved by retention.
+    pub log_start: watch::Receiver<u64>,
 }
 
 /// What the admin view shows of a live subscription.
@@ -138,7 +140,11 @@ impl Broker {
         let writer =
             tokio::spawn(channel_writer::run(Arc::clone(&log), requests, tail_sender, limits, Arc::clone(&self.stats)));
         self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(writer);
-        let handle = Arc::new(ChannelHandle { log: Arc::clone(&log), appends, tail });
+        let (start_sender, log_start) = watch::channel(log.start_offset());
+        log.set_start_offset_listener(Box::new(move |start| {
+            start_sender.send_replace(start);
+        }));
+        let handle = Arc::new(ChannelHandle { log: Arc::clone(&log), appends, tail, log_start });
         channels.insert(log.name().clone(), Arc::clone(&handle));
         Ok(handle)
     }
@@ -187,6 +193,7 @@ impl Broker {
             ("publishes_rejected_backpressure_total".to_owned(), get(&stats.publishes_rejected_backpressure)),
             ("publishes_rejected_invalid_channel_total".to_owned(), get(&stats.publishes_rejected_invalid_channel)),
             ("publishes_rejected_storage_total".to_owned(), get(&stats.publishes_rejected_storage)),
+            ("publishes_rejected_storage_full_total".to_owned(), get(&stats.publishes_rejected_storage_full)),
             ("protocol_errors_total".to_owned(), get(&stats.protocol_errors)),
             ("idle_timeouts_total".to_owned(), get(&stats.idle_timeouts)),
             ("lag_notices_total".to_owned(), get(&stats.lag_notices)),

@@ -180,9 +180,14 @@ async fn commit_group(
         }
         Ok(None) => None,
         Err(error) => {
-            tracing::error!(channel = %log.name(), %error, "append failed");
             let failed = plans.iter().filter(|plan| matches!(plan, Plan::Append { .. })).count();
-            Stats::add(&stats.publishes_rejected_storage, failed as u64);
+            if error.is_storage_full() {
+                // The log reports each disk-full episode once, at its start.
+                Stats::add(&stats.publishes_rejected_storage_full, failed as u64);
+            } else {
+                tracing::error!(channel = %log.name(), %error, "append failed; nothing of the group was stored");
+                Stats::add(&stats.publishes_rejected_storage, failed as u64);
+            }
             // Nothing of this group is stored: forget what it promised.
             for (request, plan) in group.iter().zip(&plans) {
                 if let (Some(producer), Plan::Append { .. }) = (request.producer, plan)
@@ -254,7 +259,7 @@ async fn append(log: &Arc<ChannelLog>, messages: Vec<Message>) -> Result<Appende
 fn storage_error(error: &StorageError) -> Response {
     let code = match error {
         StorageError::InvalidMessage { .. } => ErrorCode::MessageTooLarge,
-        _ => ErrorCode::StorageError,
+        error => super::storage_error_code(error),
     };
     Response::Error { code: code as u16, message: format!("not stored: {error}") }
 }

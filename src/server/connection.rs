@@ -21,11 +21,11 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::Outbound;
 use super::broker::{Broker, ChannelError, SubscriptionStatus};
 use super::channel_writer::{AppendRequest, Reply};
 use super::stats::Stats;
 use super::subscription::Subscription;
+use super::{Delivery, Outbound};
 use crate::protocol::{
     self, BackpressureReason, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader, FrameType,
     PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
@@ -62,7 +62,7 @@ struct Connection {
     broker: Arc<Broker>,
     reader: BufReader<OwnedReadHalf>,
     responses: mpsc::Sender<Outbound>,
-    deliveries: mpsc::Sender<Outbound>,
+    deliveries: mpsc::Sender<Delivery>,
     subscriptions: HashMap<u32, SubscriptionHandle>,
     inflight_publishes: Arc<AtomicU32>,
     inflight_publish_bytes: Arc<AtomicU64>,
@@ -516,6 +516,7 @@ impl Connection {
             subscription_id,
             log,
             tail: handle.tail.clone(),
+            log_start: handle.log_start.clone(),
             ack_floor,
             next_offset: first_offset,
             window: (max_inflight as u64).min(config.max_inflight_deliveries),
@@ -523,11 +524,13 @@ impl Connection {
             lag_notice_threshold: config.lag_notice_threshold,
             notice_interval: Duration::from_millis(config.notice_interval_ms),
             deliveries: self.deliveries.clone(),
+            responses: self.responses.clone(),
             cancel: cancel.clone(),
             status: Arc::clone(&status),
             stats: Arc::clone(&self.broker.stats),
             _registration: self.broker.register_subscription(Arc::clone(&status)),
             skip_floor: 0,
+            last_lag_notice: None,
         };
         tokio::spawn(subscription.run());
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, ack_floor: ack_sender, status });
@@ -618,14 +621,7 @@ impl Connection {
     }
 
     async fn storage_error(&mut self, correlation_id: u32, error: StorageError) -> Flow {
-        let code = match &error {
-            StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
-            StorageError::InvalidChannelName(_) => ErrorCode::InvalidChannelName,
-            StorageError::UnknownChannel { .. } => ErrorCode::UnknownChannel,
-            StorageError::ChannelExists { .. } => ErrorCode::ChannelExists,
-            StorageError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
-            _ => ErrorCode::StorageError,
-        };
+        let code = super::storage_error_code(&error);
         self.error(correlation_id, code, error.to_string()).await
     }
 
@@ -676,7 +672,7 @@ impl Connection {
 async fn write_loop(
     write_half: OwnedWriteHalf,
     mut responses: mpsc::Receiver<Outbound>,
-    mut deliveries: mpsc::Receiver<Outbound>,
+    mut deliveries: mpsc::Receiver<Delivery>,
     write_timeout: Duration,
     cancel: CancellationToken,
 ) {
@@ -690,7 +686,10 @@ async fn write_loop(
                 None => { responses_open = false; continue; }
             },
             item = deliveries.recv(), if deliveries_open => match item {
-                Some(item) => item,
+                // Checked here, right before the write, so that nothing of a
+                // subscription is written after its end was queued.
+                Some(delivery) if delivery.ended.is_cancelled() => continue,
+                Some(delivery) => delivery.outbound,
                 None => { deliveries_open = false; continue; }
             },
             else => break,

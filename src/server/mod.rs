@@ -48,6 +48,29 @@ pub(crate) enum Outbound {
     },
 }
 
+/// A frame of one subscription, queued for the connection's socket. The
+/// connection's writer drops it unsent once the subscription has ended
+/// (`ended` cancelled): after UNSUBSCRIBED, or the SUBSCRIBED of a new
+/// subscription reusing the id, nothing of the old one reaches the client.
+pub(crate) struct Delivery {
+    pub ended: CancellationToken,
+    pub outbound: Outbound,
+}
+
+/// The wire error code for a storage error.
+pub(crate) fn storage_error_code(error: &StorageError) -> crate::protocol::ErrorCode {
+    use crate::protocol::ErrorCode;
+    match error {
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::InvalidChannelName(_) => ErrorCode::InvalidChannelName,
+        StorageError::UnknownChannel { .. } => ErrorCode::UnknownChannel,
+        StorageError::ChannelExists { .. } => ErrorCode::ChannelExists,
+        StorageError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
+        error if error.is_storage_full() => ErrorCode::StorageFull,
+        _ => ErrorCode::StorageError,
+    }
+}
+
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -269,6 +292,7 @@ fn publish_metrics(broker: &Broker) {
         next_offset: u64,
         subscriptions: u64,
         ephemeral_lag_max: u64,
+        storage_full: bool,
     }
     let mut totals: BTreeMap<String, ChannelTotals> = BTreeMap::new();
     let mut next_offsets = std::collections::HashMap::new();
@@ -282,6 +306,8 @@ fn publish_metrics(broker: &Broker) {
         entry.counters.bytes_appended += counters.bytes_appended;
         entry.counters.retention_segments_deleted += counters.retention_segments_deleted;
         entry.counters.retention_bytes_deleted += counters.retention_bytes_deleted;
+        entry.counters.storage_full_episodes += counters.storage_full_episodes;
+        entry.storage_full |= log.is_storage_full();
         entry.size_bytes += stats.size_bytes;
         entry.segments += stats.segment_count;
         entry.start_offset = stats.start_offset;
@@ -326,6 +352,9 @@ fn publish_metrics(broker: &Broker) {
             .absolute(total.counters.retention_segments_deleted);
         counter!("weir_retention_deleted_bytes_total", "channel" => label.clone())
             .absolute(total.counters.retention_bytes_deleted);
+        counter!("weir_storage_full_episodes_total", "channel" => label.clone())
+            .absolute(total.counters.storage_full_episodes);
+        gauge!("weir_storage_full", "channel" => label.clone()).set(if total.storage_full { 1.0 } else { 0.0 });
         gauge!("weir_log_bytes", "channel" => label.clone()).set(total.size_bytes as f64);
         gauge!("weir_log_segments", "channel" => label.clone()).set(total.segments as f64);
         gauge!("weir_subscriptions", "channel" => label.clone()).set(total.subscriptions as f64);

@@ -16,6 +16,8 @@ pub struct Stats {
     pub publishes_rejected_backpressure: AtomicU64,
     pub publishes_rejected_invalid_channel: AtomicU64,
     pub publishes_rejected_storage: AtomicU64,
+    /// Publishes refused with StorageFull (the disk was full).
+    pub publishes_rejected_storage_full: AtomicU64,
     /// Publishes read and not yet answered, all connections together.
     pub inflight_publishes: AtomicU64,
     pub protocol_errors: AtomicU64,

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::Outbound;
 use super::broker::{SubscriptionGuard, SubscriptionStatus};
 use super::stats::Stats;
-use crate::protocol::{ErrorCode, Notice, Response};
-use crate::storage::{ChannelLog, StorageError};
+use super::{Delivery, Outbound};
+use crate::protocol::{Notice, Response};
+use crate::storage::{ChannelLog, ReadBatch, StorageError};
 
 /// Everything a delivery task needs.
 pub(crate) struct Subscription {
@@ -22,6 +22,8 @@ pub(crate) struct Subscription {
     pub log: Arc<ChannelLog>,
     /// The channel's next offset, advanced by its writer after each append.
     pub tail: watch::Receiver<u64>,
+    /// The channel's first offset, advanced when retention deletes segments.
+    pub log_start: watch::Receiver<u64>,
     /// The first offset not yet acknowledged by the subscriber.
     pub ack_floor: watch::Receiver<u64>,
     pub next_offset: u64,
@@ -30,7 +32,10 @@ pub(crate) struct Subscription {
     pub delivery_batch_bytes: usize,
     pub lag_notice_threshold: u64,
     pub notice_interval: Duration,
-    pub deliveries: mpsc::Sender<Outbound>,
+    pub deliveries: mpsc::Sender<Delivery>,
+    /// Frames that end the subscription (ERROR, UNSUBSCRIBED) go with the
+    /// connection's answers: after it, nothing of this subscription is sent.
+    pub responses: mpsc::Sender<Outbound>,
     pub cancel: CancellationToken,
     pub status: Arc<SubscriptionStatus>,
     pub stats: Arc<Stats>,
@@ -38,12 +43,22 @@ pub(crate) struct Subscription {
     /// Raised when retention skips the cursor forward: records below it
     /// can no longer be delivered, so they no longer count as in flight.
     pub skip_floor: u64,
+    /// When the last LAG notice was sent.
+    pub last_lag_notice: Option<Instant>,
+}
+
+/// What a delivery task waits for when it cannot deliver now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// The window is full: only an ack opens it.
+    ForAck,
+    /// Caught up: an append (or an ack) gives it something to do.
+    ForAppend,
 }
 
 impl Subscription {
     /// Delivers until cancelled, the connection goes away, or the log fails.
     pub async fn run(mut self) {
-        let mut last_notice: Option<Instant> = None;
         loop {
             let ack_floor = (*self.ack_floor.borrow_and_update()).max(self.skip_floor);
             // Records below the floor may have been skipped by retention:
@@ -52,7 +67,7 @@ impl Subscription {
             assert!(inflight <= self.window, "a subscription never has more than its window unacknowledged");
             Stats::high_water(&self.stats.inflight_deliveries_high_water, inflight);
             if inflight == self.window {
-                if !self.wait_for_ack().await {
+                if !self.wait(Waiting::ForAck).await {
                     return;
                 }
                 continue;
@@ -61,90 +76,138 @@ impl Subscription {
             let room = self.window - inflight;
             match self.log.read_bounded(self.next_offset, self.delivery_batch_bytes, room) {
                 Ok(batch) if batch.count > 0 => {
-                    let response = Response::Deliver {
-                        subscription_id: self.subscription_id,
-                        count: batch.count as u32,
-                        records: batch.records.clone(),
-                    };
-                    let head = response.encode_head(0);
-                    // Published before the frame is queued: a client may ack
-                    // a record the moment it arrives, and an ack counts only
-                    // up to what this says was delivered.
-                    self.next_offset = batch.next_offset;
-                    self.status.next_offset.store(self.next_offset, Ordering::Relaxed);
-                    if !self.send(Outbound::Records { head, records: batch.records }).await {
-                        return;
-                    }
-                    if !self.maybe_notify_lag(&mut last_notice).await {
+                    if !self.deliver(batch).await {
                         return;
                     }
                 }
                 Ok(_) => {
-                    if !self.wait_for_append().await {
+                    if !self.wait(Waiting::ForAppend).await {
                         return;
                     }
                 }
                 Err(StorageError::OffsetOutOfRange { start, .. }) if self.next_offset < start => {
-                    // Retention deleted records this subscriber had not read.
-                    let skipped = start - self.next_offset;
-                    self.next_offset = start;
-                    self.skip_floor = start;
-                    self.status.next_offset.store(start, Ordering::Relaxed);
-                    Stats::add(&self.stats.skipped_notices, 1);
-                    let notice = Notice::Skipped { skipped, resume_offset: start };
-                    let frame = Response::Notice { subscription_id: self.subscription_id, notice }.encode(0);
-                    if !self.send(Outbound::Frame(frame)).await {
+                    if !self.skip_to(start).await {
                         return;
                     }
                 }
                 Err(error) => {
-                    tracing::error!(channel = %self.log.name(), subscription = self.subscription_id, %error, "delivery stopped");
-                    let message = format!("subscription {} stopped: {error}", self.subscription_id);
-                    let error = Response::Error { code: ErrorCode::StorageError as u16, message }.encode(0);
-                    let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0);
-                    let _ = self.send(Outbound::Frame(error)).await && self.send(Outbound::Frame(unsubscribed)).await;
-                    // Marks the subscription ended for the connection, which
-                    // then frees its id and its slot.
-                    self.cancel.cancel();
+                    self.stop_on_error(error).await;
                     return;
                 }
             }
         }
     }
 
-    async fn send(&self, outbound: Outbound) -> bool {
-        tokio::select! {
-            sent = self.deliveries.send(outbound) => sent.is_ok(),
-            () = self.cancel.cancelled() => false,
-        }
+    /// Sends one batch of records (good records before a corrupt one
+    /// included: the log returns them first, and the error on the next
+    /// read).
+    async fn deliver(&mut self, batch: ReadBatch) -> bool {
+        let response = Response::Deliver {
+            subscription_id: self.subscription_id,
+            count: batch.count as u32,
+            records: batch.records.clone(),
+        };
+        let head = response.encode_head(0);
+        // Published before the frame is queued: a client may ack a record
+        // the moment it arrives, and an ack counts only up to what this
+        // says was delivered.
+        self.next_offset = batch.next_offset;
+        self.status.next_offset.store(self.next_offset, Ordering::Relaxed);
+        self.send(Outbound::Records { head, records: batch.records }).await && self.notify_lag().await.is_some()
     }
 
-    async fn wait_for_ack(&mut self) -> bool {
-        tokio::select! {
-            changed = self.ack_floor.changed() => changed.is_ok(),
-            () = self.cancel.cancelled() => false,
-        }
-    }
-
-    /// Waits for the next append (or an ack, which may open the window,
-    /// or retention moving the log start past us).
-    async fn wait_for_append(&mut self) -> bool {
-        tokio::select! {
-            changed = self.tail.changed() => changed.is_ok(),
-            changed = self.ack_floor.changed() => changed.is_ok(),
-            () = self.cancel.cancelled() => false,
-        }
-    }
-
-    async fn maybe_notify_lag(&self, last_notice: &mut Option<Instant>) -> bool {
-        let ack_floor = *self.ack_floor.borrow();
-        let lag = self.log.next_offset().saturating_sub(ack_floor);
-        if lag < self.lag_notice_threshold || last_notice.is_some_and(|at| at.elapsed() < self.notice_interval) {
-            return true;
-        }
-        *last_notice = Some(Instant::now());
-        Stats::add(&self.stats.lag_notices, 1);
-        let notice = Notice::Lag { lag, next_offset: self.log.next_offset() };
+    /// Moves the cursor to the log start after retention deleted records
+    /// this subscriber had not read, and tells it.
+    async fn skip_to(&mut self, start: u64) -> bool {
+        let skipped = start - self.next_offset;
+        self.next_offset = start;
+        self.skip_floor = start;
+        self.status.next_offset.store(start, Ordering::Relaxed);
+        Stats::add(&self.stats.skipped_notices, 1);
+        let notice = Notice::Skipped { skipped, resume_offset: start };
         self.send(Outbound::Frame(Response::Notice { subscription_id: self.subscription_id, notice }.encode(0))).await
+    }
+
+    async fn stop_on_error(&mut self, error: StorageError) {
+        tracing::error!(channel = %self.log.name(), subscription = self.subscription_id, %error, "delivery stopped");
+        let message = format!("subscription {} stopped: {error}", self.subscription_id);
+        let error = Response::Error { code: super::storage_error_code(&error) as u16, message }.encode(0);
+        let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0);
+        // Queued with the connection's answers before the subscription is
+        // marked ended, so that a SUBSCRIBE reusing the id is answered after
+        // them.
+        let responses = self.responses.clone();
+        let queued = async move {
+            responses.send(Outbound::Frame(error)).await.is_ok()
+                && responses.send(Outbound::Frame(unsubscribed)).await.is_ok()
+        };
+        tokio::select! {
+            _ = queued => {}
+            () = self.cancel.cancelled() => {}
+        }
+        // Marks the subscription ended for the connection, which then frees
+        // its id and its slot, and drops its deliveries still queued.
+        self.cancel.cancel();
+    }
+
+    async fn send(&self, outbound: Outbound) -> bool {
+        let delivery = Delivery { ended: self.cancel.clone(), outbound };
+        tokio::select! {
+            sent = self.deliveries.send(delivery) => sent.is_ok(),
+            () = self.cancel.cancelled() => false,
+        }
+    }
+
+    /// Waits until something may let the subscription deliver: an ack, an
+    /// append (when caught up), retention moving the log start (sent as
+    /// SKIPPED at once, even with a full window), or the next LAG check,
+    /// which runs on its own timer so that a subscriber whose window is
+    /// full still hears how far behind it is. False when the subscription
+    /// ends.
+    async fn wait(&mut self, waiting: Waiting) -> bool {
+        let Some(next_lag_check) = self.notify_lag().await else { return false };
+        // Caught up with a window below the threshold, the lag cannot reach
+        // it until an append wakes the task anyway: no timer.
+        let lag_possible = waiting == Waiting::ForAck || self.window >= self.lag_notice_threshold;
+        let lag_timer = tokio::time::sleep_until(next_lag_check.into());
+        tokio::select! {
+            changed = self.ack_floor.changed() => changed.is_ok(),
+            changed = self.tail.changed(), if waiting == Waiting::ForAppend => changed.is_ok(),
+            changed = self.log_start.changed() => {
+                let start = *self.log_start.borrow_and_update();
+                match changed {
+                    Ok(()) if start > self.next_offset => self.skip_to(start).await,
+                    Ok(()) => true,
+                    // The channel's handle is gone (shutdown): nothing more
+                    // will move the start; keep waiting on the rest.
+                    Err(_) => !self.cancel.is_cancelled(),
+                }
+            }
+            () = lag_timer, if lag_possible => true,
+            () = self.cancel.cancelled() => false,
+        }
+    }
+
+    /// Sends LAG when the subscriber is at least `lag_notice_threshold`
+    /// behind and none was sent in the last `notice_interval`. Returns
+    /// when the next check is due, or `None` when the subscription ended.
+    async fn notify_lag(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let ack_floor = (*self.ack_floor.borrow()).max(self.skip_floor);
+        let next_offset = self.log.next_offset();
+        let lag = next_offset.saturating_sub(ack_floor);
+        if lag < self.lag_notice_threshold {
+            return Some(now + self.notice_interval);
+        }
+        if let Some(last) = self.last_lag_notice
+            && now < last + self.notice_interval
+        {
+            return Some(last + self.notice_interval);
+        }
+        self.last_lag_notice = Some(now);
+        Stats::add(&self.stats.lag_notices, 1);
+        let notice = Notice::Lag { lag, next_offset };
+        let frame = Response::Notice { subscription_id: self.subscription_id, notice }.encode(0);
+        self.send(Outbound::Frame(frame)).await.then_some(now + self.notice_interval)
     }
 }

@@ -53,6 +53,30 @@ pub enum StorageError {
     TooManyChannels { channel: String, count_max: usize },
     #[error("data directory {path} is in use by another weir process (lock file held)")]
     DataDirLocked { path: PathBuf },
+    /// The device holding the channel is full. Nothing of the append was
+    /// stored (a partial write is cut back); the log keeps serving reads and
+    /// takes appends again once space is freed, without a restart.
+    #[error(
+        "channel {channel}: no space left on the device holding {path}; nothing was stored; appends resume by themselves once space is freed"
+    )]
+    StorageFull { channel: String, path: PathBuf },
+}
+
+impl StorageError {
+    /// Whether the error means "the disk is full" (or the quota is used
+    /// up): a condition that ends when space is freed.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StorageError::StorageFull { .. } => true,
+            StorageError::Io { source, .. } => is_storage_full(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an operating-system error means the device or quota is full.
+pub(crate) fn is_storage_full(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// Attaches the path an `io::Error` happened on.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
 use super::fs::FileSystem;
 use super::index::{FILE_HEADER_BYTES, IndexEntry};
-use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole};
+use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
 use crate::record::{self, Message, RecordIter};
 
 /// The most encoded bytes one append may write: the writer's buffer never
@@ -93,6 +93,9 @@ pub struct LogCounters {
     pub bytes_appended: u64,
     pub retention_segments_deleted: u64,
     pub retention_bytes_deleted: u64,
+    /// Times the disk became full under this log (see
+    /// [`STORAGE_FULL_RETRY_INTERVAL`]).
+    pub storage_full_episodes: u64,
 }
 
 /// Whole, CRC-checked records read from a log, back to back in their on-disk
@@ -145,10 +148,36 @@ struct Writer {
     /// The background sync of the last sealed segment, under `interval` and
     /// `never`.
     pending_seal: Option<SealSync>,
-    /// Set after a write or sync failure: the file's state is unknown, so no
-    /// further append is accepted until recovery (a restart) has run.
+    /// Set after a sync failure (or a failed write that could not be cut
+    /// back): the file's state is unknown, so no further append is
+    /// accepted until recovery (a restart) has run.
     failure: Option<String>,
+    /// Set while the disk is full; cleared by the first append that
+    /// succeeds again.
+    full: Option<FullEpisode>,
 }
+
+/// A stretch of time during which appends fail for lack of space.
+struct FullEpisode {
+    since: Instant,
+    /// When an append last tried the disk.
+    last_attempt: Instant,
+    refused_appends: u64,
+}
+
+/// How an append failed.
+enum AppendFailure {
+    /// Nothing of the append remains on disk; the next append may try again.
+    RolledBack(StorageError),
+    /// The state of unsynced data is unknown.
+    Unknown(StorageError),
+}
+
+/// While a log's disk is full, one append per this interval tries the disk
+/// (the probe that ends the episode once space is back); the others are
+/// refused at once, so that a stream of publishes does not hammer a full
+/// disk with writes that are cut back.
+pub const STORAGE_FULL_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One channel's log. Appends are serialized by an internal writer lock;
 /// reads proceed concurrently with them and with each other.
@@ -165,7 +194,13 @@ pub struct ChannelLog {
     /// Held by `sync` while it waits for a seal outside the writer lock, so
     /// that a roll cannot start the next seal before that one is durable.
     seal_order: Mutex<()>,
+    /// Told the new start offset whenever retention moves it, so that the
+    /// server can notify subscribers that fell behind without polling.
+    start_offset_listener: Mutex<Option<StartOffsetListener>>,
 }
+
+/// A callback told the log's new start offset after retention moved it.
+pub type StartOffsetListener = Box<dyn Fn(u64) + Send + Sync>;
 
 impl std::fmt::Debug for ChannelLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -257,10 +292,12 @@ impl ChannelLog {
                 encode_buffer: Vec::new(),
                 pending_seal: None,
                 failure: None,
+                full: None,
             }),
             visible_next_offset: AtomicU64::new(next_offset),
             counters: Mutex::new(LogCounters::default()),
             seal_order: Mutex::new(()),
+            start_offset_listener: Mutex::new(None),
         })
     }
 
@@ -286,9 +323,17 @@ impl ChannelLog {
     /// decrease within a channel even if the clock steps back.
     ///
     /// # Errors
-    /// `InvalidMessage` (nothing written) when a message breaks a limit;
-    /// `Io` when the write or sync fails, after which the log refuses
-    /// appends (`Failed`) until it is reopened.
+    /// - `InvalidMessage` or `BatchTooLarge` (nothing written) when the
+    ///   batch breaks a limit.
+    /// - `StorageFull` when the device is full: nothing was stored, reads
+    ///   go on, and appends are taken again once space is freed (while
+    ///   full, one append per [`STORAGE_FULL_RETRY_INTERVAL`] tries the
+    ///   disk; the others are refused without touching it).
+    /// - `Io` when a write fails for another reason and was cut back:
+    ///   nothing was stored, and the next append tries again.
+    /// - `Io` when a sync fails, or a failed write could not be cut back:
+    ///   the state of unsynced data is unknown, and the log refuses every
+    ///   later append (`Failed`) until it is reopened and recovered.
     pub fn append_batch_at(&self, messages: &[Message], now_us: u64) -> Result<Appended, StorageError> {
         for (index, message) in messages.iter().enumerate() {
             message
@@ -303,6 +348,12 @@ impl ChannelLog {
         if let Some(cause) = &writer.failure {
             return Err(StorageError::Failed { channel: self.name.to_string(), cause: cause.clone() });
         }
+        if let Some(episode) = &mut writer.full
+            && episode.last_attempt.elapsed() < STORAGE_FULL_RETRY_INTERVAL
+        {
+            episode.refused_appends += 1;
+            return Err(self.storage_full());
+        }
         let timestamp_us = now_us.max(writer.last_timestamp_us);
         if messages.is_empty() {
             return Ok(Appended {
@@ -312,21 +363,75 @@ impl ChannelLog {
                 sync_duration: Duration::ZERO,
             });
         }
-        if self.should_roll(&writer, timestamp_us) {
-            self.roll(&mut writer)?;
-        }
-        if let Some(cause) = &writer.failure {
-            return Err(StorageError::Failed { channel: self.name.to_string(), cause: cause.clone() });
-        }
-        let result = self.write_batch(&mut writer, messages, timestamp_us);
-        if let Err(error) = &result {
-            writer.failure = Some(error.to_string());
-            tracing::error!(channel = %self.name, %error, "append failed; the channel refuses appends until restart");
-        }
+        let result = self.roll_and_write(&mut writer, messages, timestamp_us);
         if writer.encode_buffer.capacity() > ENCODE_BUFFER_RETAINED_BYTES {
             writer.encode_buffer = Vec::new();
         }
-        result
+        match result {
+            Ok(appended) => {
+                self.end_full_episode(&mut writer);
+                Ok(appended)
+            }
+            Err(AppendFailure::Unknown(error)) => {
+                writer.failure = Some(error.to_string());
+                tracing::error!(channel = %self.name, %error, "append failed and the state of unsynced data is unknown; the channel refuses appends until restart");
+                Err(error)
+            }
+            Err(AppendFailure::RolledBack(error)) if error.is_storage_full() => {
+                self.note_full(&mut writer, &error);
+                Err(self.storage_full())
+            }
+            Err(AppendFailure::RolledBack(error)) => Err(error),
+        }
+    }
+
+    /// Rolls the active segment when due, then writes the batch.
+    fn roll_and_write(
+        &self,
+        writer: &mut Writer,
+        messages: &[Message],
+        timestamp_us: u64,
+    ) -> Result<Appended, AppendFailure> {
+        if self.should_roll(writer, timestamp_us) {
+            self.roll(writer)?;
+        }
+        self.write_batch(writer, messages, timestamp_us)
+    }
+
+    fn storage_full(&self) -> StorageError {
+        StorageError::StorageFull { channel: self.name.to_string(), path: self.dir.clone() }
+    }
+
+    /// Starts (or continues) a disk-full episode: logged once, at its start.
+    fn note_full(&self, writer: &mut Writer, error: &StorageError) {
+        let now = Instant::now();
+        match &mut writer.full {
+            Some(episode) => {
+                episode.last_attempt = now;
+                episode.refused_appends += 1;
+            }
+            None => {
+                tracing::warn!(channel = %self.name, %error, "disk full: refusing appends with StorageFull until space is freed; reads go on");
+                writer.full = Some(FullEpisode { since: now, last_attempt: now, refused_appends: 1 });
+                self.lock_counters().storage_full_episodes += 1;
+            }
+        }
+    }
+
+    fn end_full_episode(&self, writer: &mut Writer) {
+        if let Some(episode) = writer.full.take() {
+            tracing::info!(
+                channel = %self.name,
+                refused_appends = episode.refused_appends,
+                full_for_ms = episode.since.elapsed().as_millis() as u64,
+                "disk space is back: appends resumed"
+            );
+        }
+    }
+
+    /// Whether the log is refusing appends because its disk is full.
+    pub fn is_storage_full(&self) -> bool {
+        self.lock_writer().full.is_some()
     }
 
     fn write_batch(
@@ -334,31 +439,37 @@ impl ChannelLog {
         writer: &mut Writer,
         messages: &[Message],
         timestamp_us: u64,
-    ) -> Result<Appended, StorageError> {
+    ) -> Result<Appended, AppendFailure> {
         let first_offset = writer.next_offset;
         let base_position = writer.active.written_len();
         let mut buffer = std::mem::take(&mut writer.encode_buffer);
         buffer.clear();
         let mut offset_entries = Vec::new();
         let mut time_entries = Vec::new();
+        let mut last_indexed_position = writer.last_indexed_position;
         for (i, message) in messages.iter().enumerate() {
             let offset = first_offset + i as u64;
             let position = base_position + buffer.len() as u64;
-            if position - writer.last_indexed_position >= self.config.index_interval_bytes {
+            if position - last_indexed_position >= self.config.index_interval_bytes {
                 offset_entries.push(IndexEntry { key: offset, value: position });
                 time_entries.push(IndexEntry { key: timestamp_us, value: offset });
-                writer.last_indexed_position = position;
+                last_indexed_position = position;
             }
             record::encode(&mut buffer, offset, timestamp_us, message);
         }
         let written = writer.active.write(&buffer, &offset_entries, &time_entries);
         writer.encode_buffer = buffer;
-        written?;
+        match written {
+            Ok(()) => {}
+            Err(WriteFailure { error, rolled_back: true }) => return Err(AppendFailure::RolledBack(error)),
+            Err(WriteFailure { error, rolled_back: false }) => return Err(AppendFailure::Unknown(error)),
+        }
+        writer.last_indexed_position = last_indexed_position;
         let count = messages.len() as u64;
         let mut sync_duration = Duration::ZERO;
         if self.config.fsync == FsyncPolicy::Always {
-            let started = std::time::Instant::now();
-            writer.active.sync_log()?;
+            let started = Instant::now();
+            writer.active.sync_log().map_err(AppendFailure::Unknown)?;
             sync_duration = started.elapsed();
         } else {
             writer.unsynced = true;
@@ -408,34 +519,28 @@ impl ChannelLog {
     /// wait for a whole segment to reach the disk; at most one such sync is
     /// outstanding, and any later sync waits for it first, so a sealed
     /// segment is never less durable than the one after it.
-    fn roll(&self, writer: &mut Writer) -> Result<(), StorageError> {
+    fn roll(&self, writer: &mut Writer) -> Result<(), AppendFailure> {
         // A failed sync leaves the state of unsynced data unknown: the
         // channel refuses appends from then on (see `Writer::failure`).
         let sealed = match self.finish_seal(writer) {
             Ok(()) if self.config.fsync == FsyncPolicy::Always => writer.active.sync_all(),
             other => other,
         };
-        if let Err(error) = sealed {
-            writer.failure = Some(error.to_string());
-            tracing::error!(channel = %self.name, %error, "sealing a segment failed; the channel refuses appends until restart");
-            return Err(error);
-        }
+        sealed.map_err(AppendFailure::Unknown)?;
         if self.config.fsync != FsyncPolicy::Always {
             let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let sealed = Arc::clone(&writer.active);
             let spawned = std::thread::Builder::new().name("weir-seal".into()).spawn(move || sealed.sync_all());
             match spawned {
                 Ok(handle) => writer.pending_seal = Some(handle),
-                Err(_) => {
-                    if let Err(error) = writer.active.sync_all() {
-                        writer.failure = Some(error.to_string());
-                        return Err(error);
-                    }
-                }
+                Err(_) => writer.active.sync_all().map_err(AppendFailure::Unknown)?,
             }
         }
         writer.unsynced = false;
-        let segment = Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset)?);
+        // A segment that cannot be created leaves nothing behind (see
+        // `Segment::create`): the next append tries the roll again.
+        let segment =
+            Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
         self.segments_mut().insert(segment.base_offset, Arc::clone(&segment));
         tracing::debug!(channel = %self.name, base_offset = segment.base_offset, "rolled to a new segment");
         writer.active = segment;
@@ -497,6 +602,13 @@ impl ChannelLog {
         writer.active.sync_all()?;
         writer.unsynced = false;
         Ok(())
+    }
+
+    /// Sets the callback told the new start offset each time retention
+    /// moves it (replacing any earlier one). It runs on the thread that
+    /// applied retention, so it must be quick and must not block.
+    pub fn set_start_offset_listener(&self, listener: StartOffsetListener) {
+        *self.start_offset_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(listener);
     }
 
     /// The first offset still in the log.
@@ -605,6 +717,13 @@ impl ChannelLog {
             }
             removed
         };
+        // The start moved the moment the segments left the map, whatever
+        // happens to their files.
+        if !removed.is_empty()
+            && let Some(listener) = &*self.start_offset_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            listener(self.start_offset());
+        }
         // Readers holding a removed segment keep reading it: its files stay
         // open and mapped until the last reference goes.
         for segment in removed {

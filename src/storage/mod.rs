@@ -31,6 +31,6 @@ pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
     APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, ReadBatch,
-    RetentionOutcome, RetentionPolicy, now_us,
+    RetentionOutcome, RetentionPolicy, STORAGE_FULL_RETRY_INTERVAL, StartOffsetListener, now_us,
 };
 pub use store::{CHANNEL_SETTINGS_FILE, CHANNELS_DIR, ChannelSettings, Maintenance, Store, StoreConfig};

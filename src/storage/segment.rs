@@ -74,6 +74,15 @@ pub(crate) enum SegmentRole {
     Sealed { next_base_offset: u64 },
 }
 
+/// A write to a segment that failed.
+#[derive(Debug)]
+pub(crate) struct WriteFailure {
+    pub error: StorageError,
+    /// The files were cut back to their lengths before the write: nothing
+    /// of it remains, and appending may be tried again.
+    pub rolled_back: bool,
+}
+
 /// A batch of whole records read from one segment.
 #[derive(Clone, Debug)]
 pub(crate) struct SegmentRead {
@@ -260,35 +269,39 @@ impl Segment {
     /// visible to readers until [`Segment::publish`].
     ///
     /// # Errors
-    /// The failed write, after cutting the log back to its previous length.
+    /// The failed write. The three files are then cut back to their
+    /// previous lengths; [`WriteFailure::rolled_back`] says whether that
+    /// worked, so that nothing of the failed write remains.
     pub fn write(
         &self,
         records: &[u8],
         offset_entries: &[IndexEntry],
         time_entries: &[IndexEntry],
+    ) -> Result<(), WriteFailure> {
+        let lens = [self.log.len(), self.offset_index_file.len(), self.time_index_file.len()];
+        let Err(error) = self.write_files(records, offset_entries, time_entries) else { return Ok(()) };
+        // A partial write above the visible length is invisible to readers;
+        // if a cut fails, recovery cuts the records again on open.
+        let rolled_back = self.log.truncate(lens[0]).is_ok()
+            && self.offset_index_file.truncate(lens[1]).is_ok()
+            && self.time_index_file.truncate(lens[2]).is_ok();
+        Err(WriteFailure { error, rolled_back })
+    }
+
+    fn write_files(
+        &self,
+        records: &[u8],
+        offset_entries: &[IndexEntry],
+        time_entries: &[IndexEntry],
     ) -> Result<(), StorageError> {
-        let previous_len = self.log.len();
-        if let Err(error) = self.log.append(records) {
-            // Best effort: a partial write above the visible length is
-            // invisible to readers and cut again by recovery if this fails.
-            let _ = self.log.truncate(previous_len);
-            return Err(StorageError::Io { path: self.log_path.clone(), source: error });
-        }
+        self.log.append(records).at(&self.log_path)?;
         if !offset_entries.is_empty() {
             let mut buf = Vec::with_capacity(offset_entries.len() * INDEX_ENTRY_BYTES);
             index::encode_entries(offset_entries, &mut buf);
-            let offsets = self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION));
-            let times = offsets.and_then(|()| {
-                buf.clear();
-                index::encode_entries(time_entries, &mut buf);
-                self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))
-            });
-            if let Err(error) = times {
-                // Take the records back too, so that a failed append stores
-                // nothing; stray index entries are dropped by recovery.
-                let _ = self.log.truncate(previous_len);
-                return Err(error);
-            }
+            self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
+            buf.clear();
+            index::encode_entries(time_entries, &mut buf);
+            self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))?;
         }
         Ok(())
     }
