@@ -176,8 +176,13 @@ pub enum ConfigError {
     },
     #[error("config file {path} is {size_bytes} bytes; a configuration file is at most {size_bytes_max}")]
     FileTooLarge { path: PathBuf, size_bytes: u64, size_bytes_max: u64 },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The file is not valid TOML, or a value has the wrong type. One line:
+    /// the parser's message without its source snippet.
+    #[error("config file {}: {message}", at_line(path, *line))]
+    Parse { path: PathBuf, line: Option<usize>, message: String },
+    /// A key weir does not know (a typo, or a key of another version).
+    #[error("config file {}: unknown key `{key}`; broker.toml in the weir repository lists every key", at_line(path, *line))]
+    UnknownKey { path: PathBuf, line: Option<usize>, key: String },
     #[error("config key {key} = {value} is out of range: allowed {allowed}")]
     OutOfRange { key: String, value: String, allowed: String },
     #[error("config key {key}: {problem}")]
@@ -207,10 +212,7 @@ impl Config {
             });
         }
         let text = std::fs::read_to_string(path).map_err(read_error)?;
-        Config::parse(&text).map_err(|error| match error {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_path_buf(), message },
-            other => other,
-        })
+        Config::parse_file(&text, path)
     }
 
     /// Parses and validates TOML text.
@@ -218,8 +220,12 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|error| ConfigError::Parse { path: PathBuf::from("<text>"), message: error.to_string() })?;
+        Config::parse_file(text, Path::new("<text>"))
+    }
+
+    /// Parses and validates the text of the file at `path` (named in errors).
+    fn parse_file(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| parse_error(text, path, &error))?;
         config.validate()?;
         Ok(config)
     }
@@ -387,6 +393,29 @@ impl Config {
     }
 }
 
+/// A parse error as one line. The parser's own `Display` quotes the line
+/// with a caret under it over several lines; an operator reading a log or
+/// a terminal needs the file, the line and what is wrong.
+fn parse_error(text: &str, path: &Path, error: &toml::de::Error) -> ConfigError {
+    let line = error.span().and_then(|span| text.get(..span.start)).map(|before| before.matches('\n').count() + 1);
+    let message = error.message().trim().replace('\n', "; ");
+    // serde words every unknown field "unknown field `NAME`, expected ...",
+    // followed by the whole list of keys: name the key alone instead.
+    let key = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')).map(|(key, _)| key);
+    match key {
+        Some(key) => ConfigError::UnknownKey { path: path.to_path_buf(), line, key: key.to_owned() },
+        None => ConfigError::Parse { path: path.to_path_buf(), line, message },
+    }
+}
+
+/// `path` or `path, line N`, for errors about a place in a file.
+fn at_line(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{}, line {line}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
 fn check_range(key: &str, value: u64, range: RangeInclusive<u64>) -> Result<(), ConfigError> {
     if range.contains(&value) {
         return Ok(());
@@ -421,6 +450,34 @@ mod tests {
     fn unknown_keys_are_refused_by_name() {
         let error = Config::parse("segment_byte = 5").unwrap_err().to_string();
         assert!(error.contains("segment_byte"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_one_line_naming_the_key_its_line_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "max_connections = 10\n\nfoo = 1\n").unwrap();
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        let expected = format!(
+            "config file {}, line 3: unknown key `foo`; broker.toml in the weir repository lists every key",
+            path.display()
+        );
+        assert_eq!(error, expected);
+        // In a channel's table too.
+        let error = Config::parse("[channels.orders]\nretention_max_byte = 5").unwrap_err().to_string();
+        assert!(!error.contains('\n'), "one line: {error:?}");
+        assert!(error.contains("unknown key `retention_max_byte`") && error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_one_line_with_its_line() {
+        for (text, line) in
+            [("segment_bytes = \"big\"", 1), ("a = 1\nsegment_bytes = [", 2), ("fsync = \"sometimes\"", 1)]
+        {
+            let error = Config::parse(text).unwrap_err().to_string();
+            assert!(!error.contains('\n'), "one line: {error:?}");
+            assert!(error.contains(&format!("line {line}")), "{text:?}: {error}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOpti
 use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
 use weir::record::Message;
+use weir::storage::FsyncPolicy;
 
 const DEFAULT_ADDR: &str = "127.0.0.1:7450";
 
@@ -94,13 +95,36 @@ enum Command {
     Check {
         /// The broker's data directory.
         data_dir: PathBuf,
+        /// The fsync policy the broker runs with: under "interval" and
+        /// "never" a crash may tear the end of the last sealed segment,
+        /// which the broker repairs; under "always" that is corruption.
+        #[arg(long, value_enum, default_value = "always")]
+        fsync: FsyncArg,
     },
+}
+
+/// The fsync policy, as `weir check --fsync` takes it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FsyncArg {
+    Always,
+    Interval,
+    Never,
+}
+
+impl From<FsyncArg> for FsyncPolicy {
+    fn from(policy: FsyncArg) -> FsyncPolicy {
+        match policy {
+            FsyncArg::Always => FsyncPolicy::Always,
+            FsyncArg::Interval => FsyncPolicy::Interval,
+            FsyncArg::Never => FsyncPolicy::Never,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { data_dir } => check(&data_dir),
+        Command::Check { data_dir, fsync } => check(&data_dir, fsync.into()),
         Command::Serve { config, listen, data_dir, metrics_addr, print_config, log_format } => {
             let overrides = Overrides { listen, data_dir, metrics_addr };
             serve(config.as_deref(), overrides, print_config, log_format)
@@ -387,8 +411,9 @@ async fn stats(addr: String, interval_ms: u64) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let report = weir::storage::check::check_data_dir(data_dir)
+fn check(data_dir: &Path, fsync: FsyncPolicy) -> anyhow::Result<ExitCode> {
+    use weir::storage::check::{Severity, Verdict};
+    let report = weir::storage::check::check_data_dir(data_dir, fsync)
         .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", data_dir.display()))?;
     for problem in &report.problems {
         println!("{problem}");
@@ -397,11 +422,21 @@ fn check(data_dir: &Path) -> anyhow::Result<ExitCode> {
         "{} channels, {} segments, {} records, {} bytes",
         report.channels, report.segments, report.records, report.bytes
     );
-    if report.is_clean() {
-        println!("ok: {summary}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("{} problems in {summary}", report.problems.len());
-        Ok(ExitCode::from(1))
+    let (repairable, corrupt) = (report.count(Severity::Repairable), report.count(Severity::Corrupt));
+    match report.verdict() {
+        Verdict::Clean => {
+            println!("ok: {summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Verdict::Repairable => {
+            println!(
+                "repairable: {summary}; {repairable} problems the broker repairs on start (torn tails cut, indexes rebuilt), nothing acknowledged is affected"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Verdict::Corrupt => {
+            println!("corrupt: {summary}; {corrupt} corrupt and {repairable} repairable problems");
+            Ok(ExitCode::from(1))
+        }
     }
 }

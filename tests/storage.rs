@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use weir::record::{Header, Message, Record};
+use weir::storage::check::Verdict;
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{
     ChannelLog, ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store, StoreConfig,
@@ -104,7 +105,7 @@ proptest! {
             prop_assert_eq!(&record.headers, &message.headers);
             prop_assert_eq!(&record.payload, &message.payload);
         }
-        let report = weir::storage::check::check_data_dir(dir.path()).unwrap();
+        let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
         prop_assert!(report.is_clean(), "{:?}", report.problems);
         prop_assert_eq!(report.records, expected.len() as u64);
     }
@@ -323,24 +324,33 @@ fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
     bytes[flipped_at] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
 
-    let report = weir::storage::check::check_data_dir(dir.path()).unwrap();
+    let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let problem = &report.problems[0];
     assert_eq!(problem.position, Some((16 + 5 * record_len) as u64));
     assert!(problem.what.contains("CRC mismatch"), "{}", problem.what);
-    assert!(problem.to_string().starts_with("channel orders, 00000000000000000000.log, byte "), "{problem}");
+    assert!(problem.what.contains("followed by valid records"), "{}", problem.what);
+    assert_eq!(report.verdict(), Verdict::Corrupt);
+    assert!(problem.to_string().starts_with("corrupt: channel orders, 00000000000000000000.log, byte "), "{problem}");
 
-    // A reader never sees corrupt data: recovery verifies only the tail
-    // after the last index entry, so the log opens whole and the read of the
-    // damaged record fails with its position.
+    // A reader never sees corrupt data, and never loses the good records
+    // around it: the damaged record is followed by valid ones, so recovery
+    // keeps everything (no cut, no offset reused); reads serve the records
+    // before it, fail on it naming file, byte and the offset to read on
+    // from, and work past it.
     let log =
         ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("orders").unwrap(), small_config())
             .unwrap();
     assert_eq!(log.next_offset(), 10);
-    for from in [0, 5] {
+    let before = log.read(0, 1 << 20).unwrap();
+    assert_eq!((before.first_offset, before.count), (0, 5));
+    for from in [5] {
         match log.read(from, 1 << 20) {
-            Err(StorageError::Corrupt { position, .. }) => assert_eq!(position, (16 + 5 * record_len) as u64),
-            other => panic!("expected Corrupt, got {other:?}"),
+            Err(StorageError::CorruptRecord { position, offset, next_readable_offset, .. }) => {
+                assert_eq!(position, (16 + 5 * record_len) as u64);
+                assert_eq!((offset, next_readable_offset), (5, Some(6)));
+            }
+            other => panic!("expected CorruptRecord, got {other:?}"),
         }
     }
     assert_eq!(read_all(&log, 6).len(), 4);
@@ -358,12 +368,17 @@ fn a_reader_of_a_sealed_segment_gets_an_error_naming_the_corrupt_record() {
     bytes[16 + 40] ^= 1; // Inside the first record's payload.
     std::fs::write(first, &bytes).unwrap();
     match log.read(0, 1024) {
-        Err(StorageError::Corrupt { path, position, .. }) => {
+        Err(StorageError::CorruptRecord { path, position, offset, next_readable_offset, .. }) => {
             assert_eq!(&path, first);
             assert_eq!(position, 16);
+            assert_eq!((offset, next_readable_offset), (0, Some(1)));
         }
-        other => panic!("expected Corrupt, got {other:?}"),
+        other => panic!("expected CorruptRecord, got {other:?}"),
     }
+    // Reading past the damage works: the records after it are intact.
+    let after = log.read(1, 1 << 20).unwrap();
+    assert_eq!(after.first_offset, 1);
+    assert!(after.count > 0);
 }
 
 #[test]
@@ -414,7 +429,7 @@ fn missing_or_corrupt_indexes_are_rebuilt_from_the_log() {
     }
     assert_eq!(read_all(&log, 0).len(), 60);
     assert_eq!(log.offset_for_time(1_000 + 335).unwrap(), 34);
-    assert!(weir::storage::check::check_data_dir(dir.path()).unwrap().is_clean());
+    assert!(weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap().is_clean());
 }
 
 #[test]
@@ -503,18 +518,31 @@ fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
     let stdout = String::from_utf8_lossy(&clean.stdout);
     assert_eq!(stdout.trim(), "ok: 1 channels, 1 segments, 10 records, 1476 bytes", "{stdout}");
 
+    // What a crash leaves is repairable: exit 0, one line per problem and a
+    // summary of what the broker will repair.
     let path = segment_logs(&channel_dir).pop().unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
     let torn = run();
-    assert_eq!(torn.status.code(), Some(1));
+    assert_eq!(torn.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&torn.stdout);
     assert!(
         stdout.contains(
-            "channel events, 00000000000000000000.log, byte 1330: torn tail: 139 bytes after the last whole record"
+            "repairable: channel events, 00000000000000000000.log, byte 1330: torn tail: 139 bytes after the last whole record"
         ),
         "{stdout}"
     );
+    assert!(stdout.lines().last().unwrap().starts_with("repairable: 1 channels"), "{stdout}");
+
+    // Damage followed by valid records is corruption: exit 1.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[16 + 20] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let corrupt = run();
+    assert_eq!(corrupt.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&corrupt.stdout);
+    assert!(stdout.contains("corrupt: channel events, 00000000000000000000.log, byte 16: CRC mismatch"), "{stdout}");
+    assert!(stdout.lines().last().unwrap().starts_with("corrupt: 1 channels"), "{stdout}");
 }
 
 /// Writes a closed log of three segments and returns the middle one's

@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, Bytes};
 
-use super::wire::{self, DecodeError, Reader};
+use super::wire::{self, DecodeError, NameField, Reader};
 use crate::record::Message;
 
 /// Bytes of the frame header.
@@ -524,12 +524,12 @@ impl Request {
             },
             0x02 => Request::Ping,
             0x03 => Request::Publish {
-                channel: r.short_string("channel")?,
+                channel: r.name(NameField::Channel)?,
                 producer: get_producer(&mut r)?,
                 message: r.message()?,
             },
             0x04 => {
-                let channel = r.short_string("channel")?;
+                let channel = r.name(NameField::Channel)?;
                 let producer = get_producer(&mut r)?;
                 let count = r.u32("record_count")? as usize;
                 if count == 0 || count > r.remaining() / MESSAGE_WIRE_BYTES_MIN {
@@ -544,7 +544,7 @@ impl Request {
             }
             0x05 => Request::Subscribe {
                 subscription_id: r.u32("subscription_id")?,
-                channel: r.short_string("channel")?,
+                channel: r.name(NameField::Channel)?,
                 start: {
                     let kind = r.u8("start_kind")?;
                     let value = r.u64("start_value")?;
@@ -562,19 +562,19 @@ impl Request {
                         }
                     }
                 },
-                durable_name: Some(r.short_string("durable_name")?).filter(|name| !name.is_empty()),
+                durable_name: Some(r.name(NameField::DurableName)?).filter(|name| !name.is_empty()),
                 max_inflight: r.u32("max_inflight")?,
             },
             0x06 => Request::Ack { subscription_id: r.u32("subscription_id")?, offset: r.u64("offset")? },
             0x07 => Request::Unsubscribe { subscription_id: r.u32("subscription_id")? },
             0x08 => Request::Fetch {
-                channel: r.short_string("channel")?,
+                channel: r.name(NameField::Channel)?,
                 offset: r.u64("offset")?,
                 max_messages: r.u32("max_messages")?,
                 max_bytes: r.u32("max_bytes")?,
             },
             0x09 => Request::CreateChannel {
-                channel: r.short_string("channel")?,
+                channel: r.name(NameField::Channel)?,
                 retention: ChannelRetention {
                     max_bytes: get_optional(&mut r, "retention_max_bytes")?,
                     max_age_secs: get_optional(&mut r, "retention_max_age_secs")?,

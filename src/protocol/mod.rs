@@ -11,7 +11,7 @@ pub use frame::{
     FRAME_HEADER_BYTES, FrameHeader, FrameType, Limits, Notice, PROTOCOL_VERSION, ProducerSequence, Request, Response,
     StartPosition, SubscriptionInfo, SubscriptionStats,
 };
-pub use wire::DecodeError;
+pub use wire::{DecodeError, NameField};
 
 /// Largest body of a frame other than PUBLISH and PUBLISH_BATCH.
 pub const CONTROL_FRAME_BODY_BYTES_MAX: u32 = 4096;

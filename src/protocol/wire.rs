@@ -19,20 +19,55 @@ pub enum DecodeError {
     OutOfRange { field: &'static str, value: u64, allowed: &'static str },
     #[error("field {field} is not valid UTF-8")]
     NotUtf8 { field: &'static str },
+    /// A channel or durable name that is not UTF-8, in a body that is
+    /// otherwise well formed. Unlike the other variants this is not a
+    /// malformed frame: the server refuses the request (as it refuses a
+    /// UTF-8 name outside the naming rule) and keeps the connection.
+    #[error("{field} is not valid UTF-8 (its byte {valid_up_to} is the first that is not)")]
+    NameNotUtf8 { field: NameField, valid_up_to: usize },
     #[error("{extra_bytes} bytes left over after the last field")]
     TrailingBytes { extra_bytes: usize },
     #[error("unknown frame type {frame_type:#04x}")]
     UnknownFrameType { frame_type: u8 },
 }
 
+/// A name field of a request, read by [`Reader::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameField {
+    /// `channel` of PUBLISH, PUBLISH_BATCH, SUBSCRIBE, FETCH, CREATE_CHANNEL.
+    Channel,
+    /// `durable_name` of SUBSCRIBE.
+    DurableName,
+}
+
+impl NameField {
+    /// The field's name in docs/PROTOCOL.md.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NameField::Channel => "channel",
+            NameField::DurableName => "durable_name",
+        }
+    }
+}
+
+impl std::fmt::Display for NameField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A cursor over a frame body.
 pub struct Reader {
     body: Bytes,
+    /// The first name that was not UTF-8, reported by [`Reader::finish`]
+    /// only once the rest of the body has decoded.
+    name_not_utf8: Option<(NameField, usize)>,
 }
 
 impl Reader {
     pub fn new(body: Bytes) -> Reader {
-        Reader { body }
+        Reader { body, name_not_utf8: None }
     }
 
     fn need(&self, len: usize, field: &'static str) -> Result<(), DecodeError> {
@@ -113,6 +148,24 @@ impl Reader {
         self.utf8(len, field)
     }
 
+    /// A channel or durable name: a string with a u8 length. A name that
+    /// is not UTF-8 does not stop the decoding: it reads as empty here and
+    /// [`Reader::finish`] reports it as [`DecodeError::NameNotUtf8`] once
+    /// every other field has decoded, so that the server can tell a
+    /// refused name (answered, connection kept) from a malformed frame
+    /// (connection closed).
+    pub fn name(&mut self, field: NameField) -> Result<String, DecodeError> {
+        let len = self.u8(field.as_str())? as usize;
+        let bytes = self.bytes(len, field.as_str())?;
+        match String::from_utf8(bytes.to_vec()) {
+            Ok(name) => Ok(name),
+            Err(error) => {
+                self.name_not_utf8.get_or_insert((field, error.utf8_error().valid_up_to()));
+                Ok(String::new())
+            }
+        }
+    }
+
     fn utf8(&mut self, len: usize, field: &'static str) -> Result<String, DecodeError> {
         let bytes = self.bytes(len, field)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8 { field })
@@ -144,11 +197,14 @@ impl Reader {
         self.body.remaining()
     }
 
-    /// Fails unless the body was consumed exactly.
+    /// Fails unless the body was consumed exactly; then, with
+    /// [`DecodeError::NameNotUtf8`], when a name read by [`Reader::name`]
+    /// was not UTF-8.
     pub fn finish(self) -> Result<(), DecodeError> {
-        match self.body.remaining() {
-            0 => Ok(()),
-            extra_bytes => Err(DecodeError::TrailingBytes { extra_bytes }),
+        match (self.body.remaining(), self.name_not_utf8) {
+            (0, None) => Ok(()),
+            (0, Some((field, valid_up_to))) => Err(DecodeError::NameNotUtf8 { field, valid_up_to }),
+            (extra_bytes, _) => Err(DecodeError::TrailingBytes { extra_bytes }),
         }
     }
 }

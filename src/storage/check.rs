@@ -5,6 +5,14 @@
 //! dense within and across segments; timestamps never decreasing; every
 //! offset and time index entry pointing at the record it names; nothing
 //! after the last whole record of a segment.
+//!
+//! Each problem has a verdict. *Repairable* problems are what a crash or a
+//! file-system snapshot leaves and what the broker repairs on start without
+//! losing anything it promised to keep: a torn tail (bad bytes with no valid
+//! record after them) in the last segment, stale or missing indexes.
+//! *Corrupt* problems are damage to data that was complete: bad bytes
+//! followed by valid records, a bad record in a sealed segment, missing
+//! offsets, broken headers.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,13 +20,36 @@ use std::path::{Path, PathBuf};
 use super::channel_name::ChannelName;
 use super::fs::{FileSystem, OpenMode, StdFileSystem};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
+use super::log::FsyncPolicy;
 use super::segment::{self, LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION};
 use super::store::CHANNELS_DIR;
-use crate::record;
+use crate::record::{self, RecordError};
+
+/// How bad a problem is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Severity {
+    /// The broker repairs it on start, losing nothing acknowledged (a torn
+    /// tail of unsynced records, an index to rebuild).
+    Repairable,
+    /// Damage to complete data: the broker reports it and serves what is
+    /// intact, but the damaged records are gone.
+    Corrupt,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Repairable => "repairable",
+            Severity::Corrupt => "corrupt",
+        })
+    }
+}
 
 /// One thing found wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    pub severity: Severity,
     pub channel: String,
     /// The file, when the problem is in one.
     pub file: Option<PathBuf>,
@@ -29,7 +60,7 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "channel {}", self.channel)?;
+        write!(f, "{}: channel {}", self.severity, self.channel)?;
         if let Some(file) = &self.file {
             let name =
                 file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -40,6 +71,16 @@ impl fmt::Display for Problem {
         }
         write!(f, ": {}", self.what)
     }
+}
+
+/// The verdict on a whole data directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    /// Only repairable problems: the broker repairs them on start.
+    Repairable,
+    /// At least one corrupt problem.
+    Corrupt,
 }
 
 /// The outcome of a check.
@@ -56,14 +97,29 @@ impl CheckReport {
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
+
+    pub fn verdict(&self) -> Verdict {
+        match self.problems.iter().map(|problem| problem.severity).max() {
+            None => Verdict::Clean,
+            Some(Severity::Repairable) => Verdict::Repairable,
+            Some(Severity::Corrupt) => Verdict::Corrupt,
+        }
+    }
+
+    /// The problems of one severity.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.problems.iter().filter(|problem| problem.severity == severity).count()
+    }
 }
 
-/// Checks every channel under `data_dir`.
+/// Checks every channel under `data_dir`, judging torn ends as the broker
+/// running with `fsync` would (under `interval` and `never` the last sealed
+/// segment may lose its end in a crash; under `always` it may not).
 ///
 /// # Errors
 /// Only when `data_dir` itself cannot be listed; everything else is a
 /// [`Problem`] in the report.
-pub fn check_data_dir(data_dir: &Path) -> std::io::Result<CheckReport> {
+pub fn check_data_dir(data_dir: &Path, fsync: FsyncPolicy) -> std::io::Result<CheckReport> {
     let fs = StdFileSystem;
     let channels_dir = data_dir.join(CHANNELS_DIR);
     let mut names = fs.list(&channels_dir)?;
@@ -72,6 +128,7 @@ pub fn check_data_dir(data_dir: &Path) -> std::io::Result<CheckReport> {
     for name in names {
         if ChannelName::new(&name).is_err() {
             report.problems.push(Problem {
+                severity: Severity::Repairable,
                 channel: name.clone(),
                 file: Some(channels_dir.join(&name)),
                 position: None,
@@ -80,19 +137,30 @@ pub fn check_data_dir(data_dir: &Path) -> std::io::Result<CheckReport> {
             continue;
         }
         report.channels += 1;
-        check_channel(&fs, &name, &channels_dir.join(&name), &mut report);
+        check_channel(&fs, &name, &channels_dir.join(&name), fsync, &mut report);
     }
     // The broker's internal log of durable subscription offsets has the
     // same format.
     let offsets_dir = data_dir.join("system").join("offsets");
     if offsets_dir.is_dir() {
-        check_channel(&fs, "system/offsets", &offsets_dir, &mut report);
+        check_channel(&fs, "system/offsets", &offsets_dir, fsync, &mut report);
     }
     Ok(report)
 }
 
-fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, report: &mut CheckReport) {
-    let problem = |file: Option<PathBuf>, position: Option<u64>, what: String| Problem {
+/// Where a segment stands in its log, which decides what a torn end means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Last,
+    /// The segment before the last: under `interval` and `never` its sync
+    /// runs in the background after the roll, so a crash can tear its end.
+    LastSealed,
+    Earlier,
+}
+
+fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPolicy, report: &mut CheckReport) {
+    let problem = |severity: Severity, file: Option<PathBuf>, position: Option<u64>, what: String| Problem {
+        severity,
         channel: channel.to_owned(),
         file,
         position,
@@ -101,7 +169,12 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, report: &mut Ch
     let names = match fs.list(dir) {
         Ok(names) => names,
         Err(error) => {
-            report.problems.push(problem(Some(dir.to_path_buf()), None, format!("cannot list: {error}")));
+            report.problems.push(problem(
+                Severity::Corrupt,
+                Some(dir.to_path_buf()),
+                None,
+                format!("cannot list: {error}"),
+            ));
             return;
         }
     };
@@ -114,22 +187,55 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, report: &mut Ch
     bases.sort_unstable();
     let mut expected_offset: Option<u64> = None;
     let mut last_timestamp_us: Option<u64> = None;
-    for base in bases {
+    let mut set_aside_next = false;
+    for (i, &base) in bases.iter().enumerate() {
         report.segments += 1;
         let path = dir.join(segment::file_name(base, LOG_EXTENSION));
+        let place = match bases.len() - i {
+            1 => Place::Last,
+            2 => Place::LastSealed,
+            _ => Place::Earlier,
+        };
+        if set_aside_next {
+            report.problems.push(problem(
+                Severity::Repairable,
+                Some(path.clone()),
+                None,
+                "follows a torn last sealed segment: it holds only records that were never synced; the broker sets it aside as *.torn".into(),
+            ));
+            continue;
+        }
+        if let Some(expected) = expected_offset
+            && expected != base
+            && place == Place::Last
+            && fsync != FsyncPolicy::Always
+            && expected < base
+        {
+            // The last sealed segment ends early at a record boundary: its
+            // background sync was cut by a crash.
+            report.problems.push(problem(
+                Severity::Repairable,
+                Some(path.clone()),
+                None,
+                format!("segment starts at offset {base} but the last sealed one ends at {expected} (its background sync was cut by a crash): this segment holds only records that were never synced; the broker sets it aside as *.torn"),
+            ));
+            continue;
+        }
         if let Some(expected) = expected_offset
             && expected != base
         {
             report.problems.push(problem(
+                Severity::Corrupt,
                 Some(path.clone()),
                 None,
                 format!("segment starts at offset {base} but the previous one ends at {expected}"),
             ));
         }
         let mut segment_check = SegmentCheck { problems: Vec::new(), records: Vec::new() };
-        let scanned = check_segment_log(fs, &path, base, last_timestamp_us, &mut segment_check);
-        for (position, what) in segment_check.problems.drain(..) {
-            report.problems.push(problem(Some(path.clone()), position, what));
+        let scanned = check_segment_log(fs, &path, base, last_timestamp_us, place, fsync, &mut segment_check);
+        set_aside_next = scanned.torn_end_sets_aside_next;
+        for (severity, position, what) in segment_check.problems.drain(..) {
+            report.problems.push(problem(severity, Some(path.clone()), position, what));
         }
         report.records += segment_check.records.len() as u64;
         report.bytes += scanned.bytes;
@@ -139,15 +245,27 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, report: &mut Ch
             [(OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex), (TIME_INDEX_EXTENSION, FileKind::TimeIndex)]
         {
             let index_path = dir.join(segment::file_name(base, extension));
-            for (position, what) in check_index(fs, &index_path, kind, base, &segment_check.records) {
-                report.problems.push(problem(Some(index_path.clone()), position, what));
+            let index_problems = check_index(fs, &index_path, kind, base, &segment_check.records);
+            // Indexes are derived data, rebuilt by the broker on open: one
+            // line per file, however many entries are stale.
+            if let Some((position, what)) = index_problems.first() {
+                let more = match index_problems.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more problems in this file)", n - 1),
+                };
+                report.problems.push(problem(
+                    Severity::Repairable,
+                    Some(index_path.clone()),
+                    *position,
+                    format!("{what}{more}; the broker rebuilds this index from the log on start"),
+                ));
             }
         }
     }
 }
 
 struct SegmentCheck {
-    problems: Vec<(Option<u64>, String)>,
+    problems: Vec<(Severity, Option<u64>, String)>,
     /// (position, offset, timestamp) of every valid record, in order.
     records: Vec<(u64, u64, u64)>,
 }
@@ -156,6 +274,9 @@ struct Scanned {
     bytes: u64,
     next_offset: u64,
     last_timestamp_us: Option<u64>,
+    /// The segment's end is torn in the way the broker repairs by setting
+    /// the segment after it aside.
+    torn_end_sets_aside_next: bool,
 }
 
 fn check_segment_log(
@@ -163,65 +284,70 @@ fn check_segment_log(
     path: &Path,
     base: u64,
     mut last_timestamp_us: Option<u64>,
+    place: Place,
+    fsync: FsyncPolicy,
     out: &mut SegmentCheck,
 ) -> Scanned {
-    let mut scanned = Scanned { bytes: 0, next_offset: base, last_timestamp_us: None };
+    let mut scanned = Scanned { bytes: 0, next_offset: base, last_timestamp_us: None, torn_end_sets_aside_next: false };
     let data = match fs.open(path, OpenMode::Existing).and_then(|file| file.read_range(0, file.len() as usize)) {
         Ok(data) => data,
         Err(error) => {
-            out.problems.push((None, format!("cannot read: {error}")));
+            out.problems.push((Severity::Corrupt, None, format!("cannot read: {error}")));
             return scanned;
         }
     };
     scanned.bytes = data.len() as u64;
+    if data.len() < FILE_HEADER_BYTES && place == Place::Last {
+        out.problems.push((
+            Severity::Repairable,
+            Some(0),
+            "shorter than its header (a crash right after it was created); the broker writes the header again".into(),
+        ));
+        return scanned;
+    }
     if let Err(what) = index::check_file_header(&data, FileKind::Log, base) {
-        out.problems.push((Some(0), what));
+        out.problems.push((Severity::Corrupt, Some(0), what));
         return scanned;
     }
     let mut position = FILE_HEADER_BYTES;
     while position < data.len() {
-        let meta = match record::verify(&data[position..]) {
+        let checked = record::verify(&data[position..]).and_then(|meta| {
+            if meta.offset != scanned.next_offset {
+                return Err(RecordError::Malformed { reason: "offset out of sequence" });
+            }
+            if last_timestamp_us.is_some_and(|last| meta.timestamp_us < last) {
+                return Err(RecordError::Malformed { reason: "timestamp goes backwards" });
+            }
+            Ok(meta)
+        });
+        let meta = match checked {
             Ok(meta) => meta,
-            Err(record::RecordError::Incomplete { .. }) => {
-                let cut = data.len() - position;
-                out.problems
-                    .push((Some(position as u64), format!("torn tail: {cut} bytes after the last whole record")));
-                break;
-            }
-            Err(error) => {
-                // When the length field is plausible, carry on after the bad
-                // record so that one flipped bit is one problem, not a
-                // cascade; otherwise the rest of the segment is unreadable.
-                match record::peek_len(&data[position..]) {
-                    Ok(Some(len)) if position + len <= data.len() => {
-                        out.problems.push((Some(position as u64), error.to_string()));
-                        scanned.next_offset += 1;
-                        position += len;
-                        continue;
-                    }
-                    _ => {
-                        let rest = data.len() - position;
-                        out.problems.push((
+            Err(reason) => match segment::find_next_record(&data, position, scanned.next_offset, last_timestamp_us) {
+                Some((next_position, next)) => {
+                    out.problems.push((
+                            Severity::Corrupt,
                             Some(position as u64),
-                            format!("{error}; the remaining {rest} bytes of the segment cannot be checked"),
+                            format!(
+                                "{reason}: {} damaged bytes holding offsets {}..{}, followed by valid records; the broker keeps the rest of the log, reads of these offsets fail, reads from offset {} on work",
+                                next_position - position,
+                                scanned.next_offset,
+                                next.offset,
+                                next.offset
+                            ),
                         ));
-                        break;
-                    }
+                    scanned.next_offset = next.offset;
+                    position = next_position;
+                    continue;
                 }
-            }
+                None => {
+                    let torn = segment::is_torn_end(&data[position..], &reason);
+                    let (severity, what) = torn_end_verdict(place, fsync, torn, data.len() - position, &reason);
+                    scanned.torn_end_sets_aside_next = place == Place::LastSealed && severity == Severity::Repairable;
+                    out.problems.push((severity, Some(position as u64), what));
+                    break;
+                }
+            },
         };
-        if meta.offset != scanned.next_offset {
-            out.problems.push((
-                Some(position as u64),
-                format!("record has offset {}, expected {}", meta.offset, scanned.next_offset),
-            ));
-        }
-        if let Some(last) = last_timestamp_us
-            && meta.timestamp_us < last
-        {
-            out.problems
-                .push((Some(position as u64), format!("timestamp {} goes back from {last}", meta.timestamp_us)));
-        }
         out.records.push((position as u64, meta.offset, meta.timestamp_us));
         last_timestamp_us = Some(meta.timestamp_us);
         scanned.last_timestamp_us = Some(meta.timestamp_us);
@@ -229,6 +355,37 @@ fn check_segment_log(
         position += meta.len;
     }
     scanned
+}
+
+/// What bad bytes with no valid record after them mean, by where the
+/// segment stands and the fsync policy.
+fn torn_end_verdict(
+    place: Place,
+    fsync: FsyncPolicy,
+    torn: bool,
+    bytes: usize,
+    reason: &RecordError,
+) -> (Severity, String) {
+    match (place, fsync) {
+        (Place::Last, _) => (
+            Severity::Repairable,
+            format!(
+                "torn tail: {bytes} bytes after the last whole record ({reason}); records never acknowledged under fsync = \"always\" (under \"interval\"/\"never\": never synced); the broker cuts them on start"
+            ),
+        ),
+        (Place::LastSealed, FsyncPolicy::Interval | FsyncPolicy::Never) if torn => (
+            Severity::Repairable,
+            format!(
+                "torn end of the last sealed segment: {bytes} bytes ({reason}); its background sync was cut by a crash; the broker cuts them and sets the segment after it aside"
+            ),
+        ),
+        _ => (
+            Severity::Corrupt,
+            format!(
+                "{reason}: the last {bytes} bytes of a sealed segment cannot be read; the broker refuses to open this channel"
+            ),
+        ),
+    }
 }
 
 fn check_index(

@@ -29,6 +29,20 @@ pub enum StorageError {
         #[source]
         reason: RecordError,
     },
+    /// A read reached damaged bytes: the record at `offset` cannot be read.
+    /// Reads from `next_readable_offset` on work.
+    #[error(
+        "the record at offset {offset} is unreadable: {path} is damaged at byte {position} ({reason}); {}",
+        read_past_hint(*next_readable_offset)
+    )]
+    CorruptRecord {
+        path: PathBuf,
+        position: u64,
+        offset: u64,
+        next_readable_offset: Option<u64>,
+        #[source]
+        reason: RecordError,
+    },
     #[error("{path}: {problem}")]
     InvalidFile { path: PathBuf, problem: String },
     #[error("message {index} of the batch is rejected: {source}")]
@@ -71,6 +85,15 @@ impl StorageError {
             StorageError::Io { source, .. } => is_storage_full(source),
             _ => false,
         }
+    }
+}
+
+fn read_past_hint(next_readable_offset: Option<u64>) -> String {
+    match next_readable_offset {
+        Some(offset) => format!(
+            "records from offset {offset} on are readable: subscribe or fetch from there to read past the damage"
+        ),
+        None => "no readable record follows it in its segment".to_owned(),
     }
 }
 

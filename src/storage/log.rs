@@ -655,7 +655,21 @@ impl ChannelLog {
         let Some(segment) = segment else {
             return Ok(ReadBatch { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 });
         };
-        let read = segment.read(from, max_bytes, max_records)?;
+        let read = match segment.read(from, max_bytes, max_records) {
+            // Nothing readable after the damage in its segment: the next
+            // segment, if any, is where reading can go on.
+            Err(StorageError::CorruptRecord { path, position, offset, next_readable_offset: None, reason }) => {
+                let next_segment = self.segments().range(from + 1..).next().map(|(&base, _)| base);
+                return Err(StorageError::CorruptRecord {
+                    path,
+                    position,
+                    offset,
+                    next_readable_offset: next_segment,
+                    reason,
+                });
+            }
+            other => other?,
+        };
         Ok(ReadBatch {
             records: read.records,
             first_offset: read.first_offset,
@@ -817,31 +831,16 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
     Ok(logs)
 }
 
-/// Zero bytes at the very end of a bad last record that mark it as torn
-/// rather than corrupt (a block that was never written reads as zeros).
-const TORN_TAIL_ZEROS_BYTES: usize = 64;
-
 /// Whether a sealed segment failed to open because its end never reached
-/// the disk, as a crash during its background seal sync leaves it: the
-/// file ends inside a record, ends early at a record boundary, or is
-/// zero-filled from the bad record on (unwritten blocks read as zeros). A
-/// bad record followed by anything else is corruption, not a torn end.
+/// the disk, as a crash during its background seal sync leaves it (see
+/// [`segment::is_torn_end`]), or ends early at a record boundary.
 fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &StorageError) -> bool {
     match error {
-        StorageError::Corrupt { reason: crate::record::RecordError::Incomplete { .. }, .. } => true,
-        StorageError::Corrupt { position, .. } => {
+        StorageError::Corrupt { position, reason, .. } => {
             let path = dir.join(segment::file_name(base_offset, LOG_EXTENSION));
             let Ok(file) = fs.open(&path, super::fs::OpenMode::Existing) else { return false };
             let len = file.len().saturating_sub(*position) as usize;
-            let Ok(rest) = file.read_range(*position, len) else { return false };
-            if rest.iter().all(|&byte| byte == 0) {
-                return true;
-            }
-            // The bad record is the last thing in the file and its end is
-            // zeros: its beginning reached the disk, its end did not.
-            let is_last = crate::record::peek_len(&rest).is_ok_and(|claimed| claimed.is_some_and(|l| l >= rest.len()));
-            let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
-            is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
+            file.read_range(*position, len).is_ok_and(|rest| segment::is_torn_end(&rest, reason))
         }
         StorageError::InvalidFile { problem, .. } => problem.contains("but the next segment starts at"),
         _ => false,

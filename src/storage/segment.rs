@@ -162,12 +162,26 @@ impl Segment {
 
         let (offset_index_file, offset_entries) = open_index(fs, dir, base_offset, FileKind::OffsetIndex, log.len())?;
         let (time_index_file, time_entries) = open_index(fs, dir, base_offset, FileKind::TimeIndex, log.len())?;
-        let (mut offset_index, mut time_index) = trusted_index_prefix(&*log, base_offset, offset_entries, time_entries);
-        let kept_entries = offset_index.len();
-        let indexes_were_whole = kept_entries == offset_index_file_entries(&*offset_index_file)
-            && kept_entries == offset_index_file_entries(&*time_index_file);
-
-        let scan_start = match (offset_index.last(), time_index.last()) {
+        // Whole: both files decoded, nothing after their last entry.
+        let loaded_whole = |file: &dyn StorageFile, entries: &Option<Vec<IndexEntry>>| {
+            entries
+                .as_ref()
+                .is_some_and(|entries| file.len() == (FILE_HEADER_BYTES + entries.len() * INDEX_ENTRY_BYTES) as u64)
+        };
+        let indexes_loaded_whole =
+            loaded_whole(&*offset_index_file, &offset_entries) && loaded_whole(&*time_index_file, &time_entries);
+        let loaded = (offset_entries.clone().unwrap_or_default(), time_entries.clone().unwrap_or_default());
+        let (trusted_offsets, trusted_times) = match role {
+            // The last segment is verified whole: it is the one a crash can
+            // tear, and a bad record anywhere in it must be told apart from
+            // a torn tail (a bad record followed by good ones is damage,
+            // never cut). It is at most one segment per channel.
+            SegmentRole::Last => (Vec::new(), Vec::new()),
+            // Sealed segments are verified from their last trusted index
+            // entry on, so that start-up time does not grow with the data.
+            SegmentRole::Sealed { .. } => trusted_index_prefix(&*log, base_offset, offset_entries, time_entries),
+        };
+        let scan_start = match (trusted_offsets.last(), trusted_times.last()) {
             (Some(entry), Some(time)) => {
                 ScanStart { position: entry.value, offset: entry.key, timestamp_us: Some(time.key) }
             }
@@ -175,12 +189,26 @@ impl Segment {
         };
         let scan = scan_records(&*log, &log_path, scan_start, index_interval_bytes)?;
         // Entries found by the scan after the last trusted one.
+        let (mut offset_index, mut time_index) = (trusted_offsets, trusted_times);
         offset_index.extend(scan.offset_entries.iter().filter(|e| e.value > scan_start.position));
         time_index.extend(scan.time_entries.iter().filter(|e| e.value > scan_start.offset));
+        for damage in &scan.damaged {
+            tracing::error!(
+                path = %log_path.display(),
+                position = damage.position,
+                damaged_bytes = damage.end_position - damage.position,
+                offsets = %format_args!("{}..{}", damage.first_offset, damage.next_offset),
+                reason = %damage.reason,
+                "recovery found damaged records followed by valid ones: this is corruption, not a torn write; nothing is cut, reads of these offsets fail, reads from offset {} on work; run weir check",
+                damage.next_offset
+            );
+        }
 
         if let Some((position, reason)) = scan.stopped {
             match role {
                 SegmentRole::Last => {
+                    // Nothing valid follows the bad bytes: a torn tail, the
+                    // unsynced end of the last append(s).
                     report.truncated_bytes += log.len() - position;
                     log.truncate(position).at(&log_path)?;
                     log.sync().at(&log_path)?;
@@ -202,7 +230,7 @@ impl Segment {
             });
         }
 
-        let index_changed = !indexes_were_whole || offset_index.len() != kept_entries;
+        let index_changed = !indexes_loaded_whole || offset_index != loaded.0 || time_index != loaded.1;
         if index_changed {
             report.index_rebuilt = true;
             rewrite_index(
@@ -221,18 +249,13 @@ impl Segment {
             )?;
         }
 
-        let first_timestamp_us = if scan.next_offset > base_offset {
-            Some(
-                record_at(&*log, FILE_HEADER_BYTES as u64, log.len())
-                    .map_err(|reason| StorageError::Corrupt {
-                        path: log_path.clone(),
-                        position: FILE_HEADER_BYTES as u64,
-                        reason,
-                    })?
-                    .timestamp_us,
-            )
-        } else {
-            None
+        // Only the last segment's is used (to roll it by age); the scan of
+        // the last segment starts at its first record.
+        let first_timestamp_us = match role {
+            SegmentRole::Last => scan.first_timestamp_us,
+            SegmentRole::Sealed { .. } => {
+                record_at(&*log, FILE_HEADER_BYTES as u64, log.len()).ok().map(|meta| meta.timestamp_us)
+            }
         };
         let segment = Segment {
             base_offset,
@@ -371,22 +394,47 @@ impl Segment {
         if from >= next_offset || from < self.base_offset || max_records == 0 {
             return Ok(empty);
         }
-        let (start_position, _) = start;
+        let (start_position, start_offset) = start;
         let data = self.log.read_range(start_position, (visible_len - start_position) as usize).at(&self.log_path)?;
         let mut position = 0usize;
         let mut first = None;
-        let mut expected_offset = None;
+        let mut expected_offset = start_offset;
         let mut count = 0u64;
         while position < data.len() {
-            let meta = record::verify(&data[position..])
-                .map_err(|reason| self.corrupt(start_position + position as u64, reason))?;
-            if let Some(expected) = expected_offset
-                && meta.offset != expected
-            {
-                let reason = RecordError::Malformed { reason: "offset out of sequence" };
-                return Err(self.corrupt(start_position + position as u64, reason));
-            }
-            expected_offset = Some(meta.offset + 1);
+            let checked = record::verify(&data[position..]).and_then(|meta| {
+                if meta.offset == expected_offset {
+                    Ok(meta)
+                } else {
+                    Err(RecordError::Malformed { reason: "offset out of sequence" })
+                }
+            });
+            let meta = match checked {
+                Ok(meta) => meta,
+                // The good records before a bad one are served; the bad one
+                // is the error of the next read, which starts at it.
+                Err(_) if first.is_some() => break,
+                Err(reason) => {
+                    let next = find_next_record(&data, position, expected_offset, None);
+                    match next {
+                        // Damage before `from`: step over it.
+                        Some((next_position, next)) if next.offset <= from => {
+                            position = next_position;
+                            expected_offset = next.offset;
+                            continue;
+                        }
+                        _ => {
+                            return Err(StorageError::CorruptRecord {
+                                path: self.log_path.clone(),
+                                position: start_position + position as u64,
+                                offset: from,
+                                next_readable_offset: next.map(|(_, meta)| meta.offset),
+                                reason,
+                            });
+                        }
+                    }
+                }
+            };
+            expected_offset = meta.offset + 1;
             if meta.offset >= from {
                 // Never more than max_bytes, except one record that is
                 // larger on its own.
@@ -443,18 +491,10 @@ impl Segment {
             from = batch.next_offset;
         }
     }
-
-    fn corrupt(&self, position: u64, reason: RecordError) -> StorageError {
-        StorageError::Corrupt { path: self.log_path.clone(), position, reason }
-    }
 }
 
 /// An index file and its entries (`None`: unreadable, rebuild it).
 type OpenedIndex = (Box<dyn StorageFile>, Option<Vec<IndexEntry>>);
-
-fn offset_index_file_entries(file: &dyn StorageFile) -> usize {
-    (file.len() as usize).saturating_sub(FILE_HEADER_BYTES) / INDEX_ENTRY_BYTES
-}
 
 /// Opens (creating if missing) an index file and decodes its entries;
 /// `None` when the file is missing or unreadable, meaning: rebuild.
@@ -555,15 +595,86 @@ struct ScanStart {
 
 struct Scan {
     next_offset: u64,
+    first_timestamp_us: Option<u64>,
     last_timestamp_us: Option<u64>,
     offset_entries: Vec<IndexEntry>,
     time_entries: Vec<IndexEntry>,
-    /// Where and why the scan stopped before the end of the file.
+    /// Bad bytes followed by valid records: corruption, kept in place.
+    damaged: Vec<Damage>,
+    /// Where and why the scan stopped before the end of the file: bad
+    /// bytes with no valid record after them (a torn tail, in the last
+    /// segment).
     stopped: Option<(u64, RecordError)>,
 }
 
+/// Bad bytes between two valid records of a segment.
+#[derive(Debug)]
+pub(crate) struct Damage {
+    /// Where the bad bytes start and where the next valid record starts.
+    pub position: u64,
+    pub end_position: u64,
+    /// The offsets the bad bytes held: `first_offset..next_offset`.
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub reason: RecordError,
+}
+
+/// Zero bytes at the very end of a bad last record that mark it as torn
+/// rather than corrupt (a block that was never written reads as zeros).
+const TORN_TAIL_ZEROS_BYTES: usize = 64;
+
+/// Whether `rest`, the bytes of a segment from a bad record (failing with
+/// `reason`) to the end of the file, with no valid record among them, look
+/// like an end that never reached the disk: the file ends inside the
+/// record, or is zero-filled from it on (unwritten blocks read as zeros),
+/// or the bad record is the last thing in the file and ends in zeros (its
+/// beginning reached the disk, its end did not). Anything else is
+/// corruption.
+pub(crate) fn is_torn_end(rest: &[u8], reason: &RecordError) -> bool {
+    if matches!(reason, RecordError::Incomplete { .. }) || rest.iter().all(|&byte| byte == 0) {
+        return true;
+    }
+    let is_last = record::peek_len(rest).is_ok_and(|claimed| claimed.is_some_and(|len| len >= rest.len()));
+    let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
+    is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
+}
+
+/// Finds where reading can go on after a bad record at `bad_position` of
+/// `data`: the first later position holding a valid record that can follow
+/// the last good one. Its offset is at least `expected_offset` and skips no
+/// more offsets than the bad bytes could hold (a record takes at least
+/// [`RECORD_OVERHEAD_BYTES`]); its timestamp does not go back. The offset
+/// test rejects almost every position before a CRC is computed, so random
+/// bytes are scanned at memory speed and a false match needs both a
+/// plausible offset and a matching CRC-32.
+pub(crate) fn find_next_record(
+    data: &[u8],
+    bad_position: usize,
+    expected_offset: u64,
+    last_timestamp_us: Option<u64>,
+) -> Option<(usize, RecordMeta)> {
+    let last_start = data.len().checked_sub(RECORD_OVERHEAD_BYTES)?;
+    for position in bad_position + 1..=last_start {
+        let Ok(offset_bytes) = <[u8; 8]>::try_from(&data[position + 8..position + 16]) else { continue };
+        let offset = u64::from_be_bytes(offset_bytes);
+        let offsets_skipped_max = ((position - bad_position) / RECORD_OVERHEAD_BYTES) as u64;
+        if offset < expected_offset || offset - expected_offset > offsets_skipped_max {
+            continue;
+        }
+        match record::verify(&data[position..]) {
+            Ok(meta) if last_timestamp_us.is_none_or(|last| meta.timestamp_us >= last) => {
+                return Some((position, meta));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Verifies records from `start` to the end of the log, collecting index
-/// entries every `index_interval_bytes`.
+/// entries every `index_interval_bytes`. Bad bytes followed by a valid
+/// record are noted as damage and stepped over; bad bytes with nothing
+/// valid after them stop the scan.
 fn scan_records(
     log: &dyn StorageFile,
     path: &Path,
@@ -573,35 +684,53 @@ fn scan_records(
     let data = log.read_range(start.position, (log.len() - start.position) as usize).at(path)?;
     let mut scan = Scan {
         next_offset: start.offset,
+        first_timestamp_us: None,
         last_timestamp_us: start.timestamp_us,
         offset_entries: Vec::new(),
         time_entries: Vec::new(),
+        damaged: Vec::new(),
         stopped: None,
     };
     let mut position = 0usize;
     let mut last_indexed = start.position;
     while position < data.len() {
         let absolute = start.position + position as u64;
-        let meta = match record::verify(&data[position..]) {
-            Ok(meta) => meta,
-            Err(reason) => {
-                scan.stopped = Some((absolute, reason));
-                break;
+        let checked = record::verify(&data[position..]).and_then(|meta| {
+            if meta.offset != scan.next_offset {
+                return Err(RecordError::Malformed { reason: "offset out of sequence" });
             }
+            if scan.last_timestamp_us.is_some_and(|last| meta.timestamp_us < last) {
+                return Err(RecordError::Malformed { reason: "timestamp goes backwards" });
+            }
+            Ok(meta)
+        });
+        let meta = match checked {
+            Ok(meta) => meta,
+            Err(reason) => match find_next_record(&data, position, scan.next_offset, scan.last_timestamp_us) {
+                Some((next_position, next)) => {
+                    scan.damaged.push(Damage {
+                        position: absolute,
+                        end_position: start.position + next_position as u64,
+                        first_offset: scan.next_offset,
+                        next_offset: next.offset,
+                        reason,
+                    });
+                    scan.next_offset = next.offset;
+                    position = next_position;
+                    continue;
+                }
+                None => {
+                    scan.stopped = Some((absolute, reason));
+                    break;
+                }
+            },
         };
-        if meta.offset != scan.next_offset {
-            scan.stopped = Some((absolute, RecordError::Malformed { reason: "offset out of sequence" }));
-            break;
-        }
-        if scan.last_timestamp_us.is_some_and(|last| meta.timestamp_us < last) {
-            scan.stopped = Some((absolute, RecordError::Malformed { reason: "timestamp goes backwards" }));
-            break;
-        }
         if absolute - last_indexed >= index_interval_bytes {
             scan.offset_entries.push(IndexEntry { key: meta.offset, value: absolute });
             scan.time_entries.push(IndexEntry { key: meta.timestamp_us, value: meta.offset });
             last_indexed = absolute;
         }
+        scan.first_timestamp_us.get_or_insert(meta.timestamp_us);
         scan.next_offset = meta.offset + 1;
         scan.last_timestamp_us = Some(meta.timestamp_us);
         position += meta.len;
