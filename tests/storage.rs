@@ -8,6 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 use weir::record::{Header, Message, Record};
+#[path = "common/full_disk.rs"]
+mod full_disk;
+
 use weir::storage::check::Verdict;
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{
@@ -622,4 +625,209 @@ fn a_zero_filled_end_of_the_last_sealed_segment_is_a_torn_end_under_never() {
     let log = open(dir.path(), config);
     assert_eq!(segment_logs(dir.path()).len(), 2);
     assert_eq!(read_all(&log, 0).len() as u64, log.next_offset());
+}
+
+fn check_verdict(dir: &Path) -> (Verdict, Vec<String>) {
+    let report = weir::storage::check::check_data_dir(dir, FsyncPolicy::Always).unwrap();
+    (report.verdict(), report.problems.iter().map(ToString::to_string).collect())
+}
+
+fn open_channel(data_dir: &Path, config: LogConfig) -> ChannelLog {
+    let channel_dir = data_dir.join("channels").join("orders");
+    ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("orders").unwrap(), config).unwrap()
+}
+
+#[test]
+fn an_index_rebuilt_for_a_small_active_segment_gets_its_header_and_check_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { index_interval_bytes: 4096, ..small_config() };
+    {
+        let log = open_channel(dir.path(), config.clone());
+        for i in 0..3 {
+            log.append_batch(&[Message::from_payload(format!("line {i}"))]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let channel_dir = dir.path().join("channels").join("orders");
+    std::fs::write(channel_dir.join("00000000000000000000.index"), b"").unwrap();
+    std::fs::remove_file(channel_dir.join("00000000000000000000.timeindex")).unwrap();
+    {
+        let log = open_channel(dir.path(), config.clone());
+        for i in 3..103 {
+            log.append_batch(&[Message::from_payload(format!("line {i}"))]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    for name in ["00000000000000000000.index", "00000000000000000000.timeindex"] {
+        let bytes = std::fs::read(channel_dir.join(name)).unwrap();
+        assert_eq!(&bytes[..4], b"WEIR", "{name} starts with its header");
+        assert_eq!((bytes.len() - 16) % 16, 0, "{name} holds whole entries after its header");
+    }
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+/// Where record `n` of a segment holding `message(0, 100)`, `message(1,
+/// 100)`, ... starts.
+fn record_start(n: u64) -> usize {
+    16 + (0..n).map(|i| message(i, 100).encoded_len()).sum::<usize>()
+}
+
+/// 200 records of the active segment, closed cleanly; returns the bytes of
+/// one record and the path of the segment.
+fn active_segment_of_200(data_dir: &Path) -> (usize, PathBuf) {
+    let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+    let log = open_channel(data_dir, config);
+    for i in 0..200 {
+        log.append_batch(&[message(i, 100)]).unwrap();
+    }
+    log.close().unwrap();
+    let record_len = message(0, 100).encoded_len();
+    let channel_dir = data_dir.join("channels").join("orders");
+    (record_len, segment_logs(&channel_dir).pop().unwrap())
+}
+
+fn flip_byte_of_record(path: &Path, record_len: usize, record: u64) -> u64 {
+    let mut bytes = std::fs::read(path).unwrap();
+    let record_start = record_start(record);
+    bytes[record_start + record_len / 2] ^= 0x10;
+    std::fs::write(path, &bytes).unwrap();
+    record_start as u64
+}
+
+#[test]
+fn a_damaged_record_in_the_middle_of_the_active_segment_is_never_cut_and_its_offsets_never_reused() {
+    // 198 lies after the last index entry (one per 256 bytes, the records
+    // are about 130 bytes), 120 before it: both must be noticed and kept.
+    for damaged in [198u64, 120] {
+        let dir = tempfile::tempdir().unwrap();
+        let (record_len, path) = active_segment_of_200(dir.path());
+        let length_before = std::fs::metadata(&path).unwrap().len();
+        let position = flip_byte_of_record(&path, record_len, damaged);
+
+        let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+        let log = open_channel(dir.path(), config);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), length_before, "recovery cut nothing");
+        assert_eq!(log.next_offset(), 200, "the records after the damaged one are all there");
+        assert_eq!(log.append_batch(&[message(200, 100)]).unwrap().first_offset, 200, "no offset is reused");
+
+        // Every good record before the damage is served, then the error
+        // names the record and where to read on; past it, all is readable.
+        let before = read_all_until_error(&log, 0);
+        assert_eq!(before, damaged);
+        match log.read(damaged, 1 << 20) {
+            Err(StorageError::CorruptRecord { position: at, offset, next_readable_offset, .. }) => {
+                assert_eq!((at, offset, next_readable_offset), (position, damaged, Some(damaged + 1)));
+            }
+            other => panic!("expected CorruptRecord, got {other:?}"),
+        }
+        let after = read_all(&log, damaged + 1);
+        assert_eq!(after.len() as u64, 201 - damaged - 1);
+        assert!(after.iter().zip(damaged + 1..).all(|(record, offset)| record.offset == offset));
+        drop(log);
+        let (verdict, problems) = check_verdict(dir.path());
+        assert_eq!(verdict, Verdict::Corrupt, "{problems:?}");
+    }
+}
+
+/// Reads from `from` until a read fails; returns the offset it failed at.
+fn read_all_until_error(log: &ChannelLog, from: u64) -> u64 {
+    let mut offset = from;
+    loop {
+        match log.read(offset, 64 * 1024) {
+            Ok(batch) if batch.count > 0 => offset = batch.next_offset,
+            Ok(_) => panic!("read to the end at {offset} without meeting the damage"),
+            Err(_) => return offset,
+        }
+    }
+}
+
+#[test]
+fn a_zero_filled_tail_after_the_last_record_is_cut_as_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = active_segment_of_200(dir.path());
+    let length = std::fs::metadata(&path).unwrap().len();
+    // Blocks allocated but never written read as zeros after a power loss.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::iter::repeat_n(0u8, 8192));
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(check_verdict(dir.path()).0, Verdict::Repairable);
+
+    let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+    let log = open_channel(dir.path(), config);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), length);
+    assert_eq!(log.next_offset(), 200);
+    drop(log);
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+#[test]
+fn check_calls_a_crashed_log_with_stale_indexes_and_a_torn_tail_repairable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = active_segment_of_200(dir.path());
+    // A power loss: the log lost its last 50 records and the tail of the one
+    // before, the indexes (written without their own sync) kept entries
+    // for records that are gone.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..record_start(150) - 9]).unwrap();
+    let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
+    assert_eq!(report.verdict(), Verdict::Repairable, "{:?}", report.problems);
+    // One line per index file, not one per stale entry.
+    assert!(report.problems.len() <= 3, "{:?}", report.problems);
+
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(run.status.code(), Some(0));
+
+    let log = open_channel(dir.path(), small_config());
+    assert_eq!(log.next_offset(), 149);
+    drop(log);
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+#[test]
+fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = full_disk::FullDisk::default();
+    let log =
+        ChannelLog::open(Arc::new(disk.clone()), dir.path(), ChannelName::new("t").unwrap(), small_config()).unwrap();
+    for i in 0..40 {
+        log.append_batch(&[message(i, 100)]).unwrap();
+    }
+    let next = log.next_offset();
+    disk.set_full(true);
+    // Every append is refused with StorageFull, whether it writes to the
+    // active segment or has to roll a new one; nothing of it stays.
+    for i in 0..40 {
+        match log.append_batch(&[message(next + i, 100)]) {
+            Err(error @ StorageError::StorageFull { .. }) => assert!(error.is_storage_full()),
+            other => panic!("expected StorageFull, got {other:?}"),
+        }
+        assert!(log.is_storage_full());
+        assert_eq!(log.next_offset(), next);
+    }
+    assert_eq!(read_all(&log, 0).len() as u64, next, "reads go on while the disk is full");
+    assert_eq!(log.counters().storage_full_episodes, 1);
+
+    disk.set_full(false);
+    // The first append after the retry interval is the probe that ends the
+    // episode; until then appends are refused without touching the disk.
+    let appended = loop {
+        match log.append_batch(&[message(next, 100)]) {
+            Ok(appended) => break appended,
+            Err(StorageError::StorageFull { .. }) => std::thread::sleep(Duration::from_millis(20)),
+            Err(other) => panic!("expected StorageFull or success, got {other:?}"),
+        }
+    };
+    assert_eq!(appended.first_offset, next, "no offset was used by the refused appends");
+    assert!(!log.is_storage_full());
+    for i in next + 1..next + 60 {
+        assert_eq!(log.append_batch(&[message(i, 100)]).unwrap().first_offset, i);
+    }
+    let records = read_all(&log, 0);
+    assert_eq!(records.len() as u64, next + 60);
+    assert!(records.iter().zip(0..).all(|(record, offset)| record.offset == offset));
+    log.close().unwrap();
+    drop(log);
+    let reopened = open(dir.path(), small_config());
+    assert_eq!(reopened.next_offset(), next + 60);
+    assert_eq!(read_all(&reopened, 0).len() as u64, next + 60);
 }

@@ -27,8 +27,8 @@ use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
 use crate::protocol::{
-    self, BackpressureReason, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader, FrameType,
-    PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
+    self, BackpressureReason, DecodeError, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader,
+    FrameType, NameField, PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
 };
 use crate::record::Message;
 use crate::storage::{ChannelName, ChannelSettings, StorageError};
@@ -153,6 +153,9 @@ impl Connection {
                 }
                 Ok(Some((header, body))) => match Request::decode(header.frame_type, body) {
                     Ok(request) => self.handle(header.correlation_id, request).await,
+                    Err(DecodeError::NameNotUtf8 { field, valid_up_to }) => {
+                        self.name_not_utf8(header, field, valid_up_to).await
+                    }
                     Err(error) => self.protocol_error(header.correlation_id, format!("malformed frame: {error}")),
                 },
                 Ok(None) => Flow::Continue,
@@ -377,6 +380,14 @@ impl Connection {
                     .await;
             }
         }
+        // Checked here although the channel's writer checks it too: a
+        // refused publish must not create the channel it names.
+        if let Some(producer) = producer
+            && producer.sequence.checked_add(messages.len() as u64).is_none()
+        {
+            let message = format!("sequence {} + {} overflows u64", producer.sequence, messages.len());
+            return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+        }
         let window = self.broker.limits.max_inflight_publishes;
         if self.inflight_publishes.load(Ordering::Acquire) >= window {
             Stats::add(&stats.publishes_rejected_inflight, 1);
@@ -461,12 +472,25 @@ impl Connection {
                 .await;
         }
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
+        let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
+        // A refused request creates nothing: an explicit offset on a channel
+        // that does not exist yet is checked against the empty log it would
+        // become, before it is created. (Without auto-creation the answer
+        // is UnknownChannel, below.)
+        if let (None, StartPosition::Offset(offset @ 1..)) = (stored, start)
+            && self.broker.config.auto_create_channels
+            && self.broker.store.channel(&name).is_none()
+        {
+            let message = format!(
+                "offset {offset} is out of range for channel {name}: it does not exist, so it would hold offsets 0..0"
+            );
+            return self.error(correlation_id, ErrorCode::OffsetOutOfRange, message).await;
+        }
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
         let log = Arc::clone(&handle.log);
-        let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
         let first_offset = match (stored, start) {
             // Never past the end: recovery may have cut records it had seen.
             (Some(resume_at), _) if resume_at > log.next_offset() => {
@@ -604,6 +628,25 @@ impl Connection {
                 None
             }
         }
+    }
+
+    /// Refuses a request whose channel or durable name is not UTF-8 the
+    /// way a UTF-8 name outside the rules is refused: the rest of the frame
+    /// decoded, so the connection is still in step and stays open.
+    async fn name_not_utf8(&mut self, header: FrameHeader, field: NameField, valid_up_to: usize) -> Flow {
+        let code = match field {
+            NameField::Channel => {
+                let is_publish =
+                    header.frame_type == FrameType::Publish as u8 || header.frame_type == FrameType::PublishBatch as u8;
+                if is_publish {
+                    Stats::add(&self.broker.stats.publishes_rejected_invalid_channel, 1);
+                }
+                ErrorCode::InvalidChannelName
+            }
+            NameField::DurableName => ErrorCode::InvalidRequest,
+        };
+        let message = format!("{field} is not valid UTF-8 (its byte {valid_up_to} is the first that is not)");
+        self.error(header.correlation_id, code, message).await
     }
 
     async fn channel_error(&mut self, correlation_id: u32, name: &ChannelName, error: ChannelError) -> Flow {

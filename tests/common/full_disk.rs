@@ -1,0 +1,95 @@
+//! A file system that can run out of space: the real one, except that while
+//! it is full every append writes half of its bytes and then fails with
+//! ENOSPC, and every file creation fails with ENOSPC, as a full disk does.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use weir::storage::fs::{FileSystem, OpenMode, StdFileSystem, StorageFile};
+
+#[derive(Debug, Default, Clone)]
+pub struct FullDisk {
+    full: Arc<AtomicBool>,
+    /// Appends and creations refused since the start.
+    pub refusals: Arc<AtomicU64>,
+}
+
+impl FullDisk {
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
+    }
+
+    fn refuse(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
+}
+
+impl FileSystem for FullDisk {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+        if mode == OpenMode::CreateNew {
+            self.refuse()?;
+        }
+        let inner = StdFileSystem.open(path, mode)?;
+        Ok(Box::new(FullDiskFile { inner, disk: self.clone() }))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        StdFileSystem.create_dir_all(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        StdFileSystem.list(dir)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        StdFileSystem.remove(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        StdFileSystem.rename(from, to)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        StdFileSystem.sync_dir(dir)
+    }
+}
+
+#[derive(Debug)]
+struct FullDiskFile {
+    inner: Box<dyn StorageFile>,
+    disk: FullDisk,
+}
+
+impl StorageFile for FullDiskFile {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn append(&self, buf: &[u8]) -> io::Result<()> {
+        if self.disk.full.load(Ordering::SeqCst) {
+            // A full disk takes what fits of a write, then refuses the rest.
+            self.inner.append(&buf[..buf.len() / 2])?;
+            return self.disk.refuse();
+        }
+        self.inner.append(buf)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+
+    fn read_range(&self, position: u64, len: usize) -> io::Result<Bytes> {
+        self.inner.read_range(position, len)
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
