@@ -9,6 +9,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use weir::record::{Header, Message, Record};
 #[path = "common/full_disk.rs"]
+#[allow(dead_code)] // The read-only mode serves the server tests.
 mod full_disk;
 
 use weir::storage::check::Verdict;

@@ -185,7 +185,7 @@ async fn commit_group(
                 // The log reports each disk-full episode once, at its start.
                 Stats::add(&stats.publishes_rejected_storage_full, failed as u64);
             } else {
-                tracing::error!(channel = %log.name(), %error, "append failed; nothing of the group was stored");
+                super::log_storage_error(stats, error, "append failed; nothing of the group was stored");
                 Stats::add(&stats.publishes_rejected_storage, failed as u64);
             }
             // Nothing of this group is stored: forget what it promised.

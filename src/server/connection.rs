@@ -548,7 +548,6 @@ impl Connection {
             lag_notice_threshold: config.lag_notice_threshold,
             notice_interval: Duration::from_millis(config.notice_interval_ms),
             deliveries: self.deliveries.clone(),
-            responses: self.responses.clone(),
             cancel: cancel.clone(),
             status: Arc::clone(&status),
             stats: Arc::clone(&self.broker.stats),
@@ -665,6 +664,11 @@ impl Connection {
 
     async fn storage_error(&mut self, correlation_id: u32, error: StorageError) -> Flow {
         let code = super::storage_error_code(&error);
+        // The disk failing is the operator's business too, not only the
+        // client's (disk-full episodes are logged by the log itself).
+        if code == ErrorCode::StorageError {
+            super::log_storage_error(&self.broker.stats, &error, "request failed on a storage error");
+        }
         self.error(correlation_id, code, error.to_string()).await
     }
 
@@ -721,6 +725,8 @@ async fn write_loop(
 ) {
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
     let (mut responses_open, mut deliveries_open) = (true, true);
+    // A subscription whose last frames are being written.
+    let mut ended_by_write: Option<CancellationToken> = None;
     loop {
         let item = tokio::select! {
             biased;
@@ -732,7 +738,12 @@ async fn write_loop(
                 // Checked here, right before the write, so that nothing of a
                 // subscription is written after its end was queued.
                 Some(delivery) if delivery.ended.is_cancelled() => continue,
-                Some(delivery) => delivery.outbound,
+                Some(delivery) => {
+                    if delivery.ends_subscription {
+                        ended_by_write = Some(delivery.ended);
+                    }
+                    delivery.outbound
+                }
                 None => { deliveries_open = false; continue; }
             },
             else => break,
@@ -755,6 +766,9 @@ async fn write_loop(
             // The peer is gone or not reading: stop the whole connection.
             cancel.cancel();
             return;
+        }
+        if let Some(ended) = ended_by_write.take() {
+            ended.cancel();
         }
     }
     let _ = timeout(write_timeout, async {

@@ -55,6 +55,9 @@ pub(crate) enum Outbound {
 pub(crate) struct Delivery {
     pub ended: CancellationToken,
     pub outbound: Outbound,
+    /// The subscription's last frames (ERROR and UNSUBSCRIBED after the
+    /// server stopped it): the writer cancels `ended` once they are written.
+    pub ends_subscription: bool,
 }
 
 /// The wire error code for a storage error.
@@ -68,6 +71,14 @@ pub(crate) fn storage_error_code(error: &StorageError) -> crate::protocol::Error
         StorageError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
         error if error.is_storage_full() => ErrorCode::StorageFull,
         _ => ErrorCode::StorageError,
+    }
+}
+
+/// Logs a storage error met while serving, at most once a second (see
+/// [`stats::RateLimitedLog`]).
+pub(crate) fn log_storage_error(stats: &Stats, error: &StorageError, what: &str) {
+    if let Some(held_back) = stats.storage_error_log.admit() {
+        tracing::error!(%error, similar_errors_not_logged = held_back, "{what}");
     }
 }
 

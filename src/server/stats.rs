@@ -28,6 +28,48 @@ pub struct Stats {
     pub inflight_publishes_high_water: AtomicU64,
     /// The most unacknowledged deliveries any subscription has had at once.
     pub inflight_deliveries_high_water: AtomicU64,
+    /// Storage errors met while serving requests, logged at a bounded rate.
+    pub(crate) storage_error_log: RateLimitedLog,
+}
+
+/// Lets a repeated log line through at most once per
+/// [`RateLimitedLog::INTERVAL`], counting the ones held back, so that a
+/// failing disk under a stream of requests logs a line per second, not one
+/// per request.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimitedLog {
+    /// When the next line may go out, in ms since `epoch`.
+    next_at_ms: AtomicU64,
+    held_back: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RateLimitedLog {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// `Some(n)` when a line may be logged now, `n` being how many were
+    /// held back since the last one; `None` when this one is held back.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let epoch = *self.epoch.get_or_init(std::time::Instant::now);
+        let now_ms = epoch.elapsed().as_millis() as u64;
+        let next_at_ms = self.next_at_ms.load(Ordering::Relaxed);
+        let due = now_ms >= next_at_ms
+            && self
+                .next_at_ms
+                .compare_exchange(
+                    next_at_ms,
+                    now_ms + Self::INTERVAL.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if due {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 impl Stats {

@@ -33,9 +33,6 @@ pub(crate) struct Subscription {
     pub lag_notice_threshold: u64,
     pub notice_interval: Duration,
     pub deliveries: mpsc::Sender<Delivery>,
-    /// Frames that end the subscription (ERROR, UNSUBSCRIBED) go with the
-    /// connection's answers: after it, nothing of this subscription is sent.
-    pub responses: mpsc::Sender<Outbound>,
     pub cancel: CancellationToken,
     pub status: Arc<SubscriptionStatus>,
     pub stats: Arc<Stats>,
@@ -131,27 +128,25 @@ impl Subscription {
     async fn stop_on_error(&mut self, error: StorageError) {
         tracing::error!(channel = %self.log.name(), subscription = self.subscription_id, %error, "delivery stopped");
         let message = format!("subscription {} stopped: {error}", self.subscription_id);
-        let error = Response::Error { code: super::storage_error_code(&error) as u16, message }.encode(0);
-        let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0);
-        // Queued with the connection's answers before the subscription is
-        // marked ended, so that a SUBSCRIBE reusing the id is answered after
-        // them.
-        let responses = self.responses.clone();
-        let queued = async move {
-            responses.send(Outbound::Frame(error)).await.is_ok()
-                && responses.send(Outbound::Frame(unsubscribed)).await.is_ok()
+        let mut frames = Response::Error { code: super::storage_error_code(&error) as u16, message }.encode(0);
+        frames.extend_from_slice(&Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0));
+        // One item, so that nothing comes between the ERROR and the
+        // UNSUBSCRIBED it explains, queued behind the deliveries already
+        // sent (the good records before a damaged one reach the client
+        // first). The connection's writer marks the subscription ended once
+        // it has written them: only then may a SUBSCRIBE reuse the id.
+        let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
+        let queued = tokio::select! {
+            sent = self.deliveries.send(last) => sent.is_ok(),
+            () = self.cancel.cancelled() => true,
         };
-        tokio::select! {
-            _ = queued => {}
-            () = self.cancel.cancelled() => {}
+        if !queued {
+            self.cancel.cancel();
         }
-        // Marks the subscription ended for the connection, which then frees
-        // its id and its slot, and drops its deliveries still queued.
-        self.cancel.cancel();
     }
 
     async fn send(&self, outbound: Outbound) -> bool {
-        let delivery = Delivery { ended: self.cancel.clone(), outbound };
+        let delivery = Delivery { ended: self.cancel.clone(), outbound, ends_subscription: false };
         tokio::select! {
             sent = self.deliveries.send(delivery) => sent.is_ok(),
             () = self.cancel.cancelled() => false,

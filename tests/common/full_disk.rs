@@ -1,6 +1,8 @@
 //! A file system that can run out of space: the real one, except that while
 //! it is full every append writes half of its bytes and then fails with
 //! ENOSPC, and every file creation fails with ENOSPC, as a full disk does.
+//! It can also turn read-only: creating files and directories then fails
+//! with EACCES, while files already open keep taking appends.
 
 use std::io;
 use std::path::Path;
@@ -13,6 +15,7 @@ use weir::storage::fs::{FileSystem, OpenMode, StdFileSystem, StorageFile};
 #[derive(Debug, Default, Clone)]
 pub struct FullDisk {
     full: Arc<AtomicBool>,
+    read_only: Arc<AtomicBool>,
     /// Appends and creations refused since the start.
     pub refusals: Arc<AtomicU64>,
 }
@@ -20,6 +23,17 @@ pub struct FullDisk {
 impl FullDisk {
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    fn refuse_creation(&self) -> io::Result<()> {
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        self.refuse()
     }
 
     fn refuse(&self) -> io::Result<()> {
@@ -34,13 +48,16 @@ impl FullDisk {
 impl FileSystem for FullDisk {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
         if mode == OpenMode::CreateNew {
-            self.refuse()?;
+            self.refuse_creation()?;
         }
         let inner = StdFileSystem.open(path, mode)?;
         Ok(Box::new(FullDiskFile { inner, disk: self.clone() }))
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        if !path.exists() {
+            self.refuse_creation()?;
+        }
         StdFileSystem.create_dir_all(path)
     }
 
