@@ -81,6 +81,10 @@ fn describe() {
         "weir_storage_full",
         "1 while a channel refuses appends because its disk is full (until an append succeeds again), by channel."
     );
+    describe_gauge!(
+        "weir_channels_unavailable",
+        "Channels that could not be opened at start-up (damage recovery does not repair); they refuse every request."
+    );
     describe_gauge!("weir_connections_open", "Open client connections.");
     describe_gauge!("weir_inflight_publishes", "Publishes read and not yet answered, all connections.");
     describe_gauge!("weir_inflight_deliveries", "Delivered, unacknowledged messages, all subscriptions.");

@@ -197,3 +197,45 @@ async fn a_storage_error_answered_to_a_client_is_logged_for_the_operator() {
     );
     stop(server).await;
 }
+
+#[tokio::test]
+async fn a_channel_that_cannot_be_opened_is_refused_while_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 4096, retention: RetentionPolicy::default(), ..LogConfig::default() };
+    for name in ["good", "bad"] {
+        let channel_dir = dir.path().join("channels").join(name);
+        let log =
+            ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new(name).unwrap(), config.clone())
+                .unwrap();
+        for i in 0..200 {
+            log.append_batch(&[message(i)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    // The end of the oldest sealed segment of "bad" is damaged, with nothing
+    // valid after it in that segment: recovery cannot repair it.
+    let first = dir.path().join("channels").join("bad").join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&first).unwrap();
+    let last = bytes.len() - 5;
+    bytes[last] ^= 0x20;
+    std::fs::write(&first, &bytes).unwrap();
+
+    let server = common::start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "unavailable").await.unwrap();
+    let fetch =
+        |channel: &str| Request::Fetch { channel: channel.into(), offset: 0, max_messages: 10, max_bytes: 1 << 20 };
+    match within("FETCH good", connection.request(fetch("good"))).await.unwrap() {
+        Response::FetchResult { count, .. } => assert_eq!(count, 10),
+        other => panic!("expected FETCH_RESULT, got {other:?}"),
+    }
+    let refused = within("FETCH bad", connection.request(fetch("bad"))).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::StorageError));
+    assert!(refused.to_string().contains("channel bad is unavailable"), "{refused}");
+    let refused = publish(&connection, "bad", 200).await;
+    assert_eq!(server_code(&refused), Some(ErrorCode::StorageError), "{refused:?}");
+    match publish(&connection, "good", 200).await.unwrap() {
+        Response::PublishAck { first_offset, .. } => assert_eq!(first_offset, 200),
+        other => panic!("expected PUBLISH_ACK, got {other:?}"),
+    }
+    stop(server).await;
+}

@@ -101,6 +101,9 @@ impl Broker {
         if let Some(handle) = self.lock_channels().get(name) {
             return Ok(Arc::clone(handle));
         }
+        if let Some(error) = self.store.unavailable(name) {
+            return Err(ChannelError::Storage(error));
+        }
         let log = match self.store.channel(name) {
             Some(log) => log,
             None if self.config.auto_create_channels => {

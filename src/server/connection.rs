@@ -473,10 +473,11 @@ impl Connection {
         }
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
         let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
-        // A refused request creates nothing: an explicit offset on a channel
-        // that does not exist yet is checked against the empty log it would
-        // become, before it is created. (Without auto-creation the answer
-        // is UnknownChannel, below.)
+        // A refused request creates nothing: what would refuse this one is
+        // checked before the channel is looked up (and so auto-created). An
+        // explicit offset on a channel that does not exist yet is checked
+        // against the empty log it would become; without auto-creation the
+        // answer is UnknownChannel, below.
         if let (None, StartPosition::Offset(offset @ 1..)) = (stored, start)
             && self.broker.config.auto_create_channels
             && self.broker.store.channel(&name).is_none()
@@ -485,6 +486,14 @@ impl Connection {
                 "offset {offset} is out of range for channel {name}: it does not exist, so it would hold offsets 0..0"
             );
             return self.error(correlation_id, ErrorCode::OffsetOutOfRange, message).await;
+        }
+        // A new durable name past the broker's limit (checked again when it
+        // is recorded, should another connection take the last slot first).
+        if durable_name.is_some()
+            && stored.is_none()
+            && let Err(error) = self.broker.offsets.has_room()
+        {
+            return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
         }
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
@@ -598,6 +607,9 @@ impl Connection {
     ) -> Flow {
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
         let Some(log) = self.broker.store.channel(&name) else {
+            if let Some(error) = self.broker.store.unavailable(&name) {
+                return self.storage_error(correlation_id, error).await;
+            }
             return self
                 .error(correlation_id, ErrorCode::UnknownChannel, format!("channel {name} does not exist"))
                 .await;
@@ -725,8 +737,6 @@ async fn write_loop(
 ) {
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
     let (mut responses_open, mut deliveries_open) = (true, true);
-    // A subscription whose last frames are being written.
-    let mut ended_by_write: Option<CancellationToken> = None;
     loop {
         let item = tokio::select! {
             biased;
@@ -739,8 +749,13 @@ async fn write_loop(
                 // subscription is written after its end was queued.
                 Some(delivery) if delivery.ended.is_cancelled() => continue,
                 Some(delivery) => {
+                    // Marked ended now, before its last frames can reach the
+                    // client: a SUBSCRIBE reusing the id, sent on seeing its
+                    // UNSUBSCRIBED, must find the id free. Nothing of it can
+                    // follow them (it queues nothing after its last frames),
+                    // and an answer to that SUBSCRIBE is written after them.
                     if delivery.ends_subscription {
-                        ended_by_write = Some(delivery.ended);
+                        delivery.ended.cancel();
                     }
                     delivery.outbound
                 }
@@ -766,9 +781,6 @@ async fn write_loop(
             // The peer is gone or not reading: stop the whole connection.
             cancel.cancel();
             return;
-        }
-        if let Some(ended) = ended_by_write.take() {
-            ended.cancel();
         }
     }
     let _ = timeout(write_timeout, async {

@@ -56,7 +56,8 @@ pub(crate) struct Delivery {
     pub ended: CancellationToken,
     pub outbound: Outbound,
     /// The subscription's last frames (ERROR and UNSUBSCRIBED after the
-    /// server stopped it): the writer cancels `ended` once they are written.
+    /// server stopped it): the writer cancels `ended` as it takes them, so
+    /// that the id is free before the client can see UNSUBSCRIBED.
     pub ends_subscription: bool,
 }
 
@@ -380,4 +381,5 @@ fn publish_metrics(broker: &Broker) {
         gauge!("weir_subscription_lag_messages", "channel" => channel, "subscription" => name).set(lag as f64);
     }
     gauge!("weir_inflight_deliveries").set(inflight_deliveries as f64);
+    gauge!("weir_channels_unavailable").set(broker.store.unavailable_count() as f64);
 }

@@ -104,6 +104,16 @@ impl DurableOffsets {
         self.lock().offsets.get(&(channel.to_owned(), name.to_owned())).copied()
     }
 
+    /// `TooManyDurables` when no new name can be recorded: checked before
+    /// anything is created for a subscription that [`DurableOffsets::record`]
+    /// would then refuse.
+    pub fn has_room(&self) -> Result<(), TooManyDurables> {
+        if self.lock().offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
+            return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
+        }
+        Ok(())
+    }
+
     /// Records where a durable subscription resumes (kept in memory until
     /// the next commit). Positions only move forward.
     ///

@@ -133,8 +133,9 @@ impl Subscription {
         // One item, so that nothing comes between the ERROR and the
         // UNSUBSCRIBED it explains, queued behind the deliveries already
         // sent (the good records before a damaged one reach the client
-        // first). The connection's writer marks the subscription ended once
-        // it has written them: only then may a SUBSCRIBE reuse the id.
+        // first). The connection's writer marks the subscription ended when
+        // it takes them for writing: a SUBSCRIBE reusing the id before that
+        // gets SubscriptionExists, one after it is answered after them.
         let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
         let queued = tokio::select! {
             sent = self.deliveries.send(last) => sent.is_ok(),

@@ -67,6 +67,12 @@ pub enum StorageError {
     TooManyChannels { channel: String, count_max: usize },
     #[error("data directory {path} is in use by another weir process (lock file held)")]
     DataDirLocked { path: PathBuf },
+    /// The channel's files could not be opened at start-up (damage that
+    /// recovery does not repair); it refuses every request until repaired.
+    #[error(
+        "channel {channel} is unavailable: it could not be opened at start-up ({cause}); run weir check on the data directory"
+    )]
+    ChannelUnavailable { channel: String, cause: String },
     /// The device holding the channel is full. Nothing of the append was
     /// stored (a partial write is cut back); the log keeps serving reads and
     /// takes appends again once space is freed, without a restart.

@@ -83,6 +83,10 @@ pub struct Store {
     config: StoreConfig,
     fs: Arc<dyn FileSystem>,
     channels: RwLock<BTreeMap<ChannelName, Arc<ChannelLog>>>,
+    /// Channels whose recovery failed (damage recovery cannot repair), with
+    /// the reason: the others are served, these answer every request with
+    /// the reason until an operator has repaired them and restarted.
+    unavailable: BTreeMap<ChannelName, String>,
     /// Held for the store's lifetime so that a second broker cannot open
     /// the same data directory.
     _lock: File,
@@ -96,10 +100,12 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Locks the data directory and opens (recovering) every channel in it.
+    /// A channel that cannot be opened does not stop the others: it is
+    /// logged and kept as unavailable (see [`Store::unavailable`]).
     ///
     /// # Errors
-    /// `DataDirLocked` when another process holds it; any channel's
-    /// recovery error.
+    /// `DataDirLocked` when another process holds it; `Io` when the data
+    /// directory cannot be read.
     pub fn open(config: StoreConfig, fs: Arc<dyn FileSystem>) -> Result<Store, StorageError> {
         let channels_dir = config.data_dir.join(CHANNELS_DIR);
         fs.create_dir_all(&channels_dir).at(&channels_dir)?;
@@ -113,6 +119,7 @@ impl Store {
             Err(std::fs::TryLockError::Error(source)) => return Err(StorageError::Io { path: lock_path, source }),
         }
         let mut channels = BTreeMap::new();
+        let mut unavailable = BTreeMap::new();
         let mut names = fs.list(&channels_dir).at(&channels_dir)?;
         names.sort();
         for entry in names {
@@ -124,12 +131,26 @@ impl Store {
                 }
             };
             let dir = channels_dir.join(&entry);
-            let settings = read_settings(&*fs, &dir)?;
-            let log = ChannelLog::open(Arc::clone(&fs), &dir, name.clone(), settings.apply(&config.log_config(&name)))?;
-            channels.insert(name, Arc::new(log));
+            let opened = read_settings(&*fs, &dir).and_then(|settings| {
+                ChannelLog::open(Arc::clone(&fs), &dir, name.clone(), settings.apply(&config.log_config(&name)))
+            });
+            match opened {
+                Ok(log) => {
+                    channels.insert(name, Arc::new(log));
+                }
+                Err(error) => {
+                    tracing::error!(channel = %name, %error, "the channel cannot be opened and is unavailable: every request to it is refused with this error; run weir check on the data directory");
+                    unavailable.insert(name, error.to_string());
+                }
+            }
         }
-        tracing::info!(data_dir = %config.data_dir.display(), channels = channels.len(), "storage opened");
-        Ok(Store { config, fs, channels: RwLock::new(channels), _lock: lock })
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            channels = channels.len(),
+            unavailable_channels = unavailable.len(),
+            "storage opened"
+        );
+        Ok(Store { config, fs, channels: RwLock::new(channels), unavailable, _lock: lock })
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -140,7 +161,19 @@ impl Store {
         &self.config.data_dir
     }
 
-    /// The channel `name`, if it exists.
+    /// Why the channel `name` could not be opened, if it could not.
+    pub fn unavailable(&self, name: &ChannelName) -> Option<StorageError> {
+        self.unavailable
+            .get(name)
+            .map(|cause| StorageError::ChannelUnavailable { channel: name.to_string(), cause: cause.clone() })
+    }
+
+    /// How many channels could not be opened.
+    pub fn unavailable_count(&self) -> usize {
+        self.unavailable.len()
+    }
+
+    /// The channel `name`, if it exists and could be opened.
     pub fn channel(&self, name: &ChannelName) -> Option<Arc<ChannelLog>> {
         self.channels.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
@@ -188,11 +221,14 @@ impl Store {
         config: LogConfig,
         settings: Option<ChannelSettings>,
     ) -> Result<Arc<ChannelLog>, StorageError> {
+        if let Some(error) = self.unavailable(name) {
+            return Err(error);
+        }
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if channels.contains_key(name) {
             return Err(StorageError::ChannelExists { channel: name.to_string() });
         }
-        if channels.len() >= self.config.max_channels {
+        if channels.len() + self.unavailable.len() >= self.config.max_channels {
             return Err(StorageError::TooManyChannels {
                 channel: name.to_string(),
                 count_max: self.config.max_channels,
