@@ -212,6 +212,21 @@ proptest! {
     }
 
     #[test]
+    fn any_channel_bytes_decode_to_the_request_or_to_a_refused_name(name in bytes(40)) {
+        use super::wire::{DecodeError, NameField};
+        let mut body = vec![name.len() as u8];
+        body.extend_from_slice(&name);
+        body.extend_from_slice(&[0; 16]);
+        match Request::decode(FrameType::Fetch as u8, Bytes::from(body)) {
+            Ok(Request::Fetch { channel, .. }) => prop_assert_eq!(channel.as_bytes(), &name[..]),
+            Err(DecodeError::NameNotUtf8 { field: NameField::Channel, valid_up_to }) => {
+                prop_assert_eq!(std::str::from_utf8(&name).map_err(|e| e.valid_up_to()), Err(valid_up_to));
+            }
+            other => prop_assert!(false, "{other:?}"),
+        }
+    }
+
+    #[test]
     fn truncated_requests_are_errors_not_panics(request in request(), cut: prop::sample::Index) {
         let frame = request.encode(1);
         let (header, body) = split(&frame);
@@ -228,6 +243,53 @@ fn a_batch_count_larger_than_the_body_can_hold_is_refused_before_allocating() {
     body.extend_from_slice(&u32::MAX.to_be_bytes());
     let error = Request::decode(FrameType::PublishBatch as u8, Bytes::from(body)).unwrap_err();
     assert!(error.to_string().contains("record_count"), "{error}");
+}
+
+/// `frame`'s body with the last byte of the only occurrence of `name`
+/// replaced by 0xff, which is never UTF-8.
+fn body_with_name_not_utf8(frame: &[u8], name: &str) -> (u8, Bytes) {
+    let (header, body) = split(frame);
+    let mut body = body.to_vec();
+    let at = body.windows(name.len()).position(|window| window == name.as_bytes()).unwrap();
+    body[at + name.len() - 1] = 0xff;
+    (header.frame_type, Bytes::from(body))
+}
+
+#[test]
+fn a_name_that_is_not_utf8_is_reported_by_field_once_the_rest_of_the_body_decodes() {
+    use super::wire::{DecodeError, NameField};
+    let fetch = Request::Fetch { channel: "orders".into(), offset: 0, max_messages: 1, max_bytes: 1 };
+    let (frame_type, body) = body_with_name_not_utf8(&fetch.encode(1), "orders");
+    assert_eq!(
+        Request::decode(frame_type, body.clone()),
+        Err(DecodeError::NameNotUtf8 { field: NameField::Channel, valid_up_to: 5 })
+    );
+    // Malformed otherwise too: that is what is reported.
+    let mut longer = body.to_vec();
+    longer.push(0);
+    assert_eq!(Request::decode(frame_type, Bytes::from(longer)), Err(DecodeError::TrailingBytes { extra_bytes: 1 }));
+    assert!(matches!(
+        Request::decode(frame_type, body.slice(..body.len() - 1)),
+        Err(DecodeError::Truncated { .. })
+    ));
+
+    let subscribe = Request::Subscribe {
+        subscription_id: 1,
+        channel: "orders".into(),
+        start: StartPosition::Earliest,
+        durable_name: Some("billing".into()),
+        max_inflight: 1,
+    };
+    let (frame_type, body) = body_with_name_not_utf8(&subscribe.encode(1), "billing");
+    assert_eq!(
+        Request::decode(frame_type, body),
+        Err(DecodeError::NameNotUtf8 { field: NameField::DurableName, valid_up_to: 6 })
+    );
+
+    // Any other text that is not UTF-8 is a malformed frame.
+    let hello = Request::Hello { version_min: 1, version_max: 1, client_name: "cli".into(), auth_token: Bytes::new() };
+    let (frame_type, body) = body_with_name_not_utf8(&hello.encode(1), "cli");
+    assert_eq!(Request::decode(frame_type, body), Err(DecodeError::NotUtf8 { field: "client_name" }));
 }
 
 #[test]

@@ -477,10 +477,12 @@ impl Connection {
         // checked before the channel is looked up (and so auto-created). An
         // explicit offset on a channel that does not exist yet is checked
         // against the empty log it would become; without auto-creation the
-        // answer is UnknownChannel, below.
+        // answer is UnknownChannel, and for a channel that exists but could
+        // not be opened, why (both below).
         if let (None, StartPosition::Offset(offset @ 1..)) = (stored, start)
             && self.broker.config.auto_create_channels
             && self.broker.store.channel(&name).is_none()
+            && self.broker.store.unavailable(&name).is_none()
         {
             let message = format!(
                 "offset {offset} is out of range for channel {name}: it does not exist, so it would hold offsets 0..0"

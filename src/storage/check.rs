@@ -328,10 +328,9 @@ fn check_segment_log(
                             Severity::Corrupt,
                             Some(position as u64),
                             format!(
-                                "{reason}: {} damaged bytes holding offsets {}..{}, followed by valid records; the broker keeps the rest of the log, reads of these offsets fail, reads from offset {} on work",
+                                "{reason}: {} damaged bytes holding {}, followed by valid records; the broker keeps the rest of the log, reads of the damaged offsets fail, reads from offset {} on work",
                                 next_position - position,
-                                scanned.next_offset,
-                                next.offset,
+                                segment::describe_offsets(scanned.next_offset, next.offset),
                                 next.offset
                             ),
                         ));

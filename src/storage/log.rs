@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -197,6 +197,8 @@ pub struct ChannelLog {
     /// Told the new start offset whenever retention moves it, so that the
     /// server can notify subscribers that fell behind without polling.
     start_offset_listener: Mutex<Option<StartOffsetListener>>,
+    /// Mirrors `Writer::full`, readable without waiting for an append.
+    storage_full: AtomicBool,
 }
 
 /// A callback told the log's new start offset after retention moved it.
@@ -298,6 +300,7 @@ impl ChannelLog {
             counters: Mutex::new(LogCounters::default()),
             seal_order: Mutex::new(()),
             start_offset_listener: Mutex::new(None),
+            storage_full: AtomicBool::new(false),
         })
     }
 
@@ -413,6 +416,7 @@ impl ChannelLog {
             None => {
                 tracing::warn!(channel = %self.name, %error, "disk full: refusing appends with StorageFull until space is freed; reads go on");
                 writer.full = Some(FullEpisode { since: now, last_attempt: now, refused_appends: 1 });
+                self.storage_full.store(true, Ordering::Release);
                 self.lock_counters().storage_full_episodes += 1;
             }
         }
@@ -420,6 +424,7 @@ impl ChannelLog {
 
     fn end_full_episode(&self, writer: &mut Writer) {
         if let Some(episode) = writer.full.take() {
+            self.storage_full.store(false, Ordering::Release);
             tracing::info!(
                 channel = %self.name,
                 refused_appends = episode.refused_appends,
@@ -431,7 +436,7 @@ impl ChannelLog {
 
     /// Whether the log is refusing appends because its disk is full.
     pub fn is_storage_full(&self) -> bool {
-        self.lock_writer().full.is_some()
+        self.storage_full.load(Ordering::Acquire)
     }
 
     fn write_batch(

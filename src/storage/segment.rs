@@ -197,7 +197,7 @@ impl Segment {
                 path = %log_path.display(),
                 position = damage.position,
                 damaged_bytes = damage.end_position - damage.position,
-                offsets = %format_args!("{}..{}", damage.first_offset, damage.next_offset),
+                held = %describe_offsets(damage.first_offset, damage.next_offset),
                 reason = %damage.reason,
                 "recovery found damaged records followed by valid ones: this is corruption, not a torn write; nothing is cut, reads of these offsets fail, reads from offset {} on work; run weir check",
                 damage.next_offset
@@ -637,6 +637,16 @@ pub(crate) fn is_torn_end(rest: &[u8], reason: &RecordError) -> bool {
     let is_last = record::peek_len(rest).is_ok_and(|claimed| claimed.is_some_and(|len| len >= rest.len()));
     let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
     is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
+}
+
+/// Names the offsets `first..next` that damaged bytes held, inclusively,
+/// for people.
+pub(crate) fn describe_offsets(first: u64, next: u64) -> String {
+    match next - first {
+        0 => "no whole record (bytes between records)".to_owned(),
+        1 => format!("offset {first}"),
+        n => format!("offsets {first} to {} ({n} records)", next - 1),
+    }
 }
 
 /// Finds where reading can go on after a bad record at `bad_position` of
