@@ -268,10 +268,7 @@ fn a_name_that_is_not_utf8_is_reported_by_field_once_the_rest_of_the_body_decode
     let mut longer = body.to_vec();
     longer.push(0);
     assert_eq!(Request::decode(frame_type, Bytes::from(longer)), Err(DecodeError::TrailingBytes { extra_bytes: 1 }));
-    assert!(matches!(
-        Request::decode(frame_type, body.slice(..body.len() - 1)),
-        Err(DecodeError::Truncated { .. })
-    ));
+    assert!(matches!(Request::decode(frame_type, body.slice(..body.len() - 1)), Err(DecodeError::Truncated { .. })));
 
     let subscribe = Request::Subscribe {
         subscription_id: 1,
