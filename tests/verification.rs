@@ -1,7 +1,8 @@
 //! Regression tests for the findings of the outside verification (issue 7):
 //! notices that reach a subscriber whose window is full, subscription ids
-//! reused within one write, names that are not UTF-8, refused requests that
-//! must create nothing, and the correlation id of a frame-timeout ERROR.
+//! reused within one write (and the unflushed frame that test uncovered),
+//! names that are not UTF-8, refused requests that must create nothing, and
+//! the correlation id of a frame-timeout ERROR.
 //!
 //! Every test drives a real broker on 127.0.0.1 over raw sockets (the
 //! publisher side uses the Rust client where only its results matter).
@@ -336,6 +337,74 @@ async fn a_subscription_id_reused_in_one_write_never_receives_the_old_subscripti
     }
 
     within("publisher close", publisher.close()).await;
+    stop(server).await;
+}
+
+/// Found by the test above: the connection's writer flushed only after a
+/// write that left both of its queues empty, so a frame written while
+/// deliveries of an ended subscription were still queued behind it stayed
+/// in its buffer once those were dropped unsent: here, the UNSUBSCRIBED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribed_reaches_a_client_whose_socket_was_full_of_that_subscriptions_deliveries() {
+    const COUNT: u64 = 400;
+    let dir = TempDir::new().unwrap();
+    let config = Config { delivery_batch_bytes: 64 * 1024, ..test_config(&dir) };
+    let server = start(config).await;
+    // About 24 MiB: more than the socket buffers of a loopback connection
+    // hold, so the subscription's frames back up into the writer's queue.
+    let publisher = within("publisher", Publisher::connect(&addr(&server), "full", PublisherOptions::default()))
+        .await
+        .expect("publisher connects");
+    let mut receipts = Vec::new();
+    for _ in 0..COUNT {
+        let payload = Bytes::from(vec![b'x'; 60 * 1024]);
+        receipts.push(within("enqueue", publisher.enqueue(Message::from_payload(payload))).await.expect("queued"));
+    }
+    for receipt in receipts {
+        within("a receipt", receipt).await.expect("answered").expect("stored");
+    }
+
+    let mut stream = handshake(&addr(&server)).await;
+    let subscribed = request(&mut stream, 2, subscribe(1, "full", StartPosition::Earliest, 4096)).await;
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, first_offset: 0 });
+    // Read nothing until the subscription has stopped moving: its socket is
+    // full and its frames wait in the queue. (Should everything fit, the
+    // test checks the same order, just without the backlog.)
+    let mut admin = handshake(&addr(&server)).await;
+    let (mut delivered, mut unchanged) = (None, 0);
+    for correlation_id in 2.. {
+        let channel = channels(&mut admin, correlation_id).await.into_iter().find(|c| c.name == "full");
+        let next = channel.and_then(|c| c.subscriptions.first().map(|s| s.next_offset));
+        if next == delivered {
+            unchanged += 1;
+        } else {
+            (delivered, unchanged) = (next, 0);
+        }
+        if unchanged == 5 || next == Some(COUNT) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    write(&mut stream, &Request::Unsubscribe { subscription_id: 1 }.encode(3)).await;
+    let mut expected = 0;
+    loop {
+        match read_response(&mut stream).await {
+            (0, Response::Deliver { subscription_id: 1, records, .. }) => {
+                for offset in delivered_offsets(&records) {
+                    assert_eq!(offset, expected, "deliveries are in order, without gaps");
+                    expected += 1;
+                }
+            }
+            (3, Response::Unsubscribed { subscription_id: 1 }) => break,
+            other => panic!("expected deliveries then UNSUBSCRIBED, got {other:?}"),
+        }
+    }
+    assert!(expected <= COUNT);
+    ping(&mut stream, 4).await;
+
+    within("publisher close", publisher.close()).await;
+    drop((stream, admin));
     stop(server).await;
 }
 

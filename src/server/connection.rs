@@ -153,8 +153,8 @@ impl Connection {
                 }
                 Ok(Some((header, body))) => match Request::decode(header.frame_type, body) {
                     Ok(request) => self.handle(header.correlation_id, request).await,
-                    Err(DecodeError::NameNotUtf8 { field, valid_up_to }) => {
-                        self.name_not_utf8(header, field, valid_up_to).await
+                    Err(error @ DecodeError::NameNotUtf8 { field, .. }) => {
+                        self.name_not_utf8(header, field, error.to_string()).await
                     }
                     Err(error) => self.protocol_error(header.correlation_id, format!("malformed frame: {error}")),
                 },
@@ -646,7 +646,7 @@ impl Connection {
     /// Refuses a request whose channel or durable name is not UTF-8 the
     /// way a UTF-8 name outside the rules is refused: the rest of the frame
     /// decoded, so the connection is still in step and stays open.
-    async fn name_not_utf8(&mut self, header: FrameHeader, field: NameField, valid_up_to: usize) -> Flow {
+    async fn name_not_utf8(&mut self, header: FrameHeader, field: NameField, message: String) -> Flow {
         let code = match field {
             NameField::Channel => {
                 let is_publish =
@@ -658,7 +658,6 @@ impl Connection {
             }
             NameField::DurableName => ErrorCode::InvalidRequest,
         };
-        let message = format!("{field} is not valid UTF-8 (its byte {valid_up_to} is the first that is not)");
         self.error(header.correlation_id, code, message).await
     }
 
@@ -740,16 +739,19 @@ async fn write_loop(
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
     let (mut responses_open, mut deliveries_open) = (true, true);
     loop {
+        // `None`: a delivery dropped unsent. It still goes through the flush
+        // below: the frames written before it were not flushed while it was
+        // queued, and may be the last ones for a long time.
         let item = tokio::select! {
             biased;
             item = responses.recv(), if responses_open => match item {
-                Some(item) => item,
+                Some(item) => Some(item),
                 None => { responses_open = false; continue; }
             },
             item = deliveries.recv(), if deliveries_open => match item {
                 // Checked here, right before the write, so that nothing of a
                 // subscription is written after its end was queued.
-                Some(delivery) if delivery.ended.is_cancelled() => continue,
+                Some(delivery) if delivery.ended.is_cancelled() => None,
                 Some(delivery) => {
                     // Marked ended now, before its last frames can reach the
                     // client: a SUBSCRIBE reusing the id, sent on seeing its
@@ -759,7 +761,7 @@ async fn write_loop(
                     if delivery.ends_subscription {
                         delivery.ended.cancel();
                     }
-                    delivery.outbound
+                    Some(delivery.outbound)
                 }
                 None => { deliveries_open = false; continue; }
             },
@@ -767,11 +769,12 @@ async fn write_loop(
         };
         let written = timeout(write_timeout, async {
             match item {
-                Outbound::Frame(frame) => writer.write_all(&frame).await?,
-                Outbound::Records { head, records } => {
+                Some(Outbound::Frame(frame)) => writer.write_all(&frame).await?,
+                Some(Outbound::Records { head, records }) => {
                     writer.write_all(&head).await?;
                     writer.write_all(&records).await?;
                 }
+                None => {}
             }
             if responses.is_empty() && deliveries.is_empty() {
                 writer.flush().await?;

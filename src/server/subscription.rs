@@ -148,9 +148,12 @@ impl Subscription {
 
     async fn send(&self, outbound: Outbound) -> bool {
         let delivery = Delivery { ended: self.cancel.clone(), outbound, ends_subscription: false };
+        // Ended first: an ended subscription (whose task may run late) queues
+        // nothing more, rather than frames the writer would only drop.
         tokio::select! {
-            sent = self.deliveries.send(delivery) => sent.is_ok(),
+            biased;
             () = self.cancel.cancelled() => false,
+            sent = self.deliveries.send(delivery) => sent.is_ok(),
         }
     }
 
