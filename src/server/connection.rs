@@ -552,6 +552,7 @@ impl Connection {
             log,
             tail: handle.tail.clone(),
             log_start: handle.log_start.clone(),
+            log_start_open: true,
             ack_floor,
             next_offset: first_offset,
             window: (max_inflight as u64).min(config.max_inflight_deliveries),

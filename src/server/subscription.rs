@@ -24,6 +24,9 @@ pub(crate) struct Subscription {
     pub tail: watch::Receiver<u64>,
     /// The channel's first offset, advanced when retention deletes segments.
     pub log_start: watch::Receiver<u64>,
+    /// False once the start watch's sender is gone: nothing more will move
+    /// it, and waiting on it would return at once, forever.
+    pub log_start_open: bool,
     /// The first offset not yet acknowledged by the subscriber.
     pub ack_floor: watch::Receiver<u64>,
     pub next_offset: u64,
@@ -172,14 +175,15 @@ impl Subscription {
         tokio::select! {
             changed = self.ack_floor.changed() => changed.is_ok(),
             changed = self.tail.changed(), if waiting == Waiting::ForAppend => changed.is_ok(),
-            changed = self.log_start.changed() => {
+            changed = self.log_start.changed(), if self.log_start_open => {
                 let start = *self.log_start.borrow_and_update();
                 match changed {
                     Ok(()) if start > self.next_offset => self.skip_to(start).await,
                     Ok(()) => true,
-                    // The channel's handle is gone (shutdown): nothing more
-                    // will move the start; keep waiting on the rest.
-                    Err(_) => !self.cancel.is_cancelled(),
+                    Err(_) => {
+                        self.log_start_open = false;
+                        true
+                    }
                 }
             }
             () = lag_timer, if lag_possible => true,
