@@ -15,117 +15,21 @@ use std::io::ErrorKind;
 
 use bytes::Bytes;
 use tempfile::TempDir;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir::client::{Publisher, PublisherOptions};
 use weir::config::Config;
 use weir::protocol::{
-    ChannelInfo, ChannelRetention, ErrorCode, FRAME_HEADER_BYTES, FrameHeader, FrameType, Notice, PROTOCOL_VERSION,
-    ProducerSequence, Request, Response, StartPosition,
+    ChannelInfo, ChannelRetention, ErrorCode, FrameType, Notice, ProducerSequence, Request, Response, StartPosition,
 };
 use weir::record::{Message, RecordIter};
 use weir::server::Stats;
 
 mod common;
+use common::raw::*;
 use common::{addr, start, stop, test_config, within};
 
 // ---------------------------------------------------------------------------
-// Raw-socket helpers (as in tests/server.rs)
-
-fn hello() -> Request {
-    Request::Hello {
-        version_min: PROTOCOL_VERSION,
-        version_max: PROTOCOL_VERSION,
-        client_name: "verification".into(),
-        auth_token: Bytes::new(),
-    }
-}
-
-/// A frame header, for frames the codecs would not build.
-fn raw_header(body_len: u32, frame_type: u8, correlation_id: u32) -> Vec<u8> {
-    let mut header = Vec::with_capacity(FRAME_HEADER_BYTES);
-    header.extend_from_slice(&(body_len + 5).to_be_bytes());
-    header.push(frame_type);
-    header.extend_from_slice(&correlation_id.to_be_bytes());
-    header
-}
-
-/// One frame, or `None` at a clean end of stream between frames.
-async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<(FrameHeader, Bytes)>> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    let mut filled = 0;
-    while filled < FRAME_HEADER_BYTES {
-        let read = reader.read(&mut header[filled..]).await?;
-        if read == 0 {
-            if filled == 0 {
-                return Ok(None);
-            }
-            return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "end of stream inside a frame header"));
-        }
-        filled += read;
-    }
-    let header = FrameHeader::parse(&header).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; header.body_len as usize];
-    reader.read_exact(&mut body).await?;
-    Ok(Some((header, Bytes::from(body))))
-}
-
-/// Reads one frame: (correlation id, response).
-async fn read_response<R: AsyncRead + Unpin>(reader: &mut R) -> (u32, Response) {
-    let frame = within("a frame from the server", read_frame(reader)).await.expect("reading a frame");
-    let (header, body) = frame.expect("a frame, not the end of the stream");
-    let response = Response::decode(header.frame_type, body).expect("a well-formed frame");
-    (header.correlation_id, response)
-}
-
-/// Asserts that the server closes the connection without sending anything
-/// more (a reset counts: it is how a socket closed with unread bytes ends).
-async fn expect_closed<R: AsyncRead + Unpin>(reader: &mut R) {
-    match within("the server to close the connection", read_frame(reader)).await {
-        Ok(None) => {}
-        Err(error) if error.kind() == ErrorKind::ConnectionReset => {}
-        Ok(Some((header, body))) => panic!(
-            "expected the connection to be closed, got frame {:#04x}: {:?}",
-            header.frame_type,
-            Response::decode(header.frame_type, body)
-        ),
-        Err(error) => panic!("expected the connection to be closed cleanly, got {error}"),
-    }
-}
-
-/// The message of an ERROR with `code`; panics on anything else.
-fn expect_error(response: &Response, code: ErrorCode) -> &str {
-    match response {
-        Response::Error { code: got, message } => {
-            assert_eq!(ErrorCode::from_u16(*got), Some(code), "error code (message: {message})");
-            message
-        }
-        other => panic!("expected ERROR {code:?}, got {other:?}"),
-    }
-}
-
-async fn write(stream: &mut TcpStream, bytes: &[u8]) {
-    within("a write", stream.write_all(bytes)).await.expect("write to the server");
-}
-
-/// A raw connection after HELLO / WELCOME (correlation id 1).
-async fn handshake(addr: &str) -> TcpStream {
-    let mut stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    write(&mut stream, &hello().encode(1)).await;
-    let (correlation_id, response) = read_response(&mut stream).await;
-    assert_eq!(correlation_id, 1);
-    assert!(matches!(response, Response::Welcome { .. }), "{response:?}");
-    stream
-}
-
-/// Sends one request and reads its answer, which must be the next frame.
-async fn request(stream: &mut TcpStream, correlation_id: u32, request: Request) -> Response {
-    write(stream, &request.encode(correlation_id)).await;
-    let (answered, response) = read_response(stream).await;
-    assert_eq!(answered, correlation_id, "correlation id of {response:?}");
-    response
-}
+// Helpers (raw-socket ones in tests/common/raw.rs)
 
 async fn ping(stream: &mut TcpStream, correlation_id: u32) {
     assert_eq!(request(stream, correlation_id, Request::Ping).await, Response::Pong, "PING answered by PONG");

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod full_disk;
+pub mod raw;
 
 use std::future::Future;
 use std::time::Duration;
