@@ -66,6 +66,9 @@ pub const MAX_PRODUCERS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 pub const METRICS_CHANNEL_LABELS_RANGE: RangeInclusive<u64> = 0..=10_000;
 /// Allowed range of `max_channels`.
 pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
+/// Allowed range of `max_partitions` (and of every partition count, which
+/// must also be at most `max_partitions`).
+pub const MAX_PARTITIONS_RANGE: RangeInclusive<u64> = 1..=crate::storage::PARTITIONS_LIMIT as u64;
 
 /// The whole broker configuration. See `broker.toml` for every key, its
 /// default and its range.
@@ -106,6 +109,8 @@ pub struct Config {
     pub retention_max_messages: Option<u64>,
     pub retention_check_interval_ms: u64,
     pub max_channels: u64,
+    pub default_partitions: u64,
+    pub max_partitions: u64,
     /// Per-channel overrides, keyed by channel name.
     pub channels: BTreeMap<String, ChannelOverrides>,
 }
@@ -114,6 +119,8 @@ pub struct Config {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelOverrides {
+    /// Partitions the channel gets when it is created.
+    pub partitions: Option<u64>,
     pub segment_bytes: Option<u64>,
     pub segment_max_age_secs: Option<u64>,
     pub fsync: Option<FsyncPolicy>,
@@ -159,6 +166,8 @@ impl Default for Config {
             retention_max_messages: None,
             retention_check_interval_ms: 30_000,
             max_channels: 10_000,
+            default_partitions: 1,
+            max_partitions: 1024,
             channels: BTreeMap::new(),
         }
     }
@@ -324,6 +333,8 @@ impl Config {
             RETENTION_CHECK_INTERVAL_MS_RANGE,
         )?;
         check_range("max_channels", self.max_channels, MAX_CHANNELS_RANGE)?;
+        check_range("max_partitions", self.max_partitions, MAX_PARTITIONS_RANGE)?;
+        check_range("default_partitions", self.default_partitions, 1..=self.max_partitions)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });
         }
@@ -333,6 +344,9 @@ impl Config {
                 key: format!("channels.{name}"),
                 problem: error.to_string(),
             })?;
+            if let Some(value) = overrides.partitions {
+                check_range(&key("partitions"), value, 1..=self.max_partitions)?;
+            }
             if let Some(value) = overrides.segment_bytes {
                 check_range(&key("segment_bytes"), value, SEGMENT_BYTES_RANGE)?;
             }
@@ -387,6 +401,13 @@ impl Config {
             default_log,
             channel_logs,
             max_channels: self.max_channels as usize,
+            default_partitions: self.default_partitions as u32,
+            max_partitions: self.max_partitions as u32,
+            channel_partitions: self
+                .channels
+                .iter()
+                .filter_map(|(name, overrides)| Some((name.clone(), overrides.partitions? as u32)))
+                .collect(),
             fsync_interval: Duration::from_millis(self.fsync_interval_ms),
             retention_check_interval: Duration::from_millis(self.retention_check_interval_ms),
         }

@@ -15,7 +15,7 @@ mod full_disk;
 use weir::storage::check::Verdict;
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{
-    ChannelLog, ChannelName, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store, StoreConfig,
+    ChannelLog, ChannelName, ChannelSettings, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store, StoreConfig,
 };
 
 fn small_config() -> LogConfig {
@@ -487,7 +487,7 @@ fn a_store_reopens_its_channels_and_locks_its_data_dir() {
     {
         let store = Store::open(config.clone(), Arc::new(StdFileSystem)).unwrap();
         let orders = store.get_or_create(&ChannelName::new("orders").unwrap()).unwrap();
-        orders.append_batch(&[message(0, 10), message(1, 10)]).unwrap();
+        orders.partition(0).unwrap().append_batch(&[message(0, 10), message(1, 10)]).unwrap();
         assert!(matches!(
             Store::open(config.clone(), Arc::new(StdFileSystem)),
             Err(StorageError::DataDirLocked { .. })
@@ -496,7 +496,7 @@ fn a_store_reopens_its_channels_and_locks_its_data_dir() {
     }
     let store = Store::open(config, Arc::new(StdFileSystem)).unwrap();
     let orders = store.channel(&ChannelName::new("orders").unwrap()).unwrap();
-    assert_eq!(orders.next_offset(), 2);
+    assert_eq!(orders.partition(0).unwrap().next_offset(), 2);
 }
 
 #[test]
@@ -831,4 +831,123 @@ fn a_full_disk_refuses_appends_keeps_reads_and_recovers_without_reopening() {
     let reopened = open(dir.path(), small_config());
     assert_eq!(reopened.next_offset(), next + 60);
     assert_eq!(read_all(&reopened, 0).len() as u64, next + 60);
+}
+
+// ---------------------------------------------------------------------------
+// Partitions
+
+fn store_with(data_dir: &Path, configure: impl FnOnce(&mut StoreConfig)) -> Store {
+    let mut config = StoreConfig::with_data_dir(data_dir);
+    config.default_log = small_config();
+    configure(&mut config);
+    Store::open(config, Arc::new(StdFileSystem)).unwrap()
+}
+
+fn partitions(count: u32) -> ChannelSettings {
+    ChannelSettings { partitions: Some(count), ..ChannelSettings::default() }
+}
+
+#[test]
+fn each_partition_is_its_own_log_and_a_channel_reopens_with_its_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = ChannelName::new("orders").unwrap();
+    {
+        let store = store_with(dir.path(), |_| {});
+        let channel = store.create(&orders, partitions(4)).unwrap();
+        assert_eq!(channel.partition_count(), 4);
+        for partition in 0..4u32 {
+            let log = channel.partition(partition).unwrap();
+            for i in 0..=u64::from(partition) {
+                // Offsets are per partition: each starts at 0.
+                assert_eq!(log.append_batch(&[message(i, 50)]).unwrap().first_offset, i);
+            }
+        }
+        assert!(matches!(channel.partition(4), Err(StorageError::UnknownPartition { partition: 4, count: 4, .. })));
+        store.close().unwrap();
+    }
+    let channel_dir = dir.path().join("channels").join("orders");
+    for partition in 1..4 {
+        assert!(channel_dir.join(format!("partition-{partition}")).is_dir());
+    }
+    let store = store_with(dir.path(), |_| {});
+    let channel = store.channel(&orders).unwrap();
+    assert_eq!(channel.partition_count(), 4);
+    for partition in 0..4u32 {
+        let records = read_all(&channel.partition(partition).unwrap(), 0);
+        assert_eq!(records.len() as u64, u64::from(partition) + 1, "partition {partition}");
+    }
+    drop(store);
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+#[test]
+fn partitions_can_be_added_up_to_max_partitions_and_never_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = ChannelName::new("orders").unwrap();
+    {
+        let store = store_with(dir.path(), |config| config.max_partitions = 8);
+        let channel = store.create(&orders, partitions(2)).unwrap();
+        channel.partition(1).unwrap().append_batch(&[message(0, 50)]).unwrap();
+        channel.increase_partitions(8, 8).unwrap();
+        assert_eq!(channel.partition_count(), 8);
+        assert!(matches!(
+            channel.increase_partitions(9, 8),
+            Err(StorageError::TooManyPartitions { count: 9, count_max: 8, .. })
+        ));
+        assert!(matches!(
+            channel.increase_partitions(7, 8),
+            Err(StorageError::PartitionCountDecrease { count: 7, current: 8, .. })
+        ));
+        // At creation too: 0 and max + 1 are refused, max is taken.
+        for refused in [0, 9] {
+            let error = store.create(&ChannelName::new("c").unwrap(), partitions(refused)).unwrap_err();
+            assert!(matches!(error, StorageError::TooManyPartitions { .. }), "{error}");
+        }
+        assert_eq!(store.create(&ChannelName::new("c").unwrap(), partitions(8)).unwrap().partition_count(), 8);
+        store.close().unwrap();
+    }
+    let store = store_with(dir.path(), |config| config.max_partitions = 8);
+    let channel = store.channel(&orders).unwrap();
+    assert_eq!(channel.partition_count(), 8);
+    assert_eq!(read_all(&channel.partition(1).unwrap(), 0).len(), 1, "the existing partitions are untouched");
+    assert_eq!(channel.partition(7).unwrap().next_offset(), 0);
+}
+
+#[test]
+fn a_channel_gets_its_configured_or_default_partition_count_at_creation_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), |config| {
+        config.default_partitions = 3;
+        config.channel_partitions.insert("audit".into(), 5);
+    });
+    assert_eq!(store.get_or_create(&ChannelName::new("audit").unwrap()).unwrap().partition_count(), 5);
+    assert_eq!(store.get_or_create(&ChannelName::new("other").unwrap()).unwrap().partition_count(), 3);
+    store.close().unwrap();
+    drop(store);
+    // A later default does not change existing channels: their count is on disk.
+    let store = store_with(dir.path(), |config| config.default_partitions = 1);
+    assert_eq!(store.channel(&ChannelName::new("other").unwrap()).unwrap().partition_count(), 3);
+}
+
+#[test]
+fn partitions_missing_after_a_crash_while_adding_them_are_created_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("orders");
+    {
+        let store = store_with(dir.path(), |_| {});
+        let channel = store.create(&ChannelName::new("orders").unwrap(), ChannelSettings::default()).unwrap();
+        channel.partition(0).unwrap().append_batch(&[message(0, 50)]).unwrap();
+        store.close().unwrap();
+    }
+    // The settings file was replaced, the new directories never made it.
+    std::fs::write(channel_dir.join("channel.toml"), "partitions = 3\n").unwrap();
+    let (verdict, problems) = check_verdict(dir.path());
+    assert_eq!(verdict, Verdict::Repairable, "{problems:?}");
+    let store = store_with(dir.path(), |_| {});
+    let channel = store.channel(&ChannelName::new("orders").unwrap()).unwrap();
+    assert_eq!(channel.partition_count(), 3);
+    assert_eq!(channel.partition(0).unwrap().next_offset(), 1);
+    assert_eq!(channel.partition(2).unwrap().next_offset(), 0);
+    drop(store);
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -14,20 +14,46 @@ use super::offsets::DurableOffsets;
 use super::stats::Stats;
 use crate::config::Config;
 use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, SubscriptionInfo};
-use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError, Store};
+use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, StorageError, Store};
 
 /// The least a group commit may gather, whatever `max_batch_bytes` is.
 const GROUP_COMMIT_BYTES_MIN: usize = 8 * 1024 * 1024;
 const _: () = assert!(GROUP_COMMIT_BYTES_MIN <= crate::storage::APPEND_BATCH_BYTES_MAX);
 
-/// A channel as the server sees it: its log, the queue into its writer,
-/// and the watch that wakes its caught-up subscribers.
+/// A channel as the server sees it: its partitions' handles, which grow
+/// when partitions are added.
 pub(crate) struct ChannelHandle {
+    pub channel: Arc<Channel>,
+    partitions: RwLock<Vec<Arc<PartitionHandle>>>,
+}
+
+/// One partition as the server sees it: its log, the queue into its writer,
+/// and the watches that wake its subscribers (appends, retention).
+pub(crate) struct PartitionHandle {
     pub log: Arc<ChannelLog>,
     pub appends: mpsc::Sender<AppendRequest>,
     pub tail: watch::Receiver<u64>,
     /// The log's first offset, moved by retention.
     pub log_start: watch::Receiver<u64>,
+}
+
+impl ChannelHandle {
+    /// The handle of `partition`.
+    ///
+    /// # Errors
+    /// `UnknownPartition` naming the partition count.
+    pub fn partition(&self, partition: u32) -> Result<Arc<PartitionHandle>, StorageError> {
+        let partitions = self.partitions.read().unwrap_or_else(|p| p.into_inner());
+        partitions.get(partition as usize).cloned().ok_or_else(|| StorageError::UnknownPartition {
+            channel: self.channel.name().to_string(),
+            partition,
+            count: partitions.len() as u32,
+        })
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partitions.read().unwrap_or_else(|p| p.into_inner()).len() as u32
+    }
 }
 
 /// What the admin view shows of a live subscription.
@@ -104,33 +130,64 @@ impl Broker {
         if let Some(error) = self.store.unavailable(name) {
             return Err(ChannelError::Storage(error));
         }
-        let log = match self.store.channel(name) {
-            Some(log) => log,
+        let channel = match self.store.channel(name) {
+            Some(channel) => channel,
             None if self.config.auto_create_channels => {
                 self.store.get_or_create(name).map_err(ChannelError::Storage)?
             }
             None => return Err(ChannelError::Unknown),
         };
-        self.handle_for(log)
+        self.handle_for(channel)
     }
 
-    /// Creates a channel with explicit retention.
+    /// Creates a channel with explicit settings.
     pub fn create_channel(&self, name: &ChannelName, settings: ChannelSettings) -> Result<(), StorageError> {
-        let log = self.store.create_with_settings(name, settings)?;
-        // Stopping: the channel exists on disk; its writer starts next time.
-        let _ = self.handle_for(log);
+        let channel = self.store.create(name, settings)?;
+        // Stopping: the channel exists on disk; its writers start next time.
+        let _ = self.handle_for(channel);
         Ok(())
     }
 
-    /// The handle of `log`, starting its writer on first use.
-    fn handle_for(&self, log: Arc<ChannelLog>) -> Result<Arc<ChannelHandle>, ChannelError> {
+    /// Raises the partition count of `name` and starts the new partitions'
+    /// writers.
+    pub fn increase_partitions(&self, name: &ChannelName, count: u32) -> Result<(), ChannelError> {
+        let handle = self.channel(name)?;
+        handle.channel.increase_partitions(count, self.config.max_partitions as u32).map_err(ChannelError::Storage)?;
+        let _channels = self.lock_channels();
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(ChannelError::ShuttingDown);
+        }
+        self.add_partition_handles(&handle);
+        Ok(())
+    }
+
+    /// The handle of `channel`, starting its partitions' writers on first
+    /// use.
+    fn handle_for(&self, channel: Arc<Channel>) -> Result<Arc<ChannelHandle>, ChannelError> {
         let mut channels = self.lock_channels();
         if self.stopping.load(Ordering::Acquire) {
             return Err(ChannelError::ShuttingDown);
         }
-        if let Some(handle) = channels.get(log.name()) {
+        if let Some(handle) = channels.get(channel.name()) {
             return Ok(Arc::clone(handle));
         }
+        let handle = Arc::new(ChannelHandle { channel: Arc::clone(&channel), partitions: RwLock::new(Vec::new()) });
+        self.add_partition_handles(&handle);
+        channels.insert(channel.name().clone(), Arc::clone(&handle));
+        Ok(handle)
+    }
+
+    /// Starts a writer for every partition of the channel that has none
+    /// yet. Called with the channels lock held, so that no writer starts
+    /// after `stop_writers` emptied the map.
+    fn add_partition_handles(&self, handle: &ChannelHandle) {
+        let mut partitions = handle.partitions.write().unwrap_or_else(|p| p.into_inner());
+        for log in handle.channel.partitions().into_iter().skip(partitions.len()) {
+            partitions.push(Arc::new(self.start_partition(log)));
+        }
+    }
+
+    fn start_partition(&self, log: Arc<ChannelLog>) -> PartitionHandle {
         let (appends, requests) = mpsc::channel(self.config.channel_queue_depth as usize);
         let (tail_sender, tail) = watch::channel(log.next_offset());
         let limits = WriterLimits {
@@ -147,9 +204,7 @@ impl Broker {
         log.set_start_offset_listener(Box::new(move |start| {
             start_sender.send_replace(start);
         }));
-        let handle = Arc::new(ChannelHandle { log: Arc::clone(&log), appends, tail, log_start });
-        channels.insert(log.name().clone(), Arc::clone(&handle));
-        Ok(handle)
+        PartitionHandle { log, appends, tail, log_start }
     }
 
     /// Closes every channel's queue and waits until each writer has
@@ -206,8 +261,10 @@ impl Broker {
         ];
         let channels = self
             .store
-            .channels()
+            .logs()
             .iter()
+            // Partition 0 until the listing carries partitions.
+            .filter(|log| log.partition() == 0)
             .map(|log| {
                 let log_stats = log.stats();
                 let counters = log.counters();
@@ -247,8 +304,10 @@ impl Broker {
         let subscriptions: Vec<Arc<SubscriptionStatus>> =
             self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         self.store
-            .channels()
+            .logs()
             .iter()
+            // Partition 0 until the listing carries partitions.
+            .filter(|log| log.partition() == 0)
             .map(|log| {
                 let stats = log.stats();
                 let live = subscriptions.iter().filter(|s| &s.channel == log.name()).map(|s| {

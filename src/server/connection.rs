@@ -296,6 +296,7 @@ impl Connection {
             Request::CreateChannel { channel, retention } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
                 let settings = ChannelSettings {
+                    partitions: None,
                     retention_max_bytes: retention.max_bytes,
                     retention_max_age_secs: retention.max_age_secs,
                     retention_max_messages: retention.max_messages,
@@ -411,6 +412,10 @@ impl Connection {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
+        let handle = match handle.partition(0) {
+            Ok(handle) => handle,
+            Err(error) => return self.storage_error(correlation_id, error).await,
+        };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
         self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
         let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -500,6 +505,10 @@ impl Connection {
         let handle = match self.broker.channel(&name) {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
+        };
+        let handle = match handle.partition(0) {
+            Ok(handle) => handle,
+            Err(error) => return self.storage_error(correlation_id, error).await,
         };
         let log = Arc::clone(&handle.log);
         let first_offset = match (stored, start) {
@@ -609,13 +618,17 @@ impl Connection {
         max_bytes: u32,
     ) -> Flow {
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
-        let Some(log) = self.broker.store.channel(&name) else {
+        let Some(channel) = self.broker.store.channel(&name) else {
             if let Some(error) = self.broker.store.unavailable(&name) {
                 return self.storage_error(correlation_id, error).await;
             }
             return self
                 .error(correlation_id, ErrorCode::UnknownChannel, format!("channel {name} does not exist"))
                 .await;
+        };
+        let log = match channel.partition(0) {
+            Ok(log) => log,
+            Err(error) => return self.storage_error(correlation_id, error).await,
         };
         let config = &self.broker.config;
         let max_bytes = (max_bytes as u64).min(config.delivery_batch_bytes) as usize;

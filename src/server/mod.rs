@@ -308,11 +308,10 @@ fn publish_metrics(broker: &Broker) {
     }
     let mut totals: BTreeMap<String, ChannelTotals> = BTreeMap::new();
     let mut next_offsets = std::collections::HashMap::new();
-    for log in broker.store.channels() {
+    for log in broker.store.logs() {
         let label = broker.channel_labels.label(log.name().as_str()).to_string();
         let stats = log.stats();
         let counters = log.counters();
-        next_offsets.insert(log.name().clone(), stats.next_offset);
         let entry = totals.entry(label).or_default();
         entry.counters.messages_appended += counters.messages_appended;
         entry.counters.bytes_appended += counters.bytes_appended;
@@ -322,6 +321,12 @@ fn publish_metrics(broker: &Broker) {
         entry.storage_full |= log.is_storage_full();
         entry.size_bytes += stats.size_bytes;
         entry.segments += stats.segment_count;
+        // Offsets are per partition: the channel's gauges show partition 0
+        // until the metrics carry a partition label.
+        if log.partition() != 0 {
+            continue;
+        }
+        next_offsets.insert(log.name().clone(), stats.next_offset);
         entry.start_offset = stats.start_offset;
         entry.next_offset = stats.next_offset;
     }
@@ -344,7 +349,7 @@ fn publish_metrics(broker: &Broker) {
             _ => entry.ephemeral_lag_max = entry.ephemeral_lag_max.max(lag),
         }
     }
-    for log in broker.store.channels() {
+    for log in broker.store.logs().into_iter().filter(|log| log.partition() == 0) {
         let next = log.next_offset();
         let label = broker.channel_labels.label(log.name().as_str()).to_string();
         for (name, resume_at) in broker.offsets.for_channel(log.name().as_str()) {

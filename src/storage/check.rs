@@ -17,6 +17,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use super::channel::{CHANNEL_SETTINGS_FILE, parse_partition_dir, partition_dir, read_settings};
 use super::channel_name::ChannelName;
 use super::fs::{FileSystem, OpenMode, StdFileSystem};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
@@ -137,7 +138,7 @@ pub fn check_data_dir(data_dir: &Path, fsync: FsyncPolicy) -> std::io::Result<Ch
             continue;
         }
         report.channels += 1;
-        check_channel(&fs, &name, &channels_dir.join(&name), fsync, &mut report);
+        check_partitions(&fs, &name, &channels_dir.join(&name), fsync, &mut report);
     }
     // The broker's internal log of durable subscription offsets has the
     // same format.
@@ -146,6 +147,50 @@ pub fn check_data_dir(data_dir: &Path, fsync: FsyncPolicy) -> std::io::Result<Ch
         check_channel(&fs, "system/offsets", &offsets_dir, fsync, &mut report);
     }
     Ok(report)
+}
+
+/// Checks every partition of the channel in `dir`: partition 0 in the
+/// directory itself, the others in their `partition-N` directories.
+fn check_partitions(fs: &dyn FileSystem, name: &str, dir: &Path, fsync: FsyncPolicy, report: &mut CheckReport) {
+    let problem = |severity, file: &Path, what: String| Problem {
+        severity,
+        channel: name.to_owned(),
+        file: Some(file.to_path_buf()),
+        position: None,
+        what,
+    };
+    let count = match read_settings(fs, dir) {
+        Ok(settings) => settings.partition_count(),
+        Err(error) => {
+            report.problems.push(problem(Severity::Corrupt, &dir.join(CHANNEL_SETTINGS_FILE), error.to_string()));
+            return;
+        }
+    };
+    check_channel(fs, name, dir, fsync, report);
+    for partition in 1..count {
+        let partition_dir = partition_dir(dir, partition);
+        let label = format!("{name} partition {partition}");
+        if partition_dir.is_dir() {
+            check_channel(fs, &label, &partition_dir, fsync, report);
+        } else {
+            report.problems.push(problem(
+                Severity::Repairable,
+                &partition_dir,
+                format!("partition {partition} of {count} has no directory (a crash while partitions were added); the broker creates it, empty, on start"),
+            ));
+        }
+    }
+    for entry in fs.list(dir).unwrap_or_default() {
+        if let Some(partition) = parse_partition_dir(&entry)
+            && partition >= count
+        {
+            report.problems.push(problem(
+                Severity::Repairable,
+                &dir.join(&entry),
+                format!("beyond the channel's {count} partitions (channel.toml); the broker ignores it"),
+            ));
+        }
+    }
 }
 
 /// Where a segment stands in its log, which decides what a torn end means.

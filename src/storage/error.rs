@@ -61,6 +61,14 @@ pub enum StorageError {
     InvalidChannelName(#[from] ChannelNameError),
     #[error("channel {channel} does not exist")]
     UnknownChannel { channel: String },
+    #[error("channel {channel} has no partition {partition}: it has partitions 0..{count}")]
+    UnknownPartition { channel: String, partition: u32, count: u32 },
+    #[error("channel {channel} cannot have {count} partitions: allowed 1..={count_max} (max_partitions)")]
+    TooManyPartitions { channel: String, count: u32, count_max: u32 },
+    #[error(
+        "channel {channel} has {current} partitions and cannot go down to {count}: partitions are never removed (their offsets and the placement of their keys would be lost)"
+    )]
+    PartitionCountDecrease { channel: String, count: u32, current: u32 },
     #[error("channel {channel} already exists")]
     ChannelExists { channel: String },
     #[error("cannot create channel {channel}: the broker already has max_channels = {count_max} channels")]

@@ -183,6 +183,7 @@ pub const STORAGE_FULL_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// reads proceed concurrently with them and with each other.
 pub struct ChannelLog {
     name: ChannelName,
+    partition: u32,
     dir: PathBuf,
     fs: Arc<dyn FileSystem>,
     config: LogConfig,
@@ -206,7 +207,11 @@ pub type StartOffsetListener = Box<dyn Fn(u64) + Send + Sync>;
 
 impl std::fmt::Debug for ChannelLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChannelLog").field("name", &self.name).field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("ChannelLog")
+            .field("name", &self.name)
+            .field("partition", &self.partition)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -216,15 +221,30 @@ pub fn now_us() -> u64 {
 }
 
 impl ChannelLog {
-    /// Opens the log in `dir`, creating it if it does not exist, and runs
-    /// recovery on its segments.
+    /// Opens the log of partition 0 of a channel in `dir` (see
+    /// [`ChannelLog::open_partition`]).
     ///
     /// # Errors
-    /// Anything that makes the log untrustworthy, naming file and position.
+    /// As [`ChannelLog::open_partition`].
     pub fn open(
         fs: Arc<dyn FileSystem>,
         dir: &Path,
         name: ChannelName,
+        config: LogConfig,
+    ) -> Result<ChannelLog, StorageError> {
+        ChannelLog::open_partition(fs, dir, name, 0, config)
+    }
+
+    /// Opens the log of one partition of a channel in `dir`, creating it if
+    /// it does not exist, and runs recovery on its segments.
+    ///
+    /// # Errors
+    /// Anything that makes the log untrustworthy, naming file and position.
+    pub fn open_partition(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        name: ChannelName,
+        partition: u32,
         config: LogConfig,
     ) -> Result<ChannelLog, StorageError> {
         fs.create_dir_all(dir).at(dir)?;
@@ -281,6 +301,7 @@ impl ChannelLog {
         };
         Ok(ChannelLog {
             name,
+            partition,
             dir: dir.to_path_buf(),
             fs,
             config,
@@ -306,6 +327,19 @@ impl ChannelLog {
 
     pub fn name(&self) -> &ChannelName {
         &self.name
+    }
+
+    /// The partition of its channel this log holds.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The channel, and the partition when it is not 0, for messages.
+    pub fn label(&self) -> String {
+        match self.partition {
+            0 => self.name.to_string(),
+            partition => format!("{} partition {partition}", self.name),
+        }
     }
 
     pub fn config(&self) -> &LogConfig {
@@ -349,7 +383,7 @@ impl ChannelLog {
         }
         let mut writer = self.lock_writer();
         if let Some(cause) = &writer.failure {
-            return Err(StorageError::Failed { channel: self.name.to_string(), cause: cause.clone() });
+            return Err(StorageError::Failed { channel: self.label(), cause: cause.clone() });
         }
         if let Some(episode) = &mut writer.full
             && episode.last_attempt.elapsed() < STORAGE_FULL_RETRY_INTERVAL
@@ -377,7 +411,7 @@ impl ChannelLog {
             }
             Err(AppendFailure::Unknown(error)) => {
                 writer.failure = Some(error.to_string());
-                tracing::error!(channel = %self.name, %error, "append failed and the state of unsynced data is unknown; the channel refuses appends until restart");
+                tracing::error!(channel = %self.name, partition = self.partition, %error, "append failed and the state of unsynced data is unknown; the channel refuses appends until restart");
                 Err(error)
             }
             Err(AppendFailure::RolledBack(error)) if error.is_storage_full() => {
@@ -402,7 +436,7 @@ impl ChannelLog {
     }
 
     fn storage_full(&self) -> StorageError {
-        StorageError::StorageFull { channel: self.name.to_string(), path: self.dir.clone() }
+        StorageError::StorageFull { channel: self.label(), path: self.dir.clone() }
     }
 
     /// Starts (or continues) a disk-full episode: logged once, at its start.
@@ -414,7 +448,7 @@ impl ChannelLog {
                 episode.refused_appends += 1;
             }
             None => {
-                tracing::warn!(channel = %self.name, %error, "disk full: refusing appends with StorageFull until space is freed; reads go on");
+                tracing::warn!(channel = %self.name, partition = self.partition, %error, "disk full: refusing appends with StorageFull until space is freed; reads go on");
                 writer.full = Some(FullEpisode { since: now, last_attempt: now, refused_appends: 1 });
                 self.storage_full.store(true, Ordering::Release);
                 self.lock_counters().storage_full_episodes += 1;
@@ -426,7 +460,7 @@ impl ChannelLog {
         if let Some(episode) = writer.full.take() {
             self.storage_full.store(false, Ordering::Release);
             tracing::info!(
-                channel = %self.name,
+                channel = %self.name, partition = self.partition,
                 refused_appends = episode.refused_appends,
                 full_for_ms = episode.since.elapsed().as_millis() as u64,
                 "disk space is back: appends resumed"
@@ -547,7 +581,7 @@ impl ChannelLog {
         let segment =
             Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
         self.segments_mut().insert(segment.base_offset, Arc::clone(&segment));
-        tracing::debug!(channel = %self.name, base_offset = segment.base_offset, "rolled to a new segment");
+        tracing::debug!(channel = %self.name, partition = self.partition, base_offset = segment.base_offset, "rolled to a new segment");
         writer.active = segment;
         writer.last_indexed_position = FILE_HEADER_BYTES as u64;
         Ok(())
@@ -560,7 +594,7 @@ impl ChannelLog {
 
     fn join_seal(&self, pending: SealSync) -> Result<(), StorageError> {
         pending.join().unwrap_or_else(|_| {
-            Err(StorageError::Failed { channel: self.name.to_string(), cause: "the seal sync thread panicked".into() })
+            Err(StorageError::Failed { channel: self.label(), cause: "the seal sync thread panicked".into() })
         })
     }
 
@@ -648,12 +682,7 @@ impl ChannelLog {
             let segments = self.segments();
             let start = segments.first_key_value().map_or(0, |(&base, _)| base);
             if from < start || from > next {
-                return Err(StorageError::OffsetOutOfRange {
-                    channel: self.name.to_string(),
-                    requested: from,
-                    start,
-                    next,
-                });
+                return Err(StorageError::OffsetOutOfRange { channel: self.label(), requested: from, start, next });
             }
             segments.range(..=from).next_back().map(|(_, segment)| Arc::clone(segment))
         };
@@ -758,7 +787,7 @@ impl ChannelLog {
             }
             self.fs.sync_dir(&self.dir).at(&self.dir)?;
             tracing::info!(
-                channel = %self.name,
+                channel = %self.name, partition = self.partition,
                 segments = outcome.segments_deleted,
                 bytes = outcome.bytes_deleted,
                 records = outcome.records_deleted,
@@ -829,7 +858,8 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
                 tracing::warn!(path = %path.display(), "removing an index file whose log is gone");
                 fs.remove(&path).at(&path)?;
             }
-            None if name.starts_with(super::store::CHANNEL_SETTINGS_FILE) => {}
+            None if name.starts_with(super::channel::CHANNEL_SETTINGS_FILE) => {}
+            None if super::channel::parse_partition_dir(name).is_some() => {}
             None => tracing::warn!(path = %dir.join(name).display(), "ignoring a file that is not a segment file"),
         }
     }

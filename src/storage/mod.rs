@@ -10,13 +10,15 @@
 //! - `mmap`: the only `unsafe` code, mapping files for zero-copy reads.
 //! - [`index`]: segment file headers and index entries.
 //! - `segment`: one segment's files, its recovery and reads.
-//! - [`ChannelLog`]: a channel's segments, appends, rolls and retention.
+//! - [`ChannelLog`]: one partition's segments, appends, rolls and retention.
+//! - [`Channel`]: a channel's partitions and stored settings.
 //! - [`Store`]: every channel of a data directory, plus maintenance.
 //! - [`check`]: offline verification (`weir check`).
 //!
 //! Nothing here depends on tokio: the engine is synchronous, and the server
 //! calls it from blocking tasks.
 
+mod channel;
 pub mod channel_name;
 pub mod check;
 mod error;
@@ -27,10 +29,11 @@ mod mmap;
 mod segment;
 mod store;
 
+pub use channel::{CHANNEL_SETTINGS_FILE, Channel, ChannelSettings, PARTITIONS_LIMIT, partition_dir};
 pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
     APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, ReadBatch,
     RetentionOutcome, RetentionPolicy, STORAGE_FULL_RETRY_INTERVAL, StartOffsetListener, now_us,
 };
-pub use store::{CHANNEL_SETTINGS_FILE, CHANNELS_DIR, ChannelSettings, Maintenance, Store, StoreConfig};
+pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};

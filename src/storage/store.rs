@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::channel::{Channel, ChannelSettings};
 use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
 use super::fs::FileSystem;
@@ -19,33 +20,6 @@ use super::log::{ChannelLog, FsyncPolicy, LogConfig, RetentionOutcome, now_us};
 /// channel.
 pub const CHANNELS_DIR: &str = "channels";
 const LOCK_FILE: &str = "weir.lock";
-/// Per-channel settings chosen at creation (CREATE_CHANNEL), kept in the
-/// channel's directory so that they survive restarts.
-pub const CHANNEL_SETTINGS_FILE: &str = "channel.toml";
-/// Largest settings file read back.
-const CHANNEL_SETTINGS_BYTES_MAX: u64 = 64 * 1024;
-
-/// Retention chosen for one channel when it was created; unset fields fall
-/// back to the broker's configuration.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelSettings {
-    pub retention_max_bytes: Option<u64>,
-    pub retention_max_age_secs: Option<u64>,
-    pub retention_max_messages: Option<u64>,
-}
-
-impl ChannelSettings {
-    /// `base` with these settings applied.
-    pub fn apply(&self, base: &LogConfig) -> LogConfig {
-        let mut config = base.clone();
-        config.retention.max_bytes = self.retention_max_bytes.or(config.retention.max_bytes);
-        config.retention.max_age = self.retention_max_age_secs.map(Duration::from_secs).or(config.retention.max_age);
-        config.retention.max_messages = self.retention_max_messages.or(config.retention.max_messages);
-        config
-    }
-}
-
 /// Settings of a store.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -55,6 +29,13 @@ pub struct StoreConfig {
     /// Per-channel settings, by channel name.
     pub channel_logs: BTreeMap<String, LogConfig>,
     pub max_channels: usize,
+    /// Partitions of a channel created without a count.
+    pub default_partitions: u32,
+    /// Most partitions one channel may have.
+    pub max_partitions: u32,
+    /// Partition counts of channels named in the configuration, used when
+    /// they are created.
+    pub channel_partitions: BTreeMap<String, u32>,
     pub fsync_interval: Duration,
     pub retention_check_interval: Duration,
 }
@@ -67,6 +48,9 @@ impl StoreConfig {
             default_log: LogConfig::default(),
             channel_logs: BTreeMap::new(),
             max_channels: 10_000,
+            default_partitions: 1,
+            max_partitions: 1024,
+            channel_partitions: BTreeMap::new(),
             fsync_interval: Duration::from_millis(100),
             retention_check_interval: Duration::from_secs(30),
         }
@@ -82,7 +66,7 @@ impl StoreConfig {
 pub struct Store {
     config: StoreConfig,
     fs: Arc<dyn FileSystem>,
-    channels: RwLock<BTreeMap<ChannelName, Arc<ChannelLog>>>,
+    channels: RwLock<BTreeMap<ChannelName, Arc<Channel>>>,
     /// Channels whose recovery failed (damage recovery cannot repair), with
     /// the reason: the others are served, these answer every request with
     /// the reason until an operator has repaired them and restarted.
@@ -131,12 +115,9 @@ impl Store {
                 }
             };
             let dir = channels_dir.join(&entry);
-            let opened = read_settings(&*fs, &dir).and_then(|settings| {
-                ChannelLog::open(Arc::clone(&fs), &dir, name.clone(), settings.apply(&config.log_config(&name)))
-            });
-            match opened {
-                Ok(log) => {
-                    channels.insert(name, Arc::new(log));
+            match Channel::open(Arc::clone(&fs), &dir, name.clone(), &config.log_config(&name)) {
+                Ok(channel) => {
+                    channels.insert(name, Arc::new(channel));
                 }
                 Err(error) => {
                     tracing::error!(channel = %name, %error, "the channel cannot be opened and is unavailable: every request to it is refused with this error; run weir check on the data directory");
@@ -174,56 +155,45 @@ impl Store {
     }
 
     /// The channel `name`, if it exists and could be opened.
-    pub fn channel(&self, name: &ChannelName) -> Option<Arc<ChannelLog>> {
+    pub fn channel(&self, name: &ChannelName) -> Option<Arc<Channel>> {
         self.channels.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     /// The channel `name`, created with its configured settings if missing.
     ///
     /// # Errors
-    /// `TooManyChannels` at `max_channels`; `Io` when its directory cannot
-    /// be created.
-    pub fn get_or_create(&self, name: &ChannelName) -> Result<Arc<ChannelLog>, StorageError> {
-        if let Some(log) = self.channel(name) {
-            return Ok(log);
+    /// As [`Store::create`].
+    pub fn get_or_create(&self, name: &ChannelName) -> Result<Arc<Channel>, StorageError> {
+        if let Some(channel) = self.channel(name) {
+            return Ok(channel);
         }
-        self.create(name, self.config.log_config(name)).or_else(|error| match error {
+        self.create(name, ChannelSettings::default()).or_else(|error| match error {
             StorageError::ChannelExists { .. } => self.channel(name).ok_or(error),
             other => Err(other),
         })
     }
 
-    /// Creates the channel `name` with its configured settings overridden by
-    /// `settings`, which are stored with the channel.
+    /// Creates the channel `name`: its configured log settings overridden
+    /// by `settings`, which are stored with the channel. Without a
+    /// partition count in `settings`, the channel gets the one configured
+    /// for it (`[channels.NAME]`), else `default_partitions`.
     ///
     /// # Errors
-    /// `ChannelExists`, `TooManyChannels`, or `Io`.
-    pub fn create_with_settings(
-        &self,
-        name: &ChannelName,
-        settings: ChannelSettings,
-    ) -> Result<Arc<ChannelLog>, StorageError> {
-        let config = settings.apply(&self.config.log_config(name));
-        self.create_inner(name, config, Some(settings))
-    }
-
-    /// Creates the channel `name` with `config`.
-    ///
-    /// # Errors
-    /// `ChannelExists`, `TooManyChannels`, or `Io`.
-    pub fn create(&self, name: &ChannelName, config: LogConfig) -> Result<Arc<ChannelLog>, StorageError> {
-        self.create_inner(name, config, None)
-    }
-
-    fn create_inner(
-        &self,
-        name: &ChannelName,
-        config: LogConfig,
-        settings: Option<ChannelSettings>,
-    ) -> Result<Arc<ChannelLog>, StorageError> {
+    /// `ChannelExists`, `TooManyChannels`, `TooManyPartitions` (above
+    /// `max_partitions`; 0 is refused too), `ChannelUnavailable`, or `Io`.
+    pub fn create(&self, name: &ChannelName, settings: ChannelSettings) -> Result<Arc<Channel>, StorageError> {
         if let Some(error) = self.unavailable(name) {
             return Err(error);
         }
+        let count = settings
+            .partitions
+            .or_else(|| self.config.channel_partitions.get(name.as_str()).copied())
+            .unwrap_or(self.config.default_partitions);
+        let count_max = self.config.max_partitions.min(super::channel::PARTITIONS_LIMIT);
+        if count == 0 || count > count_max {
+            return Err(StorageError::TooManyPartitions { channel: name.to_string(), count, count_max });
+        }
+        let settings = ChannelSettings { partitions: Some(count), ..settings };
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if channels.contains_key(name) {
             return Err(StorageError::ChannelExists { channel: name.to_string() });
@@ -236,42 +206,47 @@ impl Store {
         }
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
         let dir = channels_dir.join(name.as_str());
-        if let Some(settings) = settings {
-            self.fs.create_dir_all(&dir).at(&dir)?;
-            write_settings(&*self.fs, &dir, &settings)?;
-        }
-        let log = Arc::new(ChannelLog::open(Arc::clone(&self.fs), &dir, name.clone(), config)?);
+        let channel =
+            Channel::create(Arc::clone(&self.fs), &dir, name.clone(), &self.config.log_config(name), settings)?;
         self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
-        channels.insert(name.clone(), Arc::clone(&log));
-        tracing::info!(channel = %name, "channel created");
-        Ok(log)
+        let channel = Arc::new(channel);
+        channels.insert(name.clone(), Arc::clone(&channel));
+        tracing::info!(channel = %name, partitions = count, "channel created");
+        Ok(channel)
     }
 
     /// Every channel, by name.
-    pub fn channels(&self) -> Vec<Arc<ChannelLog>> {
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
         self.channels.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// Syncs every channel with unsynced appends.
+    /// Every partition's log of every channel.
+    pub fn logs(&self) -> Vec<Arc<ChannelLog>> {
+        self.channels().iter().flat_map(|channel| channel.partitions()).collect()
+    }
+
+    /// Syncs every partition with unsynced appends.
     pub fn sync_all(&self) {
-        for log in self.channels() {
+        for log in self.logs() {
             if let Err(error) = log.sync() {
-                tracing::error!(channel = %log.name(), %error, "background fsync failed; the channel refuses appends");
+                tracing::error!(channel = %log.name(), partition = log.partition(), %error, "background fsync failed; the partition refuses appends");
             }
         }
     }
 
-    /// Runs retention on every channel.
+    /// Runs retention on every partition.
     pub fn apply_retention(&self, now_us: u64) -> RetentionOutcome {
         let mut total = RetentionOutcome::default();
-        for log in self.channels() {
+        for log in self.logs() {
             match log.apply_retention(now_us) {
                 Ok(outcome) => {
                     total.segments_deleted += outcome.segments_deleted;
                     total.bytes_deleted += outcome.bytes_deleted;
                     total.records_deleted += outcome.records_deleted;
                 }
-                Err(error) => tracing::error!(channel = %log.name(), %error, "retention failed"),
+                Err(error) => {
+                    tracing::error!(channel = %log.name(), partition = log.partition(), %error, "retention failed")
+                }
             }
         }
         total
@@ -283,7 +258,7 @@ impl Store {
     /// The first failed sync; every channel is still attempted.
     pub fn close(&self) -> Result<(), StorageError> {
         let mut first_error = None;
-        for log in self.channels() {
+        for log in self.logs() {
             if let Err(error) = log.close() {
                 tracing::error!(channel = %log.name(), %error, "sync at close failed");
                 first_error.get_or_insert(error);
@@ -291,38 +266,6 @@ impl Store {
         }
         first_error.map_or(Ok(()), Err)
     }
-}
-
-fn read_settings(fs: &dyn FileSystem, dir: &Path) -> Result<ChannelSettings, StorageError> {
-    let path = dir.join(CHANNEL_SETTINGS_FILE);
-    let file = match fs.open(&path, super::fs::OpenMode::Existing) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(ChannelSettings::default()),
-        Err(source) => return Err(StorageError::Io { path, source }),
-    };
-    if file.len() > CHANNEL_SETTINGS_BYTES_MAX {
-        return Err(StorageError::InvalidFile {
-            path,
-            problem: format!("larger than {CHANNEL_SETTINGS_BYTES_MAX} bytes"),
-        });
-    }
-    let bytes = file.read_range(0, file.len() as usize).at(&path)?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| StorageError::InvalidFile { path: path.clone(), problem: "not UTF-8".into() })?;
-    toml::from_str(text).map_err(|error| StorageError::InvalidFile { path, problem: error.to_string() })
-}
-
-fn write_settings(fs: &dyn FileSystem, dir: &Path, settings: &ChannelSettings) -> Result<(), StorageError> {
-    let path = dir.join(CHANNEL_SETTINGS_FILE);
-    let temporary = dir.join(format!("{CHANNEL_SETTINGS_FILE}.tmp"));
-    let text = toml::to_string(settings)
-        .map_err(|error| StorageError::InvalidFile { path: path.clone(), problem: error.to_string() })?;
-    let _ = fs.remove(&temporary);
-    let file = fs.open(&temporary, super::fs::OpenMode::CreateNew).at(&temporary)?;
-    file.append(text.as_bytes()).at(&temporary)?;
-    file.sync().at(&temporary)?;
-    fs.rename(&temporary, &path).at(&path)?;
-    fs.sync_dir(dir).at(dir)
 }
 
 /// The background thread running interval fsync and retention. Dropping it
