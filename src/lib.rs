@@ -16,6 +16,7 @@
 //! - [`client`]: the async Rust client: publisher, subscriber.
 //! - [`config`]: `broker.toml`, its defaults and its validation.
 //! - [`metrics`]: Prometheus metrics (names, bounded labels, exporter).
+//! - [`partitioner`]: Kafka's key-to-partition function, for broker and client.
 //!
 //! # Untrusted input
 //! Bytes from files and from the network are untrusted: every length is
@@ -26,6 +27,7 @@
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod partitioner;
 pub mod protocol;
 pub mod record;
 pub mod server;

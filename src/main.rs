@@ -58,14 +58,23 @@ enum Command {
         channel: String,
         /// The message; without it, each line of stdin is a message.
         message: Option<String>,
+        /// The key; without --partition, it picks the partition (Kafka's
+        /// partitioner over the channel's partition count).
         #[arg(long)]
         key: Option<String>,
+        /// The partition to publish to (default: by --key, else 0).
+        #[arg(long)]
+        partition: Option<u32>,
         #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
-    /// Print messages of a channel as they arrive: offset, time, key, payload.
+    /// Print messages of a channel as they arrive: offset, time, key, payload
+    /// (preceded by the partition when several are read).
     Subscribe {
         channel: String,
+        /// Read one partition (default: all of them).
+        #[arg(long)]
+        partition: Option<u32>,
         /// earliest, latest, an offset, or an RFC 3339 time.
         #[arg(long, default_value = "latest")]
         from: String,
@@ -129,9 +138,11 @@ fn main() -> ExitCode {
             let overrides = Overrides { listen, data_dir, metrics_addr };
             serve(config.as_deref(), overrides, print_config, log_format)
         }
-        Command::Publish { channel, message, key, addr } => run_async(publish(addr, channel, key, message)),
-        Command::Subscribe { channel, from, durable, count, addr } => {
-            run_async(subscribe(addr, channel, from, durable, count))
+        Command::Publish { channel, message, key, partition, addr } => {
+            run_async(publish(addr, channel, key, partition, message))
+        }
+        Command::Subscribe { channel, partition, from, durable, count, addr } => {
+            run_async(subscribe(addr, channel, partition, from, durable, count))
         }
         Command::Channels { addr } => run_async(channels(addr)),
         Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
@@ -237,13 +248,37 @@ async fn wait_for_signal() {
     }
 }
 
+/// The partition count of `channel`, if it exists.
+async fn partition_count(connection: &Connection, channel: &str) -> anyhow::Result<Option<u32>> {
+    let Response::Channels { channels } = connection.request(Request::ListChannels).await? else {
+        bail!("unexpected answer to LIST_CHANNELS");
+    };
+    Ok(channels.iter().find(|info| info.name == channel).map(|info| info.partitions.len() as u32))
+}
+
 async fn publish(
     addr: String,
     channel: String,
     key: Option<String>,
+    partition: Option<u32>,
     message: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let publisher = Publisher::connect(&addr, &channel, PublisherOptions::default()).await?;
+    let partition = match (partition, &key) {
+        (Some(partition), _) => partition,
+        // A channel that does not exist yet is routed as if it had one
+        // partition (the default for new channels).
+        (None, Some(key)) => {
+            let connection = Connection::connect(&addr, "weir-cli").await?;
+            let count = partition_count(&connection, &channel).await?.unwrap_or(1);
+            weir::partitioner::partition_for_key(key.as_bytes(), count.max(1))
+        }
+        (None, None) => 0,
+    };
+    if partition != 0 {
+        eprintln!("publishing to partition {partition}");
+    }
+    let options = PublisherOptions { partition, ..PublisherOptions::default() };
+    let publisher = Publisher::connect(&addr, &channel, options).await?;
     let key = Bytes::from(key.unwrap_or_default());
     let to_message = |payload: String| Message { key: key.clone(), headers: Vec::new(), payload: Bytes::from(payload) };
     if let Some(message) = message {
@@ -300,24 +335,29 @@ fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
 async fn subscribe(
     addr: String,
     channel: String,
+    partition: Option<u32>,
     from: String,
     durable: Option<String>,
     count: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let start = parse_start(&from)?;
     let connection = Connection::connect(&addr, "weir-cli").await?;
-    let options = SubscribeOptions { start, durable_name: durable, ..SubscribeOptions::default() };
+    let options = SubscribeOptions { partition, start, durable_name: durable, ..SubscribeOptions::default() };
     let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
+    let several = subscriber.partitions().len() > 1;
     let mut received = 0u64;
     if count == Some(0) {
         return Ok(ExitCode::SUCCESS);
     }
     while let Some(event) = subscriber.next().await {
         match event? {
-            Event::Message(record) => {
+            Event::Message { partition, record } => {
                 let time = humantime::format_rfc3339_micros(
                     SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us),
                 );
+                if several {
+                    print!("{partition}\t");
+                }
                 println!(
                     "{}\t{}\t{}\t{}",
                     record.offset,
@@ -325,17 +365,19 @@ async fn subscribe(
                     String::from_utf8_lossy(&record.key),
                     String::from_utf8_lossy(&record.payload)
                 );
-                subscriber.ack(record.offset).await?;
+                subscriber.ack_partition(partition, record.offset).await?;
                 received += 1;
                 if count.is_some_and(|count| received >= count) {
                     break;
                 }
             }
-            Event::Notice(Notice::Lag { lag, next_offset }) => {
-                eprintln!("notice: {lag} messages behind (channel next offset {next_offset})");
+            Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
+                eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");
             }
-            Event::Notice(Notice::Skipped { skipped, resume_offset }) => {
-                eprintln!("notice: retention deleted {skipped} unread messages; resuming at {resume_offset}");
+            Event::Notice { partition, notice: Notice::Skipped { skipped, resume_offset } } => {
+                eprintln!(
+                    "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
+                );
             }
         }
     }
@@ -349,24 +391,30 @@ async fn channels(addr: String) -> anyhow::Result<ExitCode> {
     let Response::Channels { channels } = connection.request(Request::ListChannels).await? else {
         bail!("unexpected answer to LIST_CHANNELS");
     };
-    println!("{:<32} {:>12} {:>12} {:>12} {:>14} {:>8}", "CHANNEL", "START", "NEXT", "MESSAGES", "BYTES", "SEGMENTS");
+    println!(
+        "{:<32} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}",
+        "CHANNEL", "PARTITION", "START", "NEXT", "MESSAGES", "BYTES", "SEGMENTS"
+    );
     for channel in channels {
-        println!(
-            "{:<32} {:>12} {:>12} {:>12} {:>14} {:>8}",
-            channel.name,
-            channel.start_offset,
-            channel.next_offset,
-            channel.next_offset - channel.start_offset,
-            channel.size_bytes,
-            channel.segment_count
-        );
+        for (partition, info) in channel.partitions.iter().enumerate() {
+            println!(
+                "{:<32} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                channel.name,
+                partition,
+                info.start_offset,
+                info.next_offset,
+                info.next_offset - info.start_offset,
+                info.size_bytes,
+                info.segment_count
+            );
+        }
         for subscription in channel.subscriptions {
             let name =
                 if subscription.durable_name.is_empty() { "(ephemeral)".to_owned() } else { subscription.durable_name };
             let acked = subscription.acked_offset.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
             println!(
-                "    subscription {name}: next {} acked {acked} lag {}",
-                subscription.next_offset, subscription.lag
+                "    subscription {name} partition {}: next {} acked {acked} lag {}",
+                subscription.partition, subscription.next_offset, subscription.lag
             );
         }
     }

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ClientError;
-use crate::protocol::{FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response};
+use crate::protocol::{
+    FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, Request, Response,
+};
 
 /// Largest frame body the client accepts from a server.
 pub const RESPONSE_BODY_BYTES_MAX: u32 = 256 * 1024 * 1024;
@@ -33,10 +35,14 @@ const HELLO_CORRELATION_ID: u32 = 1;
 #[derive(Debug)]
 pub(crate) enum SubscriptionEvent {
     Records {
+        partition: u32,
         count: u32,
         records: Bytes,
     },
-    Notice(Notice),
+    Notice {
+        partition: u32,
+        notice: Notice,
+    },
     /// The subscription ended: unsubscribed, a server error, or the
     /// connection was lost.
     Closed(ClientError),
@@ -77,6 +83,8 @@ pub struct Connection {
     commands: mpsc::Sender<Command>,
     routes: Routes,
     limits: Limits,
+    /// The protocol version agreed with the broker.
+    version: u16,
     server_version: String,
     next_subscription_id: Arc<AtomicU32>,
 }
@@ -113,18 +121,28 @@ impl Connection {
         let mut reader = BufReader::with_capacity(64 * 1024, read_half);
         let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
         let hello = Request::Hello {
-            version_min: PROTOCOL_VERSION,
+            version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION,
             client_name: client_name.chars().take(255).collect(),
             auth_token: Bytes::from(auth_token.unwrap_or("").as_bytes().to_vec()),
         };
         writer.write_all(&hello.encode(HELLO_CORRELATION_ID)).await.map_err(ClientError::io)?;
         writer.flush().await.map_err(ClientError::io)?;
-        let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader))
+        // WELCOME has the same layout in every version.
+        let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader, PROTOCOL_VERSION))
             .await
             .map_err(|_| ClientError::Timeout("handshake"))??;
-        let (server_version, limits) = match welcome {
-            Response::Welcome { server_version, limits, .. } => (server_version, limits),
+        let (version, server_version, limits) = match welcome {
+            Response::Welcome { version, server_version, limits }
+                if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&version) =>
+            {
+                (version, server_version, limits)
+            }
+            Response::Welcome { version, .. } => {
+                return Err(ClientError::Protocol(format!(
+                    "the broker chose protocol version {version}, which this client does not speak"
+                )));
+            }
             Response::Error { code, message } => return Err(ClientError::Server { code, message }),
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
@@ -134,9 +152,16 @@ impl Connection {
         let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
         let closed = CancellationToken::new();
         let unsubscribes = commands.downgrade();
-        tokio::spawn(write_loop(writer, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
-        tokio::spawn(read_loop(reader, pending, Arc::clone(&routes), unsubscribes, closed));
-        Ok(Connection { commands, routes, limits, server_version, next_subscription_id: Arc::new(AtomicU32::new(1)) })
+        tokio::spawn(write_loop(writer, version, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
+        tokio::spawn(read_loop(reader, version, pending, Arc::clone(&routes), unsubscribes, closed));
+        Ok(Connection {
+            commands,
+            routes,
+            limits,
+            version,
+            server_version,
+            next_subscription_id: Arc::new(AtomicU32::new(1)),
+        })
     }
 
     /// The limits the server advertised.
@@ -145,6 +170,11 @@ impl Connection {
     }
 
     /// The server's version string.
+    /// The protocol version agreed with the broker (1: partition 0 only).
+    pub fn protocol_version(&self) -> u16 {
+        self.version
+    }
+
     pub fn server_version(&self) -> &str {
         &self.server_version
     }
@@ -211,7 +241,7 @@ impl Connection {
     }
 }
 
-async fn read_response(reader: &mut BufReader<OwnedReadHalf>) -> Result<(u32, Response), ClientError> {
+async fn read_response(reader: &mut BufReader<OwnedReadHalf>, version: u16) -> Result<(u32, Response), ClientError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match reader.read_exact(&mut header).await {
         Ok(_) => {}
@@ -227,7 +257,7 @@ async fn read_response(reader: &mut BufReader<OwnedReadHalf>) -> Result<(u32, Re
     }
     let mut body = vec![0u8; header.body_len as usize];
     reader.read_exact(&mut body).await.map_err(ClientError::io)?;
-    let response = Response::decode(header.frame_type, Bytes::from(body))
+    let response = Response::decode_for(version, header.frame_type, Bytes::from(body))
         .map_err(|error| ClientError::Protocol(error.to_string()))?;
     Ok((header.correlation_id, response))
 }
@@ -238,6 +268,7 @@ async fn read_response(reader: &mut BufReader<OwnedReadHalf>) -> Result<(u32, Re
 /// cannot come.
 async fn write_loop(
     mut writer: BufWriter<OwnedWriteHalf>,
+    version: u16,
     mut commands: mpsc::Receiver<Command>,
     pending: Pending,
     heartbeat: Duration,
@@ -262,7 +293,7 @@ async fn write_loop(
                 break;
             }
         }
-        let frame = request.encode(correlation_id);
+        let frame = request.encode_for(version, correlation_id);
         let written = async {
             writer.write_all(&frame).await?;
             if commands.is_empty() {
@@ -294,6 +325,7 @@ fn fail_pending(pending: &Pending) {
 
 async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,
+    version: u16,
     pending: Pending,
     routes: Routes,
     commands: mpsc::WeakSender<Command>,
@@ -301,16 +333,16 @@ async fn read_loop(
 ) {
     let mut last_error: Option<ClientError> = None;
     let failure = loop {
-        let (correlation_id, response) = match read_response(&mut reader).await {
+        let (correlation_id, response) = match read_response(&mut reader, version).await {
             Ok(frame) => frame,
             Err(error) => break error,
         };
         let overflowed = match response {
-            Response::Deliver { subscription_id, count, records } => {
-                route(&routes, subscription_id, SubscriptionEvent::Records { count, records })
+            Response::Deliver { subscription_id, partition, count, records } => {
+                route(&routes, subscription_id, SubscriptionEvent::Records { partition, count, records })
             }
-            Response::Notice { subscription_id, notice } => {
-                route(&routes, subscription_id, SubscriptionEvent::Notice(notice))
+            Response::Notice { subscription_id, partition, notice } => {
+                route(&routes, subscription_id, SubscriptionEvent::Notice { partition, notice })
             }
             Response::Error { code, message } if correlation_id == 0 => {
                 // Not an answer: the reason for what follows (an

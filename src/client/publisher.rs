@@ -59,6 +59,11 @@ pub struct PublisherOptions {
     pub reconnect_attempts: u32,
     pub client_name: String,
     pub auth_token: Option<String>,
+    /// The partition this publisher writes to. A publisher is one ordered,
+    /// exactly-once stream, and idempotence is per partition, so it writes
+    /// to one partition; [`crate::partitioner::partition_for_key`] tells
+    /// which partition a key belongs to.
+    pub partition: u32,
 }
 
 impl Default for PublisherOptions {
@@ -72,6 +77,7 @@ impl Default for PublisherOptions {
             reconnect_attempts: 10,
             client_name: "weir-publisher".into(),
             auth_token: None,
+            partition: 0,
         }
     }
 }
@@ -79,6 +85,7 @@ impl Default for PublisherOptions {
 /// Where a published message was stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    pub partition: u32,
     pub offset: u64,
     pub timestamp_us: u64,
     /// The broker had already stored it (a retry after a lost answer).
@@ -346,10 +353,11 @@ impl PublishTask {
         batch.in_flight = true;
         let producer = Some(ProducerSequence { producer_id: self.producer_id, sequence: batch.sequence });
         let channel = self.channel.clone();
+        let partition = Some(self.options.partition);
         let request = if batch.messages.len() == 1 {
-            Request::Publish { channel, producer, message: batch.messages[0].clone() }
+            Request::Publish { channel, partition, producer, message: batch.messages[0].clone() }
         } else {
-            Request::PublishBatch { channel, producer, messages: batch.messages.clone() }
+            Request::PublishBatch { channel, partition, producer, messages: batch.messages.clone() }
         };
         let answer = self.connection.send_request(request).await;
         let policy = self.options.backpressure;
@@ -374,7 +382,13 @@ impl PublishTask {
             self.acked_end = self.acked_end.max(batch.sequence + batch.messages.len() as u64);
             let Some(batch) = self.pending.remove(&id) else { return };
             for (i, reply) in batch.replies.into_iter().enumerate() {
-                let _ = reply.send(Ok(Receipt { offset: first_offset + i as u64, timestamp_us, duplicate }));
+                let receipt = Receipt {
+                    partition: self.options.partition,
+                    offset: first_offset + i as u64,
+                    timestamp_us,
+                    duplicate,
+                };
+                let _ = reply.send(Ok(receipt));
             }
             return;
         }

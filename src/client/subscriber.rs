@@ -15,6 +15,10 @@ use crate::record::RecordIter;
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
 pub struct SubscribeOptions {
+    /// One partition, or `None` for every partition of the channel.
+    pub partition: Option<u32>,
+    /// Where to start in each partition it reads (an explicit offset needs
+    /// one partition).
     pub start: StartPosition,
     /// Name of a durable subscription: the broker stores its acks and a
     /// later subscription with the same name resumes after the last one.
@@ -26,22 +30,30 @@ pub struct SubscribeOptions {
 
 impl Default for SubscribeOptions {
     fn default() -> SubscribeOptions {
-        SubscribeOptions { start: StartPosition::Earliest, durable_name: None, max_inflight: 1024 }
+        SubscribeOptions { partition: None, start: StartPosition::Earliest, durable_name: None, max_inflight: 1024 }
     }
 }
 
 /// What a subscriber receives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Message(Record),
-    Notice(Notice),
+    /// A record of `partition`, in offset order within it.
+    Message {
+        partition: u32,
+        record: Record,
+    },
+    Notice {
+        partition: u32,
+        notice: Notice,
+    },
 }
 
 /// A live subscription. Implements `futures_core::Stream`.
 pub struct Subscriber {
     connection: Connection,
     subscription_id: u32,
-    first_offset: u64,
+    /// The partitions read, each with its first offset.
+    partitions: Vec<(u32, u64)>,
     events: mpsc::Receiver<SubscriptionEvent>,
     /// Why the subscription ended, when its queue had no room left for a
     /// `Closed` event.
@@ -73,12 +85,14 @@ impl Subscriber {
         let request = Request::Subscribe {
             subscription_id,
             channel: channel.to_owned(),
+            partition: options.partition,
             start: options.start,
             durable_name: options.durable_name,
+            group: None,
             max_inflight: options.max_inflight,
         };
-        let first_offset = match connection.request(request).await {
-            Ok(Response::Subscribed { first_offset, .. }) => first_offset,
+        let partitions = match connection.request(request).await {
+            Ok(Response::Subscribed { partitions, .. }) => partitions,
             Ok(other) => {
                 connection.unroute(subscription_id);
                 return Err(ClientError::Unexpected(format!("{other:?}")));
@@ -91,7 +105,7 @@ impl Subscriber {
         Ok(Subscriber {
             connection: connection.clone(),
             subscription_id,
-            first_offset,
+            partitions,
             events,
             ended,
             ready: VecDeque::new(),
@@ -99,9 +113,17 @@ impl Subscriber {
         })
     }
 
-    /// The offset of the first message this subscription delivers.
+    /// The offset of the first message this subscription delivers in the
+    /// first partition it reads (its only one, for a one-partition
+    /// subscription).
     pub fn first_offset(&self) -> u64 {
-        self.first_offset
+        self.partitions.first().map_or(0, |&(_, first_offset)| first_offset)
+    }
+
+    /// Every partition this subscription reads, with the offset it started
+    /// at there.
+    pub fn partitions(&self) -> &[(u32, u64)] {
+        &self.partitions
     }
 
     /// The next message or notice; `None` once the subscription has ended.
@@ -110,12 +132,30 @@ impl Subscriber {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
-    /// Acknowledges every message up to and including `offset`.
+    /// Acknowledges every message up to and including `offset` of the
+    /// partition this subscription reads, when it reads one.
+    ///
+    /// # Errors
+    /// `Invalid` when it reads several partitions (use
+    /// [`Subscriber::ack_partition`]); the connection is gone.
+    pub async fn ack(&self, offset: u64) -> Result<(), ClientError> {
+        match self.partitions[..] {
+            [(partition, _)] => self.ack_partition(partition, offset).await,
+            _ => Err(ClientError::Invalid(format!(
+                "this subscription reads {} partitions: acknowledge with ack_partition",
+                self.partitions.len()
+            ))),
+        }
+    }
+
+    /// Acknowledges every message of `partition` up to and including
+    /// `offset`.
     ///
     /// # Errors
     /// The connection is gone.
-    pub async fn ack(&self, offset: u64) -> Result<(), ClientError> {
-        self.connection.send_only(Request::Ack { subscription_id: self.subscription_id, offset }).await
+    pub async fn ack_partition(&self, partition: u32, offset: u64) -> Result<(), ClientError> {
+        let ack = Request::Ack { subscription_id: self.subscription_id, partition, offset };
+        self.connection.send_only(ack).await
     }
 
     /// Ends the subscription.
@@ -153,16 +193,18 @@ impl Subscriber {
                         return Poll::Ready(Some(Err(error.clone())));
                     }
                 }
-                Poll::Ready(Some(SubscriptionEvent::Notice(notice))) => self.ready.push_back(Event::Notice(notice)),
+                Poll::Ready(Some(SubscriptionEvent::Notice { partition, notice })) => {
+                    self.ready.push_back(Event::Notice { partition, notice });
+                }
                 Poll::Ready(Some(SubscriptionEvent::Closed(error))) => {
                     self.closed = true;
                     return Poll::Ready(Some(Err(error)));
                 }
-                Poll::Ready(Some(SubscriptionEvent::Records { count, records })) => {
+                Poll::Ready(Some(SubscriptionEvent::Records { partition, count, records })) => {
                     let before = self.ready.len();
                     for record in RecordIter::new(records) {
                         match record {
-                            Ok(record) => self.ready.push_back(Event::Message(record)),
+                            Ok(record) => self.ready.push_back(Event::Message { partition, record }),
                             Err(error) => {
                                 self.closed = true;
                                 return Poll::Ready(Some(Err(ClientError::Corrupt(error.to_string()))));

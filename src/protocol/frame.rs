@@ -26,8 +26,14 @@ pub const AUTH_TOKEN_BYTES_MAX: usize = 1024;
 pub const DURABLE_NAME_BYTES_MAX: usize = 255;
 /// Longest error message the server sends.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
-/// The protocol versions this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks (see docs/PROTOCOL.md:
+/// version 2 adds partitions).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still speaks. A version 1
+/// connection sees partition 0 of every channel only.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// Longest consumer group name.
+pub const GROUP_NAME_BYTES_MAX: usize = 255;
 
 /// A parsed frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +78,8 @@ pub enum FrameType {
     CreateChannel = 0x09,
     ListChannels = 0x0A,
     Stats = 0x0B,
+    /// Version 2 on.
+    AlterChannel = 0x0C,
     Welcome = 0x81,
     Pong = 0x82,
     PublishAck = 0x83,
@@ -86,6 +94,8 @@ pub enum FrameType {
     ChannelCreated = 0x8C,
     Channels = 0x8D,
     StatsResult = 0x8E,
+    /// Version 2 on.
+    ChannelAltered = 0x8F,
 }
 
 /// Wire error codes. Never renumbered or reused.
@@ -135,12 +145,16 @@ pub enum ErrorCode {
     /// The disk is full: nothing was stored. Reads keep working; appends
     /// resume by themselves once space is freed.
     StorageFull = 23,
+    /// The partition named does not exist (version 2 on).
+    UnknownPartition = 24,
+    /// A partition count above `max_partitions` (version 2 on).
+    TooManyPartitions = 25,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 23] = [
+        const ALL: [ErrorCode; 25] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -164,6 +178,8 @@ impl ErrorCode {
             InvalidRequest,
             OutOfOrderSequence,
             StorageFull,
+            UnknownPartition,
+            TooManyPartitions,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }
@@ -208,23 +224,32 @@ pub enum Request {
     Ping,
     Publish {
         channel: String,
+        /// The partition to store in; `None` lets the broker choose (by
+        /// key, else round robin). Version 1 always stores in partition 0.
+        partition: Option<u32>,
         producer: Option<ProducerSequence>,
         message: Message,
     },
     PublishBatch {
         channel: String,
+        partition: Option<u32>,
         producer: Option<ProducerSequence>,
         messages: Vec<Message>,
     },
     Subscribe {
         subscription_id: u32,
         channel: String,
+        /// One partition, or `None` for all of them (version 1: partition 0).
+        partition: Option<u32>,
         start: StartPosition,
         durable_name: Option<String>,
+        /// A consumer group to join (version 2 on).
+        group: Option<String>,
         max_inflight: u32,
     },
     Ack {
         subscription_id: u32,
+        partition: u32,
         offset: u64,
     },
     Unsubscribe {
@@ -232,6 +257,7 @@ pub enum Request {
     },
     Fetch {
         channel: String,
+        partition: u32,
         offset: u64,
         max_messages: u32,
         max_bytes: u32,
@@ -239,9 +265,16 @@ pub enum Request {
     CreateChannel {
         channel: String,
         retention: ChannelRetention,
+        /// `None`: the broker's default (version 1 always).
+        partitions: Option<u32>,
     },
     ListChannels,
     Stats,
+    /// Raises a channel's partition count (version 2 on).
+    AlterChannel {
+        channel: String,
+        partitions: u32,
+    },
 }
 
 /// The limits a server advertises in WELCOME.
@@ -283,18 +316,26 @@ pub enum Notice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChannelInfo {
     pub name: String,
+    /// Every partition, in order (version 1: partition 0 only).
+    pub partitions: Vec<PartitionInfo>,
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// One partition in a CHANNELS answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
     pub start_offset: u64,
     pub next_offset: u64,
     pub size_bytes: u64,
     pub segment_count: u64,
-    pub subscriptions: Vec<SubscriptionInfo>,
 }
 
-/// One live subscription in a CHANNELS answer.
+/// One live subscription's position in one partition, in a CHANNELS answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubscriptionInfo {
     /// The durable name, or empty for an ephemeral subscription.
     pub durable_name: String,
+    pub partition: u32,
     pub next_offset: u64,
     pub acked_offset: Option<u64>,
     pub lag: u64,
@@ -312,11 +353,12 @@ pub struct ChannelStats {
     pub subscriptions: Vec<SubscriptionStats>,
 }
 
-/// One live subscription in a STATS_RESULT answer.
+/// One live subscription, in one partition, in a STATS_RESULT answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubscriptionStats {
     /// Durable name, or empty.
     pub durable_name: String,
+    pub partition: u32,
     pub lag: u64,
     /// Delivered and not yet acknowledged.
     pub inflight: u64,
@@ -332,6 +374,7 @@ pub enum Response {
     },
     Pong,
     PublishAck {
+        partition: u32,
         first_offset: u64,
         count: u32,
         timestamp_us: u64,
@@ -346,19 +389,23 @@ pub enum Response {
         code: u16,
         message: String,
     },
+    /// The partitions the subscription reads, each with the offset it
+    /// starts at (version 1: exactly one, partition 0).
     Subscribed {
         subscription_id: u32,
-        first_offset: u64,
+        partitions: Vec<(u32, u64)>,
     },
     /// DELIVER (one record) or DELIVER_BATCH: records in the storage
     /// encoding, back to back, each with its own CRC.
     Deliver {
         subscription_id: u32,
+        partition: u32,
         count: u32,
         records: Bytes,
     },
     Notice {
         subscription_id: u32,
+        partition: u32,
         notice: Notice,
     },
     Unsubscribed {
@@ -379,6 +426,7 @@ pub enum Response {
         counters: Vec<(String, u64)>,
         channels: Vec<ChannelStats>,
     },
+    ChannelAltered,
 }
 
 /// Appends a frame header for a body of `body_len` bytes.
@@ -413,22 +461,55 @@ fn get_optional(reader: &mut Reader, field: &'static str) -> Result<Option<u64>,
     }
 }
 
-fn put_producer(out: &mut Vec<u8>, producer: Option<ProducerSequence>) {
-    match producer {
-        Some(p) => {
-            out.put_u8(1);
-            out.put_u64(p.producer_id);
-            out.put_u64(p.sequence);
-        }
-        None => out.put_u8(0),
+/// `flags` of PUBLISH and PUBLISH_BATCH: producer fields follow.
+const FLAG_PRODUCER: u8 = 1;
+/// `flags`, version 2 on: a partition follows the producer fields.
+const FLAG_PARTITION: u8 = 2;
+
+fn put_publish_target(out: &mut Vec<u8>, version: u16, partition: Option<u32>, producer: Option<ProducerSequence>) {
+    let partition = partition.filter(|_| version >= 2);
+    let flags = producer.map_or(0, |_| FLAG_PRODUCER) | partition.map_or(0, |_| FLAG_PARTITION);
+    out.put_u8(flags);
+    if let Some(p) = producer {
+        out.put_u64(p.producer_id);
+        out.put_u64(p.sequence);
+    }
+    if let Some(partition) = partition {
+        out.put_u32(partition);
     }
 }
 
-fn get_producer(reader: &mut Reader) -> Result<Option<ProducerSequence>, DecodeError> {
-    match reader.u8("flags")? {
+fn get_publish_target(
+    reader: &mut Reader,
+    version: u16,
+) -> Result<(Option<u32>, Option<ProducerSequence>), DecodeError> {
+    let flags = reader.u8("flags")?;
+    let known = if version >= 2 { FLAG_PRODUCER | FLAG_PARTITION } else { FLAG_PRODUCER };
+    if flags & !known != 0 {
+        let allowed = if version >= 2 { "0..=3" } else { "0 or 1" };
+        return Err(DecodeError::OutOfRange { field: "flags", value: flags as u64, allowed });
+    }
+    let producer = if flags & FLAG_PRODUCER != 0 {
+        Some(ProducerSequence { producer_id: reader.u64("producer_id")?, sequence: reader.u64("sequence")? })
+    } else {
+        None
+    };
+    let partition = if flags & FLAG_PARTITION != 0 { Some(reader.u32("partition")?) } else { None };
+    Ok((partition, producer))
+}
+
+fn put_optional_u32(out: &mut Vec<u8>, value: Option<u32>) {
+    out.put_u8(value.is_some() as u8);
+    out.put_u32(value.unwrap_or(0));
+}
+
+fn get_optional_u32(reader: &mut Reader, field: &'static str) -> Result<Option<u32>, DecodeError> {
+    let present = reader.u8(field)?;
+    let value = reader.u32(field)?;
+    match present {
         0 => Ok(None),
-        1 => Ok(Some(ProducerSequence { producer_id: reader.u64("producer_id")?, sequence: reader.u64("sequence")? })),
-        other => Err(DecodeError::OutOfRange { field: "flags", value: other as u64, allowed: "0 or 1" }),
+        1 => Ok(Some(value)),
+        other => Err(DecodeError::OutOfRange { field, value: other as u64, allowed: "0 or 1" }),
     }
 }
 
@@ -436,8 +517,15 @@ fn get_producer(reader: &mut Reader) -> Result<Option<ProducerSequence>, DecodeE
 const MESSAGE_WIRE_BYTES_MIN: usize = 8;
 
 impl Request {
-    /// Encodes the request as a whole frame.
+    /// Encodes the request as a whole frame in the newest version.
     pub fn encode(&self, correlation_id: u32) -> Vec<u8> {
+        self.encode_for(PROTOCOL_VERSION, correlation_id)
+    }
+
+    /// Encodes the request as a whole frame in protocol `version`. Fields
+    /// the version does not have are left out (a version 1 frame names no
+    /// partition).
+    pub fn encode_for(&self, version: u16, correlation_id: u32) -> Vec<u8> {
         match self {
             Request::Hello { version_min, version_max, client_name, auth_token } => {
                 frame(FrameType::Hello, correlation_id, |out| {
@@ -449,25 +537,30 @@ impl Request {
                 })
             }
             Request::Ping => frame(FrameType::Ping, correlation_id, |_| {}),
-            Request::Publish { channel, producer, message } => frame(FrameType::Publish, correlation_id, |out| {
-                wire::put_short_string(out, channel);
-                put_producer(out, *producer);
-                wire::put_message(out, message);
-            }),
-            Request::PublishBatch { channel, producer, messages } => {
+            Request::Publish { channel, partition, producer, message } => {
+                frame(FrameType::Publish, correlation_id, |out| {
+                    wire::put_short_string(out, channel);
+                    put_publish_target(out, version, *partition, *producer);
+                    wire::put_message(out, message);
+                })
+            }
+            Request::PublishBatch { channel, partition, producer, messages } => {
                 frame(FrameType::PublishBatch, correlation_id, |out| {
                     wire::put_short_string(out, channel);
-                    put_producer(out, *producer);
+                    put_publish_target(out, version, *partition, *producer);
                     out.put_u32(messages.len() as u32);
                     for message in messages {
                         wire::put_message(out, message);
                     }
                 })
             }
-            Request::Subscribe { subscription_id, channel, start, durable_name, max_inflight } => {
+            Request::Subscribe { subscription_id, channel, partition, start, durable_name, group, max_inflight } => {
                 frame(FrameType::Subscribe, correlation_id, |out| {
                     out.put_u32(*subscription_id);
                     wire::put_short_string(out, channel);
+                    if version >= 2 {
+                        put_optional_u32(out, *partition);
+                    }
                     let (kind, value) = match start {
                         StartPosition::Earliest => (0, 0),
                         StartPosition::Latest => (1, 0),
@@ -477,40 +570,69 @@ impl Request {
                     out.put_u8(kind);
                     out.put_u64(value);
                     wire::put_short_string(out, durable_name.as_deref().unwrap_or(""));
+                    if version >= 2 {
+                        wire::put_short_string(out, group.as_deref().unwrap_or(""));
+                    }
                     out.put_u32(*max_inflight);
                 })
             }
-            Request::Ack { subscription_id, offset } => frame(FrameType::Ack, correlation_id, |out| {
+            Request::Ack { subscription_id, partition, offset } => frame(FrameType::Ack, correlation_id, |out| {
                 out.put_u32(*subscription_id);
+                if version >= 2 {
+                    out.put_u32(*partition);
+                }
                 out.put_u64(*offset);
             }),
             Request::Unsubscribe { subscription_id } => {
                 frame(FrameType::Unsubscribe, correlation_id, |out| out.put_u32(*subscription_id))
             }
-            Request::Fetch { channel, offset, max_messages, max_bytes } => {
+            Request::Fetch { channel, partition, offset, max_messages, max_bytes } => {
                 frame(FrameType::Fetch, correlation_id, |out| {
                     wire::put_short_string(out, channel);
+                    if version >= 2 {
+                        out.put_u32(*partition);
+                    }
                     out.put_u64(*offset);
                     out.put_u32(*max_messages);
                     out.put_u32(*max_bytes);
                 })
             }
-            Request::CreateChannel { channel, retention } => frame(FrameType::CreateChannel, correlation_id, |out| {
-                wire::put_short_string(out, channel);
-                put_optional(out, retention.max_bytes);
-                put_optional(out, retention.max_age_secs);
-                put_optional(out, retention.max_messages);
-            }),
+            Request::CreateChannel { channel, retention, partitions } => {
+                frame(FrameType::CreateChannel, correlation_id, |out| {
+                    wire::put_short_string(out, channel);
+                    put_optional(out, retention.max_bytes);
+                    put_optional(out, retention.max_age_secs);
+                    put_optional(out, retention.max_messages);
+                    if version >= 2 {
+                        out.put_u32(partitions.unwrap_or(0));
+                    }
+                })
+            }
             Request::ListChannels => frame(FrameType::ListChannels, correlation_id, |_| {}),
             Request::Stats => frame(FrameType::Stats, correlation_id, |_| {}),
+            Request::AlterChannel { channel, partitions } => frame(FrameType::AlterChannel, correlation_id, |out| {
+                wire::put_short_string(out, channel);
+                out.put_u32(*partitions);
+            }),
         }
     }
 
-    /// Decodes a request body of the given frame type.
+    /// Decodes a request body of the given frame type, in the newest
+    /// version.
     ///
     /// # Errors
-    /// Any malformed field, an unknown type, or bytes left over.
+    /// As [`Request::decode_for`].
     pub fn decode(frame_type: u8, body: Bytes) -> Result<Request, DecodeError> {
+        Request::decode_for(PROTOCOL_VERSION, frame_type, body)
+    }
+
+    /// Decodes a request body of the given frame type in protocol
+    /// `version`.
+    ///
+    /// # Errors
+    /// Any malformed field, an unknown type (or one the version does not
+    /// have), or bytes left over.
+    pub fn decode_for(version: u16, frame_type: u8, body: Bytes) -> Result<Request, DecodeError> {
         let mut r = Reader::new(body);
         let request = match frame_type {
             0x01 => Request::Hello {
@@ -523,14 +645,14 @@ impl Request {
                 },
             },
             0x02 => Request::Ping,
-            0x03 => Request::Publish {
-                channel: r.name(NameField::Channel)?,
-                producer: get_producer(&mut r)?,
-                message: r.message()?,
-            },
+            0x03 => {
+                let channel = r.name(NameField::Channel)?;
+                let (partition, producer) = get_publish_target(&mut r, version)?;
+                Request::Publish { channel, partition, producer, message: r.message()? }
+            }
             0x04 => {
                 let channel = r.name(NameField::Channel)?;
-                let producer = get_producer(&mut r)?;
+                let (partition, producer) = get_publish_target(&mut r, version)?;
                 let count = r.u32("record_count")? as usize;
                 if count == 0 || count > r.remaining() / MESSAGE_WIRE_BYTES_MIN {
                     return Err(DecodeError::OutOfRange {
@@ -540,35 +662,49 @@ impl Request {
                     });
                 }
                 let messages = r.list(count, MESSAGE_WIRE_BYTES_MIN, Reader::message)?;
-                Request::PublishBatch { channel, producer, messages }
+                Request::PublishBatch { channel, partition, producer, messages }
             }
-            0x05 => Request::Subscribe {
-                subscription_id: r.u32("subscription_id")?,
-                channel: r.name(NameField::Channel)?,
-                start: {
-                    let kind = r.u8("start_kind")?;
-                    let value = r.u64("start_value")?;
-                    match kind {
-                        0 => StartPosition::Earliest,
-                        1 => StartPosition::Latest,
-                        2 => StartPosition::Offset(value),
-                        3 => StartPosition::TimeUs(value),
-                        other => {
-                            return Err(DecodeError::OutOfRange {
-                                field: "start_kind",
-                                value: other as u64,
-                                allowed: "0..=3",
-                            });
-                        }
+            0x05 => {
+                let subscription_id = r.u32("subscription_id")?;
+                let channel = r.name(NameField::Channel)?;
+                let partition = if version >= 2 { get_optional_u32(&mut r, "partition")? } else { Some(0) };
+                let kind = r.u8("start_kind")?;
+                let value = r.u64("start_value")?;
+                let start = match kind {
+                    0 => StartPosition::Earliest,
+                    1 => StartPosition::Latest,
+                    2 => StartPosition::Offset(value),
+                    3 => StartPosition::TimeUs(value),
+                    other => {
+                        return Err(DecodeError::OutOfRange {
+                            field: "start_kind",
+                            value: other as u64,
+                            allowed: "0..=3",
+                        });
                     }
-                },
-                durable_name: Some(r.name(NameField::DurableName)?).filter(|name| !name.is_empty()),
-                max_inflight: r.u32("max_inflight")?,
+                };
+                let durable_name = Some(r.name(NameField::DurableName)?).filter(|name| !name.is_empty());
+                let group =
+                    if version >= 2 { Some(r.name(NameField::Group)?).filter(|name| !name.is_empty()) } else { None };
+                Request::Subscribe {
+                    subscription_id,
+                    channel,
+                    partition,
+                    start,
+                    durable_name,
+                    group,
+                    max_inflight: r.u32("max_inflight")?,
+                }
+            }
+            0x06 => Request::Ack {
+                subscription_id: r.u32("subscription_id")?,
+                partition: if version >= 2 { r.u32("partition")? } else { 0 },
+                offset: r.u64("offset")?,
             },
-            0x06 => Request::Ack { subscription_id: r.u32("subscription_id")?, offset: r.u64("offset")? },
             0x07 => Request::Unsubscribe { subscription_id: r.u32("subscription_id")? },
             0x08 => Request::Fetch {
                 channel: r.name(NameField::Channel)?,
+                partition: if version >= 2 { r.u32("partition")? } else { 0 },
                 offset: r.u64("offset")?,
                 max_messages: r.u32("max_messages")?,
                 max_bytes: r.u32("max_bytes")?,
@@ -580,9 +716,13 @@ impl Request {
                     max_age_secs: get_optional(&mut r, "retention_max_age_secs")?,
                     max_messages: get_optional(&mut r, "retention_max_messages")?,
                 },
+                partitions: if version >= 2 { Some(r.u32("partitions")?).filter(|&count| count != 0) } else { None },
             },
             0x0A => Request::ListChannels,
             0x0B => Request::Stats,
+            0x0C if version >= 2 => {
+                Request::AlterChannel { channel: r.name(NameField::Channel)?, partitions: r.u32("partitions")? }
+            }
             other => return Err(DecodeError::UnknownFrameType { frame_type: other }),
         };
         r.finish()?;
@@ -591,20 +731,29 @@ impl Request {
 }
 
 impl Response {
-    /// Encodes the response as a whole frame. DELIVER and FETCH_RESULT
-    /// bodies end with record bytes that [`Response::encode_head`] leaves
-    /// out, so a server can send them without copying.
+    /// Encodes the response as a whole frame in the newest version.
     pub fn encode(&self, correlation_id: u32) -> Vec<u8> {
-        let mut out = self.encode_head(correlation_id);
+        self.encode_for(PROTOCOL_VERSION, correlation_id)
+    }
+
+    /// Encodes the response as a whole frame in protocol `version`. DELIVER
+    /// and FETCH_RESULT bodies end with record bytes that
+    /// [`Response::encode_head`] leaves out, so a server can send them
+    /// without copying.
+    pub fn encode_for(&self, version: u16, correlation_id: u32) -> Vec<u8> {
+        let mut out = self.encode_head(version, correlation_id);
         if let Response::Deliver { records, .. } | Response::FetchResult { records, .. } = self {
             out.extend_from_slice(records);
         }
         out
     }
 
-    /// Encodes the frame, except the record bytes at the end of DELIVER and
-    /// FETCH_RESULT (whose length the header already counts).
-    pub fn encode_head(&self, correlation_id: u32) -> Vec<u8> {
+    /// Encodes the frame in protocol `version`, except the record bytes at
+    /// the end of DELIVER and FETCH_RESULT (whose length the header already
+    /// counts). What version 1 has no field for is left out: a partition,
+    /// and every partition but 0 of a channel listing.
+    pub fn encode_head(&self, version: u16, correlation_id: u32) -> Vec<u8> {
+        let v2 = version >= 2;
         match self {
             Response::Welcome { version, server_version, limits } => frame(FrameType::Welcome, correlation_id, |out| {
                 out.put_u16(*version);
@@ -625,8 +774,11 @@ impl Response {
                 }
             }),
             Response::Pong => frame(FrameType::Pong, correlation_id, |_| {}),
-            Response::PublishAck { first_offset, count, timestamp_us, duplicate } => {
+            Response::PublishAck { partition, first_offset, count, timestamp_us, duplicate } => {
                 frame(FrameType::PublishAck, correlation_id, |out| {
+                    if v2 {
+                        out.put_u32(*partition);
+                    }
                     out.put_u64(*first_offset);
                     out.put_u32(*count);
                     out.put_u64(*timestamp_us);
@@ -648,30 +800,48 @@ impl Response {
                 }
                 wire::put_string(out, &message[..end]);
             }),
-            Response::Subscribed { subscription_id, first_offset } => {
+            Response::Subscribed { subscription_id, partitions } => {
                 frame(FrameType::Subscribed, correlation_id, |out| {
                     out.put_u32(*subscription_id);
-                    out.put_u64(*first_offset);
+                    if v2 {
+                        out.put_u32(partitions.len() as u32);
+                        for (partition, first_offset) in partitions {
+                            out.put_u32(*partition);
+                            out.put_u64(*first_offset);
+                        }
+                    } else {
+                        // A version 1 subscription reads partition 0 alone.
+                        out.put_u64(partitions.first().map_or(0, |&(_, first_offset)| first_offset));
+                    }
                 })
             }
-            Response::Deliver { subscription_id, count, records } => {
+            Response::Deliver { subscription_id, partition, count, records } => {
                 let frame_type = if *count == 1 { FrameType::Deliver } else { FrameType::DeliverBatch };
-                let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + 8);
-                put_header(&mut out, frame_type, correlation_id, 8 + records.len());
+                let fixed = if v2 { 12 } else { 8 };
+                let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + fixed);
+                put_header(&mut out, frame_type, correlation_id, fixed + records.len());
                 out.put_u32(*subscription_id);
+                if v2 {
+                    out.put_u32(*partition);
+                }
                 out.put_u32(*count);
                 out
             }
-            Response::Notice { subscription_id, notice } => frame(FrameType::Notice, correlation_id, |out| {
-                out.put_u32(*subscription_id);
-                let (kind, a, b) = match notice {
-                    Notice::Lag { lag, next_offset } => (1, *lag, *next_offset),
-                    Notice::Skipped { skipped, resume_offset } => (2, *skipped, *resume_offset),
-                };
-                out.put_u8(kind);
-                out.put_u64(a);
-                out.put_u64(b);
-            }),
+            Response::Notice { subscription_id, partition, notice } => {
+                frame(FrameType::Notice, correlation_id, |out| {
+                    out.put_u32(*subscription_id);
+                    if v2 {
+                        out.put_u32(*partition);
+                    }
+                    let (kind, a, b) = match notice {
+                        Notice::Lag { lag, next_offset } => (1, *lag, *next_offset),
+                        Notice::Skipped { skipped, resume_offset } => (2, *skipped, *resume_offset),
+                    };
+                    out.put_u8(kind);
+                    out.put_u64(a);
+                    out.put_u64(b);
+                })
+            }
             Response::Unsubscribed { subscription_id } => {
                 frame(FrameType::Unsubscribed, correlation_id, |out| out.put_u32(*subscription_id))
             }
@@ -683,6 +853,7 @@ impl Response {
                 out
             }
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
+            Response::ChannelAltered => frame(FrameType::ChannelAltered, correlation_id, |_| {}),
             Response::Stats { counters, channels } => frame(FrameType::StatsResult, correlation_id, |out| {
                 out.put_u16(counters.len() as u16);
                 for (name, value) in counters {
@@ -696,9 +867,14 @@ impl Response {
                     out.put_u64(channel.bytes_appended);
                     out.put_u64(channel.next_offset);
                     out.put_u64(channel.size_bytes);
-                    out.put_u32(channel.subscriptions.len() as u32);
-                    for subscription in &channel.subscriptions {
+                    let subscriptions: Vec<&SubscriptionStats> =
+                        channel.subscriptions.iter().filter(|s| v2 || s.partition == 0).collect();
+                    out.put_u32(subscriptions.len() as u32);
+                    for subscription in subscriptions {
                         wire::put_short_string(out, &subscription.durable_name);
+                        if v2 {
+                            out.put_u32(subscription.partition);
+                        }
                         out.put_u64(subscription.lag);
                         out.put_u64(subscription.inflight);
                     }
@@ -708,13 +884,31 @@ impl Response {
                 out.put_u32(channels.len() as u32);
                 for channel in channels {
                     wire::put_short_string(out, &channel.name);
-                    out.put_u64(channel.start_offset);
-                    out.put_u64(channel.next_offset);
-                    out.put_u64(channel.size_bytes);
-                    out.put_u64(channel.segment_count);
-                    out.put_u32(channel.subscriptions.len() as u32);
-                    for subscription in &channel.subscriptions {
+                    let partitions = if v2 {
+                        &channel.partitions[..]
+                    } else {
+                        &channel.partitions[..1.min(channel.partitions.len())]
+                    };
+                    if v2 {
+                        out.put_u32(partitions.len() as u32);
+                    }
+                    for partition in partitions {
+                        out.put_u64(partition.start_offset);
+                        out.put_u64(partition.next_offset);
+                        out.put_u64(partition.size_bytes);
+                        out.put_u64(partition.segment_count);
+                    }
+                    if !v2 && partitions.is_empty() {
+                        out.put_slice(&[0; 32]);
+                    }
+                    let subscriptions: Vec<&SubscriptionInfo> =
+                        channel.subscriptions.iter().filter(|s| v2 || s.partition == 0).collect();
+                    out.put_u32(subscriptions.len() as u32);
+                    for subscription in subscriptions {
                         wire::put_short_string(out, &subscription.durable_name);
+                        if v2 {
+                            out.put_u32(subscription.partition);
+                        }
                         out.put_u64(subscription.next_offset);
                         put_optional(out, subscription.acked_offset);
                         out.put_u64(subscription.lag);
@@ -724,11 +918,22 @@ impl Response {
         }
     }
 
-    /// Decodes a response body of the given frame type.
+    /// Decodes a response body of the given frame type, in the newest
+    /// version.
+    ///
+    /// # Errors
+    /// As [`Response::decode_for`].
+    pub fn decode(frame_type: u8, body: Bytes) -> Result<Response, DecodeError> {
+        Response::decode_for(PROTOCOL_VERSION, frame_type, body)
+    }
+
+    /// Decodes a response body of the given frame type in protocol
+    /// `version`.
     ///
     /// # Errors
     /// Any malformed field, an unknown type, or bytes left over.
-    pub fn decode(frame_type: u8, body: Bytes) -> Result<Response, DecodeError> {
+    pub fn decode_for(version: u16, frame_type: u8, body: Bytes) -> Result<Response, DecodeError> {
+        let v2 = version >= 2;
         let mut r = Reader::new(body);
         let response = match frame_type {
             0x81 => Response::Welcome {
@@ -749,6 +954,7 @@ impl Response {
             },
             0x82 => Response::Pong,
             0x83 => Response::PublishAck {
+                partition: if v2 { r.u32("partition")? } else { 0 },
                 first_offset: r.u64("first_offset")?,
                 count: r.u32("count")?,
                 timestamp_us: r.u64("timestamp_us")?,
@@ -768,17 +974,25 @@ impl Response {
                 code: r.u16("code")?,
                 message: r.string("message", ERROR_MESSAGE_BYTES_MAX, "0..=1024")?,
             },
-            0x86 => Response::Subscribed {
-                subscription_id: r.u32("subscription_id")?,
-                first_offset: r.u64("first_offset")?,
-            },
+            0x86 => {
+                let subscription_id = r.u32("subscription_id")?;
+                let partitions = if v2 {
+                    let count = r.u32("partition_count")? as usize;
+                    r.list(count, 12, |r| Ok((r.u32("partition")?, r.u64("first_offset")?)))?
+                } else {
+                    vec![(0, r.u64("first_offset")?)]
+                };
+                Response::Subscribed { subscription_id, partitions }
+            }
             0x87 | 0x88 => {
                 let subscription_id = r.u32("subscription_id")?;
+                let partition = if v2 { r.u32("partition")? } else { 0 };
                 let count = r.u32("count")?;
-                Response::Deliver { subscription_id, count, records: r.rest() }
+                Response::Deliver { subscription_id, partition, count, records: r.rest() }
             }
             0x89 => {
                 let subscription_id = r.u32("subscription_id")?;
+                let partition = if v2 { r.u32("partition")? } else { 0 };
                 let kind = r.u8("kind")?;
                 let (a, b) = (r.u64("value_a")?, r.u64("value_b")?);
                 let notice = match kind {
@@ -788,7 +1002,7 @@ impl Response {
                         return Err(DecodeError::OutOfRange { field: "kind", value: other as u64, allowed: "1..=2" });
                     }
                 };
-                Response::Notice { subscription_id, notice }
+                Response::Notice { subscription_id, partition, notice }
             }
             0x8A => Response::Unsubscribed { subscription_id: r.u32("subscription_id")? },
             0x8B => {
@@ -797,6 +1011,7 @@ impl Response {
                 Response::FetchResult { next_offset, count, records: r.rest() }
             }
             0x8C => Response::ChannelCreated,
+            0x8F if v2 => Response::ChannelAltered,
             0x8E => {
                 let counter_count = r.u16("counter_count")? as usize;
                 let counters =
@@ -814,6 +1029,7 @@ impl Response {
                             r.list(count, 17, |r| {
                                 Ok(SubscriptionStats {
                                     durable_name: r.short_string("durable_name")?,
+                                    partition: if v2 { r.u32("partition")? } else { 0 },
                                     lag: r.u64("lag")?,
                                     inflight: r.u64("inflight")?,
                                 })
@@ -826,17 +1042,28 @@ impl Response {
             0x8D => {
                 let count = r.u32("channel_count")? as usize;
                 let channels = r.list(count, 37, |r| {
+                    let get_partition = |r: &mut Reader| {
+                        Ok(PartitionInfo {
+                            start_offset: r.u64("start_offset")?,
+                            next_offset: r.u64("next_offset")?,
+                            size_bytes: r.u64("size_bytes")?,
+                            segment_count: r.u64("segment_count")?,
+                        })
+                    };
                     Ok(ChannelInfo {
                         name: r.short_string("name")?,
-                        start_offset: r.u64("start_offset")?,
-                        next_offset: r.u64("next_offset")?,
-                        size_bytes: r.u64("size_bytes")?,
-                        segment_count: r.u64("segment_count")?,
+                        partitions: if v2 {
+                            let count = r.u32("partition_count")? as usize;
+                            r.list(count, 32, get_partition)?
+                        } else {
+                            vec![get_partition(r)?]
+                        },
                         subscriptions: {
                             let count = r.u32("subscription_count")? as usize;
                             r.list(count, 26, |r| {
                                 Ok(SubscriptionInfo {
                                     durable_name: r.short_string("durable_name")?,
+                                    partition: if v2 { r.u32("partition")? } else { 0 },
                                     next_offset: r.u64("next_offset")?,
                                     acked_offset: get_optional(r, "acked_offset")?,
                                     lag: r.u64("lag")?,

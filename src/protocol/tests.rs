@@ -47,40 +47,109 @@ fn request() -> impl Strategy<Value = Request> {
             }
         ),
         Just(Request::Ping),
-        (channel(), producer(), message()).prop_map(|(channel, producer, message)| Request::Publish {
-            channel,
-            producer,
-            message
+        (channel(), option_u32(), producer(), message()).prop_map(|(channel, partition, producer, message)| {
+            Request::Publish { channel, partition, producer, message }
         }),
-        (channel(), producer(), proptest::collection::vec(message(), 1..5))
-            .prop_map(|(channel, producer, messages)| Request::PublishBatch { channel, producer, messages }),
-        (any::<u32>(), channel(), start(), proptest::option::of("[a-z]{1,20}"), any::<u32>()).prop_map(
-            |(subscription_id, channel, start, durable_name, max_inflight)| Request::Subscribe {
-                subscription_id,
-                channel,
-                start,
-                durable_name,
-                max_inflight
+        (channel(), option_u32(), producer(), proptest::collection::vec(message(), 1..5)).prop_map(
+            |(channel, partition, producer, messages)| Request::PublishBatch { channel, partition, producer, messages }
+        ),
+        (
+            any::<u32>(),
+            channel(),
+            option_u32(),
+            start(),
+            proptest::option::of("[a-z]{1,20}"),
+            proptest::option::of("[a-z]{1,20}"),
+            any::<u32>()
+        )
+            .prop_map(|(subscription_id, channel, partition, start, durable_name, group, max_inflight)| {
+                Request::Subscribe { subscription_id, channel, partition, start, durable_name, group, max_inflight }
+            }),
+        (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(subscription_id, partition, offset)| Request::Ack {
+            subscription_id,
+            partition,
+            offset
+        }),
+        any::<u32>().prop_map(|subscription_id| Request::Unsubscribe { subscription_id }),
+        (channel(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            |(channel, partition, offset, max_messages, max_bytes)| {
+                Request::Fetch { channel, partition, offset, max_messages, max_bytes }
             }
         ),
-        (any::<u32>(), any::<u64>()).prop_map(|(subscription_id, offset)| Request::Ack { subscription_id, offset }),
-        any::<u32>().prop_map(|subscription_id| Request::Unsubscribe { subscription_id }),
-        (channel(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(channel, offset, max_messages, max_bytes)| {
-            Request::Fetch { channel, offset, max_messages, max_bytes }
-        }),
         (
             channel(),
             proptest::option::of(any::<u64>()),
             proptest::option::of(any::<u64>()),
-            proptest::option::of(any::<u64>())
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(1u32..)
         )
-            .prop_map(|(channel, max_bytes, max_age_secs, max_messages)| Request::CreateChannel {
+            .prop_map(|(channel, max_bytes, max_age_secs, max_messages, partitions)| Request::CreateChannel {
                 channel,
-                retention: ChannelRetention { max_bytes, max_age_secs, max_messages }
+                retention: ChannelRetention { max_bytes, max_age_secs, max_messages },
+                partitions,
             }),
         Just(Request::ListChannels),
         Just(Request::Stats),
+        (channel(), any::<u32>()).prop_map(|(channel, partitions)| Request::AlterChannel { channel, partitions }),
     ]
+}
+
+fn option_u32() -> impl Strategy<Value = Option<u32>> {
+    proptest::option::of(any::<u32>())
+}
+
+/// What `request` becomes through a version 1 frame: no partition (0, or
+/// the broker's choice), no group, the default partition count. `None` for
+/// requests version 1 does not have.
+fn as_version_1(request: &Request) -> Option<Request> {
+    let mut request = request.clone();
+    match &mut request {
+        Request::Publish { partition, .. } | Request::PublishBatch { partition, .. } => *partition = None,
+        Request::Subscribe { partition, group, .. } => {
+            *partition = Some(0);
+            *group = None;
+        }
+        Request::Ack { partition, .. } | Request::Fetch { partition, .. } => *partition = 0,
+        Request::CreateChannel { partitions, .. } => *partitions = None,
+        Request::AlterChannel { .. } => return None,
+        _ => {}
+    }
+    Some(request)
+}
+
+/// What `response` becomes through a version 1 frame: partition 0 alone.
+fn as_version_1_response(response: &Response) -> Option<Response> {
+    let mut response = response.clone();
+    match &mut response {
+        Response::PublishAck { partition, .. }
+        | Response::Deliver { partition, .. }
+        | Response::Notice { partition, .. } => *partition = 0,
+        Response::Subscribed { partitions, .. } => {
+            *partitions = vec![(0, partitions.first().map_or(0, |&(_, first_offset)| first_offset))];
+        }
+        Response::Channels { channels } => {
+            for channel in channels {
+                channel.partitions.truncate(1);
+                if channel.partitions.is_empty() {
+                    channel.partitions.push(PartitionInfo {
+                        start_offset: 0,
+                        next_offset: 0,
+                        size_bytes: 0,
+                        segment_count: 0,
+                    });
+                }
+                channel.subscriptions.retain(|s| s.partition == 0);
+            }
+        }
+        Response::Stats { channels, .. } => {
+            for channel in channels {
+                channel.subscriptions.retain(|s| s.partition == 0);
+            }
+        }
+        Response::ChannelAltered => return None,
+        _ => {}
+    }
+    Some(response)
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -96,24 +165,23 @@ fn response() -> impl Strategy<Value = Response> {
         heartbeat_interval_ms: v[7],
         idle_timeout_ms: v[8],
     });
-    let subscription = ("[a-z]{0,10}", any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>()).prop_map(
-        |(durable_name, next_offset, acked_offset, lag)| SubscriptionInfo {
+    let subscription = ("[a-z]{0,10}", 0u32..3, any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>())
+        .prop_map(|(durable_name, partition, next_offset, acked_offset, lag)| SubscriptionInfo {
             durable_name,
+            partition,
             next_offset,
             acked_offset,
             lag,
-        },
-    );
-    let channel_info = (channel(), any::<[u64; 4]>(), proptest::collection::vec(subscription, 0..3)).prop_map(
-        |(name, v, subscriptions)| ChannelInfo {
-            name,
-            start_offset: v[0],
-            next_offset: v[1],
-            size_bytes: v[2],
-            segment_count: v[3],
-            subscriptions,
-        },
-    );
+        });
+    let partition_info = any::<[u64; 4]>().prop_map(|v| PartitionInfo {
+        start_offset: v[0],
+        next_offset: v[1],
+        size_bytes: v[2],
+        segment_count: v[3],
+    });
+    let channel_info =
+        (channel(), proptest::collection::vec(partition_info, 1..4), proptest::collection::vec(subscription, 0..3))
+            .prop_map(|(name, partitions, subscriptions)| ChannelInfo { name, partitions, subscriptions });
     prop_oneof![
         (any::<u16>(), "[ -~]{0,20}", limits).prop_map(|(version, server_version, limits)| Response::Welcome {
             version,
@@ -121,9 +189,9 @@ fn response() -> impl Strategy<Value = Response> {
             limits
         }),
         Just(Response::Pong),
-        (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
-            |(first_offset, count, timestamp_us, duplicate)| {
-                Response::PublishAck { first_offset, count, timestamp_us, duplicate }
+        (any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(partition, first_offset, count, timestamp_us, duplicate)| {
+                Response::PublishAck { partition, first_offset, count, timestamp_us, duplicate }
             }
         ),
         (channel(), any::<u32>()).prop_map(|(channel, retry_after_ms)| Response::Backpressure {
@@ -132,17 +200,18 @@ fn response() -> impl Strategy<Value = Response> {
             retry_after_ms
         }),
         (any::<u16>(), "[ -~]{0,60}").prop_map(|(code, message)| Response::Error { code, message }),
-        (any::<u32>(), any::<u64>())
-            .prop_map(|(subscription_id, first_offset)| Response::Subscribed { subscription_id, first_offset }),
-        (any::<u32>(), 2u32..10, bytes(100)).prop_map(|(subscription_id, count, records)| Response::Deliver {
-            subscription_id,
-            count,
-            records
+        (any::<u32>(), proptest::collection::vec((any::<u32>(), any::<u64>()), 1..4))
+            .prop_map(|(subscription_id, partitions)| Response::Subscribed { subscription_id, partitions }),
+        (any::<u32>(), any::<u32>(), 2u32..10, bytes(100)).prop_map(|(subscription_id, partition, count, records)| {
+            Response::Deliver { subscription_id, partition, count, records }
         }),
-        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(subscription_id, lag, next_offset)| Response::Notice {
-            subscription_id,
-            notice: Notice::Lag { lag, next_offset }
-        }),
+        (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(subscription_id, partition, lag, next_offset)| Response::Notice {
+                subscription_id,
+                partition,
+                notice: Notice::Lag { lag, next_offset }
+            }
+        ),
         any::<u32>().prop_map(|subscription_id| Response::Unsubscribed { subscription_id }),
         (any::<u64>(), any::<u32>(), bytes(100)).prop_map(|(next_offset, count, records)| Response::FetchResult {
             next_offset,
@@ -150,6 +219,7 @@ fn response() -> impl Strategy<Value = Response> {
             records
         }),
         Just(Response::ChannelCreated),
+        Just(Response::ChannelAltered),
         proptest::collection::vec(channel_info, 0..3).prop_map(|channels| Response::Channels { channels }),
         (
             proptest::collection::vec(("[a-z_]{1,30}", any::<u64>()), 0..5),
@@ -157,7 +227,7 @@ fn response() -> impl Strategy<Value = Response> {
                 (
                     channel(),
                     any::<[u64; 4]>(),
-                    proptest::collection::vec(("[a-z]{0,8}", any::<u64>(), any::<u64>()), 0..3)
+                    proptest::collection::vec(("[a-z]{0,8}", 0u32..3, any::<u64>(), any::<u64>()), 0..3)
                 ),
                 0..3
             )
@@ -174,7 +244,12 @@ fn response() -> impl Strategy<Value = Response> {
                         size_bytes: v[3],
                         subscriptions: subscriptions
                             .into_iter()
-                            .map(|(durable_name, lag, inflight)| SubscriptionStats { durable_name, lag, inflight })
+                            .map(|(durable_name, partition, lag, inflight)| SubscriptionStats {
+                                durable_name,
+                                partition,
+                                lag,
+                                inflight,
+                            })
                             .collect(),
                     })
                     .collect(),
@@ -206,9 +281,25 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bodies_never_panic(frame_type: u8, body in bytes(300)) {
-        let _ = Request::decode(frame_type, body.clone());
-        let _ = Response::decode(frame_type, body);
+    fn version_1_frames_round_trip_to_their_partition_0_meaning(
+        request in request(),
+        response in response(),
+        correlation_id: u32,
+    ) {
+        if let Some(expected) = as_version_1(&request) {
+            let (header, body) = split(&request.encode_for(1, correlation_id));
+            prop_assert_eq!(Request::decode_for(1, header.frame_type, body).unwrap(), expected);
+        }
+        if let Some(expected) = as_version_1_response(&response) {
+            let (header, body) = split(&response.encode_for(1, correlation_id));
+            prop_assert_eq!(Response::decode_for(1, header.frame_type, body).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic(frame_type: u8, body in bytes(300), version in 1u16..=2) {
+        let _ = Request::decode_for(version, frame_type, body.clone());
+        let _ = Response::decode_for(version, frame_type, body);
     }
 
     #[test]
@@ -216,7 +307,7 @@ proptest! {
         use super::wire::{DecodeError, NameField};
         let mut body = vec![name.len() as u8];
         body.extend_from_slice(&name);
-        body.extend_from_slice(&[0; 16]);
+        body.extend_from_slice(&[0; 20]);
         match Request::decode(FrameType::Fetch as u8, Bytes::from(body)) {
             Ok(Request::Fetch { channel, .. }) => prop_assert_eq!(channel.as_bytes(), &name[..]),
             Err(DecodeError::NameNotUtf8 { field: NameField::Channel, valid_up_to }) => {

@@ -39,6 +39,8 @@ pub enum NameField {
     Channel,
     /// `durable_name` of SUBSCRIBE.
     DurableName,
+    /// `group` of SUBSCRIBE (version 2 on).
+    Group,
 }
 
 impl NameField {
@@ -47,6 +49,7 @@ impl NameField {
         match self {
             NameField::Channel => "channel",
             NameField::DurableName => "durable_name",
+            NameField::Group => "group",
         }
     }
 }
@@ -254,10 +257,10 @@ pub fn message_inflight_bytes(message: &Message) -> usize {
 pub fn publish_batch_record_count(body: &[u8]) -> Option<u32> {
     let channel_len = *body.first()? as usize;
     let flags_at = 1 + channel_len;
-    let count_at = match *body.get(flags_at)? {
-        1 => flags_at + 1 + 16,
-        _ => flags_at + 1,
-    };
+    // Bit 0 of flags: producer fields (16 bytes); bit 1 (version 2): a
+    // partition (4 bytes). Other bits are refused when the body is decoded.
+    let flags = *body.get(flags_at)?;
+    let count_at = flags_at + 1 + if flags & 1 != 0 { 16 } else { 0 } + if flags & 2 != 0 { 4 } else { 0 };
     let count = body.get(count_at..count_at + 4)?;
     Some(u32::from_be_bytes([count[0], count[1], count[2], count[3]]))
 }

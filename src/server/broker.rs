@@ -13,8 +13,8 @@ use super::channel_writer::{self, AppendRequest, WriterLimits};
 use super::offsets::DurableOffsets;
 use super::stats::Stats;
 use crate::config::Config;
-use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, SubscriptionInfo};
-use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, StorageError, Store};
+use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, PartitionInfo, SubscriptionInfo};
+use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, LogCounters, StorageError, Store};
 
 /// The least a group commit may gather, whatever `max_batch_bytes` is.
 const GROUP_COMMIT_BYTES_MIN: usize = 8 * 1024 * 1024;
@@ -50,15 +50,12 @@ impl ChannelHandle {
             count: partitions.len() as u32,
         })
     }
-
-    pub fn partition_count(&self) -> u32 {
-        self.partitions.read().unwrap_or_else(|p| p.into_inner()).len() as u32
-    }
 }
 
-/// What the admin view shows of a live subscription.
+/// What the admin view shows of a live subscription, in one partition.
 pub(crate) struct SubscriptionStatus {
     pub channel: ChannelName,
+    pub partition: u32,
     pub durable_name: Option<String>,
     pub next_offset: AtomicU64,
     /// First offset not yet acknowledged.
@@ -261,32 +258,40 @@ impl Broker {
         ];
         let channels = self
             .store
-            .logs()
+            .channels()
             .iter()
-            // Partition 0 until the listing carries partitions.
-            .filter(|log| log.partition() == 0)
-            .map(|log| {
-                let log_stats = log.stats();
-                let counters = log.counters();
+            .map(|channel| {
+                let logs = channel.partitions();
+                let next_offsets: Vec<u64> = logs.iter().map(|log| log.next_offset()).collect();
                 let subscriptions = subscriptions
                     .iter()
-                    .filter(|s| &s.channel == log.name())
+                    .filter(|s| &s.channel == channel.name())
                     .map(|s| {
                         let next = s.next_offset.load(Ordering::Relaxed);
                         let ack_floor = s.ack_floor.load(Ordering::Relaxed);
+                        let partition_next = next_offsets.get(s.partition as usize).copied().unwrap_or(next);
                         crate::protocol::SubscriptionStats {
                             durable_name: s.durable_name.clone().unwrap_or_default(),
-                            lag: log_stats.next_offset.saturating_sub(ack_floor),
+                            partition: s.partition,
+                            lag: partition_next.saturating_sub(ack_floor),
                             inflight: next.saturating_sub(ack_floor),
                         }
                     })
                     .collect();
+                let counters =
+                    logs.iter().map(|log| log.counters()).fold(LogCounters::default(), |total, c| LogCounters {
+                        messages_appended: total.messages_appended + c.messages_appended,
+                        bytes_appended: total.bytes_appended + c.bytes_appended,
+                        ..total
+                    });
                 crate::protocol::ChannelStats {
-                    name: log.name().to_string(),
+                    name: channel.name().to_string(),
                     messages_appended: counters.messages_appended,
                     bytes_appended: counters.bytes_appended,
-                    next_offset: log_stats.next_offset,
-                    size_bytes: log_stats.size_bytes,
+                    // Summed over partitions: the messages the channel has
+                    // ever stored.
+                    next_offset: next_offsets.iter().sum(),
+                    size_bytes: logs.iter().map(|log| log.stats().size_bytes).sum(),
                     subscriptions,
                 }
             })
@@ -299,48 +304,58 @@ impl Broker {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
-    /// Every channel with its live subscriptions.
+    /// Every channel, each partition's range, and every subscription's
+    /// position per partition (live ones, and durable ones with nobody
+    /// connected).
     pub fn channel_infos(&self) -> Vec<ChannelInfo> {
-        let subscriptions: Vec<Arc<SubscriptionStatus>> =
-            self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let subscriptions = self.subscription_statuses();
         self.store
-            .logs()
+            .channels()
             .iter()
-            // Partition 0 until the listing carries partitions.
-            .filter(|log| log.partition() == 0)
-            .map(|log| {
-                let stats = log.stats();
-                let live = subscriptions.iter().filter(|s| &s.channel == log.name()).map(|s| {
-                    let ack_floor = s.ack_floor.load(Ordering::Relaxed);
-                    SubscriptionInfo {
-                        durable_name: s.durable_name.clone().unwrap_or_default(),
-                        next_offset: s.next_offset.load(Ordering::Relaxed),
-                        acked_offset: ack_floor.checked_sub(1),
-                        lag: stats.next_offset.saturating_sub(ack_floor),
-                    }
-                });
-                let mut live: Vec<SubscriptionInfo> = live.collect();
+            .map(|channel| {
+                let partitions: Vec<PartitionInfo> = channel
+                    .partitions()
+                    .iter()
+                    .map(|log| {
+                        let stats = log.stats();
+                        PartitionInfo {
+                            start_offset: stats.start_offset,
+                            next_offset: stats.next_offset,
+                            size_bytes: stats.size_bytes,
+                            segment_count: stats.segment_count,
+                        }
+                    })
+                    .collect();
+                let next_of = |partition: u32| partitions.get(partition as usize).map_or(0, |p| p.next_offset);
+                let mut live: Vec<SubscriptionInfo> = subscriptions
+                    .iter()
+                    .filter(|s| &s.channel == channel.name())
+                    .map(|s| {
+                        let ack_floor = s.ack_floor.load(Ordering::Relaxed);
+                        SubscriptionInfo {
+                            durable_name: s.durable_name.clone().unwrap_or_default(),
+                            partition: s.partition,
+                            next_offset: s.next_offset.load(Ordering::Relaxed),
+                            acked_offset: ack_floor.checked_sub(1),
+                            lag: next_of(s.partition).saturating_sub(ack_floor),
+                        }
+                    })
+                    .collect();
                 // Durable subscriptions with nobody connected still have a
                 // position, and their lag is what an operator looks for.
-                for (durable_name, resume_at) in self.offsets.for_channel(log.name().as_str()) {
-                    if live.iter().any(|s| s.durable_name == durable_name) {
+                for ((durable_name, partition), resume_at) in self.offsets.for_channel(channel.name().as_str()) {
+                    if live.iter().any(|s| s.durable_name == durable_name && s.partition == partition) {
                         continue;
                     }
                     live.push(SubscriptionInfo {
                         durable_name,
+                        partition,
                         next_offset: resume_at,
                         acked_offset: resume_at.checked_sub(1),
-                        lag: stats.next_offset.saturating_sub(resume_at),
+                        lag: next_of(partition).saturating_sub(resume_at),
                     });
                 }
-                ChannelInfo {
-                    name: log.name().to_string(),
-                    start_offset: stats.start_offset,
-                    next_offset: stats.next_offset,
-                    size_bytes: stats.size_bytes,
-                    segment_count: stats.segment_count,
-                    subscriptions: live,
-                }
+                ChannelInfo { name: channel.name().to_string(), partitions, subscriptions: live }
             })
             .collect()
     }

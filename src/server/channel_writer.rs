@@ -42,12 +42,14 @@ pub(crate) struct Reply {
     /// publish's share of them.
     pub inflight_bytes: Arc<AtomicU64>,
     pub body_bytes: u64,
+    /// The protocol version of the connection to answer.
+    pub version: u16,
 }
 
 impl Reply {
     pub fn send(mut self, response: Response) {
         if let Some(permit) = self.permit.take() {
-            permit.send(Outbound::Frame(response.encode(self.correlation_id)));
+            permit.send(Outbound::Frame(response.encode_for(self.version, self.correlation_id)));
         }
         metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
     }
@@ -221,6 +223,7 @@ async fn commit_group(
             (Plan::Reject(code, message), _) => Response::Error { code: code as u16, message },
             (Plan::Append { .. }, Err(error)) => storage_error(error),
             (Plan::Append { first_offset, count }, Ok(_)) => Response::PublishAck {
+                partition: log.partition(),
                 first_offset,
                 count: count as u32,
                 timestamp_us: timestamp_us.unwrap_or_default(),
@@ -229,6 +232,7 @@ async fn commit_group(
             // The original was part of this group, which was not stored.
             (Plan::Duplicate { first_offset, .. }, Err(error)) if first_offset >= base_offset => storage_error(error),
             (Plan::Duplicate { first_offset, count, timestamp_us: known }, _) => Response::PublishAck {
+                partition: log.partition(),
                 first_offset,
                 count: count as u32,
                 timestamp_us: known.or(timestamp_us).unwrap_or_default(),

@@ -21,17 +21,17 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, ChannelError, SubscriptionStatus};
+use super::broker::{Broker, ChannelError, PartitionHandle, SubscriptionStatus};
 use super::channel_writer::{AppendRequest, Reply};
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
 use crate::protocol::{
     self, BackpressureReason, DecodeError, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader,
-    FrameType, NameField, PROTOCOL_VERSION, ProducerSequence, Request, Response, StartPosition,
+    FrameType, NameField, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, ProducerSequence, Request, Response, StartPosition,
 };
 use crate::record::Message;
-use crate::storage::{ChannelName, ChannelSettings, StorageError};
+use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError};
 
 /// Room in the response queue beyond the publish window, for answers to
 /// other requests.
@@ -52,10 +52,27 @@ enum Flow {
     Close,
 }
 
+/// A live subscription: one cursor per partition it reads, ended together.
 struct SubscriptionHandle {
     cancel: CancellationToken,
+    partitions: HashMap<u32, PartitionCursor>,
+}
+
+/// A subscription's cursor in one partition, as the connection sees it.
+struct PartitionCursor {
     ack_floor: watch::Sender<u64>,
     status: Arc<SubscriptionStatus>,
+}
+
+/// The fields of a SUBSCRIBE.
+struct SubscribeRequest {
+    subscription_id: u32,
+    channel: String,
+    partition: Option<u32>,
+    start: StartPosition,
+    durable_name: Option<String>,
+    group: Option<String>,
+    max_inflight: u32,
 }
 
 struct Connection {
@@ -67,6 +84,12 @@ struct Connection {
     inflight_publishes: Arc<AtomicU32>,
     inflight_publish_bytes: Arc<AtomicU64>,
     handshaken: bool,
+    /// The protocol version agreed in HELLO (the newest before it, which
+    /// only HELLO's layout depends on, and it has one).
+    version: u16,
+    /// The partition the next publish that names none and has no key goes
+    /// to, round robin per connection.
+    next_keyless_partition: u32,
     cancel: CancellationToken,
     peer: String,
 }
@@ -97,6 +120,8 @@ pub(crate) async fn serve(
         inflight_publishes: Arc::new(AtomicU32::new(0)),
         inflight_publish_bytes: Arc::new(AtomicU64::new(0)),
         handshaken: false,
+        version: PROTOCOL_VERSION,
+        next_keyless_partition: 0,
         cancel: cancel.clone(),
         peer,
     };
@@ -151,7 +176,7 @@ impl Connection {
                     let message = format!("batch of {count} records exceeds max_batch_records = {records_max}");
                     self.error(header.correlation_id, ErrorCode::BatchTooLarge, message).await
                 }
-                Ok(Some((header, body))) => match Request::decode(header.frame_type, body) {
+                Ok(Some((header, body))) => match Request::decode_for(self.version, header.frame_type, body) {
                     Ok(request) => self.handle(header.correlation_id, request).await,
                     Err(error @ DecodeError::NameNotUtf8 { field, .. }) => {
                         self.name_not_utf8(header, field, error.to_string()).await
@@ -266,10 +291,10 @@ impl Connection {
                 self.hello(correlation_id, version_min, version_max, &client_name, &auth_token).await
             }
             Request::Ping => self.respond(correlation_id, Response::Pong).await,
-            Request::Publish { channel, producer, message } => {
-                self.publish(correlation_id, &channel, producer, vec![message]).await
+            Request::Publish { channel, partition, producer, message } => {
+                self.publish(correlation_id, &channel, partition, producer, vec![message]).await
             }
-            Request::PublishBatch { channel, producer, messages } => {
+            Request::PublishBatch { channel, partition, producer, messages } => {
                 let records_max = self.broker.limits.max_batch_records as usize;
                 if messages.len() > records_max {
                     Stats::add(&self.broker.stats.publishes_rejected_too_large, 1);
@@ -277,12 +302,16 @@ impl Connection {
                         format!("batch of {} records exceeds max_batch_records = {records_max}", messages.len());
                     return self.error(correlation_id, ErrorCode::BatchTooLarge, message).await;
                 }
-                self.publish(correlation_id, &channel, producer, messages).await
+                self.publish(correlation_id, &channel, partition, producer, messages).await
             }
-            Request::Subscribe { subscription_id, channel, start, durable_name, max_inflight } => {
-                self.subscribe(correlation_id, subscription_id, &channel, start, durable_name, max_inflight).await
+            Request::Subscribe { subscription_id, channel, partition, start, durable_name, group, max_inflight } => {
+                let request =
+                    SubscribeRequest { subscription_id, channel, partition, start, durable_name, group, max_inflight };
+                self.subscribe(correlation_id, request).await
             }
-            Request::Ack { subscription_id, offset } => self.ack(correlation_id, subscription_id, offset).await,
+            Request::Ack { subscription_id, partition, offset } => {
+                self.ack(correlation_id, subscription_id, partition, offset).await
+            }
             Request::Unsubscribe { subscription_id } => match self.subscriptions.remove(&subscription_id) {
                 Some(subscription) => {
                     subscription.cancel.cancel();
@@ -290,13 +319,20 @@ impl Connection {
                 }
                 None => self.unknown_subscription(correlation_id, subscription_id).await,
             },
-            Request::Fetch { channel, offset, max_messages, max_bytes } => {
-                self.fetch(correlation_id, &channel, offset, max_messages, max_bytes).await
+            Request::Fetch { channel, partition, offset, max_messages, max_bytes } => {
+                self.fetch(correlation_id, &channel, partition, offset, max_messages, max_bytes).await
             }
-            Request::CreateChannel { channel, retention } => {
+            Request::AlterChannel { channel, partitions } => {
+                let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                match self.broker.increase_partitions(&name, partitions) {
+                    Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
+                    Err(error) => self.channel_error(correlation_id, &name, error).await,
+                }
+            }
+            Request::CreateChannel { channel, retention, partitions } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
                 let settings = ChannelSettings {
-                    partitions: None,
+                    partitions,
                     retention_max_bytes: retention.max_bytes,
                     retention_max_age_secs: retention.max_age_secs,
                     retention_max_messages: retention.max_messages,
@@ -335,9 +371,11 @@ impl Connection {
         if self.handshaken {
             return self.protocol_error(correlation_id, "HELLO sent twice".into());
         }
-        if !(version_min..=version_max).contains(&PROTOCOL_VERSION) {
+        // The newest version both sides speak.
+        let version = version_max.min(PROTOCOL_VERSION);
+        if version < version_min.max(PROTOCOL_VERSION_MIN) {
             let message = format!(
-                "client asked for protocol versions {version_min}..={version_max}; this server speaks {PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+                "client asked for protocol versions {version_min}..={version_max}; this server speaks {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION}"
             );
             self.fail(correlation_id, ErrorCode::UnsupportedVersion, message);
             return Flow::Close;
@@ -350,9 +388,10 @@ impl Connection {
             return Flow::Close;
         }
         self.handshaken = true;
-        tracing::debug!(peer = %self.peer, client = client_name, "handshake complete");
+        self.version = version;
+        tracing::debug!(peer = %self.peer, client = client_name, version, "handshake complete");
         let welcome = Response::Welcome {
-            version: PROTOCOL_VERSION,
+            version,
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             limits: self.broker.limits,
         };
@@ -363,6 +402,7 @@ impl Connection {
         &mut self,
         correlation_id: u32,
         channel: &str,
+        partition: Option<u32>,
         producer: Option<ProducerSequence>,
         messages: Vec<Message>,
     ) -> Flow {
@@ -389,6 +429,19 @@ impl Connection {
             let message = format!("sequence {} + {} overflows u64", producer.sequence, messages.len());
             return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
         }
+        // The partition, chosen before the channel is looked up (and so
+        // auto-created): a publish refused for its partition creates
+        // nothing.
+        let count = match self.broker.store.channel(&name) {
+            Some(channel) => channel.partition_count(),
+            None => self.broker.store.partitions_for_new(&name),
+        };
+        let partition = match self.choose_partition(partition, &messages, count) {
+            Ok(partition) => partition,
+            Err((code, message)) => {
+                return self.error(correlation_id, code, format!("channel {name}: {message}")).await;
+            }
+        };
         let window = self.broker.limits.max_inflight_publishes;
         if self.inflight_publishes.load(Ordering::Acquire) >= window {
             Stats::add(&stats.publishes_rejected_inflight, 1);
@@ -412,7 +465,7 @@ impl Connection {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
-        let handle = match handle.partition(0) {
+        let handle = match handle.partition(partition) {
             Ok(handle) => handle,
             Err(error) => return self.storage_error(correlation_id, error).await,
         };
@@ -430,6 +483,7 @@ impl Connection {
             inflight: Arc::clone(&self.inflight_publishes),
             inflight_bytes: Arc::clone(&self.inflight_publish_bytes),
             body_bytes,
+            version: self.version,
         };
         match handle.appends.try_send(AppendRequest { messages, producer, reply }) {
             Ok(()) => {}
@@ -449,15 +503,53 @@ impl Connection {
         Flow::Continue
     }
 
-    async fn subscribe(
+    /// The partition a publish goes to: the one it names; else the one its
+    /// keyed messages map to (Kafka's partitioner); else, without keys, the
+    /// next one round robin, the whole frame together. A version 1
+    /// connection always publishes to partition 0.
+    fn choose_partition(
         &mut self,
-        correlation_id: u32,
-        subscription_id: u32,
-        channel: &str,
-        start: StartPosition,
-        durable_name: Option<String>,
-        max_inflight: u32,
-    ) -> Flow {
+        requested: Option<u32>,
+        messages: &[Message],
+        count: u32,
+    ) -> Result<u32, (ErrorCode, String)> {
+        if self.version < 2 {
+            return Ok(0);
+        }
+        if let Some(partition) = requested {
+            if partition >= count {
+                return Err((ErrorCode::UnknownPartition, format!("no partition {partition}: partitions 0..{count}")));
+            }
+            return Ok(partition);
+        }
+        if count == 1 {
+            return Ok(0);
+        }
+        let mut keyed = messages
+            .iter()
+            .filter(|message| !message.key.is_empty())
+            .map(|message| crate::partitioner::partition_for_key(&message.key, count));
+        match keyed.next() {
+            Some(first) => match keyed.find(|&partition| partition != first) {
+                None => Ok(first),
+                Some(other) => Err((
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the keys of this batch map to partitions {first} and {other}; a batch is stored in one partition: batch per partition, or name the partition"
+                    ),
+                )),
+            },
+            None => {
+                let partition = self.next_keyless_partition % count;
+                self.next_keyless_partition = self.next_keyless_partition.wrapping_add(1);
+                Ok(partition)
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, correlation_id: u32, request: SubscribeRequest) -> Flow {
+        let SubscribeRequest { subscription_id, channel, partition, start, durable_name, group, max_inflight } =
+            request;
         // Subscriptions the server ended itself (after a storage error) no
         // longer count.
         self.subscriptions.retain(|_, subscription| !subscription.cancel.is_cancelled());
@@ -476,18 +568,46 @@ impl Connection {
                 .error(correlation_id, ErrorCode::InvalidRequest, "max_inflight must be at least 1".into())
                 .await;
         }
-        let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
-        let stored = durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable));
-        // A refused request creates nothing: what would refuse this one is
-        // checked before the channel is looked up (and so auto-created). An
-        // explicit offset on a channel that does not exist yet is checked
-        // against the empty log it would become; without auto-creation the
-        // answer is UnknownChannel, and for a channel that exists but could
-        // not be opened, why (both below).
-        if let (None, StartPosition::Offset(offset @ 1..)) = (stored, start)
+        if let Some(group) = group {
+            let message = format!(
+                "consumer groups are not available in this broker yet (group {group:?}): subscribe to one partition or to all"
+            );
+            return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+        }
+        let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+        // A refused request creates nothing: everything that would refuse
+        // this one is checked before the channel is looked up (and so
+        // auto-created), against the channel it would become if it does not
+        // exist yet.
+        let exists = self.broker.store.channel(&name).is_some() || self.broker.store.unavailable(&name).is_some();
+        let count = match self.broker.store.channel(&name) {
+            Some(channel) => channel.partition_count(),
+            None => self.broker.store.partitions_for_new(&name),
+        };
+        let partitions: Vec<u32> = match partition {
+            Some(partition) if partition >= count => {
+                let message = format!("channel {name} has no partition {partition}: it has partitions 0..{count}");
+                return self.error(correlation_id, ErrorCode::UnknownPartition, message).await;
+            }
+            Some(partition) => vec![partition],
+            None if count > 1 && matches!(start, StartPosition::Offset(_)) => {
+                let message = format!(
+                    "an explicit start offset names one partition, and channel {name} has {count}: subscribe to one partition, or start at earliest, latest or a time"
+                );
+                return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+            }
+            None => (0..count).collect(),
+        };
+        let stored: Vec<Option<u64>> = partitions
+            .iter()
+            .map(|&partition| {
+                durable_name.as_deref().and_then(|durable| self.broker.offsets.get(name.as_str(), durable, partition))
+            })
+            .collect();
+        if let StartPosition::Offset(offset @ 1..) = start
+            && stored.iter().all(Option::is_none)
             && self.broker.config.auto_create_channels
-            && self.broker.store.channel(&name).is_none()
-            && self.broker.store.unavailable(&name).is_none()
+            && !exists
         {
             let message = format!(
                 "offset {offset} is out of range for channel {name}: it does not exist, so it would hold offsets 0..0"
@@ -497,7 +617,7 @@ impl Connection {
         // A new durable name past the broker's limit (checked again when it
         // is recorded, should another connection take the last slot first).
         if durable_name.is_some()
-            && stored.is_none()
+            && stored.iter().any(Option::is_none)
             && let Err(error) = self.broker.offsets.has_room()
         {
             return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
@@ -506,61 +626,124 @@ impl Connection {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
-        let handle = match handle.partition(0) {
-            Ok(handle) => handle,
-            Err(error) => return self.storage_error(correlation_id, error).await,
-        };
-        let log = Arc::clone(&handle.log);
-        let first_offset = match (stored, start) {
-            // Never past the end: recovery may have cut records it had seen.
-            (Some(resume_at), _) if resume_at > log.next_offset() => {
-                let next = log.next_offset();
-                if let Some(durable) = &durable_name {
-                    self.broker.offsets.rewind(name.as_str(), durable, next);
-                }
-                next
-            }
-            (Some(resume_at), _) => resume_at,
-            (None, StartPosition::Earliest) => log.start_offset(),
-            (None, StartPosition::Latest) => log.next_offset(),
-            (None, StartPosition::Offset(offset)) => {
-                let (start, next) = (log.start_offset(), log.next_offset());
-                if offset < start || offset > next {
-                    let message =
-                        format!("offset {offset} is out of range for channel {name}: it holds offsets {start}..{next}");
-                    return self.error(correlation_id, ErrorCode::OffsetOutOfRange, message).await;
-                }
-                offset
-            }
-            (None, StartPosition::TimeUs(time_us)) => match log.offset_for_time(time_us) {
-                Ok(offset) => offset,
+        let mut starts = Vec::with_capacity(partitions.len());
+        for (&partition, &stored) in partitions.iter().zip(&stored) {
+            let partition_handle = match handle.partition(partition) {
+                Ok(partition_handle) => partition_handle,
                 Err(error) => return self.storage_error(correlation_id, error).await,
-            },
-        };
-        if let Some(durable) = &durable_name
-            && stored.is_none()
-            && let Err(error) = self.broker.offsets.record(name.as_str(), durable, first_offset)
-        {
-            return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
+            };
+            let first_offset = match self.first_offset(&partition_handle.log, stored, start, durable_name.as_deref()) {
+                Ok(first_offset) => first_offset,
+                Err((code, message)) => return self.error(correlation_id, code, message).await,
+            };
+            starts.push((partition_handle, stored, first_offset));
         }
+        if let Some(durable) = &durable_name {
+            for (partition_handle, stored, first_offset) in &starts {
+                if stored.is_none()
+                    && let Err(error) = self.broker.offsets.record(
+                        name.as_str(),
+                        durable,
+                        partition_handle.log.partition(),
+                        *first_offset,
+                    )
+                {
+                    return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
+                }
+            }
+        }
+        let subscribed = Response::Subscribed {
+            subscription_id,
+            partitions: starts
+                .iter()
+                .map(|(handle, _, first_offset)| (handle.log.partition(), *first_offset))
+                .collect(),
+        };
+        if let Flow::Close = self.respond(correlation_id, subscribed).await {
+            return Flow::Close;
+        }
+        let cancel = self.cancel.child_token();
+        let mut cursors = HashMap::with_capacity(starts.len());
+        for (partition_handle, _, first_offset) in starts {
+            let partition = partition_handle.log.partition();
+            let (ack_sender, cursor) = self.start_cursor(
+                subscription_id,
+                &name,
+                durable_name.clone(),
+                &partition_handle,
+                first_offset,
+                max_inflight,
+                cancel.clone(),
+            );
+            cursors.insert(partition, PartitionCursor { ack_floor: ack_sender, status: cursor });
+        }
+        self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions: cursors });
+        Flow::Continue
+    }
+
+    /// Where a subscription starts in one partition: its durable position
+    /// when it has one, else `start`. `Err` carries the answer to refuse
+    /// the subscription with.
+    fn first_offset(
+        &self,
+        log: &ChannelLog,
+        stored: Option<u64>,
+        start: StartPosition,
+        durable_name: Option<&str>,
+    ) -> Result<u64, (ErrorCode, String)> {
+        let (start_offset, next) = (log.start_offset(), log.next_offset());
+        match (stored, start) {
+            // Never past the end: recovery may have cut records it had seen.
+            (Some(resume_at), _) if resume_at > next => {
+                if let Some(durable) = durable_name {
+                    self.broker.offsets.rewind(log.name().as_str(), durable, log.partition(), next);
+                }
+                Ok(next)
+            }
+            (Some(resume_at), _) => Ok(resume_at),
+            (None, StartPosition::Earliest) => Ok(start_offset),
+            (None, StartPosition::Latest) => Ok(next),
+            (None, StartPosition::Offset(offset)) if offset < start_offset || offset > next => Err((
+                ErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {offset} is out of range for channel {}: it holds offsets {start_offset}..{next}",
+                    log.label()
+                ),
+            )),
+            (None, StartPosition::Offset(offset)) => Ok(offset),
+            (None, StartPosition::TimeUs(time_us)) => {
+                log.offset_for_time(time_us).map_err(|error| (super::storage_error_code(&error), error.to_string()))
+            }
+        }
+    }
+
+    /// Starts the delivery task of one partition of a subscription.
+    #[allow(clippy::too_many_arguments)]
+    fn start_cursor(
+        &self,
+        subscription_id: u32,
+        name: &ChannelName,
+        durable_name: Option<String>,
+        partition: &PartitionHandle,
+        first_offset: u64,
+        max_inflight: u32,
+        cancel: CancellationToken,
+    ) -> (watch::Sender<u64>, Arc<SubscriptionStatus>) {
         let status = Arc::new(SubscriptionStatus {
             channel: name.clone(),
-            durable_name: durable_name.clone(),
+            partition: partition.log.partition(),
+            durable_name,
             next_offset: AtomicU64::new(first_offset),
             ack_floor: AtomicU64::new(first_offset),
         });
         let (ack_sender, ack_floor) = watch::channel(first_offset);
-        let cancel = self.cancel.child_token();
-        if let Flow::Close = self.respond(correlation_id, Response::Subscribed { subscription_id, first_offset }).await
-        {
-            return Flow::Close;
-        }
         let config = &self.broker.config;
         let subscription = Subscription {
             subscription_id,
-            log,
-            tail: handle.tail.clone(),
-            log_start: handle.log_start.clone(),
+            version: self.version,
+            log: Arc::clone(&partition.log),
+            tail: partition.tail.clone(),
+            log_start: partition.log_start.clone(),
             log_start_open: true,
             ack_floor,
             next_offset: first_offset,
@@ -569,7 +752,7 @@ impl Connection {
             lag_notice_threshold: config.lag_notice_threshold,
             notice_interval: Duration::from_millis(config.notice_interval_ms),
             deliveries: self.deliveries.clone(),
-            cancel: cancel.clone(),
+            cancel,
             status: Arc::clone(&status),
             stats: Arc::clone(&self.broker.stats),
             _registration: self.broker.register_subscription(Arc::clone(&status)),
@@ -577,21 +760,24 @@ impl Connection {
             last_lag_notice: None,
         };
         tokio::spawn(subscription.run());
-        self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, ack_floor: ack_sender, status });
-        Flow::Continue
+        (ack_sender, status)
     }
 
-    async fn ack(&mut self, correlation_id: u32, subscription_id: u32, offset: u64) -> Flow {
+    async fn ack(&mut self, correlation_id: u32, subscription_id: u32, partition: u32, offset: u64) -> Flow {
         if self.subscriptions.get(&subscription_id).is_some_and(|s| s.cancel.is_cancelled()) {
             self.subscriptions.remove(&subscription_id);
         }
         let Some(subscription) = self.subscriptions.get(&subscription_id) else {
             return self.unknown_subscription(correlation_id, subscription_id).await;
         };
+        let Some(cursor) = subscription.partitions.get(&partition) else {
+            let message = format!("subscription {subscription_id} does not read partition {partition}");
+            return self.error(correlation_id, ErrorCode::UnknownSubscription, message).await;
+        };
         // Acks are cumulative and can only cover what was delivered.
-        let delivered_end = subscription.status.next_offset.load(Ordering::Relaxed);
+        let delivered_end = cursor.status.next_offset.load(Ordering::Relaxed);
         let floor = offset.saturating_add(1).min(delivered_end);
-        let moved = subscription.ack_floor.send_if_modified(|current| {
+        let moved = cursor.ack_floor.send_if_modified(|current| {
             let moved = floor > *current;
             if moved {
                 *current = floor;
@@ -599,9 +785,10 @@ impl Connection {
             moved
         });
         if moved {
-            subscription.status.ack_floor.store(floor, Ordering::Relaxed);
-            if let Some(durable) = &subscription.status.durable_name
-                && let Err(error) = self.broker.offsets.record(subscription.status.channel.as_str(), durable, floor)
+            cursor.status.ack_floor.store(floor, Ordering::Relaxed);
+            if let Some(durable) = &cursor.status.durable_name
+                && let Err(error) =
+                    self.broker.offsets.record(cursor.status.channel.as_str(), durable, partition, floor)
             {
                 return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
             }
@@ -613,6 +800,7 @@ impl Connection {
         &mut self,
         correlation_id: u32,
         channel: &str,
+        partition: u32,
         offset: u64,
         max_messages: u32,
         max_bytes: u32,
@@ -626,7 +814,7 @@ impl Connection {
                 .error(correlation_id, ErrorCode::UnknownChannel, format!("channel {name} does not exist"))
                 .await;
         };
-        let log = match channel.partition(0) {
+        let log = match channel.partition(partition) {
             Ok(log) => log,
             Err(error) => return self.storage_error(correlation_id, error).await,
         };
@@ -640,7 +828,7 @@ impl Connection {
                     count: batch.count as u32,
                     records: batch.records.clone(),
                 };
-                let head = response.encode_head(correlation_id);
+                let head = response.encode_head(self.version, correlation_id);
                 self.send(Outbound::Records { head, records: batch.records }).await
             }
             Err(error) => self.storage_error(correlation_id, error).await,
@@ -670,7 +858,7 @@ impl Connection {
                 }
                 ErrorCode::InvalidChannelName
             }
-            NameField::DurableName => ErrorCode::InvalidRequest,
+            NameField::DurableName | NameField::Group => ErrorCode::InvalidRequest,
         };
         self.error(header.correlation_id, code, message).await
     }
@@ -709,7 +897,7 @@ impl Connection {
     }
 
     async fn respond(&mut self, correlation_id: u32, response: Response) -> Flow {
-        self.send(Outbound::Frame(response.encode(correlation_id))).await
+        self.send(Outbound::Frame(response.encode_for(self.version, correlation_id))).await
     }
 
     async fn send(&mut self, outbound: Outbound) -> Flow {
@@ -735,7 +923,7 @@ impl Connection {
     /// Queues a last error without waiting: the connection is closing, and
     /// a client that does not read must not hold it open.
     fn fail(&mut self, correlation_id: u32, code: ErrorCode, message: String) {
-        let frame = Response::Error { code: code as u16, message }.encode(correlation_id);
+        let frame = Response::Error { code: code as u16, message }.encode_for(self.version, correlation_id);
         let _ = self.responses.try_send(Outbound::Frame(frame));
     }
 }

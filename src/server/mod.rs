@@ -70,6 +70,9 @@ pub(crate) fn storage_error_code(error: &StorageError) -> crate::protocol::Error
         StorageError::UnknownChannel { .. } => ErrorCode::UnknownChannel,
         StorageError::ChannelExists { .. } => ErrorCode::ChannelExists,
         StorageError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
+        StorageError::UnknownPartition { .. } => ErrorCode::UnknownPartition,
+        StorageError::TooManyPartitions { .. } => ErrorCode::TooManyPartitions,
+        StorageError::PartitionCountDecrease { .. } => ErrorCode::InvalidRequest,
         error if error.is_storage_full() => ErrorCode::StorageFull,
         _ => ErrorCode::StorageError,
     }
@@ -323,43 +326,46 @@ fn publish_metrics(broker: &Broker) {
         entry.segments += stats.segment_count;
         // Offsets are per partition: the channel's gauges show partition 0
         // until the metrics carry a partition label.
+        next_offsets.insert((log.name().clone(), log.partition()), stats.next_offset);
         if log.partition() != 0 {
             continue;
         }
-        next_offsets.insert(log.name().clone(), stats.next_offset);
         entry.start_offset = stats.start_offset;
         entry.next_offset = stats.next_offset;
     }
     let mut inflight_deliveries = 0;
-    let mut durable_lags: BTreeMap<(String, String), u64> = BTreeMap::new();
+    // Per (channel label, durable name): per partition, the furthest-behind
+    // live subscription of that name, summed over partitions below.
+    let mut durable_lags: BTreeMap<(String, String), BTreeMap<u32, u64>> = BTreeMap::new();
+    let durable_labels_max = broker.config.metrics_channel_labels_max as usize;
     for subscription in broker.subscription_statuses() {
         let next = subscription.next_offset.load(Ordering::Relaxed);
         let ack_floor = subscription.ack_floor.load(Ordering::Relaxed);
         inflight_deliveries += next.saturating_sub(ack_floor);
-        let channel_next = next_offsets.get(&subscription.channel).copied().unwrap_or(next);
-        let lag = channel_next.saturating_sub(ack_floor);
+        let partition_next =
+            next_offsets.get(&(subscription.channel.clone(), subscription.partition)).copied().unwrap_or(next);
+        let lag = partition_next.saturating_sub(ack_floor);
         let label = broker.channel_labels.label(subscription.channel.as_str()).to_string();
         let entry = totals.entry(label.clone()).or_default();
         entry.subscriptions += 1;
+        let key = (label, subscription.durable_name.clone().unwrap_or_default());
         match &subscription.durable_name {
-            Some(name) if durable_lags.len() < broker.config.metrics_channel_labels_max as usize => {
-                let lag_entry = durable_lags.entry((label, name.clone())).or_default();
+            Some(_) if durable_lags.contains_key(&key) || durable_lags.len() < durable_labels_max => {
+                let lag_entry = durable_lags.entry(key).or_default().entry(subscription.partition).or_default();
                 *lag_entry = (*lag_entry).max(lag);
             }
             _ => entry.ephemeral_lag_max = entry.ephemeral_lag_max.max(lag),
         }
     }
-    for log in broker.store.logs().into_iter().filter(|log| log.partition() == 0) {
-        let next = log.next_offset();
-        let label = broker.channel_labels.label(log.name().as_str()).to_string();
-        for (name, resume_at) in broker.offsets.for_channel(log.name().as_str()) {
+    for channel in broker.store.channels() {
+        let label = broker.channel_labels.label(channel.name().as_str()).to_string();
+        for ((name, partition), resume_at) in broker.offsets.for_channel(channel.name().as_str()) {
             let key = (label.clone(), name);
-            if durable_lags.contains_key(&key)
-                || durable_lags.len() >= broker.config.metrics_channel_labels_max as usize
-            {
+            if !durable_lags.contains_key(&key) && durable_lags.len() >= durable_labels_max {
                 continue;
             }
-            durable_lags.insert(key, next.saturating_sub(resume_at));
+            let next = next_offsets.get(&(channel.name().clone(), partition)).copied().unwrap_or(resume_at);
+            durable_lags.entry(key).or_default().entry(partition).or_insert(next.saturating_sub(resume_at));
         }
     }
     for (label, total) in totals {
@@ -382,7 +388,8 @@ fn publish_metrics(broker: &Broker) {
         gauge!("weir_subscription_lag_messages", "channel" => label, "subscription" => "_ephemeral")
             .set(total.ephemeral_lag_max as f64);
     }
-    for ((channel, name), lag) in durable_lags {
+    for ((channel, name), lags) in durable_lags {
+        let lag: u64 = lags.values().sum();
         gauge!("weir_subscription_lag_messages", "channel" => channel, "subscription" => name).set(lag as f64);
     }
     gauge!("weir_inflight_deliveries").set(inflight_deliveries as f64);

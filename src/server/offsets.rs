@@ -1,4 +1,4 @@
-//! Durable subscription offsets: per (channel, durable name), the offset
+//! Durable subscription offsets: per (channel, durable name, partition), the offset
 //! its next subscription resumes at (one past its last acknowledged
 //! message; where it started, before its first ack), kept in an internal log in the same format as channels
 //! (`<data_dir>/system/offsets`) and compacted when the broker opens it.
@@ -15,19 +15,24 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::record::Message;
+use crate::record::{Header, Message, Record};
 use crate::storage::fs::FileSystem;
 use crate::storage::{ChannelLog, ChannelName, LogConfig, RetentionPolicy, StorageError};
 
 /// How often acknowledged offsets are written to the internal log.
 pub const OFFSET_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-/// Most durable subscriptions the broker remembers.
+/// Most durable positions the broker remembers (one per durable name and
+/// partition).
 pub const DURABLE_SUBSCRIPTIONS_MAX: usize = 100_000;
+/// The header naming the partition of a stored position; a record without
+/// it is partition 0's (every record written before partitions existed).
+const PARTITION_HEADER: &[u8] = b"partition";
 /// The internal log is rewritten on open when it holds more than this many
 /// records per live entry.
 const COMPACTION_RATIO: u64 = 4;
 
-type Key = (String, String);
+/// (channel, durable name, partition).
+type Key = (String, String, u32);
 
 /// The durable offsets of every channel.
 pub struct DurableOffsets {
@@ -48,15 +53,30 @@ pub struct TooManyDurables {
     pub count_max: usize,
 }
 
-fn encode_key(channel: &str, name: &str) -> Bytes {
-    Bytes::from(format!("{channel}\n{name}"))
+fn encode_entry((channel, name, partition): &Key, offset: u64) -> Message {
+    let headers = match partition {
+        0 => Vec::new(),
+        partition => vec![Header {
+            name: Bytes::from_static(PARTITION_HEADER),
+            value: Bytes::copy_from_slice(&partition.to_be_bytes()),
+        }],
+    };
+    Message {
+        key: Bytes::from(format!("{channel}\n{name}")),
+        headers,
+        payload: Bytes::copy_from_slice(&offset.to_be_bytes()),
+    }
 }
 
-fn decode_entry(key: &[u8], payload: &[u8]) -> Option<(Key, u64)> {
-    let text = std::str::from_utf8(key).ok()?;
+fn decode_entry(record: &Record) -> Option<(Key, u64)> {
+    let text = std::str::from_utf8(&record.key).ok()?;
     let (channel, name) = text.split_once('\n')?;
-    let offset = u64::from_be_bytes(payload.try_into().ok()?);
-    Some(((channel.to_owned(), name.to_owned()), offset))
+    let offset = u64::from_be_bytes(record.payload.as_ref().try_into().ok()?);
+    let partition = match record.headers.iter().find(|header| header.name == PARTITION_HEADER) {
+        Some(header) => u32::from_be_bytes(header.value.as_ref().try_into().ok()?),
+        None => 0,
+    };
+    Some(((channel.to_owned(), name.to_owned(), partition), offset))
 }
 
 impl DurableOffsets {
@@ -100,8 +120,8 @@ impl DurableOffsets {
 
     /// Where a durable subscription resumes: one past its last
     /// acknowledged offset.
-    pub fn get(&self, channel: &str, name: &str) -> Option<u64> {
-        self.lock().offsets.get(&(channel.to_owned(), name.to_owned())).copied()
+    pub fn get(&self, channel: &str, name: &str, partition: u32) -> Option<u64> {
+        self.lock().offsets.get(&(channel.to_owned(), name.to_owned(), partition)).copied()
     }
 
     /// `TooManyDurables` when no new name can be recorded: checked before
@@ -119,9 +139,9 @@ impl DurableOffsets {
     ///
     /// # Errors
     /// `TooManyDurables` when this is a new name past the limit.
-    pub fn record(&self, channel: &str, name: &str, offset: u64) -> Result<(), TooManyDurables> {
+    pub fn record(&self, channel: &str, name: &str, partition: u32, offset: u64) -> Result<(), TooManyDurables> {
         let mut state = self.lock();
-        let key = (channel.to_owned(), name.to_owned());
+        let key = (channel.to_owned(), name.to_owned(), partition);
         if !state.offsets.contains_key(&key) && state.offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
             return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
         }
@@ -136,9 +156,9 @@ impl DurableOffsets {
     /// Moves a durable position back to `offset` (recovery cut the channel
     /// below where it was): unlike [`DurableOffsets::record`], this may go
     /// backwards, so that acks of the records appended since count again.
-    pub fn rewind(&self, channel: &str, name: &str, offset: u64) {
+    pub fn rewind(&self, channel: &str, name: &str, partition: u32, offset: u64) {
         let mut state = self.lock();
-        let key = (channel.to_owned(), name.to_owned());
+        let key = (channel.to_owned(), name.to_owned(), partition);
         if let Some(entry) = state.offsets.get_mut(&key)
             && *entry > offset
         {
@@ -147,9 +167,14 @@ impl DurableOffsets {
         }
     }
 
-    /// All durable offsets of `channel`, by name.
-    pub fn for_channel(&self, channel: &str) -> BTreeMap<String, u64> {
-        self.lock().offsets.iter().filter(|((c, _), _)| c == channel).map(|((_, n), &o)| (n.clone(), o)).collect()
+    /// All durable positions of `channel`, by name and partition.
+    pub fn for_channel(&self, channel: &str) -> BTreeMap<(String, u32), u64> {
+        self.lock()
+            .offsets
+            .iter()
+            .filter(|((c, _, _), _)| c == channel)
+            .map(|((_, name, partition), &offset)| ((name.clone(), *partition), offset))
+            .collect()
     }
 
     /// Appends every changed entry as one batch (and syncs it under the
@@ -166,14 +191,7 @@ impl DurableOffsets {
         if entries.is_empty() {
             return Ok(());
         }
-        let messages: Vec<Message> = entries
-            .iter()
-            .map(|((channel, name), offset)| Message {
-                key: encode_key(channel, name),
-                payload: Bytes::copy_from_slice(&offset.to_be_bytes()),
-                ..Message::default()
-            })
-            .collect();
+        let messages: Vec<Message> = entries.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
         let log = Arc::clone(&self.log.lock().unwrap_or_else(|p| p.into_inner()));
         if let Err(error) = log.append_batch(&messages) {
             let mut state = self.lock();
@@ -211,7 +229,7 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
                 position: 0,
                 reason,
             })?;
-            match decode_entry(&record.key, &record.payload) {
+            match decode_entry(&record) {
                 Some((key, offset)) => {
                     offsets.insert(key, offset);
                 }
@@ -241,14 +259,7 @@ fn compact(
     }
     {
         let fresh = ChannelLog::open(Arc::clone(fs), &fresh_dir, name.clone(), config.clone())?;
-        let messages: Vec<Message> = offsets
-            .iter()
-            .map(|((channel, durable), offset)| Message {
-                key: encode_key(channel, durable),
-                payload: Bytes::copy_from_slice(&offset.to_be_bytes()),
-                ..Message::default()
-            })
-            .collect();
+        let messages: Vec<Message> = offsets.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
         for chunk in messages.chunks(10_000) {
             fresh.append_batch(chunk)?;
         }

@@ -19,6 +19,8 @@ use crate::storage::{ChannelLog, ReadBatch, StorageError};
 /// Everything a delivery task needs.
 pub(crate) struct Subscription {
     pub subscription_id: u32,
+    /// The connection's protocol version, which frames are encoded in.
+    pub version: u16,
     pub log: Arc<ChannelLog>,
     /// The channel's next offset, advanced by its writer after each append.
     pub tail: watch::Receiver<u64>,
@@ -104,10 +106,11 @@ impl Subscription {
     async fn deliver(&mut self, batch: ReadBatch) -> bool {
         let response = Response::Deliver {
             subscription_id: self.subscription_id,
+            partition: self.log.partition(),
             count: batch.count as u32,
             records: batch.records.clone(),
         };
-        let head = response.encode_head(0);
+        let head = response.encode_head(self.version, 0);
         // Published before the frame is queued: a client may ack a record
         // the moment it arrives, and an ack counts only up to what this
         // says was delivered.
@@ -125,14 +128,16 @@ impl Subscription {
         self.status.next_offset.store(start, Ordering::Relaxed);
         Stats::add(&self.stats.skipped_notices, 1);
         let notice = Notice::Skipped { skipped, resume_offset: start };
-        self.send(Outbound::Frame(Response::Notice { subscription_id: self.subscription_id, notice }.encode(0))).await
+        self.send_notice(notice).await
     }
 
     async fn stop_on_error(&mut self, error: StorageError) {
-        tracing::error!(channel = %self.log.name(), subscription = self.subscription_id, %error, "delivery stopped");
+        tracing::error!(channel = %self.log.name(), partition = self.log.partition(), subscription = self.subscription_id, %error, "delivery stopped");
         let message = format!("subscription {} stopped: {error}", self.subscription_id);
-        let mut frames = Response::Error { code: super::storage_error_code(&error) as u16, message }.encode(0);
-        frames.extend_from_slice(&Response::Unsubscribed { subscription_id: self.subscription_id }.encode(0));
+        let error = Response::Error { code: super::storage_error_code(&error) as u16, message };
+        let mut frames = error.encode_for(self.version, 0);
+        let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id };
+        frames.extend_from_slice(&unsubscribed.encode_for(self.version, 0));
         // One item, so that nothing comes between the ERROR and the
         // UNSUBSCRIBED it explains, queued behind the deliveries already
         // sent (the good records before a damaged one reach the client
@@ -147,6 +152,12 @@ impl Subscription {
         if !queued {
             self.cancel.cancel();
         }
+    }
+
+    async fn send_notice(&self, notice: Notice) -> bool {
+        let notice =
+            Response::Notice { subscription_id: self.subscription_id, partition: self.log.partition(), notice };
+        self.send(Outbound::Frame(notice.encode_for(self.version, 0))).await
     }
 
     async fn send(&self, outbound: Outbound) -> bool {
@@ -210,7 +221,6 @@ impl Subscription {
         self.last_lag_notice = Some(now);
         Stats::add(&self.stats.lag_notices, 1);
         let notice = Notice::Lag { lag, next_offset };
-        let frame = Response::Notice { subscription_id: self.subscription_id, notice }.encode(0);
-        self.send(Outbound::Frame(frame)).await.then_some(now + self.notice_interval)
+        self.send_notice(notice).await.then_some(now + self.notice_interval)
     }
 }

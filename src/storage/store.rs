@@ -159,6 +159,12 @@ impl Store {
         self.channels.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
+    /// The partitions the channel `name` gets if it is created now without
+    /// a count.
+    pub fn partitions_for_new(&self, name: &ChannelName) -> u32 {
+        self.config.channel_partitions.get(name.as_str()).copied().unwrap_or(self.config.default_partitions)
+    }
+
     /// The channel `name`, created with its configured settings if missing.
     ///
     /// # Errors
