@@ -105,11 +105,11 @@ async fn latency(addr: &str, rate: u64, seconds: u64, size: usize) -> anyhow::Re
         let mut received = 0;
         while received < total {
             let Some(event) = subscriber.next().await else { anyhow::bail!("subscription ended") };
-            if let Event::Message(record) = event? {
+            if let Event::Message { partition, record } = event? {
                 let now = origin.elapsed().as_nanos() as u64;
                 let intended = u64::from_be_bytes(record.payload[..8].try_into()?);
                 histogram.record(now.saturating_sub(intended).max(1))?;
-                subscriber.ack(record.offset).await?;
+                subscriber.ack_partition(partition, record.offset).await?;
                 received += 1;
             }
         }
@@ -194,7 +194,12 @@ async fn publish_batches(addr: &str, megabytes: u64, batch: usize, size: usize) 
             let answer: tokio::sync::oneshot::Receiver<_> = pending.pop_front().expect("pending");
             expect_ack(answer.await?)?;
         }
-        let request = Request::PublishBatch { channel: "batch".into(), producer: None, messages: messages.clone() };
+        let request = Request::PublishBatch {
+            channel: "batch".into(),
+            partition: None,
+            producer: None,
+            messages: messages.clone(),
+        };
         pending.push_back(connection_send(&connection, request).await?);
     }
     for answer in pending {
@@ -232,7 +237,12 @@ async fn catch_up(addr: &str, megabytes: u64, size: usize) -> anyhow::Result<()>
     let messages: Vec<Message> = (0..1000).map(|_| Message::from_payload(body.clone())).collect();
     let batches = megabytes * 1024 * 1024 / (1000 * size) as u64;
     for _ in 0..batches {
-        let request = Request::PublishBatch { channel: "backlog".into(), producer: None, messages: messages.clone() };
+        let request = Request::PublishBatch {
+            channel: "backlog".into(),
+            partition: None,
+            producer: None,
+            messages: messages.clone(),
+        };
         expect_ack(connection.request(request).await)?;
     }
     let total = batches * 1000;
@@ -244,11 +254,11 @@ async fn catch_up(addr: &str, megabytes: u64, size: usize) -> anyhow::Result<()>
     let mut bytes = 0u64;
     while received < total {
         let Some(event) = subscriber.next().await else { anyhow::bail!("subscription ended") };
-        if let Event::Message(record) = event? {
+        if let Event::Message { partition, record } = event? {
             received += 1;
             bytes += record.payload.len() as u64;
             if received.is_multiple_of(4096) || received == total {
-                subscriber.ack(record.offset).await?;
+                subscriber.ack_partition(partition, record.offset).await?;
             }
         }
     }

@@ -89,7 +89,9 @@ enum Command {
     },
     /// List channels: offsets, size, segments, subscriptions and their lag.
     Channels {
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
+        #[command(subcommand)]
+        action: Option<ChannelsAction>,
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR, global = true)]
         addr: String,
     },
     /// Broker counters, per-channel rates and subscriber lag, from two
@@ -109,6 +111,30 @@ enum Command {
         /// which the broker repairs; under "always" that is corruption.
         #[arg(long, value_enum, default_value = "always")]
         fsync: FsyncArg,
+    },
+}
+
+/// What `weir channels` does besides listing.
+#[derive(Subcommand)]
+enum ChannelsAction {
+    /// Create a channel with explicit settings.
+    Create {
+        channel: String,
+        /// Partitions (default: the broker's default_partitions).
+        #[arg(long)]
+        partitions: Option<u32>,
+        #[arg(long)]
+        retention_max_bytes: Option<u64>,
+        #[arg(long)]
+        retention_max_age_secs: Option<u64>,
+        #[arg(long)]
+        retention_max_messages: Option<u64>,
+    },
+    /// Raise a channel's partition count (never lowered).
+    Alter {
+        channel: String,
+        #[arg(long)]
+        partitions: u32,
     },
 }
 
@@ -144,7 +170,8 @@ fn main() -> ExitCode {
         Command::Subscribe { channel, partition, from, durable, count, addr } => {
             run_async(subscribe(addr, channel, partition, from, durable, count))
         }
-        Command::Channels { addr } => run_async(channels(addr)),
+        Command::Channels { action: None, addr } => run_async(channels(addr)),
+        Command::Channels { action: Some(action), addr } => run_async(channels_admin(addr, action)),
         Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
     };
     match result {
@@ -383,6 +410,36 @@ async fn subscribe(
     }
     // Let the last ack reach the broker before the connection closes.
     let _ = connection.request(Request::Ping).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn channels_admin(addr: String, action: ChannelsAction) -> anyhow::Result<ExitCode> {
+    let connection = Connection::connect(&addr, "weir-cli").await?;
+    if connection.protocol_version() < 2 {
+        bail!("the broker speaks protocol version 1, which has no partitions");
+    }
+    let (request, done) = match action {
+        ChannelsAction::Create {
+            channel,
+            partitions,
+            retention_max_bytes,
+            retention_max_age_secs,
+            retention_max_messages,
+        } => {
+            let retention = weir::protocol::ChannelRetention {
+                max_bytes: retention_max_bytes,
+                max_age_secs: retention_max_age_secs,
+                max_messages: retention_max_messages,
+            };
+            (Request::CreateChannel { channel: channel.clone(), retention, partitions }, format!("created {channel}"))
+        }
+        ChannelsAction::Alter { channel, partitions } => (
+            Request::AlterChannel { channel: channel.clone(), partitions },
+            format!("{channel} has {partitions} partitions"),
+        ),
+    };
+    connection.request(request).await?;
+    println!("{done}");
     Ok(ExitCode::SUCCESS)
 }
 

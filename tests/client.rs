@@ -90,7 +90,9 @@ async fn publish_range(
 async fn read_all(addr: &str, channel: &str, expected: usize) -> Vec<Record> {
     let connection = within("connect", Connection::connect(addr, "reader")).await.expect("connects");
     let next_offset = match within("CHANNELS", connection.request(Request::ListChannels)).await.expect("answered") {
-        Response::Channels { channels } => channels.iter().find(|c| c.name == channel).map_or(0, |c| c.next_offset),
+        Response::Channels { channels } => {
+            channels.iter().find(|c| c.name == channel).map_or(0, |c| c.partitions[0].next_offset)
+        }
         other => panic!("expected CHANNELS, got {other:?}"),
     };
     assert_eq!(next_offset, expected as u64, "messages stored in {channel}");
@@ -99,11 +101,12 @@ async fn read_all(addr: &str, channel: &str, expected: usize) -> Vec<Record> {
     let mut records = Vec::with_capacity(expected);
     while records.len() < expected {
         match within("a delivery", subscriber.next()).await {
-            Some(Ok(Event::Message(record))) => {
+            Some(Ok(Event::Message { partition, record })) => {
+                assert_eq!(partition, 0, "{channel} has one partition");
                 within("ack", subscriber.ack(record.offset)).await.expect("acked");
                 records.push(record);
             }
-            Some(Ok(Event::Notice(_))) => {}
+            Some(Ok(Event::Notice { .. })) => {}
             Some(Err(error)) => panic!("the subscription failed: {error}"),
             None => panic!("the subscription ended"),
         }
@@ -138,6 +141,7 @@ fn check_publisher(publisher_index: usize, results: &[Result<Receipt, ClientErro
         assert_eq!(record.offset, receipt.offset, "publisher {publisher_index}: offset of message {i}");
         assert_eq!(record.timestamp_us, receipt.timestamp_us, "publisher {publisher_index}: timestamp of message {i}");
         assert!(!receipt.duplicate, "publisher {publisher_index}: message {i} was never sent twice");
+        assert_eq!(receipt.partition, 0, "publisher {publisher_index}: partition of message {i}");
     }
     ok.len()
 }
@@ -326,7 +330,7 @@ async fn fake_broker() -> FakeBroker {
                             limits: limits(),
                         }),
                         Request::Subscribe { subscription_id, .. } => {
-                            Some(Response::Subscribed { subscription_id: *subscription_id, first_offset: 0 })
+                            Some(Response::Subscribed { subscription_id: *subscription_id, partitions: vec![(0, 0)] })
                         }
                         Request::Unsubscribe { subscription_id } => {
                             Some(Response::Unsubscribed { subscription_id: *subscription_id })
@@ -367,7 +371,11 @@ impl FakeBroker {
 
 fn lag_notices(subscription_id: u32, count: usize) -> Vec<Response> {
     (0..count)
-        .map(|i| Response::Notice { subscription_id, notice: Notice::Lag { lag: i as u64 + 1, next_offset: 7 } })
+        .map(|i| Response::Notice {
+            subscription_id,
+            partition: 0,
+            notice: Notice::Lag { lag: i as u64 + 1, next_offset: 7 },
+        })
         .collect()
 }
 
@@ -388,7 +396,9 @@ async fn ping(connection: &Connection) {
 async fn expect_notices(subscriber: &mut Subscriber, count: usize) {
     for i in 0..count {
         match within("a notice", subscriber.next()).await {
-            Some(Ok(Event::Notice(Notice::Lag { lag, .. }))) => assert_eq!(lag, i as u64 + 1, "notices in order"),
+            Some(Ok(Event::Notice { partition: 0, notice: Notice::Lag { lag, .. } })) => {
+                assert_eq!(lag, i as u64 + 1, "notices in order")
+            }
             other => panic!("expected notice {i}, got {other:?}"),
         }
     }

@@ -54,7 +54,12 @@ fn message(i: u64) -> Message {
 async fn publish(connection: &Connection, channel: &str, i: u64) -> Result<Response, ClientError> {
     within(
         "a publish answer",
-        connection.request(Request::Publish { channel: channel.into(), producer: None, message: message(i) }),
+        connection.request(Request::Publish {
+            channel: channel.into(),
+            partition: None,
+            producer: None,
+            message: message(i),
+        }),
     )
     .await
 }
@@ -69,8 +74,11 @@ fn server_code(result: &Result<Response, ClientError>) -> Option<ErrorCode> {
 async fn next_record(subscriber: &mut Subscriber) -> Result<Record, ClientError> {
     loop {
         match within("a delivery", subscriber.next()).await {
-            Some(Ok(Event::Message(record))) => return Ok(record),
-            Some(Ok(Event::Notice(_))) => continue,
+            Some(Ok(Event::Message { partition, record })) => {
+                assert_eq!(partition, 0, "every channel here has one partition");
+                return Ok(record);
+            }
+            Some(Ok(Event::Notice { .. })) => continue,
             Some(Err(error)) => return Err(error),
             None => panic!("the subscription ended without an error"),
         }
@@ -164,7 +172,13 @@ async fn a_damaged_record_is_delivered_around_never_through() {
     }
 
     // FETCH likewise: the good records first, then the error.
-    let fetch = |offset| Request::Fetch { channel: "orders".into(), offset, max_messages: 100, max_bytes: 1 << 20 };
+    let fetch = |offset| Request::Fetch {
+        channel: "orders".into(),
+        partition: 0,
+        offset,
+        max_messages: 100,
+        max_bytes: 1 << 20,
+    };
     match within("FETCH", connection.request(fetch(0))).await.unwrap() {
         Response::FetchResult { next_offset, count, .. } => assert_eq!((next_offset, count), (12, 12)),
         other => panic!("expected FETCH_RESULT, got {other:?}"),
@@ -222,8 +236,13 @@ async fn a_channel_that_cannot_be_opened_is_refused_while_the_others_are_served(
 
     let server = common::start(test_config(&dir)).await;
     let connection = Connection::connect(&addr(&server), "unavailable").await.unwrap();
-    let fetch =
-        |channel: &str| Request::Fetch { channel: channel.into(), offset: 0, max_messages: 10, max_bytes: 1 << 20 };
+    let fetch = |channel: &str| Request::Fetch {
+        channel: channel.into(),
+        partition: 0,
+        offset: 0,
+        max_messages: 10,
+        max_bytes: 1 << 20,
+    };
     match within("FETCH good", connection.request(fetch("good"))).await.unwrap() {
         Response::FetchResult { count, .. } => assert_eq!(count, 10),
         other => panic!("expected FETCH_RESULT, got {other:?}"),

@@ -71,7 +71,8 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let pid = broker.0.id();
 
     let subscriber_connection = connect_with_retries(&addr).await;
-    let options = SubscribeOptions { start: StartPosition::Earliest, durable_name: None, max_inflight: WINDOW };
+    let options =
+        SubscribeOptions { partition: None, start: StartPosition::Earliest, durable_name: None, max_inflight: WINDOW };
     let mut subscriber = Subscriber::subscribe(&subscriber_connection, "flood", options).await.unwrap();
 
     let publisher = connect_with_retries(&addr).await;
@@ -81,7 +82,8 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let mut resident_max = 0;
     let mut next_offset = 0;
     for i in 0..batches {
-        let request = Request::PublishBatch { channel: "flood".into(), producer: None, messages: batch.clone() };
+        let request =
+            Request::PublishBatch { channel: "flood".into(), partition: None, producer: None, messages: batch.clone() };
         let answer = tokio::time::timeout(Duration::from_secs(60), publisher.request(request)).await.unwrap();
         match answer.unwrap() {
             Response::PublishAck { first_offset, count, .. } => {
@@ -100,8 +102,8 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let mut received = 0;
     while received < WINDOW {
         let event = tokio::time::timeout(Duration::from_secs(30), subscriber.next()).await.unwrap();
-        if let Some(Ok(Event::Message(record))) = event {
-            assert_eq!(record.offset, received as u64);
+        if let Some(Ok(Event::Message { partition, record })) = event {
+            assert_eq!((partition, record.offset), (0, received as u64));
             received += 1;
         }
     }
@@ -121,9 +123,11 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let next = loop {
         let event = tokio::time::timeout(Duration::from_secs(30), subscriber.next()).await.unwrap();
         match event {
-            Some(Ok(Event::Notice(Notice::Skipped { resume_offset, .. }))) => skipped_to = Some(resume_offset),
-            Some(Ok(Event::Notice(_))) => {}
-            Some(Ok(Event::Message(record))) => break record.offset,
+            Some(Ok(Event::Notice { notice: Notice::Skipped { resume_offset, .. }, .. })) => {
+                skipped_to = Some(resume_offset)
+            }
+            Some(Ok(Event::Notice { .. })) => {}
+            Some(Ok(Event::Message { record, .. })) => break record.offset,
             other => panic!("expected the next message after the ack, got {other:?}"),
         }
     };

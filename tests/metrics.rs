@@ -63,6 +63,7 @@ async fn the_metrics_endpoint_counts_what_was_sent() {
     let connection = weir::client::Connection::connect(&addr, "raw").await.unwrap();
     let too_large = weir::protocol::Request::Publish {
         channel: "metered".into(),
+        partition: None,
         producer: None,
         message: Message::from_payload(vec![0u8; 1001]),
     };

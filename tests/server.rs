@@ -54,18 +54,22 @@ fn assert_record_is(record: &Record, offset: u64, expected: &Message) {
 }
 
 fn publish_request(channel: &str, producer: Option<ProducerSequence>, payload: impl Into<Bytes>) -> Request {
-    Request::Publish { channel: channel.into(), producer, message: Message::from_payload(payload) }
+    Request::Publish { channel: channel.into(), partition: None, producer, message: Message::from_payload(payload) }
 }
 
 // ---------------------------------------------------------------------------
 // Client helpers
 
-/// The next message of a subscription (notices are skipped).
+/// The next message of a subscription (notices are skipped). Every
+/// channel here has the default single partition, 0.
 async fn next_record(subscriber: &mut Subscriber) -> Record {
     loop {
         match within("a delivery", subscriber.next()).await {
-            Some(Ok(Event::Message(record))) => return record,
-            Some(Ok(Event::Notice(_))) => continue,
+            Some(Ok(Event::Message { partition, record })) => {
+                assert_eq!(partition, 0, "a message of offset {} from partition {partition}", record.offset);
+                return record;
+            }
+            Some(Ok(Event::Notice { .. })) => continue,
             Some(Err(error)) => panic!("the subscription failed: {error}"),
             None => panic!("the subscription ended"),
         }
@@ -141,7 +145,7 @@ async fn publish_and_subscribe_round_trip() {
         assert_record_is(&record, i, &message(i));
         assert_eq!(record.timestamp_us, receipts[i as usize].timestamp_us, "timestamp of offset {i}");
     }
-    assert_eq!(channel_info(&connection, "orders").await.next_offset, 100);
+    assert_eq!(channel_info(&connection, "orders").await.partitions[0].next_offset, 100);
 
     within("publisher close", publisher.close()).await;
     drop(subscriber);
@@ -289,6 +293,7 @@ async fn oversized_publish_is_rejected_and_connection_stays_usable() {
     // A PUBLISH_BATCH above max_batch_bytes: drained unread and refused.
     let batch = Request::PublishBatch {
         channel: "big".into(),
+        partition: None,
         producer: None,
         messages: vec![Message::from_payload(vec![4u8; 600]), Message::from_payload(vec![5u8; 600])],
     };
@@ -298,7 +303,7 @@ async fn oversized_publish_is_rejected_and_connection_stays_usable() {
 
     // The connection is still in step.
     assert_eq!(request(&mut stream, 5, Request::Ping).await, Response::Pong);
-    let fetch = Request::Fetch { channel: "big".into(), offset: 0, max_messages: 10, max_bytes: 1 << 20 };
+    let fetch = Request::Fetch { channel: "big".into(), partition: 0, offset: 0, max_messages: 10, max_bytes: 1 << 20 };
     let records = fetch_records(&request(&mut stream, 6, fetch).await);
     assert_eq!(records.len(), 1, "only the message at the limit was stored");
     assert_eq!(records[0].payload, vec![2u8; 1024]);
@@ -358,11 +363,11 @@ async fn a_frame_above_the_hard_cap_or_unknown_type_gets_protocol_error_and_clos
 
     // A HELLO for versions this server does not speak.
     let mut stream = connect_raw(&addr).await;
-    write(&mut stream, &hello(2, 3).encode(4)).await;
+    write(&mut stream, &hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2).encode(4)).await;
     let (correlation_id, response) = read_response(&mut stream).await;
     assert_eq!(correlation_id, 4);
     let message = expect_error(&response, ErrorCode::UnsupportedVersion);
-    assert!(message.contains("1..=1"), "{message}");
+    assert!(message.contains("1..=2"), "{message}");
     expect_closed(&mut stream).await;
 
     assert_eq!(Stats::get(&server.stats().protocol_errors), 3);
@@ -384,7 +389,9 @@ fn valid_publish_frame() -> Vec<u8> {
         payload: Bytes::from_static(b"a payload of some thirty bytes"),
     };
     let producer = Some(ProducerSequence { producer_id: 42, sequence: 0 });
-    Request::Publish { channel: "fuzz".into(), producer, message }.encode(2)
+    // Every optional field present (producer and, version 2, partition), so
+    // that mutations reach each of them.
+    Request::Publish { channel: "fuzz".into(), partition: Some(0), producer, message }.encode(2)
 }
 
 /// (skip the HELLO, bytes to send after it)
@@ -515,7 +522,7 @@ async fn subscription_window_is_never_exceeded() {
     assert!(Stats::get(&stats.inflight_deliveries_high_water) <= 10);
     // The broker's own view: 10 delivered, none acknowledged, all 100 stored.
     let info = channel_info(&connection, "window").await;
-    assert_eq!(info.next_offset, 100);
+    assert_eq!(info.partitions[0].next_offset, 100);
     assert_eq!(info.subscriptions.len(), 1);
     assert_eq!(info.subscriptions[0].next_offset, 10, "delivered beyond the window: {info:?}");
     assert_eq!(info.subscriptions[0].acked_offset, None);
@@ -595,7 +602,7 @@ async fn publish_window_is_enforced() {
     assert_eq!(Stats::get(&stats.publishes_rejected_inflight), inflight_errors);
     assert_eq!(Stats::get(&stats.publishes_rejected_backpressure), backpressure);
     let info = channel_of(&request(&mut stream, 1000, Request::ListChannels).await, "window");
-    assert_eq!(info.next_offset, offsets.len() as u64, "exactly the acknowledged publishes were stored");
+    assert_eq!(info.partitions[0].next_offset, offsets.len() as u64, "exactly the acknowledged publishes were stored");
 
     drop(stream);
     stop(server).await;
@@ -612,15 +619,16 @@ async fn idempotent_retry_is_not_duplicated() {
     let producer = |sequence| Some(ProducerSequence { producer_id: 7, sequence });
 
     let first = request(&mut stream, 2, publish_request("idem", producer(0), "once")).await;
-    let Response::PublishAck { first_offset, count: 1, timestamp_us, duplicate: false } = first else {
+    let Response::PublishAck { partition: 0, first_offset, count: 1, timestamp_us, duplicate: false } = first else {
         panic!("expected a fresh PUBLISH_ACK, got {first:?}");
     };
     let retry = request(&mut stream, 3, publish_request("idem", producer(0), "once")).await;
-    assert_eq!(retry, Response::PublishAck { first_offset, count: 1, timestamp_us, duplicate: true });
+    assert_eq!(retry, Response::PublishAck { partition: 0, first_offset, count: 1, timestamp_us, duplicate: true });
 
     let info = channel_of(&request(&mut stream, 4, Request::ListChannels).await, "idem");
-    assert_eq!(info.next_offset, 1, "the retry was not stored again");
-    let fetch = Request::Fetch { channel: "idem".into(), offset: 0, max_messages: 10, max_bytes: 1 << 20 };
+    assert_eq!(info.partitions[0].next_offset, 1, "the retry was not stored again");
+    let fetch =
+        Request::Fetch { channel: "idem".into(), partition: 0, offset: 0, max_messages: 10, max_bytes: 1 << 20 };
     let records = fetch_records(&request(&mut stream, 5, fetch).await);
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].payload, Bytes::from_static(b"once"));
@@ -629,7 +637,7 @@ async fn idempotent_retry_is_not_duplicated() {
     let gap = request(&mut stream, 6, publish_request("idem", producer(5), "gap")).await;
     expect_error(&gap, ErrorCode::OutOfOrderSequence);
     let info = channel_of(&request(&mut stream, 7, Request::ListChannels).await, "idem");
-    assert_eq!(info.next_offset, 1);
+    assert_eq!(info.partitions[0].next_offset, 1);
     // The expected next sequence is still accepted.
     let next = request(&mut stream, 8, publish_request("idem", producer(1), "twice")).await;
     assert!(matches!(next, Response::PublishAck { first_offset: 1, count: 1, duplicate: false, .. }), "{next:?}");
@@ -763,7 +771,7 @@ async fn graceful_shutdown_loses_no_acknowledged_publish() {
     let server = start(config).await;
     let addr = self::addr(&server);
     let connection = within("connect", Connection::connect(&addr, "verify")).await.unwrap();
-    let next_offset = channel_info(&connection, "ledger").await.next_offset;
+    let next_offset = channel_info(&connection, "ledger").await.partitions[0].next_offset;
     let mut subscriber =
         within("subscribe", Subscriber::subscribe(&connection, "ledger", SubscribeOptions::default())).await.unwrap();
     let mut on_disk = BTreeMap::new();
@@ -816,7 +824,7 @@ async fn backpressure_is_sent_when_a_channel_queue_is_full() {
     offsets.sort_unstable();
     assert_eq!(offsets, (0..offsets.len() as u64).collect::<Vec<u64>>(), "acked offsets are distinct and dense");
     let info = channel_of(&request(&mut stream, 5000, Request::ListChannels).await, "flood");
-    assert_eq!(info.next_offset, offsets.len() as u64, "exactly the acknowledged publishes were stored");
+    assert_eq!(info.partitions[0].next_offset, offsets.len() as u64, "exactly the acknowledged publishes were stored");
 
     drop(stream);
     stop(server).await;
@@ -880,6 +888,7 @@ async fn a_batch_with_more_records_than_allowed_is_refused_before_decoding_and_t
     let mut stream = handshake(&addr(&server)).await;
     let batch = |count: usize| Request::PublishBatch {
         channel: "limited".into(),
+        partition: None,
         producer: None,
         messages: (0..count).map(|i| Message::from_payload(vec![i as u8; 4])).collect(),
     };
@@ -891,6 +900,7 @@ async fn a_batch_with_more_records_than_allowed_is_refused_before_decoding_and_t
     // A batch that claims far more records than its body holds is refused
     // the same way, without decoding.
     let mut lying = batch(1).encode(4);
+    // Header, channel, flags (0: neither producer nor partition follows).
     let count_at = 9 + 1 + "limited".len() + 1;
     lying[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
     write(&mut stream, &lying).await;
@@ -905,8 +915,11 @@ async fn a_batch_with_more_records_than_allowed_is_refused_before_decoding_and_t
 async fn next_notice(subscriber: &mut Subscriber) -> weir::protocol::Notice {
     loop {
         match within("a notice", subscriber.next()).await {
-            Some(Ok(Event::Notice(notice))) => return notice,
-            Some(Ok(Event::Message(_))) => continue,
+            Some(Ok(Event::Notice { partition, notice })) => {
+                assert_eq!(partition, 0, "a notice from partition {partition}: {notice:?}");
+                return notice;
+            }
+            Some(Ok(Event::Message { .. })) => continue,
             Some(Err(error)) => panic!("the subscription failed: {error}"),
             None => panic!("the subscription ended"),
         }
@@ -960,7 +973,7 @@ async fn a_subscriber_whose_unread_messages_retention_deleted_gets_a_skipped_not
     // Wait (on events, not time) until retention has moved the start.
     let start = within("retention to move the log start", async {
         loop {
-            let start = channel_info(&connection, "retained").await.start_offset;
+            let start = channel_info(&connection, "retained").await.partitions[0].start_offset;
             if start > 1 {
                 return start;
             }

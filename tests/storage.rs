@@ -15,7 +15,8 @@ mod full_disk;
 use weir::storage::check::Verdict;
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{
-    ChannelLog, ChannelName, ChannelSettings, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store, StoreConfig,
+    ChannelLog, ChannelName, ChannelSettings, FsyncPolicy, LogConfig, RetentionPolicy, StorageError, Store,
+    StoreConfig, now_us,
 };
 
 fn small_config() -> LogConfig {
@@ -950,4 +951,105 @@ fn partitions_missing_after_a_crash_while_adding_them_are_created_empty() {
     assert_eq!(channel.partition(2).unwrap().next_offset(), 0);
     drop(store);
     assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+#[test]
+fn a_damaged_last_record_is_kept_and_its_offset_never_given_to_another_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = active_segment_of_200(dir.path());
+    // A flipped bit in the last record: not a torn write (no zeros at the
+    // end), so the acknowledged record at offset 199 is not cut.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (verdict, problems) = check_verdict(dir.path());
+    assert_eq!(verdict, Verdict::Corrupt, "{problems:?}");
+
+    let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+    let log = open_channel(dir.path(), config);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64, "nothing cut");
+    assert_eq!(log.next_offset(), 200, "offset 199 stays taken");
+    assert_eq!(log.append_batch(&[message(200, 100)]).unwrap().first_offset, 200);
+    match log.read(199, 1 << 20) {
+        Err(StorageError::CorruptRecord { offset: 199, next_readable_offset: Some(200), .. }) => {}
+        other => panic!("expected CorruptRecord at 199, got {other:?}"),
+    }
+    assert_eq!(read_all(&log, 200).len(), 1);
+}
+
+#[test]
+fn a_tail_zeroed_from_inside_a_record_past_its_end_is_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, path) = active_segment_of_200(dir.path());
+    // A power loss: the page holding the start of record 150 was written,
+    // the following ones (to the end of the file, past that record's end)
+    // read as zeros.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let zeros_from = record_start(150) + 20;
+    assert!(bytes.len() - zeros_from > message(150, 100).encoded_len(), "the zeros run past the record");
+    bytes[zeros_from..].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(check_verdict(dir.path()).0, Verdict::Repairable);
+    let log = open_channel(dir.path(), LogConfig { segment_bytes: 1 << 30, ..small_config() });
+    assert_eq!(log.next_offset(), 150);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), record_start(150) as u64);
+}
+
+#[test]
+fn a_read_by_time_steps_over_damage_before_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+    let log = open_channel(dir.path(), config.clone());
+    for i in 0..20u64 {
+        log.append_batch_at(&[message(i, 100)], 1_000_000 + i * 1000).unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let path = segment_logs(&dir.path().join("channels").join("orders")).pop().unwrap();
+    flip_byte_of_record(&path, message(5, 100).encoded_len(), 5);
+    let log = open_channel(dir.path(), config);
+    assert_eq!(log.offset_for_time(1_000_000 + 15 * 1000).unwrap(), 15);
+    assert_eq!(log.offset_for_time(1_000_000 + 2 * 1000).unwrap(), 2);
+}
+
+#[test]
+fn a_roll_on_a_full_disk_leaves_nothing_behind_and_happens_once_space_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = full_disk::FullDisk::default();
+    let config = LogConfig { segment_bytes: 1024, ..small_config() };
+    let log =
+        ChannelLog::open(Arc::new(disk.clone()), dir.path(), ChannelName::new("t").unwrap(), config.clone()).unwrap();
+    while segment_logs(dir.path()).len() < 2 {
+        log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+    }
+    // Fill the active segment up to its roll.
+    while !log.roll_due(now_us()) {
+        log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+    }
+    let next = log.next_offset();
+    let files_before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    disk.set_full(true);
+    let refused = log.append_batch(&[message(next, 100)]).unwrap_err();
+    assert!(matches!(refused, StorageError::StorageFull { .. }), "{refused}");
+    let mut files_after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut files_before = files_before;
+    files_before.sort();
+    files_after.sort();
+    assert_eq!(files_after, files_before, "the refused roll created no file");
+    disk.set_full(false);
+    let appended = loop {
+        match log.append_batch(&[message(next, 100)]) {
+            Ok(appended) => break appended,
+            Err(StorageError::StorageFull { .. }) => std::thread::sleep(Duration::from_millis(20)),
+            Err(other) => panic!("expected StorageFull or success, got {other}"),
+        }
+    };
+    assert_eq!(appended.first_offset, next);
+    assert_eq!(segment_logs(dir.path()).len(), 3, "the roll happened");
+    log.close().unwrap();
+    drop(log);
+    let reopened = open(dir.path(), config);
+    assert_eq!(reopened.next_offset(), next + 1);
+    assert_eq!(read_all(&reopened, 0).len() as u64, next + 1);
 }

@@ -42,8 +42,18 @@ async fn channels(stream: &mut TcpStream, correlation_id: u32) -> Vec<ChannelInf
     }
 }
 
+/// A SUBSCRIBE to every partition of `channel`. Every channel here has the
+/// default single partition, 0: the subscription reads that one.
 fn subscribe(subscription_id: u32, channel: &str, start: StartPosition, max_inflight: u32) -> Request {
-    Request::Subscribe { subscription_id, channel: channel.into(), start, durable_name: None, max_inflight }
+    Request::Subscribe {
+        subscription_id,
+        channel: channel.into(),
+        partition: None,
+        start,
+        durable_name: None,
+        group: None,
+        max_inflight,
+    }
 }
 
 /// The offsets a DELIVER / DELIVER_BATCH carries, each record CRC-checked.
@@ -77,11 +87,13 @@ async fn a_subscriber_with_a_full_window_gets_lag_notices_without_acknowledging_
 
     let mut stream = handshake(&addr(&server)).await;
     let subscribed = request(&mut stream, 2, subscribe(7, "lagging", StartPosition::Earliest, 1)).await;
-    assert_eq!(subscribed, Response::Subscribed { subscription_id: 7, first_offset: 0 });
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 7, partitions: vec![(0, 0)] });
     // Lag 1 is below the threshold: the only frame is the delivery, which
     // fills the window of one.
     match read_response(&mut stream).await {
-        (0, Response::Deliver { subscription_id: 7, records, .. }) => assert_eq!(delivered_offsets(&records), [0]),
+        (0, Response::Deliver { subscription_id: 7, partition: 0, records, .. }) => {
+            assert_eq!(delivered_offsets(&records), [0])
+        }
         other => panic!("expected the delivery of offset 0, got {other:?}"),
     }
     // Only now does the lag grow past the threshold: nothing is delivered
@@ -90,7 +102,7 @@ async fn a_subscriber_with_a_full_window_gets_lag_notices_without_acknowledging_
     publish_all(&publisher, 1..31).await;
     loop {
         match read_response(&mut stream).await {
-            (0, Response::Notice { subscription_id: 7, notice: Notice::Lag { lag, next_offset } }) => {
+            (0, Response::Notice { subscription_id: 7, partition: 0, notice: Notice::Lag { lag, next_offset } }) => {
                 assert_eq!(lag, next_offset, "nothing is acknowledged, so the lag is the whole channel");
                 assert!(lag >= 5, "LAG only at or above lag_notice_threshold: {lag}");
                 if next_offset == 31 {
@@ -103,11 +115,11 @@ async fn a_subscriber_with_a_full_window_gets_lag_notices_without_acknowledging_
     assert!(Stats::get(&server.stats().lag_notices) >= 1);
 
     // The subscription is intact: an ack opens the window for offset 1.
-    write(&mut stream, &Request::Ack { subscription_id: 7, offset: 0 }.encode(3)).await;
+    write(&mut stream, &Request::Ack { subscription_id: 7, partition: 0, offset: 0 }.encode(3)).await;
     loop {
         match read_response(&mut stream).await {
-            (0, Response::Notice { subscription_id: 7, notice: Notice::Lag { .. } }) => continue,
-            (0, Response::Deliver { subscription_id: 7, records, .. }) => {
+            (0, Response::Notice { subscription_id: 7, partition: 0, notice: Notice::Lag { .. } }) => continue,
+            (0, Response::Deliver { subscription_id: 7, partition: 0, records, .. }) => {
                 assert_eq!(delivered_offsets(&records), [1], "a window of one after the ack of offset 0");
                 break;
             }
@@ -140,9 +152,11 @@ async fn retention_past_a_full_window_sends_skipped_without_any_ack() {
 
     let mut stream = handshake(&addr(&server)).await;
     let subscribed = request(&mut stream, 2, subscribe(3, "retained", StartPosition::Earliest, 1)).await;
-    assert_eq!(subscribed, Response::Subscribed { subscription_id: 3, first_offset: 0 });
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 3, partitions: vec![(0, 0)] });
     match read_response(&mut stream).await {
-        (0, Response::Deliver { subscription_id: 3, records, .. }) => assert_eq!(delivered_offsets(&records), [0]),
+        (0, Response::Deliver { subscription_id: 3, partition: 0, records, .. }) => {
+            assert_eq!(delivered_offsets(&records), [0])
+        }
         other => panic!("expected the delivery of offset 0, got {other:?}"),
     }
     // Offset 0 is never acknowledged: the window stays full and the cursor
@@ -151,7 +165,10 @@ async fn retention_past_a_full_window_sends_skipped_without_any_ack() {
     publish_all(&publisher, 1..200).await;
 
     let first_resume = match read_response(&mut stream).await {
-        (0, Response::Notice { subscription_id: 3, notice: Notice::Skipped { skipped, resume_offset } }) => {
+        (
+            0,
+            Response::Notice { subscription_id: 3, partition: 0, notice: Notice::Skipped { skipped, resume_offset } },
+        ) => {
             assert!(resume_offset > 1, "retention deleted offset 1: resumes at {resume_offset}");
             assert_eq!(skipped, resume_offset - 1, "offsets 1 up to the resume point were never delivered");
             resume_offset
@@ -165,11 +182,18 @@ async fn retention_past_a_full_window_sends_skipped_without_any_ack() {
     let mut expected = first_resume;
     loop {
         match read_response(&mut stream).await {
-            (0, Response::Notice { subscription_id: 3, notice: Notice::Skipped { skipped, resume_offset } }) => {
+            (
+                0,
+                Response::Notice {
+                    subscription_id: 3,
+                    partition: 0,
+                    notice: Notice::Skipped { skipped, resume_offset },
+                },
+            ) => {
                 assert_eq!(skipped, resume_offset - expected, "SKIPPED counts from the cursor");
                 expected = resume_offset;
             }
-            (0, Response::Deliver { subscription_id: 3, records, .. }) => {
+            (0, Response::Deliver { subscription_id: 3, partition: 0, records, .. }) => {
                 assert_eq!(delivered_offsets(&records), [expected], "delivery resumes at the log start");
                 break;
             }
@@ -177,7 +201,8 @@ async fn retention_past_a_full_window_sends_skipped_without_any_ack() {
         }
     }
     let channel = channels(&mut stream, 4).await.into_iter().find(|c| c.name == "retained").expect("the channel");
-    assert!(channel.start_offset >= first_resume, "the log start {} moved past the cursor", channel.start_offset);
+    let log_start = channel.partitions[0].start_offset;
+    assert!(log_start >= first_resume, "the log start {log_start} moved past the cursor");
     assert!(Stats::get(&server.stats().skipped_notices) >= 1);
 
     within("publisher close", publisher.close()).await;
@@ -213,8 +238,10 @@ async fn a_subscription_id_reused_in_one_write_never_receives_the_old_subscripti
         let mut subscribed = false;
         loop {
             match read_response(&mut stream).await {
-                (2, Response::Subscribed { subscription_id: 1, first_offset: 0 }) => subscribed = true,
-                (0, Response::Deliver { subscription_id: 1, records, .. }) => {
+                (2, Response::Subscribed { subscription_id: 1, partitions }) if partitions == [(0, 0)] => {
+                    subscribed = true
+                }
+                (0, Response::Deliver { subscription_id: 1, partition: 0, records, .. }) => {
                     assert!(subscribed, "round {round}: a delivery before its SUBSCRIBED");
                     old_offsets.extend(delivered_offsets(&records));
                 }
@@ -225,14 +252,14 @@ async fn a_subscription_id_reused_in_one_write_never_receives_the_old_subscripti
         assert!(old_offsets.iter().copied().eq(0..old_offsets.len() as u64), "round {round}: {old_offsets:?}");
         // Between UNSUBSCRIBED and the new SUBSCRIBED: nothing at all.
         match read_response(&mut stream).await {
-            (4, Response::Subscribed { subscription_id: 1, first_offset }) => assert_eq!(first_offset, next),
+            (4, Response::Subscribed { subscription_id: 1, partitions }) => assert_eq!(partitions, [(0, next)]),
             other => panic!("round {round}: expected the new SUBSCRIBED right after UNSUBSCRIBED, got {other:?}"),
         }
         // After it, the one new message is the first and only delivery:
         // anything the old subscription had queued would arrive before it.
         publish_all(&publisher, next..next + 1).await;
         match read_response(&mut stream).await {
-            (0, Response::Deliver { subscription_id: 1, records, .. }) => {
+            (0, Response::Deliver { subscription_id: 1, partition: 0, records, .. }) => {
                 assert_eq!(delivered_offsets(&records), [next], "round {round}: the new subscription starts at {next}");
             }
             other => panic!("round {round}: expected the delivery of offset {next}, got {other:?}"),
@@ -270,7 +297,7 @@ async fn unsubscribed_reaches_a_client_whose_socket_was_full_of_that_subscriptio
 
     let mut stream = handshake(&addr(&server)).await;
     let subscribed = request(&mut stream, 2, subscribe(1, "full", StartPosition::Earliest, 4096)).await;
-    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, first_offset: 0 });
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, partitions: vec![(0, 0)] });
     // Read nothing until the subscription has stopped moving: its socket is
     // full and its frames wait in the queue. (Should everything fit, the
     // test checks the same order, just without the backlog.)
@@ -294,7 +321,7 @@ async fn unsubscribed_reaches_a_client_whose_socket_was_full_of_that_subscriptio
     let mut expected = 0;
     loop {
         match read_response(&mut stream).await {
-            (0, Response::Deliver { subscription_id: 1, records, .. }) => {
+            (0, Response::Deliver { subscription_id: 1, partition: 0, records, .. }) => {
                 for offset in delivered_offsets(&records) {
                     assert_eq!(offset, expected, "deliveries are in order, without gaps");
                     expected += 1;
@@ -331,7 +358,12 @@ async fn names_that_are_not_utf8_are_refused_by_field_and_the_connection_stays_o
     let server = start(test_config(&dir)).await;
     let mut stream = handshake(&addr(&server)).await;
 
-    let publish = |channel: &str, producer| Request::Publish { channel: channel.into(), producer, message: message(0) };
+    let publish = |channel: &str, producer| Request::Publish {
+        channel: channel.into(),
+        partition: None,
+        producer,
+        message: message(0),
+    };
     let producer = Some(ProducerSequence { producer_id: 9, sequence: 0 });
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         ("PUBLISH", not_utf8(publish("chan-a", None).encode(10), "chan-a"), ErrorCode::InvalidChannelName),
@@ -345,6 +377,7 @@ async fn names_that_are_not_utf8_are_refused_by_field_and_the_connection_stays_o
             not_utf8(
                 Request::PublishBatch {
                     channel: "chan-c".into(),
+                    partition: None,
                     producer: None,
                     messages: vec![message(0), message(1)],
                 }
@@ -361,7 +394,8 @@ async fn names_that_are_not_utf8_are_refused_by_field_and_the_connection_stays_o
         (
             "FETCH",
             not_utf8(
-                Request::Fetch { channel: "chan-e".into(), offset: 0, max_messages: 1, max_bytes: 1024 }.encode(14),
+                Request::Fetch { channel: "chan-e".into(), partition: 0, offset: 0, max_messages: 1, max_bytes: 1024 }
+                    .encode(14),
                 "chan-e",
             ),
             ErrorCode::InvalidChannelName,
@@ -369,7 +403,12 @@ async fn names_that_are_not_utf8_are_refused_by_field_and_the_connection_stays_o
         (
             "CREATE_CHANNEL",
             not_utf8(
-                Request::CreateChannel { channel: "chan-f".into(), retention: ChannelRetention::default() }.encode(15),
+                Request::CreateChannel {
+                    channel: "chan-f".into(),
+                    retention: ChannelRetention::default(),
+                    partitions: None,
+                }
+                .encode(15),
                 "chan-f",
             ),
             ErrorCode::InvalidChannelName,
@@ -380,14 +419,38 @@ async fn names_that_are_not_utf8_are_refused_by_field_and_the_connection_stays_o
                 Request::Subscribe {
                     subscription_id: 2,
                     channel: "chan-g".into(),
+                    partition: None,
                     start: StartPosition::Earliest,
                     durable_name: Some("reader-g".into()),
+                    group: None,
                     max_inflight: 10,
                 }
                 .encode(16),
                 "reader-g",
             ),
             ErrorCode::InvalidRequest,
+        ),
+        (
+            "SUBSCRIBE with a group",
+            not_utf8(
+                Request::Subscribe {
+                    subscription_id: 3,
+                    channel: "chan-i".into(),
+                    partition: None,
+                    start: StartPosition::Earliest,
+                    durable_name: None,
+                    group: Some("workers-i".into()),
+                    max_inflight: 10,
+                }
+                .encode(17),
+                "workers-i",
+            ),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "ALTER_CHANNEL",
+            not_utf8(Request::AlterChannel { channel: "chan-j".into(), partitions: 2 }.encode(18), "chan-j"),
+            ErrorCode::InvalidChannelName,
         ),
     ];
     for (what, frame, code) in cases {
@@ -439,11 +502,13 @@ async fn refused_subscribes_and_publishes_create_no_channel_and_take_no_slot() {
     let overflowing = [
         Request::Publish {
             channel: "ghost".into(),
+            partition: None,
             producer: Some(ProducerSequence { producer_id: 1, sequence: u64::MAX }),
             message: message(0),
         },
         Request::PublishBatch {
             channel: "ghost".into(),
+            partition: None,
             producer: Some(ProducerSequence { producer_id: 1, sequence: u64::MAX - 1 }),
             messages: vec![message(0), message(1)],
         },
@@ -468,15 +533,16 @@ async fn refused_subscribes_and_publishes_create_no_channel_and_take_no_slot() {
     // u64::MAX, then a subscription at offset 1 of the channel it created.
     let publish = Request::Publish {
         channel: "real".into(),
+        partition: None,
         producer: Some(ProducerSequence { producer_id: 1, sequence: u64::MAX - 1 }),
         message: message(0),
     };
     match request(&mut stream, 6, publish).await {
-        Response::PublishAck { first_offset: 0, count: 1, duplicate: false, .. } => {}
+        Response::PublishAck { partition: 0, first_offset: 0, count: 1, duplicate: false, .. } => {}
         other => panic!("expected PUBLISH_ACK, got {other:?}"),
     }
     let subscribed = request(&mut stream, 7, subscribe(1, "real", StartPosition::Offset(1), 10)).await;
-    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, first_offset: 1 });
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, partitions: vec![(0, 1)] });
     let names: Vec<String> = channels(&mut stream, 8).await.into_iter().map(|c| c.name).collect();
     assert_eq!(names, ["real"]);
     let response = request(&mut stream, 9, subscribe(2, "other", StartPosition::Earliest, 10)).await;
@@ -492,7 +558,7 @@ async fn an_explicit_offset_on_a_missing_channel_accepts_zero_and_creates_it() {
     let server = start(test_config(&dir)).await;
     let mut stream = handshake(&addr(&server)).await;
     let subscribed = request(&mut stream, 2, subscribe(1, "fresh", StartPosition::Offset(0), 10)).await;
-    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, first_offset: 0 });
+    assert_eq!(subscribed, Response::Subscribed { subscription_id: 1, partitions: vec![(0, 0)] });
     let names: Vec<String> = channels(&mut stream, 3).await.into_iter().map(|c| c.name).collect();
     assert_eq!(names, ["fresh"]);
     drop(stream);

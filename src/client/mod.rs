@@ -14,9 +14,9 @@
 //! let connection = Connection::connect("127.0.0.1:7450", "example").await?;
 //! let mut subscriber = Subscriber::subscribe(&connection, "orders", SubscribeOptions::default()).await?;
 //! while let Some(event) = subscriber.next().await {
-//!     if let Event::Message(record) = event? {
-//!         println!("{}: {:?}", record.offset, record.payload);
-//!         subscriber.ack(record.offset).await?;
+//!     if let Event::Message { partition, record } = event? {
+//!         println!("{partition}/{}: {:?}", record.offset, record.payload);
+//!         subscriber.ack_partition(partition, record.offset).await?;
 //!     }
 //! }
 //! # Ok(())

@@ -223,6 +223,15 @@ impl Subscriber {
     }
 }
 
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("subscription_id", &self.subscription_id)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
 impl futures_core::Stream for Subscriber {
     type Item = Result<Event, ClientError>;
 

@@ -349,7 +349,7 @@ fn body_with_name_not_utf8(frame: &[u8], name: &str) -> (u8, Bytes) {
 #[test]
 fn a_name_that_is_not_utf8_is_reported_by_field_once_the_rest_of_the_body_decodes() {
     use super::wire::{DecodeError, NameField};
-    let fetch = Request::Fetch { channel: "orders".into(), offset: 0, max_messages: 1, max_bytes: 1 };
+    let fetch = Request::Fetch { channel: "orders".into(), partition: 0, offset: 0, max_messages: 1, max_bytes: 1 };
     let (frame_type, body) = body_with_name_not_utf8(&fetch.encode(1), "orders");
     assert_eq!(
         Request::decode(frame_type, body.clone()),
@@ -364,14 +364,22 @@ fn a_name_that_is_not_utf8_is_reported_by_field_once_the_rest_of_the_body_decode
     let subscribe = Request::Subscribe {
         subscription_id: 1,
         channel: "orders".into(),
+        partition: None,
         start: StartPosition::Earliest,
         durable_name: Some("billing".into()),
+        group: Some("workers".into()),
         max_inflight: 1,
     };
     let (frame_type, body) = body_with_name_not_utf8(&subscribe.encode(1), "billing");
     assert_eq!(
         Request::decode(frame_type, body),
         Err(DecodeError::NameNotUtf8 { field: NameField::DurableName, valid_up_to: 6 })
+    );
+    // Version 2's group name is reported by its own field.
+    let (frame_type, body) = body_with_name_not_utf8(&subscribe.encode(1), "workers");
+    assert_eq!(
+        Request::decode(frame_type, body),
+        Err(DecodeError::NameNotUtf8 { field: NameField::Group, valid_up_to: 6 })
     );
 
     // Any other text that is not UTF-8 is a malformed frame.
@@ -393,46 +401,126 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn worked_example_in_protocol_md_matches_the_codec() {
+    // The frames of the example. The partition fields version 2 adds all
+    // name partition 0, the only one a version 1 connection sees; the
+    // PUBLISH names none, as in version 1 (where it goes to partition 0).
     let hello = Request::Hello { version_min: 1, version_max: 1, client_name: "cli".into(), auth_token: Bytes::new() };
-    assert_eq!(hex(&hello.encode(1)), "00 00 00 10 01 00 00 00 01 00 01 00 01 00 03 63 6c 69 00 00");
-    let welcome = Response::Welcome {
-        version: 1,
-        server_version: "0.1.0".into(),
-        limits: Limits {
-            max_message_bytes: 1048576,
-            max_frame_bytes: 8388608,
-            max_batch_bytes: 8388608,
-            max_batch_records: 10000,
-            max_inflight_publishes: 1024,
-            max_inflight_publish_bytes: 67108864,
-            max_inflight_deliveries: 4096,
-            max_subscriptions_per_connection: 64,
-            heartbeat_interval_ms: 10000,
-            idle_timeout_ms: 30000,
-        },
+    let limits = Limits {
+        max_message_bytes: 1048576,
+        max_frame_bytes: 8388608,
+        max_batch_bytes: 8388608,
+        max_batch_records: 10000,
+        max_inflight_publishes: 1024,
+        max_inflight_publish_bytes: 67108864,
+        max_inflight_deliveries: 4096,
+        max_subscriptions_per_connection: 64,
+        heartbeat_interval_ms: 10000,
+        idle_timeout_ms: 30000,
     };
+    let welcome = Response::Welcome { version: 1, server_version: "0.1.0".into(), limits };
+    let publish = Request::Publish {
+        channel: "orders".into(),
+        partition: None,
+        producer: None,
+        message: Message::from_payload("hello"),
+    };
+    let ack = Response::PublishAck {
+        partition: 0,
+        first_offset: 0,
+        count: 1,
+        timestamp_us: 1795320000000000,
+        duplicate: false,
+    };
+    let mut record = Vec::new();
+    crate::record::encode(&mut record, 0, 1795320000000000, &Message::from_payload("hello"));
+    let deliver = Response::Deliver { subscription_id: 1, partition: 0, count: 1, records: Bytes::from(record) };
+
+    // Version 1.
+    assert_eq!(hex(&hello.encode_for(1, 1)), "00 00 00 10 01 00 00 00 01 00 01 00 01 00 03 63 6c 69 00 00");
     assert_eq!(
-        hex(&welcome.encode(1)),
+        hex(&welcome.encode_for(1, 1)),
         "00 00 00 36 81 00 00 00 01 00 01 00 05 30 2e 31 2e 30 00 10 00 00 00 80 00 00 00 80 00 00 00 00 27 10 \
          00 00 04 00 04 00 00 00 00 00 10 00 00 00 00 40 00 00 27 10 00 00 75 30"
     );
-    let publish =
-        Request::Publish { channel: "orders".into(), producer: None, message: Message::from_payload("hello") };
     assert_eq!(
-        hex(&publish.encode(2)),
+        hex(&publish.encode_for(1, 2)),
         "00 00 00 1a 03 00 00 00 02 06 6f 72 64 65 72 73 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
     );
-    let ack = Response::PublishAck { first_offset: 0, count: 1, timestamp_us: 1795320000000000, duplicate: false };
     assert_eq!(
-        hex(&ack.encode(2)),
+        hex(&ack.encode_for(1, 2)),
         "00 00 00 1a 83 00 00 00 02 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
     );
-    let mut record = Vec::new();
-    crate::record::encode(&mut record, 0, 1795320000000000, &Message::from_payload("hello"));
-    let deliver = Response::Deliver { subscription_id: 1, count: 1, records: Bytes::from(record) };
     assert_eq!(
-        hex(&deliver.encode(0)),
+        hex(&deliver.encode_for(1, 0)),
         "00 00 00 33 87 00 00 00 00 00 00 00 01 00 00 00 01 00 00 00 22 c0 58 8f e0 00 00 00 00 00 00 00 00 00 06 \
          60 d5 82 db b0 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
     );
+
+    // Version 2. HELLO and WELCOME have the same layout in every version;
+    // a HELLO for versions 1..=2 and the WELCOME that picks version 2
+    // differ from the ones above in those fields alone.
+    assert_eq!(hello.encode_for(2, 1), hello.encode_for(1, 1));
+    assert_eq!(welcome.encode_for(2, 1), welcome.encode_for(1, 1));
+    let hello_1_to_2 =
+        Request::Hello { version_min: 1, version_max: 2, client_name: "cli".into(), auth_token: Bytes::new() };
+    assert_eq!(hex(&hello_1_to_2.encode_for(2, 1)), "00 00 00 10 01 00 00 00 01 00 01 00 02 00 03 63 6c 69 00 00");
+    let welcome_2 = Response::Welcome { version: 2, server_version: "0.1.0".into(), limits };
+    assert_eq!(
+        hex(&welcome_2.encode_for(2, 1)),
+        "00 00 00 36 81 00 00 00 01 00 02 00 05 30 2e 31 2e 30 00 10 00 00 00 80 00 00 00 80 00 00 00 00 27 10 \
+         00 00 04 00 04 00 00 00 00 00 10 00 00 00 00 40 00 00 27 10 00 00 75 30"
+    );
+
+    // PUBLISH naming no partition: flags 0, no partition field, the same
+    // bytes as in version 1.
+    assert_eq!(publish.encode_for(2, 2), publish.encode_for(1, 2));
+    // The same PUBLISH naming partition 0 (length 0x1e = 5 + 25-byte body):
+    //   00 00 00 1e  03  00 00 00 02   length, type, correlation id 2
+    //   06 6f 72 64 65 72 73           channel "orders"
+    //   02                             flags: bit 1, a partition follows; no producer
+    //   00 00 00 00                    partition 0
+    //   00 00                          key_len 0
+    //   00 00                          header_count 0
+    //   00 00 00 05 68 65 6c 6c 6f     payload "hello"
+    let publish_to_0 = Request::Publish {
+        channel: "orders".into(),
+        partition: Some(0),
+        producer: None,
+        message: Message::from_payload("hello"),
+    };
+    assert_eq!(
+        hex(&publish_to_0.encode_for(2, 2)),
+        "00 00 00 1e 03 00 00 00 02 06 6f 72 64 65 72 73 02 00 00 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
+    );
+    // Version 1 has no partition field: the partition is left out.
+    assert_eq!(publish_to_0.encode_for(1, 2), publish.encode_for(1, 2));
+
+    // PUBLISH_ACK (length 0x1e = 5 + 25-byte body):
+    //   00 00 00 1e  83  00 00 00 02   length, type, correlation id 2
+    //   00 00 00 00                    partition 0 (v2)
+    //   00 00 00 00 00 00 00 00        first_offset 0
+    //   00 00 00 01                    count 1
+    //   00 06 60 d5 82 db b0 00        timestamp_us 1795320000000000
+    //   00                             duplicate 0
+    assert_eq!(
+        hex(&ack.encode_for(2, 2)),
+        "00 00 00 1e 83 00 00 00 02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
+    );
+
+    // DELIVER (length 0x37 = 5 + 12 + 38-byte record):
+    //   00 00 00 37  87  00 00 00 00   length, type, correlation id 0
+    //   00 00 00 01                    subscription_id 1
+    //   00 00 00 00                    partition 0 (v2)
+    //   00 00 00 01                    count 1
+    //   00 00 00 22 c0 58 8f e0 ...    the record, the same bytes as in version 1
+    assert_eq!(
+        hex(&deliver.encode_for(2, 0)),
+        "00 00 00 37 87 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 01 00 00 00 22 c0 58 8f e0 00 00 00 00 00 00 00 \
+         00 00 06 60 d5 82 db b0 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
+    );
+
+    // `encode` speaks the newest version, version 2.
+    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(ack.encode(2), ack.encode_for(2, 2));
+    assert_eq!(deliver.encode(0), deliver.encode_for(2, 0));
 }

@@ -313,6 +313,11 @@ impl Connection {
                 self.ack(correlation_id, subscription_id, partition, offset).await
             }
             Request::Unsubscribe { subscription_id } => match self.subscriptions.remove(&subscription_id) {
+                // Ended by the server, which sent its UNSUBSCRIBED already:
+                // the id is free, as PROTOCOL.md says.
+                Some(subscription) if subscription.cancel.is_cancelled() => {
+                    self.unknown_subscription(correlation_id, subscription_id).await
+                }
                 Some(subscription) => {
                     subscription.cancel.cancel();
                     self.respond(correlation_id, Response::Unsubscribed { subscription_id }).await

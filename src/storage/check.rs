@@ -411,6 +411,12 @@ fn torn_end_verdict(
     reason: &RecordError,
 ) -> (Severity, String) {
     match (place, fsync) {
+        (Place::Last, _) if !torn => (
+            Severity::Corrupt,
+            format!(
+                "{reason}: the last {bytes} bytes are a damaged record, not a torn write (they do not end in unwritten zeros); the broker keeps them and never gives their offsets to another record"
+            ),
+        ),
         (Place::Last, _) => (
             Severity::Repairable,
             format!(

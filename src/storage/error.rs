@@ -45,6 +45,10 @@ pub enum StorageError {
     },
     #[error("{path}: {problem}")]
     InvalidFile { path: PathBuf, problem: String },
+    /// A sealed segment's last offset does not meet the next segment's
+    /// base offset.
+    #[error("{path}: segment ends at offset {end_offset} but the next segment starts at {next_base_offset}")]
+    SegmentEndMismatch { path: PathBuf, end_offset: u64, next_base_offset: u64 },
     #[error("message {index} of the batch is rejected: {source}")]
     InvalidMessage {
         index: usize,

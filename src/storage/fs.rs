@@ -49,6 +49,11 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// # Errors
     /// The operating system's error.
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Removes a directory and everything in it.
+    ///
+    /// # Errors
+    /// The operating system's error.
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Renames a file, replacing `to` if it exists.
     ///
     /// # Errors
@@ -132,6 +137,10 @@ impl FileSystem for StdFileSystem {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

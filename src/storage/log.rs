@@ -410,9 +410,12 @@ impl ChannelLog {
                 Ok(appended)
             }
             Err(AppendFailure::Unknown(error)) => {
-                writer.failure = Some(error.to_string());
+                let cause = error.to_string();
+                writer.failure = Some(cause.clone());
                 tracing::error!(channel = %self.name, partition = self.partition, %error, "append failed and the state of unsynced data is unknown; the channel refuses appends until restart");
-                Err(error)
+                // Whatever the cause (a sync may fail with ENOSPC too), the
+                // answer is that the channel refuses appends until restart.
+                Err(StorageError::Failed { channel: self.label(), cause })
             }
             Err(AppendFailure::RolledBack(error)) if error.is_storage_full() => {
                 self.note_full(&mut writer, &error);
@@ -877,7 +880,9 @@ fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &Stora
             let len = file.len().saturating_sub(*position) as usize;
             file.read_range(*position, len).is_ok_and(|rest| segment::is_torn_end(&rest, reason))
         }
-        StorageError::InvalidFile { problem, .. } => problem.contains("but the next segment starts at"),
+        // Ending early is what an interrupted sync leaves; overlapping the
+        // next segment is not.
+        StorageError::SegmentEndMismatch { end_offset, next_base_offset, .. } => end_offset < next_base_offset,
         _ => false,
     }
 }

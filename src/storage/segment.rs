@@ -187,11 +187,41 @@ impl Segment {
             }
             _ => ScanStart { position: FILE_HEADER_BYTES as u64, offset: base_offset, timestamp_us: None },
         };
-        let scan = scan_records(&*log, &log_path, scan_start, index_interval_bytes)?;
+        let mut scan = scan_records(&*log, &log_path, scan_start, index_interval_bytes)?;
         // Entries found by the scan after the last trusted one.
         let (mut offset_index, mut time_index) = (trusted_offsets, trusted_times);
         offset_index.extend(scan.offset_entries.iter().filter(|e| e.value > scan_start.position));
         time_index.extend(scan.time_entries.iter().filter(|e| e.value > scan_start.offset));
+        if let Some((position, reason)) = scan.stopped.take() {
+            let rest = log.read_range(position, (log.len() - position) as usize).at(&log_path)?;
+            match role {
+                SegmentRole::Last if is_torn_end(&rest, &reason) => {
+                    // Nothing valid follows the bad bytes, and they look
+                    // like a write that never finished: a torn tail, the
+                    // unsynced end of the last append(s).
+                    report.truncated_bytes += log.len() - position;
+                    log.truncate(position).at(&log_path)?;
+                    log.sync().at(&log_path)?;
+                }
+                SegmentRole::Last => {
+                    // A damaged last record (a flipped bit, not a torn
+                    // write): kept, and the offsets it may hold are never
+                    // given to another record.
+                    let held = offsets_held_at_most(&rest);
+                    scan.damaged.push(Damage {
+                        position,
+                        end_position: log.len(),
+                        first_offset: scan.next_offset,
+                        next_offset: scan.next_offset + held,
+                        reason,
+                    });
+                    scan.next_offset += held;
+                }
+                SegmentRole::Sealed { .. } => {
+                    return Err(StorageError::Corrupt { path: log_path, position, reason });
+                }
+            }
+        }
         for damage in &scan.damaged {
             tracing::error!(
                 path = %log_path.display(),
@@ -204,29 +234,13 @@ impl Segment {
             );
         }
 
-        if let Some((position, reason)) = scan.stopped {
-            match role {
-                SegmentRole::Last => {
-                    // Nothing valid follows the bad bytes: a torn tail, the
-                    // unsynced end of the last append(s).
-                    report.truncated_bytes += log.len() - position;
-                    log.truncate(position).at(&log_path)?;
-                    log.sync().at(&log_path)?;
-                }
-                SegmentRole::Sealed { .. } => {
-                    return Err(StorageError::Corrupt { path: log_path, position, reason });
-                }
-            }
-        }
         if let SegmentRole::Sealed { next_base_offset } = role
             && scan.next_offset != next_base_offset
         {
-            return Err(StorageError::InvalidFile {
+            return Err(StorageError::SegmentEndMismatch {
                 path: log_path,
-                problem: format!(
-                    "segment ends at offset {} but the next segment starts at {next_base_offset}",
-                    scan.next_offset
-                ),
+                end_offset: scan.next_offset,
+                next_base_offset,
             });
         }
 
@@ -476,8 +490,15 @@ impl Segment {
             index::last_below(&state.time_index, timestamp_us).map_or(self.base_offset, |entry| entry.value)
         };
         loop {
-            // `read` has verified every record it returns.
-            let batch = self.read(from, 64 * 1024, u64::MAX)?;
+            // `read` has verified every record it returns; damage on the
+            // way is stepped over, as a read starting after it would.
+            let batch = match self.read(from, 64 * 1024, u64::MAX) {
+                Err(StorageError::CorruptRecord { next_readable_offset: Some(next), .. }) if next > from => {
+                    from = next;
+                    continue;
+                }
+                other => other?,
+            };
             if batch.count == 0 {
                 return Ok(None);
             }
@@ -631,12 +652,29 @@ const TORN_TAIL_ZEROS_BYTES: usize = 64;
 /// beginning reached the disk, its end did not). Anything else is
 /// corruption.
 pub(crate) fn is_torn_end(rest: &[u8], reason: &RecordError) -> bool {
-    if matches!(reason, RecordError::Incomplete { .. }) || rest.iter().all(|&byte| byte == 0) {
+    // Too short to hold a record: nothing acknowledged can be in it.
+    if rest.len() < RECORD_OVERHEAD_BYTES
+        || matches!(reason, RecordError::Incomplete { .. })
+        || rest.iter().all(|&byte| byte == 0)
+    {
         return true;
     }
-    let is_last = record::peek_len(rest).is_ok_and(|claimed| claimed.is_some_and(|len| len >= rest.len()));
-    let tail = &rest[rest.len().saturating_sub(TORN_TAIL_ZEROS_BYTES)..];
-    is_last && rest.len() > TORN_TAIL_ZEROS_BYTES && tail.iter().all(|&byte| byte == 0)
+    let Ok(Some(claimed)) = record::peek_len(rest) else { return false };
+    // Zeros from inside the bad record to the end of the file: its start
+    // reached the disk, the rest (a page or more, which may run past the
+    // record's own end) did not.
+    let zeros_from = rest.iter().rposition(|&byte| byte != 0).map_or(0, |last| last + 1);
+    zeros_from < claimed && rest.len() - zeros_from >= TORN_TAIL_ZEROS_BYTES
+}
+
+/// How many offsets bad bytes at the end of a segment may hold, none of
+/// which may ever be given to another record: one when the bad record's
+/// length reaches exactly to the end, else as many as the bytes could hold.
+pub(crate) fn offsets_held_at_most(rest: &[u8]) -> u64 {
+    match record::peek_len(rest) {
+        Ok(Some(claimed)) if claimed == rest.len() => 1,
+        _ => (rest.len() / RECORD_OVERHEAD_BYTES).max(1) as u64,
+    }
 }
 
 /// Names the offsets `first..next` that damaged bytes held, inclusively,

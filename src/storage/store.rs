@@ -212,9 +212,24 @@ impl Store {
         }
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
         let dir = channels_dir.join(name.as_str());
-        let channel =
-            Channel::create(Arc::clone(&self.fs), &dir, name.clone(), &self.config.log_config(name), settings)?;
-        self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
+        let created =
+            Channel::create(Arc::clone(&self.fs), &dir, name.clone(), &self.config.log_config(name), settings)
+                .and_then(|channel| self.fs.sync_dir(&channels_dir).at(&channels_dir).map(|()| channel));
+        let channel = match created {
+            Ok(channel) => channel,
+            Err(error) => {
+                // Nothing of a channel that could not be created stays
+                // behind: its directory would make it a channel at the next
+                // start, taking a place under max_channels. No channel of
+                // this name was open, so the directory is this attempt's.
+                if let Err(cleanup) = self.fs.remove_dir_all(&dir)
+                    && cleanup.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %dir.display(), error = %cleanup, "could not remove the directory of a channel that failed to be created");
+                }
+                return Err(error);
+            }
+        };
         let channel = Arc::new(channel);
         channels.insert(name.clone(), Arc::clone(&channel));
         tracing::info!(channel = %name, partitions = count, "channel created");

@@ -69,6 +69,10 @@ impl FileSystem for FullDisk {
         StdFileSystem.remove(path)
     }
 
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        StdFileSystem.remove_dir_all(path)
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         StdFileSystem.rename(from, to)
     }

@@ -1,0 +1,343 @@
+//! Partitioned channels over real TCP and real files: keyed routing that
+//! matches Kafka's partitioner and survives restarts, per-partition
+//! offsets, subscriptions over one or every partition, durable positions
+//! per partition, version 1 clients on partition 0, partition counts that
+//! grow and never shrink, and a data directory written by weir 0.1.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bytes::Bytes;
+use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
+use weir::client::{ClientError, Connection, Event, SubscribeOptions, Subscriber};
+use weir::config::Config;
+use weir::protocol::{ChannelInfo, ChannelRetention, ErrorCode, PROTOCOL_VERSION, Request, Response, StartPosition};
+use weir::record::{Message, RecordIter};
+
+mod common;
+use common::raw::{hello, read_response};
+use common::{addr, start, stop, test_config, within};
+
+fn keyed(key: &str, payload: &str) -> Message {
+    Message { key: Bytes::from(key.to_owned()), headers: Vec::new(), payload: Bytes::from(payload.to_owned()) }
+}
+
+async fn create(connection: &Connection, channel: &str, partitions: u32) {
+    let request = Request::CreateChannel {
+        channel: channel.into(),
+        retention: ChannelRetention::default(),
+        partitions: Some(partitions),
+    };
+    let answer = within("CREATE_CHANNEL", connection.request(request)).await.expect("channel created");
+    assert_eq!(answer, Response::ChannelCreated);
+}
+
+/// Publishes and returns (partition, first offset), or the broker's error.
+async fn publish(
+    connection: &Connection,
+    channel: &str,
+    partition: Option<u32>,
+    messages: Vec<Message>,
+) -> Result<(u32, u64), ClientError> {
+    let request = if messages.len() == 1 {
+        let message = messages.into_iter().next().expect("one message");
+        Request::Publish { channel: channel.into(), partition, producer: None, message }
+    } else {
+        Request::PublishBatch { channel: channel.into(), partition, producer: None, messages }
+    };
+    match within("a publish answer", connection.request(request)).await? {
+        Response::PublishAck { partition, first_offset, .. } => Ok((partition, first_offset)),
+        other => panic!("expected PUBLISH_ACK, got {other:?}"),
+    }
+}
+
+async fn channel_info(connection: &Connection, channel: &str) -> Option<ChannelInfo> {
+    match within("CHANNELS", connection.request(Request::ListChannels)).await.expect("channels listed") {
+        Response::Channels { channels } => channels.into_iter().find(|info| info.name == channel),
+        other => panic!("expected CHANNELS, got {other:?}"),
+    }
+}
+
+/// Kafka's partition for each key of its own murmur2 test vectors
+/// (`UtilsTest.testMurmur2`), with 6 partitions: `(hash & 0x7fffffff) % 6`,
+/// computed here from the published hashes, not with weir's code.
+fn kafka_partitions_of_known_keys() -> Vec<(&'static str, u32)> {
+    [
+        ("21", -973_932_308i32),
+        ("foobar", -790_332_482),
+        ("a-little-bit-long-string", -985_981_536),
+        ("a-little-bit-longer-string", -1_486_304_829),
+        ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+        ("abc", 479_470_107),
+    ]
+    .into_iter()
+    .map(|(key, hash)| (key, (hash as u32 & 0x7fff_ffff) % 6))
+    .collect()
+}
+
+#[tokio::test]
+async fn keys_land_on_the_partition_kafkas_partitioner_gives_them_and_stay_there_after_a_restart() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "keyed").await.unwrap();
+    assert_eq!(connection.protocol_version(), PROTOCOL_VERSION);
+    create(&connection, "orders", 6).await;
+    let mut expected_offsets: BTreeMap<u32, u64> = BTreeMap::new();
+    for (key, partition) in kafka_partitions_of_known_keys() {
+        let (stored_in, offset) = publish(&connection, "orders", None, vec![keyed(key, "first")]).await.unwrap();
+        assert_eq!(stored_in, partition, "key {key:?}");
+        let next = expected_offsets.entry(partition).or_default();
+        assert_eq!(offset, *next, "offsets count per partition");
+        *next += 1;
+    }
+    drop(connection);
+    stop(server).await;
+
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "keyed").await.unwrap();
+    for (key, partition) in kafka_partitions_of_known_keys() {
+        let (stored_in, _) = publish(&connection, "orders", None, vec![keyed(key, "again")]).await.unwrap();
+        assert_eq!(stored_in, partition, "key {key:?} after a restart");
+    }
+    let info = channel_info(&connection, "orders").await.expect("listed");
+    assert_eq!(info.partitions.len(), 6);
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn keyless_publishes_take_the_partitions_in_turn_and_a_batch_stays_together() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "keyless").await.unwrap();
+    create(&connection, "events", 3).await;
+    let mut partitions = Vec::new();
+    for i in 0..6 {
+        let batch = vec![Message::from_payload(format!("a{i}")), Message::from_payload(format!("b{i}"))];
+        partitions.push(publish(&connection, "events", None, batch).await.unwrap().0);
+    }
+    assert_eq!(partitions, [0, 1, 2, 0, 1, 2]);
+    let info = channel_info(&connection, "events").await.expect("listed");
+    // Each partition got two batches of two messages.
+    assert!(info.partitions.iter().all(|partition| partition.next_offset == 4), "{info:?}");
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn refused_partitions_and_mixed_batches_store_and_create_nothing() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "refused").await.unwrap();
+    // A partition the new channel would not have: nothing is created.
+    let refused = publish(&connection, "fresh", Some(1), vec![Message::from_payload("x")]).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::UnknownPartition), "{refused}");
+    assert!(channel_info(&connection, "fresh").await.is_none());
+
+    create(&connection, "orders", 4).await;
+    let refused = publish(&connection, "orders", Some(4), vec![Message::from_payload("x")]).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::UnknownPartition), "{refused}");
+    assert!(refused.to_string().contains("0..4"), "{refused}");
+    // Two keys of different partitions in one batch: refused, nothing
+    // stored. With 4 partitions Kafka puts "21" in 0 and "foobar" in 2.
+    let batch = vec![keyed("21", "v"), keyed("foobar", "v")];
+    let refused = publish(&connection, "orders", None, batch).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::InvalidRequest), "{refused}");
+    assert!(refused.to_string().contains("partitions 0 and 2"), "{refused}");
+    let info = channel_info(&connection, "orders").await.expect("listed");
+    assert!(info.partitions.iter().all(|partition| partition.next_offset == 0), "{info:?}");
+    stop(server).await;
+}
+
+/// Every record a subscription delivers until it has `count`, by partition.
+async fn receive(subscriber: &mut Subscriber, count: usize) -> BTreeMap<u32, Vec<(u64, Bytes)>> {
+    let mut received: BTreeMap<u32, Vec<(u64, Bytes)>> = BTreeMap::new();
+    let mut total = 0;
+    while total < count {
+        match within("a delivery", subscriber.next()).await {
+            Some(Ok(Event::Message { partition, record })) => {
+                subscriber.ack_partition(partition, record.offset).await.unwrap();
+                received.entry(partition).or_default().push((record.offset, record.payload));
+                total += 1;
+            }
+            Some(Ok(Event::Notice { .. })) => {}
+            Some(Err(error)) => panic!("the subscription failed: {error}"),
+            None => panic!("the subscription ended"),
+        }
+    }
+    received
+}
+
+#[tokio::test]
+async fn a_subscription_reads_every_partition_in_order_and_a_durable_one_resumes_in_each() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "reader").await.unwrap();
+    create(&connection, "orders", 4).await;
+    for partition in 0..4u32 {
+        for i in 0..5 {
+            publish(&connection, "orders", Some(partition), vec![Message::from_payload(format!("p{partition}-{i}"))])
+                .await
+                .unwrap();
+        }
+    }
+    let options = SubscribeOptions { durable_name: Some("billing".into()), ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "orders", options.clone()).await.unwrap();
+    assert_eq!(subscriber.partitions(), [(0, 0), (1, 0), (2, 0), (3, 0)]);
+    let received = receive(&mut subscriber, 20).await;
+    for (partition, records) in &received {
+        let expected: Vec<(u64, Bytes)> = (0..5).map(|i| (i, Bytes::from(format!("p{partition}-{i}")))).collect();
+        assert_eq!(records, &expected, "partition {partition}: every record, in offset order");
+    }
+    // One partition alone: the others are not delivered.
+    let one = SubscribeOptions { partition: Some(2), ..SubscribeOptions::default() };
+    let mut single = Subscriber::subscribe(&connection, "orders", one).await.unwrap();
+    assert_eq!(single.partitions(), [(2, 0)]);
+    let only = receive(&mut single, 5).await;
+    assert_eq!(only.keys().copied().collect::<Vec<_>>(), [2]);
+    // Acks are per partition and cover what was delivered.
+    within("unsubscribe", subscriber.unsubscribe()).await.unwrap();
+    let _ = within("PING", connection.request(Request::Ping)).await;
+    drop(single);
+    drop(connection);
+    stop(server).await;
+
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "reader").await.unwrap();
+    publish(&connection, "orders", Some(1), vec![Message::from_payload("p1-5")]).await.unwrap();
+    let mut resumed = Subscriber::subscribe(&connection, "orders", options).await.unwrap();
+    assert_eq!(resumed.partitions(), [(0, 5), (1, 5), (2, 5), (3, 5)], "each partition resumes after its last ack");
+    let next = receive(&mut resumed, 1).await;
+    assert_eq!(next, BTreeMap::from([(1, vec![(5, Bytes::from("p1-5"))])]));
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn an_explicit_start_offset_names_its_partition() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "offsets").await.unwrap();
+    create(&connection, "orders", 2).await;
+    for i in 0..3 {
+        publish(&connection, "orders", Some(1), vec![Message::from_payload(format!("m{i}"))]).await.unwrap();
+    }
+    let all = SubscribeOptions { start: StartPosition::Offset(1), ..SubscribeOptions::default() };
+    let refused = Subscriber::subscribe(&connection, "orders", all).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::InvalidRequest), "{refused}");
+    let one = SubscribeOptions { partition: Some(1), start: StartPosition::Offset(1), ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "orders", one).await.unwrap();
+    let received = receive(&mut subscriber, 2).await;
+    assert_eq!(received[&1].iter().map(|(offset, _)| *offset).collect::<Vec<_>>(), [1, 2]);
+    let missing = SubscribeOptions { partition: Some(2), ..SubscribeOptions::default() };
+    let refused = Subscriber::subscribe(&connection, "orders", missing).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::UnknownPartition), "{refused}");
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn partitions_grow_up_to_max_partitions_and_never_shrink() {
+    let dir = TempDir::new().unwrap();
+    let config = Config { max_partitions: 8, ..test_config(&dir) };
+    let server = start(config).await;
+    let connection = Connection::connect(&addr(&server), "alter").await.unwrap();
+    create(&connection, "orders", 2).await;
+    let alter = |partitions| Request::AlterChannel { channel: "orders".into(), partitions };
+    // N = max_partitions is taken, N + 1 is refused.
+    assert_eq!(within("ALTER", connection.request(alter(8))).await.unwrap(), Response::ChannelAltered);
+    let refused = within("ALTER", connection.request(alter(9))).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::TooManyPartitions), "{refused}");
+    let refused = within("ALTER", connection.request(alter(3))).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::InvalidRequest), "{refused}");
+    assert!(refused.to_string().contains("never removed"), "{refused}");
+    // The new partitions take publishes at once.
+    assert_eq!(publish(&connection, "orders", Some(7), vec![Message::from_payload("x")]).await.unwrap(), (7, 0));
+    let create_too_many =
+        Request::CreateChannel { channel: "wide".into(), retention: ChannelRetention::default(), partitions: Some(9) };
+    let refused = within("CREATE", connection.request(create_too_many)).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::TooManyPartitions), "{refused}");
+    assert!(channel_info(&connection, "wide").await.is_none());
+    drop(connection);
+    stop(server).await;
+
+    let server = start(Config { max_partitions: 8, ..test_config(&dir) }).await;
+    let connection = Connection::connect(&addr(&server), "alter").await.unwrap();
+    assert_eq!(channel_info(&connection, "orders").await.expect("listed").partitions.len(), 8);
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_version_1_client_sees_partition_0_of_a_partitioned_channel() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "v2").await.unwrap();
+    create(&connection, "orders", 3).await;
+    publish(&connection, "orders", Some(2), vec![Message::from_payload("in partition 2")]).await.unwrap();
+
+    let mut v1 = within("connect", tokio::net::TcpStream::connect(addr(&server))).await.unwrap();
+    let frame = |request: Request, id| request.encode_for(1, id);
+    v1.write_all(&hello(1, 1).encode(1)).await.unwrap();
+    let (_, welcome) = read_response(&mut v1).await;
+    assert!(matches!(welcome, Response::Welcome { version: 1, .. }), "{welcome:?}");
+    // A version 1 publish goes to partition 0, whatever its key.
+    let publish =
+        Request::Publish { channel: "orders".into(), partition: None, producer: None, message: keyed("k", "v1") };
+    v1.write_all(&frame(publish, 2)).await.unwrap();
+    let (_, body) = common::raw::read_frame(&mut v1).await.unwrap().expect("an answer");
+    let ack = Response::decode_for(1, 0x83, body).expect("a version 1 PUBLISH_ACK");
+    assert!(matches!(ack, Response::PublishAck { partition: 0, first_offset: 0, .. }), "{ack:?}");
+    // A version 1 fetch reads partition 0.
+    let fetch =
+        Request::Fetch { channel: "orders".into(), partition: 0, offset: 0, max_messages: 10, max_bytes: 1 << 20 };
+    v1.write_all(&frame(fetch, 3)).await.unwrap();
+    let (header, body) = common::raw::read_frame(&mut v1).await.unwrap().expect("an answer");
+    match Response::decode_for(1, header.frame_type, body).unwrap() {
+        Response::FetchResult { count, records, .. } => {
+            assert_eq!(count, 1);
+            let record = RecordIter::new(records).next().unwrap().unwrap();
+            assert_eq!(record.payload, Bytes::from("v1"));
+        }
+        other => panic!("expected FETCH_RESULT, got {other:?}"),
+    }
+    stop(server).await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_data_directory_written_by_weir_0_1_opens_as_one_partition_channels_with_everything_readable() {
+    let dir = TempDir::new().unwrap();
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v0.1-data"), dir.path());
+    let report = weir::storage::check::check_data_dir(dir.path(), weir::storage::FsyncPolicy::Always).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "upgrade").await.unwrap();
+    let orders = channel_info(&connection, "orders").await.expect("orders");
+    assert_eq!(orders.partitions.len(), 1);
+    assert_eq!((orders.partitions[0].start_offset, orders.partitions[0].next_offset), (0, 20));
+    // The durable position written by 0.1 is partition 0's.
+    let billing = orders.subscriptions.iter().find(|s| s.durable_name == "billing").expect("billing");
+    assert_eq!((billing.partition, billing.next_offset), (0, 5));
+    let options = SubscribeOptions { durable_name: Some("billing".into()), ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "orders", options).await.unwrap();
+    let received = receive(&mut subscriber, 15).await;
+    let payloads: Vec<Bytes> = received[&0].iter().map(|(_, payload)| payload.clone()).collect();
+    let expected: Vec<Bytes> = (5..20).map(|i| Bytes::from(format!("order {i}"))).collect();
+    assert_eq!(payloads, expected);
+    let audit = SubscribeOptions { start: StartPosition::Earliest, ..SubscribeOptions::default() };
+    let mut audit = Subscriber::subscribe(&connection, "audit", audit).await.unwrap();
+    let received = receive(&mut audit, 3).await;
+    assert_eq!(received[&0].iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), ["a", "b", "c"].map(Bytes::from));
+    // And it keeps taking appends where 0.1 left off.
+    assert_eq!(publish(&connection, "orders", None, vec![keyed("customer-7", "order 20")]).await.unwrap(), (0, 20));
+    stop(server).await;
+}
