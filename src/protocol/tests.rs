@@ -474,48 +474,61 @@ fn worked_example_in_protocol_md_matches_the_codec() {
     // PUBLISH naming no partition: flags 0, no partition field, the same
     // bytes as in version 1.
     assert_eq!(publish.encode_for(2, 2), publish.encode_for(1, 2));
-    // The same PUBLISH naming partition 0 (length 0x1e = 5 + 25-byte body):
+    // The version 2 example of PROTOCOL.md: the same PUBLISH naming
+    // partition 3 (length 0x1e = 5 + 25-byte body):
     //   00 00 00 1e  03  00 00 00 02   length, type, correlation id 2
     //   06 6f 72 64 65 72 73           channel "orders"
     //   02                             flags: bit 1, a partition follows; no producer
-    //   00 00 00 00                    partition 0
+    //   00 00 00 03                    partition 3
     //   00 00                          key_len 0
     //   00 00                          header_count 0
     //   00 00 00 05 68 65 6c 6c 6f     payload "hello"
-    let publish_to_0 = Request::Publish {
+    let publish_to_3 = Request::Publish {
         channel: "orders".into(),
-        partition: Some(0),
+        partition: Some(3),
         producer: None,
         message: Message::from_payload("hello"),
     };
     assert_eq!(
-        hex(&publish_to_0.encode_for(2, 2)),
-        "00 00 00 1e 03 00 00 00 02 06 6f 72 64 65 72 73 02 00 00 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
+        hex(&publish_to_3.encode_for(2, 2)),
+        "00 00 00 1e 03 00 00 00 02 06 6f 72 64 65 72 73 02 00 00 00 03 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
     );
     // Version 1 has no partition field: the partition is left out.
-    assert_eq!(publish_to_0.encode_for(1, 2), publish.encode_for(1, 2));
+    assert_eq!(publish_to_3.encode_for(1, 2), publish.encode_for(1, 2));
 
-    // PUBLISH_ACK (length 0x1e = 5 + 25-byte body):
+    // PUBLISH_ACK from partition 3 (length 0x1e = 5 + 25-byte body):
     //   00 00 00 1e  83  00 00 00 02   length, type, correlation id 2
-    //   00 00 00 00                    partition 0 (v2)
+    //   00 00 00 03                    partition 3 (v2)
     //   00 00 00 00 00 00 00 00        first_offset 0
     //   00 00 00 01                    count 1
     //   00 06 60 d5 82 db b0 00        timestamp_us 1795320000000000
     //   00                             duplicate 0
+    let ack_3 = match ack.clone() {
+        Response::PublishAck { first_offset, count, timestamp_us, duplicate, .. } => {
+            Response::PublishAck { partition: 3, first_offset, count, timestamp_us, duplicate }
+        }
+        other => panic!("{other:?}"),
+    };
     assert_eq!(
-        hex(&ack.encode_for(2, 2)),
-        "00 00 00 1e 83 00 00 00 02 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
+        hex(&ack_3.encode_for(2, 2)),
+        "00 00 00 1e 83 00 00 00 02 00 00 00 03 00 00 00 00 00 00 00 00 00 00 00 01 00 06 60 d5 82 db b0 00 00"
     );
 
-    // DELIVER (length 0x37 = 5 + 12 + 38-byte record):
+    // DELIVER from partition 3 (length 0x37 = 5 + 12 + 38-byte record):
     //   00 00 00 37  87  00 00 00 00   length, type, correlation id 0
     //   00 00 00 01                    subscription_id 1
-    //   00 00 00 00                    partition 0 (v2)
+    //   00 00 00 03                    partition 3 (v2)
     //   00 00 00 01                    count 1
     //   00 00 00 22 c0 58 8f e0 ...    the record, the same bytes as in version 1
+    let deliver_3 = match deliver.clone() {
+        Response::Deliver { subscription_id, count, records, .. } => {
+            Response::Deliver { subscription_id, partition: 3, count, records }
+        }
+        other => panic!("{other:?}"),
+    };
     assert_eq!(
-        hex(&deliver.encode_for(2, 0)),
-        "00 00 00 37 87 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 01 00 00 00 22 c0 58 8f e0 00 00 00 00 00 00 00 \
+        hex(&deliver_3.encode_for(2, 0)),
+        "00 00 00 37 87 00 00 00 00 00 00 00 01 00 00 00 03 00 00 00 01 00 00 00 22 c0 58 8f e0 00 00 00 00 00 00 00 \
          00 00 06 60 d5 82 db b0 00 00 00 00 00 00 00 00 00 05 68 65 6c 6c 6f"
     );
 
