@@ -106,11 +106,17 @@ enum Command {
     Check {
         /// The broker's data directory.
         data_dir: PathBuf,
-        /// The fsync policy the broker runs with: under "interval" and
-        /// "never" a crash may tear the end of the last sealed segment,
-        /// which the broker repairs; under "always" that is corruption.
-        #[arg(long, value_enum, default_value = "always")]
-        fsync: FsyncArg,
+        /// The broker's configuration file: the fsync policy of each channel
+        /// (`fsync` and `[channels.NAME] fsync`) decides what a torn end of
+        /// its last sealed segment means.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The fsync policy of every channel (overrides --config): under
+        /// "interval" and "never" a crash may tear the end of the last
+        /// sealed segment, which the broker repairs; under "always" that is
+        /// corruption. Without either option: "always".
+        #[arg(long, value_enum)]
+        fsync: Option<FsyncArg>,
     },
 }
 
@@ -159,7 +165,7 @@ impl From<FsyncArg> for FsyncPolicy {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Check { data_dir, fsync } => check(&data_dir, fsync.into()),
+        Command::Check { data_dir, config, fsync } => check(&data_dir, config.as_deref(), fsync.map(Into::into)),
         Command::Serve { config, listen, data_dir, metrics_addr, print_config, log_format } => {
             let overrides = Overrides { listen, data_dir, metrics_addr };
             serve(config.as_deref(), overrides, print_config, log_format)
@@ -516,9 +522,24 @@ async fn stats(addr: String, interval_ms: u64) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(data_dir: &Path, fsync: FsyncPolicy) -> anyhow::Result<ExitCode> {
-    use weir::storage::check::{Severity, Verdict};
-    let report = weir::storage::check::check_data_dir(data_dir, fsync)
+fn check(data_dir: &Path, config: Option<&Path>, fsync: Option<FsyncPolicy>) -> anyhow::Result<ExitCode> {
+    use weir::storage::check::{FsyncPolicies, Severity, Verdict};
+    let policies = match (fsync, config) {
+        (Some(policy), _) => FsyncPolicies::all(policy),
+        (None, Some(path)) => {
+            let config = Config::load(Some(path))?;
+            FsyncPolicies {
+                default: config.fsync,
+                channels: config
+                    .channels
+                    .iter()
+                    .filter_map(|(name, overrides)| Some((name.clone(), overrides.fsync?)))
+                    .collect(),
+            }
+        }
+        (None, None) => FsyncPolicies::all(FsyncPolicy::Always),
+    };
+    let report = weir::storage::check::check_data_dir(data_dir, &policies)
         .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", data_dir.display()))?;
     for problem in &report.problems {
         println!("{problem}");

@@ -317,7 +317,11 @@ fn copy_dir(from: &Path, to: &Path) {
 async fn a_data_directory_written_by_weir_0_1_opens_as_one_partition_channels_with_everything_readable() {
     let dir = TempDir::new().unwrap();
     copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v0.1-data"), dir.path());
-    let report = weir::storage::check::check_data_dir(dir.path(), weir::storage::FsyncPolicy::Always).unwrap();
+    let report = weir::storage::check::check_data_dir(
+        dir.path(),
+        &weir::storage::check::FsyncPolicies::all(weir::storage::FsyncPolicy::Always),
+    )
+    .unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     let server = start(test_config(&dir)).await;
     let connection = Connection::connect(&addr(&server), "upgrade").await.unwrap();

@@ -110,7 +110,7 @@ proptest! {
             prop_assert_eq!(&record.headers, &message.headers);
             prop_assert_eq!(&record.payload, &message.payload);
         }
-        let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
+        let report = weir::storage::check::check_data_dir(dir.path(), &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always)).unwrap();
         prop_assert!(report.is_clean(), "{:?}", report.problems);
         prop_assert_eq!(report.records, expected.len() as u64);
     }
@@ -329,7 +329,11 @@ fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
     bytes[flipped_at] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
 
-    let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
+    let report = weir::storage::check::check_data_dir(
+        dir.path(),
+        &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always),
+    )
+    .unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let problem = &report.problems[0];
     assert_eq!(problem.position, Some((16 + 5 * record_len) as u64));
@@ -434,7 +438,14 @@ fn missing_or_corrupt_indexes_are_rebuilt_from_the_log() {
     }
     assert_eq!(read_all(&log, 0).len(), 60);
     assert_eq!(log.offset_for_time(1_000 + 335).unwrap(), 34);
-    assert!(weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap().is_clean());
+    assert!(
+        weir::storage::check::check_data_dir(
+            dir.path(),
+            &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always)
+        )
+        .unwrap()
+        .is_clean()
+    );
 }
 
 #[test]
@@ -630,7 +641,9 @@ fn a_zero_filled_end_of_the_last_sealed_segment_is_a_torn_end_under_never() {
 }
 
 fn check_verdict(dir: &Path) -> (Verdict, Vec<String>) {
-    let report = weir::storage::check::check_data_dir(dir, FsyncPolicy::Always).unwrap();
+    let report =
+        weir::storage::check::check_data_dir(dir, &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always))
+            .unwrap();
     (report.verdict(), report.problems.iter().map(ToString::to_string).collect())
 }
 
@@ -771,7 +784,11 @@ fn check_calls_a_crashed_log_with_stale_indexes_and_a_torn_tail_repairable() {
     // for records that are gone.
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..record_start(150) - 9]).unwrap();
-    let report = weir::storage::check::check_data_dir(dir.path(), FsyncPolicy::Always).unwrap();
+    let report = weir::storage::check::check_data_dir(
+        dir.path(),
+        &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always),
+    )
+    .unwrap();
     assert_eq!(report.verdict(), Verdict::Repairable, "{:?}", report.problems);
     // One line per index file, not one per stale entry.
     assert!(report.problems.len() <= 3, "{:?}", report.problems);
@@ -1052,4 +1069,29 @@ fn a_roll_on_a_full_disk_leaves_nothing_behind_and_happens_once_space_is_back() 
     let reopened = open(dir.path(), config);
     assert_eq!(reopened.next_offset(), next + 1);
     assert_eq!(read_all(&reopened, 0).len() as u64, next + 1);
+}
+
+#[test]
+fn check_judges_a_torn_last_sealed_segment_by_each_channels_fsync_policy() {
+    use weir::storage::check::FsyncPolicies;
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("clicks");
+    log_with_a_torn_middle_segment(&channel_dir, &small_config());
+    let verdict =
+        |policies: &FsyncPolicies| weir::storage::check::check_data_dir(dir.path(), policies).unwrap().verdict();
+    assert_eq!(verdict(&FsyncPolicies::all(FsyncPolicy::Always)), Verdict::Corrupt);
+    // The channel runs with "never" while the broker default is "always":
+    // the broker repairs this, and check says so.
+    let mut per_channel = FsyncPolicies::all(FsyncPolicy::Always);
+    per_channel.channels.insert("clicks".into(), FsyncPolicy::Never);
+    assert_eq!(verdict(&per_channel), Verdict::Repairable);
+
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "fsync = \"always\"\n[channels.clicks]\nfsync = \"never\"\n").unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("check").arg(dir.path()).args(args).output().unwrap()
+    };
+    assert_eq!(run(&["--config", config.to_str().unwrap()]).status.code(), Some(0));
+    assert_eq!(run(&[]).status.code(), Some(1));
+    assert_eq!(run(&["--fsync", "never"]).status.code(), Some(0));
 }

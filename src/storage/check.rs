@@ -113,14 +113,34 @@ impl CheckReport {
     }
 }
 
+/// The fsync policy each channel runs with, which decides what a torn end
+/// of its last sealed segment means (under `interval` and `never` a crash
+/// may tear it and the broker repairs it; under `always` it may not).
+#[derive(Clone, Debug, Default)]
+pub struct FsyncPolicies {
+    pub default: FsyncPolicy,
+    /// Channels configured with another policy (`[channels.NAME] fsync`).
+    pub channels: std::collections::BTreeMap<String, FsyncPolicy>,
+}
+
+impl FsyncPolicies {
+    /// Every channel with `policy`.
+    pub fn all(policy: FsyncPolicy) -> FsyncPolicies {
+        FsyncPolicies { default: policy, channels: Default::default() }
+    }
+
+    fn of(&self, channel: &str) -> FsyncPolicy {
+        self.channels.get(channel).copied().unwrap_or(self.default)
+    }
+}
+
 /// Checks every channel under `data_dir`, judging torn ends as the broker
-/// running with `fsync` would (under `interval` and `never` the last sealed
-/// segment may lose its end in a crash; under `always` it may not).
+/// running with those fsync policies would.
 ///
 /// # Errors
 /// Only when `data_dir` itself cannot be listed; everything else is a
 /// [`Problem`] in the report.
-pub fn check_data_dir(data_dir: &Path, fsync: FsyncPolicy) -> std::io::Result<CheckReport> {
+pub fn check_data_dir(data_dir: &Path, fsync: &FsyncPolicies) -> std::io::Result<CheckReport> {
     let fs = StdFileSystem;
     let channels_dir = data_dir.join(CHANNELS_DIR);
     let mut names = fs.list(&channels_dir)?;
@@ -138,13 +158,13 @@ pub fn check_data_dir(data_dir: &Path, fsync: FsyncPolicy) -> std::io::Result<Ch
             continue;
         }
         report.channels += 1;
-        check_partitions(&fs, &name, &channels_dir.join(&name), fsync, &mut report);
+        check_partitions(&fs, &name, &channels_dir.join(&name), fsync.of(&name), &mut report);
     }
     // The broker's internal log of durable subscription offsets has the
     // same format.
     let offsets_dir = data_dir.join("system").join("offsets");
     if offsets_dir.is_dir() {
-        check_channel(&fs, "system/offsets", &offsets_dir, fsync, &mut report);
+        check_channel(&fs, "system/offsets", &offsets_dir, fsync.default, &mut report);
     }
     Ok(report)
 }
