@@ -66,6 +66,8 @@ pub const MAX_PRODUCERS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
 pub const METRICS_CHANNEL_LABELS_RANGE: RangeInclusive<u64> = 0..=10_000;
 /// Allowed range of `max_channels`.
 pub const MAX_CHANNELS_RANGE: RangeInclusive<u64> = 1..=100_000;
+/// Allowed range of `max_groups_per_channel` and `max_members_per_group`.
+pub const GROUP_LIMIT_RANGE: RangeInclusive<u64> = 1..=65_536;
 /// Allowed range of `max_partitions` (and of every partition count, which
 /// must also be at most `max_partitions`).
 pub const MAX_PARTITIONS_RANGE: RangeInclusive<u64> = 1..=crate::storage::PARTITIONS_LIMIT as u64;
@@ -111,6 +113,9 @@ pub struct Config {
     pub max_channels: u64,
     pub default_partitions: u64,
     pub max_partitions: u64,
+    pub max_groups_per_channel: u64,
+    pub max_members_per_group: u64,
+    pub group_session_timeout_ms: u64,
     /// Per-channel overrides, keyed by channel name.
     pub channels: BTreeMap<String, ChannelOverrides>,
 }
@@ -168,6 +173,9 @@ impl Default for Config {
             max_channels: 10_000,
             default_partitions: 1,
             max_partitions: 1024,
+            max_groups_per_channel: 64,
+            max_members_per_group: 256,
+            group_session_timeout_ms: 20_000,
             channels: BTreeMap::new(),
         }
     }
@@ -335,6 +343,27 @@ impl Config {
         check_range("max_channels", self.max_channels, MAX_CHANNELS_RANGE)?;
         check_range("max_partitions", self.max_partitions, MAX_PARTITIONS_RANGE)?;
         check_range("default_partitions", self.default_partitions, 1..=self.max_partitions)?;
+        check_range("max_groups_per_channel", self.max_groups_per_channel, GROUP_LIMIT_RANGE)?;
+        check_range("max_members_per_group", self.max_members_per_group, GROUP_LIMIT_RANGE)?;
+        check_range("group_session_timeout_ms", self.group_session_timeout_ms, TIMEOUT_MS_RANGE)?;
+        if self.group_session_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::Invalid {
+                key: "group_session_timeout_ms".into(),
+                problem: format!(
+                    "{} must be above heartbeat_interval_ms = {}, or members that heartbeat on time leave their groups",
+                    self.group_session_timeout_ms, self.heartbeat_interval_ms
+                ),
+            });
+        }
+        if self.group_session_timeout_ms >= self.idle_timeout_ms {
+            return Err(ConfigError::Invalid {
+                key: "group_session_timeout_ms".into(),
+                problem: format!(
+                    "{} must be below idle_timeout_ms = {}: a silent member must leave its group before its connection is closed",
+                    self.group_session_timeout_ms, self.idle_timeout_ms
+                ),
+            });
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });
         }

@@ -81,6 +81,10 @@ enum Command {
         /// Durable subscription name: resume where this name left off.
         #[arg(long)]
         durable: Option<String>,
+        /// Join this consumer group: read the partitions the broker assigns
+        /// this member, from the group's committed positions.
+        #[arg(long, conflicts_with_all = ["durable", "partition"])]
+        group: Option<String>,
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,
@@ -92,6 +96,14 @@ enum Command {
         #[command(subcommand)]
         action: Option<ChannelsAction>,
         #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR, global = true)]
+        addr: String,
+    },
+    /// Consumer groups: members, who reads each partition, committed
+    /// positions and lag.
+    Groups {
+        /// Only this channel's groups.
+        channel: Option<String>,
+        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
     /// Broker counters, per-channel rates and subscriber lag, from two
@@ -173,12 +185,13 @@ fn main() -> ExitCode {
         Command::Publish { channel, message, key, partition, addr } => {
             run_async(publish(addr, channel, key, partition, message))
         }
-        Command::Subscribe { channel, partition, from, durable, count, addr } => {
-            run_async(subscribe(addr, channel, partition, from, durable, count))
+        Command::Subscribe { channel, partition, from, durable, group, count, addr } => {
+            run_async(subscribe(addr, channel, SubscribeArgs { partition, from, durable, group, count }))
         }
         Command::Channels { action: None, addr } => run_async(channels(addr)),
         Command::Channels { action: Some(action), addr } => run_async(channels_admin(addr, action)),
         Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
+        Command::Groups { channel, addr } => run_async(groups(addr, channel)),
     };
     match result {
         Ok(code) => code,
@@ -365,19 +378,23 @@ fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
     Ok(StartPosition::TimeUs(micros))
 }
 
-async fn subscribe(
-    addr: String,
-    channel: String,
+/// What `weir subscribe` was asked for.
+struct SubscribeArgs {
     partition: Option<u32>,
     from: String,
     durable: Option<String>,
+    group: Option<String>,
     count: Option<u64>,
-) -> anyhow::Result<ExitCode> {
+}
+
+async fn subscribe(addr: String, channel: String, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
+    let SubscribeArgs { partition, from, durable, group, count } = args;
+    let several = partition.is_none();
     let start = parse_start(&from)?;
     let connection = Connection::connect(&addr, "weir-cli").await?;
-    let options = SubscribeOptions { partition, start, durable_name: durable, ..SubscribeOptions::default() };
+    let options = SubscribeOptions { partition, start, durable_name: durable, group, ..SubscribeOptions::default() };
     let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
-    let several = subscriber.partitions().len() > 1;
+    let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
     let mut received = 0u64;
     if count == Some(0) {
         return Ok(ExitCode::SUCCESS);
@@ -411,6 +428,14 @@ async fn subscribe(
                 eprintln!(
                     "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
                 );
+            }
+            Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
+                eprintln!(
+                    "notice: partition {partition} assigned (generation {generation}), from offset {first_offset}"
+                );
+            }
+            Event::Notice { partition, notice: Notice::Revoked { generation } } => {
+                eprintln!("notice: partition {partition} revoked (generation {generation})");
             }
         }
     }
@@ -446,6 +471,30 @@ async fn channels_admin(addr: String, action: ChannelsAction) -> anyhow::Result<
     };
     connection.request(request).await?;
     println!("{done}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn groups(addr: String, channel: Option<String>) -> anyhow::Result<ExitCode> {
+    let connection = Connection::connect(&addr, "weir-cli").await?;
+    if connection.protocol_version() < 2 {
+        bail!("the broker speaks protocol version 1, which has no consumer groups");
+    }
+    let request = Request::ListGroups { channel: channel.unwrap_or_default() };
+    let Response::Groups { groups } = connection.request(request).await? else {
+        bail!("unexpected answer to LIST_GROUPS");
+    };
+    for group in groups {
+        println!(
+            "group {} on {}: {} members, generation {}",
+            group.name, group.channel, group.member_count, group.generation
+        );
+        println!("    {:>9} {:>8} {:>12} {:>12}", "PARTITION", "MEMBER", "COMMITTED", "LAG");
+        for partition in group.partitions {
+            let owner = partition.owner.map_or_else(|| "-".to_owned(), |member| member.to_string());
+            let committed = partition.committed.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
+            println!("    {:>9} {:>8} {:>12} {:>12}", partition.partition, owner, committed, partition.lag);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
-use weir::protocol::{Notice, Request, Response, StartPosition};
+use weir::protocol::{Notice, Request, Response};
 use weir::record::Message;
 
 const TOTAL_BYTES: u64 = 1 << 30;
@@ -71,8 +71,7 @@ async fn a_subscriber_that_never_acks_costs_no_memory_while_a_gigabyte_is_publis
     let pid = broker.0.id();
 
     let subscriber_connection = connect_with_retries(&addr).await;
-    let options =
-        SubscribeOptions { partition: None, start: StartPosition::Earliest, durable_name: None, max_inflight: WINDOW };
+    let options = SubscribeOptions { max_inflight: WINDOW, ..SubscribeOptions::default() };
     let mut subscriber = Subscriber::subscribe(&subscriber_connection, "flood", options).await.unwrap();
 
     let publisher = connect_with_retries(&addr).await;

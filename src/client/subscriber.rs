@@ -23,6 +23,11 @@ pub struct SubscribeOptions {
     /// Name of a durable subscription: the broker stores its acks and a
     /// later subscription with the same name resumes after the last one.
     pub durable_name: Option<String>,
+    /// A consumer group to join: the broker assigns this subscription its
+    /// share of the channel's partitions, announced by
+    /// [`Notice::Assigned`] and [`Notice::Revoked`] (acknowledge what you
+    /// were sent of a revoked partition, so that it moves on).
+    pub group: Option<String>,
     /// Most unacknowledged deliveries (the broker caps it at its
     /// `max_inflight_deliveries`).
     pub max_inflight: u32,
@@ -30,7 +35,13 @@ pub struct SubscribeOptions {
 
 impl Default for SubscribeOptions {
     fn default() -> SubscribeOptions {
-        SubscribeOptions { partition: None, start: StartPosition::Earliest, durable_name: None, max_inflight: 1024 }
+        SubscribeOptions {
+            partition: None,
+            start: StartPosition::Earliest,
+            durable_name: None,
+            group: None,
+            max_inflight: 1024,
+        }
     }
 }
 
@@ -88,7 +99,7 @@ impl Subscriber {
             partition: options.partition,
             start: options.start,
             durable_name: options.durable_name,
-            group: None,
+            group: options.group,
             max_inflight: options.max_inflight,
         };
         let partitions = match connection.request(request).await {
@@ -194,6 +205,15 @@ impl Subscriber {
                     }
                 }
                 Poll::Ready(Some(SubscriptionEvent::Notice { partition, notice })) => {
+                    match notice {
+                        Notice::Assigned { first_offset, .. } => {
+                            self.partitions.retain(|&(p, _)| p != partition);
+                            self.partitions.push((partition, first_offset));
+                            self.partitions.sort_unstable();
+                        }
+                        Notice::Revoked { .. } => self.partitions.retain(|&(p, _)| p != partition),
+                        Notice::Lag { .. } | Notice::Skipped { .. } => {}
+                    }
                     self.ready.push_back(Event::Notice { partition, notice });
                 }
                 Poll::Ready(Some(SubscriptionEvent::Closed(error))) => {

@@ -80,6 +80,8 @@ pub enum FrameType {
     Stats = 0x0B,
     /// Version 2 on.
     AlterChannel = 0x0C,
+    /// Version 2 on.
+    ListGroups = 0x0D,
     Welcome = 0x81,
     Pong = 0x82,
     PublishAck = 0x83,
@@ -96,6 +98,8 @@ pub enum FrameType {
     StatsResult = 0x8E,
     /// Version 2 on.
     ChannelAltered = 0x8F,
+    /// Version 2 on.
+    Groups = 0x90,
 }
 
 /// Wire error codes. Never renumbered or reused.
@@ -149,12 +153,15 @@ pub enum ErrorCode {
     UnknownPartition = 24,
     /// A partition count above `max_partitions` (version 2 on).
     TooManyPartitions = 25,
+    /// A consumer group member was silent for `group_session_timeout_ms`
+    /// and lost its partitions (version 2 on).
+    GroupSessionExpired = 26,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 25] = [
+        const ALL: [ErrorCode; 26] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -180,6 +187,7 @@ impl ErrorCode {
             StorageFull,
             UnknownPartition,
             TooManyPartitions,
+            GroupSessionExpired,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }
@@ -275,6 +283,11 @@ pub enum Request {
         channel: String,
         partitions: u32,
     },
+    /// The consumer groups of one channel, or of all with an empty name
+    /// (version 2 on).
+    ListGroups {
+        channel: String,
+    },
 }
 
 /// The limits a server advertises in WELCOME.
@@ -310,6 +323,14 @@ pub enum Notice {
     /// Retention deleted `skipped` messages it had not read; it resumes at
     /// `resume_offset`.
     Skipped { skipped: u64, resume_offset: u64 },
+    /// Version 2, consumer groups: the partition is now this member's, from
+    /// `first_offset` (the group's committed position), as of the group's
+    /// assignment `generation`.
+    Assigned { generation: u64, first_offset: u64 },
+    /// Version 2, consumer groups: the partition is no longer this member's;
+    /// nothing more of it is delivered. It moves to another member once this
+    /// one has acknowledged what it was sent of it (or has gone).
+    Revoked { generation: u64 },
 }
 
 /// One channel in a CHANNELS answer.
@@ -328,6 +349,30 @@ pub struct PartitionInfo {
     pub next_offset: u64,
     pub size_bytes: u64,
     pub segment_count: u64,
+}
+
+/// One consumer group in a GROUPS answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub channel: String,
+    pub name: String,
+    /// The assignment's generation (0 for a group with no live member).
+    pub generation: u64,
+    pub member_count: u32,
+    pub partitions: Vec<GroupPartitionInfo>,
+}
+
+/// One partition of a consumer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupPartitionInfo {
+    pub partition: u32,
+    /// The member reading it (a number the broker gives each member).
+    pub owner: Option<u64>,
+    /// The group's committed position: where its next owner starts.
+    pub committed: Option<u64>,
+    /// The partition's next offset minus the committed position (or its
+    /// start, with none).
+    pub lag: u64,
 }
 
 /// One live subscription's position in one partition, in a CHANNELS answer.
@@ -427,6 +472,9 @@ pub enum Response {
         channels: Vec<ChannelStats>,
     },
     ChannelAltered,
+    Groups {
+        groups: Vec<GroupInfo>,
+    },
 }
 
 /// Appends a frame header for a body of `body_len` bytes.
@@ -614,6 +662,9 @@ impl Request {
                 wire::put_short_string(out, channel);
                 out.put_u32(*partitions);
             }),
+            Request::ListGroups { channel } => {
+                frame(FrameType::ListGroups, correlation_id, |out| wire::put_short_string(out, channel))
+            }
         }
     }
 
@@ -723,6 +774,7 @@ impl Request {
             0x0C if version >= 2 => {
                 Request::AlterChannel { channel: r.name(NameField::Channel)?, partitions: r.u32("partitions")? }
             }
+            0x0D if version >= 2 => Request::ListGroups { channel: r.name(NameField::Channel)? },
             other => return Err(DecodeError::UnknownFrameType { frame_type: other }),
         };
         r.finish()?;
@@ -836,6 +888,8 @@ impl Response {
                     let (kind, a, b) = match notice {
                         Notice::Lag { lag, next_offset } => (1, *lag, *next_offset),
                         Notice::Skipped { skipped, resume_offset } => (2, *skipped, *resume_offset),
+                        Notice::Assigned { generation, first_offset } => (3, *generation, *first_offset),
+                        Notice::Revoked { generation } => (4, *generation, 0),
                     };
                     out.put_u8(kind);
                     out.put_u64(a);
@@ -854,6 +908,22 @@ impl Response {
             }
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
             Response::ChannelAltered => frame(FrameType::ChannelAltered, correlation_id, |_| {}),
+            Response::Groups { groups } => frame(FrameType::Groups, correlation_id, |out| {
+                out.put_u32(groups.len() as u32);
+                for group in groups {
+                    wire::put_short_string(out, &group.channel);
+                    wire::put_short_string(out, &group.name);
+                    out.put_u64(group.generation);
+                    out.put_u32(group.member_count);
+                    out.put_u32(group.partitions.len() as u32);
+                    for partition in &group.partitions {
+                        out.put_u32(partition.partition);
+                        put_optional(out, partition.owner);
+                        put_optional(out, partition.committed);
+                        out.put_u64(partition.lag);
+                    }
+                }
+            }),
             Response::Stats { counters, channels } => frame(FrameType::StatsResult, correlation_id, |out| {
                 out.put_u16(counters.len() as u16);
                 for (name, value) in counters {
@@ -998,8 +1068,11 @@ impl Response {
                 let notice = match kind {
                     1 => Notice::Lag { lag: a, next_offset: b },
                     2 => Notice::Skipped { skipped: a, resume_offset: b },
+                    3 if v2 => Notice::Assigned { generation: a, first_offset: b },
+                    4 if v2 => Notice::Revoked { generation: a },
                     other => {
-                        return Err(DecodeError::OutOfRange { field: "kind", value: other as u64, allowed: "1..=2" });
+                        let allowed = if v2 { "1..=4" } else { "1..=2" };
+                        return Err(DecodeError::OutOfRange { field: "kind", value: other as u64, allowed });
                     }
                 };
                 Response::Notice { subscription_id, partition, notice }
@@ -1012,6 +1085,29 @@ impl Response {
             }
             0x8C => Response::ChannelCreated,
             0x8F if v2 => Response::ChannelAltered,
+            0x90 if v2 => {
+                let count = r.u32("group_count")? as usize;
+                let groups = r.list(count, 22, |r| {
+                    Ok(GroupInfo {
+                        channel: r.short_string("channel")?,
+                        name: r.short_string("name")?,
+                        generation: r.u64("generation")?,
+                        member_count: r.u32("member_count")?,
+                        partitions: {
+                            let count = r.u32("partition_count")? as usize;
+                            r.list(count, 30, |r| {
+                                Ok(GroupPartitionInfo {
+                                    partition: r.u32("partition")?,
+                                    owner: get_optional(r, "owner")?,
+                                    committed: get_optional(r, "committed")?,
+                                    lag: r.u64("lag")?,
+                                })
+                            })?
+                        },
+                    })
+                })?;
+                Response::Groups { groups }
+            }
             0x8E => {
                 let counter_count = r.u16("counter_count")? as usize;
                 let counters =

@@ -8,9 +8,9 @@ pub mod wire;
 
 pub use frame::{
     AUTH_TOKEN_BYTES_MAX, BackpressureReason, ChannelInfo, ChannelRetention, ChannelStats, ErrorCode,
-    FRAME_HEADER_BYTES, FrameHeader, FrameType, GROUP_NAME_BYTES_MAX, Limits, Notice, PROTOCOL_VERSION,
-    PROTOCOL_VERSION_MIN, PartitionInfo, ProducerSequence, Request, Response, StartPosition, SubscriptionInfo,
-    SubscriptionStats,
+    FRAME_HEADER_BYTES, FrameHeader, FrameType, GROUP_NAME_BYTES_MAX, GroupInfo, GroupPartitionInfo, Limits, Notice,
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, PartitionInfo, ProducerSequence, Request, Response, StartPosition,
+    SubscriptionInfo, SubscriptionStats,
 };
 pub use wire::{DecodeError, NameField};
 

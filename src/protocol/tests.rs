@@ -91,6 +91,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::ListChannels),
         Just(Request::Stats),
         (channel(), any::<u32>()).prop_map(|(channel, partitions)| Request::AlterChannel { channel, partitions }),
+        prop_oneof![Just(String::new()), channel()].prop_map(|channel| Request::ListGroups { channel }),
     ]
 }
 
@@ -111,7 +112,7 @@ fn as_version_1(request: &Request) -> Option<Request> {
         }
         Request::Ack { partition, .. } | Request::Fetch { partition, .. } => *partition = 0,
         Request::CreateChannel { partitions, .. } => *partitions = None,
-        Request::AlterChannel { .. } => return None,
+        Request::AlterChannel { .. } | Request::ListGroups { .. } => return None,
         _ => {}
     }
     Some(request)
@@ -121,6 +122,9 @@ fn as_version_1(request: &Request) -> Option<Request> {
 fn as_version_1_response(response: &Response) -> Option<Response> {
     let mut response = response.clone();
     match &mut response {
+        // Consumer groups are version 2 only: a version 1 connection is
+        // never sent their notices.
+        Response::Notice { notice: Notice::Assigned { .. } | Notice::Revoked { .. }, .. } => return None,
         Response::PublishAck { partition, .. }
         | Response::Deliver { partition, .. }
         | Response::Notice { partition, .. } => *partition = 0,
@@ -146,7 +150,7 @@ fn as_version_1_response(response: &Response) -> Option<Response> {
                 channel.subscriptions.retain(|s| s.partition == 0);
             }
         }
-        Response::ChannelAltered => return None,
+        Response::ChannelAltered | Response::Groups { .. } => return None,
         _ => {}
     }
     Some(response)
@@ -220,6 +224,54 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         Just(Response::ChannelCreated),
         Just(Response::ChannelAltered),
+        (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(subscription_id, partition, generation, first_offset)| Response::Notice {
+                subscription_id,
+                partition,
+                notice: Notice::Assigned { generation, first_offset }
+            }
+        ),
+        (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(subscription_id, partition, generation)| {
+            Response::Notice { subscription_id, partition, notice: Notice::Revoked { generation } }
+        }),
+        proptest::collection::vec(
+            (
+                channel(),
+                "[a-z]{1,10}",
+                any::<u64>(),
+                any::<u32>(),
+                proptest::collection::vec(
+                    (
+                        any::<u32>(),
+                        proptest::option::of(any::<u64>()),
+                        proptest::option::of(any::<u64>()),
+                        any::<u64>()
+                    ),
+                    0..4
+                )
+            ),
+            0..3
+        )
+        .prop_map(|groups| Response::Groups {
+            groups: groups
+                .into_iter()
+                .map(|(channel, name, generation, member_count, partitions)| GroupInfo {
+                    channel,
+                    name,
+                    generation,
+                    member_count,
+                    partitions: partitions
+                        .into_iter()
+                        .map(|(partition, owner, committed, lag)| GroupPartitionInfo {
+                            partition,
+                            owner,
+                            committed,
+                            lag
+                        })
+                        .collect(),
+                })
+                .collect()
+        }),
         proptest::collection::vec(channel_info, 0..3).prop_map(|channels| Response::Channels { channels }),
         (
             proptest::collection::vec(("[a-z_]{1,30}", any::<u64>()), 0..5),

@@ -10,10 +10,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::channel_writer::{self, AppendRequest, WriterLimits};
+use super::group::Groups;
 use super::offsets::DurableOffsets;
 use super::stats::Stats;
 use crate::config::Config;
-use crate::protocol::{ChannelInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, PartitionInfo, SubscriptionInfo};
+use crate::protocol::{
+    ChannelInfo, GroupInfo, GroupPartitionInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, PartitionInfo, SubscriptionInfo,
+};
 use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, LogCounters, StorageError, Store};
 
 /// The least a group commit may gather, whatever `max_batch_bytes` is.
@@ -57,6 +60,8 @@ pub(crate) struct SubscriptionStatus {
     pub channel: ChannelName,
     pub partition: u32,
     pub durable_name: Option<String>,
+    /// The consumer group, for a group member's cursor.
+    pub group: Option<String>,
     pub next_offset: AtomicU64,
     /// First offset not yet acknowledged.
     pub ack_floor: AtomicU64,
@@ -69,6 +74,7 @@ pub(crate) struct Broker {
     pub offsets: DurableOffsets,
     pub stats: Arc<Stats>,
     pub channel_labels: crate::metrics::ChannelLabels,
+    pub groups: Groups,
     channels: Mutex<HashMap<ChannelName, Arc<ChannelHandle>>>,
     writers: Mutex<Vec<JoinHandle<()>>>,
     subscriptions: Mutex<HashMap<u64, Arc<SubscriptionStatus>>>,
@@ -102,6 +108,7 @@ impl Broker {
         };
         Broker {
             channel_labels: crate::metrics::ChannelLabels::new(config.metrics_channel_labels_max as usize),
+            groups: Groups::new(config.max_groups_per_channel as usize, config.max_members_per_group as usize),
             config,
             limits,
             store,
@@ -155,6 +162,7 @@ impl Broker {
             return Err(ChannelError::ShuttingDown);
         }
         self.add_partition_handles(&handle);
+        self.groups.partitions_changed(name, handle.channel.partition_count());
         Ok(())
     }
 
@@ -358,6 +366,52 @@ impl Broker {
                 ChannelInfo { name: channel.name().to_string(), partitions, subscriptions: live }
             })
             .collect()
+    }
+
+    /// The consumer groups of `channel` (or of every channel): live ones
+    /// with their members' partitions, and groups with committed positions
+    /// and nobody connected.
+    pub fn group_infos(&self, channel: Option<&ChannelName>) -> Vec<GroupInfo> {
+        let channels: Vec<Arc<Channel>> = match channel {
+            Some(name) => self.store.channel(name).into_iter().collect(),
+            None => self.store.channels(),
+        };
+        let mut infos: std::collections::BTreeMap<(String, String), GroupInfo> = Default::default();
+        for channel in &channels {
+            let logs = channel.partitions();
+            let name = channel.name().as_str();
+            let live = self.groups.describe(Some(channel.name()));
+            let mut group_names: Vec<String> = live.iter().map(|view| view.name.clone()).collect();
+            group_names.extend(self.offsets.groups_for_channel(name).into_keys().map(|(group, _)| group));
+            group_names.sort();
+            group_names.dedup();
+            for group in group_names {
+                let view = live.iter().find(|view| view.name == group);
+                let partitions = logs
+                    .iter()
+                    .map(|log| {
+                        let partition = log.partition();
+                        let committed = self.offsets.group_position(name, &group, partition);
+                        let from = committed.unwrap_or_else(|| log.start_offset());
+                        GroupPartitionInfo {
+                            partition,
+                            owner: view.and_then(|view| view.owners.get(partition as usize).copied().flatten()),
+                            committed,
+                            lag: log.next_offset().saturating_sub(from),
+                        }
+                    })
+                    .collect();
+                let info = GroupInfo {
+                    channel: name.to_owned(),
+                    name: group.clone(),
+                    generation: view.map_or(0, |view| view.generation),
+                    member_count: view.map_or(0, |view| view.members.len() as u32),
+                    partitions,
+                };
+                infos.insert((name.to_owned(), group), info);
+            }
+        }
+        infos.into_values().collect()
     }
 
     fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Arc<ChannelHandle>>> {

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{Broker, ChannelError, PartitionHandle, SubscriptionStatus};
 use super::channel_writer::{AppendRequest, Reply};
+use super::group::Handover;
+use super::member::MemberTask;
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
@@ -53,16 +55,104 @@ enum Flow {
 }
 
 /// A live subscription: one cursor per partition it reads, ended together.
+/// A consumer group member's cursors come and go with its assignment, so
+/// the map is shared with the member's task.
 struct SubscriptionHandle {
     cancel: CancellationToken,
-    partitions: HashMap<u32, PartitionCursor>,
+    partitions: Cursors,
 }
 
+/// The cursors of one subscription, by partition.
+pub(crate) type Cursors = Arc<std::sync::Mutex<HashMap<u32, PartitionCursor>>>;
+
 /// A subscription's cursor in one partition, as the connection sees it.
-struct PartitionCursor {
-    ack_floor: watch::Sender<u64>,
-    status: Arc<SubscriptionStatus>,
+pub(crate) struct PartitionCursor {
+    pub ack_floor: watch::Sender<u64>,
+    pub status: Arc<SubscriptionStatus>,
+    /// Ends this partition's delivery task (a child of the subscription's).
+    pub cancel: CancellationToken,
+    /// Stops reading new records while what was sent drains (a consumer
+    /// group member whose partition was revoked).
+    pub revoked: CancellationToken,
 }
+
+/// What starting a partition cursor of one subscription takes; a consumer
+/// group member's task keeps a copy to start cursors as it is assigned
+/// partitions.
+#[derive(Clone)]
+pub(crate) struct CursorFactory {
+    pub broker: Arc<Broker>,
+    pub deliveries: mpsc::Sender<Delivery>,
+    pub version: u16,
+    pub subscription_id: u32,
+    pub channel: ChannelName,
+    pub durable_name: Option<String>,
+    pub group: Option<String>,
+    pub max_inflight: u32,
+}
+
+impl CursorFactory {
+    /// Starts the delivery task of one partition, from `first_offset`,
+    /// ended by (a child of) `subscription_cancel`.
+    pub fn start(
+        &self,
+        partition: &PartitionHandle,
+        first_offset: u64,
+        subscription_cancel: &CancellationToken,
+    ) -> PartitionCursor {
+        let status = Arc::new(SubscriptionStatus {
+            channel: self.channel.clone(),
+            partition: partition.log.partition(),
+            durable_name: self.durable_name.clone(),
+            group: self.group.clone(),
+            next_offset: AtomicU64::new(first_offset),
+            ack_floor: AtomicU64::new(first_offset),
+        });
+        let (ack_sender, ack_floor) = watch::channel(first_offset);
+        let config = &self.broker.config;
+        let cancel = subscription_cancel.child_token();
+        let revoked = CancellationToken::new();
+        let subscription = Subscription {
+            subscription_id: self.subscription_id,
+            version: self.version,
+            log: Arc::clone(&partition.log),
+            tail: partition.tail.clone(),
+            log_start: partition.log_start.clone(),
+            log_start_open: true,
+            ack_floor,
+            next_offset: first_offset,
+            window: (self.max_inflight as u64).min(config.max_inflight_deliveries),
+            delivery_batch_bytes: config.delivery_batch_bytes as usize,
+            lag_notice_threshold: config.lag_notice_threshold,
+            notice_interval: Duration::from_millis(config.notice_interval_ms),
+            deliveries: self.deliveries.clone(),
+            cancel: cancel.clone(),
+            revoked: revoked.clone(),
+            status: Arc::clone(&status),
+            stats: Arc::clone(&self.broker.stats),
+            _registration: self.broker.register_subscription(Arc::clone(&status)),
+            skip_floor: 0,
+            last_lag_notice: None,
+        };
+        tokio::spawn(subscription.run());
+        PartitionCursor { ack_floor: ack_sender, status, cancel, revoked }
+    }
+}
+
+/// The fields of a SUBSCRIBE that joins a consumer group.
+struct GroupJoin {
+    subscription_id: u32,
+    name: ChannelName,
+    partition: Option<u32>,
+    start: StartPosition,
+    durable_name: Option<String>,
+    group: String,
+    max_inflight: u32,
+}
+
+/// How often a group member whose partition was revoked looks whether its
+/// acks have caught up, so that the partition can move.
+const GROUP_HANDOVER_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The fields of a SUBSCRIBE.
 struct SubscribeRequest {
@@ -90,6 +180,10 @@ struct Connection {
     /// The partition the next publish that names none and has no key goes
     /// to, round robin per connection.
     next_keyless_partition: u32,
+    /// When the last frame arrived, in ms since `epoch`: a consumer group
+    /// member whose connection is silent too long loses its partitions.
+    last_frame_ms: Arc<AtomicU64>,
+    epoch: std::time::Instant,
     cancel: CancellationToken,
     peer: String,
 }
@@ -122,6 +216,8 @@ pub(crate) async fn serve(
         handshaken: false,
         version: PROTOCOL_VERSION,
         next_keyless_partition: 0,
+        last_frame_ms: Arc::new(AtomicU64::new(0)),
+        epoch: std::time::Instant::now(),
         cancel: cancel.clone(),
         peer,
     };
@@ -168,7 +264,9 @@ impl Connection {
                 Ok(Ok([])) => return,
                 Ok(Ok(_)) => {}
             }
-            let flow = match self.read_frame().await {
+            let frame = self.read_frame().await;
+            self.last_frame_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let flow = match frame {
                 Ok(Some((header, body))) if self.batch_has_too_many_records(header.frame_type, &body) => {
                     Stats::add(&self.broker.stats.publishes_rejected_too_large, 1);
                     let records_max = self.broker.limits.max_batch_records;
@@ -353,6 +451,18 @@ impl Connection {
                     Ok(()) => self.respond(correlation_id, Response::ChannelCreated).await,
                     Err(error) => self.storage_error(correlation_id, error).await,
                 }
+            }
+            Request::ListGroups { channel } => {
+                let channel = if channel.is_empty() {
+                    None
+                } else {
+                    match self.channel_name(correlation_id, &channel).await {
+                        Some(name) => Some(name),
+                        None => return Flow::Continue,
+                    }
+                };
+                let groups = self.broker.group_infos(channel.as_ref());
+                self.respond(correlation_id, Response::Groups { groups }).await
             }
             Request::ListChannels => {
                 let channels = self.broker.channel_infos();
@@ -573,13 +683,11 @@ impl Connection {
                 .error(correlation_id, ErrorCode::InvalidRequest, "max_inflight must be at least 1".into())
                 .await;
         }
-        if let Some(group) = group {
-            let message = format!(
-                "consumer groups are not available in this broker yet (group {group:?}): subscribe to one partition or to all"
-            );
-            return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
-        }
         let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+        if let Some(group) = group {
+            let request = GroupJoin { subscription_id, name, partition, start, durable_name, group, max_inflight };
+            return self.join_group(correlation_id, request).await;
+        }
         // A refused request creates nothing: everything that would refuse
         // this one is checked before the channel is looked up (and so
         // auto-created), against the channel it would become if it does not
@@ -668,20 +776,62 @@ impl Connection {
             return Flow::Close;
         }
         let cancel = self.cancel.child_token();
+        let factory = self.cursor_factory(subscription_id, &name, durable_name, None, max_inflight);
         let mut cursors = HashMap::with_capacity(starts.len());
         for (partition_handle, _, first_offset) in starts {
-            let partition = partition_handle.log.partition();
-            let (ack_sender, cursor) = self.start_cursor(
-                subscription_id,
-                &name,
-                durable_name.clone(),
-                &partition_handle,
-                first_offset,
-                max_inflight,
-                cancel.clone(),
-            );
-            cursors.insert(partition, PartitionCursor { ack_floor: ack_sender, status: cursor });
+            cursors.insert(partition_handle.log.partition(), factory.start(&partition_handle, first_offset, &cancel));
         }
+        let partitions = Arc::new(std::sync::Mutex::new(cursors));
+        self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions });
+        Flow::Continue
+    }
+
+    /// Joins a consumer group: the broker assigns the member partitions
+    /// over time (ASSIGNED and REVOKED notices); SUBSCRIBED names none.
+    async fn join_group(&mut self, correlation_id: u32, request: GroupJoin) -> Flow {
+        let GroupJoin { subscription_id, name, partition, start, durable_name, group, max_inflight } = request;
+        let refusal = if partition.is_some() {
+            Some("a consumer group member is assigned its partitions by the broker: name none".to_owned())
+        } else if durable_name.is_some() {
+            Some("a consumer group keeps its own positions: a group member takes no durable name".to_owned())
+        } else if matches!(start, StartPosition::Offset(_)) {
+            Some("an explicit start offset names one partition; a group starts at earliest, latest or a time where it has no position".to_owned())
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+        }
+        let handle = match self.broker.channel(&name) {
+            Ok(handle) => handle,
+            Err(error) => return self.channel_error(correlation_id, &name, error).await,
+        };
+        let member = match self.broker.groups.join(&name, &group, handle.channel.partition_count()) {
+            Ok(member) => member,
+            Err(error) => return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await,
+        };
+        let subscribed = Response::Subscribed { subscription_id, partitions: Vec::new() };
+        if let Flow::Close = self.respond(correlation_id, subscribed).await {
+            return Flow::Close;
+        }
+        let cancel = self.cancel.child_token();
+        let factory = self.cursor_factory(subscription_id, &name, None, Some(group), max_inflight);
+        let cursors: Cursors = Arc::default();
+        let config = &self.broker.config;
+        let session_timeout = Duration::from_millis(config.group_session_timeout_ms);
+        let task = MemberTask {
+            member,
+            factory,
+            channel: handle,
+            cursors: Arc::clone(&cursors),
+            start,
+            handover: Handover { ack_wait_max: session_timeout, poll_interval: GROUP_HANDOVER_POLL_INTERVAL },
+            session_timeout,
+            last_frame_ms: Arc::clone(&self.last_frame_ms),
+            epoch: self.epoch,
+            cancel: cancel.clone(),
+        };
+        tokio::spawn(task.run());
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions: cursors });
         Flow::Continue
     }
@@ -722,50 +872,24 @@ impl Connection {
         }
     }
 
-    /// Starts the delivery task of one partition of a subscription.
-    #[allow(clippy::too_many_arguments)]
-    fn start_cursor(
+    fn cursor_factory(
         &self,
         subscription_id: u32,
-        name: &ChannelName,
+        channel: &ChannelName,
         durable_name: Option<String>,
-        partition: &PartitionHandle,
-        first_offset: u64,
+        group: Option<String>,
         max_inflight: u32,
-        cancel: CancellationToken,
-    ) -> (watch::Sender<u64>, Arc<SubscriptionStatus>) {
-        let status = Arc::new(SubscriptionStatus {
-            channel: name.clone(),
-            partition: partition.log.partition(),
-            durable_name,
-            next_offset: AtomicU64::new(first_offset),
-            ack_floor: AtomicU64::new(first_offset),
-        });
-        let (ack_sender, ack_floor) = watch::channel(first_offset);
-        let config = &self.broker.config;
-        let subscription = Subscription {
-            subscription_id,
-            version: self.version,
-            log: Arc::clone(&partition.log),
-            tail: partition.tail.clone(),
-            log_start: partition.log_start.clone(),
-            log_start_open: true,
-            ack_floor,
-            next_offset: first_offset,
-            window: (max_inflight as u64).min(config.max_inflight_deliveries),
-            delivery_batch_bytes: config.delivery_batch_bytes as usize,
-            lag_notice_threshold: config.lag_notice_threshold,
-            notice_interval: Duration::from_millis(config.notice_interval_ms),
+    ) -> CursorFactory {
+        CursorFactory {
+            broker: Arc::clone(&self.broker),
             deliveries: self.deliveries.clone(),
-            cancel,
-            status: Arc::clone(&status),
-            stats: Arc::clone(&self.broker.stats),
-            _registration: self.broker.register_subscription(Arc::clone(&status)),
-            skip_floor: 0,
-            last_lag_notice: None,
-        };
-        tokio::spawn(subscription.run());
-        (ack_sender, status)
+            version: self.version,
+            subscription_id,
+            channel: channel.clone(),
+            durable_name,
+            group,
+            max_inflight,
+        }
     }
 
     async fn ack(&mut self, correlation_id: u32, subscription_id: u32, partition: u32, offset: u64) -> Flow {
@@ -775,11 +899,23 @@ impl Connection {
         let Some(subscription) = self.subscriptions.get(&subscription_id) else {
             return self.unknown_subscription(correlation_id, subscription_id).await;
         };
-        let Some(cursor) = subscription.partitions.get(&partition) else {
-            let message = format!("subscription {subscription_id} does not read partition {partition}");
-            return self.error(correlation_id, ErrorCode::UnknownSubscription, message).await;
+        let acked = {
+            let cursors = subscription.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            cursors.get(&partition).map(|cursor| self.record_ack(cursor, offset))
         };
-        // Acks are cumulative and can only cover what was delivered.
+        match acked {
+            Some(Ok(())) => Flow::Continue,
+            Some(Err(error)) => self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await,
+            None => {
+                let message = format!("subscription {subscription_id} does not read partition {partition}");
+                self.error(correlation_id, ErrorCode::UnknownSubscription, message).await
+            }
+        }
+    }
+
+    /// Moves a cursor's acknowledged floor (cumulative, and only over what
+    /// was delivered) and records it for a durable subscription or group.
+    fn record_ack(&self, cursor: &PartitionCursor, offset: u64) -> Result<(), super::offsets::TooManyDurables> {
         let delivered_end = cursor.status.next_offset.load(Ordering::Relaxed);
         let floor = offset.saturating_add(1).min(delivered_end);
         let moved = cursor.ack_floor.send_if_modified(|current| {
@@ -789,16 +925,16 @@ impl Connection {
             }
             moved
         });
-        if moved {
-            cursor.status.ack_floor.store(floor, Ordering::Relaxed);
-            if let Some(durable) = &cursor.status.durable_name
-                && let Err(error) =
-                    self.broker.offsets.record(cursor.status.channel.as_str(), durable, partition, floor)
-            {
-                return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
-            }
+        if !moved {
+            return Ok(());
         }
-        Flow::Continue
+        cursor.status.ack_floor.store(floor, Ordering::Relaxed);
+        let (channel, partition) = (cursor.status.channel.as_str(), cursor.status.partition);
+        match (&cursor.status.durable_name, &cursor.status.group) {
+            (_, Some(group)) => self.broker.offsets.record_group(channel, group, partition, floor),
+            (Some(durable), None) => self.broker.offsets.record(channel, durable, partition, floor),
+            (None, None) => Ok(()),
+        }
     }
 
     async fn fetch(

@@ -15,6 +15,8 @@
 mod broker;
 mod channel_writer;
 mod connection;
+mod group;
+mod member;
 pub mod offsets;
 mod stats;
 mod subscription;

@@ -31,8 +31,20 @@ const PARTITION_HEADER: &[u8] = b"partition";
 /// records per live entry.
 const COMPACTION_RATIO: u64 = 4;
 
-/// (channel, durable name, partition).
-type Key = (String, String, u32);
+/// (channel, durable name or group name, partition, whose). Durable
+/// subscriptions and consumer groups have separate name spaces.
+type Key = (String, String, u32, Owner);
+
+/// Whose position an entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Durable,
+    Group,
+}
+
+/// The header that marks a consumer group's position; entries without it
+/// are durable subscriptions' (all those written before groups existed).
+const GROUP_HEADER: &[u8] = b"group";
 
 /// The durable offsets of every channel.
 pub struct DurableOffsets {
@@ -53,14 +65,17 @@ pub struct TooManyDurables {
     pub count_max: usize,
 }
 
-fn encode_entry((channel, name, partition): &Key, offset: u64) -> Message {
-    let headers = match partition {
-        0 => Vec::new(),
-        partition => vec![Header {
+fn encode_entry((channel, name, partition, owner): &Key, offset: u64) -> Message {
+    let mut headers = Vec::new();
+    if *partition != 0 {
+        headers.push(Header {
             name: Bytes::from_static(PARTITION_HEADER),
             value: Bytes::copy_from_slice(&partition.to_be_bytes()),
-        }],
-    };
+        });
+    }
+    if *owner == Owner::Group {
+        headers.push(Header { name: Bytes::from_static(GROUP_HEADER), value: Bytes::new() });
+    }
     Message {
         key: Bytes::from(format!("{channel}\n{name}")),
         headers,
@@ -76,7 +91,9 @@ fn decode_entry(record: &Record) -> Option<(Key, u64)> {
         Some(header) => u32::from_be_bytes(header.value.as_ref().try_into().ok()?),
         None => 0,
     };
-    Some(((channel.to_owned(), name.to_owned(), partition), offset))
+    let owner =
+        if record.headers.iter().any(|header| header.name == GROUP_HEADER) { Owner::Group } else { Owner::Durable };
+    Some(((channel.to_owned(), name.to_owned(), partition, owner), offset))
 }
 
 impl DurableOffsets {
@@ -121,7 +138,7 @@ impl DurableOffsets {
     /// Where a durable subscription resumes: one past its last
     /// acknowledged offset.
     pub fn get(&self, channel: &str, name: &str, partition: u32) -> Option<u64> {
-        self.lock().offsets.get(&(channel.to_owned(), name.to_owned(), partition)).copied()
+        self.position(Owner::Durable, channel, name, partition)
     }
 
     /// `TooManyDurables` when no new name can be recorded: checked before
@@ -140,8 +157,37 @@ impl DurableOffsets {
     /// # Errors
     /// `TooManyDurables` when this is a new name past the limit.
     pub fn record(&self, channel: &str, name: &str, partition: u32, offset: u64) -> Result<(), TooManyDurables> {
+        self.record_position(Owner::Durable, channel, name, partition, offset)
+    }
+
+    /// A consumer group's committed position in a partition: where its
+    /// next owner starts.
+    pub fn group_position(&self, channel: &str, group: &str, partition: u32) -> Option<u64> {
+        self.position(Owner::Group, channel, group, partition)
+    }
+
+    /// Records a consumer group's committed position (forward only).
+    ///
+    /// # Errors
+    /// `TooManyDurables` when this is a new entry past the limit.
+    pub fn record_group(&self, channel: &str, group: &str, partition: u32, offset: u64) -> Result<(), TooManyDurables> {
+        self.record_position(Owner::Group, channel, group, partition, offset)
+    }
+
+    fn position(&self, owner: Owner, channel: &str, name: &str, partition: u32) -> Option<u64> {
+        self.lock().offsets.get(&(channel.to_owned(), name.to_owned(), partition, owner)).copied()
+    }
+
+    fn record_position(
+        &self,
+        owner: Owner,
+        channel: &str,
+        name: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), TooManyDurables> {
         let mut state = self.lock();
-        let key = (channel.to_owned(), name.to_owned(), partition);
+        let key = (channel.to_owned(), name.to_owned(), partition, owner);
         if !state.offsets.contains_key(&key) && state.offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
             return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
         }
@@ -157,8 +203,17 @@ impl DurableOffsets {
     /// below where it was): unlike [`DurableOffsets::record`], this may go
     /// backwards, so that acks of the records appended since count again.
     pub fn rewind(&self, channel: &str, name: &str, partition: u32, offset: u64) {
+        self.rewind_position(Owner::Durable, channel, name, partition, offset);
+    }
+
+    /// As [`DurableOffsets::rewind`], for a consumer group's position.
+    pub fn rewind_group(&self, channel: &str, group: &str, partition: u32, offset: u64) {
+        self.rewind_position(Owner::Group, channel, group, partition, offset);
+    }
+
+    fn rewind_position(&self, owner: Owner, channel: &str, name: &str, partition: u32, offset: u64) {
         let mut state = self.lock();
-        let key = (channel.to_owned(), name.to_owned(), partition);
+        let key = (channel.to_owned(), name.to_owned(), partition, owner);
         if let Some(entry) = state.offsets.get_mut(&key)
             && *entry > offset
         {
@@ -172,8 +227,19 @@ impl DurableOffsets {
         self.lock()
             .offsets
             .iter()
-            .filter(|((c, _, _), _)| c == channel)
-            .map(|((_, name, partition), &offset)| ((name.clone(), *partition), offset))
+            .filter(|((c, _, _, owner), _)| c == channel && *owner == Owner::Durable)
+            .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
+            .collect()
+    }
+
+    /// Every consumer group's committed positions on `channel`, by group
+    /// and partition.
+    pub fn groups_for_channel(&self, channel: &str) -> BTreeMap<(String, u32), u64> {
+        self.lock()
+            .offsets
+            .iter()
+            .filter(|((c, _, _, owner), _)| c == channel && *owner == Owner::Group)
+            .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
             .collect()
     }
 

@@ -39,6 +39,10 @@ pub(crate) struct Subscription {
     pub notice_interval: Duration,
     pub deliveries: mpsc::Sender<Delivery>,
     pub cancel: CancellationToken,
+    /// Cancelled when a consumer group revokes this partition: nothing new
+    /// is read; what was queued still goes out, and the task ends with
+    /// `cancel` once the member lets the partition go.
+    pub revoked: CancellationToken,
     pub status: Arc<SubscriptionStatus>,
     pub stats: Arc<Stats>,
     pub _registration: SubscriptionGuard,
@@ -62,6 +66,10 @@ impl Subscription {
     /// Delivers until cancelled, the connection goes away, or the log fails.
     pub async fn run(mut self) {
         loop {
+            if self.revoked.is_cancelled() {
+                self.cancel.cancelled().await;
+                return;
+            }
             let ack_floor = (*self.ack_floor.borrow_and_update()).max(self.skip_floor);
             // Records below the floor may have been skipped by retention:
             // the window counts only what was sent and not acknowledged.
@@ -198,6 +206,7 @@ impl Subscription {
                 }
             }
             () = lag_timer, if lag_possible => true,
+            () = self.revoked.cancelled() => true,
             () = self.cancel.cancelled() => false,
         }
     }

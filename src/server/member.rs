@@ -1,0 +1,182 @@
+//! A consumer group member's task: it follows the member's assignment,
+//! starting a cursor (and sending ASSIGNED) for each partition it gains,
+//! revoking (and sending REVOKED) each one it loses, and letting a revoked
+//! partition go once what it was sent is acknowledged, or the wait is
+//! over, so that the partition's next owner starts after it. It also ends
+//! the membership of a connection silent for `group_session_timeout_ms`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::broker::ChannelHandle;
+use super::connection::{CursorFactory, Cursors};
+use super::group::{Handover, Member};
+use super::{Delivery, Outbound};
+use crate::protocol::{ErrorCode, Notice, Response, StartPosition};
+use crate::storage::ChannelLog;
+
+/// Everything a member's task needs.
+pub(crate) struct MemberTask {
+    pub member: Member,
+    pub factory: CursorFactory,
+    pub channel: Arc<ChannelHandle>,
+    pub cursors: Cursors,
+    /// Where a partition starts when the group has no committed position.
+    pub start: StartPosition,
+    pub handover: Handover,
+    pub session_timeout: Duration,
+    /// When the member's connection last sent a frame (ms since `epoch`).
+    pub last_frame_ms: Arc<AtomicU64>,
+    pub epoch: Instant,
+    /// The subscription's token: cancelled by UNSUBSCRIBE or the connection
+    /// ending.
+    pub cancel: CancellationToken,
+}
+
+impl MemberTask {
+    pub async fn run(mut self) {
+        // Partitions revoked and not yet let go, with when.
+        let mut draining: HashMap<u32, Instant> = HashMap::new();
+        let session_check = (self.session_timeout / 4).max(Duration::from_millis(10));
+        loop {
+            self.follow_assignment(&mut draining).await;
+            self.release_drained(&mut draining);
+            if self.session_expired() {
+                self.expire().await;
+                break;
+            }
+            let poll = if draining.is_empty() { session_check } else { self.handover.poll_interval.min(session_check) };
+            tokio::select! {
+                changed = self.member.assignment.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(poll) => {}
+                () = self.cancel.cancelled() => break,
+            }
+        }
+        // Leaving: every cursor stops; dropping the member hands its
+        // partitions to the others at once.
+        let cursors: Vec<_> = self.lock_cursors().drain().collect();
+        for (_, cursor) in cursors {
+            cursor.cancel.cancel();
+        }
+    }
+
+    /// Starts what was gained and revokes what was lost.
+    async fn follow_assignment(&mut self, draining: &mut HashMap<u32, Instant>) {
+        let assignment = self.member.assignment.borrow_and_update().clone();
+        let running: Vec<u32> = self.lock_cursors().keys().copied().collect();
+        for &partition in running.iter().filter(|p| !assignment.partitions.contains(p)) {
+            if draining.contains_key(&partition) {
+                continue;
+            }
+            if let Some(cursor) = self.lock_cursors().get(&partition) {
+                cursor.revoked.cancel();
+            }
+            draining.insert(partition, Instant::now());
+            self.notify(partition, Notice::Revoked { generation: assignment.generation }).await;
+        }
+        for &partition in assignment.partitions.iter().filter(|p| !running.contains(p)) {
+            let Ok(handle) = self.channel.partition(partition) else { continue };
+            let first_offset = self.first_offset(&handle.log);
+            let cursor = self.factory.start(&handle, first_offset, &self.cancel);
+            self.lock_cursors().insert(partition, cursor);
+            let notice = Notice::Assigned { generation: assignment.generation, first_offset };
+            self.notify(partition, notice).await;
+        }
+    }
+
+    /// Lets go of revoked partitions whose deliveries are all acknowledged
+    /// (or whose wait is over).
+    fn release_drained(&self, draining: &mut HashMap<u32, Instant>) {
+        let released: Vec<u32> = {
+            let cursors = self.lock_cursors();
+            draining
+                .iter()
+                .filter(|&(partition, &revoked_at)| {
+                    cursors.get(partition).is_none_or(|cursor| {
+                        let acked_to = *cursor.ack_floor.borrow();
+                        let delivered_to = cursor.status.next_offset.load(Ordering::Relaxed);
+                        self.handover.may_release(revoked_at, acked_to, delivered_to)
+                    })
+                })
+                .map(|(&partition, _)| partition)
+                .collect()
+        };
+        for partition in released {
+            draining.remove(&partition);
+            if let Some(cursor) = self.lock_cursors().remove(&partition) {
+                cursor.cancel.cancel();
+            }
+            self.member.release(partition);
+        }
+    }
+
+    /// The group's committed position in a partition (never past its end),
+    /// or where the member's SUBSCRIBE said to start.
+    fn first_offset(&self, log: &ChannelLog) -> u64 {
+        let (start, next) = (log.start_offset(), log.next_offset());
+        let group = self.member.group();
+        match self.factory.broker.offsets.group_position(group.channel().as_str(), group.name(), log.partition()) {
+            Some(committed) if committed > next => {
+                self.factory.broker.offsets.rewind_group(group.channel().as_str(), group.name(), log.partition(), next);
+                next
+            }
+            Some(committed) => committed,
+            None => match self.start {
+                StartPosition::Earliest => start,
+                StartPosition::Latest => next,
+                StartPosition::Offset(offset) => offset.clamp(start, next),
+                StartPosition::TimeUs(time_us) => log.offset_for_time(time_us).unwrap_or(start),
+            },
+        }
+    }
+
+    fn session_expired(&self) -> bool {
+        let last = self.last_frame_ms.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now.saturating_sub(last) > self.session_timeout.as_millis() as u64
+    }
+
+    /// Ends the membership of a silent member: its subscription ends with
+    /// an ERROR and UNSUBSCRIBED, its partitions go to the others.
+    async fn expire(&self) {
+        let group = self.member.group();
+        tracing::info!(channel = %group.channel(), group = group.name(), member = self.member.id, "a silent member left its group");
+        let message = format!(
+            "subscription {} left group {} of channel {}: nothing received for group_session_timeout_ms = {}",
+            self.factory.subscription_id,
+            group.name(),
+            group.channel(),
+            self.session_timeout.as_millis()
+        );
+        let version = self.factory.version;
+        let mut frames =
+            Response::Error { code: ErrorCode::GroupSessionExpired as u16, message }.encode_for(version, 0);
+        let unsubscribed = Response::Unsubscribed { subscription_id: self.factory.subscription_id };
+        frames.extend_from_slice(&unsubscribed.encode_for(version, 0));
+        let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
+        // A connection that does not read is not waited for.
+        let _ = self.factory.deliveries.try_send(last);
+    }
+
+    async fn notify(&self, partition: u32, notice: Notice) {
+        let response = Response::Notice { subscription_id: self.factory.subscription_id, partition, notice };
+        let outbound = Outbound::Frame(response.encode_for(self.factory.version, 0));
+        let delivery = Delivery { ended: self.cancel.clone(), outbound, ends_subscription: false };
+        tokio::select! {
+            _ = self.factory.deliveries.send(delivery) => {}
+            () = self.cancel.cancelled() => {}
+        }
+    }
+
+    fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<u32, super::connection::PartitionCursor>> {
+        self.cursors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
