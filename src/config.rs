@@ -355,15 +355,6 @@ impl Config {
                 ),
             });
         }
-        if self.group_session_timeout_ms >= self.idle_timeout_ms {
-            return Err(ConfigError::Invalid {
-                key: "group_session_timeout_ms".into(),
-                problem: format!(
-                    "{} must be below idle_timeout_ms = {}: a silent member must leave its group before its connection is closed",
-                    self.group_session_timeout_ms, self.idle_timeout_ms
-                ),
-            });
-        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });
         }

@@ -860,7 +860,12 @@ async fn a_request_on_a_lost_connection_fails_instead_of_hanging() {
     let dir = TempDir::new().unwrap();
     // Heartbeats far apart, so that no heartbeat write notices the dead
     // socket during the test.
-    let config = Config { heartbeat_interval_ms: 600_000, idle_timeout_ms: 1_200_000, ..test_config(&dir) };
+    let config = Config {
+        heartbeat_interval_ms: 600_000,
+        idle_timeout_ms: 1_200_000,
+        group_session_timeout_ms: 900_000,
+        ..test_config(&dir)
+    };
     let server = start(config).await;
     let connection = within("connect", Connection::connect(&addr(&server), "lost")).await.unwrap();
     let mut subscriber =
