@@ -93,6 +93,11 @@ fn describe() {
         "Channel next offset minus first unacknowledged offset; durable subscriptions by name, ephemeral ones as their maximum."
     );
     describe_gauge!("weir_subscriptions", "Live subscriptions, by channel.");
+    describe_gauge!(
+        "weir_group_lag_messages",
+        "A consumer group's lag summed over the channel's partitions: next offsets minus committed positions."
+    );
+    describe_gauge!("weir_group_members", "Live members of a consumer group.");
     describe_gauge!("weir_log_bytes", "Bytes on disk in a channel's segments.");
     describe_gauge!("weir_log_segments", "Segments of a channel.");
     describe_gauge!("weir_log_start_offset", "First offset still stored in a channel.");

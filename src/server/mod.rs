@@ -396,4 +396,12 @@ fn publish_metrics(broker: &Broker) {
     }
     gauge!("weir_inflight_deliveries").set(inflight_deliveries as f64);
     gauge!("weir_channels_unavailable").set(broker.store.unavailable_count() as f64);
+    // Consumer groups, capped like the other labels: the first groups (by
+    // channel and name) get their own series, the rest none.
+    for group in broker.group_infos(None).into_iter().take(broker.config.metrics_channel_labels_max as usize) {
+        let channel = broker.channel_labels.label(&group.channel).to_string();
+        let lag: u64 = group.partitions.iter().map(|partition| partition.lag).sum();
+        gauge!("weir_group_lag_messages", "channel" => channel.clone(), "group" => group.name.clone()).set(lag as f64);
+        gauge!("weir_group_members", "channel" => channel, "group" => group.name).set(group.member_count as f64);
+    }
 }
