@@ -154,6 +154,13 @@ enum ChannelsAction {
         #[arg(long)]
         partitions: u32,
     },
+    /// Delete a channel: its files, durable positions and consumer groups.
+    Delete {
+        channel: String,
+        /// Also when it has live subscriptions (they end with an error).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// The fsync policy, as `weir check --fsync` takes it.
@@ -468,6 +475,9 @@ async fn channels_admin(addr: String, action: ChannelsAction) -> anyhow::Result<
             Request::AlterChannel { channel: channel.clone(), partitions },
             format!("{channel} has {partitions} partitions"),
         ),
+        ChannelsAction::Delete { channel, force } => {
+            (Request::DeleteChannel { channel: channel.clone(), force }, format!("deleted {channel}"))
+        }
     };
     connection.request(request).await?;
     println!("{done}");

@@ -345,3 +345,53 @@ async fn a_data_directory_written_by_weir_0_1_opens_as_one_partition_channels_wi
     assert_eq!(publish(&connection, "orders", None, vec![keyed("customer-7", "order 20")]).await.unwrap(), (0, 20));
     stop(server).await;
 }
+
+#[tokio::test]
+async fn a_channel_is_deleted_with_its_files_and_positions_only_when_nobody_reads_it_or_by_force() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "delete").await.unwrap();
+    create(&connection, "orders", 2).await;
+    for partition in 0..2 {
+        publish(&connection, "orders", Some(partition), vec![Message::from_payload("x")]).await.unwrap();
+    }
+    let durable = SubscribeOptions { durable_name: Some("billing".into()), ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&connection, "orders", durable.clone()).await.unwrap();
+    receive(&mut subscriber, 2).await;
+    let delete = |force| Request::DeleteChannel { channel: "orders".into(), force };
+    let refused = within("DELETE", connection.request(delete(false))).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::ChannelInUse), "{refused}");
+    assert!(channel_info(&connection, "orders").await.is_some());
+
+    // By force: the subscription ends with an error naming the deletion.
+    assert_eq!(within("DELETE", connection.request(delete(true))).await.unwrap(), Response::ChannelDeleted);
+    let ended = loop {
+        match within("the end of the subscription", subscriber.next()).await {
+            Some(Err(error)) => break error,
+            Some(Ok(_)) => continue,
+            None => panic!("ended without an error"),
+        }
+    };
+    assert_eq!(ended.code(), Some(ErrorCode::UnknownChannel), "{ended}");
+    assert!(ended.to_string().contains("deleted"), "{ended}");
+    assert!(channel_info(&connection, "orders").await.is_none());
+    assert!(!dir.path().join("channels").join("orders").exists(), "its files are gone");
+    let refused = within("DELETE", connection.request(delete(false))).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::UnknownChannel), "{refused}");
+
+    // A channel of the same name starts afresh: no partitions, offsets or
+    // durable positions of the old one, also after a restart.
+    publish(&connection, "orders", None, vec![Message::from_payload("new")]).await.unwrap();
+    drop(subscriber);
+    drop(connection);
+    stop(server).await;
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "delete").await.unwrap();
+    let info = channel_info(&connection, "orders").await.expect("recreated");
+    assert_eq!(info.partitions.len(), 1);
+    assert_eq!(info.partitions[0].next_offset, 1);
+    assert!(info.subscriptions.is_empty(), "{info:?}");
+    let resumed = Subscriber::subscribe(&connection, "orders", durable).await.unwrap();
+    assert_eq!(resumed.partitions(), [(0, 0)], "the old durable position is gone");
+    stop(server).await;
+}

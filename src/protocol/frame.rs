@@ -82,6 +82,8 @@ pub enum FrameType {
     AlterChannel = 0x0C,
     /// Version 2 on.
     ListGroups = 0x0D,
+    /// Version 2 on.
+    DeleteChannel = 0x0E,
     Welcome = 0x81,
     Pong = 0x82,
     PublishAck = 0x83,
@@ -100,6 +102,8 @@ pub enum FrameType {
     ChannelAltered = 0x8F,
     /// Version 2 on.
     Groups = 0x90,
+    /// Version 2 on.
+    ChannelDeleted = 0x91,
 }
 
 /// Wire error codes. Never renumbered or reused.
@@ -156,12 +160,15 @@ pub enum ErrorCode {
     /// A consumer group member was silent for `group_session_timeout_ms`
     /// and lost its partitions (version 2 on).
     GroupSessionExpired = 26,
+    /// DELETE_CHANNEL of a channel with live subscriptions, without
+    /// `force` (version 2 on).
+    ChannelInUse = 27,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 26] = [
+        const ALL: [ErrorCode; 27] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -188,6 +195,7 @@ impl ErrorCode {
             UnknownPartition,
             TooManyPartitions,
             GroupSessionExpired,
+            ChannelInUse,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }
@@ -287,6 +295,12 @@ pub enum Request {
     /// (version 2 on).
     ListGroups {
         channel: String,
+    },
+    /// Deletes a channel, its files, durable positions and groups (version
+    /// 2 on). Refused while it has live subscriptions unless `force`.
+    DeleteChannel {
+        channel: String,
+        force: bool,
     },
 }
 
@@ -475,6 +489,7 @@ pub enum Response {
     Groups {
         groups: Vec<GroupInfo>,
     },
+    ChannelDeleted,
 }
 
 /// Appends a frame header for a body of `body_len` bytes.
@@ -665,6 +680,10 @@ impl Request {
             Request::ListGroups { channel } => {
                 frame(FrameType::ListGroups, correlation_id, |out| wire::put_short_string(out, channel))
             }
+            Request::DeleteChannel { channel, force } => frame(FrameType::DeleteChannel, correlation_id, |out| {
+                wire::put_short_string(out, channel);
+                out.put_u8(u8::from(*force));
+            }),
         }
     }
 
@@ -775,6 +794,16 @@ impl Request {
                 Request::AlterChannel { channel: r.name(NameField::Channel)?, partitions: r.u32("partitions")? }
             }
             0x0D if version >= 2 => Request::ListGroups { channel: r.name(NameField::Channel)? },
+            0x0E if version >= 2 => Request::DeleteChannel {
+                channel: r.name(NameField::Channel)?,
+                force: match r.u8("force")? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecodeError::OutOfRange { field: "force", value: other as u64, allowed: "0 or 1" });
+                    }
+                },
+            },
             other => return Err(DecodeError::UnknownFrameType { frame_type: other }),
         };
         r.finish()?;
@@ -908,6 +937,7 @@ impl Response {
             }
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
             Response::ChannelAltered => frame(FrameType::ChannelAltered, correlation_id, |_| {}),
+            Response::ChannelDeleted => frame(FrameType::ChannelDeleted, correlation_id, |_| {}),
             Response::Groups { groups } => frame(FrameType::Groups, correlation_id, |out| {
                 out.put_u32(groups.len() as u32);
                 for group in groups {
@@ -1085,6 +1115,7 @@ impl Response {
             }
             0x8C => Response::ChannelCreated,
             0x8F if v2 => Response::ChannelAltered,
+            0x91 if v2 => Response::ChannelDeleted,
             0x90 if v2 => {
                 let count = r.u32("group_count")? as usize;
                 let groups = r.list(count, 22, |r| {

@@ -92,6 +92,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Stats),
         (channel(), any::<u32>()).prop_map(|(channel, partitions)| Request::AlterChannel { channel, partitions }),
         prop_oneof![Just(String::new()), channel()].prop_map(|channel| Request::ListGroups { channel }),
+        (channel(), any::<bool>()).prop_map(|(channel, force)| Request::DeleteChannel { channel, force }),
     ]
 }
 
@@ -112,7 +113,7 @@ fn as_version_1(request: &Request) -> Option<Request> {
         }
         Request::Ack { partition, .. } | Request::Fetch { partition, .. } => *partition = 0,
         Request::CreateChannel { partitions, .. } => *partitions = None,
-        Request::AlterChannel { .. } | Request::ListGroups { .. } => return None,
+        Request::AlterChannel { .. } | Request::ListGroups { .. } | Request::DeleteChannel { .. } => return None,
         _ => {}
     }
     Some(request)
@@ -150,7 +151,7 @@ fn as_version_1_response(response: &Response) -> Option<Response> {
                 channel.subscriptions.retain(|s| s.partition == 0);
             }
         }
-        Response::ChannelAltered | Response::Groups { .. } => return None,
+        Response::ChannelAltered | Response::Groups { .. } | Response::ChannelDeleted => return None,
         _ => {}
     }
     Some(response)
@@ -224,6 +225,7 @@ fn response() -> impl Strategy<Value = Response> {
         }),
         Just(Response::ChannelCreated),
         Just(Response::ChannelAltered),
+        Just(Response::ChannelDeleted),
         (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
             |(subscription_id, partition, generation, first_offset)| Response::Notice {
                 subscription_id,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::channel_writer::{self, AppendRequest, WriterLimits};
 use super::group::Groups;
@@ -28,6 +29,9 @@ const _: () = assert!(GROUP_COMMIT_BYTES_MIN <= crate::storage::APPEND_BATCH_BYT
 pub(crate) struct ChannelHandle {
     pub channel: Arc<Channel>,
     partitions: RwLock<Vec<Arc<PartitionHandle>>>,
+    /// Cancelled when the channel is deleted: its subscriptions and group
+    /// members end.
+    pub deleted: CancellationToken,
 }
 
 /// One partition as the server sees it: its log, the queue into its writer,
@@ -81,6 +85,15 @@ pub(crate) struct Broker {
     next_subscription_key: AtomicU64,
     started: std::time::Instant,
     stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Why a channel cannot be deleted.
+pub(crate) enum DeleteError {
+    /// It has live subscriptions (and `force` was not given).
+    InUse {
+        subscriptions: usize,
+    },
+    Channel(ChannelError),
 }
 
 /// Why a channel cannot be used.
@@ -166,6 +179,34 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes the channel `name`: refused (`InUse`) while it has live
+    /// subscriptions, unless `force`, which ends them (ERROR UnknownChannel
+    /// and UNSUBSCRIBED); then its writers stop taking appends, its files
+    /// are removed, and its durable positions and groups are forgotten.
+    pub fn delete_channel(&self, name: &ChannelName, force: bool) -> Result<(), DeleteError> {
+        let live = self.subscription_statuses().iter().filter(|s| &s.channel == name).count();
+        if live > 0 && !force {
+            return Err(DeleteError::InUse { subscriptions: live });
+        }
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(DeleteError::Channel(ChannelError::ShuttingDown));
+        }
+        let handle = self.lock_channels().remove(name);
+        if let Some(handle) = &handle {
+            handle.deleted.cancel();
+        }
+        self.groups.forget_channel(name);
+        let deleted = self.store.delete(name);
+        self.offsets.forget_channel(name.as_str());
+        match deleted {
+            Ok(()) => Ok(()),
+            Err(StorageError::UnknownChannel { .. }) if handle.is_none() => {
+                Err(DeleteError::Channel(ChannelError::Unknown))
+            }
+            Err(error) => Err(DeleteError::Channel(ChannelError::Storage(error))),
+        }
+    }
+
     /// The handle of `channel`, starting its partitions' writers on first
     /// use.
     fn handle_for(&self, channel: Arc<Channel>) -> Result<Arc<ChannelHandle>, ChannelError> {
@@ -176,7 +217,11 @@ impl Broker {
         if let Some(handle) = channels.get(channel.name()) {
             return Ok(Arc::clone(handle));
         }
-        let handle = Arc::new(ChannelHandle { channel: Arc::clone(&channel), partitions: RwLock::new(Vec::new()) });
+        let handle = Arc::new(ChannelHandle {
+            channel: Arc::clone(&channel),
+            partitions: RwLock::new(Vec::new()),
+            deleted: CancellationToken::new(),
+        });
         self.add_partition_handles(&handle);
         channels.insert(channel.name().clone(), Arc::clone(&handle));
         Ok(handle)

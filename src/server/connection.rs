@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, ChannelError, PartitionHandle, SubscriptionStatus};
+use super::broker::{Broker, ChannelError, DeleteError, PartitionHandle, SubscriptionStatus};
 use super::channel_writer::{AppendRequest, Reply};
 use super::group::Handover;
 use super::member::MemberTask;
@@ -99,6 +99,7 @@ impl CursorFactory {
         partition: &PartitionHandle,
         first_offset: u64,
         subscription_cancel: &CancellationToken,
+        channel_deleted: &CancellationToken,
     ) -> PartitionCursor {
         let status = Arc::new(SubscriptionStatus {
             channel: self.channel.clone(),
@@ -128,6 +129,8 @@ impl CursorFactory {
             deliveries: self.deliveries.clone(),
             cancel: cancel.clone(),
             revoked: revoked.clone(),
+            subscription_cancel: subscription_cancel.clone(),
+            channel_deleted: channel_deleted.clone(),
             status: Arc::clone(&status),
             stats: Arc::clone(&self.broker.stats),
             _registration: self.broker.register_subscription(Arc::clone(&status)),
@@ -450,6 +453,19 @@ impl Connection {
                 match self.broker.create_channel(&name, settings) {
                     Ok(()) => self.respond(correlation_id, Response::ChannelCreated).await,
                     Err(error) => self.storage_error(correlation_id, error).await,
+                }
+            }
+            Request::DeleteChannel { channel, force } => {
+                let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                match self.broker.delete_channel(&name, force) {
+                    Ok(()) => self.respond(correlation_id, Response::ChannelDeleted).await,
+                    Err(DeleteError::InUse { subscriptions }) => {
+                        let message = format!(
+                            "channel {name} has {subscriptions} live subscription cursors; delete it with force to end them"
+                        );
+                        self.error(correlation_id, ErrorCode::ChannelInUse, message).await
+                    }
+                    Err(DeleteError::Channel(error)) => self.channel_error(correlation_id, &name, error).await,
                 }
             }
             Request::ListGroups { channel } => {
@@ -779,7 +795,8 @@ impl Connection {
         let factory = self.cursor_factory(subscription_id, &name, durable_name, None, max_inflight);
         let mut cursors = HashMap::with_capacity(starts.len());
         for (partition_handle, _, first_offset) in starts {
-            cursors.insert(partition_handle.log.partition(), factory.start(&partition_handle, first_offset, &cancel));
+            let cursor = factory.start(&partition_handle, first_offset, &cancel, &handle.deleted);
+            cursors.insert(partition_handle.log.partition(), cursor);
         }
         let partitions = Arc::new(std::sync::Mutex::new(cursors));
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions });

@@ -111,6 +111,11 @@ impl Groups {
         }
     }
 
+    /// Forgets the groups of a deleted channel (their members end with it).
+    pub fn forget_channel(&self, channel: &ChannelName) {
+        self.lock().retain(|(c, _), _| c != channel);
+    }
+
     /// Every group of `channel` (or of every channel) with its members'
     /// assignments, for the admin view.
     pub fn describe(&self, channel: Option<&ChannelName>) -> Vec<GroupView> {

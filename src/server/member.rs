@@ -46,7 +46,7 @@ impl MemberTask {
             self.follow_assignment(&mut draining).await;
             self.release_drained(&mut draining);
             if self.session_expired() {
-                self.expire().await;
+                self.expire();
                 break;
             }
             let poll = if draining.is_empty() { session_check } else { self.handover.poll_interval.min(session_check) };
@@ -58,6 +58,15 @@ impl MemberTask {
                 }
                 () = tokio::time::sleep(poll) => {}
                 () = self.cancel.cancelled() => break,
+                () = self.channel.deleted.cancelled() => {
+                    let message = format!(
+                        "subscription {} stopped: channel {} was deleted",
+                        self.factory.subscription_id,
+                        self.member.group().channel()
+                    );
+                    self.end_subscription(ErrorCode::UnknownChannel, message);
+                    break;
+                }
             }
         }
         // Leaving: every cursor stops; dropping the member hands its
@@ -85,7 +94,7 @@ impl MemberTask {
         for &partition in assignment.partitions.iter().filter(|p| !running.contains(p)) {
             let Ok(handle) = self.channel.partition(partition) else { continue };
             let first_offset = self.first_offset(&handle.log);
-            let cursor = self.factory.start(&handle, first_offset, &self.cancel);
+            let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
             self.lock_cursors().insert(partition, cursor);
             let notice = Notice::Assigned { generation: assignment.generation, first_offset };
             self.notify(partition, notice).await;
@@ -146,7 +155,7 @@ impl MemberTask {
 
     /// Ends the membership of a silent member: its subscription ends with
     /// an ERROR and UNSUBSCRIBED, its partitions go to the others.
-    async fn expire(&self) {
+    fn expire(&self) {
         let group = self.member.group();
         tracing::info!(channel = %group.channel(), group = group.name(), member = self.member.id, "a silent member left its group");
         let message = format!(
@@ -156,9 +165,15 @@ impl MemberTask {
             group.channel(),
             self.session_timeout.as_millis()
         );
+        self.end_subscription(ErrorCode::GroupSessionExpired, message);
+    }
+
+    /// Queues ERROR and UNSUBSCRIBED (one item, so that nothing comes
+    /// between them); the connection's writer marks the subscription ended
+    /// when it writes them.
+    fn end_subscription(&self, code: ErrorCode, message: String) {
         let version = self.factory.version;
-        let mut frames =
-            Response::Error { code: ErrorCode::GroupSessionExpired as u16, message }.encode_for(version, 0);
+        let mut frames = Response::Error { code: code as u16, message }.encode_for(version, 0);
         let unsubscribed = Response::Unsubscribed { subscription_id: self.factory.subscription_id };
         frames.extend_from_slice(&unsubscribed.encode_for(version, 0));
         let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };

@@ -45,6 +45,8 @@ pub enum Owner {
 /// The header that marks a consumer group's position; entries without it
 /// are durable subscriptions' (all those written before groups existed).
 const GROUP_HEADER: &[u8] = b"group";
+/// The header of a record that forgets an entry (its channel was deleted).
+const FORGET_HEADER: &[u8] = b"forget";
 
 /// The durable offsets of every channel.
 pub struct DurableOffsets {
@@ -56,6 +58,8 @@ pub struct DurableOffsets {
 struct State {
     offsets: HashMap<Key, u64>,
     dirty: HashSet<Key>,
+    /// Entries to forget at the next commit.
+    forgotten: HashSet<Key>,
 }
 
 /// Why a durable subscription cannot be registered.
@@ -131,7 +135,7 @@ impl DurableOffsets {
         tracing::info!(durable_subscriptions = offsets.len(), "durable offsets loaded");
         Ok(DurableOffsets {
             log: Mutex::new(Arc::new(log)),
-            state: Mutex::new(State { offsets, dirty: HashSet::new() }),
+            state: Mutex::new(State { offsets, dirty: HashSet::new(), forgotten: HashSet::new() }),
         })
     }
 
@@ -222,6 +226,18 @@ impl DurableOffsets {
         }
     }
 
+    /// Forgets every position (durable subscriptions' and groups') of
+    /// `channel`, which was deleted; written at the next commit.
+    pub fn forget_channel(&self, channel: &str) {
+        let mut state = self.lock();
+        let keys: Vec<Key> = state.offsets.keys().filter(|(c, _, _, _)| c == channel).cloned().collect();
+        for key in keys {
+            state.offsets.remove(&key);
+            state.dirty.remove(&key);
+            state.forgotten.insert(key);
+        }
+    }
+
     /// All durable positions of `channel`, by name and partition.
     pub fn for_channel(&self, channel: &str) -> BTreeMap<(String, u32), u64> {
         self.lock()
@@ -249,19 +265,27 @@ impl DurableOffsets {
     /// # Errors
     /// The append failed; the entries stay dirty for the next attempt.
     pub fn commit(&self) -> Result<(), StorageError> {
-        let entries: Vec<(Key, u64)> = {
+        let (entries, forgotten): (Vec<(Key, u64)>, Vec<Key>) = {
             let mut state = self.lock();
             let dirty: Vec<Key> = state.dirty.drain().collect();
-            dirty.into_iter().filter_map(|key| state.offsets.get(&key).map(|&offset| (key, offset))).collect()
+            let entries =
+                dirty.into_iter().filter_map(|key| state.offsets.get(&key).map(|&offset| (key, offset))).collect();
+            (entries, state.forgotten.drain().collect())
         };
-        if entries.is_empty() {
+        if entries.is_empty() && forgotten.is_empty() {
             return Ok(());
         }
-        let messages: Vec<Message> = entries.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
+        let mut messages: Vec<Message> = entries.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
+        messages.extend(forgotten.iter().map(|key| {
+            let mut message = encode_entry(key, 0);
+            message.headers.push(Header { name: Bytes::from_static(FORGET_HEADER), value: Bytes::new() });
+            message
+        }));
         let log = Arc::clone(&self.log.lock().unwrap_or_else(|p| p.into_inner()));
         if let Err(error) = log.append_batch(&messages) {
             let mut state = self.lock();
             state.dirty.extend(entries.into_iter().map(|(key, _)| key));
+            state.forgotten.extend(forgotten);
             return Err(error);
         }
         Ok(())
@@ -296,6 +320,9 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
                 reason,
             })?;
             match decode_entry(&record) {
+                Some((key, _)) if record.headers.iter().any(|header| header.name == FORGET_HEADER) => {
+                    offsets.remove(&key);
+                }
                 Some((key, offset)) => {
                     offsets.insert(key, offset);
                 }

@@ -43,6 +43,11 @@ pub(crate) struct Subscription {
     /// is read; what was queued still goes out, and the task ends with
     /// `cancel` once the member lets the partition go.
     pub revoked: CancellationToken,
+    /// The whole subscription's token (`cancel` is this partition's, a
+    /// child of it): a stopped subscription ends in every partition.
+    pub subscription_cancel: CancellationToken,
+    /// Cancelled when the channel is deleted.
+    pub channel_deleted: CancellationToken,
     pub status: Arc<SubscriptionStatus>,
     pub stats: Arc<Stats>,
     pub _registration: SubscriptionGuard,
@@ -66,9 +71,16 @@ impl Subscription {
     /// Delivers until cancelled, the connection goes away, or the log fails.
     pub async fn run(mut self) {
         loop {
-            if self.revoked.is_cancelled() {
-                self.cancel.cancelled().await;
+            if self.channel_deleted.is_cancelled() {
+                let channel = format!("{} (it was deleted)", self.log.name());
+                self.stop_on_error(StorageError::UnknownChannel { channel }).await;
                 return;
+            }
+            if self.revoked.is_cancelled() {
+                tokio::select! {
+                    () = self.cancel.cancelled() => return,
+                    () = self.channel_deleted.cancelled() => continue,
+                }
             }
             let ack_floor = (*self.ack_floor.borrow_and_update()).max(self.skip_floor);
             // Records below the floor may have been skipped by retention:
@@ -152,13 +164,18 @@ impl Subscription {
         // first). The connection's writer marks the subscription ended when
         // it takes them for writing: a SUBSCRIBE reusing the id before that
         // gets SubscriptionExists, one after it is answered after them.
-        let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
+        // The whole subscription ends, in every partition it reads: the
+        // token the writer cancels is the subscription's, not this
+        // partition's; a second partition stopping too finds it cancelled
+        // and its frames are dropped.
+        let subscription = self.subscription_cancel.clone();
+        let last = Delivery { ended: subscription.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
         let queued = tokio::select! {
             sent = self.deliveries.send(last) => sent.is_ok(),
-            () = self.cancel.cancelled() => true,
+            () = subscription.cancelled() => true,
         };
         if !queued {
-            self.cancel.cancel();
+            subscription.cancel();
         }
     }
 
@@ -207,6 +224,7 @@ impl Subscription {
             }
             () = lag_timer, if lag_possible => true,
             () = self.revoked.cancelled() => true,
+            () = self.channel_deleted.cancelled() => true,
             () = self.cancel.cancelled() => false,
         }
     }

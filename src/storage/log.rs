@@ -200,6 +200,9 @@ pub struct ChannelLog {
     start_offset_listener: Mutex<Option<StartOffsetListener>>,
     /// Mirrors `Writer::full`, readable without waiting for an append.
     storage_full: AtomicBool,
+    /// Set (under the writer lock) when the channel is deleted: no append
+    /// is taken after that.
+    deleted: AtomicBool,
 }
 
 /// A callback told the log's new start offset after retention moved it.
@@ -322,6 +325,7 @@ impl ChannelLog {
             seal_order: Mutex::new(()),
             start_offset_listener: Mutex::new(None),
             storage_full: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
         })
     }
 
@@ -382,6 +386,9 @@ impl ChannelLog {
             return Err(StorageError::BatchTooLarge { size_bytes, size_bytes_max: APPEND_BATCH_BYTES_MAX });
         }
         let mut writer = self.lock_writer();
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(StorageError::UnknownChannel { channel: self.name.to_string() });
+        }
         if let Some(cause) = &writer.failure {
             return Err(StorageError::Failed { channel: self.label(), cause: cause.clone() });
         }
@@ -469,6 +476,14 @@ impl ChannelLog {
                 "disk space is back: appends resumed"
             );
         }
+    }
+
+    /// Refuses every later append (the channel is being deleted). Taken
+    /// under the writer lock, so that no append is in progress once it
+    /// returns.
+    pub fn mark_deleted(&self) {
+        let _writer = self.lock_writer();
+        self.deleted.store(true, Ordering::Release);
     }
 
     /// Whether the log is refusing appends because its disk is full.

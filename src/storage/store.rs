@@ -70,7 +70,7 @@ pub struct Store {
     /// Channels whose recovery failed (damage recovery cannot repair), with
     /// the reason: the others are served, these answer every request with
     /// the reason until an operator has repaired them and restarted.
-    unavailable: BTreeMap<ChannelName, String>,
+    unavailable: RwLock<BTreeMap<ChannelName, String>>,
     /// Held for the store's lifetime so that a second broker cannot open
     /// the same data directory.
     _lock: File,
@@ -131,7 +131,7 @@ impl Store {
             unavailable_channels = unavailable.len(),
             "storage opened"
         );
-        Ok(Store { config, fs, channels: RwLock::new(channels), unavailable, _lock: lock })
+        Ok(Store { config, fs, channels: RwLock::new(channels), unavailable: RwLock::new(unavailable), _lock: lock })
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -145,13 +145,15 @@ impl Store {
     /// Why the channel `name` could not be opened, if it could not.
     pub fn unavailable(&self, name: &ChannelName) -> Option<StorageError> {
         self.unavailable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .map(|cause| StorageError::ChannelUnavailable { channel: name.to_string(), cause: cause.clone() })
     }
 
     /// How many channels could not be opened.
     pub fn unavailable_count(&self) -> usize {
-        self.unavailable.len()
+        self.unavailable.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The channel `name`, if it exists and could be opened.
@@ -204,7 +206,7 @@ impl Store {
         if channels.contains_key(name) {
             return Err(StorageError::ChannelExists { channel: name.to_string() });
         }
-        if channels.len() + self.unavailable.len() >= self.config.max_channels {
+        if channels.len() + self.unavailable_count() >= self.config.max_channels {
             return Err(StorageError::TooManyChannels {
                 channel: name.to_string(),
                 count_max: self.config.max_channels,
@@ -234,6 +236,36 @@ impl Store {
         channels.insert(name.clone(), Arc::clone(&channel));
         tracing::info!(channel = %name, partitions = count, "channel created");
         Ok(channel)
+    }
+
+    /// Deletes the channel `name` (also one that could not be opened): its
+    /// partitions refuse appends from now on, and its directory is removed.
+    /// Readers holding a segment keep reading it until they let it go.
+    ///
+    /// # Errors
+    /// `UnknownChannel`; `Io` when the files cannot be removed (the channel
+    /// is gone from the store all the same).
+    pub fn delete(&self, name: &ChannelName) -> Result<(), StorageError> {
+        let removed = self.channels.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
+        if removed.is_none() && !was_unavailable {
+            return Err(StorageError::UnknownChannel { channel: name.to_string() });
+        }
+        if let Some(channel) = removed {
+            for log in channel.partitions() {
+                log.mark_deleted();
+            }
+        }
+        let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
+        let dir = channels_dir.join(name.as_str());
+        match self.fs.remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::Io { path: dir, source }),
+        }
+        self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
+        tracing::info!(channel = %name, "channel deleted");
+        Ok(())
     }
 
     /// Every channel, by name.
