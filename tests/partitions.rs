@@ -395,3 +395,40 @@ async fn a_channel_is_deleted_with_its_files_and_positions_only_when_nobody_read
     assert_eq!(resumed.partitions(), [(0, 0)], "the old durable position is gone");
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitioned_publisher_routes_keys_as_kafka_does_and_stores_each_message_once() {
+    use weir::client::{PartitionedPublisher, PublisherOptions};
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "admin").await.unwrap();
+    create(&connection, "orders", 6).await;
+    let publisher = PartitionedPublisher::connect(&addr(&server), "orders", PublisherOptions::default()).await.unwrap();
+    assert_eq!(publisher.partition_count(), 6);
+    for (key, partition) in kafka_partitions_of_known_keys() {
+        let receipt = within("publish", publisher.publish(keyed(key, "v"))).await.unwrap();
+        assert_eq!(receipt.partition, partition, "key {key:?}");
+    }
+    // Many keyed messages, pipelined: each stored once, in its key's partition.
+    let mut receipts = Vec::new();
+    for i in 0..300u32 {
+        let key = format!("customer-{}", i % 17);
+        receipts.push((key.clone(), publisher.enqueue(keyed(&key, &i.to_string())).await.unwrap()));
+    }
+    let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
+    for (key, receipt) in receipts {
+        let receipt = within("receipt", receipt).await.unwrap().unwrap();
+        assert_eq!(receipt.partition, weir::partitioner::partition_for_key(key.as_bytes(), 6));
+        *per_partition.entry(receipt.partition).or_default() += 1;
+    }
+    within("close", publisher.close()).await;
+    let info = channel_info(&connection, "orders").await.expect("listed");
+    let known = kafka_partitions_of_known_keys();
+    for (partition, stored) in info.partitions.iter().enumerate() {
+        let partition = partition as u32;
+        let expected = per_partition.get(&partition).copied().unwrap_or(0)
+            + known.iter().filter(|(_, p)| *p == partition).count() as u64;
+        assert_eq!(stored.next_offset, expected, "partition {partition}: every message once");
+    }
+    stop(server).await;
+}

@@ -1,6 +1,8 @@
 //! The Rust client: an async [`Connection`], a [`Publisher`] that batches
-//! and pipelines with idempotent retries, and a [`Subscriber`] that yields
-//! messages as a stream.
+//! and pipelines with idempotent retries into one partition, a
+//! [`PartitionedPublisher`] that routes messages over every partition of a
+//! channel by key, and a [`Subscriber`] that yields messages (of one
+//! partition, every partition, or a consumer group's share) as a stream.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), weir::client::ClientError> {
@@ -30,7 +32,7 @@ mod subscriber;
 use std::sync::Arc;
 
 pub use connection::Connection;
-pub use publisher::{BackpressurePolicy, Publisher, PublisherOptions, Receipt};
+pub use publisher::{BackpressurePolicy, PartitionedPublisher, Publisher, PublisherOptions, Receipt};
 pub use subscriber::{Event, SubscribeOptions, Subscriber};
 
 use crate::protocol::ErrorCode;

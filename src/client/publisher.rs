@@ -61,8 +61,7 @@ pub struct PublisherOptions {
     pub auth_token: Option<String>,
     /// The partition this publisher writes to. A publisher is one ordered,
     /// exactly-once stream, and idempotence is per partition, so it writes
-    /// to one partition; [`crate::partitioner::partition_for_key`] tells
-    /// which partition a key belongs to.
+    /// to one partition; [`PartitionedPublisher`] routes over all of them.
     pub partition: u32,
 }
 
@@ -543,5 +542,119 @@ fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -
             _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
             _ => Outcome::Fail(error),
         },
+    }
+}
+
+/// Publishes to every partition of a channel, routing each message as the
+/// broker would: a message with a key goes to its key's partition (Kafka's
+/// partitioner, [`crate::partitioner::partition_for_key`], over the
+/// channel's partition count when this publisher connected); messages
+/// without a key stick to one partition for `batch_max_messages` of them,
+/// then move to the next (Kafka's sticky partitioner), so that they still
+/// form batches.
+///
+/// It holds one [`Publisher`] per partition, each its own connection and
+/// producer id: publishing stays ordered and exactly-once per partition.
+/// Partitions added after it connected are not used until it reconnects.
+pub struct PartitionedPublisher {
+    publishers: Vec<Publisher>,
+    sticky_messages: u32,
+    keyless: std::sync::atomic::AtomicU64,
+}
+
+impl PartitionedPublisher {
+    /// Connects to `addr` and starts a publisher for every partition of
+    /// `channel`, creating the channel (with the broker's default partition
+    /// count) if it does not exist.
+    ///
+    /// # Errors
+    /// The connection failed, the broker refused to create the channel, or
+    /// it speaks protocol version 1 (no partitions).
+    pub async fn connect(
+        addr: &str,
+        channel: &str,
+        options: PublisherOptions,
+    ) -> Result<PartitionedPublisher, ClientError> {
+        let connection =
+            Connection::connect_with_token(addr, &options.client_name, options.auth_token.as_deref()).await?;
+        if connection.protocol_version() < 2 {
+            return Err(ClientError::Invalid("the broker speaks protocol version 1, which has no partitions".into()));
+        }
+        let mut count = partition_count(&connection, channel).await?;
+        if count.is_none() {
+            let create = Request::CreateChannel {
+                channel: channel.to_owned(),
+                retention: crate::protocol::ChannelRetention::default(),
+                partitions: None,
+            };
+            match connection.request(create).await {
+                Ok(_) => {}
+                Err(error) if error.code() == Some(ErrorCode::ChannelExists) => {}
+                Err(error) => return Err(error),
+            }
+            count = partition_count(&connection, channel).await?;
+        }
+        let count = count.ok_or_else(|| ClientError::Unexpected(format!("channel {channel} is not listed")))?;
+        let mut publishers = Vec::with_capacity(count as usize);
+        for partition in 0..count {
+            let options = PublisherOptions { partition, ..options.clone() };
+            publishers.push(Publisher::connect(addr, channel, options).await?);
+        }
+        Ok(PartitionedPublisher {
+            publishers,
+            sticky_messages: options.batch_max_messages.clamp(1, u32::MAX as usize) as u32,
+            keyless: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The partition count this publisher routes over.
+    pub fn partition_count(&self) -> u32 {
+        self.publishers.len() as u32
+    }
+
+    /// The partition `message` goes to.
+    pub fn partition_for(&self, message: &Message) -> u32 {
+        let count = self.partition_count();
+        if !message.key.is_empty() {
+            return crate::partitioner::partition_for_key(&message.key, count);
+        }
+        let sent = self.keyless.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ((sent / u64::from(self.sticky_messages)) % u64::from(count)) as u32
+    }
+
+    /// Publishes one message to its partition and waits until it is stored.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub async fn publish(&self, message: Message) -> Result<Receipt, ClientError> {
+        self.publishers[self.partition_for(&message) as usize].publish(message).await
+    }
+
+    /// Queues one message for its partition; see [`Publisher::enqueue`].
+    ///
+    /// # Errors
+    /// As [`Publisher::enqueue`].
+    pub async fn enqueue(
+        &self,
+        message: Message,
+    ) -> Result<oneshot::Receiver<Result<Receipt, ClientError>>, ClientError> {
+        self.publishers[self.partition_for(&message) as usize].enqueue(message).await
+    }
+
+    /// Waits until every queued message is answered, then closes.
+    pub async fn close(self) {
+        for publisher in self.publishers {
+            publisher.close().await;
+        }
+    }
+}
+
+/// The partition count of `channel`, if it exists.
+async fn partition_count(connection: &Connection, channel: &str) -> Result<Option<u32>, ClientError> {
+    match connection.request(Request::ListChannels).await? {
+        Response::Channels { channels } => {
+            Ok(channels.iter().find(|info| info.name == channel).map(|info| info.partitions.len() as u32))
+        }
+        other => Err(ClientError::Unexpected(format!("{other:?}"))),
     }
 }
