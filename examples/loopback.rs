@@ -6,6 +6,7 @@
 //! cargo run --release --example loopback -- publish --messages 500000
 //! cargo run --release --example loopback -- batch --megabytes 2048 --fsync always
 //! cargo run --release --example loopback -- catchup --megabytes 1024
+//! cargo run --release --example loopback -- partitions --partitions 4 --messages 500000
 //! ```
 //!
 //! The full benchmark tool (`weir bench`) comes later; this exists to hold
@@ -77,7 +78,16 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             "catchup" => catch_up(&addr, arg(&args, "--megabytes", 1024u64), arg(&args, "--size", 1024usize)).await,
-            other => anyhow::bail!("unknown mode {other}: latency, publish, batch or catchup"),
+            "partitions" => {
+                publish_to_partitions(
+                    &addr,
+                    arg(&args, "--partitions", 4u32),
+                    arg(&args, "--messages", 500_000u64),
+                    arg(&args, "--size", 1024usize),
+                )
+                .await
+            }
+            other => anyhow::bail!("unknown mode {other}: latency, publish, batch, catchup or partitions"),
         }
     })?;
     server_runtime.block_on(server.stop())?;
@@ -172,6 +182,61 @@ async fn publish_one_at_a_time(addr: &str, messages: u64, size: usize) -> anyhow
     let elapsed = start.elapsed();
     println!(
         "{acked} messages of {size} B in {:.2} s: {:.0} msg/s, {:.1} MB/s",
+        elapsed.as_secs_f64(),
+        acked as f64 / elapsed.as_secs_f64(),
+        acked as f64 * size as f64 / elapsed.as_secs_f64() / 1e6
+    );
+    Ok(())
+}
+
+/// `messages` in all, one per call, from one publisher per partition of a
+/// channel of `partitions` partitions, every ack awaited: the aggregate
+/// rate, to compare with one partition and one publisher.
+async fn publish_to_partitions(addr: &str, partitions: u32, messages: u64, size: usize) -> anyhow::Result<()> {
+    let connection = Connection::connect(addr, "admin").await?;
+    let create = Request::CreateChannel {
+        channel: "partitioned".into(),
+        retention: weir::protocol::ChannelRetention::default(),
+        partitions: Some(partitions),
+    };
+    connection.request(create).await?;
+    let body = Bytes::from(payload(size));
+    let per_publisher = messages / u64::from(partitions);
+    let mut publishers = Vec::new();
+    for partition in 0..partitions {
+        let options = PublisherOptions { partition, ..PublisherOptions::default() };
+        publishers.push(Arc::new(Publisher::connect(addr, "partitioned", options).await?));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for publisher in publishers {
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let (receipts, mut awaiting) = tokio::sync::mpsc::channel(65_536);
+            let waiter = tokio::spawn(async move {
+                let mut acked = 0u64;
+                while let Some(receipt) = awaiting.recv().await {
+                    let receipt: tokio::sync::oneshot::Receiver<_> = receipt;
+                    receipt.await??;
+                    acked += 1;
+                }
+                anyhow::Ok(acked)
+            });
+            for _ in 0..per_publisher {
+                let receipt = publisher.enqueue(Message::from_payload(body.clone())).await?;
+                receipts.send(receipt).await?;
+            }
+            drop(receipts);
+            waiter.await?
+        }));
+    }
+    let mut acked = 0;
+    for task in tasks {
+        acked += task.await??;
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "{partitions} partitions, {partitions} publishers: {acked} messages of {size} B in {:.2} s: {:.0} msg/s, {:.1} MB/s",
         elapsed.as_secs_f64(),
         acked as f64 / elapsed.as_secs_f64(),
         acked as f64 * size as f64 / elapsed.as_secs_f64() / 1e6

@@ -164,6 +164,12 @@ async fn a_damaged_record_is_delivered_around_never_through() {
     let text = error.to_string();
     assert!(text.contains("offset 12 is unreadable") && text.contains("from offset 13 on are readable"), "{text}");
 
+    // The broker ended that subscription: its id is free, and an
+    // UNSUBSCRIBE of it is answered UnknownSubscription, not a second
+    // UNSUBSCRIBED.
+    let again = within("UNSUBSCRIBE", connection.request(Request::Unsubscribe { subscription_id: 1 })).await;
+    assert_eq!(again.unwrap_err().code(), Some(ErrorCode::UnknownSubscription));
+
     // The documented way past it: start after it.
     let options = SubscribeOptions { start: StartPosition::Offset(13), ..SubscribeOptions::default() };
     let mut past = Subscriber::subscribe(&connection, "orders", options).await.unwrap();

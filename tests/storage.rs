@@ -1095,3 +1095,21 @@ fn check_judges_a_torn_last_sealed_segment_by_each_channels_fsync_policy() {
     assert_eq!(run(&[]).status.code(), Some(1));
     assert_eq!(run(&["--fsync", "never"]).status.code(), Some(0));
 }
+
+#[test]
+fn a_sync_that_fails_for_lack_of_space_stops_appends_until_restart_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = full_disk::FullDisk::default();
+    let config = LogConfig { fsync: FsyncPolicy::Always, ..small_config() };
+    let log = ChannelLog::open(Arc::new(disk.clone()), dir.path(), ChannelName::new("t").unwrap(), config).unwrap();
+    log.append_batch(&[message(0, 10)]).unwrap();
+    disk.set_sync_full(true);
+    // The state of the written records is unknown after a failed sync: not
+    // "full, try again" but "failed, restart".
+    let failed = log.append_batch(&[message(1, 10)]).unwrap_err();
+    assert!(matches!(failed, StorageError::Failed { .. }), "{failed}");
+    assert!(!failed.is_storage_full());
+    assert!(!log.is_storage_full());
+    disk.set_sync_full(false);
+    assert!(matches!(log.append_batch(&[message(1, 10)]), Err(StorageError::Failed { .. })));
+}

@@ -174,6 +174,11 @@ impl Subscriber {
     /// # Errors
     /// The connection is gone.
     pub async fn unsubscribe(self) -> Result<(), ClientError> {
+        // Ended already (by the broker, or by an overflow): nothing to end.
+        if self.ended.get().is_some() {
+            self.connection.unroute(self.subscription_id);
+            return Ok(());
+        }
         let result = self.connection.request(Request::Unsubscribe { subscription_id: self.subscription_id }).await;
         self.connection.unroute(self.subscription_id);
         match result {

@@ -2,7 +2,8 @@
 //! it is full every append writes half of its bytes and then fails with
 //! ENOSPC, and every file creation fails with ENOSPC, as a full disk does.
 //! It can also turn read-only: creating files and directories then fails
-//! with EACCES, while files already open keep taking appends.
+//! with EACCES, while files already open keep taking appends; and it can
+//! fail `fdatasync` with ENOSPC.
 
 use std::io;
 use std::path::Path;
@@ -16,6 +17,8 @@ use weir::storage::fs::{FileSystem, OpenMode, StdFileSystem, StorageFile};
 pub struct FullDisk {
     full: Arc<AtomicBool>,
     read_only: Arc<AtomicBool>,
+    /// `fdatasync` fails with ENOSPC (as on btrfs, NFS, thin volumes).
+    sync_full: Arc<AtomicBool>,
     /// Appends and creations refused since the start.
     pub refusals: Arc<AtomicU64>,
 }
@@ -23,6 +26,10 @@ pub struct FullDisk {
 impl FullDisk {
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    pub fn set_sync_full(&self, sync_full: bool) {
+        self.sync_full.store(sync_full, Ordering::SeqCst);
     }
 
     pub fn set_read_only(&self, read_only: bool) {
@@ -103,6 +110,9 @@ impl StorageFile for FullDiskFile {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.disk.sync_full.load(Ordering::SeqCst) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
         self.inner.sync()
     }
 
