@@ -7,6 +7,7 @@
 //! cargo run --release --example loopback -- batch --megabytes 2048 --fsync always
 //! cargo run --release --example loopback -- catchup --megabytes 1024
 //! cargo run --release --example loopback -- partitions --partitions 4 --messages 500000
+//! cargo run --release --example loopback -- rebalance --session-ms 3000 --heartbeat-ms 100
 //! ```
 //!
 //! The full benchmark tool (`weir bench`) comes later; this exists to hold
@@ -46,6 +47,8 @@ fn main() -> anyhow::Result<()> {
         fsync,
         max_inflight_deliveries: 65_536,
         metrics_addr: String::new(),
+        heartbeat_interval_ms: arg(&args, "--heartbeat-ms", 10_000u64),
+        group_session_timeout_ms: arg(&args, "--session-ms", 20_000u64),
         ..Config::default()
     };
     let server = server_runtime.block_on(weir::server::start(config))?;
@@ -87,7 +90,8 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
-            other => anyhow::bail!("unknown mode {other}: latency, publish, batch, catchup or partitions"),
+            "rebalance" => rebalance(&addr, arg(&args, "--session-ms", 20_000u64)).await,
+            other => anyhow::bail!("unknown mode {other}: latency, publish, batch, catchup, partitions or rebalance"),
         }
     })?;
     server_runtime.block_on(server.stop())?;
@@ -241,6 +245,86 @@ async fn publish_to_partitions(addr: &str, partitions: u32, messages: u64, size:
         acked as f64 / elapsed.as_secs_f64(),
         acked as f64 * size as f64 / elapsed.as_secs_f64() / 1e6
     );
+    Ok(())
+}
+
+/// Reads a group member's events until it is assigned `count` partitions;
+/// returns when that happened.
+async fn until_assigned(subscriber: &mut Subscriber, assigned: &mut usize, count: usize) -> anyhow::Result<Instant> {
+    while *assigned != count {
+        match subscriber.next().await {
+            Some(Ok(Event::Notice { notice: weir::protocol::Notice::Assigned { .. }, .. })) => *assigned += 1,
+            Some(Ok(Event::Notice { notice: weir::protocol::Notice::Revoked { .. }, .. })) => *assigned -= 1,
+            Some(Ok(_)) => {}
+            Some(Err(error)) => return Err(error.into()),
+            None => anyhow::bail!("the subscription ended"),
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// How long a consumer group takes to hand a leaving member's partitions
+/// to the one left: a member that disconnects, and one that goes silent
+/// (no frame at all) until `group_session_timeout_ms` ends its membership.
+async fn rebalance(addr: &str, session_ms: u64) -> anyhow::Result<()> {
+    let admin = Connection::connect(addr, "admin").await?;
+    let create = Request::CreateChannel {
+        channel: "grouped".into(),
+        retention: weir::protocol::ChannelRetention::default(),
+        partitions: Some(4),
+    };
+    admin.request(create).await?;
+    let join = |connection: Connection| async move {
+        let options = SubscribeOptions { group: Some("g".into()), ..SubscribeOptions::default() };
+        let subscriber = Subscriber::subscribe(&connection, "grouped", options).await?;
+        anyhow::Ok((connection, subscriber))
+    };
+    let (_stays, mut staying) = join(Connection::connect(addr, "staying").await?).await?;
+    let mut assigned = 0;
+    until_assigned(&mut staying, &mut assigned, 4).await?;
+
+    // A member that disconnects.
+    let (leaving_connection, leaving) = join(Connection::connect(addr, "leaving").await?).await?;
+    until_assigned(&mut staying, &mut assigned, 2).await?;
+    let left = Instant::now();
+    drop(leaving);
+    drop(leaving_connection);
+    let done = until_assigned(&mut staying, &mut assigned, 4).await?;
+    println!("disconnect: the partitions were back {:.1} ms after the member left", (done - left).as_secs_f64() * 1e3);
+
+    // A member that goes silent: a raw connection that sends HELLO and
+    // SUBSCRIBE and then nothing.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut silent = tokio::net::TcpStream::connect(addr).await?;
+    let hello =
+        Request::Hello { version_min: 2, version_max: 2, client_name: "silent".into(), auth_token: Bytes::new() };
+    let subscribe = Request::Subscribe {
+        subscription_id: 1,
+        channel: "grouped".into(),
+        partition: None,
+        start: StartPosition::Earliest,
+        durable_name: None,
+        group: Some("g".into()),
+        max_inflight: 16,
+    };
+    let mut frames = hello.encode(1);
+    frames.extend(subscribe.encode(2));
+    silent.write_all(&frames).await?;
+    let last_frame = Instant::now();
+    // Keep reading what the broker sends it, so that only its silence
+    // counts.
+    let drain = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while matches!(silent.read(&mut buffer).await, Ok(1..)) {}
+    });
+    until_assigned(&mut staying, &mut assigned, 2).await?;
+    let done = until_assigned(&mut staying, &mut assigned, 4).await?;
+    println!(
+        "silence: the partitions were back {:.1} ms after the member's last frame (group_session_timeout_ms = {session_ms}, bound {} ms)",
+        (done - last_frame).as_secs_f64() * 1e3,
+        session_ms + 1000
+    );
+    drain.abort();
     Ok(())
 }
 

@@ -98,6 +98,10 @@ fn describe() {
         "A consumer group's lag summed over the channel's partitions: next offsets minus committed positions."
     );
     describe_gauge!("weir_group_members", "Live members of a consumer group.");
+    describe_gauge!(
+        "weir_group_partition_lag_messages",
+        "A consumer group's lag in one partition: its next offset minus the committed position."
+    );
     describe_gauge!("weir_log_bytes", "Bytes on disk in a channel's segments.");
     describe_gauge!("weir_log_segments", "Segments of a channel.");
     describe_gauge!("weir_log_start_offset", "First offset still stored in a channel.");

@@ -68,6 +68,21 @@ async fn the_metrics_endpoint_counts_what_was_sent() {
         message: Message::from_payload(vec![0u8; 1001]),
     };
     assert!(connection.request(too_large).await.is_err());
+    // A consumer group that acknowledges 10 of the 25 messages: lag 15.
+    let options = weir::client::SubscribeOptions {
+        group: Some("billing".into()),
+        start: weir::protocol::StartPosition::Earliest,
+        max_inflight: 10,
+        ..weir::client::SubscribeOptions::default()
+    };
+    let mut member = weir::client::Subscriber::subscribe(&connection, "metered", options).await.unwrap();
+    let mut acked = 0;
+    while acked < 10 {
+        if let Some(Ok(weir::client::Event::Message { partition, record })) = member.next().await {
+            member.ack_partition(partition, record.offset).await.unwrap();
+            acked += 1;
+        }
+    }
 
     // Derived metrics refresh every second: poll, with a generous bound.
     let expected = [
@@ -77,6 +92,9 @@ async fn the_metrics_endpoint_counts_what_was_sent() {
         ("weir_connections_open", 2.0),
         ("weir_log_next_offset{channel=\"metered\"}", 25.0),
         ("weir_log_segments{channel=\"metered\"}", 1.0),
+        ("weir_group_members{channel=\"metered\",group=\"billing\"}", 1.0),
+        ("weir_group_lag_messages{channel=\"metered\",group=\"billing\"}", 15.0),
+        ("weir_group_partition_lag_messages{channel=\"metered\",group=\"billing\",partition=\"0\"}", 15.0),
     ];
     let mut page = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

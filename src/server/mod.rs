@@ -398,10 +398,28 @@ fn publish_metrics(broker: &Broker) {
     gauge!("weir_channels_unavailable").set(broker.store.unavailable_count() as f64);
     // Consumer groups, capped like the other labels: the first groups (by
     // channel and name) get their own series, the rest none.
-    for group in broker.group_infos(None).into_iter().take(broker.config.metrics_channel_labels_max as usize) {
+    // Per partition too, up to the same cap counted in (group, partition)
+    // series.
+    let labels_max = broker.config.metrics_channel_labels_max as usize;
+    let mut partition_series = 0;
+    for group in broker.group_infos(None).into_iter().take(labels_max) {
         let channel = broker.channel_labels.label(&group.channel).to_string();
         let lag: u64 = group.partitions.iter().map(|partition| partition.lag).sum();
         gauge!("weir_group_lag_messages", "channel" => channel.clone(), "group" => group.name.clone()).set(lag as f64);
-        gauge!("weir_group_members", "channel" => channel, "group" => group.name).set(group.member_count as f64);
+        gauge!("weir_group_members", "channel" => channel.clone(), "group" => group.name.clone())
+            .set(group.member_count as f64);
+        for partition in &group.partitions {
+            if partition_series >= labels_max {
+                break;
+            }
+            partition_series += 1;
+            gauge!(
+                "weir_group_partition_lag_messages",
+                "channel" => channel.clone(),
+                "group" => group.name.clone(),
+                "partition" => partition.partition.to_string()
+            )
+            .set(partition.lag as f64);
+        }
     }
 }
