@@ -394,6 +394,9 @@ pub struct GroupPartitionInfo {
 pub struct SubscriptionInfo {
     /// The durable name, or empty for an ephemeral subscription.
     pub durable_name: String,
+    /// The consumer group, for a group member's cursor; empty otherwise
+    /// (version 2 on).
+    pub group: String,
     pub partition: u32,
     pub next_offset: u64,
     pub acked_offset: Option<u64>,
@@ -1007,6 +1010,7 @@ impl Response {
                     for subscription in subscriptions {
                         wire::put_short_string(out, &subscription.durable_name);
                         if v2 {
+                            wire::put_short_string(out, &subscription.group);
                             out.put_u32(subscription.partition);
                         }
                         out.put_u64(subscription.next_offset);
@@ -1190,6 +1194,7 @@ impl Response {
                             r.list(count, 26, |r| {
                                 Ok(SubscriptionInfo {
                                     durable_name: r.short_string("durable_name")?,
+                                    group: if v2 { r.short_string("group")? } else { String::new() },
                                     partition: if v2 { r.u32("partition")? } else { 0 },
                                     next_offset: r.u64("next_offset")?,
                                     acked_offset: get_optional(r, "acked_offset")?,
