@@ -531,8 +531,11 @@ async fn channels(addr: String) -> anyhow::Result<ExitCode> {
             );
         }
         for subscription in channel.subscriptions {
-            let name =
-                if subscription.durable_name.is_empty() { "(ephemeral)".to_owned() } else { subscription.durable_name };
+            let name = match (subscription.durable_name.is_empty(), subscription.group.is_empty()) {
+                (_, false) => format!("(group {})", subscription.group),
+                (true, true) => "(ephemeral)".to_owned(),
+                (false, true) => subscription.durable_name,
+            };
             let acked = subscription.acked_offset.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
             println!(
                 "    subscription {name} partition {}: next {} acked {acked} lag {}",

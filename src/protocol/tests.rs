@@ -144,6 +144,9 @@ fn as_version_1_response(response: &Response) -> Option<Response> {
                     });
                 }
                 channel.subscriptions.retain(|s| s.partition == 0);
+                for subscription in &mut channel.subscriptions {
+                    subscription.group.clear();
+                }
             }
         }
         Response::Stats { channels, .. } => {
@@ -170,14 +173,16 @@ fn response() -> impl Strategy<Value = Response> {
         heartbeat_interval_ms: v[7],
         idle_timeout_ms: v[8],
     });
-    let subscription = ("[a-z]{0,10}", 0u32..3, any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>())
-        .prop_map(|(durable_name, partition, next_offset, acked_offset, lag)| SubscriptionInfo {
-            durable_name,
-            partition,
-            next_offset,
-            acked_offset,
-            lag,
-        });
+    let subscription =
+        ("[a-z]{0,10}", "[a-z]{0,5}", 0u32..3, any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>())
+            .prop_map(|(durable_name, group, partition, next_offset, acked_offset, lag)| SubscriptionInfo {
+                durable_name,
+                group,
+                partition,
+                next_offset,
+                acked_offset,
+                lag,
+            });
     let partition_info = any::<[u64; 4]>().prop_map(|v| PartitionInfo {
         start_offset: v[0],
         next_offset: v[1],

@@ -387,6 +387,7 @@ impl Broker {
                         let ack_floor = s.ack_floor.load(Ordering::Relaxed);
                         SubscriptionInfo {
                             durable_name: s.durable_name.clone().unwrap_or_default(),
+                            group: s.group.clone().unwrap_or_default(),
                             partition: s.partition,
                             next_offset: s.next_offset.load(Ordering::Relaxed),
                             acked_offset: ack_floor.checked_sub(1),
@@ -402,6 +403,7 @@ impl Broker {
                     }
                     live.push(SubscriptionInfo {
                         durable_name,
+                        group: String::new(),
                         partition,
                         next_offset: resume_at,
                         acked_offset: resume_at.checked_sub(1),
