@@ -185,19 +185,24 @@ impl Broker {
     /// are removed, and its durable positions and groups are forgotten.
     pub fn delete_channel(&self, name: &ChannelName, force: bool) -> Result<(), DeleteError> {
         let live = self.subscription_statuses().iter().filter(|s| &s.channel == name).count();
-        if live > 0 && !force {
-            return Err(DeleteError::InUse { subscriptions: live });
+        let members = self.groups.member_count(name);
+        if live + members > 0 && !force {
+            return Err(DeleteError::InUse { subscriptions: live + members });
         }
+        // Under the channels lock, so that no handle of the old channel is
+        // made while it goes (see `handle_for`).
+        let mut channels = self.lock_channels();
         if self.stopping.load(Ordering::Acquire) {
             return Err(DeleteError::Channel(ChannelError::ShuttingDown));
         }
-        let handle = self.lock_channels().remove(name);
+        let handle = channels.remove(name);
         if let Some(handle) = &handle {
             handle.deleted.cancel();
         }
         self.groups.forget_channel(name);
         let deleted = self.store.delete(name);
         self.offsets.forget_channel(name.as_str());
+        drop(channels);
         match deleted {
             Ok(()) => Ok(()),
             Err(StorageError::UnknownChannel { .. }) if handle.is_none() => {
@@ -216,6 +221,11 @@ impl Broker {
         }
         if let Some(handle) = channels.get(channel.name()) {
             return Ok(Arc::clone(handle));
+        }
+        // A channel deleted since it was looked up gets no handle: the
+        // request goes on as for a channel that does not exist.
+        if !self.store.channel(channel.name()).is_some_and(|current| Arc::ptr_eq(&current, &channel)) {
+            return Err(ChannelError::Storage(StorageError::UnknownChannel { channel: channel.name().to_string() }));
         }
         let handle = Arc::new(ChannelHandle {
             channel: Arc::clone(&channel),

@@ -74,6 +74,9 @@ pub(crate) struct PartitionCursor {
     /// Stops reading new records while what was sent drains (a consumer
     /// group member whose partition was revoked).
     pub revoked: CancellationToken,
+    /// Cancelled by the delivery task once it has seen `revoked`: nothing
+    /// more of the partition will be queued.
+    pub reading_stopped: CancellationToken,
 }
 
 /// What starting a partition cursor of one subscription takes; a consumer
@@ -113,6 +116,7 @@ impl CursorFactory {
         let config = &self.broker.config;
         let cancel = subscription_cancel.child_token();
         let revoked = CancellationToken::new();
+        let reading_stopped = CancellationToken::new();
         let subscription = Subscription {
             subscription_id: self.subscription_id,
             version: self.version,
@@ -129,6 +133,7 @@ impl CursorFactory {
             deliveries: self.deliveries.clone(),
             cancel: cancel.clone(),
             revoked: revoked.clone(),
+            reading_stopped: reading_stopped.clone(),
             subscription_cancel: subscription_cancel.clone(),
             channel_deleted: channel_deleted.clone(),
             status: Arc::clone(&status),
@@ -138,7 +143,7 @@ impl CursorFactory {
             last_lag_notice: None,
         };
         tokio::spawn(subscription.run());
-        PartitionCursor { ack_floor: ack_sender, status, cancel, revoked }
+        PartitionCursor { ack_floor: ack_sender, status, cancel, revoked, reading_stopped }
     }
 }
 
@@ -567,7 +572,7 @@ impl Connection {
             Some(channel) => channel.partition_count(),
             None => self.broker.store.partitions_for_new(&name),
         };
-        let partition = match self.choose_partition(partition, &messages, count) {
+        let partition = match self.choose_partition(partition, producer.is_some(), &messages, count) {
             Ok(partition) => partition,
             Err((code, message)) => {
                 return self.error(correlation_id, code, format!("channel {name}: {message}")).await;
@@ -641,6 +646,7 @@ impl Connection {
     fn choose_partition(
         &mut self,
         requested: Option<u32>,
+        idempotent: bool,
         messages: &[Message],
         count: u32,
     ) -> Result<u32, (ErrorCode, String)> {
@@ -655,6 +661,17 @@ impl Connection {
         }
         if count == 1 {
             return Ok(0);
+        }
+        // A producer's sequence numbers are counted per partition: publishes
+        // the broker spread over partitions would break them, and a retry
+        // could land where its original is not remembered.
+        if idempotent {
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!(
+                    "an idempotent publish (producer id and sequence) names its partition on a channel of {count} partitions: sequences are per partition"
+                ),
+            ));
         }
         let mut keyed = messages
             .iter()
@@ -823,7 +840,7 @@ impl Connection {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
-        let member = match self.broker.groups.join(&name, &group, handle.channel.partition_count()) {
+        let member = match self.broker.groups.join(&handle.channel, &group) {
             Ok(member) => member,
             Err(error) => return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await,
         };
@@ -935,23 +952,21 @@ impl Connection {
     fn record_ack(&self, cursor: &PartitionCursor, offset: u64) -> Result<(), super::offsets::TooManyDurables> {
         let delivered_end = cursor.status.next_offset.load(Ordering::Relaxed);
         let floor = offset.saturating_add(1).min(delivered_end);
-        let moved = cursor.ack_floor.send_if_modified(|current| {
-            let moved = floor > *current;
-            if moved {
-                *current = floor;
-            }
-            moved
-        });
-        if !moved {
+        if floor <= *cursor.ack_floor.borrow() {
             return Ok(());
         }
-        cursor.status.ack_floor.store(floor, Ordering::Relaxed);
+        // The position is stored before the floor moves: a group member's
+        // task lets a revoked partition go when the floor reaches what was
+        // sent, and its next owner starts from the stored position.
         let (channel, partition) = (cursor.status.channel.as_str(), cursor.status.partition);
         match (&cursor.status.durable_name, &cursor.status.group) {
-            (_, Some(group)) => self.broker.offsets.record_group(channel, group, partition, floor),
-            (Some(durable), None) => self.broker.offsets.record(channel, durable, partition, floor),
-            (None, None) => Ok(()),
+            (_, Some(group)) => self.broker.offsets.record_group(channel, group, partition, floor)?,
+            (Some(durable), None) => self.broker.offsets.record(channel, durable, partition, floor)?,
+            (None, None) => {}
         }
+        cursor.status.ack_floor.store(floor, Ordering::Relaxed);
+        cursor.ack_floor.send_modify(|current| *current = floor.max(*current));
+        Ok(())
     }
 
     async fn fetch(
@@ -1024,7 +1039,11 @@ impl Connection {
     async fn channel_error(&mut self, correlation_id: u32, name: &ChannelName, error: ChannelError) -> Flow {
         match error {
             ChannelError::Unknown => {
-                let message = format!("channel {name} does not exist and auto_create_channels is off");
+                let message = if self.broker.config.auto_create_channels {
+                    format!("channel {name} does not exist (it was deleted meanwhile)")
+                } else {
+                    format!("channel {name} does not exist and auto_create_channels is off")
+                };
                 self.error(correlation_id, ErrorCode::UnknownChannel, message).await
             }
             ChannelError::Storage(error) => self.storage_error(correlation_id, error).await,

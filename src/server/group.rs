@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::storage::ChannelName;
+use crate::storage::{Channel, ChannelName};
 
 /// The partitions a member reads, as of a generation of its group.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,59 +56,67 @@ impl Groups {
     ///
     /// # Errors
     /// A limit on groups per channel or members per group.
-    pub fn join(&self, channel: &ChannelName, group: &str, partitions: u32) -> Result<Member, JoinError> {
-        let group = {
-            let mut groups = self.lock();
-            let key = (channel.clone(), group.to_owned());
-            match groups.get(&key) {
-                Some(existing) => Arc::clone(existing),
-                None => {
-                    // A group whose last member left is forgotten (its
-                    // committed positions stay on disk).
-                    groups.retain(|_, group| !group.lock().members.is_empty());
-                    let of_channel = groups.keys().filter(|(c, _)| c == channel).count();
-                    if of_channel >= self.groups_per_channel_max {
-                        return Err(JoinError::TooManyGroups {
-                            channel: channel.to_string(),
-                            count_max: self.groups_per_channel_max,
-                        });
-                    }
-                    let created = Arc::new(Group::new(channel.clone(), group.to_owned(), partitions));
-                    groups.insert(key, Arc::clone(&created));
-                    created
+    pub fn join(&self, channel: &Channel, group: &str) -> Result<Member, JoinError> {
+        // Everything under the map's lock (then the group's): a group is
+        // never dropped from the map between being found and being joined,
+        // and a partition count read here is never older than the one
+        // `partitions_changed` applies after it.
+        let mut groups = self.lock();
+        let key = (channel.name().clone(), group.to_owned());
+        let group = match groups.get(&key) {
+            Some(existing) => Arc::clone(existing),
+            None => {
+                // A group whose last member left is forgotten here (its
+                // committed positions stay on disk).
+                groups.retain(|_, group| !group.lock().members.is_empty());
+                let of_channel = groups.keys().filter(|(c, _)| c == channel.name()).count();
+                if of_channel >= self.groups_per_channel_max {
+                    return Err(JoinError::TooManyGroups {
+                        channel: channel.name().to_string(),
+                        count_max: self.groups_per_channel_max,
+                    });
                 }
+                let created = Arc::new(Group::new(channel.name().clone(), group.to_owned(), 0));
+                groups.insert(key, Arc::clone(&created));
+                created
             }
         };
         let mut state = group.lock();
         if state.members.len() >= self.members_per_group_max {
             return Err(JoinError::TooManyMembers {
-                channel: channel.to_string(),
+                channel: channel.name().to_string(),
                 group: group.name.clone(),
                 count_max: self.members_per_group_max,
             });
         }
-        state.partition_count = state.partition_count.max(partitions);
+        state.partition_count = state.partition_count.max(channel.partition_count());
         let id = state.next_member_id;
         state.next_member_id += 1;
         let (sender, assignment) = watch::channel(Assignment::default());
         state.members.insert(id, sender);
         state.rebalance();
         drop(state);
+        drop(groups);
         Ok(Member { id, assignment, group })
     }
 
     /// Tells the groups of `channel` that it now has `partitions`
     /// partitions: the new ones are assigned.
     pub fn partitions_changed(&self, channel: &ChannelName, partitions: u32) {
-        let groups: Vec<Arc<Group>> =
-            self.lock().iter().filter(|((c, _), _)| c == channel).map(|(_, group)| Arc::clone(group)).collect();
-        for group in groups {
+        let groups = self.lock();
+        for group in groups.iter().filter(|((c, _), _)| c == channel).map(|(_, group)| group) {
             let mut state = group.lock();
             if partitions > state.partition_count {
                 state.partition_count = partitions;
                 state.rebalance();
             }
         }
+    }
+
+    /// How many members the groups of `channel` have.
+    pub fn member_count(&self, channel: &ChannelName) -> usize {
+        let groups = self.lock();
+        groups.iter().filter(|((c, _), _)| c == channel).map(|(_, group)| group.lock().members.len()).sum()
     }
 
     /// Forgets the groups of a deleted channel (their members end with it).
@@ -401,13 +409,22 @@ mod tests {
         assert_eq!(after.iter().filter(|owner| **owner == Some(2)).count(), 1);
     }
 
+    /// A channel of `partitions` partitions on real files.
+    fn channel(dir: &tempfile::TempDir, partitions: u32) -> Channel {
+        let settings = crate::storage::ChannelSettings { partitions: Some(partitions), ..Default::default() };
+        let fs: Arc<dyn crate::storage::fs::FileSystem> = Arc::new(crate::storage::fs::StdFileSystem);
+        let config = crate::storage::LogConfig::default();
+        Channel::create(fs, dir.path(), ChannelName::new("orders").unwrap(), &config, settings).unwrap()
+    }
+
     #[test]
     fn a_revoked_partition_goes_to_its_new_owner_only_once_released() {
         let groups = Groups::new(4, 4);
-        let channel = ChannelName::new("orders").unwrap();
-        let first = groups.join(&channel, "billing", 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let channel = channel(&dir, 2);
+        let first = groups.join(&channel, "billing").unwrap();
         assert_eq!(first.assignment.borrow().partitions, BTreeSet::from([0, 1]));
-        let second = groups.join(&channel, "billing", 2).unwrap();
+        let second = groups.join(&channel, "billing").unwrap();
         // One partition is revoked from the first member, and the second
         // gets nothing until the first lets it go.
         let kept = first.assignment.borrow().partitions.clone();
@@ -424,10 +441,11 @@ mod tests {
     #[test]
     fn group_and_member_limits_are_answered() {
         let groups = Groups::new(1, 2);
-        let channel = ChannelName::new("orders").unwrap();
-        let _a = groups.join(&channel, "g", 1).unwrap();
-        let _b = groups.join(&channel, "g", 1).unwrap();
-        assert!(matches!(groups.join(&channel, "g", 1), Err(JoinError::TooManyMembers { count_max: 2, .. })));
-        assert!(matches!(groups.join(&channel, "other", 1), Err(JoinError::TooManyGroups { count_max: 1, .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let channel = channel(&dir, 1);
+        let _a = groups.join(&channel, "g").unwrap();
+        let _b = groups.join(&channel, "g").unwrap();
+        assert!(matches!(groups.join(&channel, "g"), Err(JoinError::TooManyMembers { count_max: 2, .. })));
+        assert!(matches!(groups.join(&channel, "other"), Err(JoinError::TooManyGroups { count_max: 1, .. })));
     }
 }

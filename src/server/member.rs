@@ -85,13 +85,32 @@ impl MemberTask {
             if draining.contains_key(&partition) {
                 continue;
             }
-            if let Some(cursor) = self.lock_cursors().get(&partition) {
+            let stopped = self.lock_cursors().get(&partition).map(|cursor| {
                 cursor.revoked.cancel();
-            }
+                cursor.reading_stopped.clone()
+            });
             draining.insert(partition, Instant::now());
+            // REVOKED goes out only once the cursor has stopped reading:
+            // no delivery of the partition follows it.
+            if let Some(stopped) = stopped {
+                tokio::select! {
+                    () = stopped.cancelled() => {}
+                    () = self.cancel.cancelled() => return,
+                }
+            }
             self.notify(partition, Notice::Revoked { generation: assignment.generation }).await;
         }
-        for &partition in assignment.partitions.iter().filter(|p| !running.contains(p)) {
+        for &partition in &assignment.partitions {
+            let revoked_and_back = draining.remove(&partition).is_some();
+            if running.contains(&partition) && !revoked_and_back {
+                continue;
+            }
+            // Given back while it was being let go: its revoked cursor
+            // cannot read again, so a new one starts from the committed
+            // position (what was sent and not acknowledged comes again).
+            if revoked_and_back && let Some(cursor) = self.lock_cursors().remove(&partition) {
+                cursor.cancel.cancel();
+            }
             let Ok(handle) = self.channel.partition(partition) else { continue };
             let first_offset = self.first_offset(&handle.log);
             let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
@@ -138,12 +157,24 @@ impl MemberTask {
                 next
             }
             Some(committed) => committed,
-            None => match self.start {
-                StartPosition::Earliest => start,
-                StartPosition::Latest => next,
-                StartPosition::Offset(offset) => offset.clamp(start, next),
-                StartPosition::TimeUs(time_us) => log.offset_for_time(time_us).unwrap_or(start),
-            },
+            None => {
+                let first = match self.start {
+                    StartPosition::Earliest => start,
+                    StartPosition::Latest => next,
+                    StartPosition::Offset(offset) => offset.clamp(start, next),
+                    StartPosition::TimeUs(time_us) => log.offset_for_time(time_us).unwrap_or(start),
+                };
+                // Stored at once, as for a durable subscription: a member
+                // that dies before acknowledging anything must not make
+                // the next one start at a later "latest".
+                let channel = group.channel().as_str();
+                if let Err(error) =
+                    self.factory.broker.offsets.record_group(channel, group.name(), log.partition(), first)
+                {
+                    tracing::warn!(channel, group = group.name(), %error, "could not store a group's starting position");
+                }
+                first
+            }
         }
     }
 
@@ -177,8 +208,11 @@ impl MemberTask {
         let unsubscribed = Response::Unsubscribed { subscription_id: self.factory.subscription_id };
         frames.extend_from_slice(&unsubscribed.encode_for(version, 0));
         let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
-        // A connection that does not read is not waited for.
-        let _ = self.factory.deliveries.try_send(last);
+        // A connection that does not read is not waited for: then the
+        // subscription just ends, without its last frames.
+        if self.factory.deliveries.try_send(last).is_err() {
+            self.cancel.cancel();
+        }
     }
 
     async fn notify(&self, partition: u32, notice: Notice) {

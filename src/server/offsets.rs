@@ -195,6 +195,7 @@ impl DurableOffsets {
         if !state.offsets.contains_key(&key) && state.offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
             return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
         }
+        state.forgotten.remove(&key);
         let entry = state.offsets.entry(key.clone()).or_insert(offset);
         if offset >= *entry {
             *entry = offset;
@@ -275,12 +276,17 @@ impl DurableOffsets {
         if entries.is_empty() && forgotten.is_empty() {
             return Ok(());
         }
-        let mut messages: Vec<Message> = entries.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
-        messages.extend(forgotten.iter().map(|key| {
-            let mut message = encode_entry(key, 0);
-            message.headers.push(Header { name: Bytes::from_static(FORGET_HEADER), value: Bytes::new() });
-            message
-        }));
+        // Forgetting first: an entry recorded again after its channel was
+        // deleted (a new channel of the same name) is read back after it.
+        let mut messages: Vec<Message> = forgotten
+            .iter()
+            .map(|key| {
+                let mut message = encode_entry(key, 0);
+                message.headers.push(Header { name: Bytes::from_static(FORGET_HEADER), value: Bytes::new() });
+                message
+            })
+            .collect();
+        messages.extend(entries.iter().map(|(key, offset)| encode_entry(key, *offset)));
         let log = Arc::clone(&self.log.lock().unwrap_or_else(|p| p.into_inner()));
         if let Err(error) = log.append_batch(&messages) {
             let mut state = self.lock();

@@ -43,6 +43,8 @@ pub(crate) struct Subscription {
     /// is read; what was queued still goes out, and the task ends with
     /// `cancel` once the member lets the partition go.
     pub revoked: CancellationToken,
+    /// Cancelled here once `revoked` is seen: nothing more is read.
+    pub reading_stopped: CancellationToken,
     /// The whole subscription's token (`cancel` is this partition's, a
     /// child of it): a stopped subscription ends in every partition.
     pub subscription_cancel: CancellationToken,
@@ -77,6 +79,7 @@ impl Subscription {
                 return;
             }
             if self.revoked.is_cancelled() {
+                self.reading_stopped.cancel();
                 tokio::select! {
                     () = self.cancel.cancelled() => return,
                     () = self.channel_deleted.cancelled() => continue,

@@ -17,7 +17,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::channel::{CHANNEL_SETTINGS_FILE, parse_partition_dir, partition_dir, read_settings};
+use super::channel::{CHANNEL_SETTINGS_FILE, PARTITIONS_LIMIT, parse_partition_dir, partition_dir, read_settings};
 use super::channel_name::ChannelName;
 use super::fs::{FileSystem, OpenMode, StdFileSystem};
 use super::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
@@ -186,6 +186,12 @@ fn check_partitions(fs: &dyn FileSystem, name: &str, dir: &Path, fsync: FsyncPol
             return;
         }
     };
+    if count == 0 || count > PARTITIONS_LIMIT {
+        let what =
+            format!("partitions = {count} is outside 1..={PARTITIONS_LIMIT}; the broker refuses to open this channel");
+        report.problems.push(problem(Severity::Corrupt, &dir.join(CHANNEL_SETTINGS_FILE), what));
+        return;
+    }
     check_channel(fs, name, dir, fsync, report);
     for partition in 1..count {
         let partition_dir = partition_dir(dir, partition);

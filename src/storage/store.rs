@@ -20,6 +20,10 @@ use super::log::{ChannelLog, FsyncPolicy, LogConfig, RetentionOutcome, now_us};
 /// channel.
 pub const CHANNELS_DIR: &str = "channels";
 const LOCK_FILE: &str = "weir.lock";
+/// Where deleted channels' directories go before they are removed (outside
+/// `channels/`, so that nothing there is ever taken for a channel); emptied
+/// at start-up.
+const DELETED_DIR: &str = "deleted";
 /// Settings of a store.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -101,6 +105,15 @@ impl Store {
                 return Err(StorageError::DataDirLocked { path: config.data_dir.clone() });
             }
             Err(std::fs::TryLockError::Error(source)) => return Err(StorageError::Io { path: lock_path, source }),
+        }
+        // What a crash left of channels being deleted.
+        let deleted = config.data_dir.join(DELETED_DIR);
+        match fs.remove_dir_all(&deleted) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %deleted.display(), %error, "could not empty the directory of deleted channels")
+            }
         }
         let mut channels = BTreeMap::new();
         let mut unavailable = BTreeMap::new();
@@ -246,24 +259,40 @@ impl Store {
     /// `UnknownChannel`; `Io` when the files cannot be removed (the channel
     /// is gone from the store all the same).
     pub fn delete(&self, name: &ChannelName) -> Result<(), StorageError> {
-        let removed = self.channels.write().unwrap_or_else(|p| p.into_inner()).remove(name);
-        let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
-        if removed.is_none() && !was_unavailable {
-            return Err(StorageError::UnknownChannel { channel: name.to_string() });
-        }
-        if let Some(channel) = removed {
-            for log in channel.partitions() {
-                log.mark_deleted();
-            }
-        }
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
         let dir = channels_dir.join(name.as_str());
-        match self.fs.remove_dir_all(&dir) {
+        let trash = self.config.data_dir.join(DELETED_DIR).join(format!("{name}-{}", super::log::now_us()));
+        {
+            // Under the channels lock: a channel of the same name created
+            // right after (a publish that auto-creates it) finds no
+            // directory and starts empty, instead of opening files that are
+            // about to be removed.
+            let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+            let removed = channels.remove(name);
+            let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
+            if removed.is_none() && !was_unavailable {
+                return Err(StorageError::UnknownChannel { channel: name.to_string() });
+            }
+            if let Some(channel) = removed {
+                for log in channel.partitions() {
+                    log.mark_deleted();
+                }
+            }
+            let trash_dir = self.config.data_dir.join(DELETED_DIR);
+            self.fs.create_dir_all(&trash_dir).at(&trash_dir)?;
+            match self.fs.rename(&dir, &trash) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StorageError::Io { path: dir, source }),
+            }
+            self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
+        }
+        // Outside the lock: the files are no longer any channel's.
+        match self.fs.remove_dir_all(&trash) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StorageError::Io { path: dir, source }),
+            Err(source) => return Err(StorageError::Io { path: trash, source }),
         }
-        self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
         tracing::info!(channel = %name, "channel deleted");
         Ok(())
     }
