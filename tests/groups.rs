@@ -103,15 +103,23 @@ async fn three_members_share_six_partitions_and_a_dropped_members_partitions_mov
     let server = start(group_config(&dir)).await;
     let admin = Connection::connect(&addr(&server), "admin").await.unwrap();
     create(&admin, "orders", PARTITIONS).await;
+    // Members join one at a time, each waited for, so that every count
+    // below only grows (the newcomer) or only shrinks (the others) on its
+    // way to what is awaited.
+    let has = |count: usize| move |seen: &Seen| seen.assigned.len() == count;
     let (_c1, mut m1) = member(&addr(&server), "billing").await;
+    let mut s1 = Seen::default();
+    run_until(&mut m1, &mut s1, true, has(6)).await;
     let (_c2, mut m2) = member(&addr(&server), "billing").await;
+    let mut s2 = Seen::default();
+    run_until(&mut m2, &mut s2, true, has(3)).await;
+    run_until(&mut m1, &mut s1, true, has(3)).await;
     let (c3, mut m3) = member(&addr(&server), "billing").await;
-    let (mut s1, mut s2, mut s3) = (Seen::default(), Seen::default(), Seen::default());
+    let mut s3 = Seen::default();
     // Balanced: two partitions each, once the handovers settle.
-    let two = |seen: &Seen| seen.assigned.len() == 2;
-    run_until(&mut m1, &mut s1, true, two).await;
-    run_until(&mut m2, &mut s2, true, two).await;
-    run_until(&mut m3, &mut s3, true, two).await;
+    run_until(&mut m3, &mut s3, true, has(2)).await;
+    run_until(&mut m1, &mut s1, true, has(2)).await;
+    run_until(&mut m2, &mut s2, true, has(2)).await;
     let union: BTreeSet<u32> = s1.assigned.iter().chain(&s2.assigned).chain(&s3.assigned).copied().collect();
     assert_eq!(union, (0..PARTITIONS).collect(), "every partition has exactly one owner");
 
@@ -339,5 +347,70 @@ async fn one_keys_order_holds_through_a_rebalance() {
     payloads.dedup();
     let expected: Vec<(u64, Bytes)> = (0..40u64).map(|i| (i, Bytes::from(i.to_string()))).collect();
     assert_eq!(payloads, expected);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_dies_before_acknowledging_hands_on_its_starting_position() {
+    let dir = TempDir::new().unwrap();
+    let server = start(group_config(&dir)).await;
+    let admin = Connection::connect(&addr(&server), "admin").await.unwrap();
+    create(&admin, "orders", 1).await;
+    let join = |start| {
+        let addr = addr(&server);
+        async move {
+            let connection = Connection::connect(&addr, "member").await.unwrap();
+            let options = SubscribeOptions { group: Some("billing".into()), start, ..SubscribeOptions::default() };
+            let subscriber = Subscriber::subscribe(&connection, "orders", options).await.unwrap();
+            (connection, subscriber)
+        }
+    };
+    let (first_connection, mut first) = join(StartPosition::Latest).await;
+    let mut seen = Seen::default();
+    run_until(&mut first, &mut seen, false, |seen| seen.assigned.len() == 1).await;
+    for i in 0..5 {
+        publish(&admin, "orders", 0, format!("m{i}")).await;
+    }
+    run_until(&mut first, &mut seen, false, |seen| seen.records.get(&0).is_some_and(|r| r.len() == 5)).await;
+    // It dies without acknowledging anything; the next member starts where
+    // the first one started, not at a later "latest".
+    drop(first);
+    drop(first_connection);
+    let (_second_connection, mut second) = join(StartPosition::Latest).await;
+    let mut seen = Seen::default();
+    run_until(&mut second, &mut seen, true, |seen| seen.records.get(&0).is_some_and(|r| r.len() == 5)).await;
+    assert_eq!(seen.records[&0].iter().map(|(offset, _)| *offset).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_back_before_it_was_let_go_is_read_again() {
+    let dir = TempDir::new().unwrap();
+    let server = start(group_config(&dir)).await;
+    let admin = Connection::connect(&addr(&server), "admin").await.unwrap();
+    create(&admin, "orders", 2).await;
+    for partition in 0..2 {
+        for i in 0..3 {
+            publish(&admin, "orders", partition, format!("p{partition}-{i}")).await;
+        }
+    }
+    let (_c1, mut m1) = member(&addr(&server), "billing").await;
+    let mut s1 = Seen::default();
+    // It reads everything and acknowledges nothing, so a revoked partition
+    // cannot be let go.
+    run_until(&mut m1, &mut s1, false, |seen| seen.records.values().map(Vec::len).sum::<usize>() == 6).await;
+    let (c2, m2) = member(&addr(&server), "billing").await;
+    run_until(&mut m1, &mut s1, false, |seen| seen.assigned.len() == 1).await;
+    let revoked = (0..2).find(|p| !s1.assigned.contains(p)).unwrap();
+    // The newcomer leaves before it got the partition: it comes back to the
+    // first member, which reads it again from the committed position.
+    drop(m2);
+    drop(c2);
+    s1.records.clear();
+    run_until(&mut m1, &mut s1, true, |seen| {
+        seen.assigned.len() == 2 && seen.records.get(&revoked).is_some_and(|records| records.len() == 3)
+    })
+    .await;
+    assert_eq!(s1.records[&revoked].iter().map(|(offset, _)| *offset).collect::<Vec<_>>(), [0, 1, 2]);
     stop(server).await;
 }

@@ -143,6 +143,16 @@ async fn refused_partitions_and_mixed_batches_store_and_create_nothing() {
     let refused = publish(&connection, "orders", None, batch).await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::InvalidRequest), "{refused}");
     assert!(refused.to_string().contains("partitions 0 and 2"), "{refused}");
+    // An idempotent publish names its partition on a channel of several:
+    // sequences are counted per partition.
+    let idempotent = Request::Publish {
+        channel: "orders".into(),
+        partition: None,
+        producer: Some(weir::protocol::ProducerSequence { producer_id: 7, sequence: 0 }),
+        message: Message::from_payload("x"),
+    };
+    let refused = within("publish", connection.request(idempotent)).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::InvalidRequest), "{refused}");
     let info = channel_info(&connection, "orders").await.expect("listed");
     assert!(info.partitions.iter().all(|partition| partition.next_offset == 0), "{info:?}");
     stop(server).await;
