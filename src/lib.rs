@@ -14,6 +14,8 @@
 //! - [`server`]: the tokio TCP server: connections, group commit,
 //!   subscriptions, durable offsets, shutdown.
 //! - [`client`]: the async Rust client: publisher, subscriber.
+//! - [`bench`]: `weir bench`, latency percentiles with coordinated omission
+//!   corrected, beside the machine's floor.
 //! - [`config`]: `broker.toml`, its defaults and its validation.
 //! - [`metrics`]: Prometheus metrics (names, bounded labels, exporter).
 //! - [`partitioner`]: Kafka's key-to-partition function, for broker and client.
@@ -24,6 +26,7 @@
 //! malformed input is a typed error, never a panic.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -114,6 +114,12 @@ enum Command {
         #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
+    /// Measure: latency percentiles at a fixed rate (coordinated omission
+    /// corrected), beside the machine's own floor.
+    Bench {
+        #[command(subcommand)]
+        kind: BenchKind,
+    },
     /// Verify every channel and segment of a data directory offline.
     Check {
         /// The broker's data directory.
@@ -129,6 +135,50 @@ enum Command {
         /// corruption. Without either option: "always".
         #[arg(long, value_enum)]
         fsync: Option<FsyncArg>,
+    },
+}
+
+/// The benchmarks of `weir bench`.
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Messages of each size at a fixed rate to a caught-up subscriber:
+    /// publish and end-to-end latency from each message's intended send
+    /// time, and the floor of the same pattern with no broker.
+    Latency {
+        /// Message sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,5120,1048576")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// Seconds per size, warm-up included.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Seconds at the start of each size that are not recorded.
+        #[arg(long, default_value_t = 5)]
+        warmup_seconds: u64,
+        /// Seconds of the floor measurement per size.
+        #[arg(long, default_value_t = 10)]
+        floor_seconds: u64,
+        /// A running broker; without it, one is started in this process on
+        /// a temporary directory.
+        #[arg(long)]
+        addr: Option<String>,
+        /// The embedded broker's fsync policy.
+        #[arg(long, value_enum, default_value = "never")]
+        fsync: FsyncArg,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The machine's floor alone: a ping-pong of one size at a fixed rate
+    /// over loopback TCP, no broker.
+    Floor {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -199,6 +249,7 @@ fn main() -> ExitCode {
         Command::Channels { action: Some(action), addr } => run_async(channels_admin(addr, action)),
         Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
         Command::Groups { channel, addr } => run_async(groups(addr, channel)),
+        Command::Bench { kind } => run_async(bench(kind)),
     };
     match result {
         Ok(code) => code,
@@ -481,6 +532,73 @@ async fn channels_admin(addr: String, action: ChannelsAction) -> anyhow::Result<
     };
     connection.request(request).await?;
     println!("{done}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
+    use weir::bench::{floor, latency, report};
+    match kind {
+        BenchKind::Floor { size, rate, seconds } => {
+            anyhow::ensure!(rate > 0 && seconds > 0, "--rate and --seconds must be at least 1");
+            let series = tokio::task::spawn_blocking(move || floor::measure(size, rate, rate * seconds)).await??;
+            let report = report::Report {
+                header: report::Header {
+                    tool: "weir bench floor".into(),
+                    target: "loopback TCP, no broker".into(),
+                    workload: format!("{size} B round trips at {rate}/s for {seconds} s"),
+                    warmup_seconds: 0.0,
+                    machine: report::Machine::this(),
+                },
+                floor: vec![series.summary()],
+                series: Vec::new(),
+            };
+            print!("{}", report::table(&report));
+        }
+        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, addr, fsync, json } => {
+            anyhow::ensure!(
+                rate > 0 && seconds > warmup_seconds,
+                "--rate must be at least 1 and --seconds above --warmup-seconds"
+            );
+            anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|&size| size > 0), "--sizes must be positive");
+            let target = match &addr {
+                Some(addr) => weir::bench::driver::WeirTarget::at(addr),
+                None => weir::bench::driver::WeirTarget::embedded(fsync.into()).await?,
+            };
+            let mut floors = Vec::new();
+            for &size in &sizes {
+                let count = rate * floor_seconds.max(1);
+                let series = tokio::task::spawn_blocking(move || floor::measure(size, rate, count)).await??;
+                floors.push(series.summary());
+            }
+            let options = latency::LatencyOptions {
+                sizes: sizes.clone(),
+                rate_per_second: rate,
+                duration: Duration::from_secs(seconds),
+                warmup: Duration::from_secs(warmup_seconds),
+            };
+            let results = latency::run(&target, &options).await?;
+            let report = report::Report {
+                header: report::Header {
+                    tool: "weir bench latency".into(),
+                    target: target.describe().to_owned(),
+                    workload: format!("{rate} msg/s for {seconds} s per size, sizes {sizes:?} B, random payloads"),
+                    warmup_seconds: warmup_seconds as f64,
+                    machine: report::Machine::this(),
+                },
+                floor: floors,
+                series: results
+                    .iter()
+                    .flat_map(|result| [result.publish.summary(), result.end_to_end.summary()])
+                    .collect(),
+            };
+            target.stop().await?;
+            print!("{}", report::table(&report));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,144 @@
+//! `weir bench latency`: messages of each size at a fixed rate through a
+//! broker to a caught-up subscriber, latency from each message's intended
+//! send time (coordinated omission corrected) to its acknowledgement
+//! (publish) and to its delivery (end to end).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::BenchError;
+use super::driver::WeirTarget;
+use super::recorder::Series;
+use super::schedule::{Schedule, latency};
+use crate::client::Event;
+use crate::record::Message;
+
+/// What a latency run does.
+#[derive(Clone, Debug)]
+pub struct LatencyOptions {
+    pub sizes: Vec<usize>,
+    pub rate_per_second: u64,
+    pub duration: Duration,
+    /// Messages of this first stretch are sent but not recorded.
+    pub warmup: Duration,
+}
+
+/// The two series of one size.
+pub struct SizeResult {
+    pub size: usize,
+    pub end_to_end: Series,
+    pub publish: Series,
+}
+
+/// Bytes at the start of each payload that carry its index in the run.
+const INDEX_BYTES: usize = 8;
+
+/// Runs every size in turn against `target`.
+///
+/// # Errors
+/// The broker refused a request or the connection failed.
+pub async fn run(target: &WeirTarget, options: &LatencyOptions) -> Result<Vec<SizeResult>, BenchError> {
+    let mut results = Vec::new();
+    for &size in &options.sizes {
+        results.push(run_size(target, options, size).await?);
+    }
+    Ok(results)
+}
+
+fn payload(index: u64, size: usize) -> Bytes {
+    let mut bytes = Vec::with_capacity(size.max(INDEX_BYTES));
+    bytes.extend_from_slice(&index.to_be_bytes());
+    while bytes.len() < size {
+        bytes.extend_from_slice(&rand::random::<u64>().to_be_bytes());
+    }
+    bytes.truncate(size.max(INDEX_BYTES));
+    Bytes::from(bytes)
+}
+
+fn index_of(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.get(..INDEX_BYTES)?.try_into().ok()?))
+}
+
+async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) -> Result<SizeResult, BenchError> {
+    let channel = format!("bench-latency-{size}-{}", rand::random::<u32>());
+    target.create(&channel, 1).await?;
+    let (_connection, mut subscriber) = target.subscriber(&channel, 1024).await?;
+    let publisher = Arc::new(target.publisher(&channel).await?);
+    let total = (options.rate_per_second as f64 * options.duration.as_secs_f64()).ceil().max(1.0) as u64;
+    let warmup = (options.rate_per_second as f64 * options.warmup.as_secs_f64()).ceil() as u64;
+    let schedule = Schedule::new(Instant::now() + Duration::from_millis(50), options.rate_per_second);
+    // Acknowledgements arrive on their own tasks; their times are collected
+    // here (bounded: one entry per message of the run).
+    let (acks, mut acked) = mpsc::channel::<(u64, Result<Instant, BenchError>)>(total as usize);
+    let sender = {
+        let publisher = Arc::clone(&publisher);
+        tokio::spawn(async move {
+            for index in 0..total {
+                tokio::time::sleep_until(schedule.intended(index).into()).await;
+                let receipt = publisher.enqueue(Message::from_payload(payload(index, size))).await;
+                let acks = acks.clone();
+                tokio::spawn(async move {
+                    let done = match receipt {
+                        Ok(receipt) => match receipt.await {
+                            Ok(Ok(_)) => Ok(Instant::now()),
+                            Ok(Err(error)) => Err(BenchError::Client(error)),
+                            Err(_) => Err(BenchError::Target("the publisher stopped".into())),
+                        },
+                        Err(error) => Err(BenchError::Client(error)),
+                    };
+                    let _ = acks.send((index, done)).await;
+                });
+            }
+        })
+    };
+    let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
+    let mut received = 0;
+    while received < total {
+        match subscriber.next().await {
+            Some(Ok(Event::Message { partition, record })) => {
+                let now = Instant::now();
+                subscriber.ack_partition(partition, record.offset).await?;
+                let Some(index) = index_of(&record.payload) else { continue };
+                received += 1;
+                if index >= warmup {
+                    end_to_end.record(latency(schedule.intended(index), now));
+                }
+            }
+            Some(Ok(Event::Notice { .. })) => {}
+            Some(Err(error)) => return Err(BenchError::Client(error)),
+            None => return Err(BenchError::Target("the subscription ended".into())),
+        }
+    }
+    let _ = sender.await;
+    let mut publish = Series::new(format!("publish, {size} B"));
+    for _ in 0..total {
+        let Some((index, done)) = acked.recv().await else { break };
+        let done = done?;
+        if index >= warmup {
+            publish.record(latency(schedule.intended(index), done));
+        }
+    }
+    if let Ok(publisher) = Arc::try_unwrap(publisher) {
+        publisher.close().await;
+    }
+    Ok(SizeResult { size, end_to_end, publish })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_carries_its_index_and_has_the_size_asked_for() {
+        for size in [8, 9, 256, 1024, 5000] {
+            let bytes = payload(42, size);
+            assert_eq!(bytes.len(), size);
+            assert_eq!(index_of(&bytes), Some(42));
+        }
+        // Sizes below the index still carry it.
+        assert_eq!(payload(7, 1).len(), INDEX_BYTES);
+    }
+}

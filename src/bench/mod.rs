@@ -1,0 +1,30 @@
+//! `weir bench`: latency percentiles at a fixed rate, coordinated omission
+//! corrected, with the machine's own floor beside them. docs/BENCH.md is
+//! the design (what is built, what is planned); docs/BENCHMARKS.md holds
+//! the figures.
+//!
+//! - `schedule`: fixed-rate intended send times.
+//! - `recorder`: HdrHistogram series, merged, never averaged.
+//! - `floor`: the same pattern over loopback TCP with no broker.
+//! - `driver`: the broker under test (weir, embedded or at an address).
+//! - `latency`: the latency run.
+//! - `report`: header, table, JSON.
+
+pub mod driver;
+pub mod floor;
+pub mod latency;
+pub mod recorder;
+pub mod report;
+pub mod schedule;
+
+/// What can stop a benchmark.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error("{0}")]
+    Io(#[source] std::io::Error),
+    #[error("the broker under test: {0}")]
+    Target(String),
+}

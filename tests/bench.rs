@@ -1,0 +1,61 @@
+//! Smoke runs of `weir bench` against the embedded broker: each command
+//! runs end to end on a fresh machine and reports every series.
+
+use std::process::Command;
+
+fn weir(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_weir")).args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let path = json.path().to_str().unwrap().to_owned();
+    let args = [
+        "bench",
+        "latency",
+        "--sizes",
+        "256,2048",
+        "--rate",
+        "100",
+        "--seconds",
+        "2",
+        "--warmup-seconds",
+        "1",
+        "--floor-seconds",
+        "1",
+        "--json",
+        &path,
+    ];
+    let (ok, stdout, stderr) = weir(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    for series in ["floor, 256 B", "publish, 256 B", "end-to-end, 256 B", "floor, 2048 B", "end-to-end, 2048 B"] {
+        let row = stdout.lines().find(|line| line.starts_with(series)).unwrap_or_else(|| panic!("{series}:\n{stdout}"));
+        // Two seconds at 100/s with one second of warm-up: 100 samples
+        // recorded of 200 sent (the floor: 100 round trips).
+        assert!(row.split_whitespace().any(|field| field == "100"), "{row}");
+    }
+    assert!(stdout.contains("warm-up 1 s excluded"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(report["series"].as_array().unwrap().len(), 4);
+    assert_eq!(report["floor"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bench_floor_runs_without_a_broker() {
+    let (ok, stdout, stderr) = weir(&["bench", "floor", "--size", "512", "--rate", "200", "--seconds", "1"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.lines().any(|line| line.starts_with("floor, 512 B") && line.contains(" 200 ")), "{stdout}");
+}
+
+#[test]
+fn bench_latency_refuses_a_warmup_longer_than_the_run() {
+    let (ok, _, stderr) = weir(&["bench", "latency", "--seconds", "2", "--warmup-seconds", "2"]);
+    assert!(!ok);
+    assert!(stderr.contains("--warmup-seconds"), "{stderr}");
+}
