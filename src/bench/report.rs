@@ -92,7 +92,9 @@ mod tests {
         let table = table(&report);
         assert!(table.contains("against weir 0.1.0 (embedded)"), "{table}");
         assert!(table.contains("p99.9999") && table.contains("max"), "{table}");
-        assert!(table.contains("1.2340"), "{table}");
+        // HdrHistogram reports the highest value equivalent to 1.234 ms at 3
+        // significant digits.
+        assert!(table.contains(" 1.23"), "{table}");
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.contains("\"percentiles_ms\":[[50.0,"), "{json}");
     }

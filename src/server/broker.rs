@@ -45,6 +45,11 @@ pub(crate) struct PartitionHandle {
 }
 
 impl ChannelHandle {
+    /// The partitions that have a writer (a consumer group assigns these).
+    pub fn partition_count(&self) -> u32 {
+        self.partitions.read().unwrap_or_else(|p| p.into_inner()).len() as u32
+    }
+
     /// The handle of `partition`.
     ///
     /// # Errors
@@ -169,13 +174,19 @@ impl Broker {
     /// writers.
     pub fn increase_partitions(&self, name: &ChannelName, count: u32) -> Result<(), ChannelError> {
         let handle = self.channel(name)?;
-        handle.channel.increase_partitions(count, self.config.max_partitions as u32).map_err(ChannelError::Storage)?;
-        let _channels = self.lock_channels();
+        // Under the channels lock, which a delete holds too: a channel
+        // deleted meanwhile gets no partitions (nor files) back.
+        let channels = self.lock_channels();
         if self.stopping.load(Ordering::Acquire) {
             return Err(ChannelError::ShuttingDown);
         }
+        if handle.deleted.is_cancelled() || !channels.get(name).is_some_and(|current| Arc::ptr_eq(current, &handle)) {
+            return Err(ChannelError::Storage(StorageError::UnknownChannel { channel: name.to_string() }));
+        }
+        handle.channel.increase_partitions(count, self.config.max_partitions as u32).map_err(ChannelError::Storage)?;
         self.add_partition_handles(&handle);
-        self.groups.partitions_changed(name, handle.channel.partition_count());
+        self.groups.partitions_changed(name, handle.partition_count());
+        drop(channels);
         Ok(())
     }
 
@@ -184,10 +195,12 @@ impl Broker {
     /// and UNSUBSCRIBED); then its writers stop taking appends, its files
     /// are removed, and its durable positions and groups are forgotten.
     pub fn delete_channel(&self, name: &ChannelName, force: bool) -> Result<(), DeleteError> {
-        let live = self.subscription_statuses().iter().filter(|s| &s.channel == name).count();
-        let members = self.groups.member_count(name);
-        if live + members > 0 && !force {
-            return Err(DeleteError::InUse { subscriptions: live + members });
+        // Live subscriptions: cursors outside groups, and group members
+        // (whose cursors come and go).
+        let cursors = self.subscription_statuses().iter().filter(|s| &s.channel == name && s.group.is_none()).count();
+        let live = cursors + self.groups.member_count(name);
+        if live > 0 && !force {
+            return Err(DeleteError::InUse { subscriptions: live });
         }
         // Under the channels lock, so that no handle of the old channel is
         // made while it goes (see `handle_for`).
@@ -200,11 +213,15 @@ impl Broker {
             handle.deleted.cancel();
         }
         self.groups.forget_channel(name);
-        let deleted = self.store.delete(name);
+        let set_aside = self.store.set_aside(name);
         self.offsets.forget_channel(name.as_str());
         drop(channels);
-        match deleted {
-            Ok(()) => Ok(()),
+        // The files are no longer any channel's: removed without the lock.
+        match set_aside {
+            Ok(trash) => self
+                .store
+                .remove_set_aside(name, &trash)
+                .map_err(|error| DeleteError::Channel(ChannelError::Storage(error))),
             Err(StorageError::UnknownChannel { .. }) if handle.is_none() => {
                 Err(DeleteError::Channel(ChannelError::Unknown))
             }

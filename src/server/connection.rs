@@ -25,6 +25,7 @@ use super::broker::{Broker, ChannelError, DeleteError, PartitionHandle, Subscrip
 use super::channel_writer::{AppendRequest, Reply};
 use super::group::Handover;
 use super::member::MemberTask;
+use super::offsets::ChannelRef;
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
@@ -77,6 +78,8 @@ pub(crate) struct PartitionCursor {
     /// Cancelled by the delivery task once it has seen `revoked`: nothing
     /// more of the partition will be queued.
     pub reading_stopped: CancellationToken,
+    /// The channel's: cancelled when it is deleted.
+    pub channel_deleted: CancellationToken,
 }
 
 /// What starting a partition cursor of one subscription takes; a consumer
@@ -143,7 +146,14 @@ impl CursorFactory {
             last_lag_notice: None,
         };
         tokio::spawn(subscription.run());
-        PartitionCursor { ack_floor: ack_sender, status, cancel, revoked, reading_stopped }
+        PartitionCursor {
+            ack_floor: ack_sender,
+            status,
+            cancel,
+            revoked,
+            reading_stopped,
+            channel_deleted: channel_deleted.clone(),
+        }
     }
 }
 
@@ -462,11 +472,24 @@ impl Connection {
             }
             Request::DeleteChannel { channel, force } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
-                match self.broker.delete_channel(&name, force) {
+                // File work (moving and removing the channel's directory)
+                // runs on the blocking pool.
+                let broker = Arc::clone(&self.broker);
+                let deleting = name.clone();
+                let deleted = tokio::task::spawn_blocking(move || broker.delete_channel(&deleting, force))
+                    .await
+                    .unwrap_or_else(|join_error| {
+                        let error = std::io::Error::other(join_error.to_string());
+                        Err(DeleteError::Channel(ChannelError::Storage(StorageError::Io {
+                            path: "delete".into(),
+                            source: error,
+                        })))
+                    });
+                match deleted {
                     Ok(()) => self.respond(correlation_id, Response::ChannelDeleted).await,
                     Err(DeleteError::InUse { subscriptions }) => {
                         let message = format!(
-                            "channel {name} has {subscriptions} live subscription cursors; delete it with force to end them"
+                            "channel {name} has {subscriptions} live subscriptions (partition cursors and group members); delete it with force to end them"
                         );
                         self.error(correlation_id, ErrorCode::ChannelInUse, message).await
                     }
@@ -786,13 +809,10 @@ impl Connection {
         }
         if let Some(durable) = &durable_name {
             for (partition_handle, stored, first_offset) in &starts {
+                let channel = ChannelRef { name: name.as_str(), deleted: &handle.deleted };
                 if stored.is_none()
-                    && let Err(error) = self.broker.offsets.record(
-                        name.as_str(),
-                        durable,
-                        partition_handle.log.partition(),
-                        *first_offset,
-                    )
+                    && let Err(error) =
+                        self.broker.offsets.record(&channel, durable, partition_handle.log.partition(), *first_offset)
                 {
                     return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
                 }
@@ -840,7 +860,7 @@ impl Connection {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
-        let member = match self.broker.groups.join(&handle.channel, &group) {
+        let member = match self.broker.groups.join(&name, || handle.partition_count(), &group) {
             Ok(member) => member,
             Err(error) => return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await,
         };
@@ -958,10 +978,11 @@ impl Connection {
         // The position is stored before the floor moves: a group member's
         // task lets a revoked partition go when the floor reaches what was
         // sent, and its next owner starts from the stored position.
-        let (channel, partition) = (cursor.status.channel.as_str(), cursor.status.partition);
+        let channel = ChannelRef { name: cursor.status.channel.as_str(), deleted: &cursor.channel_deleted };
+        let partition = cursor.status.partition;
         match (&cursor.status.durable_name, &cursor.status.group) {
-            (_, Some(group)) => self.broker.offsets.record_group(channel, group, partition, floor)?,
-            (Some(durable), None) => self.broker.offsets.record(channel, durable, partition, floor)?,
+            (_, Some(group)) => self.broker.offsets.record_group(&channel, group, partition, floor)?,
+            (Some(durable), None) => self.broker.offsets.record(&channel, durable, partition, floor)?,
             (None, None) => {}
         }
         cursor.status.ack_floor.store(floor, Ordering::Relaxed);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::storage::{Channel, ChannelName};
+use crate::storage::ChannelName;
 
 /// The partitions a member reads, as of a generation of its group.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,27 +56,32 @@ impl Groups {
     ///
     /// # Errors
     /// A limit on groups per channel or members per group.
-    pub fn join(&self, channel: &Channel, group: &str) -> Result<Member, JoinError> {
+    pub fn join(
+        &self,
+        channel: &ChannelName,
+        partition_count: impl Fn() -> u32,
+        group: &str,
+    ) -> Result<Member, JoinError> {
         // Everything under the map's lock (then the group's): a group is
         // never dropped from the map between being found and being joined,
         // and a partition count read here is never older than the one
         // `partitions_changed` applies after it.
         let mut groups = self.lock();
-        let key = (channel.name().clone(), group.to_owned());
+        let key = (channel.clone(), group.to_owned());
         let group = match groups.get(&key) {
             Some(existing) => Arc::clone(existing),
             None => {
                 // A group whose last member left is forgotten here (its
                 // committed positions stay on disk).
                 groups.retain(|_, group| !group.lock().members.is_empty());
-                let of_channel = groups.keys().filter(|(c, _)| c == channel.name()).count();
+                let of_channel = groups.keys().filter(|(c, _)| c == channel).count();
                 if of_channel >= self.groups_per_channel_max {
                     return Err(JoinError::TooManyGroups {
-                        channel: channel.name().to_string(),
+                        channel: channel.to_string(),
                         count_max: self.groups_per_channel_max,
                     });
                 }
-                let created = Arc::new(Group::new(channel.name().clone(), group.to_owned(), 0));
+                let created = Arc::new(Group::new(channel.clone(), group.to_owned(), 0));
                 groups.insert(key, Arc::clone(&created));
                 created
             }
@@ -84,12 +89,12 @@ impl Groups {
         let mut state = group.lock();
         if state.members.len() >= self.members_per_group_max {
             return Err(JoinError::TooManyMembers {
-                channel: channel.name().to_string(),
+                channel: channel.to_string(),
                 group: group.name.clone(),
                 count_max: self.members_per_group_max,
             });
         }
-        state.partition_count = state.partition_count.max(channel.partition_count());
+        state.partition_count = state.partition_count.max(partition_count());
         let id = state.next_member_id;
         state.next_member_id += 1;
         let (sender, assignment) = watch::channel(Assignment::default());
@@ -409,6 +414,8 @@ mod tests {
         assert_eq!(after.iter().filter(|owner| **owner == Some(2)).count(), 1);
     }
 
+    use crate::storage::Channel;
+
     /// A channel of `partitions` partitions on real files.
     fn channel(dir: &tempfile::TempDir, partitions: u32) -> Channel {
         let settings = crate::storage::ChannelSettings { partitions: Some(partitions), ..Default::default() };
@@ -422,9 +429,9 @@ mod tests {
         let groups = Groups::new(4, 4);
         let dir = tempfile::tempdir().unwrap();
         let channel = channel(&dir, 2);
-        let first = groups.join(&channel, "billing").unwrap();
+        let first = groups.join(channel.name(), || channel.partition_count(), "billing").unwrap();
         assert_eq!(first.assignment.borrow().partitions, BTreeSet::from([0, 1]));
-        let second = groups.join(&channel, "billing").unwrap();
+        let second = groups.join(channel.name(), || channel.partition_count(), "billing").unwrap();
         // One partition is revoked from the first member, and the second
         // gets nothing until the first lets it go.
         let kept = first.assignment.borrow().partitions.clone();
@@ -443,9 +450,10 @@ mod tests {
         let groups = Groups::new(1, 2);
         let dir = tempfile::tempdir().unwrap();
         let channel = channel(&dir, 1);
-        let _a = groups.join(&channel, "g").unwrap();
-        let _b = groups.join(&channel, "g").unwrap();
-        assert!(matches!(groups.join(&channel, "g"), Err(JoinError::TooManyMembers { count_max: 2, .. })));
-        assert!(matches!(groups.join(&channel, "other"), Err(JoinError::TooManyGroups { count_max: 1, .. })));
+        let join = |group: &str| groups.join(channel.name(), || channel.partition_count(), group);
+        let _a = join("g").unwrap();
+        let _b = join("g").unwrap();
+        assert!(matches!(join("g"), Err(JoinError::TooManyMembers { count_max: 2, .. })));
+        assert!(matches!(join("other"), Err(JoinError::TooManyGroups { count_max: 1, .. })));
     }
 }

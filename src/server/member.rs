@@ -46,7 +46,7 @@ impl MemberTask {
             self.follow_assignment(&mut draining).await;
             self.release_drained(&mut draining);
             if self.session_expired() {
-                self.expire();
+                self.expire().await;
                 break;
             }
             let poll = if draining.is_empty() { session_check } else { self.handover.poll_interval.min(session_check) };
@@ -64,7 +64,7 @@ impl MemberTask {
                         self.factory.subscription_id,
                         self.member.group().channel()
                     );
-                    self.end_subscription(ErrorCode::UnknownChannel, message);
+                    self.end_subscription(ErrorCode::UnknownChannel, message).await;
                     break;
                 }
             }
@@ -167,11 +167,12 @@ impl MemberTask {
                 // Stored at once, as for a durable subscription: a member
                 // that dies before acknowledging anything must not make
                 // the next one start at a later "latest".
-                let channel = group.channel().as_str();
+                let channel =
+                    super::offsets::ChannelRef { name: group.channel().as_str(), deleted: &self.channel.deleted };
                 if let Err(error) =
-                    self.factory.broker.offsets.record_group(channel, group.name(), log.partition(), first)
+                    self.factory.broker.offsets.record_group(&channel, group.name(), log.partition(), first)
                 {
-                    tracing::warn!(channel, group = group.name(), %error, "could not store a group's starting position");
+                    tracing::warn!(channel = channel.name, group = group.name(), %error, "could not store a group's starting position");
                 }
                 first
             }
@@ -186,7 +187,7 @@ impl MemberTask {
 
     /// Ends the membership of a silent member: its subscription ends with
     /// an ERROR and UNSUBSCRIBED, its partitions go to the others.
-    fn expire(&self) {
+    async fn expire(&self) {
         let group = self.member.group();
         tracing::info!(channel = %group.channel(), group = group.name(), member = self.member.id, "a silent member left its group");
         let message = format!(
@@ -196,22 +197,28 @@ impl MemberTask {
             group.channel(),
             self.session_timeout.as_millis()
         );
-        self.end_subscription(ErrorCode::GroupSessionExpired, message);
+        self.end_subscription(ErrorCode::GroupSessionExpired, message).await;
     }
 
     /// Queues ERROR and UNSUBSCRIBED (one item, so that nothing comes
     /// between them); the connection's writer marks the subscription ended
     /// when it writes them.
-    fn end_subscription(&self, code: ErrorCode, message: String) {
+    async fn end_subscription(&self, code: ErrorCode, message: String) {
+        // The cursors stop first: their queued deliveries are dropped, so the
+        // last frames are not stuck behind a backlog.
+        for cursor in self.lock_cursors().values() {
+            cursor.cancel.cancel();
+        }
         let version = self.factory.version;
         let mut frames = Response::Error { code: code as u16, message }.encode_for(version, 0);
         let unsubscribed = Response::Unsubscribed { subscription_id: self.factory.subscription_id };
         frames.extend_from_slice(&unsubscribed.encode_for(version, 0));
         let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
-        // A connection that does not read is not waited for: then the
-        // subscription just ends, without its last frames.
-        if self.factory.deliveries.try_send(last).is_err() {
-            self.cancel.cancel();
+        // A client that never reads is closed by the writer's timeout
+        // (idle_timeout_ms), which ends this wait with the connection.
+        tokio::select! {
+            _ = self.factory.deliveries.send(last) => {}
+            () = self.cancel.cancelled() => {}
         }
     }
 

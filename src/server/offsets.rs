@@ -62,6 +62,13 @@ struct State {
     forgotten: HashSet<Key>,
 }
 
+/// A channel as a position is recorded for it: its name, and the token
+/// cancelled when it is deleted.
+pub struct ChannelRef<'a> {
+    pub name: &'a str,
+    pub deleted: &'a tokio_util::sync::CancellationToken,
+}
+
 /// Why a durable subscription cannot be registered.
 #[derive(Debug, thiserror::Error)]
 #[error("the broker already tracks {count_max} durable subscriptions (DURABLE_SUBSCRIPTIONS_MAX)")]
@@ -160,7 +167,13 @@ impl DurableOffsets {
     ///
     /// # Errors
     /// `TooManyDurables` when this is a new name past the limit.
-    pub fn record(&self, channel: &str, name: &str, partition: u32, offset: u64) -> Result<(), TooManyDurables> {
+    pub fn record(
+        &self,
+        channel: &ChannelRef<'_>,
+        name: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), TooManyDurables> {
         self.record_position(Owner::Durable, channel, name, partition, offset)
     }
 
@@ -174,7 +187,13 @@ impl DurableOffsets {
     ///
     /// # Errors
     /// `TooManyDurables` when this is a new entry past the limit.
-    pub fn record_group(&self, channel: &str, group: &str, partition: u32, offset: u64) -> Result<(), TooManyDurables> {
+    pub fn record_group(
+        &self,
+        channel: &ChannelRef<'_>,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), TooManyDurables> {
         self.record_position(Owner::Group, channel, group, partition, offset)
     }
 
@@ -185,13 +204,19 @@ impl DurableOffsets {
     fn record_position(
         &self,
         owner: Owner,
-        channel: &str,
+        channel: &ChannelRef<'_>,
         name: &str,
         partition: u32,
         offset: u64,
     ) -> Result<(), TooManyDurables> {
         let mut state = self.lock();
-        let key = (channel.to_owned(), name.to_owned(), partition, owner);
+        // Checked under the lock, which `forget_channel` takes after the
+        // channel is marked deleted: a position of a deleted channel (an ack
+        // still on its way) is dropped, never written after its forgetting.
+        if channel.deleted.is_cancelled() {
+            return Ok(());
+        }
+        let key = (channel.name.to_owned(), name.to_owned(), partition, owner);
         if !state.offsets.contains_key(&key) && state.offsets.len() >= DURABLE_SUBSCRIPTIONS_MAX {
             return Err(TooManyDurables { count_max: DURABLE_SUBSCRIPTIONS_MAX });
         }
@@ -374,4 +399,43 @@ fn compact(
     std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;
     tracing::info!(entries = offsets.len(), "compacted the durable offsets log");
     ChannelLog::open(Arc::clone(fs), dir, name, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    fn open(dir: &Path) -> DurableOffsets {
+        let fs: Arc<dyn FileSystem> = Arc::new(crate::storage::fs::StdFileSystem);
+        DurableOffsets::open(fs, dir, &LogConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn positions_of_a_deleted_channel_are_forgotten_and_late_acks_do_not_bring_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = CancellationToken::new();
+        {
+            let offsets = open(dir.path());
+            let channel = ChannelRef { name: "orders", deleted: &old };
+            offsets.record(&channel, "billing", 0, 5).unwrap();
+            offsets.record_group(&channel, "g", 1, 7).unwrap();
+            offsets.commit().unwrap();
+            // The channel is deleted: marked first, then forgotten.
+            old.cancel();
+            offsets.forget_channel("orders");
+            // An ack of the old channel still on its way is dropped.
+            offsets.record(&channel, "billing", 0, 9).unwrap();
+            assert_eq!(offsets.get("orders", "billing", 0), None);
+            // The channel is created again: its positions are its own.
+            let new = CancellationToken::new();
+            let channel = ChannelRef { name: "orders", deleted: &new };
+            offsets.record_group(&channel, "g", 1, 2).unwrap();
+            offsets.close().unwrap();
+        }
+        let offsets = open(dir.path());
+        assert_eq!(offsets.get("orders", "billing", 0), None, "forgotten across a restart");
+        assert_eq!(offsets.group_position("orders", "g", 1), Some(2), "the new channel's position survives");
+        assert!(offsets.for_channel("orders").is_empty());
+    }
 }

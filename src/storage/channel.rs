@@ -217,6 +217,9 @@ impl Channel {
     pub fn increase_partitions(&self, count: u32, count_max: u32) -> Result<(), StorageError> {
         let count_max = count_max.min(PARTITIONS_LIMIT);
         let mut partitions = self.partitions.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if partitions.iter().any(|log| log.is_deleted()) {
+            return Err(StorageError::UnknownChannel { channel: self.name.to_string() });
+        }
         let current = partitions.len() as u32;
         if count < current {
             return Err(StorageError::PartitionCountDecrease { channel: self.name.to_string(), count, current });

@@ -486,6 +486,11 @@ impl ChannelLog {
         self.deleted.store(true, Ordering::Release);
     }
 
+    /// Whether the channel was deleted (see [`ChannelLog::mark_deleted`]).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
     /// Whether the log is refusing appends because its disk is full.
     pub fn is_storage_full(&self) -> bool {
         self.storage_full.load(Ordering::Acquire)

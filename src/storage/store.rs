@@ -251,47 +251,64 @@ impl Store {
         Ok(channel)
     }
 
-    /// Deletes the channel `name` (also one that could not be opened): its
-    /// partitions refuse appends from now on, and its directory is removed.
-    /// Readers holding a segment keep reading it until they let it go.
+    /// Deletes the channel `name` (also one that could not be opened):
+    /// [`Store::set_aside`], then [`Store::remove_set_aside`].
     ///
     /// # Errors
-    /// `UnknownChannel`; `Io` when the files cannot be removed (the channel
-    /// is gone from the store all the same).
+    /// As those two.
     pub fn delete(&self, name: &ChannelName) -> Result<(), StorageError> {
+        let trash = self.set_aside(name)?;
+        self.remove_set_aside(name, &trash)
+    }
+
+    /// The first half of deleting the channel `name`: its partitions refuse
+    /// appends from now on (in-flight ones finish first), and its directory
+    /// moves out of `channels/` into `deleted/`. Under the channels lock, so
+    /// that a channel of the same name created right after (a publish that
+    /// auto-creates it) finds no directory and starts empty. Returns where
+    /// the files went.
+    ///
+    /// # Errors
+    /// `UnknownChannel`; `Io` when the directory cannot be moved (the
+    /// channel is gone from the store all the same, and refuses appends).
+    pub fn set_aside(&self, name: &ChannelName) -> Result<PathBuf, StorageError> {
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
         let dir = channels_dir.join(name.as_str());
         let trash = self.config.data_dir.join(DELETED_DIR).join(format!("{name}-{}", super::log::now_us()));
-        {
-            // Under the channels lock: a channel of the same name created
-            // right after (a publish that auto-creates it) finds no
-            // directory and starts empty, instead of opening files that are
-            // about to be removed.
-            let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
-            let removed = channels.remove(name);
-            let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
-            if removed.is_none() && !was_unavailable {
-                return Err(StorageError::UnknownChannel { channel: name.to_string() });
-            }
-            if let Some(channel) = removed {
-                for log in channel.partitions() {
-                    log.mark_deleted();
-                }
-            }
-            let trash_dir = self.config.data_dir.join(DELETED_DIR);
-            self.fs.create_dir_all(&trash_dir).at(&trash_dir)?;
-            match self.fs.rename(&dir, &trash) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StorageError::Io { path: dir, source }),
-            }
-            self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let removed = channels.remove(name);
+        let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
+        if removed.is_none() && !was_unavailable {
+            return Err(StorageError::UnknownChannel { channel: name.to_string() });
         }
-        // Outside the lock: the files are no longer any channel's.
-        match self.fs.remove_dir_all(&trash) {
+        if let Some(channel) = removed {
+            for log in channel.partitions() {
+                log.mark_deleted();
+            }
+        }
+        let trash_dir = self.config.data_dir.join(DELETED_DIR);
+        self.fs.create_dir_all(&trash_dir).at(&trash_dir)?;
+        match self.fs.rename(&dir, &trash) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StorageError::Io { path: trash, source }),
+            Err(source) => return Err(StorageError::Io { path: dir, source }),
+        }
+        self.fs.sync_dir(&channels_dir).at(&channels_dir)?;
+        drop(channels);
+        Ok(trash)
+    }
+
+    /// The second half of deleting a channel: removes the files
+    /// [`Store::set_aside`] moved (what is left is removed at the next
+    /// start).
+    ///
+    /// # Errors
+    /// `Io` when they cannot be removed.
+    pub fn remove_set_aside(&self, name: &ChannelName, trash: &Path) -> Result<(), StorageError> {
+        match self.fs.remove_dir_all(trash) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::Io { path: trash.to_path_buf(), source }),
         }
         tracing::info!(channel = %name, "channel deleted");
         Ok(())
