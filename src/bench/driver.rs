@@ -8,15 +8,22 @@ use super::BenchError;
 use crate::client::{Connection, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use crate::config::Config;
 use crate::protocol::{ChannelRetention, Request, StartPosition};
-use crate::server::ServerHandle;
 use crate::storage::FsyncPolicy;
 
 /// A weir broker to benchmark.
 pub struct WeirTarget {
     addr: String,
     description: String,
-    /// The embedded broker and its data, stopped and removed on drop.
-    embedded: Option<(ServerHandle, TempDir)>,
+    /// The embedded broker, its data, and how to stop it.
+    embedded: Option<Embedded>,
+}
+
+/// A broker on its own thread and tokio runtime (so that its workers are
+/// not the load generator's), on a temporary directory.
+struct Embedded {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+    _data: TempDir,
 }
 
 impl WeirTarget {
@@ -36,10 +43,37 @@ impl WeirTarget {
             max_inflight_publish_bytes: 256 * 1024 * 1024,
             ..Config::default()
         };
-        let server = crate::server::start(config).await.map_err(|error| BenchError::Target(error.to_string()))?;
-        let addr = server.local_addr().to_string();
+        let (ready, started) = tokio::sync::oneshot::channel::<Result<String, String>>();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("weir-bench-broker".into())
+            .spawn(move || -> Result<(), String> {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|error| error.to_string())?;
+                runtime.block_on(async move {
+                    match crate::server::start(config).await {
+                        Ok(server) => {
+                            let _ = ready.send(Ok(server.local_addr().to_string()));
+                            let _ = stopped.await;
+                            server.stop().await.map_err(|error| error.to_string())
+                        }
+                        Err(error) => {
+                            let _ = ready.send(Err(error.to_string()));
+                            Ok(())
+                        }
+                    }
+                })
+            })
+            .map_err(BenchError::Io)?;
+        let addr = started
+            .await
+            .map_err(|_| BenchError::Target("the embedded broker's thread ended".into()))?
+            .map_err(BenchError::Target)?;
         let description = format!("weir {} (embedded, fsync = {fsync:?})", env!("CARGO_PKG_VERSION"));
-        Ok(WeirTarget { addr, description, embedded: Some((server, dir)) })
+        Ok(WeirTarget { addr, description, embedded: Some(Embedded { stop, thread, _data: dir }) })
     }
 
     /// A broker already running at `addr`.
@@ -92,8 +126,14 @@ impl WeirTarget {
     /// # Errors
     /// The embedded broker did not stop cleanly.
     pub async fn stop(mut self) -> Result<(), BenchError> {
-        if let Some((server, _dir)) = self.embedded.take() {
-            server.stop().await.map_err(|error| BenchError::Target(error.to_string()))?;
+        if let Some(embedded) = self.embedded.take() {
+            let _ = embedded.stop.send(());
+            let joined = tokio::task::spawn_blocking(move || embedded.thread.join())
+                .await
+                .map_err(|error| BenchError::Target(error.to_string()))?;
+            joined
+                .map_err(|_| BenchError::Target("the embedded broker panicked".into()))?
+                .map_err(BenchError::Target)?;
         }
         Ok(())
     }

@@ -37,9 +37,7 @@ pub fn measure(size: usize, rate: u64, count: u64) -> std::io::Result<Series> {
     let schedule = Schedule::new(Instant::now() + Duration::from_millis(10), rate);
     for index in 0..count {
         let due = schedule.intended(index);
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+        super::latency::wait_until(due);
         socket.write_all(&message)?;
         socket.read_exact(&mut reply)?;
         series.record(latency(due, Instant::now()));

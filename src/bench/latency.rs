@@ -58,6 +58,18 @@ fn payload(index: u64, size: usize) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// Waits until `deadline` within a few microseconds: a thread sleep most of
+/// the way (precise to tens of µs), then a spin.
+pub(crate) fn wait_until(deadline: Instant) {
+    const SPIN: Duration = Duration::from_micros(200);
+    if let Some(sleep) = deadline.checked_duration_since(Instant::now()).and_then(|d| d.checked_sub(SPIN)) {
+        std::thread::sleep(sleep);
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
 fn index_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(..INDEX_BYTES)?.try_into().ok()?))
 }
@@ -73,26 +85,34 @@ async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) ->
     // Acknowledgements arrive on their own tasks; their times are collected
     // here (bounded: one entry per message of the run).
     let (acks, mut acked) = mpsc::channel::<(u64, Result<Instant, BenchError>)>(total as usize);
+    // The sender is a thread of its own: tokio's timer wakes up to a
+    // millisecond late, which would be measured as the broker's latency.
+    // This thread sleeps most of the way and spins the rest, then hands the
+    // message to the runtime.
+    let runtime = tokio::runtime::Handle::current();
     let sender = {
         let publisher = Arc::clone(&publisher);
-        tokio::spawn(async move {
-            for index in 0..total {
-                tokio::time::sleep_until(schedule.intended(index).into()).await;
-                let receipt = publisher.enqueue(Message::from_payload(payload(index, size))).await;
-                let acks = acks.clone();
-                tokio::spawn(async move {
-                    let done = match receipt {
-                        Ok(receipt) => match receipt.await {
-                            Ok(Ok(_)) => Ok(Instant::now()),
-                            Ok(Err(error)) => Err(BenchError::Client(error)),
-                            Err(_) => Err(BenchError::Target("the publisher stopped".into())),
-                        },
-                        Err(error) => Err(BenchError::Client(error)),
-                    };
-                    let _ = acks.send((index, done)).await;
-                });
-            }
-        })
+        std::thread::Builder::new()
+            .name("weir-bench-sender".into())
+            .spawn(move || {
+                for index in 0..total {
+                    wait_until(schedule.intended(index));
+                    let receipt = runtime.block_on(publisher.enqueue(Message::from_payload(payload(index, size))));
+                    let acks = acks.clone();
+                    runtime.spawn(async move {
+                        let done = match receipt {
+                            Ok(receipt) => match receipt.await {
+                                Ok(Ok(_)) => Ok(Instant::now()),
+                                Ok(Err(error)) => Err(BenchError::Client(error)),
+                                Err(_) => Err(BenchError::Target("the publisher stopped".into())),
+                            },
+                            Err(error) => Err(BenchError::Client(error)),
+                        };
+                        let _ = acks.send((index, done)).await;
+                    });
+                }
+            })
+            .map_err(BenchError::Io)?
     };
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
     let mut received = 0;
@@ -112,7 +132,7 @@ async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) ->
             None => return Err(BenchError::Target("the subscription ended".into())),
         }
     }
-    let _ = sender.await;
+    let _ = tokio::task::spawn_blocking(move || sender.join()).await;
     let mut publish = Series::new(format!("publish, {size} B"));
     for _ in 0..total {
         let Some((index, done)) = acked.recv().await else { break };
