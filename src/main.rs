@@ -115,7 +115,7 @@ enum Command {
         addr: String,
     },
     /// Measure: latency percentiles at a fixed rate (coordinated omission
-    /// corrected), beside the machine's own floor.
+    /// corrected), beside the machine's own floor, and throughput.
     Bench {
         #[command(subcommand)]
         kind: BenchKind,
@@ -159,6 +159,34 @@ enum BenchKind {
         /// Seconds of the floor measurement per size.
         #[arg(long, default_value_t = 10)]
         floor_seconds: u64,
+        /// A running broker; without it, one is started in this process on
+        /// a temporary directory.
+        #[arg(long)]
+        addr: Option<String>,
+        /// The embedded broker's fsync policy.
+        #[arg(long, value_enum, default_value = "never")]
+        fsync: FsyncArg,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// N messages per size from one publisher, done when every
+    /// acknowledgement is back; then one subscriber reads them all.
+    Throughput {
+        /// Message sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,5120,1048576")]
+        sizes: Vec<usize>,
+        /// Messages per size.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// At most this many payload bytes per size (fewer messages for
+        /// large sizes).
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes_max: u64,
+        /// The subscriber's window (deliveries outstanding), capped by the
+        /// broker's max_inflight_deliveries.
+        #[arg(long, default_value_t = 1024)]
+        subscriber_window: u32,
         /// A running broker; without it, one is started in this process on
         /// a temporary directory.
         #[arg(long)]
@@ -554,6 +582,10 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             };
             print!("{}", report::table(&report));
         }
+        BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, addr, fsync, json } => {
+            let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
+            return bench_throughput(options, addr, fsync, json).await;
+        }
         BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, addr, fsync, json } => {
             anyhow::ensure!(
                 rate > 0 && seconds > warmup_seconds,
@@ -598,6 +630,60 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench_throughput(
+    options: weir::bench::throughput::ThroughputOptions,
+    addr: Option<String>,
+    fsync: FsyncArg,
+    json: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use weir::bench::{report, throughput};
+    anyhow::ensure!(
+        options.messages > 0 && options.bytes_max > 0 && options.subscriber_window > 0,
+        "--messages, --bytes-max and --subscriber-window must be at least 1"
+    );
+    anyhow::ensure!(
+        !options.sizes.is_empty() && options.sizes.iter().all(|&size| size > 0),
+        "--sizes must be positive"
+    );
+    let target = match &addr {
+        Some(addr) => weir::bench::driver::WeirTarget::at(addr),
+        None => weir::bench::driver::WeirTarget::embedded(fsync.into()).await?,
+    };
+    let limits = target.limits().await?;
+    let client = PublisherOptions::default();
+    let windows = throughput::Windows {
+        broker_inflight_publishes: limits.max_inflight_publishes,
+        broker_inflight_publish_bytes: limits.max_inflight_publish_bytes,
+        client_batch_max_messages: client.batch_max_messages.min(limits.max_batch_records as usize),
+        client_batch_max_bytes: client
+            .batch_max_bytes
+            .min((limits.max_batch_bytes as usize).min(limits.max_inflight_publish_bytes as usize)),
+        subscriber_window: options.subscriber_window.min(limits.max_inflight_deliveries),
+    };
+    let results = throughput::run(&target, &options).await?;
+    let report = throughput::ThroughputReport {
+        header: report::Header {
+            tool: "weir bench throughput".into(),
+            target: target.describe().to_owned(),
+            workload: format!(
+                "{} messages per size (at most {} bytes each), sizes {:?} B, one publisher, acks awaited",
+                options.messages, options.bytes_max, options.sizes
+            ),
+            warmup_seconds: 0.0,
+            machine: report::Machine::this(),
+        },
+        windows,
+        results,
+    };
+    target.stop().await?;
+    print!("{}", throughput::report_table(&report));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }

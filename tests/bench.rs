@@ -59,3 +59,24 @@ fn bench_latency_refuses_a_warmup_longer_than_the_run() {
     assert!(!ok);
     assert!(stderr.contains("--warmup-seconds"), "{stderr}");
 }
+
+#[test]
+fn bench_throughput_publishes_and_reads_back_every_message_of_every_size() {
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let path = json.path().to_str().unwrap().to_owned();
+    let args =
+        ["bench", "throughput", "--sizes", "100,4096", "--messages", "2000", "--bytes-max", "4096000", "--json", &path];
+    let (ok, stdout, stderr) = weir(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("windows: "), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    // 2,000 messages of 100 B; 4096 B is held to the byte budget: 1,000.
+    for (result, size, messages) in [(&results[0], 100, 2000), (&results[1], 4096, 1000)] {
+        assert_eq!(result["size"], size);
+        assert_eq!(result["publish"]["messages"], messages, "{result}");
+        assert_eq!(result["consume"]["messages"], messages, "{result}");
+        assert!(result["publish"]["messages_per_second"].as_f64().unwrap() > 0.0);
+    }
+}

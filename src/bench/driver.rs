@@ -7,7 +7,7 @@ use tempfile::TempDir;
 use super::BenchError;
 use crate::client::{Connection, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use crate::config::Config;
-use crate::protocol::{ChannelRetention, Request, StartPosition};
+use crate::protocol::{ChannelRetention, Limits, Request, StartPosition};
 use crate::storage::FsyncPolicy;
 
 /// A weir broker to benchmark.
@@ -81,6 +81,15 @@ impl WeirTarget {
         WeirTarget { addr: addr.to_owned(), description: format!("weir at {addr}"), embedded: None }
     }
 
+    /// The limits the broker advertises in its handshake.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn limits(&self) -> Result<Limits, BenchError> {
+        let connection = Connection::connect(&self.addr, "weir-bench").await?;
+        Ok(*connection.limits())
+    }
+
     pub fn describe(&self) -> &str {
         &self.description
     }
@@ -114,9 +123,24 @@ impl WeirTarget {
     /// # Errors
     /// The connection or the subscription failed.
     pub async fn subscriber(&self, channel: &str, window: u32) -> Result<(Connection, Subscriber), BenchError> {
+        self.subscriber_from(channel, window, StartPosition::Latest).await
+    }
+
+    /// A subscriber to every partition of `channel`, from `start`, with a
+    /// window of `window` deliveries (capped by the broker's
+    /// `max_inflight_deliveries`).
+    ///
+    /// # Errors
+    /// The connection or the subscription failed.
+    pub async fn subscriber_from(
+        &self,
+        channel: &str,
+        window: u32,
+        start: StartPosition,
+    ) -> Result<(Connection, Subscriber), BenchError> {
         let connection = Connection::connect(&self.addr, "weir-bench-subscriber").await?;
-        let options =
-            SubscribeOptions { start: StartPosition::Latest, max_inflight: window, ..SubscribeOptions::default() };
+        let window = window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
+        let options = SubscribeOptions { start, max_inflight: window, ..SubscribeOptions::default() };
         let subscriber = Subscriber::subscribe(&connection, channel, options).await?;
         Ok((connection, subscriber))
     }

@@ -1,5 +1,5 @@
 //! `weir bench`: latency percentiles at a fixed rate, coordinated omission
-//! corrected, with the machine's own floor beside them. docs/BENCH.md is
+//! corrected, with the machine's own floor beside them, and throughput. docs/BENCH.md is
 //! the design (what is built, what is planned); docs/BENCHMARKS.md holds
 //! the figures.
 //!
@@ -8,6 +8,7 @@
 //! - `floor`: the same pattern over loopback TCP with no broker.
 //! - `driver`: the broker under test (weir, embedded or at an address).
 //! - `latency`: the latency run.
+//! - `throughput`: N acknowledged messages per size, then read back.
 //! - `report`: header, table, JSON.
 
 pub mod driver;
@@ -16,6 +17,7 @@ pub mod latency;
 pub mod recorder;
 pub mod report;
 pub mod schedule;
+pub mod throughput;
 
 /// What can stop a benchmark.
 #[derive(Debug, thiserror::Error)]
