@@ -159,6 +159,10 @@ enum BenchKind {
         /// Seconds of the floor measurement per size.
         #[arg(long, default_value_t = 10)]
         floor_seconds: u64,
+        /// Also write each series' full distribution as an HdrHistogram
+        /// `.hgrm` file into this directory.
+        #[arg(long)]
+        hgrm_dir: Option<PathBuf>,
         /// A running broker; without it, one is started in this process on
         /// a temporary directory.
         #[arg(long)]
@@ -586,7 +590,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
             return bench_throughput(options, addr, fsync, json).await;
         }
-        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, addr, fsync, json } => {
+        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, addr, fsync, json } => {
             anyhow::ensure!(
                 rate > 0 && seconds > warmup_seconds,
                 "--rate must be at least 1 and --seconds above --warmup-seconds"
@@ -599,8 +603,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             let mut floors = Vec::new();
             for &size in &sizes {
                 let count = rate * floor_seconds.max(1);
-                let series = tokio::task::spawn_blocking(move || floor::measure(size, rate, count)).await??;
-                floors.push(series.summary());
+                floors.push(tokio::task::spawn_blocking(move || floor::measure(size, rate, count)).await??);
             }
             let options = latency::LatencyOptions {
                 sizes: sizes.clone(),
@@ -617,7 +620,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                     warmup_seconds: warmup_seconds as f64,
                     machine: report::Machine::this(),
                 },
-                floor: floors,
+                floor: floors.iter().map(|series| series.summary()).collect(),
                 series: results
                     .iter()
                     .flat_map(|result| [result.publish.summary(), result.end_to_end.summary()])
@@ -625,6 +628,14 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             };
             target.stop().await?;
             print!("{}", report::table(&report));
+            if let Some(dir) = hgrm_dir {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let all = floors.iter().chain(results.iter().flat_map(|result| [&result.publish, &result.end_to_end]));
+                for series in all {
+                    let path = dir.join(format!("{}.hgrm", series.file_stem()));
+                    std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;

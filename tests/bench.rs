@@ -16,6 +16,8 @@ fn weir(args: &[&str]) -> (bool, String, String) {
 fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     let json = tempfile::NamedTempFile::new().unwrap();
     let path = json.path().to_str().unwrap().to_owned();
+    let hgrms = tempfile::tempdir().unwrap();
+    let hgrm_dir = hgrms.path().join("hgrm").to_str().unwrap().to_owned();
     let args = [
         "bench",
         "latency",
@@ -31,6 +33,8 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
         "1",
         "--json",
         &path,
+        "--hgrm-dir",
+        &hgrm_dir,
     ];
     let (ok, stdout, stderr) = weir(&args);
     assert!(ok, "{stdout}\n{stderr}");
@@ -44,6 +48,23 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(report["series"].as_array().unwrap().len(), 4);
     assert_eq!(report["floor"].as_array().unwrap().len(), 2);
+    // One .hgrm per series, each ending with the count of its samples.
+    let mut files: Vec<String> =
+        std::fs::read_dir(&hgrm_dir).unwrap().map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "end-to-end-2048-B.hgrm",
+            "end-to-end-256-B.hgrm",
+            "floor-2048-B.hgrm",
+            "floor-256-B.hgrm",
+            "publish-2048-B.hgrm",
+            "publish-256-B.hgrm"
+        ]
+    );
+    let hgrm = std::fs::read_to_string(std::path::Path::new(&hgrm_dir).join("end-to-end-256-B.hgrm")).unwrap();
+    assert!(hgrm.contains("Total count    =          100]"), "{hgrm}");
 }
 
 #[test]

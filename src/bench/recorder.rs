@@ -58,6 +58,56 @@ impl Series {
         Duration::from_nanos(self.histogram.value_at_quantile(percentile / 100.0))
     }
 
+    /// The series in HdrHistogram's percentile-distribution text format
+    /// (`.hgrm`, as Java's `outputPercentileDistribution` writes it, five
+    /// ticks per half distance, values in milliseconds), which HdrHistogram's
+    /// plotter and most latency tooling read.
+    pub fn hgrm(&self) -> String {
+        const NANOS_PER_MS: f64 = 1e6;
+        let digits = usize::from(self.histogram.sigfig());
+        let mut out =
+            format!("{:>12} {:>14} {:>10} {:>14}\n\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+        let mut total = 0_u64;
+        for step in self.histogram.iter_quantiles(5) {
+            total += step.count_since_last_iteration();
+            let value = step.value_iterated_to() as f64 / NANOS_PER_MS;
+            let quantile = step.quantile_iterated_to();
+            if quantile < 1.0 {
+                let inverse = 1.0 / (1.0 - quantile);
+                out.push_str(&format!("{value:>12.digits$} {quantile:>2.12} {total:>10} {inverse:>14.2}\n"));
+            } else {
+                out.push_str(&format!("{value:>12.digits$} {quantile:>2.12} {total:>10}\n"));
+            }
+        }
+        let sub_buckets = (2 * 10_u64.pow(u32::from(self.histogram.sigfig()))).next_power_of_two();
+        out.push_str(&format!(
+            "#[Mean    = {:>12.digits$}, StdDeviation   = {:>12.digits$}]\n",
+            self.histogram.mean() / NANOS_PER_MS,
+            self.histogram.stdev() / NANOS_PER_MS
+        ));
+        out.push_str(&format!(
+            "#[Max     = {:>12.digits$}, Total count    = {:>12}]\n",
+            self.histogram.max() as f64 / NANOS_PER_MS,
+            self.histogram.len()
+        ));
+        out.push_str(&format!("#[Buckets = {:>12}, SubBuckets     = {:>12}]\n", self.histogram.buckets(), sub_buckets));
+        out
+    }
+
+    /// A file name for the series' `.hgrm`: its name with every character
+    /// that is not alphanumeric as `-`.
+    pub fn file_stem(&self) -> String {
+        let mut stem = String::new();
+        for character in self.name.chars() {
+            if character.is_ascii_alphanumeric() {
+                stem.push(character);
+            } else if !stem.ends_with('-') {
+                stem.push('-');
+            }
+        }
+        stem.trim_matches('-').to_owned()
+    }
+
     pub fn summary(&self) -> Summary {
         Summary {
             name: self.name.clone(),
@@ -92,6 +142,34 @@ mod tests {
         // The one slow sample is the maximum, and p99.9 of 100 samples.
         assert!(within(merged.at(99.9), Duration::from_millis(100)));
         assert!(within(merged.at(100.0), Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn an_hgrm_lists_the_distribution_up_to_the_last_sample_in_milliseconds() {
+        let mut series = Series::new("end-to-end, 1024 B");
+        for micros in 1..=1000 {
+            series.record(Duration::from_micros(micros));
+        }
+        let hgrm = series.hgrm();
+        let mut lines = hgrm.lines();
+        assert_eq!(
+            lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
+        );
+        let rows: Vec<Vec<f64>> = hgrm
+            .lines()
+            .skip(2)
+            .take_while(|line| !line.starts_with('#'))
+            .map(|line| line.split_whitespace().map(|field| field.parse().unwrap()).collect())
+            .collect();
+        // Cumulative counts rise to every sample; the last row is the
+        // maximum (1 ms) at percentile 1 with no inverse column.
+        assert!(rows.windows(2).all(|pair| pair[0][2] <= pair[1][2] && pair[0][1] <= pair[1][1]));
+        let last = rows.last().unwrap();
+        assert_eq!(last.len(), 3, "{hgrm}");
+        assert!((last[0] - 1.0).abs() < 0.001 && last[1] == 1.0 && last[2] == 1000.0, "{hgrm}");
+        assert!(hgrm.contains("Total count    =         1000]"), "{hgrm}");
+        assert_eq!(series.file_stem(), "end-to-end-1024-B");
     }
 
     #[test]
