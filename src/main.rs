@@ -138,6 +138,13 @@ enum Command {
     },
 }
 
+/// The broker `weir bench` drives.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DriverArg {
+    Weir,
+    Nats,
+}
+
 /// The benchmarks of `weir bench`.
 #[derive(Subcommand)]
 enum BenchKind {
@@ -163,8 +170,14 @@ enum BenchKind {
         /// `.hgrm` file into this directory.
         #[arg(long)]
         hgrm_dir: Option<PathBuf>,
-        /// A running broker; without it, one is started in this process on
-        /// a temporary directory.
+        /// The broker to drive: weir, or the peer NATS JetStream at --url.
+        #[arg(long, value_enum, default_value = "weir")]
+        driver: DriverArg,
+        /// The NATS server (--driver nats).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+        /// A running weir broker; without it, one is started in this
+        /// process on a temporary directory.
         #[arg(long)]
         addr: Option<String>,
         /// The embedded broker's fsync policy.
@@ -191,8 +204,14 @@ enum BenchKind {
         /// broker's max_inflight_deliveries.
         #[arg(long, default_value_t = 1024)]
         subscriber_window: u32,
-        /// A running broker; without it, one is started in this process on
-        /// a temporary directory.
+        /// The broker to drive: weir, or the peer NATS JetStream at --url.
+        #[arg(long, value_enum, default_value = "weir")]
+        driver: DriverArg,
+        /// The NATS server (--driver nats).
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        url: String,
+        /// A running weir broker; without it, one is started in this
+        /// process on a temporary directory.
         #[arg(long)]
         addr: Option<String>,
         /// The embedded broker's fsync policy.
@@ -586,20 +605,30 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             };
             print!("{}", report::table(&report));
         }
-        BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, addr, fsync, json } => {
+        BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, driver, url, addr, fsync, json } => {
             let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
-            return bench_throughput(options, addr, fsync, json).await;
+            let target = bench_target(driver, &url, addr.as_deref(), fsync).await?;
+            return bench_throughput(options, target, json).await;
         }
-        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, addr, fsync, json } => {
+        BenchKind::Latency {
+            sizes,
+            rate,
+            seconds,
+            warmup_seconds,
+            floor_seconds,
+            hgrm_dir,
+            driver,
+            url,
+            addr,
+            fsync,
+            json,
+        } => {
             anyhow::ensure!(
                 rate > 0 && seconds > warmup_seconds,
                 "--rate must be at least 1 and --seconds above --warmup-seconds"
             );
             anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|&size| size > 0), "--sizes must be positive");
-            let target = match &addr {
-                Some(addr) => weir::bench::driver::WeirTarget::at(addr),
-                None => weir::bench::driver::WeirTarget::embedded(fsync.into()).await?,
-            };
+            let target = bench_target(driver, &url, addr.as_deref(), fsync).await?;
             let mut floors = Vec::new();
             for &size in &sizes {
                 let count = rate * floor_seconds.max(1);
@@ -611,11 +640,11 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                 duration: Duration::from_secs(seconds),
                 warmup: Duration::from_secs(warmup_seconds),
             };
-            let results = latency::run(&target, &options).await?;
+            let results = latency::run(&*target, &options).await?;
             let report = report::Report {
                 header: report::Header {
                     tool: "weir bench latency".into(),
-                    target: target.describe().to_owned(),
+                    target: target.describe(),
                     workload: format!("{rate} msg/s for {seconds} s per size, sizes {sizes:?} B, random payloads"),
                     warmup_seconds: warmup_seconds as f64,
                     machine: report::Machine::this(),
@@ -645,10 +674,24 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The broker a `weir bench` command drives.
+async fn bench_target(
+    driver: DriverArg,
+    url: &str,
+    addr: Option<&str>,
+    fsync: FsyncArg,
+) -> anyhow::Result<Box<dyn weir::bench::driver::Driver>> {
+    use weir::bench::driver::WeirTarget;
+    Ok(match (driver, addr) {
+        (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(url).await?),
+        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(addr)),
+        (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(fsync.into()).await?),
+    })
+}
+
 async fn bench_throughput(
     options: weir::bench::throughput::ThroughputOptions,
-    addr: Option<String>,
-    fsync: FsyncArg,
+    target: Box<dyn weir::bench::driver::Driver>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use weir::bench::{report, throughput};
@@ -660,26 +703,12 @@ async fn bench_throughput(
         !options.sizes.is_empty() && options.sizes.iter().all(|&size| size > 0),
         "--sizes must be positive"
     );
-    let target = match &addr {
-        Some(addr) => weir::bench::driver::WeirTarget::at(addr),
-        None => weir::bench::driver::WeirTarget::embedded(fsync.into()).await?,
-    };
-    let limits = target.limits().await?;
-    let client = PublisherOptions::default();
-    let windows = throughput::Windows {
-        broker_inflight_publishes: limits.max_inflight_publishes,
-        broker_inflight_publish_bytes: limits.max_inflight_publish_bytes,
-        client_batch_max_messages: client.batch_max_messages.min(limits.max_batch_records as usize),
-        client_batch_max_bytes: client
-            .batch_max_bytes
-            .min((limits.max_batch_bytes as usize).min(limits.max_inflight_publish_bytes as usize)),
-        subscriber_window: options.subscriber_window.min(limits.max_inflight_deliveries),
-    };
-    let results = throughput::run(&target, &options).await?;
+    let windows = format!("{}; {} unacknowledged (consumer)", target.windows().await?, options.subscriber_window);
+    let results = throughput::run(&*target, &options).await?;
     let report = throughput::ThroughputReport {
         header: report::Header {
             tool: "weir bench throughput".into(),
-            target: target.describe().to_owned(),
+            target: target.describe(),
             workload: format!(
                 "{} messages per size (at most {} bytes each), sizes {:?} B, one publisher, acks awaited",
                 options.messages, options.bytes_max, options.sizes

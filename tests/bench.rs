@@ -101,3 +101,86 @@ fn bench_throughput_publishes_and_reads_back_every_message_of_every_size() {
         assert!(result["publish"]["messages_per_second"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// A NATS server with JetStream on a free loopback port and a temporary
+/// store, killed on drop.
+struct NatsServer {
+    child: std::process::Child,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts Debian's `nats-server`, or returns `None` when it is not
+/// installed. `.ci/run` installs it and sets `WEIR_REQUIRE_NATS=1`, so in
+/// CI its absence is a failure, not a skip.
+fn nats_server() -> Option<NatsServer> {
+    let binary = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|candidate| Command::new(candidate).arg("--version").output().is_ok_and(|out| out.status.success()));
+    let Some(binary) = binary else {
+        assert!(
+            std::env::var_os("WEIR_REQUIRE_NATS").is_none(),
+            "WEIR_REQUIRE_NATS is set but nats-server is not installed (apt-get install nats-server)"
+        );
+        eprintln!("nats-server is not installed: the NATS driver test did not run (apt-get install nats-server)");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = tempfile::tempdir().unwrap();
+    let child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", store.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = NatsServer { child, url: format!("nats://127.0.0.1:{port}"), _store: store };
+    // Ready when it accepts connections (generous bound for a loaded machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server did not start listening within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(server)
+}
+
+#[test]
+fn bench_drives_nats_jetstream_with_the_same_load_generator() {
+    let Some(nats) = nats_server() else { return };
+    let url = nats.url.as_str();
+    let latency = [
+        "bench",
+        "latency",
+        "--driver",
+        "nats",
+        "--url",
+        url,
+        "--sizes",
+        "256",
+        "--rate",
+        "100",
+        "--seconds",
+        "2",
+        "--warmup-seconds",
+        "1",
+        "--floor-seconds",
+        "1",
+    ];
+    let (ok, stdout, stderr) = weir(&latency);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("against NATS JetStream"), "{stdout}");
+    let row = stdout.lines().find(|line| line.starts_with("end-to-end, 256 B")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.split_whitespace().any(|field| field == "100"), "{row}");
+
+    let throughput = ["bench", "throughput", "--driver", "nats", "--url", url, "--sizes", "512", "--messages", "1000"];
+    let (ok, stdout, stderr) = weir(&throughput);
+    assert!(ok, "{stdout}\n{stderr}");
+    let row = stdout.lines().find(|line| line.starts_with("512 ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("1000"), "{row}");
+}

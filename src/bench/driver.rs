@@ -1,14 +1,74 @@
-//! The broker a benchmark drives: weir, embedded on a temporary directory
-//! or at an address. (A peer driver, NATS JetStream, comes with a trait
-//! that both implement; see docs/BENCH.md.)
+//! The broker a benchmark drives, behind one small trait ([`Driver`]):
+//! create a topic, a producer (send, then await the acknowledgement), a
+//! consumer (the next payload). [`WeirTarget`] is weir, embedded on a
+//! temporary directory or at an address; `nats` is the JetStream peer.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
 use tempfile::TempDir;
 
 use super::BenchError;
-use crate::client::{Connection, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
+use crate::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use crate::config::Config;
 use crate::protocol::{ChannelRetention, Limits, Request, StartPosition};
+use crate::record::Message;
 use crate::storage::FsyncPolicy;
+
+/// A boxed future, so that the trait stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A sent message's acknowledgement, awaited separately so that a producer
+/// can keep many in flight.
+pub type Ack = BoxFuture<'static, Result<(), BenchError>>;
+
+/// Where a consumer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first message still stored.
+    Start,
+    /// Messages sent after it subscribed.
+    End,
+}
+
+/// A broker under test.
+pub trait Driver: Send + Sync {
+    /// Name, version and settings, for the report header.
+    fn describe(&self) -> String;
+    /// The windows the broker and the driver's client use, for the report.
+    fn windows(&self) -> BoxFuture<'_, Result<String, BenchError>>;
+    /// Creates a topic (a weir channel, a JetStream stream) that must not
+    /// exist yet.
+    fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>>;
+    fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>>;
+    /// A consumer acknowledging what it reads, with at most `window`
+    /// messages unacknowledged.
+    fn consumer<'a>(
+        &'a self,
+        topic: &'a str,
+        from: StartAt,
+        window: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>>;
+    /// Stops what the driver started (an embedded broker).
+    fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), BenchError>>;
+}
+
+/// Sends messages to one topic.
+pub trait Producer: Send + Sync {
+    /// Hands one message to the client and returns its acknowledgement.
+    fn send(&self, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>>;
+    /// Waits for what is in flight, then closes (when this is the last
+    /// handle to the producer).
+    fn close(self: Arc<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// Reads one topic.
+pub trait Consumer: Send {
+    /// The next message's payload; the consumer acknowledges it.
+    fn next(&mut self) -> BoxFuture<'_, Result<Bytes, BenchError>>;
+}
 
 /// A weir broker to benchmark.
 pub struct WeirTarget {
@@ -160,5 +220,111 @@ impl WeirTarget {
                 .map_err(BenchError::Target)?;
         }
         Ok(())
+    }
+}
+
+impl Driver for WeirTarget {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn windows(&self) -> BoxFuture<'_, Result<String, BenchError>> {
+        Box::pin(async move {
+            let limits = self.limits().await?;
+            let client = PublisherOptions::default();
+            Ok(format!(
+                "{} publish frames / {} bytes in flight (broker), batches of at most {} messages / {} bytes (client)",
+                limits.max_inflight_publishes,
+                limits.max_inflight_publish_bytes,
+                client.batch_max_messages.min(limits.max_batch_records as usize),
+                client
+                    .batch_max_bytes
+                    .min((limits.max_batch_bytes as usize).min(limits.max_inflight_publish_bytes as usize)),
+            ))
+        })
+    }
+
+    fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
+        Box::pin(WeirTarget::create(self, topic, 1))
+    }
+
+    fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {
+        Box::pin(async move { Ok(Arc::new(self.publisher(topic).await?) as Arc<dyn Producer>) })
+    }
+
+    fn consumer<'a>(
+        &'a self,
+        topic: &'a str,
+        from: StartAt,
+        window: u32,
+    ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>> {
+        Box::pin(async move {
+            let start = match from {
+                StartAt::Start => StartPosition::Earliest,
+                StartAt::End => StartPosition::Latest,
+            };
+            let (connection, subscriber) = self.subscriber_from(topic, window, start).await?;
+            let ack_every = u64::from(window / 2).max(1);
+            Ok(Box::new(WeirConsumer { _connection: connection, subscriber, ack_every, unacked: 0 })
+                as Box<dyn Consumer>)
+        })
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), BenchError>> {
+        Box::pin(WeirTarget::stop(*self))
+    }
+}
+
+impl Producer for Publisher {
+    fn send(&self, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
+        Box::pin(async move {
+            let receipt = self.enqueue(Message::from_payload(payload)).await?;
+            let ack: Ack = Box::pin(async move {
+                match receipt.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(BenchError::Client(error)),
+                    Err(_) => Err(BenchError::Target("the publisher stopped".into())),
+                }
+            });
+            Ok(ack)
+        })
+    }
+
+    fn close(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Ok(publisher) = Arc::try_unwrap(self) {
+                publisher.close().await;
+            }
+        })
+    }
+}
+
+/// A weir subscription that acknowledges every half window.
+struct WeirConsumer {
+    _connection: Connection,
+    subscriber: Subscriber,
+    ack_every: u64,
+    unacked: u64,
+}
+
+impl Consumer for WeirConsumer {
+    fn next(&mut self) -> BoxFuture<'_, Result<Bytes, BenchError>> {
+        Box::pin(async move {
+            loop {
+                match self.subscriber.next().await {
+                    Some(Ok(Event::Message { partition, record })) => {
+                        self.unacked += 1;
+                        if self.unacked >= self.ack_every {
+                            self.subscriber.ack_partition(partition, record.offset).await?;
+                            self.unacked = 0;
+                        }
+                        return Ok(record.payload);
+                    }
+                    Some(Ok(Event::Notice { .. })) => {}
+                    Some(Err(error)) => return Err(BenchError::Client(error)),
+                    None => return Err(BenchError::Target("the subscription ended".into())),
+                }
+            }
+        })
     }
 }

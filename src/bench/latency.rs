@@ -10,11 +10,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::BenchError;
-use super::driver::WeirTarget;
+use super::driver::{Driver, StartAt};
 use super::recorder::Series;
 use super::schedule::{Schedule, latency};
-use crate::client::Event;
-use crate::record::Message;
 
 /// What a latency run does.
 #[derive(Clone, Debug)]
@@ -33,6 +31,10 @@ pub struct SizeResult {
     pub publish: Series,
 }
 
+/// The subscriber's window: far above what a caught-up subscriber at the
+/// study's rates has outstanding.
+const SUBSCRIBER_WINDOW: u32 = 1024;
+
 /// Bytes at the start of each payload that carry its index in the run.
 const INDEX_BYTES: usize = 8;
 
@@ -40,7 +42,7 @@ const INDEX_BYTES: usize = 8;
 ///
 /// # Errors
 /// The broker refused a request or the connection failed.
-pub async fn run(target: &WeirTarget, options: &LatencyOptions) -> Result<Vec<SizeResult>, BenchError> {
+pub async fn run(target: &dyn Driver, options: &LatencyOptions) -> Result<Vec<SizeResult>, BenchError> {
     let mut results = Vec::new();
     for &size in &options.sizes {
         results.push(run_size(target, options, size).await?);
@@ -74,11 +76,11 @@ fn index_of(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload.get(..INDEX_BYTES)?.try_into().ok()?))
 }
 
-async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) -> Result<SizeResult, BenchError> {
+async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) -> Result<SizeResult, BenchError> {
     let channel = format!("bench-latency-{size}-{}", rand::random::<u32>());
-    target.create(&channel, 1).await?;
-    let (_connection, mut subscriber) = target.subscriber(&channel, 1024).await?;
-    let publisher = Arc::new(target.publisher(&channel).await?);
+    target.create(&channel).await?;
+    let mut consumer = target.consumer(&channel, StartAt::End, SUBSCRIBER_WINDOW).await?;
+    let publisher = target.producer(&channel).await?;
     let total = (options.rate_per_second as f64 * options.duration.as_secs_f64()).ceil().max(1.0) as u64;
     let warmup = (options.rate_per_second as f64 * options.warmup.as_secs_f64()).ceil() as u64;
     let schedule = Schedule::new(Instant::now() + Duration::from_millis(50), options.rate_per_second);
@@ -92,21 +94,18 @@ async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) ->
     let runtime = tokio::runtime::Handle::current();
     let sender = {
         let publisher = Arc::clone(&publisher);
+
         std::thread::Builder::new()
             .name("weir-bench-sender".into())
             .spawn(move || {
                 for index in 0..total {
                     wait_until(schedule.intended(index));
-                    let receipt = runtime.block_on(publisher.enqueue(Message::from_payload(payload(index, size))));
+                    let sent = runtime.block_on(publisher.send(payload(index, size)));
                     let acks = acks.clone();
                     runtime.spawn(async move {
-                        let done = match receipt {
-                            Ok(receipt) => match receipt.await {
-                                Ok(Ok(_)) => Ok(Instant::now()),
-                                Ok(Err(error)) => Err(BenchError::Client(error)),
-                                Err(_) => Err(BenchError::Target("the publisher stopped".into())),
-                            },
-                            Err(error) => Err(BenchError::Client(error)),
+                        let done = match sent {
+                            Ok(ack) => ack.await.map(|()| Instant::now()),
+                            Err(error) => Err(error),
                         };
                         let _ = acks.send((index, done)).await;
                     });
@@ -117,19 +116,12 @@ async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) ->
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
     let mut received = 0;
     while received < total {
-        match subscriber.next().await {
-            Some(Ok(Event::Message { partition, record })) => {
-                let now = Instant::now();
-                subscriber.ack_partition(partition, record.offset).await?;
-                let Some(index) = index_of(&record.payload) else { continue };
-                received += 1;
-                if index >= warmup {
-                    end_to_end.record(latency(schedule.intended(index), now));
-                }
-            }
-            Some(Ok(Event::Notice { .. })) => {}
-            Some(Err(error)) => return Err(BenchError::Client(error)),
-            None => return Err(BenchError::Target("the subscription ended".into())),
+        let payload = consumer.next().await?;
+        let now = Instant::now();
+        let Some(index) = index_of(&payload) else { continue };
+        received += 1;
+        if index >= warmup {
+            end_to_end.record(latency(schedule.intended(index), now));
         }
     }
     let _ = tokio::task::spawn_blocking(move || sender.join()).await;
@@ -141,9 +133,7 @@ async fn run_size(target: &WeirTarget, options: &LatencyOptions, size: usize) ->
             publish.record(latency(schedule.intended(index), done));
         }
     }
-    if let Ok(publisher) = Arc::try_unwrap(publisher) {
-        publisher.close().await;
-    }
+    publisher.close().await;
     Ok(SizeResult { size, end_to_end, publish })
 }
 

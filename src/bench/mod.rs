@@ -6,7 +6,9 @@
 //! - `schedule`: fixed-rate intended send times.
 //! - `recorder`: HdrHistogram series, merged, never averaged.
 //! - `floor`: the same pattern over loopback TCP with no broker.
-//! - `driver`: the broker under test (weir, embedded or at an address).
+//! - `driver`: the broker under test behind one trait: weir, embedded or
+//!   at an address.
+//! - `nats`: the peer, NATS JetStream.
 //! - `latency`: the latency run.
 //! - `throughput`: N acknowledged messages per size, then read back.
 //! - `report`: header, table, JSON.
@@ -14,6 +16,7 @@
 pub mod driver;
 pub mod floor;
 pub mod latency;
+pub mod nats;
 pub mod recorder;
 pub mod report;
 pub mod schedule;

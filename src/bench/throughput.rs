@@ -9,10 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::BenchError;
-use super::driver::WeirTarget;
-use crate::client::Event;
-use crate::protocol::StartPosition;
-use crate::record::Message;
+use super::driver::{Driver, StartAt};
 
 /// What a throughput run does.
 #[derive(Clone, Debug)]
@@ -73,7 +70,7 @@ pub struct SizeThroughput {
 ///
 /// # Errors
 /// The broker refused a request or the connection failed.
-pub async fn run(target: &WeirTarget, options: &ThroughputOptions) -> Result<Vec<SizeThroughput>, BenchError> {
+pub async fn run(target: &dyn Driver, options: &ThroughputOptions) -> Result<Vec<SizeThroughput>, BenchError> {
     let mut results = Vec::new();
     for &size in &options.sizes {
         results.push(run_size(target, options, size).await?);
@@ -81,15 +78,15 @@ pub async fn run(target: &WeirTarget, options: &ThroughputOptions) -> Result<Vec
     Ok(results)
 }
 
-async fn run_size(target: &WeirTarget, options: &ThroughputOptions, size: usize) -> Result<SizeThroughput, BenchError> {
+async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize) -> Result<SizeThroughput, BenchError> {
     let channel = format!("bench-throughput-{size}-{}", rand::random::<u32>());
-    target.create(&channel, 1).await?;
+    target.create(&channel).await?;
     // One payload for every message: the run measures the broker, not the
     // generator's random numbers (the broker neither compresses nor
     // deduplicates payloads).
     let payload: Bytes = (0..size).map(|_| rand::random::<u8>()).collect::<Vec<u8>>().into();
 
-    let publisher = target.publisher(&channel).await?;
+    let publisher = target.producer(&channel).await?;
     let started = Instant::now();
     // Receipts are awaited in order on a task of their own while the loop
     // keeps the publisher's queue full; the queue (`queue_depth`) bounds
@@ -98,17 +95,14 @@ async fn run_size(target: &WeirTarget, options: &ThroughputOptions, size: usize)
     let collector = tokio::spawn(async move {
         let mut acked = 0_u64;
         while let Some(receipt) = pending.recv().await {
-            let receipt: tokio::sync::oneshot::Receiver<_> = receipt;
-            match receipt.await {
-                Ok(Ok(_)) => acked += 1,
-                Ok(Err(error)) => return Err(BenchError::Client(error)),
-                Err(_) => return Err(BenchError::Target("the publisher stopped".into())),
-            }
+            let ack: super::driver::Ack = receipt;
+            ack.await?;
+            acked += 1;
         }
-        Ok((acked, Instant::now()))
+        Ok::<_, BenchError>((acked, Instant::now()))
     });
     for _ in 0..options.messages_for(size) {
-        let receipt = publisher.enqueue(Message::from_payload(payload.clone())).await?;
+        let receipt = publisher.send(payload.clone()).await?;
         if receipts.send(receipt).await.is_err() {
             break;
         }
@@ -119,23 +113,12 @@ async fn run_size(target: &WeirTarget, options: &ThroughputOptions, size: usize)
     publisher.close().await;
     let publish = Rate::new(acked, size, last_ack - started);
 
-    let (_connection, mut subscriber) =
-        target.subscriber_from(&channel, options.subscriber_window, StartPosition::Earliest).await?;
+    let mut consumer = target.consumer(&channel, StartAt::Start, options.subscriber_window).await?;
     let started = Instant::now();
-    let ack_every = u64::from(options.subscriber_window / 2).max(1);
     let mut received = 0_u64;
     while received < acked {
-        match subscriber.next().await {
-            Some(Ok(Event::Message { partition, record })) => {
-                received += 1;
-                if received.is_multiple_of(ack_every) || received == acked {
-                    subscriber.ack_partition(partition, record.offset).await?;
-                }
-            }
-            Some(Ok(Event::Notice { .. })) => {}
-            Some(Err(error)) => return Err(BenchError::Client(error)),
-            None => return Err(BenchError::Target("the subscription ended".into())),
-        }
+        consumer.next().await?;
+        received += 1;
     }
     let consume = Rate::new(received, size, started.elapsed());
     Ok(SizeThroughput { size, publish, consume })
@@ -145,45 +128,27 @@ async fn run_size(target: &WeirTarget, options: &ThroughputOptions, size: usize)
 /// waits; the publisher's own queue is the real bound.
 const PENDING_RECEIPTS_MAX: usize = 64 * 1024;
 
-/// The windows the run used, stated in every report.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Windows {
-    /// The broker's `max_inflight_publishes` (unanswered publish frames).
-    pub broker_inflight_publishes: u32,
-    /// The broker's `max_inflight_publish_bytes`.
-    pub broker_inflight_publish_bytes: u32,
-    /// The client's batching: most messages and bytes per publish frame.
-    pub client_batch_max_messages: usize,
-    pub client_batch_max_bytes: usize,
-    /// The subscriber's `max_inflight` (deliveries outstanding).
-    pub subscriber_window: u32,
-}
-
 /// A whole throughput report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThroughputReport {
     pub header: super::report::Header,
-    pub windows: Windows,
+    /// The windows the broker and the client used, as the driver states
+    /// them, and the consumer's.
+    pub windows: String,
     pub results: Vec<SizeThroughput>,
 }
 
 /// The report as a table.
 pub fn report_table(report: &ThroughputReport) -> String {
     let header = &report.header;
-    let windows = &report.windows;
     format!(
-        "{} against {}\nworkload: {}; machine: {} cores, kernel {}\nwindows: {} publish frames / {} bytes in flight \
-         (broker), batches of at most {} messages / {} bytes (client), {} deliveries (subscriber)\n{}",
+        "{} against {}\nworkload: {}; machine: {} cores, kernel {}\nwindows: {}\n{}",
         header.tool,
         header.target,
         header.workload,
         header.machine.cores,
         header.machine.kernel,
-        windows.broker_inflight_publishes,
-        windows.broker_inflight_publish_bytes,
-        windows.client_batch_max_messages,
-        windows.client_batch_max_bytes,
-        windows.subscriber_window,
+        report.windows,
         table(&report.results)
     )
 }
