@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
 use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
@@ -138,6 +138,24 @@ enum Command {
     },
 }
 
+/// The broker a `weir bench` command drives.
+#[derive(Args)]
+struct TargetArgs {
+    /// The broker to drive: weir, or the peer NATS JetStream at --url.
+    #[arg(long, value_enum, default_value = "weir")]
+    driver: DriverArg,
+    /// The NATS server (--driver nats).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// A running weir broker; without it, one is started in this process
+    /// on a temporary directory.
+    #[arg(long)]
+    addr: Option<String>,
+    /// The embedded broker's fsync policy.
+    #[arg(long, value_enum, default_value = "never")]
+    fsync: FsyncArg,
+}
+
 /// The broker `weir bench` drives.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DriverArg {
@@ -170,19 +188,8 @@ enum BenchKind {
         /// `.hgrm` file into this directory.
         #[arg(long)]
         hgrm_dir: Option<PathBuf>,
-        /// The broker to drive: weir, or the peer NATS JetStream at --url.
-        #[arg(long, value_enum, default_value = "weir")]
-        driver: DriverArg,
-        /// The NATS server (--driver nats).
-        #[arg(long, default_value = "nats://127.0.0.1:4222")]
-        url: String,
-        /// A running weir broker; without it, one is started in this
-        /// process on a temporary directory.
-        #[arg(long)]
-        addr: Option<String>,
-        /// The embedded broker's fsync policy.
-        #[arg(long, value_enum, default_value = "never")]
-        fsync: FsyncArg,
+        #[command(flatten)]
+        target: TargetArgs,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -204,19 +211,8 @@ enum BenchKind {
         /// broker's max_inflight_deliveries.
         #[arg(long, default_value_t = 1024)]
         subscriber_window: u32,
-        /// The broker to drive: weir, or the peer NATS JetStream at --url.
-        #[arg(long, value_enum, default_value = "weir")]
-        driver: DriverArg,
-        /// The NATS server (--driver nats).
-        #[arg(long, default_value = "nats://127.0.0.1:4222")]
-        url: String,
-        /// A running weir broker; without it, one is started in this
-        /// process on a temporary directory.
-        #[arg(long)]
-        addr: Option<String>,
-        /// The embedded broker's fsync policy.
-        #[arg(long, value_enum, default_value = "never")]
-        fsync: FsyncArg,
+        #[command(flatten)]
+        target: TargetArgs,
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -605,30 +601,18 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             };
             print!("{}", report::table(&report));
         }
-        BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, driver, url, addr, fsync, json } => {
+        BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, target, json } => {
             let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
-            let target = bench_target(driver, &url, addr.as_deref(), fsync).await?;
+            let target = bench_target(target).await?;
             return bench_throughput(options, target, json).await;
         }
-        BenchKind::Latency {
-            sizes,
-            rate,
-            seconds,
-            warmup_seconds,
-            floor_seconds,
-            hgrm_dir,
-            driver,
-            url,
-            addr,
-            fsync,
-            json,
-        } => {
+        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json } => {
             anyhow::ensure!(
                 rate > 0 && seconds > warmup_seconds,
                 "--rate must be at least 1 and --seconds above --warmup-seconds"
             );
             anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|&size| size > 0), "--sizes must be positive");
-            let target = bench_target(driver, &url, addr.as_deref(), fsync).await?;
+            let target = bench_target(target).await?;
             let mut floors = Vec::new();
             for &size in &sizes {
                 let count = rate * floor_seconds.max(1);
@@ -675,17 +659,12 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
 }
 
 /// The broker a `weir bench` command drives.
-async fn bench_target(
-    driver: DriverArg,
-    url: &str,
-    addr: Option<&str>,
-    fsync: FsyncArg,
-) -> anyhow::Result<Box<dyn weir::bench::driver::Driver>> {
+async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench::driver::Driver>> {
     use weir::bench::driver::WeirTarget;
-    Ok(match (driver, addr) {
-        (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(url).await?),
-        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(addr)),
-        (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(fsync.into()).await?),
+    Ok(match (target.driver, target.addr) {
+        (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(&target.url).await?),
+        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(&addr)),
+        (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(target.fsync.into()).await?),
     })
 }
 
