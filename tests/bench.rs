@@ -184,3 +184,48 @@ fn bench_drives_nats_jetstream_with_the_same_load_generator() {
     let row = stdout.lines().find(|line| line.starts_with("512 ")).unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(row.split_whitespace().nth(1), Some("1000"), "{row}");
 }
+
+/// `weir serve` on a free loopback port and a temporary directory, killed
+/// on drop.
+struct WeirServer {
+    child: std::process::Child,
+    addr: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for WeirServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn weir_server() -> WeirServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--listen", &addr, "--data-dir", data.path().to_str().unwrap(), "--metrics-addr", ""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "weir serve did not start listening within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    WeirServer { child, addr, _data: data }
+}
+
+#[test]
+fn a_bench_against_a_running_broker_leaves_no_channel_behind() {
+    let server = weir_server();
+    let args = ["bench", "throughput", "--addr", &server.addr, "--sizes", "100", "--messages", "500"];
+    let (ok, stdout, stderr) = weir(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("against weir at {}", server.addr)), "{stdout}");
+    let (ok, listing, stderr) = weir(&["channels", "--addr", &server.addr]);
+    assert!(ok, "{stderr}");
+    assert!(!listing.contains("bench-"), "the run's channel is still there:\n{listing}");
+}

@@ -42,6 +42,9 @@ pub trait Driver: Send + Sync {
     /// Creates a topic (a weir channel, a JetStream stream) that must not
     /// exist yet.
     fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>>;
+    /// Deletes a topic the run created, with its data: a benchmark leaves
+    /// nothing behind on a broker it did not start.
+    fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>>;
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>>;
     /// A consumer acknowledging what it reads, with at most `window`
     /// messages unacknowledged.
@@ -246,6 +249,15 @@ impl Driver for WeirTarget {
 
     fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
         Box::pin(WeirTarget::create(self, topic, 1))
+    }
+
+    fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
+        Box::pin(async move {
+            let connection = Connection::connect(&self.addr, "weir-bench").await?;
+            // Forced: the run's own consumers may still be ending.
+            connection.request(Request::DeleteChannel { channel: topic.to_owned(), force: true }).await?;
+            Ok(())
+        })
     }
 
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {

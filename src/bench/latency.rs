@@ -134,6 +134,8 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
         }
     }
     publisher.close().await;
+    drop(consumer);
+    target.delete(&channel).await?;
     Ok(SizeResult { size, end_to_end, publish })
 }
 

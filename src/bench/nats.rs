@@ -67,6 +67,13 @@ impl Driver for NatsTarget {
         })
     }
 
+    fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
+        Box::pin(async move {
+            self.context.delete_stream(topic).await.map_err(target_error)?;
+            Ok(())
+        })
+    }
+
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {
         Box::pin(async move {
             let producer = NatsProducer { context: self.context.clone(), subject: topic.to_owned() };

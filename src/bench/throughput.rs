@@ -121,6 +121,8 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
         received += 1;
     }
     let consume = Rate::new(received, size, started.elapsed());
+    drop(consumer);
+    target.delete(&channel).await?;
     Ok(SizeThroughput { size, publish, consume })
 }
 
