@@ -682,7 +682,11 @@ async fn bench_throughput(
         !options.sizes.is_empty() && options.sizes.iter().all(|&size| size > 0),
         "--sizes must be positive"
     );
-    let windows = format!("{}; {} unacknowledged (consumer)", target.windows().await?, options.subscriber_window);
+    let windows = format!(
+        "{}; {} unacknowledged (consumer, at most what the broker grants)",
+        target.windows().await?,
+        options.subscriber_window
+    );
     let results = throughput::run(&*target, &options).await?;
     let report = throughput::ThroughputReport {
         header: report::Header {

@@ -181,31 +181,23 @@ impl WeirTarget {
         Ok(Publisher::connect(&self.addr, channel, options).await?)
     }
 
-    /// A subscriber to every partition of `channel`, from its end.
-    ///
-    /// # Errors
-    /// The connection or the subscription failed.
-    pub async fn subscriber(&self, channel: &str, window: u32) -> Result<(Connection, Subscriber), BenchError> {
-        self.subscriber_from(channel, window, StartPosition::Latest).await
-    }
-
     /// A subscriber to every partition of `channel`, from `start`, with a
-    /// window of `window` deliveries (capped by the broker's
-    /// `max_inflight_deliveries`).
+    /// window of `window` deliveries capped by the broker's
+    /// `max_inflight_deliveries`; the window it got comes back with it.
     ///
     /// # Errors
     /// The connection or the subscription failed.
-    pub async fn subscriber_from(
+    pub async fn subscriber(
         &self,
         channel: &str,
         window: u32,
         start: StartPosition,
-    ) -> Result<(Connection, Subscriber), BenchError> {
+    ) -> Result<(Connection, Subscriber, u32), BenchError> {
         let connection = Connection::connect(&self.addr, "weir-bench-subscriber").await?;
         let window = window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
         let options = SubscribeOptions { start, max_inflight: window, ..SubscribeOptions::default() };
         let subscriber = Subscriber::subscribe(&connection, channel, options).await?;
-        Ok((connection, subscriber))
+        Ok((connection, subscriber, window))
     }
 
     /// Stops an embedded broker (a running one is left alone).
@@ -275,7 +267,9 @@ impl Driver for WeirTarget {
                 StartAt::Start => StartPosition::Earliest,
                 StartAt::End => StartPosition::Latest,
             };
-            let (connection, subscriber) = self.subscriber_from(topic, window, start).await?;
+            let (connection, subscriber, window) = self.subscriber(topic, window, start).await?;
+            // Half the window the broker granted: acknowledging later than
+            // the window would stall the subscription.
             let ack_every = u64::from(window / 2).max(1);
             Ok(Box::new(WeirConsumer { _connection: connection, subscriber, ack_every, unacked: 0 })
                 as Box<dyn Consumer>)

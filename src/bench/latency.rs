@@ -94,7 +94,6 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
     let runtime = tokio::runtime::Handle::current();
     let sender = {
         let publisher = Arc::clone(&publisher);
-
         std::thread::Builder::new()
             .name("weir-bench-sender".into())
             .spawn(move || {
