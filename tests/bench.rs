@@ -90,6 +90,8 @@ fn bench_throughput_publishes_and_reads_back_every_message_of_every_size() {
     let (ok, stdout, stderr) = weir(&args);
     assert!(ok, "{stdout}\n{stderr}");
     assert!(stdout.contains("windows: "), "{stdout}");
+    // Standard error is a pipe here: no progress bar.
+    assert!(!stderr.contains("throughput, 100 B"), "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);

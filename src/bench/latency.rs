@@ -113,12 +113,14 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
             .map_err(BenchError::Io)?
     };
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
+    let bar = super::progress(total, format!("latency, {size} B"));
     let mut received = 0;
     while received < total {
         let payload = consumer.next().await?;
         let now = Instant::now();
         let Some(index) = index_of(&payload) else { continue };
         received += 1;
+        bar.inc(1);
         if index >= warmup {
             end_to_end.record(latency(schedule.intended(index), now));
         }
@@ -132,6 +134,7 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
             publish.record(latency(schedule.intended(index), done));
         }
     }
+    bar.finish_and_clear();
     publisher.close().await;
     drop(consumer);
     target.delete(&channel).await?;

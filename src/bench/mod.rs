@@ -33,3 +33,17 @@ pub enum BenchError {
     #[error("the broker under test: {0}")]
     Target(String),
 }
+
+/// A progress bar of `length` steps on standard error when it is a
+/// terminal, and nothing otherwise (a pipe, a file, CI).
+pub(crate) fn progress(length: u64, message: String) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(length).with_message(message);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:24} {wide_bar} {pos}/{len} {elapsed}") {
+        bar.set_style(style);
+    }
+    bar
+}

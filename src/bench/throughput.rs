@@ -101,7 +101,10 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
         }
         Ok::<_, BenchError>((acked, Instant::now()))
     });
-    for _ in 0..options.messages_for(size) {
+    let messages = options.messages_for(size);
+    let bar = super::progress(messages * 2, format!("throughput, {size} B"));
+    for _ in 0..messages {
+        bar.inc(1);
         let receipt = publisher.send(payload.clone()).await?;
         if receipts.send(receipt).await.is_err() {
             break;
@@ -119,7 +122,9 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
     while received < acked {
         consumer.next().await?;
         received += 1;
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let consume = Rate::new(received, size, started.elapsed());
     drop(consumer);
     target.delete(&channel).await?;
