@@ -586,7 +586,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
     use weir::bench::{floor, latency, report};
     match kind {
         BenchKind::Floor { size, rate, seconds } => {
-            anyhow::ensure!(rate > 0 && seconds > 0, "--rate and --seconds must be at least 1");
+            check_bench_bounds(&[size], rate, &[seconds])?;
             let series = tokio::task::spawn_blocking(move || floor::measure(size, rate, rate * seconds)).await??;
             let report = report::Report {
                 header: report::Header {
@@ -602,16 +602,18 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             print!("{}", report::table(&report));
         }
         BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, target, json } => {
+            check_bench_bounds(&sizes, 1, &[])?;
+            anyhow::ensure!(
+                messages > 0 && bytes_max > 0 && subscriber_window > 0,
+                "--messages, --bytes-max and --subscriber-window must be at least 1"
+            );
             let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
             let target = bench_target(target).await?;
             return bench_throughput(options, target, json).await;
         }
         BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json } => {
-            anyhow::ensure!(
-                rate > 0 && seconds > warmup_seconds,
-                "--rate must be at least 1 and --seconds above --warmup-seconds"
-            );
-            anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|&size| size > 0), "--sizes must be positive");
+            check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
+            anyhow::ensure!(seconds > warmup_seconds, "--seconds must be above --warmup-seconds");
             let target = bench_target(target).await?;
             let mut floors = Vec::new();
             for &size in &sizes {
@@ -658,6 +660,23 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses sizes, rates and durations outside the bench's bounds with a
+/// message naming the option, before anything is started.
+fn check_bench_bounds(sizes: &[usize], rate: u64, seconds: &[u64]) -> anyhow::Result<()> {
+    use weir::bench::{MESSAGE_BYTES_MAX, RATE_PER_SECOND_MAX, SECONDS_MAX};
+    anyhow::ensure!(
+        !sizes.is_empty() && sizes.iter().all(|&size| (1..=MESSAGE_BYTES_MAX).contains(&size)),
+        "--sizes must be between 1 and {MESSAGE_BYTES_MAX} bytes"
+    );
+    anyhow::ensure!((1..=RATE_PER_SECOND_MAX).contains(&rate), "--rate must be between 1 and {RATE_PER_SECOND_MAX}");
+    anyhow::ensure!(
+        seconds.iter().all(|&value| value <= SECONDS_MAX),
+        "durations (--seconds, --warmup-seconds, --floor-seconds) must be at most {SECONDS_MAX}"
+    );
+    anyhow::ensure!(seconds.first().is_none_or(|&first| first > 0), "--seconds must be at least 1");
+    Ok(())
+}
+
 /// The broker a `weir bench` command drives.
 async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench::driver::Driver>> {
     use weir::bench::driver::WeirTarget;
@@ -674,14 +693,6 @@ async fn bench_throughput(
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use weir::bench::{report, throughput};
-    anyhow::ensure!(
-        options.messages > 0 && options.bytes_max > 0 && options.subscriber_window > 0,
-        "--messages, --bytes-max and --subscriber-window must be at least 1"
-    );
-    anyhow::ensure!(
-        !options.sizes.is_empty() && options.sizes.iter().all(|&size| size > 0),
-        "--sizes must be positive"
-    );
     let windows = format!(
         "{}; {} unacknowledged (consumer, at most what the broker grants)",
         target.windows().await?,

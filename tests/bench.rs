@@ -79,6 +79,12 @@ fn bench_latency_refuses_a_warmup_longer_than_the_run() {
     let (ok, _, stderr) = weir(&["bench", "latency", "--seconds", "2", "--warmup-seconds", "2"]);
     assert!(!ok);
     assert!(stderr.contains("--warmup-seconds"), "{stderr}");
+    // Sizes and rates beyond the bench's bounds are refused before anything
+    // is allocated or started.
+    let (ok, _, stderr) = weir(&["bench", "throughput", "--sizes", "67108865"]);
+    assert!(!ok && stderr.contains("--sizes must be between 1 and 67108864"), "{stderr}");
+    let (ok, _, stderr) = weir(&["bench", "floor", "--rate", "10000001"]);
+    assert!(!ok && stderr.contains("--rate must be between 1 and 10000000"), "{stderr}");
 }
 
 #[test]
@@ -104,25 +110,41 @@ fn bench_throughput_publishes_and_reads_back_every_message_of_every_size() {
     }
 }
 
-/// A NATS server with JetStream on a free loopback port and a temporary
-/// store, killed on drop.
-struct NatsServer {
+/// A server process the test started on a free loopback port with a
+/// temporary directory, killed on drop.
+struct Spawned {
     child: std::process::Child,
-    url: String,
-    _store: tempfile::TempDir,
+    /// host:port
+    addr: String,
+    _dir: tempfile::TempDir,
 }
 
-impl Drop for NatsServer {
+impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until the server accepts connections (a generous bound for a
+/// loaded machine).
+fn ready(server: Spawned, what: &str) -> Spawned {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(&server.addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start listening within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server
+}
+
 /// Starts Debian's `nats-server`, or returns `None` when it is not
 /// installed. `.ci/run` installs it and sets `WEIR_REQUIRE_NATS=1`, so in
 /// CI its absence is a failure, not a skip.
-fn nats_server() -> Option<NatsServer> {
+fn nats_server() -> Option<Spawned> {
     let binary = ["nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server"]
         .into_iter()
         .find(|candidate| Command::new(candidate).arg("--version").output().is_ok_and(|out| out.status.success()));
@@ -134,7 +156,7 @@ fn nats_server() -> Option<NatsServer> {
         eprintln!("nats-server is not installed: the NATS driver test did not run (apt-get install nats-server)");
         return None;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let store = tempfile::tempdir().unwrap();
     let child = Command::new(binary)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", store.path().to_str().unwrap()])
@@ -142,20 +164,14 @@ fn nats_server() -> Option<NatsServer> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let server = NatsServer { child, url: format!("nats://127.0.0.1:{port}"), _store: store };
-    // Ready when it accepts connections (generous bound for a loaded machine).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nats-server did not start listening within 30 s");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Some(server)
+    Some(ready(Spawned { child, addr: format!("127.0.0.1:{port}"), _dir: store }, "nats-server"))
 }
 
 #[test]
 fn bench_drives_nats_jetstream_with_the_same_load_generator() {
     let Some(nats) = nats_server() else { return };
-    let url = nats.url.as_str();
+    let url = format!("nats://{}", nats.addr);
+    let url = url.as_str();
     let latency = [
         "bench",
         "latency",
@@ -187,37 +203,17 @@ fn bench_drives_nats_jetstream_with_the_same_load_generator() {
     assert_eq!(row.split_whitespace().nth(1), Some("1000"), "{row}");
 }
 
-/// `weir serve` on a free loopback port and a temporary directory, killed
-/// on drop.
-struct WeirServer {
-    child: std::process::Child,
-    addr: String,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for WeirServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn weir_server() -> WeirServer {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// `weir serve` on a free loopback port and a temporary directory.
+fn weir_server() -> Spawned {
+    let addr = format!("127.0.0.1:{}", free_port());
     let data = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["serve", "--listen", &addr, "--data-dir", data.path().to_str().unwrap(), "--metrics-addr", ""])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(std::time::Instant::now() < deadline, "weir serve did not start listening within 30 s");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    WeirServer { child, addr, _data: data }
+    ready(Spawned { child, addr, _dir: data }, "weir serve")
 }
 
 #[test]

@@ -22,6 +22,15 @@ pub mod report;
 pub mod schedule;
 pub mod throughput;
 
+/// The highest send rate a run accepts: far above what one sender thread
+/// reaches, low enough that rate × seconds cannot overflow.
+pub const RATE_PER_SECOND_MAX: u64 = 10_000_000;
+/// The longest run, and the longest warm-up or floor, accepted.
+pub const SECONDS_MAX: u64 = 24 * 3600;
+/// The largest message size accepted (each size's payload is built in
+/// memory before any broker sees it).
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// What can stop a benchmark.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
