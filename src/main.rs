@@ -156,6 +156,29 @@ struct TargetArgs {
     fsync: FsyncArg,
 }
 
+/// What `weir bench run` and `weir bench catchup` share.
+#[derive(Args)]
+struct RunArgs {
+    /// Each consumer's window (per partition for weir).
+    #[arg(long, default_value_t = 1024)]
+    consumer_window: u32,
+    /// Seconds of the floor measurement (0: none).
+    #[arg(long, default_value_t = 5)]
+    floor_seconds: u64,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Also write the result as JSON (OMB's result fields) to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write a percentile chart as STEM.svg and STEM.png.
+    #[arg(long, value_name = "STEM")]
+    chart: Option<PathBuf>,
+    /// Also write each aggregated series as an HdrHistogram `.hgrm` file
+    /// into this directory.
+    #[arg(long)]
+    hgrm_dir: Option<PathBuf>,
+}
+
 /// The broker `weir bench` drives.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DriverArg {
@@ -216,6 +239,64 @@ enum BenchKind {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// An OpenMessaging Benchmark workload file (OMB's YAML, as it is; see
+    /// benches/workloads/): periodic and aggregated publish, publish-delay
+    /// and end-to-end latency, rates and backlog, JSON in OMB's result
+    /// format.
+    Run {
+        /// The workload file.
+        workload: PathBuf,
+        /// Seconds of test (default: the workload's testDurationMinutes).
+        #[arg(long)]
+        test_seconds: Option<u64>,
+        /// Seconds of warm-up, not recorded (default: the workload's
+        /// warmupDurationMinutes, OMB's default 1 minute).
+        #[arg(long)]
+        warmup_seconds: Option<u64>,
+        /// Seconds between two period reports (OMB: 10).
+        #[arg(long, default_value_t = 10)]
+        report_seconds: u64,
+        /// The backlog to build and drain first, in GiB (default: the
+        /// workload's consumerBacklogSizeGB).
+        #[arg(long)]
+        backlog_gb: Option<f64>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Replays a backlog while publishing goes on: publish --backlog-mb at
+    /// --rate, then a consumer reads from the start and catches up while
+    /// the producer keeps its rate; the drain rate, its duration, and
+    /// publish latency during it.
+    Catchup {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Messages a second published throughout.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// The backlog to build before the consumer starts, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        backlog_mb: u64,
+        /// Seconds of test once caught up.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Percentile charts (SVG or PNG, by the extension of -o) of one or
+    /// more JSON reports (`bench latency --json`, `bench run --json`),
+    /// overlaid.
+    Chart {
+        /// Report files.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The chart file: .svg or .png.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value = "latency by percentile")]
+        title: String,
     },
     /// The machine's floor alone: a ping-pong of one size at a fixed rate
     /// over loopback TCP, no broker.
@@ -611,6 +692,65 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             let target = bench_target(target).await?;
             return bench_throughput(options, target, json).await;
         }
+        BenchKind::Run { workload: path, test_seconds, warmup_seconds, report_seconds, backlog_gb, run } => {
+            let workload = weir::bench::omb::Workload::load(&path)?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            let test = test_seconds.map_or_else(|| workload.test_duration(), Duration::from_secs);
+            let warmup = warmup_seconds.map_or_else(|| workload.warmup_duration(), Duration::from_secs);
+            let backlog_gb = backlog_gb.unwrap_or(workload.consumer_backlog_size_gb);
+            anyhow::ensure!(backlog_gb >= 0.0 && backlog_gb.is_finite(), "--backlog-gb must be 0 or more");
+            let backlog_bytes = (backlog_gb * f64::from(1u32 << 30)) as u64;
+            return bench_run("weir bench run", workload, &base, test, warmup, report_seconds, backlog_bytes, run)
+                .await;
+        }
+        BenchKind::Catchup { size, partitions, rate, backlog_mb, seconds, run } => {
+            check_bench_bounds(&[size], rate, &[seconds])?;
+            anyhow::ensure!(backlog_mb > 0, "--backlog-mb must be at least 1");
+            let workload = weir::bench::omb::Workload {
+                name: format!(
+                    "catch-up: {backlog_mb} MiB backlog of {size} B at {rate} msg/s, {partitions} partitions"
+                ),
+                topics: 1,
+                partitions_per_topic: partitions,
+                key_distributor: weir::bench::omb::KeyDistributor::NoKey,
+                message_size: size,
+                use_randomized_payloads: false,
+                random_bytes_ratio: 0.0,
+                randomized_payload_pool_size: 0,
+                payload_file: None,
+                subscriptions_per_topic: 1,
+                producers_per_topic: 1,
+                consumer_per_subscription: 1,
+                producer_rate: rate,
+                consumer_backlog_size_gb: backlog_mb as f64 / 1024.0,
+                backlog_drain_ratio: 1.0,
+                test_duration_minutes: seconds as f64 / 60.0,
+                warmup_duration_minutes: 0.0,
+                unused: Default::default(),
+            };
+            workload.check_bounds().map_err(|message| anyhow::anyhow!(message))?;
+            let test = Duration::from_secs(seconds);
+            let backlog_bytes = backlog_mb << 20;
+            return bench_run(
+                "weir bench catchup",
+                workload,
+                Path::new("."),
+                test,
+                Duration::ZERO,
+                10,
+                backlog_bytes,
+                run,
+            )
+            .await;
+        }
+        BenchKind::Chart { reports, output, title } => {
+            let mut curves = Vec::new();
+            for report in &reports {
+                curves.extend(weir::bench::chart::curves_from_file(report)?);
+            }
+            weir::bench::chart::draw(&curves, &title, &output)?;
+            println!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
+        }
         BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json } => {
             check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
             anyhow::ensure!(seconds > warmup_seconds, "--seconds must be above --warmup-seconds");
@@ -655,6 +795,150 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs an OMB workload (`bench run`, `bench catchup`) and reports it.
+#[allow(clippy::too_many_arguments)]
+async fn bench_run(
+    tool: &str,
+    workload: weir::bench::omb::Workload,
+    workload_dir: &Path,
+    test: Duration,
+    warmup: Duration,
+    report_seconds: u64,
+    backlog_bytes: u64,
+    run: RunArgs,
+) -> anyhow::Result<ExitCode> {
+    use weir::bench::{SECONDS_MAX, floor, report, workload as runner};
+    anyhow::ensure!(
+        (1..=SECONDS_MAX).contains(&report_seconds) && run.floor_seconds <= SECONDS_MAX,
+        "--report-seconds must be between 1 and {SECONDS_MAX}, --floor-seconds at most {SECONDS_MAX}"
+    );
+    anyhow::ensure!(!test.is_zero(), "the test must last at least a second");
+    anyhow::ensure!(run.consumer_window > 0, "--consumer-window must be at least 1");
+    if backlog_bytes > 0 {
+        anyhow::ensure!(workload.producer_rate > 0, "a backlog needs a producerRate above 0");
+        anyhow::ensure!(workload.consumer_count() > 0, "a backlog needs consumers to drain it");
+    }
+    let (payloads, payload_source) = runner::payloads(&workload, workload_dir)?;
+    let floor_rate = match workload.producer_rate {
+        0 => 1000,
+        rate => (rate / workload.producer_count()).clamp(1, 1000),
+    };
+    let floor = if run.floor_seconds > 0 {
+        let size = workload.message_size;
+        let count = floor_rate * run.floor_seconds;
+        Some(tokio::task::spawn_blocking(move || floor::measure(size, floor_rate, count)).await??)
+    } else {
+        None
+    };
+    let target = bench_target(run.target).await?;
+    let header = report::Header {
+        tool: tool.to_owned(),
+        target: target.describe(),
+        workload: format!(
+            "{}: {} topics x {} partitions, {} B, {} producers/topic at {} msg/s in all{}, {} subscriptions x {} consumers/topic, keys {:?}; payloads: {payload_source}; test {} s, report every {report_seconds} s",
+            workload.name,
+            workload.topics,
+            workload.partitions_per_topic,
+            workload.message_size,
+            workload.producers_per_topic,
+            workload.producer_rate,
+            if workload.producer_rate == 0 { " (0: as fast as the windows allow)" } else { "" },
+            workload.subscriptions_per_topic,
+            workload.consumer_per_subscription,
+            workload.key_distributor,
+            test.as_secs(),
+        ),
+        warmup_seconds: warmup.as_secs_f64(),
+        machine: report::Machine::this(),
+    };
+    let windows = format!(
+        "{}; {} unacknowledged per consumer (per partition for weir, at most what the broker grants)",
+        target.windows().await?,
+        run.consumer_window
+    );
+    println!("{} against {}", header.tool, header.target);
+    println!("workload: {}", header.workload);
+    println!("windows: {windows}");
+    if backlog_bytes > 0 {
+        println!("backlog: {backlog_bytes} bytes published before the consumers start, then drained");
+    }
+    let unused = workload.unused_fields();
+    if !unused.is_empty() {
+        println!("not implemented, ignored: {}", unused.iter().cloned().collect::<Vec<_>>().join(", "));
+    }
+    let options = runner::RunOptions {
+        test,
+        warmup,
+        report_interval: Duration::from_secs(report_seconds),
+        backlog_bytes,
+        consumer_window: run.consumer_window,
+        payloads,
+    };
+    let outcome = runner::run(&*target, &workload, &options).await;
+    target.stop().await?;
+    let mut outcome = outcome?;
+    let mut series = vec![outcome.publish.summary(), outcome.publish_delay.summary(), outcome.end_to_end.summary()];
+    if let Some(drain) = &outcome.drain {
+        series.push(drain.publish.clone());
+        series.push(drain.end_to_end.clone());
+    }
+    let table =
+        report::Report { header: header.clone(), floor: floor.iter().map(|series| series.summary()).collect(), series };
+    print!("{}", report::table(&table));
+    let totals = outcome.totals;
+    println!(
+        "messages: {} acknowledged, {} failed, {} read over {} subscriptions per topic, {} unread at the end",
+        totals.acknowledged, totals.failed, totals.read, workload.subscriptions_per_topic, totals.unread
+    );
+    if let Some(drain) = &outcome.drain {
+        println!(
+            "backlog: {} messages built in {:.1} s, drained in {:.1} s at {:.0} msg/s / {:.1} MB/s while publishing went on",
+            drain.backlog_messages,
+            drain.build_seconds,
+            drain.drain_seconds,
+            drain.drain_messages_per_second,
+            drain.drain_megabytes_per_second
+        );
+    }
+    outcome.result.driver = header.target.clone();
+    outcome.result.weir = Some(serde_json::json!({
+        "header": header,
+        "windows": windows,
+        "floor": table.floor,
+        "floor_rate_per_second": floor_rate,
+        "drain": outcome.drain,
+        "totals": totals,
+        "unused_workload_fields": unused,
+        "series": table.series,
+    }));
+    if let Some(path) = &run.json {
+        std::fs::write(path, serde_json::to_string_pretty(&outcome.result)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(stem) = &run.chart {
+        let mut curves = Vec::new();
+        for summary in table.floor.iter().chain(&table.series[..3]).filter(|summary| !summary.name.contains("delay")) {
+            let label = if summary.name.starts_with("floor") {
+                summary.name.clone()
+            } else {
+                format!("{}: {}", header.target, summary.name)
+            };
+            curves.push(weir::bench::chart::Curve { label, points: summary.distribution_ms.clone() });
+        }
+        for extension in ["svg", "png"] {
+            weir::bench::chart::draw(&curves, &workload.name, &stem.with_extension(extension))?;
+        }
+    }
+    if let Some(dir) = &run.hgrm_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for series in floor.iter().chain([&outcome.publish, &outcome.publish_delay, &outcome.end_to_end]) {
+            let path = dir.join(format!("{}.hgrm", series.file_stem()));
+            std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
         }
     }
     Ok(ExitCode::SUCCESS)

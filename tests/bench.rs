@@ -110,6 +110,132 @@ fn bench_throughput_publishes_and_reads_back_every_message_of_every_size() {
     }
 }
 
+/// A small OMB workload: 4 partitions, keyed, 2 producers, one
+/// subscription of 2 consumers (a consumer group).
+const SMALL_WORKLOAD: &str = "
+name: smoke / 4 partitions / keyed / 2p-2c
+topics: 1
+partitionsPerTopic: 4
+keyDistributor: \"KEY_ROUND_ROBIN\"
+messageSize: 300
+subscriptionsPerTopic: 1
+consumerPerSubscription: 2
+producersPerTopic: 2
+producerRate: 1000
+consumerBacklogSizeGB: 0
+testDurationMinutes: 15
+";
+
+fn run_args<'a>(workload: &'a str, json: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "bench",
+        "run",
+        workload,
+        "--test-seconds",
+        "2",
+        "--warmup-seconds",
+        "1",
+        "--report-seconds",
+        "1",
+        "--floor-seconds",
+        "1",
+        "--json",
+        json,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The totals line: every acknowledged message was read, none failed.
+fn assert_every_message_read(stdout: &str, result: &serde_json::Value) {
+    let totals = &result["weir"]["totals"];
+    let acknowledged = totals["acknowledged"].as_u64().unwrap();
+    // 1,000 msg/s for 3 s (warm-up included).
+    assert!(acknowledged >= 1000, "{totals}\n{stdout}");
+    assert_eq!(totals["failed"], 0, "{totals}");
+    assert_eq!(totals["unread"], 0, "{totals}");
+    assert!(totals["read"].as_u64().unwrap() >= acknowledged, "{totals}");
+}
+
+#[test]
+fn bench_run_reads_an_omb_workload_and_writes_omb_results_and_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("smoke.yaml");
+    std::fs::write(&workload, SMALL_WORKLOAD).unwrap();
+    let json = dir.path().join("result.json");
+    let chart = dir.path().join("chart");
+    let (workload, json_path, chart_stem) =
+        (workload.to_str().unwrap(), json.to_str().unwrap(), chart.to_str().unwrap());
+    let (ok, stdout, stderr) = weir(&run_args(workload, json_path, &["--chart", chart_stem]));
+    assert!(ok, "{stdout}\n{stderr}");
+    // A line per period: one of warm-up, two of test.
+    let periods: Vec<&str> = stdout.lines().filter(|line| line.contains("Pub rate")).collect();
+    assert!(periods.iter().filter(|line| line.contains(" test")).count() >= 2, "{stdout}");
+    assert!(periods.iter().any(|line| line.contains(" warmup")), "{stdout}");
+    for series in ["floor, 300 B", "publish ", "publish delay", "end-to-end"] {
+        assert!(stdout.lines().any(|line| line.starts_with(series)), "{series}:\n{stdout}");
+    }
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(result["workload"], "smoke / 4 partitions / keyed / 2p-2c");
+    assert_eq!(result["partitions"], 4);
+    assert_eq!(result["consumersPerTopic"], 2);
+    assert!(result["publishRate"].as_array().unwrap().len() >= 2, "{result}");
+    assert!(result["aggregatedEndToEndLatency99pct"].as_f64().unwrap() > 0.0);
+    assert!(!result["aggregatedPublishLatencyQuantiles"].as_object().unwrap().is_empty());
+    assert_every_message_read(&stdout, &result);
+    assert!(std::fs::read(chart.with_extension("png")).unwrap().starts_with(b"\x89PNG"));
+    assert!(std::fs::read_to_string(chart.with_extension("svg")).unwrap().contains("end-to-end"));
+
+    // `bench chart` overlays reports.
+    let overlay = dir.path().join("overlay.svg");
+    let (ok, stdout, stderr) = weir(&["bench", "chart", json_path, json_path, "-o", overlay.to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("4 curves from 2 reports"), "{stdout}");
+}
+
+#[test]
+fn bench_run_refuses_a_workload_out_of_bounds_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("bad.yaml");
+    std::fs::write(&workload, SMALL_WORKLOAD.replace("partitionsPerTopic: 4", "partitionsPerTopic: 0")).unwrap();
+    let (ok, _, stderr) = weir(&["bench", "run", workload.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("partitionsPerTopic"), "{stderr}");
+}
+
+#[test]
+fn bench_catchup_builds_a_backlog_and_drains_it_while_publishing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("catchup.json");
+    let args = [
+        "bench",
+        "catchup",
+        "--size",
+        "512",
+        "--partitions",
+        "2",
+        "--rate",
+        "2000",
+        "--backlog-mb",
+        "1",
+        "--seconds",
+        "1",
+        "--floor-seconds",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = weir(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("drained in"), "{stdout}");
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let drain = &result["weir"]["drain"];
+    // 1 MiB of 512 B messages.
+    assert_eq!(drain["backlog_messages"], 2048, "{drain}");
+    assert!(drain["drain_messages_per_second"].as_f64().unwrap() > 0.0, "{drain}");
+    assert!(drain["end_to_end"]["samples"].as_u64().unwrap() > 0, "{drain}");
+    assert_eq!(result["weir"]["totals"]["unread"], 0, "{result}");
+}
+
 /// A server process the test started on a free loopback port with a
 /// temporary directory, killed on drop.
 struct Spawned {
@@ -201,6 +327,19 @@ fn bench_drives_nats_jetstream_with_the_same_load_generator() {
     assert!(ok, "{stdout}\n{stderr}");
     let row = stdout.lines().find(|line| line.starts_with("512 ")).unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(row.split_whitespace().nth(1), Some("1000"), "{row}");
+
+    // An OMB workload: JetStream has no partitions; the subscription's two
+    // consumers pull from one durable consumer.
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("smoke.yaml");
+    std::fs::write(&workload, SMALL_WORKLOAD).unwrap();
+    let json = dir.path().join("result.json");
+    let (workload, json_path) = (workload.to_str().unwrap(), json.to_str().unwrap());
+    let (ok, stdout, stderr) = weir(&run_args(workload, json_path, &["--driver", "nats", "--url", url]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(result["driver"].as_str().unwrap().starts_with("NATS JetStream"), "{result}");
+    assert_every_message_read(&stdout, &result);
 }
 
 /// `weir serve` on a free loopback port and a temporary directory.

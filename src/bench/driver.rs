@@ -3,6 +3,7 @@
 //! consumer (the next payload). [`WeirTarget`] is weir, embedded on a
 //! temporary directory or at an address; `nats` is the JetStream peer.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use bytes::Bytes;
 use tempfile::TempDir;
 
 use super::BenchError;
-use crate::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
+use crate::client::{Connection, Event, PartitionedPublisher, PublisherOptions, SubscribeOptions, Subscriber};
 use crate::config::Config;
-use crate::protocol::{ChannelRetention, Limits, Request, StartPosition};
+use crate::protocol::{ChannelRetention, Limits, Notice, Request, StartPosition};
 use crate::record::Message;
 use crate::storage::FsyncPolicy;
 
@@ -33,6 +34,20 @@ pub enum StartAt {
     End,
 }
 
+/// How a consumer reads a topic.
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    pub from: StartAt,
+    /// At most this many messages unacknowledged (weir: per partition,
+    /// capped by the broker's `max_inflight_deliveries`).
+    pub window: u32,
+    /// A shared subscription: consumers of the same group share the
+    /// topic's messages (weir: a consumer group, members share partitions;
+    /// JetStream: one durable consumer pulled by every member). `None`:
+    /// this consumer reads every message.
+    pub group: Option<String>,
+}
+
 /// A broker under test.
 pub trait Driver: Send + Sync {
     /// Name, version and settings, for the report header.
@@ -40,19 +55,18 @@ pub trait Driver: Send + Sync {
     /// The windows the broker and the driver's client use, for the report.
     fn windows(&self) -> BoxFuture<'_, Result<String, BenchError>>;
     /// Creates a topic (a weir channel, a JetStream stream) that must not
-    /// exist yet.
-    fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>>;
+    /// exist yet, with `partitions` partitions where the broker has them.
+    fn create<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<(), BenchError>>;
     /// Deletes a topic the run created, with its data: a benchmark leaves
     /// nothing behind on a broker it did not start.
     fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>>;
+    /// A producer to every partition of `topic`.
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>>;
-    /// A consumer acknowledging what it reads, with at most `window`
-    /// messages unacknowledged.
+    /// A consumer acknowledging what it reads.
     fn consumer<'a>(
         &'a self,
         topic: &'a str,
-        from: StartAt,
-        window: u32,
+        options: ConsumerOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>>;
     /// Stops what the driver started (an embedded broker).
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), BenchError>>;
@@ -60,8 +74,10 @@ pub trait Driver: Send + Sync {
 
 /// Sends messages to one topic.
 pub trait Producer: Send + Sync {
-    /// Hands one message to the client and returns its acknowledgement.
-    fn send(&self, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>>;
+    /// Hands one message to the client and returns its acknowledgement. A
+    /// message with a key goes to its key's partition (weir: Kafka's
+    /// murmur2 partitioner); one without is spread over the partitions.
+    fn send(&self, key: Option<Bytes>, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>>;
     /// Waits for what is in flight, then closes (when this is the last
     /// handle to the producer).
     fn close(self: Arc<Self>) -> BoxFuture<'static, ()>;
@@ -172,34 +188,6 @@ impl WeirTarget {
         Ok(())
     }
 
-    /// A publisher to `channel` (partition 0).
-    ///
-    /// # Errors
-    /// The connection failed.
-    pub async fn publisher(&self, channel: &str) -> Result<Publisher, BenchError> {
-        let options = PublisherOptions { client_name: "weir-bench-publisher".into(), ..PublisherOptions::default() };
-        Ok(Publisher::connect(&self.addr, channel, options).await?)
-    }
-
-    /// A subscriber to every partition of `channel`, from `start`, with a
-    /// window of `window` deliveries capped by the broker's
-    /// `max_inflight_deliveries`; the window it got comes back with it.
-    ///
-    /// # Errors
-    /// The connection or the subscription failed.
-    pub async fn subscriber(
-        &self,
-        channel: &str,
-        window: u32,
-        start: StartPosition,
-    ) -> Result<(Connection, Subscriber, u32), BenchError> {
-        let connection = Connection::connect(&self.addr, "weir-bench-subscriber").await?;
-        let window = window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
-        let options = SubscribeOptions { start, max_inflight: window, ..SubscribeOptions::default() };
-        let subscriber = Subscriber::subscribe(&connection, channel, options).await?;
-        Ok((connection, subscriber, window))
-    }
-
     /// Stops an embedded broker (a running one is left alone).
     ///
     /// # Errors
@@ -239,8 +227,8 @@ impl Driver for WeirTarget {
         })
     }
 
-    fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
-        Box::pin(WeirTarget::create(self, topic, 1))
+    fn create<'a>(&'a self, topic: &'a str, partitions: u32) -> BoxFuture<'a, Result<(), BenchError>> {
+        Box::pin(WeirTarget::create(self, topic, partitions))
     }
 
     fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
@@ -253,25 +241,33 @@ impl Driver for WeirTarget {
     }
 
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {
-        Box::pin(async move { Ok(Arc::new(self.publisher(topic).await?) as Arc<dyn Producer>) })
+        Box::pin(async move {
+            let options =
+                PublisherOptions { client_name: "weir-bench-publisher".into(), ..PublisherOptions::default() };
+            let publisher = PartitionedPublisher::connect(&self.addr, topic, options).await?;
+            Ok(Arc::new(publisher) as Arc<dyn Producer>)
+        })
     }
 
     fn consumer<'a>(
         &'a self,
         topic: &'a str,
-        from: StartAt,
-        window: u32,
+        options: ConsumerOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>> {
         Box::pin(async move {
-            let start = match from {
+            let start = match options.from {
                 StartAt::Start => StartPosition::Earliest,
                 StartAt::End => StartPosition::Latest,
             };
-            let (connection, subscriber, window) = self.subscriber(topic, window, start).await?;
+            let connection = Connection::connect(&self.addr, "weir-bench-subscriber").await?;
+            let window = options.window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
+            let subscribe =
+                SubscribeOptions { start, max_inflight: window, group: options.group, ..SubscribeOptions::default() };
+            let subscriber = Subscriber::subscribe(&connection, topic, subscribe).await?;
             // Half the window the broker granted: acknowledging later than
-            // the window would stall the subscription.
+            // the window would stall the partition.
             let ack_every = u64::from(window / 2).max(1);
-            Ok(Box::new(WeirConsumer { _connection: connection, subscriber, ack_every, unacked: 0 })
+            Ok(Box::new(WeirConsumer { _connection: connection, subscriber, ack_every, unacked: HashMap::new() })
                 as Box<dyn Consumer>)
         })
     }
@@ -281,10 +277,11 @@ impl Driver for WeirTarget {
     }
 }
 
-impl Producer for Publisher {
-    fn send(&self, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
+impl Producer for PartitionedPublisher {
+    fn send(&self, key: Option<Bytes>, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
         Box::pin(async move {
-            let receipt = self.enqueue(Message::from_payload(payload)).await?;
+            let message = Message { key: key.unwrap_or_default(), payload, ..Message::default() };
+            let receipt = self.enqueue(message).await?;
             let ack: Ack = Box::pin(async move {
                 match receipt.await {
                     Ok(Ok(_)) => Ok(()),
@@ -305,12 +302,16 @@ impl Producer for Publisher {
     }
 }
 
-/// A weir subscription that acknowledges every half window.
+/// A weir subscription that acknowledges each partition every half window,
+/// and at once what it was sent of a partition the group revoked (so that
+/// the partition moves on to its next owner).
 struct WeirConsumer {
     _connection: Connection,
     subscriber: Subscriber,
     ack_every: u64,
-    unacked: u64,
+    /// Per partition: messages read and not acknowledged, and the last
+    /// offset read.
+    unacked: HashMap<u32, (u64, u64)>,
 }
 
 impl Consumer for WeirConsumer {
@@ -319,12 +320,21 @@ impl Consumer for WeirConsumer {
             loop {
                 match self.subscriber.next().await {
                     Some(Ok(Event::Message { partition, record })) => {
-                        self.unacked += 1;
-                        if self.unacked >= self.ack_every {
+                        let (count, last) = self.unacked.entry(partition).or_insert((0, 0));
+                        *count += 1;
+                        *last = record.offset;
+                        if *count >= self.ack_every {
+                            *count = 0;
                             self.subscriber.ack_partition(partition, record.offset).await?;
-                            self.unacked = 0;
                         }
                         return Ok(record.payload);
+                    }
+                    Some(Ok(Event::Notice { partition, notice: Notice::Revoked { .. } })) => {
+                        if let Some((count, last)) = self.unacked.remove(&partition)
+                            && count > 0
+                        {
+                            self.subscriber.ack_partition(partition, last).await?;
+                        }
                     }
                     Some(Ok(Event::Notice { .. })) => {}
                     Some(Err(error)) => return Err(BenchError::Client(error)),

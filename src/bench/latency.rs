@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::BenchError;
-use super::driver::{Driver, StartAt};
+use super::driver::{ConsumerOptions, Driver, StartAt};
 use super::recorder::Series;
 use super::schedule::{Schedule, latency};
 
@@ -78,8 +78,9 @@ fn index_of(payload: &[u8]) -> Option<u64> {
 
 async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) -> Result<SizeResult, BenchError> {
     let channel = format!("bench-latency-{size}-{}", rand::random::<u32>());
-    target.create(&channel).await?;
-    let mut consumer = target.consumer(&channel, StartAt::End, SUBSCRIBER_WINDOW).await?;
+    target.create(&channel, 1).await?;
+    let consumer_options = ConsumerOptions { from: StartAt::End, window: SUBSCRIBER_WINDOW, group: None };
+    let mut consumer = target.consumer(&channel, consumer_options).await?;
     let publisher = target.producer(&channel).await?;
     let total = (options.rate_per_second as f64 * options.duration.as_secs_f64()).ceil().max(1.0) as u64;
     let warmup = (options.rate_per_second as f64 * options.warmup.as_secs_f64()).ceil() as u64;
@@ -99,7 +100,7 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
             .spawn(move || {
                 for index in 0..total {
                     wait_until(schedule.intended(index));
-                    let sent = runtime.block_on(publisher.send(payload(index, size)));
+                    let sent = runtime.block_on(publisher.send(None, payload(index, size)));
                     let acks = acks.clone();
                     runtime.spawn(async move {
                         let done = match sent {

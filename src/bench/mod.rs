@@ -13,14 +13,17 @@
 //! - `throughput`: N acknowledged messages per size, then read back.
 //! - `report`: header, table, JSON.
 
+pub mod chart;
 pub mod driver;
 pub mod floor;
 pub mod latency;
 pub mod nats;
+pub mod omb;
 pub mod recorder;
 pub mod report;
 pub mod schedule;
 pub mod throughput;
+pub mod workload;
 
 /// The highest send rate a run accepts: far above what one sender thread
 /// reaches, low enough that rate × seconds cannot overflow.

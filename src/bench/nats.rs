@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::BenchError;
-use super::driver::{Ack, BoxFuture, Consumer, Driver, Producer, StartAt};
+use super::driver::{Ack, BoxFuture, Consumer, ConsumerOptions, Driver, Producer, StartAt};
 
 /// A NATS server with JetStream on.
 pub struct NatsTarget {
@@ -54,7 +54,9 @@ impl Driver for NatsTarget {
         })
     }
 
-    fn create<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
+    /// JetStream streams have no partitions: `partitions` is not used (the
+    /// report says so).
+    fn create<'a>(&'a self, topic: &'a str, _partitions: u32) -> BoxFuture<'a, Result<(), BenchError>> {
         Box::pin(async move {
             let config = jetstream::stream::Config {
                 name: topic.to_owned(),
@@ -84,22 +86,26 @@ impl Driver for NatsTarget {
     fn consumer<'a>(
         &'a self,
         topic: &'a str,
-        from: StartAt,
-        window: u32,
+        options: ConsumerOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>> {
         Box::pin(async move {
             let stream = self.context.get_stream(topic).await.map_err(target_error)?;
             let config = pull::Config {
-                deliver_policy: match from {
+                durable_name: options.group.clone(),
+                deliver_policy: match options.from {
                     StartAt::Start => DeliverPolicy::All,
                     StartAt::End => DeliverPolicy::New,
                 },
                 ack_policy: AckPolicy::Explicit,
-                max_ack_pending: i64::from(window.max(1)),
+                max_ack_pending: i64::from(options.window.max(1)),
                 ..Default::default()
             };
-            let consumer: jetstream::consumer::Consumer<pull::Config> =
-                stream.create_consumer(config).await.map_err(target_error)?;
+            // A group is one durable consumer, pulled by each member: the
+            // first member creates it, the others bind to it.
+            let consumer: jetstream::consumer::Consumer<pull::Config> = match &options.group {
+                Some(group) => stream.get_or_create_consumer(group, config).await.map_err(target_error)?,
+                None => stream.create_consumer(config).await.map_err(target_error)?,
+            };
             let messages = consumer.messages().await.map_err(target_error)?;
             Ok(Box::new(NatsConsumer { messages }) as Box<dyn Consumer>)
         })
@@ -116,7 +122,9 @@ struct NatsProducer {
 }
 
 impl Producer for NatsProducer {
-    fn send(&self, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
+    /// JetStream has no partitions and no message keys: the key is not
+    /// sent.
+    fn send(&self, _key: Option<Bytes>, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
         Box::pin(async move {
             let pending = self.context.publish(self.subject.clone(), payload).await.map_err(target_error)?;
             let ack: Ack = Box::pin(async move {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The percentiles every report gives, out to p99.9999.
 pub const PERCENTILES: [f64; 10] = [50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 99.99, 99.999, 99.9999, 100.0];
@@ -19,13 +19,17 @@ pub struct Series {
 }
 
 /// A series' figures, in milliseconds.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub name: String,
     pub samples: u64,
     /// (percentile, latency in ms), in the order of [`PERCENTILES`]; 100 is
     /// the maximum.
     pub percentiles_ms: Vec<(f64, f64)>,
+    /// The whole distribution, (percentile, latency in ms) out to the last
+    /// sample, as charts draw it.
+    #[serde(default)]
+    pub distribution_ms: Vec<(f64, f64)>,
 }
 
 impl Series {
@@ -48,6 +52,28 @@ impl Series {
 
     pub fn samples(&self) -> u64 {
         self.histogram.len()
+    }
+
+    pub fn mean(&self) -> Duration {
+        Duration::from_nanos(self.histogram.mean() as u64)
+    }
+
+    /// Forgets every sample (a new reporting period).
+    pub fn clear(&mut self) {
+        self.histogram.reset();
+    }
+
+    /// The distribution as (percentile, latency) steps out to the last
+    /// sample: five ticks per halving of the distance to 100 %, as
+    /// HdrHistogram's percentile output.
+    pub fn distribution(&self) -> Vec<(f64, Duration)> {
+        if self.histogram.is_empty() {
+            return Vec::new();
+        }
+        self.histogram
+            .iter_quantiles(5)
+            .map(|step| (step.quantile_iterated_to() * 100.0, Duration::from_nanos(step.value_iterated_to())))
+            .collect()
     }
 
     /// The latency at `percentile` (100: the maximum).
@@ -113,6 +139,11 @@ impl Series {
             name: self.name.clone(),
             samples: self.samples(),
             percentiles_ms: PERCENTILES.iter().map(|&p| (p, self.at(p).as_secs_f64() * 1e3)).collect(),
+            distribution_ms: self
+                .distribution()
+                .into_iter()
+                .map(|(percentile, latency)| (percentile, latency.as_secs_f64() * 1e3))
+                .collect(),
         }
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::BenchError;
-use super::driver::{Driver, StartAt};
+use super::driver::{ConsumerOptions, Driver, StartAt};
 
 /// What a throughput run does.
 #[derive(Clone, Debug)]
@@ -80,7 +80,7 @@ pub async fn run(target: &dyn Driver, options: &ThroughputOptions) -> Result<Vec
 
 async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize) -> Result<SizeThroughput, BenchError> {
     let channel = format!("bench-throughput-{size}-{}", rand::random::<u32>());
-    target.create(&channel).await?;
+    target.create(&channel, 1).await?;
     // One payload for every message: the run measures the broker, not the
     // generator's random numbers (the broker neither compresses nor
     // deduplicates payloads).
@@ -105,7 +105,7 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
     let bar = super::progress(messages * 2, format!("throughput, {size} B"));
     for _ in 0..messages {
         bar.inc(1);
-        let receipt = publisher.send(payload.clone()).await?;
+        let receipt = publisher.send(None, payload.clone()).await?;
         if receipts.send(receipt).await.is_err() {
             break;
         }
@@ -116,7 +116,9 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
     publisher.close().await;
     let publish = Rate::new(acked, size, last_ack - started);
 
-    let mut consumer = target.consumer(&channel, StartAt::Start, options.subscriber_window).await?;
+    let mut consumer = target
+        .consumer(&channel, ConsumerOptions { from: StartAt::Start, window: options.subscriber_window, group: None })
+        .await?;
     let started = Instant::now();
     let mut received = 0_u64;
     while received < acked {

@@ -1,0 +1,797 @@
+//! `weir bench run` (and `weir bench catchup`): an OMB workload against a
+//! driver. Topics, partitions, producers, subscriptions and consumers map
+//! onto the driver's topics, producers and consumer groups; producers send
+//! at the workload's rate (each from its own schedule, latency from the
+//! intended send time), an optional backlog is built and drained, then the
+//! warm-up and the test run, with a report every period as OMB prints it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::BenchError;
+use super::driver::{Ack, ConsumerOptions, Driver, Producer, StartAt};
+use super::omb::{KEY_POOL_SIZE, KeyDistributor, Period, STAMP_BYTES, TestResult, Workload};
+use super::recorder::Series;
+use super::schedule::{Schedule, latency};
+
+/// How a workload is run, besides the workload itself.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub test: Duration,
+    pub warmup: Duration,
+    /// How often a period is reported (OMB: 10 s).
+    pub report_interval: Duration,
+    /// The backlog to build and drain before the warm-up, in bytes.
+    pub backlog_bytes: u64,
+    /// Each consumer's window.
+    pub consumer_window: u32,
+    /// The payloads messages are made from, in turn (each is stamped with
+    /// its send time in its first 8 bytes).
+    pub payloads: Vec<Bytes>,
+}
+
+/// Acknowledgements a producer may have outstanding in the load generator
+/// before its sender waits (the client's own queue bounds it first).
+const ACKS_IN_FLIGHT_MAX: usize = 64 * 1024;
+/// Below this interval between a producer's messages, its sender sleeps to
+/// each intended time instead of spinning the last 200 µs: spinning one
+/// thread per producer would take the cores the broker needs. The lateness
+/// this costs is reported as publish delay (as OMB does) and counts in the
+/// latencies, which run from the intended time.
+const SPIN_INTERVAL_MIN: Duration = Duration::from_millis(1);
+/// The longest wait, once producing has stopped, for consumers to read
+/// what was acknowledged.
+const FINAL_READ_WAIT: Duration = Duration::from_secs(30);
+/// How often the backlog is checked while it is built and drained.
+const BACKLOG_POLL: Duration = Duration::from_millis(100);
+/// The longest wait for acknowledgements still outstanding once the test is
+/// over.
+const FINAL_ACKS_WAIT: Duration = Duration::from_secs(60);
+
+/// Where the run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Backlog,
+    Drain,
+    Warmup,
+    Test,
+}
+
+/// The three latency series of a period or a phase.
+#[derive(Clone)]
+struct Triple {
+    publish: Series,
+    publish_delay: Series,
+    end_to_end: Series,
+}
+
+impl Triple {
+    fn new(label: &str) -> Triple {
+        Triple {
+            publish: Series::new(format!("publish{label}")),
+            publish_delay: Series::new(format!("publish delay{label}")),
+            end_to_end: Series::new(format!("end-to-end{label}")),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.publish.clear();
+        self.publish_delay.clear();
+        self.end_to_end.clear();
+    }
+
+    fn period(&self) -> Period<'_> {
+        Period { publish: &self.publish, publish_delay: &self.publish_delay, end_to_end: &self.end_to_end }
+    }
+}
+
+struct Latencies {
+    phase: Phase,
+    period: Triple,
+    drain: Triple,
+    test: Triple,
+}
+
+impl Latencies {
+    fn phase_series(&mut self) -> Option<&mut Triple> {
+        match self.phase {
+            Phase::Drain => Some(&mut self.drain),
+            Phase::Test => Some(&mut self.test),
+            Phase::Backlog | Phase::Warmup => None,
+        }
+    }
+
+    fn published(&mut self, intended: Instant, sent: Instant, acked: Instant) {
+        self.period.publish.record(latency(intended, acked));
+        self.period.publish_delay.record(latency(intended, sent));
+        if let Some(phase) = self.phase_series() {
+            phase.publish.record(latency(intended, acked));
+            phase.publish_delay.record(latency(intended, sent));
+        }
+    }
+
+    fn delivered(&mut self, intended: Instant, received: Instant) {
+        self.period.end_to_end.record(latency(intended, received));
+        if let Some(phase) = self.phase_series() {
+            phase.end_to_end.record(latency(intended, received));
+        }
+    }
+}
+
+/// What every actor updates.
+struct Shared {
+    epoch: Instant,
+    acked: AtomicU64,
+    errors: AtomicU64,
+    received: AtomicU64,
+    received_bytes: AtomicU64,
+    stop_producing: AtomicBool,
+    latencies: Mutex<Latencies>,
+    /// The first error of an actor, which ends the run.
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn new(phase: Phase) -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            acked: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            stop_producing: AtomicBool::new(false),
+            latencies: Mutex::new(Latencies {
+                phase,
+                period: Triple::new(""),
+                drain: Triple::new(", drain"),
+                test: Triple::new(""),
+            }),
+            failure: Mutex::new(None),
+        }
+    }
+
+    fn latencies(&self) -> std::sync::MutexGuard<'_, Latencies> {
+        self.latencies.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, error: impl std::fmt::Display) {
+        let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        failure.get_or_insert_with(|| error.to_string());
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The stamp of a message due at `intended`.
+    fn stamp(&self, intended: Instant) -> [u8; STAMP_BYTES] {
+        (intended.saturating_duration_since(self.epoch).as_nanos() as u64).to_be_bytes()
+    }
+
+    fn intended_of(&self, payload: &[u8]) -> Option<Instant> {
+        let nanos = u64::from_be_bytes(payload.get(..STAMP_BYTES)?.try_into().ok()?);
+        self.epoch.checked_add(Duration::from_nanos(nanos))
+    }
+}
+
+/// A built and drained backlog.
+#[derive(Clone, Debug, Serialize)]
+pub struct Drain {
+    pub backlog_bytes: u64,
+    pub backlog_messages: u64,
+    /// From the first publish until the backlog was built.
+    pub build_seconds: f64,
+    /// From the consumers' start until the backlog was drained (to
+    /// `1 - backlogDrainRatio` of it).
+    pub drain_seconds: f64,
+    /// Messages read a second while draining, over every subscription.
+    pub drain_messages_per_second: f64,
+    pub drain_megabytes_per_second: f64,
+    /// Publish and end-to-end latency while the backlog drained.
+    pub publish: super::recorder::Summary,
+    pub end_to_end: super::recorder::Summary,
+}
+
+/// What a run gives back.
+pub struct Outcome {
+    pub result: TestResult,
+    pub drain: Option<Drain>,
+    /// The test's aggregated series (warm-up excluded).
+    pub publish: Series,
+    pub publish_delay: Series,
+    pub end_to_end: Series,
+    /// Every period's line, as printed.
+    pub lines: Vec<String>,
+    pub totals: Totals,
+}
+
+/// Messages over the whole run, warm-up and backlog included.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    pub acknowledged: u64,
+    pub failed: u64,
+    /// Deliveries over every subscription (a message counts once per
+    /// subscription).
+    pub read: u64,
+    /// Acknowledged deliveries not read when the consumers stopped (after
+    /// up to 30 s of reading once producing stopped).
+    pub unread: u64,
+}
+
+/// Runs `workload` against `target`, printing each period's line to
+/// standard output as it ends.
+///
+/// # Errors
+/// The broker refused a request, a connection failed, or an actor failed.
+pub async fn run(target: &dyn Driver, workload: &Workload, options: &RunOptions) -> Result<Outcome, BenchError> {
+    if options.payloads.is_empty() {
+        return Err(BenchError::Target("no payload to send".into()));
+    }
+    let run_id = rand::random::<u32>();
+    let topics: Vec<String> = (0..workload.topics).map(|topic| format!("bench-omb-{run_id:08x}-{topic}")).collect();
+    for topic in &topics {
+        target.create(topic, workload.partitions_per_topic).await?;
+    }
+    let outcome = run_on(target, workload, options, &topics, run_id).await;
+    for topic in &topics {
+        if let Err(error) = target.delete(topic).await {
+            tracing::warn!(%topic, %error, "could not delete a benchmark topic");
+        }
+    }
+    outcome
+}
+
+async fn run_on(
+    target: &dyn Driver,
+    workload: &Workload,
+    options: &RunOptions,
+    topics: &[String],
+    run_id: u32,
+) -> Result<Outcome, BenchError> {
+    let shared = Arc::new(Shared::new(if options.backlog_bytes > 0 { Phase::Backlog } else { Phase::Warmup }));
+    let stop_consuming = CancellationToken::new();
+    let mut consumers = Vec::new();
+    let start_consumers = || {
+        let futures: Vec<_> = topics
+            .iter()
+            .flat_map(|topic| {
+                (0..workload.subscriptions_per_topic).flat_map(move |subscription| {
+                    (0..workload.consumer_per_subscription).map(move |_| (topic, subscription))
+                })
+            })
+            .map(|(topic, subscription)| {
+                let options = ConsumerOptions {
+                    // Topics are new: from the start, nothing is missed while
+                    // a group's members join.
+                    from: StartAt::Start,
+                    window: options.consumer_window,
+                    group: Some(format!("bench-{run_id:08x}-sub-{subscription}")),
+                };
+                target.consumer(topic, options)
+            })
+            .collect();
+        let shared = Arc::clone(&shared);
+        let stop = stop_consuming.clone();
+        async move {
+            let mut started = Vec::new();
+            for future in futures {
+                let consumer = future.await?;
+                started.push(tokio::spawn(consume(consumer, Arc::clone(&shared), stop.clone())));
+            }
+            Ok::<_, BenchError>(started)
+        }
+    };
+    if options.backlog_bytes == 0 {
+        consumers = start_consumers().await?;
+    }
+
+    let producer_count = workload.producer_count();
+    let mut producers = Vec::new();
+    for topic in topics {
+        for _ in 0..workload.producers_per_topic {
+            producers.push(target.producer(topic).await?);
+        }
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut senders = Vec::new();
+    let mut collectors = Vec::new();
+    for (index, producer) in producers.iter().enumerate() {
+        let rate = share_of(workload.producer_rate, producer_count, index as u64);
+        let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT_MAX);
+        collectors.push(tokio::spawn(collect(pending, Arc::clone(&shared))));
+        let sender = Sender {
+            producer: Arc::clone(producer),
+            schedule: (rate > 0).then(|| Schedule::new(start, rate)),
+            payloads: options.payloads.clone(),
+            keys: Keys::new(workload.key_distributor),
+            shared: Arc::clone(&shared),
+            acks,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        senders.push(
+            std::thread::Builder::new()
+                .name(format!("weir-bench-producer-{index}"))
+                .spawn(move || sender.run())
+                .map_err(BenchError::Io)?,
+        );
+    }
+
+    let mut reporter = Reporter::new(workload, options, Arc::clone(&shared));
+    let mut drain = None;
+    let mut failed = None;
+    if options.backlog_bytes > 0 {
+        let backlog_messages = options.backlog_bytes.div_ceil(workload.message_size as u64);
+        let built = reporter.wait(|backlog| backlog >= backlog_messages).await;
+        let build_seconds = start.elapsed().as_secs_f64();
+        match built {
+            Err(error) => failed = Some(error),
+            Ok(()) => {
+                shared.latencies().phase = Phase::Drain;
+                let drain_started = Instant::now();
+                let received_before = shared.received.load(Ordering::Relaxed);
+                let bytes_before = shared.received_bytes.load(Ordering::Relaxed);
+                match start_consumers().await {
+                    Ok(started) => consumers = started,
+                    Err(error) => failed = Some(error.to_string()),
+                }
+                let target_backlog = ((1.0 - workload.backlog_drain_ratio) * backlog_messages as f64) as u64;
+                if failed.is_none()
+                    && let Err(error) = reporter.wait(|backlog| backlog <= target_backlog).await
+                {
+                    failed = Some(error);
+                }
+                let seconds = drain_started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
+                let read = shared.received.load(Ordering::Relaxed) - received_before;
+                let bytes = shared.received_bytes.load(Ordering::Relaxed) - bytes_before;
+                let latencies = shared.latencies();
+                drain = Some(Drain {
+                    backlog_bytes: options.backlog_bytes,
+                    backlog_messages,
+                    build_seconds,
+                    drain_seconds: seconds,
+                    drain_messages_per_second: read as f64 / seconds,
+                    drain_megabytes_per_second: bytes as f64 / seconds / 1e6,
+                    publish: latencies.drain.publish.summary(),
+                    end_to_end: latencies.drain.end_to_end.summary(),
+                });
+            }
+        }
+    }
+    if failed.is_none() {
+        shared.latencies().phase = Phase::Warmup;
+        if let Err(error) = reporter.run_for(options.warmup).await {
+            failed = Some(error);
+        }
+    }
+    if failed.is_none() {
+        {
+            let mut latencies = shared.latencies();
+            latencies.phase = Phase::Test;
+            latencies.test.clear();
+        }
+        reporter.measuring = true;
+        if let Err(error) = reporter.run_for(options.test).await {
+            failed = Some(error);
+        }
+    }
+
+    shared.stop_producing.store(true, Ordering::Relaxed);
+    for sender in senders {
+        let _ = tokio::task::spawn_blocking(move || sender.join()).await;
+    }
+    for collector in collectors {
+        if tokio::time::timeout(FINAL_ACKS_WAIT, collector).await.is_err() {
+            shared.fail(format!("acknowledgements still outstanding {FINAL_ACKS_WAIT:?} after the test"));
+        }
+    }
+    // Consumers read what is still on its way before they stop, so that
+    // the totals say whether every acknowledged message was read.
+    if !consumers.is_empty() {
+        let caught_up = async {
+            while reporter.backlog() > 0 && shared.failure().is_none() {
+                tokio::time::sleep(BACKLOG_POLL).await;
+            }
+        };
+        let _ = tokio::time::timeout(FINAL_READ_WAIT, caught_up).await;
+    }
+    stop_consuming.cancel();
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    for producer in producers {
+        producer.close().await;
+    }
+    if let Some(error) = failed.or_else(|| shared.failure()) {
+        return Err(BenchError::Target(error));
+    }
+
+    let totals = Totals {
+        acknowledged: shared.acked.load(Ordering::Relaxed),
+        failed: shared.errors.load(Ordering::Relaxed),
+        read: shared.received.load(Ordering::Relaxed),
+        unread: reporter.backlog(),
+    };
+    let latencies = shared.latencies();
+    let mut result = reporter.result;
+    result.set_aggregated(&latencies.test.period());
+    Ok(Outcome {
+        result,
+        drain,
+        publish: latencies.test.publish.clone(),
+        publish_delay: latencies.test.publish_delay.clone(),
+        end_to_end: latencies.test.end_to_end.clone(),
+        lines: reporter.lines,
+        totals,
+    })
+}
+
+/// The payloads of `workload`'s messages and where they come from: its
+/// `payloadFile` (relative to `workload_dir`, then to the working
+/// directory), a pool of randomized payloads (`useRandomizedPayloads`), or
+/// one payload of random bytes.
+///
+/// # Errors
+/// The payload file is larger than the bench's bound.
+pub fn payloads(workload: &Workload, workload_dir: &std::path::Path) -> Result<(Vec<Bytes>, String), BenchError> {
+    let size = workload.message_size;
+    if let Some(file) = &workload.payload_file {
+        let candidates = [workload_dir.join(file), std::path::PathBuf::from(file)];
+        if let Some(path) = candidates.iter().find(|path| path.is_file()) {
+            let length = std::fs::metadata(path).map_err(BenchError::Io)?.len();
+            if length > super::MESSAGE_BYTES_MAX as u64 || length < STAMP_BYTES as u64 {
+                return Err(BenchError::Target(format!(
+                    "{}: {length} bytes; a payload file must hold {STAMP_BYTES} to {} bytes",
+                    path.display(),
+                    super::MESSAGE_BYTES_MAX
+                )));
+            }
+            let bytes = std::fs::read(path).map_err(BenchError::Io)?;
+            return Ok((vec![Bytes::from(bytes)], format!("{} ({length} bytes)", path.display())));
+        }
+    }
+    let random = |count: usize| -> Vec<u8> { (0..count).map(|_| rand::random::<u8>()).collect() };
+    if workload.use_randomized_payloads {
+        let random_bytes = ((size as f64) * workload.random_bytes_ratio) as usize;
+        let pool = (0..workload.randomized_payload_pool_size)
+            .map(|_| {
+                let mut payload = random(random_bytes.min(size));
+                payload.resize(size, 0);
+                Bytes::from(payload)
+            })
+            .collect();
+        let description = format!(
+            "{} randomized payloads of {size} bytes, {:.0} % random",
+            workload.randomized_payload_pool_size,
+            workload.random_bytes_ratio * 100.0
+        );
+        return Ok((pool, description));
+    }
+    let missing =
+        workload.payload_file.as_ref().map_or_else(String::new, |file| format!(" (payloadFile {file} not found)"));
+    Ok((vec![Bytes::from(random(size))], format!("random bytes, {size} per message{missing}")))
+}
+
+/// Producer `index`'s share of `rate` messages a second over `producers`
+/// (the remainder goes to the first ones); 0 stays 0 (as fast as it can).
+fn share_of(rate: u64, producers: u64, index: u64) -> u64 {
+    rate / producers + u64::from(index < rate % producers)
+}
+
+/// Message keys as OMB's key distributors choose them.
+struct Keys {
+    distributor: KeyDistributor,
+    pool: Vec<Bytes>,
+    next: usize,
+}
+
+impl Keys {
+    fn new(distributor: KeyDistributor) -> Keys {
+        let pool = match distributor {
+            KeyDistributor::NoKey => Vec::new(),
+            // OMB's pool: random alphanumeric keys of 7 characters.
+            KeyDistributor::KeyRoundRobin | KeyDistributor::RandomNano => (0..KEY_POOL_SIZE)
+                .map(|_| {
+                    const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+                    let key: Vec<u8> =
+                        (0..7).map(|_| ALPHANUMERIC[rand::random_range(0..ALPHANUMERIC.len())]).collect();
+                    Bytes::from(key)
+                })
+                .collect(),
+        };
+        Keys { distributor, pool, next: 0 }
+    }
+
+    fn next(&mut self) -> Option<Bytes> {
+        match self.distributor {
+            KeyDistributor::NoKey => None,
+            KeyDistributor::KeyRoundRobin => {
+                let key = self.pool[self.next % self.pool.len()].clone();
+                self.next = self.next.wrapping_add(1);
+                Some(key)
+            }
+            KeyDistributor::RandomNano => Some(self.pool[rand::random_range(0..self.pool.len())].clone()),
+        }
+    }
+}
+
+/// One producer's sending thread.
+struct Sender {
+    producer: Arc<dyn Producer>,
+    /// `None`: as fast as the client's windows allow.
+    schedule: Option<Schedule>,
+    payloads: Vec<Bytes>,
+    keys: Keys,
+    shared: Arc<Shared>,
+    acks: mpsc::Sender<(Instant, Instant, Ack)>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Sender {
+    fn run(mut self) {
+        let spin = self.schedule.is_some_and(|schedule| schedule.offset(1) >= SPIN_INTERVAL_MIN);
+        let mut index = 0_u64;
+        while !self.shared.stop_producing.load(Ordering::Relaxed) {
+            let intended = match self.schedule {
+                Some(schedule) => {
+                    let due = schedule.intended(index);
+                    if spin {
+                        super::latency::wait_until(due);
+                    } else if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    due
+                }
+                None => Instant::now(),
+            };
+            let template = &self.payloads[(index % self.payloads.len() as u64) as usize];
+            let mut payload = BytesMut::from(&template[..]);
+            payload[..STAMP_BYTES].copy_from_slice(&self.shared.stamp(intended));
+            let key = self.keys.next();
+            let sent = Instant::now();
+            match self.runtime.block_on(self.producer.send(key, payload.freeze())) {
+                Ok(ack) => {
+                    if self.acks.blocking_send((intended, sent, ack)).is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared.fail(format!("a producer failed: {error}"));
+                    break;
+                }
+            }
+            index += 1;
+        }
+    }
+}
+
+/// Awaits one producer's acknowledgements in whatever order they come.
+async fn collect(mut pending: mpsc::Receiver<(Instant, Instant, Ack)>, shared: Arc<Shared>) {
+    let mut acks = FuturesUnordered::new();
+    let mut open = true;
+    while open || !acks.is_empty() {
+        tokio::select! {
+            next = pending.recv(), if open => match next {
+                Some((intended, sent, ack)) => acks.push(async move { (intended, sent, ack.await) }),
+                None => open = false,
+            },
+            Some((intended, sent, acked)) = acks.next(), if !acks.is_empty() => match acked {
+                Ok(()) => {
+                    let now = Instant::now();
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    shared.latencies().published(intended, sent, now);
+                }
+                Err(error) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    shared.fail(format!("a publish failed: {error}"));
+                }
+            },
+        }
+    }
+}
+
+/// Reads one consumer until the run stops it.
+async fn consume(mut consumer: Box<dyn super::driver::Consumer>, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let payload = tokio::select! {
+            () = stop.cancelled() => return,
+            next = consumer.next() => match next {
+                Ok(payload) => payload,
+                Err(error) => {
+                    if !stop.is_cancelled() {
+                        shared.fail(format!("a consumer failed: {error}"));
+                    }
+                    return;
+                }
+            },
+        };
+        let now = Instant::now();
+        shared.received.fetch_add(1, Ordering::Relaxed);
+        shared.received_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        if let Some(intended) = shared.intended_of(&payload) {
+            shared.latencies().delivered(intended, now);
+        }
+    }
+}
+
+/// Prints a line every period and keeps OMB's per-period series.
+struct Reporter {
+    shared: Arc<Shared>,
+    interval: Duration,
+    subscriptions: u64,
+    message_size: usize,
+    started: Instant,
+    last: Instant,
+    last_acked: u64,
+    last_errors: u64,
+    last_received: u64,
+    /// Periods are kept in the result only once the test runs.
+    measuring: bool,
+    result: TestResult,
+    lines: Vec<String>,
+}
+
+impl Reporter {
+    fn new(workload: &Workload, options: &RunOptions, shared: Arc<Shared>) -> Reporter {
+        let now = Instant::now();
+        Reporter {
+            shared,
+            interval: options.report_interval,
+            subscriptions: u64::from(workload.subscriptions_per_topic),
+            message_size: workload.message_size,
+            started: now,
+            last: now,
+            last_acked: 0,
+            last_errors: 0,
+            last_received: 0,
+            measuring: false,
+            result: TestResult {
+                workload: workload.name.clone(),
+                message_size: workload.message_size as u64,
+                topics: workload.topics,
+                partitions: workload.partitions_per_topic,
+                producers_per_topic: workload.producers_per_topic,
+                consumers_per_topic: workload.subscriptions_per_topic * workload.consumer_per_subscription,
+                ..TestResult::default()
+            },
+            lines: Vec::new(),
+        }
+    }
+
+    /// Messages acknowledged and not yet read, over every subscription
+    /// (OMB's backlog).
+    fn backlog(&self) -> u64 {
+        let acked = self.shared.acked.load(Ordering::Relaxed);
+        (acked * self.subscriptions).saturating_sub(self.shared.received.load(Ordering::Relaxed))
+    }
+
+    /// Reports periods for `duration`.
+    async fn run_for(&mut self, duration: Duration) -> Result<(), String> {
+        let end = Instant::now() + duration;
+        while Instant::now() < end {
+            let next = (self.last + self.interval).min(end);
+            tokio::time::sleep_until(next.into()).await;
+            if let Some(failure) = self.shared.failure() {
+                return Err(failure);
+            }
+            if Instant::now() >= self.last + self.interval || Instant::now() >= end {
+                self.report();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports periods until `done(backlog)`.
+    async fn wait(&mut self, done: impl Fn(u64) -> bool) -> Result<(), String> {
+        while !done(self.backlog()) {
+            tokio::time::sleep(BACKLOG_POLL).await;
+            if let Some(failure) = self.shared.failure() {
+                return Err(failure);
+            }
+            if Instant::now() >= self.last + self.interval {
+                self.report();
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&mut self) {
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64().max(f64::MIN_POSITIVE);
+        self.last = now;
+        let acked = self.shared.acked.load(Ordering::Relaxed);
+        let errors = self.shared.errors.load(Ordering::Relaxed);
+        let received = self.shared.received.load(Ordering::Relaxed);
+        let publish_rate = (acked - self.last_acked) as f64 / seconds;
+        let error_rate = (errors - self.last_errors) as f64 / seconds;
+        let consume_rate = (received - self.last_received) as f64 / seconds;
+        (self.last_acked, self.last_errors, self.last_received) = (acked, errors, received);
+        let backlog = self.backlog();
+        let mut latencies = self.shared.latencies();
+        let phase = latencies.phase;
+        let megabytes = |rate: f64| rate * self.message_size as f64 / 1e6;
+        let period = &latencies.period;
+        let line = format!(
+            "[{:>6.0} s {:<7}] Pub rate {:>9.1} msg/s / {:>7.1} MB/s | Pub err {:>6.1} err/s | Cons rate {:>9.1} msg/s / {:>7.1} MB/s | Backlog {:>8.1} K | Pub Latency (ms) avg {:>7.3} - 50% {:>7.3} - 99% {:>7.3} - 99.9% {:>7.3} - Max {:>8.3} | Pub Delay (us) avg {:>6.0} - 50% {:>6} - 99% {:>6} - 99.9% {:>6} - Max {:>7} | E2E Latency (ms) avg {:>7.3} - 50% {:>7.3} - 99% {:>7.3} - 99.9% {:>7.3} - Max {:>8.3}",
+            (now - self.started).as_secs_f64(),
+            format!("{phase:?}").to_lowercase(),
+            publish_rate,
+            megabytes(publish_rate),
+            error_rate,
+            consume_rate,
+            megabytes(consume_rate),
+            backlog as f64 / 1e3,
+            period.publish.mean().as_secs_f64() * 1e3,
+            period.publish.at(50.0).as_secs_f64() * 1e3,
+            period.publish.at(99.0).as_secs_f64() * 1e3,
+            period.publish.at(99.9).as_secs_f64() * 1e3,
+            period.publish.at(100.0).as_secs_f64() * 1e3,
+            period.publish_delay.mean().as_secs_f64() * 1e6,
+            period.publish_delay.at(50.0).as_micros(),
+            period.publish_delay.at(99.0).as_micros(),
+            period.publish_delay.at(99.9).as_micros(),
+            period.publish_delay.at(100.0).as_micros(),
+            period.end_to_end.mean().as_secs_f64() * 1e3,
+            period.end_to_end.at(50.0).as_secs_f64() * 1e3,
+            period.end_to_end.at(99.0).as_secs_f64() * 1e3,
+            period.end_to_end.at(99.9).as_secs_f64() * 1e3,
+            period.end_to_end.at(100.0).as_secs_f64() * 1e3,
+        );
+        if self.measuring {
+            self.result.publish_rate.push(publish_rate);
+            self.result.publish_error_rate.push(error_rate);
+            self.result.consume_rate.push(consume_rate);
+            self.result.backlog.push(i64::try_from(backlog).unwrap_or(i64::MAX));
+            self.result.push_period(&period.period());
+        }
+        latencies.period.clear();
+        drop(latencies);
+        println!("{line}");
+        self.lines.push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_is_shared_over_producers_without_losing_the_remainder() {
+        let shares: Vec<u64> = (0..4).map(|index| share_of(50_003, 4, index)).collect();
+        assert_eq!(shares, [12_501, 12_501, 12_501, 12_500]);
+        assert_eq!(shares.iter().sum::<u64>(), 50_003);
+        assert_eq!(share_of(0, 4, 2), 0);
+    }
+
+    #[test]
+    fn keys_come_from_a_pool_of_ten_thousand_in_turn_or_at_random() {
+        let mut round_robin = Keys::new(KeyDistributor::KeyRoundRobin);
+        let first = round_robin.next().unwrap();
+        assert_eq!(first.len(), 7);
+        for _ in 1..KEY_POOL_SIZE {
+            round_robin.next();
+        }
+        assert_eq!(round_robin.next().unwrap(), first, "the pool repeats after 10,000 keys");
+        let mut random = Keys::new(KeyDistributor::RandomNano);
+        assert!(random.next().is_some());
+        assert!(Keys::new(KeyDistributor::NoKey).next().is_none());
+    }
+
+    #[test]
+    fn a_stamp_gives_back_the_intended_send_time() {
+        let shared = Shared::new(Phase::Test);
+        let intended = shared.epoch + Duration::from_micros(1234);
+        let mut payload = vec![0u8; 64];
+        payload[..STAMP_BYTES].copy_from_slice(&shared.stamp(intended));
+        assert_eq!(shared.intended_of(&payload), Some(intended));
+        assert_eq!(shared.intended_of(&payload[..4]), None);
+    }
+}
