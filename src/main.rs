@@ -141,7 +141,8 @@ enum Command {
 /// The broker a `weir bench` command drives.
 #[derive(Args)]
 struct TargetArgs {
-    /// The broker to drive: weir, or the peer NATS JetStream at --url.
+    /// The broker to drive: weir, the peer NATS JetStream at --url, or
+    /// none (null: what the load generator alone reaches).
     #[arg(long, value_enum, default_value = "weir")]
     driver: DriverArg,
     /// The NATS server (--driver nats).
@@ -184,6 +185,9 @@ struct RunArgs {
 enum DriverArg {
     Weir,
     Nats,
+    /// No broker: the load generator alone, every send acknowledged at
+    /// once (its own ceiling).
+    Null,
 }
 
 /// The benchmarks of `weir bench`.
@@ -216,6 +220,9 @@ enum BenchKind {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write a percentile chart as STEM.svg and STEM.png.
+        #[arg(long, value_name = "STEM")]
+        chart: Option<PathBuf>,
     },
     /// N messages per size from one publisher, done when every
     /// acknowledgement is back; then one subscriber reads them all.
@@ -695,17 +702,24 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
         BenchKind::Run { workload: path, test_seconds, warmup_seconds, report_seconds, backlog_gb, run } => {
             let workload = weir::bench::omb::Workload::load(&path)?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            anyhow::ensure!(
+                [test_seconds, warmup_seconds].iter().flatten().all(|&seconds| seconds <= weir::bench::SECONDS_MAX),
+                "--test-seconds and --warmup-seconds must be at most {}",
+                weir::bench::SECONDS_MAX
+            );
             let test = test_seconds.map_or_else(|| workload.test_duration(), Duration::from_secs);
             let warmup = warmup_seconds.map_or_else(|| workload.warmup_duration(), Duration::from_secs);
             let backlog_gb = backlog_gb.unwrap_or(workload.consumer_backlog_size_gb);
-            anyhow::ensure!(backlog_gb >= 0.0 && backlog_gb.is_finite(), "--backlog-gb must be 0 or more");
+            let most = weir::bench::omb::BACKLOG_GB_MAX;
+            anyhow::ensure!((0.0..=most).contains(&backlog_gb), "--backlog-gb must be between 0 and {most}");
             let backlog_bytes = (backlog_gb * f64::from(1u32 << 30)) as u64;
             return bench_run("weir bench run", workload, &base, test, warmup, report_seconds, backlog_bytes, run)
                 .await;
         }
         BenchKind::Catchup { size, partitions, rate, backlog_mb, seconds, run } => {
             check_bench_bounds(&[size], rate, &[seconds])?;
-            anyhow::ensure!(backlog_mb > 0, "--backlog-mb must be at least 1");
+            let most = (weir::bench::omb::BACKLOG_GB_MAX as u64) << 10;
+            anyhow::ensure!((1..=most).contains(&backlog_mb), "--backlog-mb must be between 1 and {most}");
             let workload = weir::bench::omb::Workload {
                 name: format!(
                     "catch-up: {backlog_mb} MiB backlog of {size} B at {rate} msg/s, {partitions} partitions"
@@ -751,7 +765,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             weir::bench::chart::draw(&curves, &title, &output)?;
             println!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
         }
-        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json } => {
+        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json, chart } => {
             check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
             anyhow::ensure!(seconds > warmup_seconds, "--seconds must be above --warmup-seconds");
             let target = bench_target(target).await?;
@@ -794,6 +808,10 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(stem) = chart {
+                let title = format!("{rate} msg/s, {}", report.header.target);
+                write_chart(&stem, &title, &report.header.target, report.floor.iter().chain(&report.series))?;
             }
         }
     }
@@ -882,7 +900,13 @@ async fn bench_run(
     let outcome = runner::run(&*target, &workload, &options).await;
     target.stop().await?;
     let mut outcome = outcome?;
-    let mut series = vec![outcome.publish.summary(), outcome.publish_delay.summary(), outcome.end_to_end.summary()];
+    let mut series = vec![
+        outcome.publish.summary(),
+        outcome.end_to_end.summary(),
+        outcome.publish_delay.summary(),
+        outcome.publish_from_send.summary(),
+        outcome.end_to_end_from_send.summary(),
+    ];
     if let Some(drain) = &outcome.drain {
         series.push(drain.publish.clone());
         series.push(drain.end_to_end.clone());
@@ -890,11 +914,20 @@ async fn bench_run(
     let table =
         report::Report { header: header.clone(), floor: floor.iter().map(|series| series.summary()).collect(), series };
     print!("{}", report::table(&table));
-    let totals = outcome.totals;
+    let totals = outcome.totals.clone();
     println!(
-        "messages: {} acknowledged, {} failed, {} read over {} subscriptions per topic, {} unread at the end",
-        totals.acknowledged, totals.failed, totals.read, workload.subscriptions_per_topic, totals.unread
+        "messages: {} acknowledged, {} failed, {} due and never sent; {} read over {} subscriptions per topic, {} redelivered, {} unread at the end",
+        totals.acknowledged,
+        totals.failed,
+        totals.due_not_sent,
+        totals.read,
+        workload.subscriptions_per_topic,
+        totals.redelivered,
+        totals.unread
     );
+    if let Some(failure) = &totals.first_failure {
+        println!("first failed publish: {failure}");
+    }
     if let Some(drain) = &outcome.drain {
         println!(
             "backlog: {} messages built in {:.1} s, drained in {:.1} s at {:.0} msg/s / {:.1} MB/s while publishing went on",
@@ -915,33 +948,57 @@ async fn bench_run(
         "totals": totals,
         "unused_workload_fields": unused,
         "series": table.series,
+        "latency_note": "OMB's fields (publishLatency*, endToEndLatency*) run from each message's actual send, as OMB's do; \
+            weir.series gives publish and end-to-end latency from the intended send time (coordinated omission corrected), \
+            and publish delay (intended to actual send)",
     }));
     if let Some(path) = &run.json {
         std::fs::write(path, serde_json::to_string_pretty(&outcome.result)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(stem) = &run.chart {
-        let mut curves = Vec::new();
-        for summary in table.floor.iter().chain(&table.series[..3]).filter(|summary| !summary.name.contains("delay")) {
-            let label = if summary.name.starts_with("floor") {
-                summary.name.clone()
-            } else {
-                format!("{}: {}", header.target, summary.name)
-            };
-            curves.push(weir::bench::chart::Curve { label, points: summary.distribution_ms.clone() });
-        }
-        for extension in ["svg", "png"] {
-            weir::bench::chart::draw(&curves, &workload.name, &stem.with_extension(extension))?;
-        }
+        // The floor and the coordinated-omission-corrected series.
+        let latencies = table.floor.iter().chain(&table.series[..2]).chain(&table.series[5..]);
+        write_chart(stem, &workload.name, &header.target, latencies)?;
     }
     if let Some(dir) = &run.hgrm_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for series in floor.iter().chain([&outcome.publish, &outcome.publish_delay, &outcome.end_to_end]) {
+        let all = [
+            &outcome.publish,
+            &outcome.end_to_end,
+            &outcome.publish_delay,
+            &outcome.publish_from_send,
+            &outcome.end_to_end_from_send,
+        ];
+        for series in floor.iter().chain(all) {
             let path = dir.join(format!("{}.hgrm", series.file_stem()));
             std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the percentile chart of `series` as `STEM.svg` and `STEM.png`.
+fn write_chart<'a>(
+    stem: &Path,
+    title: &str,
+    target: &str,
+    series: impl Iterator<Item = &'a weir::bench::recorder::Summary>,
+) -> anyhow::Result<()> {
+    let curves: Vec<_> = series
+        .map(|summary| {
+            let label = if summary.name.starts_with("floor") {
+                summary.name.clone()
+            } else {
+                format!("{target}: {}", summary.name)
+            };
+            weir::bench::chart::Curve { label, points: summary.distribution_ms.clone() }
+        })
+        .collect();
+    for extension in ["svg", "png"] {
+        weir::bench::chart::draw(&curves, title, &stem.with_extension(extension))?;
+    }
+    Ok(())
 }
 
 /// Refuses sizes, rates and durations outside the bench's bounds with a
@@ -966,6 +1023,7 @@ async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench:
     use weir::bench::driver::WeirTarget;
     Ok(match (target.driver, target.addr) {
         (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(&target.url).await?),
+        (DriverArg::Null, _) => Box::new(weir::bench::null::NullTarget::new()),
         (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(&addr)),
         (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(target.fsync.into()).await?),
     })

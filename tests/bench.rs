@@ -18,6 +18,7 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     let path = json.path().to_str().unwrap().to_owned();
     let hgrms = tempfile::tempdir().unwrap();
     let hgrm_dir = hgrms.path().join("hgrm").to_str().unwrap().to_owned();
+    let chart = hgrms.path().join("latency").to_str().unwrap().to_owned();
     let args = [
         "bench",
         "latency",
@@ -35,6 +36,8 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
         &path,
         "--hgrm-dir",
         &hgrm_dir,
+        "--chart",
+        &chart,
     ];
     let (ok, stdout, stderr) = weir(&args);
     assert!(ok, "{stdout}\n{stderr}");
@@ -65,6 +68,10 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     );
     let hgrm = std::fs::read_to_string(std::path::Path::new(&hgrm_dir).join("end-to-end-256-B.hgrm")).unwrap();
     assert!(hgrm.contains("Total count    =          100]"), "{hgrm}");
+    // The chart: floor, publish and end-to-end of both sizes.
+    let svg = std::fs::read_to_string(hgrms.path().join("latency.svg")).unwrap();
+    assert!(svg.contains("floor, 2048 B") && svg.contains("end-to-end, 256 B"), "{svg}");
+    assert!(std::fs::read(hgrms.path().join("latency.png")).unwrap().starts_with(b"\x89PNG"));
 }
 
 #[test]
@@ -146,6 +153,28 @@ fn run_args<'a>(workload: &'a str, json: &'a str, extra: &[&'a str]) -> Vec<&'a 
     args
 }
 
+#[test]
+fn the_load_generator_alone_against_the_null_target() {
+    let (ok, stdout, stderr) =
+        weir(&["bench", "throughput", "--driver", "null", "--sizes", "256", "--messages", "20000"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("against null (no broker"), "{stdout}");
+    let row = stdout.lines().find(|line| line.starts_with("256 ")).unwrap_or_else(|| panic!("{stdout}"));
+    // Messages, then publish, consume and floor rates, each msg/s and MB/s.
+    assert_eq!(row.split_whitespace().count(), 8, "{row}");
+    assert_eq!(row.split_whitespace().nth(1), Some("20000"), "{row}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("smoke.yaml");
+    std::fs::write(&workload, SMALL_WORKLOAD).unwrap();
+    let json = dir.path().join("result.json");
+    let (workload, json_path) = (workload.to_str().unwrap(), json.to_str().unwrap());
+    let (ok, stdout, stderr) = weir(&run_args(workload, json_path, &["--driver", "null"]));
+    assert!(ok, "{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_every_message_read(&stdout, &result);
+}
+
 /// The totals line: every acknowledged message was read, none failed.
 fn assert_every_message_read(stdout: &str, result: &serde_json::Value) {
     let totals = &result["weir"]["totals"];
@@ -153,6 +182,7 @@ fn assert_every_message_read(stdout: &str, result: &serde_json::Value) {
     // 1,000 msg/s for 3 s (warm-up included).
     assert!(acknowledged >= 1000, "{totals}\n{stdout}");
     assert_eq!(totals["failed"], 0, "{totals}");
+    assert_eq!(totals["redelivered"], 0, "{totals}");
     assert_eq!(totals["unread"], 0, "{totals}");
     assert!(totals["read"].as_u64().unwrap() >= acknowledged, "{totals}");
 }
@@ -172,12 +202,15 @@ fn bench_run_reads_an_omb_workload_and_writes_omb_results_and_charts() {
     let periods: Vec<&str> = stdout.lines().filter(|line| line.contains("Pub rate")).collect();
     assert!(periods.iter().filter(|line| line.contains(" test")).count() >= 2, "{stdout}");
     assert!(periods.iter().any(|line| line.contains(" warmup")), "{stdout}");
-    for series in ["floor, 300 B", "publish ", "publish delay", "end-to-end"] {
+    for series in
+        ["floor, 300 B", "publish ", "publish delay", "end-to-end ", "publish from send", "end-to-end from send"]
+    {
         assert!(stdout.lines().any(|line| line.starts_with(series)), "{series}:\n{stdout}");
     }
     let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(result["workload"], "smoke / 4 partitions / keyed / 2p-2c");
     assert_eq!(result["partitions"], 4);
+    // OMB's meaning: consumers per subscription.
     assert_eq!(result["consumersPerTopic"], 2);
     assert!(result["publishRate"].as_array().unwrap().len() >= 2, "{result}");
     assert!(result["aggregatedEndToEndLatency99pct"].as_f64().unwrap() > 0.0);

@@ -442,3 +442,53 @@ async fn the_partitioned_publisher_routes_keys_as_kafka_does_and_stores_each_mes
     }
     stop(server).await;
 }
+
+#[tokio::test]
+async fn a_subscriber_to_every_partition_holds_a_full_window_of_each_without_overflowing() {
+    // Windows are per partition: a subscriber that does not read for a
+    // while may be sent a window of every partition, one frame each.
+    const PARTITIONS: u32 = 4;
+    const WINDOW: u32 = 50;
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "test").await.unwrap();
+    create(&connection, "wide", PARTITIONS).await;
+    let reader = Connection::connect(&addr(&server), "reader").await.unwrap();
+    let options =
+        SubscribeOptions { max_inflight: WINDOW, start: StartPosition::Earliest, ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&reader, "wide", options).await.unwrap();
+    // One publish, so one delivery frame, per message.
+    for partition in 0..PARTITIONS {
+        for index in 0..WINDOW * 2 {
+            publish(&connection, "wide", Some(partition), vec![keyed("", &format!("{partition}-{index}"))])
+                .await
+                .unwrap();
+        }
+    }
+    // Wait until the broker has sent a whole window of every partition.
+    within("a window of every partition delivered", async {
+        loop {
+            let info = channel_info(&connection, "wide").await.unwrap();
+            if info.subscriptions.iter().filter(|sub| sub.next_offset == u64::from(WINDOW)).count()
+                == PARTITIONS as usize
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut read = BTreeMap::<u32, u64>::new();
+    while read.values().sum::<u64>() < u64::from(PARTITIONS * WINDOW * 2) {
+        match within("the next message", subscriber.next()).await {
+            Some(Ok(Event::Message { partition, record })) => {
+                assert_eq!(record.offset, *read.get(&partition).unwrap_or(&0));
+                *read.entry(partition).or_default() += 1;
+                subscriber.ack_partition(partition, record.offset).await.unwrap();
+            }
+            Some(Ok(Event::Notice { .. })) => {}
+            other => panic!("the subscription ended: {other:?}"),
+        }
+    }
+    stop(server).await;
+}

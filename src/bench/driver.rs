@@ -85,8 +85,21 @@ pub trait Producer: Send + Sync {
 
 /// Reads one topic.
 pub trait Consumer: Send {
-    /// The next message's payload; the consumer acknowledges it.
-    fn next(&mut self) -> BoxFuture<'_, Result<Bytes, BenchError>>;
+    /// The next message; the consumer acknowledges it.
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BenchError>>;
+}
+
+/// A message as a consumer received it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub payload: Bytes,
+    /// When the client handed it over, before the consumer acknowledged
+    /// it: end-to-end latency ends here.
+    pub received_at: std::time::Instant,
+    /// The broker had delivered it before (weir: an offset at or below one
+    /// already read of its partition, after a group rebalance; JetStream: a
+    /// delivery count above 1).
+    pub redelivered: bool,
 }
 
 /// A weir broker to benchmark.
@@ -267,8 +280,14 @@ impl Driver for WeirTarget {
             // Half the window the broker granted: acknowledging later than
             // the window would stall the partition.
             let ack_every = u64::from(window / 2).max(1);
-            Ok(Box::new(WeirConsumer { _connection: connection, subscriber, ack_every, unacked: HashMap::new() })
-                as Box<dyn Consumer>)
+            let consumer = WeirConsumer {
+                _connection: connection,
+                subscriber,
+                ack_every,
+                unacked: HashMap::new(),
+                highest: HashMap::new(),
+            };
+            Ok(Box::new(consumer) as Box<dyn Consumer>)
         })
     }
 
@@ -312,14 +331,20 @@ struct WeirConsumer {
     /// Per partition: messages read and not acknowledged, and the last
     /// offset read.
     unacked: HashMap<u32, (u64, u64)>,
+    /// Per partition: the highest offset read, to tell redeliveries.
+    highest: HashMap<u32, u64>,
 }
 
 impl Consumer for WeirConsumer {
-    fn next(&mut self) -> BoxFuture<'_, Result<Bytes, BenchError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BenchError>> {
         Box::pin(async move {
             loop {
                 match self.subscriber.next().await {
                     Some(Ok(Event::Message { partition, record })) => {
+                        let received_at = std::time::Instant::now();
+                        let highest = self.highest.entry(partition).or_insert(record.offset);
+                        let redelivered = record.offset < *highest;
+                        *highest = (*highest).max(record.offset);
                         let (count, last) = self.unacked.entry(partition).or_insert((0, 0));
                         *count += 1;
                         *last = record.offset;
@@ -327,7 +352,7 @@ impl Consumer for WeirConsumer {
                             *count = 0;
                             self.subscriber.ack_partition(partition, record.offset).await?;
                         }
-                        return Ok(record.payload);
+                        return Ok(Delivery { payload: record.payload, received_at, redelivered });
                     }
                     Some(Ok(Event::Notice { partition, notice: Notice::Revoked { .. } })) => {
                         if let Some((count, last)) = self.unacked.remove(&partition)

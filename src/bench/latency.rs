@@ -117,9 +117,9 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
     let bar = super::progress(total, format!("latency, {size} B"));
     let mut received = 0;
     while received < total {
-        let payload = consumer.next().await?;
-        let now = Instant::now();
-        let Some(index) = index_of(&payload) else { continue };
+        let delivery = consumer.next().await?;
+        let now = delivery.received_at;
+        let Some(index) = index_of(&delivery.payload) else { continue };
         received += 1;
         bar.inc(1);
         if index >= warmup {

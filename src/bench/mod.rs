@@ -1,7 +1,7 @@
 //! `weir bench`: latency percentiles at a fixed rate, coordinated omission
-//! corrected, with the machine's own floor beside them, and throughput. docs/BENCH.md is
-//! the design (what is built, what is planned); docs/BENCHMARKS.md holds
-//! the figures.
+//! corrected, with the machine's own floor beside them; throughput; OMB
+//! workloads and catch-up; charts. docs/BENCH.md is the design,
+//! docs/BENCHMARKS.md holds the figures.
 //!
 //! - `schedule`: fixed-rate intended send times.
 //! - `recorder`: HdrHistogram series, merged, never averaged.
@@ -9,6 +9,10 @@
 //! - `driver`: the broker under test behind one trait: weir, embedded or
 //!   at an address.
 //! - `nats`: the peer, NATS JetStream.
+//! - `null`: no broker, the load generator's own ceiling.
+//! - `omb`: OMB's workload files and result format.
+//! - `workload`: `bench run` and `bench catchup`.
+//! - `chart`: percentile charts.
 //! - `latency`: the latency run.
 //! - `throughput`: N acknowledged messages per size, then read back.
 //! - `report`: header, table, JSON.
@@ -18,6 +22,7 @@ pub mod driver;
 pub mod floor;
 pub mod latency;
 pub mod nats;
+pub mod null;
 pub mod omb;
 pub mod recorder;
 pub mod report;

@@ -7,13 +7,14 @@
 use std::sync::Arc;
 
 use async_nats::jetstream;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::stream::StorageType;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::BenchError;
-use super::driver::{Ack, BoxFuture, Consumer, ConsumerOptions, Driver, Producer, StartAt};
+use super::driver::{Ack, BoxFuture, Consumer, ConsumerOptions, Delivery, Driver, Producer, StartAt};
 
 /// A NATS server with JetStream on.
 pub struct NatsTarget {
@@ -42,7 +43,10 @@ impl NatsTarget {
 
 impl Driver for NatsTarget {
     fn describe(&self) -> String {
-        format!("NATS JetStream {} at {} (file storage, explicit acks)", self.version, self.url)
+        format!(
+            "NATS JetStream {} at {} (file storage, explicit acks; a topic is one stream: no partitions, keys not sent)",
+            self.version, self.url
+        )
     }
 
     fn windows(&self) -> BoxFuture<'_, Result<String, BenchError>> {
@@ -76,20 +80,29 @@ impl Driver for NatsTarget {
         })
     }
 
+    /// Each producer has a connection of its own, as each weir producer
+    /// has its own connections: async-nats's 5,000 unacknowledged
+    /// publishes are per producer.
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {
         Box::pin(async move {
-            let producer = NatsProducer { context: self.context.clone(), subject: topic.to_owned() };
+            let client = async_nats::connect(&self.url).await.map_err(target_error)?;
+            let producer = NatsProducer { context: jetstream::new(client), subject: topic.to_owned() };
             Ok(Arc::new(producer) as Arc<dyn Producer>)
         })
     }
 
+    /// A consumer on a connection of its own. A group is one durable pull
+    /// consumer pulled by every member: its `max_ack_pending` (the window)
+    /// is shared by the members, where weir's window is per partition and
+    /// member.
     fn consumer<'a>(
         &'a self,
         topic: &'a str,
         options: ConsumerOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Consumer>, BenchError>> {
         Box::pin(async move {
-            let stream = self.context.get_stream(topic).await.map_err(target_error)?;
+            let client = async_nats::connect(&self.url).await.map_err(target_error)?;
+            let stream = jetstream::new(client.clone()).get_stream(topic).await.map_err(target_error)?;
             let config = pull::Config {
                 durable_name: options.group.clone(),
                 deliver_policy: match options.from {
@@ -100,14 +113,14 @@ impl Driver for NatsTarget {
                 max_ack_pending: i64::from(options.window.max(1)),
                 ..Default::default()
             };
-            // A group is one durable consumer, pulled by each member: the
-            // first member creates it, the others bind to it.
+            // The first member creates the durable consumer, the others
+            // bind to it.
             let consumer: jetstream::consumer::Consumer<pull::Config> = match &options.group {
                 Some(group) => stream.get_or_create_consumer(group, config).await.map_err(target_error)?,
                 None => stream.create_consumer(config).await.map_err(target_error)?,
             };
             let messages = consumer.messages().await.map_err(target_error)?;
-            Ok(Box::new(NatsConsumer { messages }) as Box<dyn Consumer>)
+            Ok(Box::new(NatsConsumer { _client: client, messages }) as Box<dyn Consumer>)
         })
     }
 
@@ -141,19 +154,31 @@ impl Producer for NatsProducer {
 }
 
 struct NatsConsumer {
+    /// The consumer's own connection, kept open while it reads.
+    _client: async_nats::Client,
     messages: pull::Stream,
 }
 
 impl Consumer for NatsConsumer {
-    fn next(&mut self) -> BoxFuture<'_, Result<Bytes, BenchError>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BenchError>> {
         Box::pin(async move {
-            let message = match self.messages.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => return Err(target_error(error)),
-                None => return Err(BenchError::Target("NATS: the consumer's stream ended".into())),
-            };
-            message.ack().await.map_err(|error| target_error(error.to_string()))?;
-            Ok(message.message.payload.clone())
+            loop {
+                let message = match self.messages.next().await {
+                    Some(Ok(message)) => message,
+                    // Reported by the stream, which goes on: a loaded server
+                    // missed an idle heartbeat.
+                    Some(Err(error)) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                        tracing::warn!(%error, "NATS consumer");
+                        continue;
+                    }
+                    Some(Err(error)) => return Err(target_error(error)),
+                    None => return Err(BenchError::Target("NATS: the consumer's stream ended".into())),
+                };
+                let received_at = std::time::Instant::now();
+                let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
+                message.ack().await.map_err(|error| target_error(error.to_string()))?;
+                return Ok(Delivery { payload: message.message.payload.clone(), received_at, redelivered });
+            }
         })
     }
 }

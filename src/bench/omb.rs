@@ -25,9 +25,18 @@ pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 pub const KEY_POOL_SIZE: usize = 10_000;
 /// The most distinct payloads a randomized workload may ask for.
 pub const PAYLOAD_POOL_MAX: u32 = 100_000;
-/// Bytes at the start of each payload that carry its intended send time
-/// (so the smallest message a workload may ask for).
-pub const STAMP_BYTES: usize = 8;
+/// Bytes at the start of each payload that carry its intended and actual
+/// send times (so the smallest message a workload may ask for).
+pub const STAMP_BYTES: usize = 16;
+/// The most bytes of distinct payloads a workload may ask the generator to
+/// hold (`randomizedPayloadPoolSize` × `messageSize`).
+pub const PAYLOAD_POOL_BYTES_MAX: u64 = 1 << 30;
+/// The most producer connections a workload may open on weir, where a
+/// producer has one per partition (topics × producers per topic ×
+/// partitions per topic).
+pub const PRODUCER_CONNECTIONS_MAX: u64 = 10_000;
+/// The largest backlog a workload may ask for, in GiB.
+pub const BACKLOG_GB_MAX: f64 = 1024.0;
 
 /// How OMB chooses each message's key.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -169,8 +178,20 @@ impl Workload {
                 self.producer_count()
             ));
         }
+        within(
+            "producer connections (topics x producersPerTopic x partitionsPerTopic)",
+            self.producer_count() * u64::from(self.partitions_per_topic),
+            1,
+            PRODUCER_CONNECTIONS_MAX,
+        )?;
         if self.use_randomized_payloads {
             within("randomizedPayloadPoolSize", self.randomized_payload_pool_size.into(), 1, PAYLOAD_POOL_MAX.into())?;
+            within(
+                "randomizedPayloadPoolSize x messageSize",
+                u64::from(self.randomized_payload_pool_size) * self.message_size as u64,
+                1,
+                PAYLOAD_POOL_BYTES_MAX,
+            )?;
             if !(0.0..=1.0).contains(&self.random_bytes_ratio) {
                 return Err(format!("randomBytesRatio is {}; it must be between 0 and 1", self.random_bytes_ratio));
             }
@@ -184,8 +205,11 @@ impl Workload {
                 return Err(format!("{name} is {minutes}; it must be between 0 and {minutes_max}"));
             }
         }
-        if !(self.consumer_backlog_size_gb >= 0.0 && self.consumer_backlog_size_gb.is_finite()) {
-            return Err(format!("consumerBacklogSizeGB is {}; it must be 0 or more", self.consumer_backlog_size_gb));
+        if !(0.0..=BACKLOG_GB_MAX).contains(&self.consumer_backlog_size_gb) {
+            return Err(format!(
+                "consumerBacklogSizeGB is {}; it must be between 0 and {BACKLOG_GB_MAX}",
+                self.consumer_backlog_size_gb
+            ));
         }
         if !(self.backlog_drain_ratio > 0.0 && self.backlog_drain_ratio <= 1.0) {
             return Err(format!("backlogDrainRatio is {}; it must be above 0 and at most 1", self.backlog_drain_ratio));
@@ -515,6 +539,13 @@ testDurationMinutes: 15
             (OMB_1KB.replace("messageSize: 1024", "messageSize: 4"), "messageSize"),
             (OMB_1KB.replace("producersPerTopic: 1", "producersPerTopic: 4").replace("50000", "3"), "producerRate"),
             (OMB_1KB.replace("producersPerTopic: 1", "producersPerTopic: 5000"), "producersPerTopic"),
+            (
+                OMB_1KB
+                    .replace("producersPerTopic: 1", "producersPerTopic: 100")
+                    .replace("partitionsPerTopic: 1", "partitionsPerTopic: 1000"),
+                "producer connections",
+            ),
+            (OMB_1KB.replace("consumerBacklogSizeGB: 0", "consumerBacklogSizeGB: 1e30"), "consumerBacklogSizeGB"),
             (OMB_1KB.replace("testDurationMinutes: 15", "testDurationMinutes: -1"), "testDurationMinutes"),
             (
                 OMB_1KB

@@ -33,6 +33,18 @@ impl Schedule {
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
+    /// How many messages are due by `now` (those with an intended time at
+    /// or before it).
+    pub fn due_by(&self, now: Instant) -> u64 {
+        match now.checked_duration_since(self.start) {
+            None => 0,
+            Some(elapsed) => {
+                let due = elapsed.as_nanos() * u128::from(self.rate_per_second) / 1_000_000_000 + 1;
+                u64::try_from(due).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
     pub fn start(&self) -> Instant {
         self.start
     }
@@ -57,6 +69,10 @@ mod tests {
         assert_eq!(schedule.offset(50), Duration::from_secs(1));
         // No drift over a long run: computed from the start each time.
         assert_eq!(schedule.offset(50 * 3600), Duration::from_secs(3600));
+        assert_eq!(schedule.due_by(start), 1);
+        assert_eq!(schedule.due_by(start + Duration::from_millis(39)), 2);
+        assert_eq!(schedule.due_by(start + Duration::from_secs(1)), 51);
+        assert_eq!(Schedule::new(start + Duration::from_secs(1), 50).due_by(start), 0);
         let odd = Schedule::new(start, 3);
         assert_eq!(odd.offset(3), Duration::from_secs(1));
     }

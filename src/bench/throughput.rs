@@ -60,6 +60,8 @@ impl Rate {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SizeThroughput {
     pub size: usize,
+    /// The same messages streamed one way over loopback TCP, no broker.
+    pub floor: Rate,
     /// From the first publish to the last acknowledgement.
     pub publish: Rate,
     /// From subscribing at the start of the channel to the last message.
@@ -79,6 +81,12 @@ pub async fn run(target: &dyn Driver, options: &ThroughputOptions) -> Result<Vec
 }
 
 async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize) -> Result<SizeThroughput, BenchError> {
+    let messages = options.messages_for(size);
+    let floor = tokio::task::spawn_blocking(move || super::floor::stream(size, messages))
+        .await
+        .map_err(|error| BenchError::Target(format!("the floor measurement failed: {error}")))?
+        .map_err(BenchError::Io)?;
+    let floor = Rate::new(messages, size, floor);
     let channel = format!("bench-throughput-{size}-{}", rand::random::<u32>());
     target.create(&channel, 1).await?;
     // One payload for every message: the run measures the broker, not the
@@ -101,7 +109,6 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
         }
         Ok::<_, BenchError>((acked, Instant::now()))
     });
-    let messages = options.messages_for(size);
     let bar = super::progress(messages * 2, format!("throughput, {size} B"));
     for _ in 0..messages {
         bar.inc(1);
@@ -130,7 +137,7 @@ async fn run_size(target: &dyn Driver, options: &ThroughputOptions, size: usize)
     let consume = Rate::new(received, size, started.elapsed());
     drop(consumer);
     target.delete(&channel).await?;
-    Ok(SizeThroughput { size, publish, consume })
+    Ok(SizeThroughput { size, floor, publish, consume })
 }
 
 /// Receipts handed from the sending loop to the collector before the loop
@@ -165,20 +172,23 @@ pub fn report_table(report: &ThroughputReport) -> String {
 /// The results as a table.
 pub fn table(results: &[SizeThroughput]) -> String {
     let mut out = format!(
-        "{:<12} {:>10} {:>14} {:>10} {:>14} {:>10}\n",
-        "size (B)", "messages", "publish msg/s", "MB/s", "consume msg/s", "MB/s"
+        "{:<12} {:>10} {:>14} {:>10} {:>14} {:>10} {:>14} {:>10}\n",
+        "size (B)", "messages", "publish msg/s", "MB/s", "consume msg/s", "MB/s", "floor msg/s", "MB/s"
     );
     for result in results {
         out.push_str(&format!(
-            "{:<12} {:>10} {:>14.0} {:>10.1} {:>14.0} {:>10.1}\n",
+            "{:<12} {:>10} {:>14.0} {:>10.1} {:>14.0} {:>10.1} {:>14.0} {:>10.1}\n",
             result.size,
             result.publish.messages,
             result.publish.messages_per_second,
             result.publish.megabytes_per_second,
             result.consume.messages_per_second,
             result.consume.megabytes_per_second,
+            result.floor.messages_per_second,
+            result.floor.megabytes_per_second,
         ));
     }
+    out.push_str("floor: the same bytes streamed one way over loopback TCP, no broker\n");
     out
 }
 
@@ -206,11 +216,11 @@ mod tests {
     fn the_table_has_a_row_per_size() {
         let rate = Rate::new(10, 256, Duration::from_secs(1));
         let results = vec![
-            SizeThroughput { size: 256, publish: rate.clone(), consume: rate.clone() },
-            SizeThroughput { size: 1024, publish: rate.clone(), consume: rate },
+            SizeThroughput { size: 256, floor: rate.clone(), publish: rate.clone(), consume: rate.clone() },
+            SizeThroughput { size: 1024, floor: rate.clone(), publish: rate.clone(), consume: rate },
         ];
         let table = table(&results);
-        assert_eq!(table.lines().count(), 3, "{table}");
+        assert_eq!(table.lines().count(), 4, "{table}");
         assert!(table.lines().nth(2).unwrap().starts_with("1024"), "{table}");
     }
 }

@@ -5,8 +5,8 @@
 //! intended send time), an optional backlog is built and drained, then the
 //! warm-up and the test run, with a report every period as OMB prints it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -34,27 +34,37 @@ pub struct RunOptions {
     /// Each consumer's window.
     pub consumer_window: u32,
     /// The payloads messages are made from, in turn (each is stamped with
-    /// its send time in its first 8 bytes).
+    /// its intended and actual send times in its first 16 bytes).
     pub payloads: Vec<Bytes>,
 }
 
-/// Acknowledgements a producer may have outstanding in the load generator
-/// before its sender waits (the client's own queue bounds it first).
+/// Acknowledgements one producer may have outstanding in the load
+/// generator (beyond the client's own queue) before its sender waits.
 const ACKS_IN_FLIGHT_MAX: usize = 64 * 1024;
+/// The queue from a producer's sending thread to its acknowledgement
+/// collector.
+const ACK_QUEUE: usize = 1024;
 /// Below this interval between a producer's messages, its sender sleeps to
-/// each intended time instead of spinning the last 200 µs: spinning one
-/// thread per producer would take the cores the broker needs. The lateness
-/// this costs is reported as publish delay (as OMB does) and counts in the
-/// latencies, which run from the intended time.
-const SPIN_INTERVAL_MIN: Duration = Duration::from_millis(1);
-/// The longest wait, once producing has stopped, for consumers to read
-/// what was acknowledged.
-const FINAL_READ_WAIT: Duration = Duration::from_secs(30);
+/// each intended time instead of spinning the last 200 µs: spinning takes
+/// the cores the broker needs. The lateness this costs is reported as
+/// publish delay (as OMB does) and counts in the latencies, which run from
+/// the intended time.
+const SPIN_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// The backlog at which a drain counts as done when the workload asks for
+/// all of it (OMB's floor: with producers running, "zero" is never seen
+/// by a poll).
+const DRAINED_BACKLOG_MIN: u64 = 1000;
 /// How often the backlog is checked while it is built and drained.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);
-/// The longest wait for acknowledgements still outstanding once the test is
-/// over.
-const FINAL_ACKS_WAIT: Duration = Duration::from_secs(60);
+/// A backlog build or drain that moves no message for this long fails the
+/// run.
+const STALL_MAX: Duration = Duration::from_secs(60);
+/// The longest wait, once the test is over, for each of: producers to
+/// stop, outstanding acknowledgements, consumers to read what was
+/// acknowledged, producers to close.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+/// Periods shorter than this at a phase change are not reported.
+const PERIOD_MIN: Duration = Duration::from_millis(100);
 
 /// Where the run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,65 +73,113 @@ enum Phase {
     Drain,
     Warmup,
     Test,
+    /// After the test: nothing more is recorded.
+    Done,
 }
 
-/// The three latency series of a period or a phase.
+/// The latency series of a period or a phase. `publish` and `end_to_end`
+/// run from each message's intended send time (coordinated omission
+/// corrected); the `_from_send` ones from its actual send, as OMB's
+/// result fields mean them; `publish_delay` is the difference.
 #[derive(Clone)]
-struct Triple {
+struct Series5 {
     publish: Series,
+    publish_from_send: Series,
     publish_delay: Series,
     end_to_end: Series,
+    end_to_end_from_send: Series,
 }
 
-impl Triple {
-    fn new(label: &str) -> Triple {
-        Triple {
+impl Series5 {
+    fn new(label: &str) -> Series5 {
+        Series5 {
             publish: Series::new(format!("publish{label}")),
+            publish_from_send: Series::new(format!("publish from send{label}")),
             publish_delay: Series::new(format!("publish delay{label}")),
             end_to_end: Series::new(format!("end-to-end{label}")),
+            end_to_end_from_send: Series::new(format!("end-to-end from send{label}")),
         }
     }
 
     fn clear(&mut self) {
-        self.publish.clear();
-        self.publish_delay.clear();
-        self.end_to_end.clear();
+        for series in [
+            &mut self.publish,
+            &mut self.publish_from_send,
+            &mut self.publish_delay,
+            &mut self.end_to_end,
+            &mut self.end_to_end_from_send,
+        ] {
+            series.clear();
+        }
     }
 
-    fn period(&self) -> Period<'_> {
-        Period { publish: &self.publish, publish_delay: &self.publish_delay, end_to_end: &self.end_to_end }
+    /// As OMB's fields mean them: from the actual send.
+    fn omb(&self) -> Period<'_> {
+        Period {
+            publish: &self.publish_from_send,
+            publish_delay: &self.publish_delay,
+            end_to_end: &self.end_to_end_from_send,
+        }
     }
+
+    fn published(&mut self, times: Times, acked: Instant) {
+        self.publish.record(latency(times.intended, acked));
+        self.publish_from_send.record(latency(times.sent, acked));
+        self.publish_delay.record(latency(times.intended, times.sent));
+    }
+
+    fn delivered(&mut self, times: Times, received: Instant) {
+        self.end_to_end.record(latency(times.intended, received));
+        self.end_to_end_from_send.record(latency(times.sent, received));
+    }
+}
+
+/// When a message was due and when it was handed to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Times {
+    intended: Instant,
+    sent: Instant,
 }
 
 struct Latencies {
     phase: Phase,
-    period: Triple,
-    drain: Triple,
-    test: Triple,
+    /// Messages due before this are not counted in the phase's series
+    /// (a warm-up message acknowledged during the test is not the test's).
+    phase_started: Instant,
+    period: Series5,
+    drain: Series5,
+    test: Series5,
 }
 
 impl Latencies {
-    fn phase_series(&mut self) -> Option<&mut Triple> {
+    fn phase_series(&mut self, intended: Instant) -> Option<&mut Series5> {
+        if intended < self.phase_started {
+            return None;
+        }
         match self.phase {
             Phase::Drain => Some(&mut self.drain),
             Phase::Test => Some(&mut self.test),
-            Phase::Backlog | Phase::Warmup => None,
+            Phase::Backlog | Phase::Warmup | Phase::Done => None,
         }
     }
 
-    fn published(&mut self, intended: Instant, sent: Instant, acked: Instant) {
-        self.period.publish.record(latency(intended, acked));
-        self.period.publish_delay.record(latency(intended, sent));
-        if let Some(phase) = self.phase_series() {
-            phase.publish.record(latency(intended, acked));
-            phase.publish_delay.record(latency(intended, sent));
+    fn published(&mut self, times: Times, acked: Instant) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.period.published(times, acked);
+        if let Some(phase) = self.phase_series(times.intended) {
+            phase.published(times, acked);
         }
     }
 
-    fn delivered(&mut self, intended: Instant, received: Instant) {
-        self.period.end_to_end.record(latency(intended, received));
-        if let Some(phase) = self.phase_series() {
-            phase.end_to_end.record(latency(intended, received));
+    fn delivered(&mut self, times: Times, received: Instant) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.period.delivered(times, received);
+        if let Some(phase) = self.phase_series(times.intended) {
+            phase.delivered(times, received);
         }
     }
 }
@@ -133,28 +191,39 @@ struct Shared {
     errors: AtomicU64,
     received: AtomicU64,
     received_bytes: AtomicU64,
-    stop_producing: AtomicBool,
+    redelivered: AtomicU64,
+    /// Messages that were due by the time producing stopped but were never
+    /// sent (a stalled client or broker).
+    due_not_sent: AtomicU64,
+    stop_producing: CancellationToken,
     latencies: Mutex<Latencies>,
-    /// The first error of an actor, which ends the run.
+    /// The first error of an actor that ends the run.
     failure: Mutex<Option<String>>,
+    /// The first failed publish (they are counted, and the run goes on).
+    first_publish_error: Mutex<Option<String>>,
 }
 
 impl Shared {
     fn new(phase: Phase) -> Shared {
+        let now = Instant::now();
         Shared {
-            epoch: Instant::now(),
+            epoch: now,
             acked: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             received: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
-            stop_producing: AtomicBool::new(false),
+            redelivered: AtomicU64::new(0),
+            due_not_sent: AtomicU64::new(0),
+            stop_producing: CancellationToken::new(),
             latencies: Mutex::new(Latencies {
                 phase,
-                period: Triple::new(""),
-                drain: Triple::new(", drain"),
-                test: Triple::new(""),
+                phase_started: now,
+                period: Series5::new(""),
+                drain: Series5::new(", drain"),
+                test: Series5::new(""),
             }),
             failure: Mutex::new(None),
+            first_publish_error: Mutex::new(None),
         }
     }
 
@@ -171,14 +240,42 @@ impl Shared {
         self.failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// The stamp of a message due at `intended`.
-    fn stamp(&self, intended: Instant) -> [u8; STAMP_BYTES] {
-        (intended.saturating_duration_since(self.epoch).as_nanos() as u64).to_be_bytes()
+    fn publish_failed(&self, error: impl std::fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_publish_error.lock().unwrap_or_else(PoisonError::into_inner);
+        first.get_or_insert_with(|| error.to_string());
     }
 
-    fn intended_of(&self, payload: &[u8]) -> Option<Instant> {
-        let nanos = u64::from_be_bytes(payload.get(..STAMP_BYTES)?.try_into().ok()?);
-        self.epoch.checked_add(Duration::from_nanos(nanos))
+    fn nanos(&self, instant: Instant) -> [u8; 8] {
+        (instant.saturating_duration_since(self.epoch).as_nanos() as u64).to_be_bytes()
+    }
+
+    /// The stamp of a message: when it was due and when it was sent.
+    fn stamp(&self, times: Times) -> [u8; STAMP_BYTES] {
+        let mut stamp = [0u8; STAMP_BYTES];
+        stamp[..8].copy_from_slice(&self.nanos(times.intended));
+        stamp[8..].copy_from_slice(&self.nanos(times.sent));
+        stamp
+    }
+
+    fn times_of(&self, payload: &[u8]) -> Option<Times> {
+        let at = |bytes: &[u8]| -> Option<Instant> {
+            self.epoch.checked_add(Duration::from_nanos(u64::from_be_bytes(bytes.try_into().ok()?)))
+        };
+        Some(Times { intended: at(payload.get(..8)?)?, sent: at(payload.get(8..STAMP_BYTES)?)? })
+    }
+}
+
+/// Stops every actor when the run ends, however it ends.
+struct StopOnDrop {
+    producing: CancellationToken,
+    consuming: CancellationToken,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.producing.cancel();
+        self.consuming.cancel();
     }
 }
 
@@ -190,40 +287,52 @@ pub struct Drain {
     /// From the first publish until the backlog was built.
     pub build_seconds: f64,
     /// From the consumers' start until the backlog was drained (to
-    /// `1 - backlogDrainRatio` of it).
+    /// `1 - backlogDrainRatio` of it, and at most 1,000 messages left).
     pub drain_seconds: f64,
     /// Messages read a second while draining, over every subscription.
     pub drain_messages_per_second: f64,
     pub drain_megabytes_per_second: f64,
-    /// Publish and end-to-end latency while the backlog drained.
+    /// Publish and end-to-end latency, from the intended send time, of the
+    /// messages sent while the backlog drained.
     pub publish: super::recorder::Summary,
     pub end_to_end: super::recorder::Summary,
 }
 
-/// What a run gives back.
-pub struct Outcome {
-    pub result: TestResult,
-    pub drain: Option<Drain>,
-    /// The test's aggregated series (warm-up excluded).
-    pub publish: Series,
-    pub publish_delay: Series,
-    pub end_to_end: Series,
-    /// Every period's line, as printed.
-    pub lines: Vec<String>,
-    pub totals: Totals,
-}
-
 /// Messages over the whole run, warm-up and backlog included.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Totals {
     pub acknowledged: u64,
+    /// Publishes the broker or the client failed (counted; the run goes
+    /// on, as OMB's).
     pub failed: u64,
-    /// Deliveries over every subscription (a message counts once per
-    /// subscription).
+    pub first_failure: Option<String>,
+    /// Messages due by the time producing stopped that were never sent.
+    pub due_not_sent: u64,
+    /// Deliveries over every subscription, redeliveries not included (a
+    /// message counts once per subscription).
     pub read: u64,
+    /// Deliveries of a message the subscription had been sent before.
+    pub redelivered: u64,
     /// Acknowledged deliveries not read when the consumers stopped (after
     /// up to 30 s of reading once producing stopped).
     pub unread: u64,
+}
+
+/// What a run gives back.
+pub struct Outcome {
+    /// OMB's result: latencies from the actual send, as OMB's fields mean.
+    pub result: TestResult,
+    pub drain: Option<Drain>,
+    /// The test's series (warm-up excluded), from the intended send time.
+    pub publish: Series,
+    pub publish_delay: Series,
+    pub end_to_end: Series,
+    /// The same from the actual send (OMB's meaning).
+    pub publish_from_send: Series,
+    pub end_to_end_from_send: Series,
+    /// Every period's line, as printed.
+    pub lines: Vec<String>,
+    pub totals: Totals,
 }
 
 /// Runs `workload` against `target`, printing each period's line to
@@ -236,11 +345,19 @@ pub async fn run(target: &dyn Driver, workload: &Workload, options: &RunOptions)
         return Err(BenchError::Target("no payload to send".into()));
     }
     let run_id = rand::random::<u32>();
-    let topics: Vec<String> = (0..workload.topics).map(|topic| format!("bench-omb-{run_id:08x}-{topic}")).collect();
-    for topic in &topics {
-        target.create(topic, workload.partitions_per_topic).await?;
+    let mut topics = Vec::new();
+    let mut outcome = Ok(());
+    for topic in (0..workload.topics).map(|topic| format!("bench-omb-{run_id:08x}-{topic}")) {
+        outcome = target.create(&topic, workload.partitions_per_topic).await;
+        if outcome.is_err() {
+            break;
+        }
+        topics.push(topic);
     }
-    let outcome = run_on(target, workload, options, &topics, run_id).await;
+    let outcome = match outcome {
+        Ok(()) => run_on(target, workload, options, &topics, run_id).await,
+        Err(error) => Err(error),
+    };
     for topic in &topics {
         if let Err(error) = target.delete(topic).await {
             tracing::warn!(%topic, %error, "could not delete a benchmark topic");
@@ -258,7 +375,7 @@ async fn run_on(
 ) -> Result<Outcome, BenchError> {
     let shared = Arc::new(Shared::new(if options.backlog_bytes > 0 { Phase::Backlog } else { Phase::Warmup }));
     let stop_consuming = CancellationToken::new();
-    let mut consumers = Vec::new();
+    let _stop = StopOnDrop { producing: shared.stop_producing.clone(), consuming: stop_consuming.clone() };
     let start_consumers = || {
         let futures: Vec<_> = topics
             .iter()
@@ -289,6 +406,7 @@ async fn run_on(
             Ok::<_, BenchError>(started)
         }
     };
+    let mut consumers = Vec::new();
     if options.backlog_bytes == 0 {
         consumers = start_consumers().await?;
     }
@@ -305,7 +423,7 @@ async fn run_on(
     let mut collectors = Vec::new();
     for (index, producer) in producers.iter().enumerate() {
         let rate = share_of(workload.producer_rate, producer_count, index as u64);
-        let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT_MAX);
+        let (acks, pending) = mpsc::channel(ACK_QUEUE);
         collectors.push(tokio::spawn(collect(pending, Arc::clone(&shared))));
         let sender = Sender {
             producer: Arc::clone(producer),
@@ -334,7 +452,7 @@ async fn run_on(
         match built {
             Err(error) => failed = Some(error),
             Ok(()) => {
-                shared.latencies().phase = Phase::Drain;
+                reporter.enter(Phase::Drain);
                 let drain_started = Instant::now();
                 let received_before = shared.received.load(Ordering::Relaxed);
                 let bytes_before = shared.received_bytes.load(Ordering::Relaxed);
@@ -342,9 +460,10 @@ async fn run_on(
                     Ok(started) => consumers = started,
                     Err(error) => failed = Some(error.to_string()),
                 }
-                let target_backlog = ((1.0 - workload.backlog_drain_ratio) * backlog_messages as f64) as u64;
+                let left = ((1.0 - workload.backlog_drain_ratio) * backlog_messages as f64) as u64;
+                let drained = left.max(DRAINED_BACKLOG_MIN);
                 if failed.is_none()
-                    && let Err(error) = reporter.wait(|backlog| backlog <= target_backlog).await
+                    && let Err(error) = reporter.wait(|backlog| backlog <= drained).await
                 {
                     failed = Some(error);
                 }
@@ -366,48 +485,54 @@ async fn run_on(
         }
     }
     if failed.is_none() {
-        shared.latencies().phase = Phase::Warmup;
+        reporter.enter(Phase::Warmup);
         if let Err(error) = reporter.run_for(options.warmup).await {
             failed = Some(error);
         }
     }
     if failed.is_none() {
-        {
-            let mut latencies = shared.latencies();
-            latencies.phase = Phase::Test;
-            latencies.test.clear();
-        }
-        reporter.measuring = true;
+        reporter.enter(Phase::Test);
         if let Err(error) = reporter.run_for(options.test).await {
             failed = Some(error);
         }
     }
+    reporter.enter(Phase::Done);
 
-    shared.stop_producing.store(true, Ordering::Relaxed);
+    // Producing stops; a sender blocked in a send is cancelled.
+    shared.stop_producing.cancel();
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
     for sender in senders {
-        let _ = tokio::task::spawn_blocking(move || sender.join()).await;
+        let joined = tokio::task::spawn_blocking(move || sender.join());
+        if tokio::time::timeout_at(deadline, joined).await.is_err() {
+            shared.fail(format!("a producer's thread did not stop within {SHUTDOWN_WAIT:?}"));
+        }
     }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
     for collector in collectors {
-        if tokio::time::timeout(FINAL_ACKS_WAIT, collector).await.is_err() {
-            shared.fail(format!("acknowledgements still outstanding {FINAL_ACKS_WAIT:?} after the test"));
+        if tokio::time::timeout_at(deadline, collector).await.is_err() {
+            shared.fail(format!("acknowledgements still outstanding {SHUTDOWN_WAIT:?} after the test"));
         }
     }
     // Consumers read what is still on its way before they stop, so that
     // the totals say whether every acknowledged message was read.
-    if !consumers.is_empty() {
+    if !consumers.is_empty() && failed.is_none() {
         let caught_up = async {
             while reporter.backlog() > 0 && shared.failure().is_none() {
                 tokio::time::sleep(BACKLOG_POLL).await;
             }
         };
-        let _ = tokio::time::timeout(FINAL_READ_WAIT, caught_up).await;
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, caught_up).await;
     }
     stop_consuming.cancel();
     for consumer in consumers {
         let _ = consumer.await;
     }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_WAIT;
     for producer in producers {
-        producer.close().await;
+        if tokio::time::timeout_at(deadline, producer.close()).await.is_err() {
+            shared.fail(format!("a producer did not close within {SHUTDOWN_WAIT:?}"));
+            break;
+        }
     }
     if let Some(error) = failed.or_else(|| shared.failure()) {
         return Err(BenchError::Target(error));
@@ -416,18 +541,24 @@ async fn run_on(
     let totals = Totals {
         acknowledged: shared.acked.load(Ordering::Relaxed),
         failed: shared.errors.load(Ordering::Relaxed),
+        first_failure: shared.first_publish_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+        due_not_sent: shared.due_not_sent.load(Ordering::Relaxed),
         read: shared.received.load(Ordering::Relaxed),
+        redelivered: shared.redelivered.load(Ordering::Relaxed),
         unread: reporter.backlog(),
     };
     let latencies = shared.latencies();
     let mut result = reporter.result;
-    result.set_aggregated(&latencies.test.period());
+    result.set_aggregated(&latencies.test.omb());
+    let test = &latencies.test;
     Ok(Outcome {
         result,
         drain,
-        publish: latencies.test.publish.clone(),
-        publish_delay: latencies.test.publish_delay.clone(),
-        end_to_end: latencies.test.end_to_end.clone(),
+        publish: test.publish.clone(),
+        publish_delay: test.publish_delay.clone(),
+        end_to_end: test.end_to_end.clone(),
+        publish_from_send: test.publish_from_send.clone(),
+        end_to_end_from_send: test.end_to_end_from_send.clone(),
         lines: reporter.lines,
         totals,
     })
@@ -445,19 +576,23 @@ pub fn payloads(workload: &Workload, workload_dir: &std::path::Path) -> Result<(
     if let Some(file) = &workload.payload_file {
         let candidates = [workload_dir.join(file), std::path::PathBuf::from(file)];
         if let Some(path) = candidates.iter().find(|path| path.is_file()) {
+            // As OMB: the file is one payload of exactly messageSize bytes.
             let length = std::fs::metadata(path).map_err(BenchError::Io)?.len();
-            if length > super::MESSAGE_BYTES_MAX as u64 || length < STAMP_BYTES as u64 {
+            if length != size as u64 {
                 return Err(BenchError::Target(format!(
-                    "{}: {length} bytes; a payload file must hold {STAMP_BYTES} to {} bytes",
-                    path.display(),
-                    super::MESSAGE_BYTES_MAX
+                    "{}: {length} bytes; the workload's messageSize is {size}",
+                    path.display()
                 )));
             }
             let bytes = std::fs::read(path).map_err(BenchError::Io)?;
             return Ok((vec![Bytes::from(bytes)], format!("{} ({length} bytes)", path.display())));
         }
     }
-    let random = |count: usize| -> Vec<u8> { (0..count).map(|_| rand::random::<u8>()).collect() };
+    let random = |count: usize| -> Vec<u8> {
+        let mut bytes = vec![0u8; count];
+        rand::fill(&mut bytes[..]);
+        bytes
+    };
     if workload.use_randomized_payloads {
         let random_bytes = ((size as f64) * workload.random_bytes_ratio) as usize;
         let pool = (0..workload.randomized_payload_pool_size)
@@ -485,39 +620,41 @@ fn share_of(rate: u64, producers: u64, index: u64) -> u64 {
     rate / producers + u64::from(index < rate % producers)
 }
 
+/// OMB's key pool: 10,000 random alphanumeric keys of 7 characters, one
+/// pool for every producer.
+fn key_pool() -> &'static [Bytes] {
+    static POOL: OnceLock<Vec<Bytes>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        (0..KEY_POOL_SIZE)
+            .map(|_| {
+                (0..7).map(|_| ALPHANUMERIC[rand::random_range(0..ALPHANUMERIC.len())]).collect::<Vec<u8>>().into()
+            })
+            .collect()
+    })
+}
+
 /// Message keys as OMB's key distributors choose them.
 struct Keys {
     distributor: KeyDistributor,
-    pool: Vec<Bytes>,
     next: usize,
 }
 
 impl Keys {
     fn new(distributor: KeyDistributor) -> Keys {
-        let pool = match distributor {
-            KeyDistributor::NoKey => Vec::new(),
-            // OMB's pool: random alphanumeric keys of 7 characters.
-            KeyDistributor::KeyRoundRobin | KeyDistributor::RandomNano => (0..KEY_POOL_SIZE)
-                .map(|_| {
-                    const ALPHANUMERIC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-                    let key: Vec<u8> =
-                        (0..7).map(|_| ALPHANUMERIC[rand::random_range(0..ALPHANUMERIC.len())]).collect();
-                    Bytes::from(key)
-                })
-                .collect(),
-        };
-        Keys { distributor, pool, next: 0 }
+        Keys { distributor, next: 0 }
     }
 
     fn next(&mut self) -> Option<Bytes> {
+        let pool = key_pool();
         match self.distributor {
             KeyDistributor::NoKey => None,
             KeyDistributor::KeyRoundRobin => {
-                let key = self.pool[self.next % self.pool.len()].clone();
+                let key = pool[self.next % pool.len()].clone();
                 self.next = self.next.wrapping_add(1);
                 Some(key)
             }
-            KeyDistributor::RandomNano => Some(self.pool[rand::random_range(0..self.pool.len())].clone()),
+            KeyDistributor::RandomNano => Some(pool[rand::random_range(0..pool.len())].clone()),
         }
     }
 }
@@ -530,15 +667,16 @@ struct Sender {
     payloads: Vec<Bytes>,
     keys: Keys,
     shared: Arc<Shared>,
-    acks: mpsc::Sender<(Instant, Instant, Ack)>,
+    acks: mpsc::Sender<(Times, Ack)>,
     runtime: tokio::runtime::Handle,
 }
 
 impl Sender {
     fn run(mut self) {
+        let stop = self.shared.stop_producing.clone();
         let spin = self.schedule.is_some_and(|schedule| schedule.offset(1) >= SPIN_INTERVAL_MIN);
         let mut index = 0_u64;
-        while !self.shared.stop_producing.load(Ordering::Relaxed) {
+        while !stop.is_cancelled() {
             let intended = match self.schedule {
                 Some(schedule) => {
                     let due = schedule.intended(index);
@@ -551,48 +689,62 @@ impl Sender {
                 }
                 None => Instant::now(),
             };
+            if stop.is_cancelled() {
+                break;
+            }
             let template = &self.payloads[(index % self.payloads.len() as u64) as usize];
             let mut payload = BytesMut::from(&template[..]);
-            payload[..STAMP_BYTES].copy_from_slice(&self.shared.stamp(intended));
+            let times = Times { intended, sent: Instant::now() };
+            payload[..STAMP_BYTES].copy_from_slice(&self.shared.stamp(times));
             let key = self.keys.next();
-            let sent = Instant::now();
-            match self.runtime.block_on(self.producer.send(key, payload.freeze())) {
-                Ok(ack) => {
-                    if self.acks.blocking_send((intended, sent, ack)).is_err() {
+            let send = self.producer.send(key, payload.freeze());
+            // A send waits while the client's queue is full; the end of the
+            // run cancels it.
+            let sent = self.runtime.block_on(async {
+                tokio::select! {
+                    sent = send => Some(sent),
+                    () = stop.cancelled() => None,
+                }
+            });
+            match sent {
+                None => break,
+                Some(Ok(ack)) => {
+                    if self.acks.blocking_send((times, ack)).is_err() {
                         break;
                     }
                 }
-                Err(error) => {
-                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                Some(Err(error)) => {
                     self.shared.fail(format!("a producer failed: {error}"));
                     break;
                 }
             }
             index += 1;
         }
+        if let Some(schedule) = self.schedule {
+            let due = schedule.due_by(Instant::now());
+            self.shared.due_not_sent.fetch_add(due.saturating_sub(index), Ordering::Relaxed);
+        }
     }
 }
 
-/// Awaits one producer's acknowledgements in whatever order they come.
-async fn collect(mut pending: mpsc::Receiver<(Instant, Instant, Ack)>, shared: Arc<Shared>) {
+/// Awaits one producer's acknowledgements in whatever order they come, at
+/// most [`ACKS_IN_FLIGHT_MAX`] at a time.
+async fn collect(mut pending: mpsc::Receiver<(Times, Ack)>, shared: Arc<Shared>) {
     let mut acks = FuturesUnordered::new();
     let mut open = true;
     while open || !acks.is_empty() {
         tokio::select! {
-            next = pending.recv(), if open => match next {
-                Some((intended, sent, ack)) => acks.push(async move { (intended, sent, ack.await) }),
+            next = pending.recv(), if open && acks.len() < ACKS_IN_FLIGHT_MAX => match next {
+                Some((times, ack)) => acks.push(async move { (times, ack.await) }),
                 None => open = false,
             },
-            Some((intended, sent, acked)) = acks.next(), if !acks.is_empty() => match acked {
+            Some((times, acked)) = acks.next(), if !acks.is_empty() => match acked {
                 Ok(()) => {
                     let now = Instant::now();
                     shared.acked.fetch_add(1, Ordering::Relaxed);
-                    shared.latencies().published(intended, sent, now);
+                    shared.latencies().published(times, now);
                 }
-                Err(error) => {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
-                    shared.fail(format!("a publish failed: {error}"));
-                }
+                Err(error) => shared.publish_failed(error),
             },
         }
     }
@@ -601,10 +753,10 @@ async fn collect(mut pending: mpsc::Receiver<(Instant, Instant, Ack)>, shared: A
 /// Reads one consumer until the run stops it.
 async fn consume(mut consumer: Box<dyn super::driver::Consumer>, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let payload = tokio::select! {
+        let delivery = tokio::select! {
             () = stop.cancelled() => return,
             next = consumer.next() => match next {
-                Ok(payload) => payload,
+                Ok(delivery) => delivery,
                 Err(error) => {
                     if !stop.is_cancelled() {
                         shared.fail(format!("a consumer failed: {error}"));
@@ -613,11 +765,14 @@ async fn consume(mut consumer: Box<dyn super::driver::Consumer>, shared: Arc<Sha
                 }
             },
         };
-        let now = Instant::now();
+        if delivery.redelivered {
+            shared.redelivered.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         shared.received.fetch_add(1, Ordering::Relaxed);
-        shared.received_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        if let Some(intended) = shared.intended_of(&payload) {
-            shared.latencies().delivered(intended, now);
+        shared.received_bytes.fetch_add(delivery.payload.len() as u64, Ordering::Relaxed);
+        if let Some(times) = shared.times_of(&delivery.payload) {
+            shared.latencies().delivered(times, delivery.received_at);
         }
     }
 }
@@ -659,7 +814,8 @@ impl Reporter {
                 topics: workload.topics,
                 partitions: workload.partitions_per_topic,
                 producers_per_topic: workload.producers_per_topic,
-                consumers_per_topic: workload.subscriptions_per_topic * workload.consumer_per_subscription,
+                // OMB's meaning: consumers per subscription.
+                consumers_per_topic: workload.consumer_per_subscription,
                 ..TestResult::default()
             },
             lines: Vec::new(),
@@ -671,6 +827,33 @@ impl Reporter {
     fn backlog(&self) -> u64 {
         let acked = self.shared.acked.load(Ordering::Relaxed);
         (acked * self.subscriptions).saturating_sub(self.shared.received.load(Ordering::Relaxed))
+    }
+
+    /// Moves the run to `phase`: the period so far is reported (when it
+    /// is long enough to mean anything) under the phase it belonged to,
+    /// and the next period starts with the new phase.
+    fn enter(&mut self, phase: Phase) {
+        if self.last.elapsed() >= PERIOD_MIN {
+            self.report();
+        } else {
+            self.rebase();
+        }
+        let mut latencies = self.shared.latencies();
+        latencies.phase = phase;
+        latencies.phase_started = Instant::now();
+        if phase == Phase::Test {
+            latencies.test.clear();
+        }
+        self.measuring = phase == Phase::Test;
+    }
+
+    /// Starts a new period without reporting the one that ends.
+    fn rebase(&mut self) {
+        self.last = Instant::now();
+        self.last_acked = self.shared.acked.load(Ordering::Relaxed);
+        self.last_errors = self.shared.errors.load(Ordering::Relaxed);
+        self.last_received = self.shared.received.load(Ordering::Relaxed);
+        self.shared.latencies().period.clear();
     }
 
     /// Reports periods for `duration`.
@@ -689,12 +872,25 @@ impl Reporter {
         Ok(())
     }
 
-    /// Reports periods until `done(backlog)`.
+    /// Reports periods until `done(backlog)`; fails when no message is
+    /// acknowledged or read for [`STALL_MAX`].
     async fn wait(&mut self, done: impl Fn(u64) -> bool) -> Result<(), String> {
+        let shared = Arc::clone(&self.shared);
+        let moved = || shared.acked.load(Ordering::Relaxed) + shared.received.load(Ordering::Relaxed);
+        let (mut last_moved, mut last_progress) = (moved(), Instant::now());
         while !done(self.backlog()) {
             tokio::time::sleep(BACKLOG_POLL).await;
             if let Some(failure) = self.shared.failure() {
                 return Err(failure);
+            }
+            let now_moved = moved();
+            if now_moved != last_moved {
+                (last_moved, last_progress) = (now_moved, Instant::now());
+            } else if last_progress.elapsed() >= STALL_MAX {
+                return Err(format!(
+                    "no message acknowledged or read for {STALL_MAX:?} with a backlog of {}",
+                    self.backlog()
+                ));
             }
             if Instant::now() >= self.last + self.interval {
                 self.report();
@@ -750,7 +946,7 @@ impl Reporter {
             self.result.publish_error_rate.push(error_rate);
             self.result.consume_rate.push(consume_rate);
             self.result.backlog.push(i64::try_from(backlog).unwrap_or(i64::MAX));
-            self.result.push_period(&period.period());
+            self.result.push_period(&period.omb());
         }
         latencies.period.clear();
         drop(latencies);
@@ -786,12 +982,46 @@ mod tests {
     }
 
     #[test]
-    fn a_stamp_gives_back_the_intended_send_time() {
+    fn a_stamp_gives_back_the_intended_and_actual_send_times() {
         let shared = Shared::new(Phase::Test);
-        let intended = shared.epoch + Duration::from_micros(1234);
+        let times = Times {
+            intended: shared.epoch + Duration::from_micros(1234),
+            sent: shared.epoch + Duration::from_micros(1300),
+        };
         let mut payload = vec![0u8; 64];
-        payload[..STAMP_BYTES].copy_from_slice(&shared.stamp(intended));
-        assert_eq!(shared.intended_of(&payload), Some(intended));
-        assert_eq!(shared.intended_of(&payload[..4]), None);
+        payload[..STAMP_BYTES].copy_from_slice(&shared.stamp(times));
+        assert_eq!(shared.times_of(&payload), Some(times));
+        assert_eq!(shared.times_of(&payload[..12]), None);
+    }
+
+    #[test]
+    fn a_phase_counts_only_messages_due_in_it_and_nothing_is_counted_after_the_test() {
+        let shared = Shared::new(Phase::Warmup);
+        let before = Instant::now();
+        let mut latencies = shared.latencies();
+        latencies.phase = Phase::Test;
+        latencies.phase_started = before + Duration::from_millis(10);
+        let warmup_message = Times { intended: before, sent: before };
+        let test_message =
+            Times { intended: before + Duration::from_millis(20), sent: before + Duration::from_millis(21) };
+        let acked = before + Duration::from_millis(30);
+        latencies.published(warmup_message, acked);
+        latencies.published(test_message, acked);
+        latencies.delivered(test_message, acked);
+        // Both are in the period; only the test's message is the test's.
+        assert_eq!(latencies.period.publish.samples(), 2);
+        assert_eq!(latencies.test.publish.samples(), 1);
+        assert_eq!(latencies.test.end_to_end.samples(), 1);
+        // From the intended time (10 ms) and from the send (9 ms), and the
+        // delay between them (1 ms).
+        let ms = |series: &Series| series.at(50.0).as_secs_f64() * 1e3;
+        assert!((ms(&latencies.test.publish) - 10.0).abs() < 0.05);
+        assert!((ms(&latencies.test.publish_from_send) - 9.0).abs() < 0.05);
+        assert!((ms(&latencies.test.publish_delay) - 1.0).abs() < 0.01);
+        latencies.phase = Phase::Done;
+        latencies.published(test_message, acked);
+        latencies.delivered(test_message, acked);
+        assert_eq!(latencies.test.publish.samples(), 1);
+        assert_eq!(latencies.period.end_to_end.samples(), 1);
     }
 }

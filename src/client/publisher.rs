@@ -650,7 +650,7 @@ impl PartitionedPublisher {
 }
 
 /// The partition count of `channel`, if it exists.
-async fn partition_count(connection: &Connection, channel: &str) -> Result<Option<u32>, ClientError> {
+pub(super) async fn partition_count(connection: &Connection, channel: &str) -> Result<Option<u32>, ClientError> {
     match connection.request(Request::ListChannels).await? {
         Response::Channels { channels } => {
             Ok(channels.iter().find(|info| info.name == channel).map(|info| info.partitions.len() as u32))

@@ -12,6 +12,10 @@ use crate::protocol::{ErrorCode, Notice, Request, Response, StartPosition};
 use crate::record::Record;
 use crate::record::RecordIter;
 
+/// Notices a subscriber's queue holds room for per partition, beyond its
+/// window of deliveries.
+const NOTICES_PER_PARTITION: usize = 8;
+
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
 pub struct SubscribeOptions {
@@ -88,10 +92,23 @@ impl Subscriber {
             return Err(ClientError::Invalid("max_inflight must be at least 1".into()));
         }
         // One slot per possible delivery frame: the broker never has more
-        // than max_inflight deliveries outstanding, plus room for notices.
-        // Only notices piling up while the application does not read can
-        // fill it; the subscription then ends with `SubscriberOverflow`.
-        let (events_sender, events) = mpsc::channel(options.max_inflight as usize + 8);
+        // than the window of deliveries outstanding per partition (windows
+        // are per partition), plus room for each partition's notices. Only
+        // notices piling up while the application does not read can fill
+        // it; the subscription then ends with `SubscriberOverflow`. A
+        // subscription to every partition (or a group member, which may be
+        // given any of them) is sized for the channel's partition count
+        // when it subscribes.
+        let window = options.max_inflight.min(connection.limits().max_inflight_deliveries.max(1)) as usize;
+        let partitions = match options.partition {
+            Some(_) => 1,
+            None if connection.protocol_version() >= 2 => {
+                super::publisher::partition_count(connection, channel).await?.unwrap_or(1).max(1) as usize
+            }
+            None => 1,
+        };
+        let capacity = window.saturating_add(NOTICES_PER_PARTITION).saturating_mul(partitions);
+        let (events_sender, events) = mpsc::channel(capacity);
         let (subscription_id, ended) = connection.route(events_sender);
         let request = Request::Subscribe {
             subscription_id,
