@@ -142,42 +142,47 @@ struct Times {
 }
 
 struct Latencies {
-    phase: Phase,
-    /// Messages due before this are not counted in the phase's series
-    /// (a warm-up message acknowledged during the test is not the test's).
-    phase_started: Instant,
+    /// Each phase so far and when it began, in order: a message belongs to
+    /// the phase during which it was *due*, whenever its acknowledgement or
+    /// delivery comes (a warm-up message acknowledged during the test is
+    /// not the test's; a test message read after the test is).
+    phases: Vec<(Phase, Instant)>,
     period: Series5,
     drain: Series5,
     test: Series5,
 }
 
 impl Latencies {
+    fn phase(&self) -> Phase {
+        self.phases.last().map_or(Phase::Done, |&(phase, _)| phase)
+    }
+
+    fn enter(&mut self, phase: Phase, at: Instant) {
+        self.phases.push((phase, at));
+    }
+
     fn phase_series(&mut self, intended: Instant) -> Option<&mut Series5> {
-        if intended < self.phase_started {
-            return None;
-        }
-        match self.phase {
-            Phase::Drain => Some(&mut self.drain),
-            Phase::Test => Some(&mut self.test),
-            Phase::Backlog | Phase::Warmup | Phase::Done => None,
+        let due_in = self.phases.iter().rev().find(|&&(_, start)| start <= intended).or(self.phases.first());
+        match due_in.map(|&(phase, _)| phase) {
+            Some(Phase::Drain) => Some(&mut self.drain),
+            Some(Phase::Test) => Some(&mut self.test),
+            _ => None,
         }
     }
 
     fn published(&mut self, times: Times, acked: Instant) {
-        if self.phase == Phase::Done {
-            return;
+        if self.phase() != Phase::Done {
+            self.period.published(times, acked);
         }
-        self.period.published(times, acked);
         if let Some(phase) = self.phase_series(times.intended) {
             phase.published(times, acked);
         }
     }
 
     fn delivered(&mut self, times: Times, received: Instant) {
-        if self.phase == Phase::Done {
-            return;
+        if self.phase() != Phase::Done {
+            self.period.delivered(times, received);
         }
-        self.period.delivered(times, received);
         if let Some(phase) = self.phase_series(times.intended) {
             phase.delivered(times, received);
         }
@@ -216,8 +221,7 @@ impl Shared {
             due_not_sent: AtomicU64::new(0),
             stop_producing: CancellationToken::new(),
             latencies: Mutex::new(Latencies {
-                phase,
-                phase_started: now,
+                phases: vec![(phase, now)],
                 period: Series5::new(""),
                 drain: Series5::new(", drain"),
                 test: Series5::new(""),
@@ -470,7 +474,8 @@ async fn run_on(
                 let seconds = drain_started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE);
                 let read = shared.received.load(Ordering::Relaxed) - received_before;
                 let bytes = shared.received_bytes.load(Ordering::Relaxed) - bytes_before;
-                let latencies = shared.latencies();
+                // Its latencies are summed up at the end: messages due
+                // during the drain may be answered after it.
                 drain = Some(Drain {
                     backlog_bytes: options.backlog_bytes,
                     backlog_messages,
@@ -478,8 +483,8 @@ async fn run_on(
                     drain_seconds: seconds,
                     drain_messages_per_second: read as f64 / seconds,
                     drain_megabytes_per_second: bytes as f64 / seconds / 1e6,
-                    publish: latencies.drain.publish.summary(),
-                    end_to_end: latencies.drain.end_to_end.summary(),
+                    publish: Series::new("").summary(),
+                    end_to_end: Series::new("").summary(),
                 });
             }
         }
@@ -548,6 +553,10 @@ async fn run_on(
         unread: reporter.backlog(),
     };
     let latencies = shared.latencies();
+    if let Some(drain) = &mut drain {
+        drain.publish = latencies.drain.publish.summary();
+        drain.end_to_end = latencies.drain.end_to_end.summary();
+    }
     let mut result = reporter.result;
     result.set_aggregated(&latencies.test.omb());
     let test = &latencies.test;
@@ -838,12 +847,7 @@ impl Reporter {
         } else {
             self.rebase();
         }
-        let mut latencies = self.shared.latencies();
-        latencies.phase = phase;
-        latencies.phase_started = Instant::now();
-        if phase == Phase::Test {
-            latencies.test.clear();
-        }
+        self.shared.latencies().enter(phase, Instant::now());
         self.measuring = phase == Phase::Test;
     }
 
@@ -912,7 +916,7 @@ impl Reporter {
         (self.last_acked, self.last_errors, self.last_received) = (acked, errors, received);
         let backlog = self.backlog();
         let mut latencies = self.shared.latencies();
-        let phase = latencies.phase;
+        let phase = latencies.phase();
         let megabytes = |rate: f64| rate * self.message_size as f64 / 1e6;
         let period = &latencies.period;
         let line = format!(
@@ -995,19 +999,17 @@ mod tests {
     }
 
     #[test]
-    fn a_phase_counts_only_messages_due_in_it_and_nothing_is_counted_after_the_test() {
+    fn a_message_counts_in_the_phase_it_was_due_in_whenever_it_is_answered() {
         let shared = Shared::new(Phase::Warmup);
         let before = Instant::now();
+        let at = |ms: u64| before + Duration::from_millis(ms);
         let mut latencies = shared.latencies();
-        latencies.phase = Phase::Test;
-        latencies.phase_started = before + Duration::from_millis(10);
-        let warmup_message = Times { intended: before, sent: before };
-        let test_message =
-            Times { intended: before + Duration::from_millis(20), sent: before + Duration::from_millis(21) };
-        let acked = before + Duration::from_millis(30);
-        latencies.published(warmup_message, acked);
-        latencies.published(test_message, acked);
-        latencies.delivered(test_message, acked);
+        latencies.enter(Phase::Test, at(10));
+        let warmup_message = Times { intended: at(5), sent: at(5) };
+        let test_message = Times { intended: at(20), sent: at(21) };
+        latencies.published(warmup_message, at(30));
+        latencies.published(test_message, at(30));
+        latencies.delivered(test_message, at(30));
         // Both are in the period; only the test's message is the test's.
         assert_eq!(latencies.period.publish.samples(), 2);
         assert_eq!(latencies.test.publish.samples(), 1);
@@ -1018,10 +1020,12 @@ mod tests {
         assert!((ms(&latencies.test.publish) - 10.0).abs() < 0.05);
         assert!((ms(&latencies.test.publish_from_send) - 9.0).abs() < 0.05);
         assert!((ms(&latencies.test.publish_delay) - 1.0).abs() < 0.01);
-        latencies.phase = Phase::Done;
-        latencies.published(test_message, acked);
-        latencies.delivered(test_message, acked);
-        assert_eq!(latencies.test.publish.samples(), 1);
+        // After the test: a test message read late still counts, one due
+        // after the test does not, and no period is recorded.
+        latencies.enter(Phase::Done, at(40));
+        latencies.delivered(test_message, at(50));
+        latencies.delivered(Times { intended: at(45), sent: at(45) }, at(50));
+        assert_eq!(latencies.test.end_to_end.samples(), 2);
         assert_eq!(latencies.period.end_to_end.samples(), 1);
     }
 }
