@@ -155,6 +155,11 @@ struct TargetArgs {
     /// The embedded broker's fsync policy.
     #[arg(long, value_enum, default_value = "never")]
     fsync: FsyncArg,
+    /// The target's name in reports, JSON (OMB's `driver`) and charts, e.g.
+    /// "weir never" for a broker at --addr (default: what the driver says
+    /// of itself).
+    #[arg(long)]
+    label: Option<String>,
 }
 
 /// What `weir bench run` and `weir bench catchup` share.
@@ -304,6 +309,10 @@ enum BenchKind {
         output: PathBuf,
         #[arg(long, default_value = "latency by percentile")]
         title: String,
+        /// A name for each report's runs in the legend, in the order of the
+        /// reports (default: each report's target).
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
     /// The machine's floor alone: a ping-pong of one size at a fixed rate
     /// over loopback TCP, no broker.
@@ -696,8 +705,9 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                 "--messages, --bytes-max and --subscriber-window must be at least 1"
             );
             let options = weir::bench::throughput::ThroughputOptions { sizes, messages, bytes_max, subscriber_window };
+            let label = target.label.clone();
             let target = bench_target(target).await?;
-            return bench_throughput(options, target, json).await;
+            return bench_throughput(options, target, label, json).await;
         }
         BenchKind::Run { workload: path, test_seconds, warmup_seconds, report_seconds, backlog_gb, run } => {
             let workload = weir::bench::omb::Workload::load(&path)?;
@@ -757,17 +767,25 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             )
             .await;
         }
-        BenchKind::Chart { reports, output, title } => {
-            let mut curves = Vec::new();
-            for report in &reports {
-                curves.extend(weir::bench::chart::curves_from_file(report)?);
+        BenchKind::Chart { reports, output, title, labels } => {
+            anyhow::ensure!(
+                labels.is_empty() || labels.len() == reports.len(),
+                "--label: give one per report ({} reports, {} labels)",
+                reports.len(),
+                labels.len()
+            );
+            let mut each = Vec::new();
+            for (index, report) in reports.iter().enumerate() {
+                each.push(weir::bench::chart::curves_from_file(report, labels.get(index).map(String::as_str))?);
             }
+            let curves = weir::bench::chart::overlay(each);
             weir::bench::chart::draw(&curves, &title, &output)?;
             println!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
         }
         BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json, chart } => {
             check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
             anyhow::ensure!(seconds > warmup_seconds, "--seconds must be above --warmup-seconds");
+            let label = target.label.clone();
             let target = bench_target(target).await?;
             let mut floors = Vec::new();
             for &size in &sizes {
@@ -784,7 +802,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             let report = report::Report {
                 header: report::Header {
                     tool: "weir bench latency".into(),
-                    target: target.describe(),
+                    target: label.clone().unwrap_or_else(|| target.describe()),
                     workload: format!("{rate} msg/s for {seconds} s per size, sizes {sizes:?} B, random payloads"),
                     warmup_seconds: warmup_seconds as f64,
                     machine: report::Machine::this(),
@@ -853,10 +871,11 @@ async fn bench_run(
     } else {
         None
     };
+    let label = run.target.label.clone();
     let target = bench_target(run.target).await?;
     let header = report::Header {
         tool: tool.to_owned(),
-        target: target.describe(),
+        target: label.clone().unwrap_or_else(|| target.describe()),
         workload: format!(
             "{}: {} topics x {} partitions, {} B, {} producers/topic at {} msg/s in all{}, {} subscriptions x {} consumers/topic, keys {:?}; payloads: {payload_source}; test {} s, report every {report_seconds} s",
             workload.name,
@@ -1032,6 +1051,7 @@ async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench:
 async fn bench_throughput(
     options: weir::bench::throughput::ThroughputOptions,
     target: Box<dyn weir::bench::driver::Driver>,
+    label: Option<String>,
     json: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use weir::bench::{report, throughput};
@@ -1044,7 +1064,7 @@ async fn bench_throughput(
     let report = throughput::ThroughputReport {
         header: report::Header {
             tool: "weir bench throughput".into(),
-            target: target.describe(),
+            target: label.clone().unwrap_or_else(|| target.describe()),
             workload: format!(
                 "{} messages per size (at most {} bytes each), sizes {:?} B, one publisher, acks awaited",
                 options.messages, options.bytes_max, options.sizes

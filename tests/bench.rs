@@ -221,9 +221,14 @@ fn bench_run_reads_an_omb_workload_and_writes_omb_results_and_charts() {
 
     // `bench chart` overlays reports.
     let overlay = dir.path().join("overlay.svg");
-    let (ok, stdout, stderr) = weir(&["bench", "chart", json_path, json_path, "-o", overlay.to_str().unwrap()]);
+    let args =
+        ["bench", "chart", json_path, json_path, "--label", "a", "--label", "b", "-o", overlay.to_str().unwrap()];
+    let (ok, stdout, stderr) = weir(&args);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stdout.contains("4 curves from 2 reports"), "{stdout}");
+    // One floor, then publish and end-to-end of each run.
+    assert!(stdout.contains("5 curves from 2 reports"), "{stdout}");
+    let svg = std::fs::read_to_string(&overlay).unwrap();
+    assert!(svg.contains("b: end-to-end"), "{svg}");
 }
 
 #[test]

@@ -46,12 +46,15 @@ pub enum ChartError {
 }
 
 /// The curves of one report file: every series of a `weir bench latency`
-/// report (floor included), or the publish and end-to-end quantiles of an
-/// OMB result. Labels start with the run's target (or driver).
+/// report, or the publish and end-to-end series of an OMB result (weir's
+/// own results give those from the intended send time, `weir.series`; a
+/// result of OMB itself, its aggregated quantiles), each report's floor
+/// included. Labels start with `label`, or else the run's target (or
+/// driver).
 ///
 /// # Errors
 /// The file is not a report, or cannot be read.
-pub fn curves_from_file(path: &Path) -> Result<Vec<Curve>, ChartError> {
+pub fn curves_from_file(path: &Path, label: Option<&str>) -> Result<Vec<Curve>, ChartError> {
     let input = |message: String| ChartError::Input { path: path.display().to_string(), message };
     let length = std::fs::metadata(path).map_err(|error| input(error.to_string()))?.len();
     if length > REPORT_FILE_BYTES_MAX {
@@ -59,16 +62,21 @@ pub fn curves_from_file(path: &Path) -> Result<Vec<Curve>, ChartError> {
     }
     let text = std::fs::read_to_string(path).map_err(|error| input(error.to_string()))?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|error| input(error.to_string()))?;
-    curves_from_report(&value).map_err(input)
+    curves_from_report(&value, label).map_err(input)
 }
 
 /// As [`curves_from_file`], from parsed JSON.
 ///
 /// # Errors
 /// The JSON is neither report format.
-pub fn curves_from_report(report: &serde_json::Value) -> Result<Vec<Curve>, String> {
+pub fn curves_from_report(report: &serde_json::Value, label: Option<&str>) -> Result<Vec<Curve>, String> {
+    let text = |value: Option<&serde_json::Value>| value.and_then(|value| value.as_str()).map(str::to_owned);
     if let Some(end_to_end) = report.get("aggregatedEndToEndLatencyQuantiles") {
-        let driver = report.get("driver").and_then(|driver| driver.as_str()).unwrap_or("run");
+        let driver = label.map(str::to_owned).or_else(|| text(report.get("driver"))).unwrap_or_else(|| "run".into());
+        if let Some(weir) = report.get("weir") {
+            let wanted = |name: &str| name == "publish" || name == "end-to-end";
+            return Ok(summaries(weir.get("floor"), weir.get("series"), &driver, wanted));
+        }
         let mut curves = Vec::new();
         for (name, quantiles) in
             [("publish", report.get("aggregatedPublishLatencyQuantiles")), ("end-to-end", Some(end_to_end))]
@@ -83,14 +91,32 @@ pub fn curves_from_report(report: &serde_json::Value) -> Result<Vec<Curve>, Stri
         }
         return Ok(curves);
     }
-    let Some(series) = report.get("series").and_then(|series| series.as_array()) else {
+    if report.get("series").and_then(|series| series.as_array()).is_none() {
         return Err("neither a `weir bench latency` report nor an OMB result".into());
-    };
-    let target = report.pointer("/header/target").and_then(|target| target.as_str()).unwrap_or("run");
-    let floor = report.get("floor").and_then(|floor| floor.as_array()).cloned().unwrap_or_default();
+    }
+    let target =
+        label.map(str::to_owned).or_else(|| text(report.pointer("/header/target"))).unwrap_or_else(|| "run".into());
+    Ok(summaries(report.get("floor"), report.get("series"), &target, |_| true))
+}
+
+/// Curves of serialized [`super::recorder::Summary`] lists: the floor's as
+/// they are named, the others' (those `wanted`) prefixed with `target`.
+fn summaries(
+    floor: Option<&serde_json::Value>,
+    series: Option<&serde_json::Value>,
+    target: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Vec<Curve> {
+    let list =
+        |value: Option<&serde_json::Value>| value.and_then(|value| value.as_array()).cloned().unwrap_or_default();
     let mut curves = Vec::new();
-    for summary in floor.iter().chain(series) {
+    for (is_floor, summary) in
+        list(floor).iter().map(|summary| (true, summary)).chain(list(series).iter().map(|summary| (false, summary)))
+    {
         let name = summary.get("name").and_then(|name| name.as_str()).unwrap_or("series");
+        if !is_floor && !wanted(name) {
+            continue;
+        }
         let pairs = summary
             .get("distribution_ms")
             .and_then(|points| points.as_array())
@@ -101,10 +127,23 @@ pub fn curves_from_report(report: &serde_json::Value) -> Result<Vec<Curve>, Stri
             .flatten()
             .filter_map(|pair| Some((pair.get(0)?.as_f64()?, pair.get(1)?.as_f64()?)))
             .collect();
-        let label = if name.starts_with("floor") { name.to_owned() } else { format!("{target}: {name}") };
+        let label = if is_floor { name.to_owned() } else { format!("{target}: {name}") };
         curves.push(Curve { label, points });
     }
-    Ok(curves)
+    curves
+}
+
+/// Several reports' curves on one chart: a floor that several reports
+/// measured appears once (the first report's).
+pub fn overlay(reports: Vec<Vec<Curve>>) -> Vec<Curve> {
+    let mut curves: Vec<Curve> = Vec::new();
+    for curve in reports.into_iter().flatten() {
+        let repeated_floor = curve.label.starts_with("floor") && curves.iter().any(|seen| seen.label == curve.label);
+        if !repeated_floor {
+            curves.push(curve);
+        }
+    }
+    curves
 }
 
 /// Where a percentile sits on the chart's x axis: the number of nines.
@@ -214,7 +253,7 @@ mod tests {
             "floor": [{"name": "floor, 1024 B", "percentiles_ms": [[50.0, 0.09]], "distribution_ms": []}],
             "series": [{"name": "end-to-end, 1024 B", "percentiles_ms": [[50.0, 0.5]], "distribution_ms": [[0.0, 0.2], [50.0, 0.5]]}],
         });
-        let curves = curves_from_report(&latency).unwrap();
+        let curves = curves_from_report(&latency, None).unwrap();
         assert_eq!(curves.len(), 2);
         assert_eq!(curves[0], Curve { label: "floor, 1024 B".into(), points: vec![(50.0, 0.09)] });
         assert_eq!(curves[1].label, "weir 0.1.0: end-to-end, 1024 B");
@@ -225,10 +264,29 @@ mod tests {
             "aggregatedPublishLatencyQuantiles": {"99.0": 2.0, "50.0": 1.0},
             "aggregatedEndToEndLatencyQuantiles": {"50.0": 1.5},
         });
-        let curves = curves_from_report(&omb).unwrap();
+        let curves = curves_from_report(&omb, None).unwrap();
         assert_eq!(curves[0].label, "NATS JetStream: publish");
         assert_eq!(curves[0].points, [(50.0, 1.0), (99.0, 2.0)]);
-        assert!(curves_from_report(&serde_json::json!({"x": 1})).is_err());
+        assert!(curves_from_report(&serde_json::json!({"x": 1}), None).is_err());
+
+        // weir's own OMB results: the corrected series, the floor, a label.
+        let weir = serde_json::json!({
+            "driver": "weir at 127.0.0.1:7450",
+            "aggregatedEndToEndLatencyQuantiles": {"50.0": 1.0},
+            "weir": {
+                "floor": [{"name": "floor, 1024 B", "percentiles_ms": [[50.0, 0.03]]}],
+                "series": [
+                    {"name": "publish", "percentiles_ms": [[50.0, 0.4]]},
+                    {"name": "end-to-end", "percentiles_ms": [[50.0, 0.5]]},
+                    {"name": "publish delay", "percentiles_ms": [[50.0, 0.1]]},
+                ],
+            },
+        });
+        let curves = curves_from_report(&weir, Some("weir never")).unwrap();
+        let labels: Vec<&str> = curves.iter().map(|curve| curve.label.as_str()).collect();
+        assert_eq!(labels, ["floor, 1024 B", "weir never: publish", "weir never: end-to-end"]);
+        let twice = overlay(vec![curves.clone(), curves_from_report(&weir, Some("weir always")).unwrap()]);
+        assert_eq!(twice.len(), 5, "one floor for both: {twice:?}");
     }
 
     #[test]
