@@ -20,7 +20,8 @@ use weir::client::{
 };
 use weir::config::Config;
 use weir::protocol::{
-    FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, Request, Response, StartPosition,
+    ChannelInfo, FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, PartitionInfo, Request, Response,
+    StartPosition,
 };
 use weir::record::{Message, Record};
 use weir::server::{ServerHandle, Stats};
@@ -336,6 +337,20 @@ async fn fake_broker() -> FakeBroker {
                             Some(Response::Unsubscribed { subscription_id: *subscription_id })
                         }
                         Request::Ping => Some(Response::Pong),
+                        // The client sizes a subscription to every partition
+                        // by the channel's partition count: one here.
+                        Request::ListChannels => Some(Response::Channels {
+                            channels: vec![ChannelInfo {
+                                name: "events".into(),
+                                partitions: vec![PartitionInfo {
+                                    start_offset: 0,
+                                    next_offset: 0,
+                                    size_bytes: 0,
+                                    segment_count: 1,
+                                }],
+                                subscriptions: Vec::new(),
+                            }],
+                        }),
                         _ => None,
                     };
                     let _ = seen.send((correlation_id, request));

@@ -32,8 +32,11 @@ pub struct SubscribeOptions {
     /// [`Notice::Assigned`] and [`Notice::Revoked`] (acknowledge what you
     /// were sent of a revoked partition, so that it moves on).
     pub group: Option<String>,
-    /// Most unacknowledged deliveries (the broker caps it at its
-    /// `max_inflight_deliveries`).
+    /// Most unacknowledged deliveries per partition (the broker caps it at
+    /// its `max_inflight_deliveries`). The client's queue for the
+    /// subscription holds a window of every partition it may read: for a
+    /// subscription to every partition (or a group member), it asks the
+    /// broker for the channel's partition count first (one LIST_CHANNELS).
     pub max_inflight: u32,
 }
 
