@@ -1113,3 +1113,97 @@ fn a_sync_that_fails_for_lack_of_space_stops_appends_until_restart_and_says_so()
     disk.set_sync_full(false);
     assert!(matches!(log.append_batch(&[message(1, 10)]), Err(StorageError::Failed { .. })));
 }
+
+/// The real file system, recording each sync (the file's or the
+/// directory's path) in the order they happen.
+#[derive(Debug, Default, Clone)]
+struct SyncRecorder {
+    syncs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+}
+
+#[derive(Debug)]
+struct RecordedFile {
+    inner: Box<dyn weir::storage::fs::StorageFile>,
+    path: PathBuf,
+    syncs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+}
+
+impl weir::storage::fs::FileSystem for SyncRecorder {
+    fn open(
+        &self,
+        path: &Path,
+        mode: weir::storage::fs::OpenMode,
+    ) -> std::io::Result<Box<dyn weir::storage::fs::StorageFile>> {
+        let inner = StdFileSystem.open(path, mode)?;
+        Ok(Box::new(RecordedFile { inner, path: path.to_path_buf(), syncs: Arc::clone(&self.syncs) }))
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.create_dir_all(path)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        StdFileSystem.list(dir)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.remove(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        StdFileSystem.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.syncs.lock().unwrap().push(dir.to_path_buf());
+        StdFileSystem.sync_dir(dir)
+    }
+}
+
+impl weir::storage::fs::StorageFile for RecordedFile {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.append(buf)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        let synced = self.inner.sync();
+        self.syncs.lock().unwrap().push(self.path.clone());
+        synced
+    }
+    fn read_range(&self, position: u64, len: usize) -> std::io::Result<Bytes> {
+        self.inner.read_range(position, len)
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+#[test]
+fn under_never_a_roll_makes_the_next_segment_durable_before_the_sealed_segment_sync_starts() {
+    // The sealed segment's sync writes back a whole segment; a small sync
+    // issued while it runs waits for it. So the new segment's files and
+    // the directory are synced first, and the sealed segment's sync (on
+    // its own thread) comes after them.
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = SyncRecorder::default();
+    let config = LogConfig { segment_bytes: 2048, ..small_config() };
+    let log = ChannelLog::open(Arc::new(recorder.clone()), dir.path(), ChannelName::new("t").unwrap(), config).unwrap();
+    while !log.roll_due(now_us()) {
+        log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+    }
+    recorder.syncs.lock().unwrap().clear();
+    let next = log.next_offset();
+    log.append_batch(&[message(next, 100)]).unwrap();
+    // Wait for the background seal through the log's own sync.
+    log.sync().unwrap();
+    let syncs = recorder.syncs.lock().unwrap().clone();
+    let logs = segment_logs(dir.path());
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    let (first_segment_log, next_segment_log) = (logs[0].clone(), logs[1].clone());
+    let position = |path: &Path| syncs.iter().position(|synced| synced == path);
+    let sealed = position(&first_segment_log).unwrap_or_else(|| panic!("the sealed segment was synced: {syncs:?}"));
+    let created = position(&next_segment_log).unwrap_or_else(|| panic!("the new segment was synced: {syncs:?}"));
+    let directory = position(dir.path()).unwrap_or_else(|| panic!("the directory was synced: {syncs:?}"));
+    assert!(created < sealed && directory < sealed, "{syncs:?}");
+    log.close().unwrap();
+}
