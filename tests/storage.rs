@@ -1207,3 +1207,136 @@ fn under_never_a_roll_makes_the_next_segment_durable_before_the_sealed_segment_s
     assert!(created < sealed && directory < sealed, "{syncs:?}");
     log.close().unwrap();
 }
+
+/// The real file system, except that syncing one chosen file blocks until
+/// the test opens a gate; it records file creations and completed syncs
+/// in order.
+#[derive(Debug, Default, Clone)]
+struct GatedSync {
+    gated: Arc<std::sync::Mutex<Option<PathBuf>>>,
+    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    events: Arc<std::sync::Mutex<Vec<(&'static str, PathBuf)>>>,
+}
+
+impl GatedSync {
+    fn open_gate(&self) {
+        *self.open.0.lock().unwrap() = true;
+        self.open.1.notify_all();
+    }
+
+    fn position(&self, what: &str, path: &Path) -> Option<usize> {
+        self.events.lock().unwrap().iter().position(|(kind, at)| *kind == what && at == path)
+    }
+}
+
+#[derive(Debug)]
+struct GatedFile {
+    inner: Box<dyn weir::storage::fs::StorageFile>,
+    path: PathBuf,
+    fs: GatedSync,
+}
+
+impl weir::storage::fs::FileSystem for GatedSync {
+    fn open(
+        &self,
+        path: &Path,
+        mode: weir::storage::fs::OpenMode,
+    ) -> std::io::Result<Box<dyn weir::storage::fs::StorageFile>> {
+        let inner = StdFileSystem.open(path, mode)?;
+        if mode == weir::storage::fs::OpenMode::CreateNew {
+            self.events.lock().unwrap().push(("created", path.to_path_buf()));
+        }
+        Ok(Box::new(GatedFile { inner, path: path.to_path_buf(), fs: self.clone() }))
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.create_dir_all(path)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        StdFileSystem.list(dir)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.remove(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFileSystem.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        StdFileSystem.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        StdFileSystem.sync_dir(dir)
+    }
+}
+
+impl weir::storage::fs::StorageFile for GatedFile {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.append(buf)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        if self.fs.gated.lock().unwrap().as_deref() == Some(self.path.as_path()) {
+            let (open, opened) = &*self.fs.open;
+            let mut is_open = open.lock().unwrap();
+            while !*is_open {
+                is_open = opened.wait(is_open).unwrap();
+            }
+        }
+        let synced = self.inner.sync();
+        self.fs.events.lock().unwrap().push(("synced", self.path.clone()));
+        synced
+    }
+    fn read_range(&self, position: u64, len: usize) -> std::io::Result<Bytes> {
+        self.inner.read_range(position, len)
+    }
+    fn truncate(&self, len: u64) -> std::io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+#[test]
+fn a_roll_never_creates_a_segment_while_an_earlier_seal_that_sync_waits_for_is_unfinished() {
+    // `sync` (the interval thread) takes a pending seal from the writer and
+    // waits for it outside the writer lock. A roll meanwhile must not make
+    // a newer segment durable: a crash would leave two sealed segments
+    // after the torn one, which recovery does not repair.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = GatedSync::default();
+    let config = LogConfig { segment_bytes: 2048, fsync: FsyncPolicy::Interval, ..small_config() };
+    let log = ChannelLog::open(Arc::new(fs.clone()), dir.path(), ChannelName::new("t").unwrap(), config).unwrap();
+    let fill_and_roll = |log: &ChannelLog| {
+        while !log.roll_due(now_us()) {
+            log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+        }
+        log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+    };
+    // The first roll's seal blocks at the gate.
+    let sealed = segment_logs(dir.path()).pop().unwrap();
+    *fs.gated.lock().unwrap() = Some(sealed.clone());
+    // Only what follows counts (the segment's creation synced it too).
+    fs.events.lock().unwrap().clear();
+    fill_and_roll(&log);
+    std::thread::scope(|threads| {
+        let syncing = threads.spawn(|| log.sync());
+        // Give `sync` a head start to take the seal; if it does not, the
+        // roll waits for the seal itself and the order holds either way:
+        // this wait only decides whether the race is exercised.
+        std::thread::sleep(Duration::from_millis(200));
+        let rolling = threads.spawn(|| fill_and_roll(&log));
+        // Without the ordering, the third segment is created at once.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline && segment_logs(dir.path()).len() < 3 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fs.open_gate();
+        syncing.join().unwrap().unwrap();
+        rolling.join().unwrap();
+    });
+    let logs = segment_logs(dir.path());
+    assert_eq!(logs.len(), 3, "{logs:?}");
+    let seal_done = fs.position("synced", &sealed).expect("the first seal completed");
+    let third_created = fs.position("created", &logs[2]).expect("the third segment was created");
+    assert!(seal_done < third_created, "{:?}", fs.events.lock().unwrap());
+    log.close().unwrap();
+}

@@ -193,7 +193,8 @@ pub struct ChannelLog {
     visible_next_offset: AtomicU64,
     counters: Mutex<LogCounters>,
     /// Held by `sync` while it waits for a seal outside the writer lock, so
-    /// that a roll cannot start the next seal before that one is durable.
+    /// that a roll can neither create the next segment nor start the next
+    /// seal before that one is durable.
     seal_order: Mutex<()>,
     /// Told the new start offset whenever retention moves it, so that the
     /// server can notify subscribers that fell behind without polling.
@@ -579,8 +580,9 @@ impl ChannelLog {
     /// synced; only indexes remain). Under `interval` and `never` the sync of
     /// the sealed segment runs on its own thread, so that appends do not
     /// wait for a whole segment to reach the disk; at most one such sync is
-    /// outstanding, and any later sync waits for it first, so a sealed
-    /// segment is never less durable than the one after it.
+    /// outstanding, the next segment's empty files are synced before it
+    /// starts, and no record after it is synced before it completes, so
+    /// only the last sealed segment can have a torn end.
     fn roll(&self, writer: &mut Writer) -> Result<(), AppendFailure> {
         // A failed sync leaves the state of unsynced data unknown: the
         // channel refuses appends from then on (see `Writer::failure`).
@@ -598,10 +600,14 @@ impl ChannelLog {
         // strace, docs/BENCHMARKS.md).
         // A segment that cannot be created leaves nothing behind (see
         // `Segment::create`): the next append tries the roll again.
+        // A seal that `sync` is waiting for (it took it from the writer) must
+        // be durable before the next segment exists: lock order is writer,
+        // then seal_order, everywhere.
+        let _order = (self.config.fsync != FsyncPolicy::Always)
+            .then(|| self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let segment =
             Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
         if self.config.fsync != FsyncPolicy::Always {
-            let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let sealed = Arc::clone(&writer.active);
             let spawned = std::thread::Builder::new().name("weir-seal".into()).spawn(move || sealed.sync_all());
             match spawned {
@@ -667,6 +673,8 @@ impl ChannelLog {
     /// The failed sync.
     pub fn close(&self) -> Result<(), StorageError> {
         let mut writer = self.lock_writer();
+        // A seal a concurrent `sync` is waiting for comes first.
+        let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.finish_seal(&mut writer)?;
         writer.active.sync_all()?;
         writer.unsynced = false;
