@@ -1340,3 +1340,26 @@ fn a_roll_never_creates_a_segment_while_an_earlier_seal_that_sync_waits_for_is_u
     assert!(seal_done < third_created, "{:?}", fs.events.lock().unwrap());
     log.close().unwrap();
 }
+
+#[test]
+fn the_interval_thread_syncs_interval_channels_and_leaves_never_channels_to_the_os() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = SyncRecorder::default();
+    let mut config = StoreConfig::with_data_dir(dir.path());
+    config.default_log = LogConfig { fsync: FsyncPolicy::Never, ..config.default_log };
+    config
+        .channel_logs
+        .insert("timed".into(), LogConfig { fsync: FsyncPolicy::Interval, ..config.default_log.clone() });
+    let store = Store::open(config, Arc::new(recorder.clone())).unwrap();
+    for name in ["timed", "loose"] {
+        let channel = store.get_or_create(&ChannelName::new(name).unwrap()).unwrap();
+        channel.partition(0).unwrap().append_batch(&[message(0, 10)]).unwrap();
+    }
+    recorder.syncs.lock().unwrap().clear();
+    store.sync_all();
+    let syncs = recorder.syncs.lock().unwrap().clone();
+    let in_channel = |name: &str| syncs.iter().any(|path| path.components().any(|part| part.as_os_str() == name));
+    assert!(in_channel("timed"), "{syncs:?}");
+    assert!(!in_channel("loose"), "{syncs:?}");
+    store.close().unwrap();
+}

@@ -324,9 +324,12 @@ impl Store {
         self.channels().iter().flat_map(|channel| channel.partitions()).collect()
     }
 
-    /// Syncs every partition with unsynced appends.
+    /// Syncs every partition whose policy is `interval` and has unsynced
+    /// appends (the interval thread). Partitions under `never` are left to
+    /// the operating system, as that policy says, and those under `always`
+    /// are synced by each append.
     pub fn sync_all(&self) {
-        for log in self.logs() {
+        for log in self.logs().into_iter().filter(|log| log.config().fsync == FsyncPolicy::Interval) {
             if let Err(error) = log.sync() {
                 tracing::error!(channel = %log.name(), partition = log.partition(), %error, "background fsync failed; the partition refuses appends");
             }
