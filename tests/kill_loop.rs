@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use weir::client::{Publisher, PublisherOptions};
+use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
+use weir::protocol::StartPosition;
 use weir::record::Message;
 use weir::storage::fs::StdFileSystem;
 use weir::storage::{ChannelName, Store, StoreConfig};
@@ -25,8 +26,10 @@ use weir::storage::{ChannelName, Store, StoreConfig};
 const CHANNELS: usize = 3;
 /// Payloads run from 16 B to this, so that kills land inside large
 /// writes as well as small ones, while a CI run writes a few hundred MB
-/// at most.
+/// at most; one message in 50 has the broker's default maximum size.
 const PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+/// The broker's default `max_message_bytes`.
+const MESSAGE_BYTES_LIMIT: usize = 1024 * 1024;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
@@ -36,7 +39,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 /// is derived from them, so the bytes can be checked without storing them.
 fn payload(channel: usize, sequence: u64) -> Bytes {
     let mut rng = StdRng::seed_from_u64(sequence.wrapping_mul(31).wrapping_add(channel as u64));
-    let size = rng.random_range(16..=PAYLOAD_BYTES_MAX);
+    let size =
+        if rng.random_range(0..50) == 0 { MESSAGE_BYTES_LIMIT } else { rng.random_range(16..=PAYLOAD_BYTES_MAX) };
     let mut bytes = Vec::with_capacity(size);
     bytes.extend_from_slice(&(channel as u32).to_be_bytes());
     bytes.extend_from_slice(&sequence.to_be_bytes());
@@ -119,6 +123,37 @@ async fn publish_until_killed(addr: String, channel: usize, mut sequence: u64, a
     sequence
 }
 
+/// A durable subscriber of c0, acknowledging each message it reads, until
+/// the connection fails. Returns the first offset it was given and the
+/// last one it acknowledged.
+async fn read_durably(addr: String) -> (Option<u64>, Option<u64>) {
+    let (mut first, mut last_acked) = (None, None);
+    let Ok(connection) = Connection::connect(&addr, "kill-loop-audit").await else { return (first, last_acked) };
+    let options = SubscribeOptions {
+        partition: Some(0),
+        durable_name: Some("audit".into()),
+        start: StartPosition::Earliest,
+        max_inflight: 64,
+        ..SubscribeOptions::default()
+    };
+    let Ok(mut subscriber) = Subscriber::subscribe(&connection, "c0", options).await else {
+        return (first, last_acked);
+    };
+    while let Some(Ok(event)) = subscriber.next().await {
+        if let Event::Message { record, .. } = event {
+            if let Some(previous) = last_acked {
+                assert_eq!(record.offset, previous + 1, "a durable subscription delivers offsets in order");
+            }
+            first.get_or_insert(record.offset);
+            if subscriber.ack(record.offset).await.is_err() {
+                break;
+            }
+            last_acked = Some(record.offset);
+        }
+    }
+    (first, last_acked)
+}
+
 #[test]
 fn sigkill_at_seeded_moments_loses_no_acknowledged_message() {
     let kills = env_or("WEIR_KILLS", 20);
@@ -136,9 +171,11 @@ fn sigkill_at_seeded_moments_loses_no_acknowledged_message() {
     let acked: Acked = Arc::default();
     let mut sequences = [0u64; CHANNELS];
     let (mut killed, mut round) = (0, 0_u64);
+    let mut audited: Option<u64> = None;
     while killed < kills {
         let mut server = start(&data, &configs[(round % 2) as usize]);
         let before = acked.lock().unwrap().len();
+        let auditor = runtime.spawn(read_durably(server.addr.clone()));
         let tasks: Vec<_> = (0..CHANNELS)
             .map(|channel| {
                 runtime.spawn(publish_until_killed(
@@ -172,7 +209,17 @@ fn sigkill_at_seeded_moments_loses_no_acknowledged_message() {
         for (channel, task) in tasks.into_iter().enumerate() {
             sequences[channel] = runtime.block_on(task).unwrap();
         }
-        eprintln!("round {round}: {} acknowledged", acked.lock().unwrap().len() - before);
+        // The durable subscriber resumes no later than one past what it
+        // acknowledged before (at least once: earlier after a kill).
+        let (first, last) = runtime.block_on(auditor).unwrap();
+        if let (Some(first), Some(previous)) = (first, audited) {
+            assert!(
+                first <= previous + 1,
+                "seed {seed}: the durable subscriber resumed at {first} after acking {previous}"
+            );
+        }
+        audited = last.or(audited);
+        eprintln!("round {round}: {} acknowledged, audit at {audited:?}", acked.lock().unwrap().len() - before);
         round += 1;
     }
     let acked = acked.lock().unwrap().clone();
