@@ -2,8 +2,9 @@
 //! it is full every append writes half of its bytes and then fails with
 //! ENOSPC, and every file creation fails with ENOSPC, as a full disk does.
 //! It can also turn read-only: creating files and directories then fails
-//! with EACCES, while files already open keep taking appends; and it can
-//! fail `fdatasync` with ENOSPC.
+//! with EACCES, while files already open keep taking appends; it can fail
+//! `fdatasync` with ENOSPC or EIO, and writes with EIO (after writing half
+//! of the bytes, as a short write does).
 
 use std::io;
 use std::path::Path;
@@ -19,8 +20,17 @@ pub struct FullDisk {
     read_only: Arc<AtomicBool>,
     /// `fdatasync` fails with ENOSPC (as on btrfs, NFS, thin volumes).
     sync_full: Arc<AtomicBool>,
+    /// `fdatasync` fails with EIO.
+    sync_eio: Arc<AtomicBool>,
+    /// Appends write half of their bytes, then fail with EIO.
+    write_eio: Arc<AtomicBool>,
     /// Appends and creations refused since the start.
     pub refusals: Arc<AtomicU64>,
+}
+
+/// EIO, as the kernel reports a device error.
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(5)
 }
 
 impl FullDisk {
@@ -30,6 +40,14 @@ impl FullDisk {
 
     pub fn set_sync_full(&self, sync_full: bool) {
         self.sync_full.store(sync_full, Ordering::SeqCst);
+    }
+
+    pub fn set_sync_eio(&self, failing: bool) {
+        self.sync_eio.store(failing, Ordering::SeqCst);
+    }
+
+    pub fn set_write_eio(&self, failing: bool) {
+        self.write_eio.store(failing, Ordering::SeqCst);
     }
 
     pub fn set_read_only(&self, read_only: bool) {
@@ -101,6 +119,10 @@ impl StorageFile for FullDiskFile {
     }
 
     fn append(&self, buf: &[u8]) -> io::Result<()> {
+        if self.disk.write_eio.load(Ordering::SeqCst) {
+            self.inner.append(&buf[..buf.len() / 2])?;
+            return Err(eio());
+        }
         if self.disk.full.load(Ordering::SeqCst) {
             // A full disk takes what fits of a write, then refuses the rest.
             self.inner.append(&buf[..buf.len() / 2])?;
@@ -110,6 +132,9 @@ impl StorageFile for FullDiskFile {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.disk.sync_eio.load(Ordering::SeqCst) {
+            return Err(eio());
+        }
         if self.disk.sync_full.load(Ordering::SeqCst) {
             return Err(io::Error::from(io::ErrorKind::StorageFull));
         }
