@@ -173,16 +173,44 @@ struct RunArgs {
     floor_seconds: u64,
     #[command(flatten)]
     target: TargetArgs,
-    /// Also write the result as JSON (OMB's result fields) to this file.
+    #[command(flatten)]
+    output: ReportArgs,
+}
+
+/// Where a latency report goes besides the terminal.
+#[derive(Args)]
+struct ReportArgs {
+    /// Also write the report as JSON to this file (`bench run` and
+    /// `catchup`: OMB's result format).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Also write a percentile chart as STEM.svg and STEM.png.
     #[arg(long, value_name = "STEM")]
     chart: Option<PathBuf>,
-    /// Also write each aggregated series as an HdrHistogram `.hgrm` file
-    /// into this directory.
+    /// Also write each series' full distribution as an HdrHistogram `.hgrm`
+    /// file into this directory.
     #[arg(long)]
     hgrm_dir: Option<PathBuf>,
+}
+
+impl ReportArgs {
+    fn write_json(&self, report: &impl serde::Serialize) -> anyhow::Result<()> {
+        if let Some(path) = &self.json {
+            std::fs::write(path, serde_json::to_string_pretty(report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn write_hgrms<'a>(&self, series: impl Iterator<Item = &'a weir::bench::recorder::Series>) -> anyhow::Result<()> {
+        let Some(dir) = &self.hgrm_dir else { return Ok(()) };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for series in series {
+            let path = dir.join(format!("{}.hgrm", series.file_stem()));
+            std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// The broker `weir bench` drives.
@@ -216,18 +244,10 @@ enum BenchKind {
         /// Seconds of the floor measurement per size.
         #[arg(long, default_value_t = 10)]
         floor_seconds: u64,
-        /// Also write each series' full distribution as an HdrHistogram
-        /// `.hgrm` file into this directory.
-        #[arg(long)]
-        hgrm_dir: Option<PathBuf>,
         #[command(flatten)]
         target: TargetArgs,
-        /// Also write the report as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Also write a percentile chart as STEM.svg and STEM.png.
-        #[arg(long, value_name = "STEM")]
-        chart: Option<PathBuf>,
+        #[command(flatten)]
+        output: ReportArgs,
     },
     /// N messages per size from one publisher, done when every
     /// acknowledgement is back; then one subscriber reads them all.
@@ -782,7 +802,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             weir::bench::chart::draw(&curves, &title, &output)?;
             println!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
         }
-        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, hgrm_dir, target, json, chart } => {
+        BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, target, output } => {
             check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
             anyhow::ensure!(seconds > warmup_seconds, "--seconds must be above --warmup-seconds");
             let label = target.label.clone();
@@ -815,21 +835,13 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             };
             target.stop().await?;
             print!("{}", report::table(&report));
-            if let Some(dir) = hgrm_dir {
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                let all = floors.iter().chain(results.iter().flat_map(|result| [&result.publish, &result.end_to_end]));
-                for series in all {
-                    let path = dir.join(format!("{}.hgrm", series.file_stem()));
-                    std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
-                }
-            }
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            if let Some(stem) = chart {
+            output.write_hgrms(
+                floors.iter().chain(results.iter().flat_map(|result| [&result.publish, &result.end_to_end])),
+            )?;
+            output.write_json(&report)?;
+            if let Some(stem) = &output.chart {
                 let title = format!("{rate} msg/s, {}", report.header.target);
-                write_chart(&stem, &title, &report.header.target, report.floor.iter().chain(&report.series))?;
+                write_chart(stem, &title, &report.header.target, report.floor.iter().chain(&report.series))?;
             }
         }
     }
@@ -971,29 +983,20 @@ async fn bench_run(
             weir.series gives publish and end-to-end latency from the intended send time (coordinated omission corrected), \
             and publish delay (intended to actual send)",
     }));
-    if let Some(path) = &run.json {
-        std::fs::write(path, serde_json::to_string_pretty(&outcome.result)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(stem) = &run.chart {
+    run.output.write_json(&outcome.result)?;
+    if let Some(stem) = &run.output.chart {
         // The floor and the coordinated-omission-corrected series.
         let latencies = table.floor.iter().chain(&table.series[..2]).chain(&table.series[5..]);
         write_chart(stem, &workload.name, &header.target, latencies)?;
     }
-    if let Some(dir) = &run.hgrm_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let all = [
-            &outcome.publish,
-            &outcome.end_to_end,
-            &outcome.publish_delay,
-            &outcome.publish_from_send,
-            &outcome.end_to_end_from_send,
-        ];
-        for series in floor.iter().chain(all) {
-            let path = dir.join(format!("{}.hgrm", series.file_stem()));
-            std::fs::write(&path, series.hgrm()).with_context(|| format!("writing {}", path.display()))?;
-        }
-    }
+    let all = [
+        &outcome.publish,
+        &outcome.end_to_end,
+        &outcome.publish_delay,
+        &outcome.publish_from_send,
+        &outcome.end_to_end_from_send,
+    ];
+    run.output.write_hgrms(floor.iter().chain(all))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1114,70 +1114,6 @@ fn a_sync_that_fails_for_lack_of_space_stops_appends_until_restart_and_says_so()
     assert!(matches!(log.append_batch(&[message(1, 10)]), Err(StorageError::Failed { .. })));
 }
 
-/// The real file system, recording each sync (the file's or the
-/// directory's path) in the order they happen.
-#[derive(Debug, Default, Clone)]
-struct SyncRecorder {
-    syncs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
-}
-
-#[derive(Debug)]
-struct RecordedFile {
-    inner: Box<dyn weir::storage::fs::StorageFile>,
-    path: PathBuf,
-    syncs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
-}
-
-impl weir::storage::fs::FileSystem for SyncRecorder {
-    fn open(
-        &self,
-        path: &Path,
-        mode: weir::storage::fs::OpenMode,
-    ) -> std::io::Result<Box<dyn weir::storage::fs::StorageFile>> {
-        let inner = StdFileSystem.open(path, mode)?;
-        Ok(Box::new(RecordedFile { inner, path: path.to_path_buf(), syncs: Arc::clone(&self.syncs) }))
-    }
-    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        StdFileSystem.create_dir_all(path)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        StdFileSystem.list(dir)
-    }
-    fn remove(&self, path: &Path) -> std::io::Result<()> {
-        StdFileSystem.remove(path)
-    }
-    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        StdFileSystem.remove_dir_all(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        StdFileSystem.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.syncs.lock().unwrap().push(dir.to_path_buf());
-        StdFileSystem.sync_dir(dir)
-    }
-}
-
-impl weir::storage::fs::StorageFile for RecordedFile {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
-        self.inner.append(buf)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        let synced = self.inner.sync();
-        self.syncs.lock().unwrap().push(self.path.clone());
-        synced
-    }
-    fn read_range(&self, position: u64, len: usize) -> std::io::Result<Bytes> {
-        self.inner.read_range(position, len)
-    }
-    fn truncate(&self, len: u64) -> std::io::Result<()> {
-        self.inner.truncate(len)
-    }
-}
-
 #[test]
 fn under_never_a_roll_makes_the_next_segment_durable_before_the_sealed_segment_sync_starts() {
     // The sealed segment's sync writes back a whole segment; a small sync
@@ -1185,18 +1121,18 @@ fn under_never_a_roll_makes_the_next_segment_durable_before_the_sealed_segment_s
     // the directory are synced first, and the sealed segment's sync (on
     // its own thread) comes after them.
     let dir = tempfile::tempdir().unwrap();
-    let recorder = SyncRecorder::default();
+    let recorder = GatedSync::default();
     let config = LogConfig { segment_bytes: 2048, ..small_config() };
     let log = ChannelLog::open(Arc::new(recorder.clone()), dir.path(), ChannelName::new("t").unwrap(), config).unwrap();
     while !log.roll_due(now_us()) {
         log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
     }
-    recorder.syncs.lock().unwrap().clear();
+    recorder.events.lock().unwrap().clear();
     let next = log.next_offset();
     log.append_batch(&[message(next, 100)]).unwrap();
     // Wait for the background seal through the log's own sync.
     log.sync().unwrap();
-    let syncs = recorder.syncs.lock().unwrap().clone();
+    let syncs = recorder.syncs();
     let logs = segment_logs(dir.path());
     assert_eq!(logs.len(), 2, "{logs:?}");
     let (first_segment_log, next_segment_log) = (logs[0].clone(), logs[1].clone());
@@ -1209,8 +1145,8 @@ fn under_never_a_roll_makes_the_next_segment_durable_before_the_sealed_segment_s
 }
 
 /// The real file system, except that syncing one chosen file blocks until
-/// the test opens a gate; it records file creations and completed syncs
-/// in order.
+/// the test opens a gate (when one is chosen); it records file creations
+/// and completed syncs (of files and directories) in order.
 #[derive(Debug, Default, Clone)]
 struct GatedSync {
     gated: Arc<std::sync::Mutex<Option<PathBuf>>>,
@@ -1226,6 +1162,11 @@ impl GatedSync {
 
     fn position(&self, what: &str, path: &Path) -> Option<usize> {
         self.events.lock().unwrap().iter().position(|(kind, at)| *kind == what && at == path)
+    }
+
+    /// Every completed sync so far, in order.
+    fn syncs(&self) -> Vec<PathBuf> {
+        self.events.lock().unwrap().iter().filter(|(kind, _)| *kind == "synced").map(|(_, path)| path.clone()).collect()
     }
 }
 
@@ -1264,7 +1205,9 @@ impl weir::storage::fs::FileSystem for GatedSync {
         StdFileSystem.rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        StdFileSystem.sync_dir(dir)
+        let synced = StdFileSystem.sync_dir(dir);
+        self.events.lock().unwrap().push(("synced", dir.to_path_buf()));
+        synced
     }
 }
 
@@ -1344,7 +1287,7 @@ fn a_roll_never_creates_a_segment_while_an_earlier_seal_that_sync_waits_for_is_u
 #[test]
 fn the_interval_thread_syncs_interval_channels_and_leaves_never_channels_to_the_os() {
     let dir = tempfile::tempdir().unwrap();
-    let recorder = SyncRecorder::default();
+    let recorder = GatedSync::default();
     let mut config = StoreConfig::with_data_dir(dir.path());
     config.default_log = LogConfig { fsync: FsyncPolicy::Never, ..config.default_log };
     config
@@ -1355,9 +1298,9 @@ fn the_interval_thread_syncs_interval_channels_and_leaves_never_channels_to_the_
         let channel = store.get_or_create(&ChannelName::new(name).unwrap()).unwrap();
         channel.partition(0).unwrap().append_batch(&[message(0, 10)]).unwrap();
     }
-    recorder.syncs.lock().unwrap().clear();
+    recorder.events.lock().unwrap().clear();
     store.sync_all();
-    let syncs = recorder.syncs.lock().unwrap().clone();
+    let syncs = recorder.syncs();
     let in_channel = |name: &str| syncs.iter().any(|path| path.components().any(|part| part.as_os_str() == name));
     assert!(in_channel("timed"), "{syncs:?}");
     assert!(!in_channel("loose"), "{syncs:?}");
