@@ -232,12 +232,12 @@ async fn a_channel_that_cannot_be_opened_is_refused_while_the_others_are_served(
         }
         log.close().unwrap();
     }
-    // The end of the oldest sealed segment of "bad" is damaged, with nothing
-    // valid after it in that segment: recovery cannot repair it.
+    // The header of the oldest sealed segment of "bad" is damaged: recovery
+    // cannot trust anything in it (bad bytes at its end would be kept as
+    // damage instead, the channel served).
     let first = dir.path().join("channels").join("bad").join("00000000000000000000.log");
     let mut bytes = std::fs::read(&first).unwrap();
-    let last = bytes.len() - 5;
-    bytes[last] ^= 0x20;
+    bytes[0] ^= 0x20;
     std::fs::write(&first, &bytes).unwrap();
 
     let server = common::start(test_config(&dir)).await;

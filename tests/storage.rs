@@ -390,8 +390,33 @@ fn a_reader_of_a_sealed_segment_gets_an_error_naming_the_corrupt_record() {
     assert!(after.count > 0);
 }
 
+/// Opens a log whose sealed segment `damaged` ends in bad bytes and checks
+/// that they are kept as damage: nothing removed, the offsets they held up
+/// to the next segment unreadable (naming the file), everything else
+/// readable, appends going on at the same next offset.
+fn assert_bad_sealed_end_kept_as_damage(dir: &Path, config: LogConfig, damaged: &Path) {
+    let segments = segment_logs(dir);
+    let position = segments.iter().position(|path| path == damaged).expect("the damaged segment");
+    let next_base: u64 = segments[position + 1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let log = ChannelLog::open(Arc::new(StdFileSystem), dir, ChannelName::new("t").unwrap(), config).unwrap();
+    assert_eq!(segment_logs(dir), segments, "nothing is removed for damage");
+    match log.read(next_base - 1, 1 << 20) {
+        Err(StorageError::CorruptRecord { path, offset, .. }) => {
+            assert_eq!(&path, damaged);
+            assert_eq!(offset, next_base - 1);
+        }
+        other => panic!("expected the last offset of the damaged segment to be unreadable, got {other:?}"),
+    }
+    let after = log.read(next_base, 1 << 20).unwrap();
+    assert_eq!(after.first_offset, next_base, "the next segment is read from its base");
+    let first = log.read(log.start_offset(), 1).unwrap();
+    assert_eq!(first.count, 1, "the records before the damage are read");
+    let next = log.next_offset();
+    assert_eq!(log.append_batch(&[message(next, 10)]).unwrap().first_offset, next);
+}
+
 #[test]
-fn corruption_inside_a_sealed_segment_is_reported_at_open_by_name_and_position() {
+fn bad_bytes_at_the_end_of_a_sealed_segment_are_kept_as_damage_and_the_channel_opens() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = open(dir.path(), small_config());
@@ -399,16 +424,12 @@ fn corruption_inside_a_sealed_segment_is_reported_at_open_by_name_and_position()
             log.append_batch(&[message(i, 200)]).unwrap();
         }
     }
-    let first = &segment_logs(dir.path())[0];
-    let mut bytes = std::fs::read(first).unwrap();
+    let first = segment_logs(dir.path())[0].clone();
+    let mut bytes = std::fs::read(&first).unwrap();
     let last = bytes.len() - 10;
     bytes[last] ^= 1; // The last record of a sealed segment is verified on open.
-    std::fs::write(first, &bytes).unwrap();
-    let error = ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), small_config())
-        .unwrap_err();
-    let message = error.to_string();
-    assert!(message.contains("00000000000000000000.log"), "{message}");
-    assert!(matches!(error, StorageError::Corrupt { .. }), "{message}");
+    std::fs::write(&first, &bytes).unwrap();
+    assert_bad_sealed_end_kept_as_damage(dir.path(), small_config(), &first);
 }
 
 #[test]
@@ -601,29 +622,26 @@ fn a_torn_last_sealed_segment_is_cut_under_never_and_the_segment_after_it_remove
 }
 
 #[test]
-fn a_torn_sealed_segment_refuses_to_open_under_always() {
+fn a_torn_sealed_segment_is_not_cut_under_always_but_kept_as_damage() {
+    // Under `always` every sealed segment was synced before the next one
+    // existed: a torn end is damage to synced data, never cut.
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig { fsync: FsyncPolicy::Always, ..small_config() };
-    log_with_a_torn_middle_segment(dir.path(), &config);
-    let error =
-        ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), config).unwrap_err();
-    assert!(error.to_string().contains("00000000000000000"), "{error}");
-    assert_eq!(segment_logs(dir.path()).len(), 3, "nothing is removed when the data was synced");
+    let middle_base = log_with_a_torn_middle_segment(dir.path(), &config);
+    let middle = segment_logs(dir.path()).into_iter().find(|path| path.ends_with(format!("{middle_base:020}.log")));
+    assert_bad_sealed_end_kept_as_damage(dir.path(), config, &middle.unwrap());
 }
 
 #[test]
-fn a_flipped_byte_at_the_end_of_the_last_sealed_segment_refuses_to_open_even_under_never() {
+fn a_flipped_byte_at_the_end_of_the_last_sealed_segment_is_kept_as_damage_even_under_never() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config();
-    let middle = &three_segments(dir.path(), &config);
-    let mut bytes = std::fs::read(middle).unwrap();
+    let middle = three_segments(dir.path(), &config);
+    let mut bytes = std::fs::read(&middle).unwrap();
     let last = bytes.len() - 20;
     bytes[last] ^= 0x10; // Corruption, not a torn end: the bytes after it are not zeros.
-    std::fs::write(middle, &bytes).unwrap();
-    let error =
-        ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("t").unwrap(), config).unwrap_err();
-    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
-    assert_eq!(segment_logs(dir.path()).len(), 3, "nothing is removed for corruption");
+    std::fs::write(&middle, &bytes).unwrap();
+    assert_bad_sealed_end_kept_as_damage(dir.path(), config, &middle);
 }
 
 #[test]
@@ -1208,6 +1226,10 @@ impl weir::storage::fs::FileSystem for GatedSync {
         let synced = StdFileSystem.sync_dir(dir);
         self.events.lock().unwrap().push(("synced", dir.to_path_buf()));
         synced
+    }
+
+    fn exists(&self, path: &Path) -> std::io::Result<bool> {
+        StdFileSystem.exists(path)
     }
 }
 

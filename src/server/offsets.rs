@@ -117,13 +117,19 @@ impl DurableOffsets {
         data_dir: &Path,
         base_config: &LogConfig,
     ) -> Result<DurableOffsets, StorageError> {
-        let dir = data_dir.join("system").join("offsets");
+        let system_dir = data_dir.join("system");
+        let dir = system_dir.join("offsets");
         let old_dir = dir.with_extension("old");
-        if !dir.exists() && old_dir.exists() {
+        let exists =
+            |path: &Path| fs.exists(path).map_err(|source| StorageError::Io { path: path.to_path_buf(), source });
+        if !exists(&dir)? && exists(&old_dir)? {
             // A crash between the two renames of a compaction: the old log
             // is whole, the new one may not be.
-            std::fs::rename(&old_dir, &dir).map_err(|source| StorageError::Io { path: old_dir.clone(), source })?;
+            fs.rename(&old_dir, &dir).map_err(|source| StorageError::Io { path: old_dir.clone(), source })?;
+            fs.sync_dir(&system_dir).map_err(|source| StorageError::Io { path: system_dir.clone(), source })?;
         }
+        // What a crash left of an earlier compaction.
+        remove_leftovers(&*fs, &dir)?;
         let config = LogConfig {
             segment_bytes: 16 * 1024 * 1024,
             retention: RetentionPolicy::default(),
@@ -340,7 +346,24 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
     let mut offsets = HashMap::new();
     let mut next = log.start_offset();
     loop {
-        let batch = log.read(next, 1 << 20)?;
+        let batch = match log.read(next, 1 << 20) {
+            Ok(batch) => batch,
+            // Damage kept by recovery (a power loss during an append that
+            // was never synced, or a bad sector): the positions it held are
+            // skipped, so a subscription may resume at an earlier position
+            // (redelivery), never a later one.
+            Err(StorageError::CorruptRecord { offset, next_readable_offset, .. }) => {
+                tracing::warn!(offset, "skipping a damaged durable offset record");
+                match next_readable_offset {
+                    Some(readable) => {
+                        next = readable;
+                        continue;
+                    }
+                    None => return Ok(offsets),
+                }
+            }
+            Err(error) => return Err(error),
+        };
         if batch.count == 0 {
             return Ok(offsets);
         }
@@ -364,6 +387,19 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
     }
 }
 
+/// Removes the directories an interrupted compaction left beside `dir`
+/// (once `dir` exists, neither is needed).
+fn remove_leftovers(fs: &dyn FileSystem, dir: &Path) -> Result<(), StorageError> {
+    for leftover in [dir.with_extension("compacting"), dir.with_extension("old")] {
+        match fs.remove_dir_all(&leftover) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::Io { path: leftover, source }),
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites the internal log with one record per live entry: write a new
 /// log beside it, then swap directories.
 fn compact(
@@ -376,11 +412,6 @@ fn compact(
 ) -> Result<ChannelLog, StorageError> {
     let fresh_dir = dir.with_extension("compacting");
     let old_dir = dir.with_extension("old");
-    for leftover in [&fresh_dir, &old_dir] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(leftover).map_err(|source| StorageError::Io { path: leftover.clone(), source })?;
-        }
-    }
     {
         let fresh = ChannelLog::open(Arc::clone(fs), &fresh_dir, name.clone(), config.clone())?;
         let messages: Vec<Message> = offsets.iter().map(|(key, offset)| encode_entry(key, *offset)).collect();
@@ -394,9 +425,14 @@ fn compact(
         let path = path.to_path_buf();
         move |source| StorageError::Io { path, source }
     };
-    std::fs::rename(dir, &old_dir).map_err(io(dir))?;
-    std::fs::rename(&fresh_dir, dir).map_err(io(&fresh_dir))?;
-    std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;
+    fs.rename(dir, &old_dir).map_err(io(dir))?;
+    fs.rename(&fresh_dir, dir).map_err(io(&fresh_dir))?;
+    // Durable before anything is appended to the new log: otherwise a power
+    // loss could bring the old log back without those appends, and
+    // positions would move backwards.
+    let parent = dir.parent().unwrap_or(dir);
+    fs.sync_dir(parent).map_err(io(parent))?;
+    fs.remove_dir_all(&old_dir).map_err(io(&old_dir))?;
     tracing::info!(entries = offsets.len(), "compacted the durable offsets log");
     ChannelLog::open(Arc::clone(fs), dir, name, config)
 }

@@ -1,5 +1,6 @@
 //! The narrow file interface every storage path goes through: open, append,
-//! sync, read a range as `Bytes`, truncate, list, remove, rename.
+//! sync, read a range as `Bytes`, truncate, list, remove, rename, and the
+//! background sync of a sealed segment.
 //!
 //! [`StdFileSystem`] is the real implementation over `std::fs` and memory
 //! maps. Keeping the engine behind these two traits lets a fault-injecting
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use super::error::StorageError;
 use super::mmap;
 
 /// How [`FileSystem::open`] treats an existing or missing file.
@@ -64,6 +66,94 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// # Errors
     /// The operating system's error.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Whether a file or directory exists at `path`.
+    ///
+    /// # Errors
+    /// The operating system's error, other than "not found".
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// Starts `sync` (a sealed segment's sync) off the caller's thread, so
+    /// that appends do not wait for a whole segment to reach the disk.
+    ///
+    /// The real file system runs it on its own thread (inline if no thread
+    /// can be started). A simulated one may run it later, as long as it has
+    /// run when [`BackgroundSync::wait`] returns: that keeps a seeded
+    /// simulation deterministic.
+    fn sync_in_background(&self, sync: SyncJob) -> BackgroundSync {
+        match std::thread::Builder::new().name("weir-seal".into()).spawn(sync) {
+            Ok(handle) => BackgroundSync::Thread(handle),
+            // The closure is gone with the failed spawn; the caller syncs
+            // inline instead.
+            Err(_) => BackgroundSync::NotStarted,
+        }
+    }
+}
+
+/// Creates `path` and its missing parents, and makes their entries durable
+/// (each new directory's parent synced), so that a power loss cannot take
+/// back a directory that records were then written and synced into.
+///
+/// # Errors
+/// The operating system's error.
+pub fn create_dir_all_durable(fs: &dyn FileSystem, path: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut ancestor = Some(path);
+    while let Some(dir) = ancestor {
+        if fs.exists(dir)? {
+            break;
+        }
+        missing.push(dir);
+        ancestor = dir.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir_all(path)?;
+    // Outermost first: a directory's entry is durable before the entries
+    // inside it are.
+    for dir in missing.iter().rev() {
+        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            fs.sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// A sync to run in the background (see [`FileSystem::sync_in_background`]).
+pub type SyncJob = Box<dyn FnOnce() -> Result<(), StorageError> + Send>;
+
+/// A sync started by [`FileSystem::sync_in_background`].
+#[derive(Debug)]
+pub enum BackgroundSync {
+    /// Running on its own thread.
+    Thread(std::thread::JoinHandle<Result<(), StorageError>>),
+    /// Deferred: it runs when waited for.
+    Deferred(DeferredSync),
+    /// No thread could be started: the caller must sync inline.
+    NotStarted,
+}
+
+/// A sync that runs when waited for.
+pub struct DeferredSync(pub SyncJob);
+
+impl fmt::Debug for DeferredSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeferredSync")
+    }
+}
+
+impl BackgroundSync {
+    /// Waits for the sync and returns its result; `Err` if its thread
+    /// panicked.
+    ///
+    /// # Errors
+    /// The panic of the sync's thread.
+    pub fn wait(self) -> std::thread::Result<Result<(), StorageError>> {
+        match self {
+            BackgroundSync::Thread(handle) => handle.join(),
+            BackgroundSync::Deferred(DeferredSync(sync)) => Ok(sync()),
+            BackgroundSync::NotStarted => Ok(Ok(())),
+        }
+    }
 }
 
 /// One open file. Shared between the single writer and many readers, so
@@ -149,6 +239,10 @@ impl FileSystem for StdFileSystem {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
     }
 }
 

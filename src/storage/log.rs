@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
-use super::fs::FileSystem;
+use super::fs::{BackgroundSync, FileSystem};
 use super::index::{FILE_HEADER_BYTES, IndexEntry};
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
 use crate::record::{self, Message, RecordIter};
@@ -133,8 +133,8 @@ pub struct LogStats {
     pub segment_count: u64,
 }
 
-/// The thread syncing a just-sealed segment.
-type SealSync = std::thread::JoinHandle<Result<(), StorageError>>;
+/// The background sync of a just-sealed segment.
+type SealSync = BackgroundSync;
 
 struct Writer {
     active: Arc<Segment>,
@@ -251,7 +251,9 @@ impl ChannelLog {
         partition: u32,
         config: LogConfig,
     ) -> Result<ChannelLog, StorageError> {
-        fs.create_dir_all(dir).at(dir)?;
+        // Durable before any record is: a power loss must not take the
+        // directory back with the records synced into it.
+        super::fs::create_dir_all_durable(&*fs, dir).at(dir)?;
         let base_offsets = list_segments(&*fs, dir)?;
         let mut segments = BTreeMap::new();
         let mut base_offsets = base_offsets;
@@ -282,11 +284,33 @@ impl ChannelLog {
                     remove_segment_files(&*fs, dir, removed)?;
                     Segment::open(&*fs, dir, base_offset, SegmentRole::Last, config.index_interval_bytes)?
                 }
+                Err(error @ StorageError::Corrupt { .. }) if i + 1 < base_offsets.len() => {
+                    // A sealed segment whose end is bad and not a torn end
+                    // that may be cut: damage (a flipped bit), or, for the
+                    // last sealed segment under `interval` and `never`,
+                    // pages of an interrupted background sync written back
+                    // out of order. Nothing is cut: the bad bytes are kept
+                    // as damage holding the offsets up to the next
+                    // segment's base (see `SegmentRole::SealedDamagedEnd`).
+                    tracing::error!(
+                        channel = %name, %error,
+                        "recovery: a sealed segment ends in bad bytes; keeping them as damage, reads of the offsets they held fail; run weir check"
+                    );
+                    let role = SegmentRole::SealedDamagedEnd { next_base_offset: base_offsets[i + 1] };
+                    Segment::open(&*fs, dir, base_offset, role, config.index_interval_bytes)?
+                }
                 other => other?,
             };
             log_recovery(&name, &segment, report);
             segments.insert(base_offset, Arc::new(segment));
             i += 1;
+        }
+        // A process crash may have ended the background sync of the last
+        // sealed segment; the page cache still holds what it wrote, so it is
+        // synced now, before any later segment can be: only the last sealed
+        // segment may ever be torn (see `roll`). Cheap when nothing is dirty.
+        if let Some(sealed) = segments.values().rev().nth(1) {
+            sealed.sync_all()?;
         }
         let active = match segments.last_key_value() {
             Some((_, segment)) => Arc::clone(segment),
@@ -609,10 +633,9 @@ impl ChannelLog {
             Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
         if self.config.fsync != FsyncPolicy::Always {
             let sealed = Arc::clone(&writer.active);
-            let spawned = std::thread::Builder::new().name("weir-seal".into()).spawn(move || sealed.sync_all());
-            match spawned {
-                Ok(handle) => writer.pending_seal = Some(handle),
-                Err(_) => writer.active.sync_all().map_err(AppendFailure::Unknown)?,
+            match self.fs.sync_in_background(Box::new(move || sealed.sync_all())) {
+                BackgroundSync::NotStarted => writer.active.sync_all().map_err(AppendFailure::Unknown)?,
+                started => writer.pending_seal = Some(started),
             }
         }
         writer.unsynced = false;
@@ -629,7 +652,7 @@ impl ChannelLog {
     }
 
     fn join_seal(&self, pending: SealSync) -> Result<(), StorageError> {
-        pending.join().unwrap_or_else(|_| {
+        pending.wait().unwrap_or_else(|_| {
             Err(StorageError::Failed { channel: self.label(), cause: "the seal sync thread panicked".into() })
         })
     }

@@ -71,7 +71,17 @@ pub(crate) struct RecoveryReport {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum SegmentRole {
     Last,
-    Sealed { next_base_offset: u64 },
+    Sealed {
+        next_base_offset: u64,
+    },
+    /// A sealed segment opened again after it failed to open as `Sealed`
+    /// because its end is bad (and not a torn end recovery may cut).
+    /// Verified whole; the bad bytes at its end are kept as damage holding
+    /// the offsets up to `next_base_offset` (known exactly: the segment
+    /// was sealed there), never cut.
+    SealedDamagedEnd {
+        next_base_offset: u64,
+    },
 }
 
 /// A write to a segment that failed.
@@ -148,9 +158,17 @@ impl Segment {
         let log_path = dir.join(file_name(base_offset, LOG_EXTENSION));
         let log = fs.open(&log_path, OpenMode::Existing).at(&log_path)?;
         let mut report = RecoveryReport::default();
-        if log.len() < FILE_HEADER_BYTES as u64 && matches!(role, SegmentRole::Last) {
-            // A crash right after the segment was created: nothing in it was
-            // ever acknowledged, so writing the header again loses nothing.
+        let header_whole = || {
+            log.len() >= FILE_HEADER_BYTES as u64
+                && log
+                    .read_range(0, FILE_HEADER_BYTES)
+                    .is_ok_and(|header| index::check_file_header(&header, FileKind::Log, base_offset).is_ok())
+        };
+        if log.len() <= FILE_HEADER_BYTES as u64 && matches!(role, SegmentRole::Last) && !header_whole() {
+            // A crash while the segment was created (its header short, or
+            // its size on disk but not its bytes): it holds no record, and
+            // none was ever acknowledged in it, so writing the header again
+            // loses nothing.
             report.truncated_bytes = log.len();
             log.truncate(0).at(&log_path)?;
             log.append(&index::encode_file_header(FileKind::Log, base_offset)).at(&log_path)?;
@@ -176,7 +194,7 @@ impl Segment {
             // tear, and a bad record anywhere in it must be told apart from
             // a torn tail (a bad record followed by good ones is damage,
             // never cut). It is at most one segment per channel.
-            SegmentRole::Last => (Vec::new(), Vec::new()),
+            SegmentRole::Last | SegmentRole::SealedDamagedEnd { .. } => (Vec::new(), Vec::new()),
             // Sealed segments are verified from their last trusted index
             // entry on, so that start-up time does not grow with the data.
             SegmentRole::Sealed { .. } => trusted_index_prefix(&*log, base_offset, offset_entries, time_entries),
@@ -217,7 +235,17 @@ impl Segment {
                     });
                     scan.next_offset += held;
                 }
-                SegmentRole::Sealed { .. } => {
+                SegmentRole::SealedDamagedEnd { next_base_offset } if scan.next_offset < next_base_offset => {
+                    scan.damaged.push(Damage {
+                        position,
+                        end_position: log.len(),
+                        first_offset: scan.next_offset,
+                        next_offset: next_base_offset,
+                        reason,
+                    });
+                    scan.next_offset = next_base_offset;
+                }
+                SegmentRole::Sealed { .. } | SegmentRole::SealedDamagedEnd { .. } => {
                     return Err(StorageError::Corrupt { path: log_path, position, reason });
                 }
             }
@@ -234,7 +262,7 @@ impl Segment {
             );
         }
 
-        if let SegmentRole::Sealed { next_base_offset } = role
+        if let SegmentRole::Sealed { next_base_offset } | SegmentRole::SealedDamagedEnd { next_base_offset } = role
             && scan.next_offset != next_base_offset
         {
             return Err(StorageError::SegmentEndMismatch {
@@ -267,7 +295,7 @@ impl Segment {
         // the last segment starts at its first record.
         let first_timestamp_us = match role {
             SegmentRole::Last => scan.first_timestamp_us,
-            SegmentRole::Sealed { .. } => {
+            SegmentRole::Sealed { .. } | SegmentRole::SealedDamagedEnd { .. } => {
                 record_at(&*log, FILE_HEADER_BYTES as u64, log.len()).ok().map(|meta| meta.timestamp_us)
             }
         };
@@ -318,8 +346,12 @@ impl Segment {
         let lens = [self.log.len(), self.offset_index_file.len(), self.time_index_file.len()];
         let Err(error) = self.write_files(records, offset_entries, time_entries) else { return Ok(()) };
         // A partial write above the visible length is invisible to readers;
-        // if a cut fails, recovery cuts the records again on open.
+        // if a cut fails, recovery cuts the records again on open. The cut
+        // of the log is synced: otherwise a power loss could keep the
+        // refused records (written back before the cut) and drop the cut,
+        // and a publish answered "not stored" would be stored after all.
         let rolled_back = self.log.truncate(lens[0]).is_ok()
+            && self.log.sync().is_ok()
             && self.offset_index_file.truncate(lens[1]).is_ok()
             && self.time_index_file.truncate(lens[2]).is_ok();
         Err(WriteFailure { error, rolled_back })

@@ -96,7 +96,7 @@ impl Store {
     /// directory cannot be read.
     pub fn open(config: StoreConfig, fs: Arc<dyn FileSystem>) -> Result<Store, StorageError> {
         let channels_dir = config.data_dir.join(CHANNELS_DIR);
-        fs.create_dir_all(&channels_dir).at(&channels_dir)?;
+        super::fs::create_dir_all_durable(&*fs, &channels_dir).at(&channels_dir)?;
         let lock_path = config.data_dir.join(LOCK_FILE);
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).at(&lock_path)?;
         match lock.try_lock() {

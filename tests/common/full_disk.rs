@@ -105,6 +105,10 @@ impl FileSystem for FullDisk {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         StdFileSystem.sync_dir(dir)
     }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        StdFileSystem.exists(path)
+    }
 }
 
 #[derive(Debug)]
