@@ -220,7 +220,7 @@ fn power_loss_seed(seed: u64) {
     for life in 0..LIVES {
         let context = format!("seed {seed} ({policy:?}, life {life})");
         disk.crash_at(disk.counts().operations + rng.random_range(1..=300));
-        let log = match open_log(&disk, &dir, &config) {
+        let mut log = match open_log(&disk, &dir, &config) {
             Ok(log) => log,
             // The power went out during recovery: it runs again.
             Err(_) if disk.crashed() => {
@@ -292,6 +292,18 @@ fn power_loss_seed(seed: u64) {
                     Err(_) if disk.crashed() => {}
                     Err(error) => panic!("{context}: close failed without a fault: {error}"),
                 },
+                97..99 => {
+                    // The process dies (a background seal with it) and
+                    // starts again; the page cache keeps what it wrote.
+                    // (The dead process's log does nothing more; dropping
+                    // it drops its unfinished background seal.)
+                    match open_log(&disk, &dir, &config) {
+                        Ok(reopened) => drop(std::mem::replace(&mut log, reopened)),
+                        Err(_) if disk.crashed() => break,
+                        Err(error) => panic!("{context}: recovery after a process crash failed: {error}"),
+                    }
+                    model.check_recovered(&log, false, &format!("{context}, after a process crash"));
+                }
                 _ => {}
             }
         }
