@@ -339,7 +339,9 @@ impl ChannelLog {
                 next_offset,
                 last_timestamp_us,
                 last_indexed_position,
-                unsynced: false,
+                // After a process crash the page cache may hold appends that
+                // were never synced: the first `sync` must not skip them.
+                unsynced: true,
                 encode_buffer: Vec::new(),
                 pending_seal: None,
                 failure: None,
