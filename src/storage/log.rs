@@ -310,7 +310,7 @@ impl ChannelLog {
         // synced now, before any later segment can be: only the last sealed
         // segment may ever be torn (see `roll`). Cheap when nothing is dirty.
         if let Some(sealed) = segments.values().rev().nth(1) {
-            sealed.sync_all()?;
+            sealed.sync_all(&*fs)?;
         }
         let active = match segments.last_key_value() {
             Some((_, segment)) => Arc::clone(segment),
@@ -546,7 +546,7 @@ impl ChannelLog {
             }
             record::encode(&mut buffer, offset, timestamp_us, message);
         }
-        let written = writer.active.write(&buffer, &offset_entries, &time_entries);
+        let written = writer.active.write(&buffer);
         writer.encode_buffer = buffer;
         match written {
             Ok(()) => {}
@@ -613,7 +613,7 @@ impl ChannelLog {
         // A failed sync leaves the state of unsynced data unknown: the
         // channel refuses appends from then on (see `Writer::failure`).
         let sealed = match self.finish_seal(writer) {
-            Ok(()) if self.config.fsync == FsyncPolicy::Always => writer.active.sync_all(),
+            Ok(()) if self.config.fsync == FsyncPolicy::Always => writer.active.sync_all(&*self.fs),
             other => other,
         };
         sealed.map_err(AppendFailure::Unknown)?;
@@ -635,8 +635,9 @@ impl ChannelLog {
             Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
         if self.config.fsync != FsyncPolicy::Always {
             let sealed = Arc::clone(&writer.active);
-            match self.fs.sync_in_background(Box::new(move || sealed.sync_all())) {
-                BackgroundSync::NotStarted => writer.active.sync_all().map_err(AppendFailure::Unknown)?,
+            let fs = Arc::clone(&self.fs);
+            match self.fs.sync_in_background(Box::new(move || sealed.sync_all(&*fs))) {
+                BackgroundSync::NotStarted => writer.active.sync_all(&*self.fs).map_err(AppendFailure::Unknown)?,
                 started => writer.pending_seal = Some(started),
             }
         }
@@ -701,7 +702,7 @@ impl ChannelLog {
         // A seal a concurrent `sync` is waiting for comes first.
         let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         self.finish_seal(&mut writer)?;
-        writer.active.sync_all()?;
+        writer.active.sync_all(&*self.fs)?;
         writer.unsynced = false;
         Ok(())
     }

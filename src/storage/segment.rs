@@ -53,9 +53,11 @@ pub(crate) struct SegmentState {
 pub(crate) struct Segment {
     pub base_offset: u64,
     pub log_path: PathBuf,
+    /// The only file a segment keeps open: its indexes live in memory
+    /// (`SegmentState`) and are written to their files when the segment is
+    /// sealed or closed ([`Segment::sync_all`]), so that a channel holds one
+    /// open file per segment, not three.
     log: Box<dyn StorageFile>,
-    offset_index_file: Box<dyn StorageFile>,
-    time_index_file: Box<dyn StorageFile>,
     state: RwLock<SegmentState>,
 }
 
@@ -120,14 +122,18 @@ impl Segment {
             let path = dir.join(file_name(base_offset, extension));
             let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
             file.append(&index::encode_file_header(kind, base_offset)).at(&path)?;
+            file.sync().at(&path)?;
             Ok(file)
         };
+        let log = open_new(LOG_EXTENSION, FileKind::Log)?;
+        // Empty indexes with their headers: their entries are written when
+        // the segment is sealed or closed.
+        open_new(OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex)?;
+        open_new(TIME_INDEX_EXTENSION, FileKind::TimeIndex)?;
         let segment = Segment {
             base_offset,
             log_path: dir.join(file_name(base_offset, LOG_EXTENSION)),
-            log: open_new(LOG_EXTENSION, FileKind::Log)?,
-            offset_index_file: open_new(OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex)?,
-            time_index_file: open_new(TIME_INDEX_EXTENSION, FileKind::TimeIndex)?,
+            log,
             state: RwLock::new(SegmentState {
                 visible_len: FILE_HEADER_BYTES as u64,
                 next_offset: base_offset,
@@ -137,7 +143,6 @@ impl Segment {
                 time_index: Vec::new(),
             }),
         };
-        segment.sync_all()?;
         fs.sync_dir(dir).at(dir)?;
         Ok(segment)
     }
@@ -275,20 +280,17 @@ impl Segment {
         let index_changed = !indexes_loaded_whole || offset_index != loaded.0 || time_index != loaded.1;
         if index_changed {
             report.index_rebuilt = true;
-            rewrite_index(
-                &*offset_index_file,
-                &dir.join(file_name(base_offset, OFFSET_INDEX_EXTENSION)),
-                FileKind::OffsetIndex,
-                base_offset,
-                &offset_index,
-            )?;
-            rewrite_index(
-                &*time_index_file,
-                &dir.join(file_name(base_offset, TIME_INDEX_EXTENSION)),
-                FileKind::TimeIndex,
-                base_offset,
-                &time_index,
-            )?;
+            for (file, extension, kind, entries) in [
+                (&offset_index_file, OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &offset_index),
+                (&time_index_file, TIME_INDEX_EXTENSION, FileKind::TimeIndex, &time_index),
+            ] {
+                // Derived data, as in `sync_all`: the index in memory is
+                // right, and the file is written again at the seal.
+                let path = dir.join(file_name(base_offset, extension));
+                if let Err(error) = rewrite_index(&**file, &path, kind, base_offset, entries) {
+                    tracing::warn!(%error, "a rebuilt index could not be written; it is written again when the segment is sealed");
+                }
+            }
         }
 
         // Only the last segment's is used (to roll it by age); the scan of
@@ -311,9 +313,10 @@ impl Segment {
                 time_index,
             }),
             log,
-            offset_index_file,
-            time_index_file,
         };
+        // The index files are closed here; they are written again when the
+        // segment is sealed or closed.
+        drop((offset_index_file, time_index_file));
         Ok((segment, report))
     }
 
@@ -337,42 +340,16 @@ impl Segment {
     /// The failed write. The three files are then cut back to their
     /// previous lengths; [`WriteFailure::rolled_back`] says whether that
     /// worked, so that nothing of the failed write remains.
-    pub fn write(
-        &self,
-        records: &[u8],
-        offset_entries: &[IndexEntry],
-        time_entries: &[IndexEntry],
-    ) -> Result<(), WriteFailure> {
-        let lens = [self.log.len(), self.offset_index_file.len(), self.time_index_file.len()];
-        let Err(error) = self.write_files(records, offset_entries, time_entries) else { return Ok(()) };
+    pub fn write(&self, records: &[u8]) -> Result<(), WriteFailure> {
+        let len = self.log.len();
+        let Err(error) = self.log.append(records).at(&self.log_path) else { return Ok(()) };
         // A partial write above the visible length is invisible to readers;
         // if a cut fails, recovery cuts the records again on open. The cut
         // of the log is synced: otherwise a power loss could keep the
         // refused records (written back before the cut) and drop the cut,
         // and a publish answered "not stored" would be stored after all.
-        let rolled_back = self.log.truncate(lens[0]).is_ok()
-            && self.log.sync().is_ok()
-            && self.offset_index_file.truncate(lens[1]).is_ok()
-            && self.time_index_file.truncate(lens[2]).is_ok();
+        let rolled_back = self.log.truncate(len).is_ok() && self.log.sync().is_ok();
         Err(WriteFailure { error, rolled_back })
-    }
-
-    fn write_files(
-        &self,
-        records: &[u8],
-        offset_entries: &[IndexEntry],
-        time_entries: &[IndexEntry],
-    ) -> Result<(), StorageError> {
-        self.log.append(records).at(&self.log_path)?;
-        if !offset_entries.is_empty() {
-            let mut buf = Vec::with_capacity(offset_entries.len() * INDEX_ENTRY_BYTES);
-            index::encode_entries(offset_entries, &mut buf);
-            self.offset_index_file.append(&buf).at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
-            buf.clear();
-            index::encode_entries(time_entries, &mut buf);
-            self.time_index_file.append(&buf).at(self.log_path.with_extension(TIME_INDEX_EXTENSION))?;
-        }
-        Ok(())
     }
 
     /// Makes written records visible to readers.
@@ -406,11 +383,36 @@ impl Segment {
         self.log.sync().at(&self.log_path)
     }
 
-    /// Syncs the log and both indexes (when a segment is sealed or closed).
-    pub fn sync_all(&self) -> Result<(), StorageError> {
+    /// Syncs the log, and writes both indexes from memory and syncs them
+    /// (when a segment is sealed or closed). An index file that already
+    /// holds every entry is only synced.
+    ///
+    /// # Errors
+    /// The log's failed sync. An index that cannot be written is derived
+    /// data: recovery verifies indexes and rebuilds what is missing, so a
+    /// failure there (a full disk at a roll) is logged, not returned.
+    pub fn sync_all(&self, fs: &dyn FileSystem) -> Result<(), StorageError> {
         self.sync_log()?;
-        self.offset_index_file.sync().at(self.log_path.with_extension(OFFSET_INDEX_EXTENSION))?;
-        self.time_index_file.sync().at(self.log_path.with_extension(TIME_INDEX_EXTENSION))
+        let state = self.state();
+        for (extension, kind, entries) in [
+            (OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &state.offset_index),
+            (TIME_INDEX_EXTENSION, FileKind::TimeIndex, &state.time_index),
+        ] {
+            let path = self.log_path.with_extension(extension);
+            let written = fs.open(&path, OpenMode::Existing).at(&path).and_then(|file| {
+                // Entries are only ever appended: a file of the right length
+                // holds them all.
+                if file.len() == (FILE_HEADER_BYTES + entries.len() * INDEX_ENTRY_BYTES) as u64 {
+                    file.sync().at(&path)
+                } else {
+                    rewrite_index(&*file, &path, kind, self.base_offset, entries)
+                }
+            });
+            if let Err(error) = written {
+                tracing::warn!(%error, "an index could not be written; recovery will rebuild it from the log");
+            }
+        }
+        Ok(())
     }
 
     /// Paths of the segment's three files.
