@@ -47,6 +47,10 @@ pub(crate) struct SegmentState {
     pub last_timestamp_us: Option<u64>,
     pub offset_index: Vec<IndexEntry>,
     pub time_index: Vec<IndexEntry>,
+    /// The damage recovery found and kept, by position: reads step over it
+    /// exactly as recovery counted it (the offsets it holds, where the next
+    /// record starts), rather than searching again by other rules.
+    pub damage: Vec<Damage>,
 }
 
 #[derive(Debug)]
@@ -141,6 +145,7 @@ impl Segment {
                 last_timestamp_us: None,
                 offset_index: Vec::new(),
                 time_index: Vec::new(),
+                damage: Vec::new(),
             }),
         };
         fs.sync_dir(dir).at(dir)?;
@@ -311,6 +316,7 @@ impl Segment {
                 last_timestamp_us: scan.last_timestamp_us,
                 offset_index,
                 time_index,
+                damage: scan.damaged,
             }),
             log,
         };
@@ -431,12 +437,13 @@ impl Segment {
     /// # Errors
     /// `Corrupt` with the position of a record that fails its checks.
     pub fn read(&self, from: u64, max_bytes: usize, max_records: u64) -> Result<SegmentRead, StorageError> {
-        let (visible_len, next_offset, start) = {
+        let (visible_len, next_offset, start, damage) = {
             let state = self.state();
             let start = index::floor(&state.offset_index, from)
                 .map(|entry| (entry.value, entry.key))
                 .unwrap_or((FILE_HEADER_BYTES as u64, self.base_offset));
-            (state.visible_len, state.next_offset, start)
+            // Rarely more than none: damage is what recovery kept.
+            (state.visible_len, state.next_offset, start, state.damage.clone())
         };
         let empty = SegmentRead { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 };
         if from >= next_offset || from < self.base_offset || max_records == 0 {
@@ -462,20 +469,30 @@ impl Segment {
                 // is the error of the next read, which starts at it.
                 Err(_) if first.is_some() => break,
                 Err(reason) => {
-                    let next = find_next_record(&data, position, expected_offset, None);
+                    let absolute = start_position + position as u64;
+                    let next = match damage.iter().find(|d| d.position <= absolute && absolute < d.end_position) {
+                        // Damage recovery kept: its end and offsets are known.
+                        Some(known) => (known.end_position < visible_len).then(|| {
+                            let next_position = (known.end_position - start_position) as usize;
+                            (next_position, known.next_offset)
+                        }),
+                        // Damage since (bit rot under a running broker).
+                        None => find_next_record(&data, position, expected_offset, None)
+                            .map(|(next_position, meta)| (next_position, meta.offset)),
+                    };
                     match next {
                         // Damage before `from`: step over it.
-                        Some((next_position, next)) if next.offset <= from => {
+                        Some((next_position, next_offset)) if next_offset <= from => {
                             position = next_position;
-                            expected_offset = next.offset;
+                            expected_offset = next_offset;
                             continue;
                         }
                         _ => {
                             return Err(StorageError::CorruptRecord {
                                 path: self.log_path.clone(),
-                                position: start_position + position as u64,
+                                position: absolute,
                                 offset: from,
-                                next_readable_offset: next.map(|(_, meta)| meta.offset),
+                                next_readable_offset: next.map(|(_, next_offset)| next_offset),
                                 reason,
                             });
                         }
@@ -663,7 +680,7 @@ struct Scan {
 }
 
 /// Bad bytes between two valid records of a segment.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Damage {
     /// Where the bad bytes start and where the next valid record starts.
     pub position: u64,
