@@ -339,12 +339,13 @@ impl Segment {
         self.log.len()
     }
 
-    /// Writes encoded records and their index entries. Nothing becomes
-    /// visible to readers until [`Segment::publish`].
+    /// Writes encoded records to the log (their index entries join the
+    /// in-memory indexes at [`Segment::publish`]). Nothing becomes visible
+    /// to readers until then.
     ///
     /// # Errors
-    /// The failed write. The three files are then cut back to their
-    /// previous lengths; [`WriteFailure::rolled_back`] says whether that
+    /// The failed write. The log is then cut back to its previous length
+    /// (and the cut synced); [`WriteFailure::rolled_back`] says whether that
     /// worked, so that nothing of the failed write remains.
     pub fn write(&self, records: &[u8]) -> Result<(), WriteFailure> {
         let len = self.log.len();
