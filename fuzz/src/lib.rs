@@ -11,6 +11,8 @@
 //!   target, with its input format and properties in its docs and its body
 //!   as `check(data)`; `fuzz_targets/<target>.rs` only hands libFuzzer's
 //!   bytes to it.
+//! - [`seeds`]: valid inputs for each target, for the corpus
+//!   (`examples/seeds.rs`) and for the property tests.
 //! - This file: the helpers that turn flat bytes into inputs that pass
 //!   weir's checksums and file headers ([`seal_records`], [`SegmentCase`]).
 //!
@@ -29,6 +31,8 @@ pub mod config;
 pub mod frame;
 #[path = "record.rs"]
 pub mod record;
+#[path = "seeds.rs"]
+pub mod seeds;
 #[path = "segment_recovery.rs"]
 pub mod segment_recovery;
 
