@@ -5,11 +5,41 @@
 //!
 //! Nothing here may panic on any input: a panic is what the targets report
 //! as a finding.
+//!
+//! # Layout
+//! - [`frame`], [`record`], [`segment_recovery`], [`config`]: one module per
+//!   target, with its input format and properties in its docs and its body
+//!   as `check(data)`; `fuzz_targets/<target>.rs` only hands libFuzzer's
+//!   bytes to it.
+//! - [`seeds`]: valid inputs for each target, for the corpus
+//!   (`examples/seeds.rs`) and for the property tests.
+//! - This file: the helpers that turn flat bytes into inputs that pass
+//!   weir's checksums and file headers ([`seal_records`], [`SegmentCase`]).
+//!
+//! # Also built by the root crate's tests
+//! `tests/fuzz_properties.rs` includes this file as a module
+//! (`#[path = "../fuzz/src/lib.rs"] mod weir_fuzz;`), so that `cargo test`
+//! runs the same `check` functions as proptests. Hence: modules are
+//! declared with explicit `#[path]`s, they reach these helpers through
+//! `super::` (never `crate::` or `weir_fuzz::`), and this code uses only
+//! crates the root crate also depends on (weir, bytes, crc32fast,
+//! tempfile), never libfuzzer-sys.
+
+#[path = "config.rs"]
+pub mod config;
+#[path = "frame.rs"]
+pub mod frame;
+#[path = "record.rs"]
+pub mod record;
+#[path = "seeds.rs"]
+pub mod seeds;
+#[path = "segment_recovery.rs"]
+pub mod segment_recovery;
 
 use std::io;
 use std::path::Path;
 
-use weir::record::{self, RECORD_PREFIX_BYTES};
+use weir::record::{RECORD_PREFIX_BYTES, peek_len};
 use weir::storage::FsyncPolicy;
 use weir::storage::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
 
@@ -22,7 +52,7 @@ pub fn seal_records(buf: &mut [u8], start: usize, renumber_from: Option<u64>) ->
     let mut walked = Vec::new();
     let mut position = start;
     while let Some(rest) = buf.get(position..) {
-        let Ok(Some(len)) = record::peek_len(rest) else { break };
+        let Ok(Some(len)) = peek_len(rest) else { break };
         let Some(end) = position.checked_add(len).filter(|&end| end <= buf.len()) else { break };
         if let Some(first) = renumber_from {
             let offset = first.wrapping_add(walked.len() as u64);
