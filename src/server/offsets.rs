@@ -355,11 +355,11 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
             Err(StorageError::CorruptRecord { offset, next_readable_offset, .. }) => {
                 tracing::warn!(offset, "skipping a damaged durable offset record");
                 match next_readable_offset {
-                    Some(readable) => {
+                    Some(readable) if readable > next => {
                         next = readable;
                         continue;
                     }
-                    None => return Ok(offsets),
+                    _ => return Ok(offsets),
                 }
             }
             Err(error) => return Err(error),
