@@ -122,10 +122,12 @@ impl LogModel {
 
     /// Checks a freshly recovered log against the model, then settles the
     /// model on what the log holds.
-    /// `rebooted`: the disk lost its unsynced bytes and what the log
-    /// holds is durable; after a process restart alone, what was not
-    /// synced is still not.
-    fn check_recovered(&mut self, log: &ChannelLog, rebooted: bool, context: &str) {
+    /// `settled`: what the log holds after recovery must survive from now
+    /// on: after a reboot (the disk lost its unsynced bytes, what is left is
+    /// durable), and under `always` after a process restart too (a record
+    /// readers can see must never be taken back). After a restart under
+    /// the other policies, what was not synced is still not.
+    fn check_recovered(&mut self, log: &ChannelLog, settled: bool, context: &str) {
         let (start, next) = (log.start_offset(), log.next_offset());
         assert!(
             start <= self.retained_from,
@@ -181,7 +183,7 @@ impl LogModel {
         // there (never synced, or it would be here) is gone.
         self.candidates.split_off(&next);
         self.acknowledged.retain(|offset, _| readable.contains(offset));
-        if rebooted {
+        if settled {
             self.all_durable();
         }
         self.next = next;
@@ -217,19 +219,41 @@ fn power_loss_seed(seed: u64) {
     let config = log_config(&mut rng, policy);
     let mut model = LogModel::default();
     let mut serial = 0;
+    // Whether the last life ended in a power cut (else the process died,
+    // and the page cache kept what it wrote).
+    let mut rebooted = true;
     for life in 0..LIVES {
         let context = format!("seed {seed} ({policy:?}, life {life})");
-        disk.crash_at(disk.counts().operations + rng.random_range(1..=300));
+        // Most lives end in a power cut; some in the process dying in the
+        // middle of an operation (between an append's write and its sync).
+        let power_cut = rng.random_bool(0.7);
+        let crash_point = disk.counts().operations + rng.random_range(1..=300);
+        if power_cut {
+            disk.crash_at(crash_point)
+        } else {
+            disk.kill_process_at(crash_point)
+        }
+        let end_life = |rebooted: &mut bool| {
+            if power_cut {
+                disk.cut_power();
+                disk.reboot();
+            } else {
+                disk.restart_process();
+            }
+            *rebooted = power_cut;
+        };
         let mut log = match open_log(&disk, &dir, &config) {
             Ok(log) => log,
-            // The power went out during recovery: it runs again.
+            // The power went out (or the process died) during recovery: it
+            // runs again.
             Err(_) if disk.crashed() => {
-                disk.reboot();
+                end_life(&mut rebooted);
                 continue;
             }
             Err(error) => panic!("{context}: recovery failed: {error}\n{}", disk.listing()),
         };
-        model.check_recovered(&log, true, &format!("{context}; the disk after recovery:\n{}", disk.listing()));
+        let settled = rebooted || policy == FsyncPolicy::Always;
+        model.check_recovered(&log, settled, &format!("{context}; the disk after recovery:\n{}", disk.listing()));
         if rng.random_bool(0.3) {
             // A write refused (and cut back) before the power goes: its
             // records must never appear.
@@ -302,16 +326,21 @@ fn power_loss_seed(seed: u64) {
                         Err(_) if disk.crashed() => break,
                         Err(error) => panic!("{context}: recovery after a process crash failed: {error}"),
                     }
-                    model.check_recovered(&log, false, &format!("{context}, after a process crash"));
+                    let settled = policy == FsyncPolicy::Always;
+                    model.check_recovered(&log, settled, &format!("{context}, after a process crash"));
                 }
                 _ => {}
             }
         }
-        if !closed {
-            disk.cut_power();
-        }
         drop(log);
-        disk.reboot();
+        if closed {
+            // A clean stop, then the power goes: everything was synced.
+            disk.cut_power();
+            disk.reboot();
+            rebooted = true;
+        } else {
+            end_life(&mut rebooted);
+        }
     }
 }
 
@@ -622,7 +651,8 @@ fn disk_fault_seed(seed: u64) {
         // A restart (the page cache kept): recovery keeps everything synced.
         drop(log);
         log = open_log(&disk, &dir, &config).unwrap_or_else(|error| panic!("{context}: recovery: {error}"));
-        model.check_recovered(&log, false, &format!("{context}; the disk after recovery:\n{}", disk.listing()));
+        let settled = policy == FsyncPolicy::Always;
+        model.check_recovered(&log, settled, &format!("{context}; the disk after recovery:\n{}", disk.listing()));
     }
 }
 

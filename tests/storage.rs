@@ -1397,13 +1397,14 @@ fn a_record_appended_after_kept_damage_is_read_back_even_past_a_stale_record() {
     {
         let log = open(dir.path(), config.clone());
         for i in 0..5 {
-            log.append_batch_at(&[message(i, 20)], 1_000_000 + i).unwrap();
+            log.append_batch(&[message(i, 20)]).unwrap();
         }
         log.close().unwrap();
     }
     let path = segment_logs(dir.path())[0].clone();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.extend_from_slice(&[0xab; 40]);
+    // Older than the records before it.
     weir::record::encode(&mut bytes, 6, 10, &message(6, 20));
     std::fs::write(&path, &bytes).unwrap();
 
@@ -1421,4 +1422,33 @@ fn a_record_appended_after_kept_damage_is_read_back_even_past_a_stale_record() {
         other => panic!("expected offset 5 to be unreadable, got {other:?}"),
     }
     assert_eq!(log.read(0, 1 << 20).unwrap().count, 5, "the records before the damage are read");
+
+    // The same after a roll seals the damaged segment and after restarts:
+    // its index files must not let the next open trust past the damage.
+    let check = |log: &ChannelLog| {
+        let batch = log.read(appended.first_offset, 1 << 20).unwrap();
+        assert_eq!(batch.iter().next().unwrap().unwrap().payload, message(99, 10).payload);
+        match log.read(5, 1 << 20) {
+            Err(StorageError::CorruptRecord { offset: 5, next_readable_offset, .. }) => {
+                assert_eq!(next_readable_offset, Some(appended.first_offset));
+            }
+            other => panic!("expected offset 5 to be unreadable, got {other:?}"),
+        }
+        assert!(log.read(6, 1 << 20).is_err(), "the stale record is never served");
+    };
+    // Index entries past the damage (one every 256 bytes here).
+    for i in 0..20 {
+        log.append_batch(&[message(200 + i, 10)]).unwrap();
+    }
+    log.close().unwrap();
+    drop(log);
+    let rolling = LogConfig { segment_bytes: 256, ..small_config() };
+    let log = open(dir.path(), rolling.clone());
+    check(&log);
+    log.append_batch(&[message(100, 10)]).unwrap();
+    assert!(segment_logs(dir.path()).len() >= 2, "the damaged segment is sealed");
+    log.close().unwrap();
+    drop(log);
+    let log = open(dir.path(), rolling);
+    check(&log);
 }

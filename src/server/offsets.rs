@@ -350,8 +350,10 @@ fn read_all(log: &ChannelLog) -> Result<HashMap<Key, u64>, StorageError> {
             Ok(batch) => batch,
             // Damage kept by recovery (a power loss during an append that
             // was never synced, or a bad sector): the positions it held are
-            // skipped, so a subscription may resume at an earlier position
-            // (redelivery), never a later one.
+            // skipped, as if they had not been committed yet: a position
+            // may resume at what an earlier record said (redelivery), and
+            // a forget or rewind in them is lost as when a crash comes
+            // before the commit that would have written it.
             Err(StorageError::CorruptRecord { offset, next_readable_offset, .. }) => {
                 tracing::warn!(offset, "skipping a damaged durable offset record");
                 match next_readable_offset {

@@ -368,11 +368,14 @@ fn check_segment_log(
         }
     };
     scanned.bytes = data.len() as u64;
-    if data.len() < FILE_HEADER_BYTES && place == Place::Last {
+    if data.len() <= FILE_HEADER_BYTES
+        && place == Place::Last
+        && index::check_file_header(&data, FileKind::Log, base).is_err()
+    {
         out.problems.push((
             Severity::Repairable,
             Some(0),
-            "shorter than its header (a crash right after it was created); the broker writes the header again".into(),
+            "no whole header and no record (a crash while it was created); the broker writes the header again".into(),
         ));
         return scanned;
     }
@@ -458,7 +461,7 @@ fn torn_end_verdict(
         _ => (
             Severity::Corrupt,
             format!(
-                "{reason}: the last {bytes} bytes of a sealed segment cannot be read; the broker refuses to open this channel"
+                "{reason}: the last {bytes} bytes of a sealed segment cannot be read; the broker keeps them as damage (the offsets they held up to the next segment are unreadable) and serves the rest"
             ),
         ),
     }

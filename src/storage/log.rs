@@ -254,6 +254,13 @@ impl ChannelLog {
         // Durable before any record is: a power loss must not take the
         // directory back with the records synced into it.
         super::fs::create_dir_all_durable(&*fs, dir).at(dir)?;
+        // A process that died may have created files here (a segment at a
+        // roll) or this directory itself without syncing their entries: what
+        // recovery adopts is made durable before anything is written to it.
+        fs.sync_dir(dir).at(dir)?;
+        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            fs.sync_dir(parent).at(parent)?;
+        }
         let base_offsets = list_segments(&*fs, dir)?;
         let mut segments = BTreeMap::new();
         let mut base_offsets = base_offsets;
@@ -302,18 +309,28 @@ impl ChannelLog {
                 other => other?,
             };
             log_recovery(&name, &segment, report);
+            if i + 2 == base_offsets.len() {
+                // A process crash may have ended the background sync of the
+                // last sealed segment, and the page cache still holds what
+                // it wrote: it is synced now, before anything after it can
+                // be (the last segment's repair below syncs it), so that
+                // only the last sealed segment may ever be torn (see
+                // `roll`). About 50 us when nothing is dirty.
+                segment.sync_all(&*fs)?;
+            }
             segments.insert(base_offset, Arc::new(segment));
             i += 1;
         }
-        // A process crash may have ended the background sync of the last
-        // sealed segment; the page cache still holds what it wrote, so it is
-        // synced now, before any later segment can be: only the last sealed
-        // segment may ever be torn (see `roll`). Cheap when nothing is dirty.
-        if let Some(sealed) = segments.values().rev().nth(1) {
-            sealed.sync_all(&*fs)?;
-        }
         let active = match segments.last_key_value() {
-            Some((_, segment)) => Arc::clone(segment),
+            Some((_, segment)) => {
+                // Appends a process crash cut between their write and their
+                // `fdatasync` are still in the page cache, and readable from
+                // now on: they are synced before anyone can read them, so
+                // that under `always` nothing delivered can be taken back by
+                // a power loss.
+                segment.sync_log()?;
+                Arc::clone(segment)
+            }
             None => {
                 let segment = Arc::new(Segment::create(&*fs, dir, 0)?);
                 segments.insert(0, Arc::clone(&segment));
@@ -339,9 +356,8 @@ impl ChannelLog {
                 next_offset,
                 last_timestamp_us,
                 last_indexed_position,
-                // After a process crash the page cache may hold appends that
-                // were never synced: the first `sync` must not skip them.
-                unsynced: true,
+                // Synced above.
+                unsynced: false,
                 encode_buffer: Vec::new(),
                 pending_seal: None,
                 failure: None,

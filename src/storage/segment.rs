@@ -282,12 +282,14 @@ impl Segment {
             });
         }
 
-        let index_changed = !indexes_loaded_whole || offset_index != loaded.0 || time_index != loaded.1;
+        let written = entries_before_damage(&offset_index, &scan.damaged);
+        let (offset_written, time_written) = (&offset_index[..written], &time_index[..written.min(time_index.len())]);
+        let index_changed = !indexes_loaded_whole || offset_written != loaded.0 || time_written != loaded.1;
         if index_changed {
             report.index_rebuilt = true;
             for (file, extension, kind, entries) in [
-                (&offset_index_file, OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &offset_index),
-                (&time_index_file, TIME_INDEX_EXTENSION, FileKind::TimeIndex, &time_index),
+                (&offset_index_file, OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, offset_written),
+                (&time_index_file, TIME_INDEX_EXTENSION, FileKind::TimeIndex, time_written),
             ] {
                 // Derived data, as in `sync_all`: the index in memory is
                 // right, and the file is written again at the seal.
@@ -401,9 +403,10 @@ impl Segment {
     pub fn sync_all(&self, fs: &dyn FileSystem) -> Result<(), StorageError> {
         self.sync_log()?;
         let state = self.state();
+        let written = entries_before_damage(&state.offset_index, &state.damage);
         for (extension, kind, entries) in [
-            (OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &state.offset_index),
-            (TIME_INDEX_EXTENSION, FileKind::TimeIndex, &state.time_index),
+            (OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &state.offset_index[..written]),
+            (TIME_INDEX_EXTENSION, FileKind::TimeIndex, &state.time_index[..written.min(state.time_index.len())]),
         ] {
             let path = self.log_path.with_extension(extension);
             let written = fs.open(&path, OpenMode::Existing).at(&path).and_then(|file| {
@@ -457,21 +460,28 @@ impl Segment {
         let mut expected_offset = start_offset;
         let mut count = 0u64;
         while position < data.len() {
-            let checked = record::verify(&data[position..]).and_then(|meta| {
-                if meta.offset == expected_offset {
-                    Ok(meta)
-                } else {
-                    Err(RecordError::Malformed { reason: "offset out of sequence" })
-                }
-            });
+            let absolute = start_position + position as u64;
+            // Damage recovery kept is damage even where a record in it
+            // would pass `verify` (a stale record recovery refused for its
+            // timestamp): reads and recovery agree on every offset.
+            let known = damage.iter().find(|d| d.position <= absolute && absolute < d.end_position);
+            let checked = match known {
+                Some(known) => Err(known.reason.clone()),
+                None => record::verify(&data[position..]).and_then(|meta| {
+                    if meta.offset == expected_offset {
+                        Ok(meta)
+                    } else {
+                        Err(RecordError::Malformed { reason: "offset out of sequence" })
+                    }
+                }),
+            };
             let meta = match checked {
                 Ok(meta) => meta,
                 // The good records before a bad one are served; the bad one
                 // is the error of the next read, which starts at it.
                 Err(_) if first.is_some() => break,
                 Err(reason) => {
-                    let absolute = start_position + position as u64;
-                    let next = match damage.iter().find(|d| d.position <= absolute && absolute < d.end_position) {
+                    let next = match known {
                         // Damage recovery kept: its end and offsets are known.
                         Some(known) => (known.end_position < visible_len).then(|| {
                             let next_position = (known.end_position - start_position) as usize;
@@ -678,6 +688,16 @@ struct Scan {
     /// bytes with no valid record after them (a torn tail, in the last
     /// segment).
     stopped: Option<(u64, RecordError)>,
+}
+
+/// How many index entries go to the index files: those before the first
+/// damage recovery kept. The files are then trusted only up to it, so the
+/// next open scans from before the damage and finds it again by recovery's
+/// rules (the damage map lives in memory only).
+fn entries_before_damage(offset_index: &[IndexEntry], damage: &[Damage]) -> usize {
+    damage
+        .first()
+        .map_or(offset_index.len(), |first| offset_index.partition_point(|entry| entry.value < first.position))
 }
 
 /// Bad bytes between two valid records of a segment.

@@ -75,6 +75,9 @@ struct Disk {
     operations: u64,
     /// The operation that cuts the power (counted from the start).
     crash_at: Option<u64>,
+    /// Whether that crash is the process dying (the page cache, the live
+    /// state, survives) rather than the power going.
+    process_only: bool,
     crashed: bool,
     /// Faults armed for an operation number, or for the next operation of
     /// their kind (`None`).
@@ -138,6 +141,7 @@ impl SimDisk {
                 rng: StdRng::seed_from_u64(seed ^ 0x5eed_d15c),
                 operations: 0,
                 crash_at: None,
+                process_only: false,
                 crashed: false,
                 armed: Vec::new(),
                 full: false,
@@ -158,7 +162,30 @@ impl SimDisk {
     /// Cuts the power at operation number `operation` (counted from the
     /// disk's start): that operation may or may not take effect, and fails.
     pub fn crash_at(&self, operation: u64) {
-        self.lock().crash_at = Some(operation);
+        let mut disk = self.lock();
+        disk.crash_at = Some(operation);
+        disk.process_only = false;
+    }
+
+    /// Kills the process at operation number `operation`: that operation
+    /// does not take effect and fails, and so does every later one, until
+    /// [`SimDisk::restart_process`]; what was written stays in the page
+    /// cache (nothing is lost, nothing more is synced).
+    pub fn kill_process_at(&self, operation: u64) {
+        let mut disk = self.lock();
+        disk.crash_at = Some(operation);
+        disk.process_only = true;
+    }
+
+    /// The process starts again after [`SimDisk::kill_process_at`] (or a
+    /// crash that has not come yet is called off): the disk works again,
+    /// its contents as the dead process left them.
+    pub fn restart_process(&self) {
+        let mut disk = self.lock();
+        disk.crashed = false;
+        disk.crash_at = None;
+        disk.armed.clear();
+        disk.full = false;
     }
 
     /// Cuts the power now.
@@ -290,7 +317,7 @@ impl Disk {
     /// Runs a change under [`Disk::begin`]'s rules.
     fn change<T>(&mut self, apply: impl FnOnce(&mut Disk) -> io::Result<T>) -> io::Result<T> {
         if self.begin()? {
-            if self.rng.random_bool(0.5) {
+            if !self.process_only && self.rng.random_bool(0.5) {
                 let _ = apply(self);
             }
             return Err(eio("the power was cut during this operation"));
@@ -335,8 +362,9 @@ impl Disk {
 
     fn write(&mut self, id: usize, buf: &[u8]) -> io::Result<()> {
         if self.begin()? {
-            // Torn: a prefix of the write reached the page cache.
-            let kept = self.rng.random_range(0..=buf.len());
+            // Torn: a prefix of the write reached the page cache (a process
+            // dies before its write call, or after it).
+            let kept = if self.process_only { 0 } else { self.rng.random_range(0..=buf.len()) };
             append_to(self.file_mut(id), &buf[..kept]);
             return Err(eio("the power was cut during this write"));
         }
@@ -369,7 +397,7 @@ impl Disk {
             file.unsynced.clear();
             return Err(eio("injected fdatasync error"));
         }
-        if crashing && self.rng.random_bool(0.5) {
+        if crashing && (self.process_only || self.rng.random_bool(0.5)) {
             return Err(eio("the power was cut before this sync"));
         }
         let file = self.file_mut(id);
