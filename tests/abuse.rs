@@ -5,12 +5,16 @@
 //! it a well-behaved client is served, every publish gets exactly one
 //! answer, and the broker's resident memory stays under a stated bound.
 
+#[path = "common/child.rs"]
+mod child;
+
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use child::{Broker, resident_bytes};
 use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
 use weir::protocol::{ErrorCode, PROTOCOL_VERSION, Request, Response, StartPosition};
 use weir::record::Message;
@@ -33,21 +37,6 @@ const MAX_CONNECTIONS: usize = PUBLISHERS + HALF_OPEN + HOT_SUBSCRIBERS + 20;
 const RESIDENT_BYTES_MAX: u64 = (MAX_CONNECTIONS as u64) * 128 * 1024 + 128 * 1024 * 1024;
 /// Generous bound on any single step on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(120);
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn resident_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
 
 /// The soft limit on open files of this process (from /proc, no FFI).
 fn open_files_limit() -> u64 {

@@ -12,10 +12,14 @@
 //! memory, and 60,000 directory and file syncs on a real disk would only
 //! add a minute.
 
-use std::process::{Child, Command, Stdio};
+#[path = "common/child.rs"]
+mod child;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use child::{Broker, resident_bytes};
 use weir::client::Connection;
 use weir::protocol::{ChannelRetention, ErrorCode, Request, Response};
 use weir::record::Message;
@@ -32,21 +36,6 @@ const FILES_PER_CHANNEL: u64 = 1;
 const RESIDENT_BYTES_MAX: u64 = 64 * 1024 * 1024 + CHANNELS as u64 * 16 * 1024;
 /// Generous bound on any single step on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(300);
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn resident_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
 
 fn open_files(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)

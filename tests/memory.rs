@@ -3,10 +3,14 @@
 //! own resident memory can be read from /proc while a publisher sends
 //! 1 GiB through it.
 
-use std::process::{Child, Command, Stdio};
+#[path = "common/child.rs"]
+mod child;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use child::{Broker, status_bytes};
 use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
 use weir::protocol::{Notice, Request, Response};
 use weir::record::Message;
@@ -17,24 +21,8 @@ const BATCH_MESSAGES: usize = 64;
 const RESIDENT_BYTES_MAX: u64 = 256 * 1024 * 1024;
 const WINDOW: u32 = 100;
 
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A `/proc/<pid>/status` field in bytes (the file reports kB).
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|line| line.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 async fn connect_with_retries(addr: &str) -> Connection {
