@@ -216,6 +216,10 @@ fn power_loss_seed(seed: u64) {
     let root = PathBuf::from("/sim");
     let disk = SimDisk::new(&root, seed);
     let dir = root.join("channels").join("sim");
+    // The directory above the log is the store's, made durable when the
+    // store opens (the store test covers that).
+    disk.create_dir_all(&root.join("channels")).unwrap();
+    disk.sync_dir(&root).unwrap();
     let config = log_config(&mut rng, policy);
     let mut model = LogModel::default();
     let mut serial = 0;

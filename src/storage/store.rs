@@ -97,6 +97,13 @@ impl Store {
     pub fn open(config: StoreConfig, fs: Arc<dyn FileSystem>) -> Result<Store, StorageError> {
         let channels_dir = config.data_dir.join(CHANNELS_DIR);
         super::fs::create_dir_all_durable(&*fs, &channels_dir).at(&channels_dir)?;
+        // A broker that died before it synced them may have left `channels`
+        // (or the data directory itself) with entries that are not durable.
+        for dir in [Some(config.data_dir.as_path()), config.data_dir.parent()].into_iter().flatten() {
+            if !dir.as_os_str().is_empty() {
+                fs.sync_dir(dir).at(dir)?;
+            }
+        }
         let lock_path = config.data_dir.join(LOCK_FILE);
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).at(&lock_path)?;
         match lock.try_lock() {
