@@ -10,11 +10,10 @@ mod child;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use child::{Broker, resident_bytes};
+use child::{connect_when_up, resident_bytes, serve};
 use weir::client::{Connection, Event, SubscribeOptions, Subscriber};
 use weir::protocol::{ErrorCode, PROTOCOL_VERSION, Request, Response, StartPosition};
 use weir::record::Message;
@@ -82,23 +81,9 @@ async fn the_broker_serves_well_behaved_clients_through_load_and_abuse() {
          idle_timeout_ms = 3600000\nframe_timeout_ms = 3600000\n"
     );
     std::fs::write(&config, settings).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["serve", "--config", config.to_str().unwrap(), "--listen", &addr])
-        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let broker = Broker(child);
+    let broker = serve(&config, &dir.path().join("data"), &addr);
     let pid = broker.0.id();
-    let started = Instant::now();
-    let admin = loop {
-        if let Ok(connection) = Connection::connect(&addr, "admin").await {
-            break connection;
-        }
-        assert!(started.elapsed() < LIMIT, "the broker did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let admin = connect_when_up(&addr, "admin", LIMIT).await;
     // The hot channel exists before anyone subscribes to it.
     let create = Request::CreateChannel {
         channel: "hot".into(),

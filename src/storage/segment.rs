@@ -47,10 +47,6 @@ pub(crate) struct SegmentState {
     pub last_timestamp_us: Option<u64>,
     pub offset_index: Vec<IndexEntry>,
     pub time_index: Vec<IndexEntry>,
-    /// The damage recovery found and kept, by position: reads step over it
-    /// exactly as recovery counted it (the offsets it holds, where the next
-    /// record starts), rather than searching again by other rules.
-    pub damage: Vec<Damage>,
 }
 
 #[derive(Debug)]
@@ -62,6 +58,11 @@ pub(crate) struct Segment {
     /// sealed or closed ([`Segment::sync_all`]), so that a channel holds one
     /// open file per segment, not three.
     log: Box<dyn StorageFile>,
+    /// The damage recovery found and kept, by position: reads step over it
+    /// exactly as recovery counted it (the offsets it holds, where the next
+    /// record starts), rather than searching again by other rules. Set at
+    /// open and never changed, so reads use it without a lock or a copy.
+    damage: Vec<Damage>,
     state: RwLock<SegmentState>,
 }
 
@@ -145,8 +146,8 @@ impl Segment {
                 last_timestamp_us: None,
                 offset_index: Vec::new(),
                 time_index: Vec::new(),
-                damage: Vec::new(),
             }),
+            damage: Vec::new(),
         };
         fs.sync_dir(dir).at(dir)?;
         Ok(segment)
@@ -295,7 +296,7 @@ impl Segment {
                 // right, and the file is written again at the seal.
                 let path = dir.join(file_name(base_offset, extension));
                 if let Err(error) = rewrite_index(&**file, &path, kind, base_offset, entries) {
-                    tracing::warn!(%error, "a rebuilt index could not be written; it is written again when the segment is sealed");
+                    tracing::warn!(%error, "a rebuilt index could not be written; reads use the index in memory, and the file is written again at the next seal or shutdown, or rebuilt at the next start");
                 }
             }
         }
@@ -318,8 +319,8 @@ impl Segment {
                 last_timestamp_us: scan.last_timestamp_us,
                 offset_index,
                 time_index,
-                damage: scan.damaged,
             }),
+            damage: scan.damaged,
             log,
         };
         // The index files are closed here; they are written again when the
@@ -403,7 +404,7 @@ impl Segment {
     pub fn sync_all(&self, fs: &dyn FileSystem) -> Result<(), StorageError> {
         self.sync_log()?;
         let state = self.state();
-        let written = entries_before_damage(&state.offset_index, &state.damage);
+        let written = entries_before_damage(&state.offset_index, &self.damage);
         for (extension, kind, entries) in [
             (OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex, &state.offset_index[..written]),
             (TIME_INDEX_EXTENSION, FileKind::TimeIndex, &state.time_index[..written.min(state.time_index.len())]),
@@ -441,13 +442,12 @@ impl Segment {
     /// # Errors
     /// `Corrupt` with the position of a record that fails its checks.
     pub fn read(&self, from: u64, max_bytes: usize, max_records: u64) -> Result<SegmentRead, StorageError> {
-        let (visible_len, next_offset, start, damage) = {
+        let (visible_len, next_offset, start) = {
             let state = self.state();
             let start = index::floor(&state.offset_index, from)
                 .map(|entry| (entry.value, entry.key))
                 .unwrap_or((FILE_HEADER_BYTES as u64, self.base_offset));
-            // Rarely more than none: damage is what recovery kept.
-            (state.visible_len, state.next_offset, start, state.damage.clone())
+            (state.visible_len, state.next_offset, start)
         };
         let empty = SegmentRead { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 };
         if from >= next_offset || from < self.base_offset || max_records == 0 {
@@ -464,7 +464,7 @@ impl Segment {
             // Damage recovery kept is damage even where a record in it
             // would pass `verify` (a stale record recovery refused for its
             // timestamp): reads and recovery agree on every offset.
-            let known = damage.iter().find(|d| d.position <= absolute && absolute < d.end_position);
+            let known = self.damage.iter().find(|d| d.position <= absolute && absolute < d.end_position);
             let checked = match known {
                 Some(known) => Err(known.reason.clone()),
                 None => record::verify(&data[position..]).and_then(|meta| {
@@ -701,7 +701,7 @@ fn entries_before_damage(offset_index: &[IndexEntry], damage: &[Damage]) -> usiz
 }
 
 /// Bad bytes between two valid records of a segment.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Damage {
     /// Where the bad bytes start and where the next valid record starts.
     pub position: u64,

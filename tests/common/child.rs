@@ -2,7 +2,11 @@
 //! what `/proc` says of its memory.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir::client::Connection;
 
 /// A running `weir serve`; dropping it kills the process and reaps it.
 pub struct Broker(pub Child);
@@ -11,6 +15,32 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Starts `weir serve` with `config`, listening on `addr`, its data in
+/// `data_dir`, its output discarded.
+pub fn serve(config: &Path, data_dir: &Path, addr: &str) -> Broker {
+    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", addr])
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Broker(child)
+}
+
+/// Connects to `addr` as `name` once the broker listens; fails the test if
+/// it does not within `limit`.
+pub async fn connect_when_up(addr: &str, name: &str, limit: Duration) -> Connection {
+    let started = Instant::now();
+    loop {
+        if let Ok(connection) = Connection::connect(addr, name).await {
+            return connection;
+        }
+        assert!(started.elapsed() < limit, "the broker did not start within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
