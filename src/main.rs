@@ -491,10 +491,13 @@ fn serve(
     init_logs(log_format, "info");
     tracing::info!(config = %config.to_toml().replace('\n', "; "), "effective configuration");
     runtime()?.block_on(async move {
+        // The handlers are installed before the listener opens: a SIGTERM
+        // sent as soon as the port answers must stop gracefully, not kill.
+        let signals = ShutdownSignals::install()?;
         let server = weir::server::start(config).await?;
         let shutdown = server.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.received().await;
             tracing::info!("signal received: shutting down gracefully");
             shutdown.cancel();
         });
@@ -503,16 +506,26 @@ fn serve(
     })
 }
 
-async fn wait_for_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match terminate.as_mut() {
-                Some(signal) => { signal.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+/// SIGTERM and SIGINT, both of which stop the broker gracefully.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 
