@@ -413,7 +413,7 @@ fn main() -> ExitCode {
         Command::Channels { action: Some(action), addr } => run_async(channels_admin(addr, action)),
         Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
         Command::Groups { channel, addr } => run_async(groups(addr, channel)),
-        Command::Bench { kind } => run_async(bench(kind)),
+        Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
     };
     match result {
         Ok(code) => code,
@@ -824,6 +824,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             for &size in &sizes {
                 let count = rate * floor_seconds.max(1);
                 floors.push(tokio::task::spawn_blocking(move || floor::measure(size, rate, count)).await??);
+                floors.push(floor::measure_runtime(size, rate, count).await?);
             }
             let options = latency::LatencyOptions {
                 sizes: sizes.clone(),

@@ -41,7 +41,15 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     ];
     let (ok, stdout, stderr) = weir(&args);
     assert!(ok, "{stdout}\n{stderr}");
-    for series in ["floor, 256 B", "publish, 256 B", "end-to-end, 256 B", "floor, 2048 B", "end-to-end, 2048 B"] {
+    let rows = [
+        "floor, 256 B",
+        "floor (tokio), 256 B",
+        "publish, 256 B",
+        "end-to-end, 256 B",
+        "floor, 2048 B",
+        "end-to-end, 2048 B",
+    ];
+    for series in rows {
         let row = stdout.lines().find(|line| line.starts_with(series)).unwrap_or_else(|| panic!("{series}:\n{stdout}"));
         // Two seconds at 100/s with one second of warm-up: 100 samples
         // recorded of 200 sent (the floor: 100 round trips).
@@ -50,7 +58,8 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     assert!(stdout.contains("warm-up 1 s excluded"), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(report["series"].as_array().unwrap().len(), 4);
-    assert_eq!(report["floor"].as_array().unwrap().len(), 2);
+    // Per size, the blocking-thread floor and the same pattern through tokio.
+    assert_eq!(report["floor"].as_array().unwrap().len(), 4);
     // One .hgrm per series, each ending with the count of its samples.
     let mut files: Vec<String> =
         std::fs::read_dir(&hgrm_dir).unwrap().map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect();
@@ -62,6 +71,8 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
             "end-to-end-256-B.hgrm",
             "floor-2048-B.hgrm",
             "floor-256-B.hgrm",
+            "floor-tokio-2048-B.hgrm",
+            "floor-tokio-256-B.hgrm",
             "publish-2048-B.hgrm",
             "publish-256-B.hgrm"
         ]

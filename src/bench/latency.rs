@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
 use super::BenchError;
@@ -34,6 +36,10 @@ pub struct SizeResult {
 /// The subscriber's window: far above what a caught-up subscriber at the
 /// study's rates has outstanding.
 const SUBSCRIBER_WINDOW: u32 = 1024;
+
+/// Messages handed from the sender thread to the runtime and not yet sent:
+/// at a fixed rate the runtime keeps up, so this is only a bound.
+const SENDS_QUEUED_MAX: usize = 1024;
 
 /// Bytes at the start of each payload that carry its index in the run.
 const INDEX_BYTES: usize = 8;
@@ -85,33 +91,55 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
     let total = (options.rate_per_second as f64 * options.duration.as_secs_f64()).ceil().max(1.0) as u64;
     let warmup = (options.rate_per_second as f64 * options.warmup.as_secs_f64()).ceil() as u64;
     let schedule = Schedule::new(Instant::now() + Duration::from_millis(50), options.rate_per_second);
-    // Acknowledgements arrive on their own tasks; their times are collected
-    // here (bounded: one entry per message of the run).
-    let (acks, mut acked) = mpsc::channel::<(u64, Result<Instant, BenchError>)>(total as usize);
     // The sender is a thread of its own: tokio's timer wakes up to a
     // millisecond late, which would be measured as the broker's latency.
-    // This thread sleeps most of the way and spins the rest, then hands the
-    // message to the runtime.
-    let runtime = tokio::runtime::Handle::current();
-    let sender = {
-        let publisher = Arc::clone(&publisher);
-        std::thread::Builder::new()
-            .name("weir-bench-sender".into())
-            .spawn(move || {
-                for index in 0..total {
-                    wait_until(schedule.intended(index));
-                    let sent = runtime.block_on(publisher.send(None, payload(index, size)));
-                    let acks = acks.clone();
-                    runtime.spawn(async move {
-                        let done = match sent {
-                            Ok(ack) => ack.await.map(|()| Instant::now()),
-                            Err(error) => Err(error),
-                        };
-                        let _ = acks.send((index, done)).await;
-                    });
+    // This thread builds each payload ahead of time, sleeps most of the
+    // way and spins the rest, then hands the message to one task on the
+    // runtime, which sends it and awaits its acknowledgement beside the
+    // others: one hand-off into the runtime per message, as any
+    // application thread has (a spawned task per acknowledgement would add
+    // a second wake-up to every send).
+    let (due, mut due_rx) = mpsc::channel::<(u64, Bytes)>(SENDS_QUEUED_MAX);
+    let sender = std::thread::Builder::new()
+        .name("weir-bench-sender".into())
+        .spawn(move || {
+            for index in 0..total {
+                let message = payload(index, size);
+                wait_until(schedule.intended(index));
+                if due.blocking_send((index, message)).is_err() {
+                    return;
                 }
-            })
-            .map_err(BenchError::Io)?
+            }
+        })
+        .map_err(BenchError::Io)?;
+    let acknowledging = {
+        let publisher = Arc::clone(&publisher);
+        tokio::spawn(async move {
+            let mut acked = Vec::with_capacity(total as usize);
+            let mut waiting = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    next = due_rx.recv() => match next {
+                        Some((index, message)) => {
+                            let sent = publisher.send(None, message).await;
+                            waiting.push(async move {
+                                let done = match sent {
+                                    Ok(ack) => ack.await.map(|()| Instant::now()),
+                                    Err(error) => Err(error),
+                                };
+                                (index, done)
+                            });
+                        }
+                        None => break,
+                    },
+                    Some(answer) = waiting.next(), if !waiting.is_empty() => acked.push(answer),
+                }
+            }
+            while let Some(answer) = waiting.next().await {
+                acked.push(answer);
+            }
+            acked
+        })
     };
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
     let bar = super::progress(total, format!("latency, {size} B"));
@@ -127,9 +155,9 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
         }
     }
     let _ = tokio::task::spawn_blocking(move || sender.join()).await;
+    let acked = acknowledging.await.map_err(|error| BenchError::Target(format!("the sending task failed: {error}")))?;
     let mut publish = Series::new(format!("publish, {size} B"));
-    for _ in 0..total {
-        let Some((index, done)) = acked.recv().await else { break };
+    for (index, done) in acked {
         let done = done?;
         if index >= warmup {
             publish.record(latency(schedule.intended(index), done));

@@ -22,8 +22,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use super::ClientError;
 use super::connection::Connection;
@@ -137,7 +140,7 @@ impl Publisher {
             acked_end: 0,
             anchored: false,
             pending: BTreeMap::new(),
-            requests: JoinSet::new(),
+            requests: FuturesUnordered::new(),
             next_batch_id: 0,
             batching,
             held: None,
@@ -234,7 +237,9 @@ struct PublishTask {
     /// Batches not yet settled, by id (ids grow in send order): in flight,
     /// answered with a rejection, or waiting to be resent.
     pending: BTreeMap<u64, Batch>,
-    requests: JoinSet<(u64, Outcome)>,
+    /// The answers awaited, polled by this task itself: a spawned task per
+    /// batch would cost a wake-up of another worker thread per publish.
+    requests: FuturesUnordered<BoxFuture<'static, (u64, Outcome)>>,
     next_batch_id: u64,
     batching: Batching,
     /// A message taken from the queue that did not fit in the last batch.
@@ -283,10 +288,8 @@ impl PublishTask {
             }
             let can_send = can_send && open && waiting.is_none();
             tokio::select! {
-                Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => {
-                    if let Ok((id, outcome)) = joined {
-                        self.settle(id, outcome);
-                    }
+                Some((id, outcome)) = self.requests.next(), if !self.requests.is_empty() => {
+                    self.settle(id, outcome);
                 }
                 first = queued.recv(), if can_send => match first {
                     Some(first) => {
@@ -360,13 +363,13 @@ impl PublishTask {
         };
         let answer = self.connection.send_request(request).await;
         let policy = self.options.backpressure;
-        self.requests.spawn(async move {
+        self.requests.push(Box::pin(async move {
             let result = match answer {
                 Ok(answer) => answer.await.unwrap_or(Err(ClientError::Disconnected)),
                 Err(error) => Err(error),
             };
             (id, classify(result, policy))
-        });
+        }));
     }
 
     fn settle(&mut self, id: u64, outcome: Outcome) {
