@@ -25,6 +25,7 @@ use weir::protocol::{
 };
 use weir::record::{Message, Record};
 use weir::server::{ServerHandle, Stats};
+use weir::storage::FsyncPolicy;
 
 mod common;
 use common::{start, test_config, within};
@@ -34,8 +35,17 @@ use common::{start, test_config, within};
 
 /// A broker whose channel queue holds one publish: every publish that
 /// arrives while another waits for the channel writer is refused with
-/// BACKPRESSURE.
+/// BACKPRESSURE. Under `always`, so that every publish goes through the
+/// queue (under `never` an idle writer's publish is appended on its
+/// connection's task, and one publisher alone would never fill the queue).
 fn tight_config(dir: &TempDir) -> Config {
+    Config { channel_queue_depth: 1, fsync: FsyncPolicy::Always, ..test_config(dir) }
+}
+
+/// The same under `never`: publishes are appended inline while the queue
+/// is idle, and queue (and are refused) while it is not; several
+/// publishers at once mix both paths.
+fn tight_config_inline(dir: &TempDir) -> Config {
     Config { channel_queue_depth: 1, ..test_config(dir) }
 }
 
@@ -205,11 +215,11 @@ async fn surfaced_backpressure_stores_exactly_the_acknowledged() {
 /// so that a new publisher's first batch is often refused: it must not
 /// let a later batch be stored first (the broker anchors a new producer at
 /// the first publish that reaches the channel writer).
-async fn concurrent_publishers(policy: BackpressurePolicy, channel: &'static str) {
+async fn concurrent_publishers(policy: BackpressurePolicy, channel: &'static str, config: fn(&TempDir) -> Config) {
     const PUBLISHERS: usize = 10;
     const COUNT: usize = 600;
     let dir = TempDir::new().unwrap();
-    let server = start(tight_config(&dir)).await;
+    let server = start(config(&dir)).await;
     let addr = server.local_addr().to_string();
 
     let mut tasks = Vec::new();
@@ -250,12 +260,15 @@ async fn concurrent_publishers(policy: BackpressurePolicy, channel: &'static str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_retrying_backpressure_lose_nothing() {
-    concurrent_publishers(BackpressurePolicy::Retry { max_attempts: 1000 }, "shared-retried").await;
+    let retry = BackpressurePolicy::Retry { max_attempts: 1000 };
+    concurrent_publishers(retry, "shared-retried", tight_config).await;
+    concurrent_publishers(retry, "shared-retried-inline", tight_config_inline).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_surfacing_backpressure_store_exactly_the_acknowledged() {
-    concurrent_publishers(BackpressurePolicy::Surface, "shared-surfaced").await;
+    concurrent_publishers(BackpressurePolicy::Surface, "shared-surfaced", tight_config).await;
+    concurrent_publishers(BackpressurePolicy::Surface, "shared-surfaced-inline", tight_config_inline).await;
 }
 
 // ---------------------------------------------------------------------------

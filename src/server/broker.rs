@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::channel_writer::{self, AppendRequest, WriterLimits};
+use super::channel_writer::{self, AppendRequest, PartitionWriter, WriterLimits};
 use super::group::Groups;
 use super::offsets::DurableOffsets;
 use super::stats::Stats;
@@ -38,7 +38,10 @@ pub(crate) struct ChannelHandle {
 /// and the watches that wake its subscribers (appends, retention).
 pub(crate) struct PartitionHandle {
     pub log: Arc<ChannelLog>,
+    /// The writer task's queue. Only handles hold it: the task ends once
+    /// every handle is gone.
     pub appends: mpsc::Sender<AppendRequest>,
+    pub writer: Arc<PartitionWriter>,
     pub tail: watch::Receiver<u64>,
     /// The log's first offset, moved by retention.
     pub log_start: watch::Receiver<u64>,
@@ -274,14 +277,14 @@ impl Broker {
             dedup_window: self.config.dedup_window as usize,
             max_producers: self.config.max_producers as usize,
         };
-        let writer =
-            tokio::spawn(channel_writer::run(Arc::clone(&log), requests, tail_sender, limits, Arc::clone(&self.stats)));
-        self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(writer);
+        let writer = Arc::new(PartitionWriter::new(Arc::clone(&log), tail_sender, limits, Arc::clone(&self.stats)));
+        let task = tokio::spawn(channel_writer::run(Arc::clone(&writer), requests));
+        self.writers.lock().unwrap_or_else(|p| p.into_inner()).push(task);
         let (start_sender, log_start) = watch::channel(log.start_offset());
         log.set_start_offset_listener(Box::new(move |start| {
             start_sender.send_replace(start);
         }));
-        PartitionHandle { log, appends, tail, log_start }
+        PartitionHandle { log, appends, writer, tail, log_start }
     }
 
     /// Closes every channel's queue and waits until each writer has

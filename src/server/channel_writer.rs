@@ -1,17 +1,21 @@
-//! One writer task per channel: the group commit. Publishes from every
-//! connection queue here (a bounded queue, `channel_queue_depth`); the task
-//! takes everything queued, appends it with one write and one sync, and
-//! answers each publish. Idempotent-producer deduplication lives here too,
-//! because this task is the only place that sees a channel's appends in
-//! order.
+//! One writer per partition: the group commit, and where idempotent
+//! producers are deduplicated. Publishes from every connection queue for
+//! the partition's writer task (a bounded queue, `channel_queue_depth`);
+//! the task takes everything queued, appends it with one write and one
+//! sync, and answers each publish. When nothing is queued and no sync or
+//! roll is due (`fsync = "never"` or `"interval"`), a connection appends
+//! its publish itself instead, on its own task: an idle broker's publish
+//! then wakes no other task to be stored. Both hold the writer's state
+//! while they append, so appends stay one at a time and in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
 use super::Outbound;
+use super::outbox::{Outbox, Written};
 use super::stats::Stats;
 use crate::protocol::{ErrorCode, ProducerSequence, Response};
 use crate::record::Message;
@@ -44,12 +48,31 @@ pub(crate) struct Reply {
     pub body_bytes: u64,
     /// The protocol version of the connection to answer.
     pub version: u16,
+    /// The connection's sending side.
+    pub outbox: Arc<Outbox>,
+    /// The answer may be written straight to the socket: it is produced on
+    /// the connection's own task (an inline append), in order.
+    pub write_at_once: bool,
 }
 
 impl Reply {
     pub fn send(mut self, response: Response) {
         if let Some(permit) = self.permit.take() {
-            permit.send(Outbound::Frame(response.encode_for(self.version, self.correlation_id)));
+            let frame = response.encode_for(self.version, self.correlation_id);
+            let written = if self.write_at_once { self.outbox.try_write_now(&frame) } else { Written::NotNow };
+            match written {
+                // Its reserved slot is released unused.
+                Written::Sent => drop(permit),
+                // An empty frame wakes the writer task to flush the rest.
+                Written::Buffered => {
+                    self.outbox.answer_queued();
+                    permit.send(Outbound::Frame(Vec::new()));
+                }
+                Written::NotNow => {
+                    self.outbox.answer_queued();
+                    permit.send(Outbound::Frame(frame));
+                }
+            }
         }
         metrics::histogram!("weir_publish_duration_seconds").record(self.received_at.elapsed());
     }
@@ -97,17 +120,85 @@ enum Plan {
     Reject(ErrorCode, String),
 }
 
-/// Runs until every sender of `requests` is gone, answering every request
-/// it received.
-pub(crate) async fn run(
+/// A partition's appender, shared by its writer task and the connections
+/// that append inline.
+pub(crate) struct PartitionWriter {
     log: Arc<ChannelLog>,
-    mut requests: mpsc::Receiver<AppendRequest>,
+    /// The log's next offset, sent after each append: it wakes the
+    /// partition's caught-up subscriptions.
     tail: watch::Sender<u64>,
     limits: WriterLimits,
     stats: Arc<Stats>,
-) {
-    let mut producers: HashMap<u64, ProducerState> = HashMap::new();
-    let mut clock = 0u64;
+    /// Held by whoever appends, for the whole append.
+    state: tokio::sync::Mutex<WriterState>,
+    /// Publishes handed to the writer task and not yet appended by it.
+    /// While any is, a new publish queues behind them: appending it inline
+    /// could store it before an earlier publish of the same connection.
+    queued: AtomicUsize,
+}
+
+/// What the appender remembers between appends.
+#[derive(Default)]
+struct WriterState {
+    producers: HashMap<u64, ProducerState>,
+    /// Counts appends, to tell which producer was idle the longest.
+    clock: u64,
+}
+
+impl PartitionWriter {
+    pub fn new(log: Arc<ChannelLog>, tail: watch::Sender<u64>, limits: WriterLimits, stats: Arc<Stats>) -> Self {
+        PartitionWriter { log, tail, limits, stats, state: tokio::sync::Mutex::default(), queued: AtomicUsize::new(0) }
+    }
+
+    /// Hands `request` to the writer task's queue, without waiting.
+    ///
+    /// # Errors
+    /// The queue is full, or the writer task has ended; the request comes
+    /// back inside the error, to be answered.
+    // The error is the request itself, as `try_send` returns it: boxing it
+    // would allocate on every publish to save a move on refusals.
+    #[allow(clippy::result_large_err)]
+    pub fn enqueue(
+        &self,
+        queue: &mpsc::Sender<AppendRequest>,
+        request: AppendRequest,
+    ) -> Result<(), mpsc::error::TrySendError<AppendRequest>> {
+        // Counted before it can be taken, so that no inline append passes it.
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        // Answered from the writer task, through the connection's queue.
+        let mut request = request;
+        request.reply.write_at_once = false;
+        queue.try_send(request).inspect_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
+    /// Appends and answers `request` on the caller's task, when that stores
+    /// it exactly where the writer task would: nothing is queued for the
+    /// task, nobody else is appending, and the append writes to the page
+    /// cache only (no `fdatasync` under `always`, no roll due). Otherwise
+    /// hands `request` back, to be queued.
+    pub async fn append_inline(&self, request: AppendRequest) -> Result<(), AppendRequest> {
+        if self.log.config().fsync == FsyncPolicy::Always {
+            return Err(request);
+        }
+        let Ok(mut state) = self.state.try_lock() else { return Err(request) };
+        if self.queued.load(Ordering::Acquire) != 0 || self.log.roll_due(now_us()) {
+            return Err(request);
+        }
+        state.clock += 1;
+        let WriterState { producers, clock } = &mut *state;
+        commit_group(&self.log, &mut vec![request], producers, *clock, self.limits, &self.stats).await;
+        let _ = self.tail.send(self.log.next_offset());
+        Ok(())
+    }
+}
+
+/// The writer task: runs until every sender of `requests` is gone,
+/// answering every request it received.
+pub(crate) async fn run(writer: Arc<PartitionWriter>, mut requests: mpsc::Receiver<AppendRequest>) {
+    let log = &writer.log;
+    let limits = writer.limits;
     let mut group = Vec::new();
     let mut held: Option<AppendRequest> = None;
     loop {
@@ -118,6 +209,7 @@ pub(crate) async fn run(
                 None => break,
             },
         };
+        let mut state = writer.state.lock().await;
         // A group never exceeds group_bytes_max (in encoded bytes) unless a
         // single request does; a request that does not fit waits for the
         // next group.
@@ -132,9 +224,12 @@ pub(crate) async fn run(
             group_bytes += next_bytes;
             group.push(next);
         }
-        clock += 1;
-        commit_group(&log, &mut group, &mut producers, clock, limits, &stats).await;
-        let _ = tail.send(log.next_offset());
+        let taken = group.len();
+        state.clock += 1;
+        let WriterState { producers, clock } = &mut *state;
+        commit_group(log, &mut group, producers, *clock, limits, &writer.stats).await;
+        let _ = writer.tail.send(log.next_offset());
+        writer.queued.fetch_sub(taken, Ordering::AcqRel);
     }
 }
 

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ use super::channel_writer::{AppendRequest, Reply};
 use super::group::Handover;
 use super::member::MemberTask;
 use super::offsets::ChannelRef;
+use super::outbox::Outbox;
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
@@ -187,6 +188,8 @@ struct Connection {
     broker: Arc<Broker>,
     reader: BufReader<OwnedReadHalf>,
     responses: mpsc::Sender<Outbound>,
+    /// The socket's sending side, shared with the writer task.
+    outbox: Arc<Outbox>,
     deliveries: mpsc::Sender<Delivery>,
     subscriptions: HashMap<u32, SubscriptionHandle>,
     inflight_publishes: Arc<AtomicU32>,
@@ -221,12 +224,15 @@ pub(crate) async fn serve(
     let (deliveries, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_FRAMES);
     let cancel = shutdown.child_token();
     let write_timeout = Duration::from_millis(broker.config.idle_timeout_ms);
-    let writer = tokio::spawn(write_loop(write_half, responses_rx, deliveries_rx, write_timeout, cancel.clone()));
+    let outbox = Arc::new(Outbox::new(SOCKET_BUFFER_BYTES, write_half));
+    let writer =
+        tokio::spawn(write_loop(Arc::clone(&outbox), responses_rx, deliveries_rx, write_timeout, cancel.clone()));
     Stats::add(&broker.stats.connections_open, 1);
     let mut connection = Connection {
         broker: Arc::clone(&broker),
         reader: BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half),
         responses,
+        outbox,
         deliveries,
         subscriptions: HashMap::new(),
         inflight_publishes: Arc::new(AtomicU32::new(0)),
@@ -620,11 +626,11 @@ impl Connection {
             );
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
         }
-        let handle = match self.broker.channel(&name) {
-            Ok(handle) => handle,
+        let channel = match self.broker.channel(&name) {
+            Ok(channel) => channel,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
-        let handle = match handle.partition(partition) {
+        let handle = match channel.partition(partition) {
             Ok(handle) => handle,
             Err(error) => return self.storage_error(correlation_id, error).await,
         };
@@ -643,8 +649,21 @@ impl Connection {
             inflight_bytes: Arc::clone(&self.inflight_publish_bytes),
             body_bytes,
             version: self.version,
+            outbox: Arc::clone(&self.outbox),
+            // Until it is queued for the channel's writer task.
+            write_at_once: true,
         };
-        match handle.appends.try_send(AppendRequest { messages, producer, reply }) {
+        let mut request = AppendRequest { messages, producer, reply };
+        // Stored on this task when the partition's writer is idle; a
+        // deleted channel's or a stopping writer's publish goes the queue's
+        // way, which answers it as before.
+        if !channel.deleted.is_cancelled() && !handle.appends.is_closed() {
+            match handle.writer.append_inline(request).await {
+                Ok(()) => return Flow::Continue,
+                Err(queued) => request = queued,
+            }
+        }
+        match handle.writer.enqueue(&handle.appends, request) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(request)) => {
                 Stats::add(&stats.publishes_rejected_backpressure, 1);
@@ -1099,9 +1118,13 @@ impl Connection {
     }
 
     async fn send(&mut self, outbound: Outbound) -> Flow {
+        self.outbox.answer_queued();
         match self.responses.send(outbound).await {
             Ok(()) => Flow::Continue,
-            Err(_) => Flow::Close,
+            Err(_) => {
+                self.outbox.answer_taken();
+                Flow::Close
+            }
         }
     }
 
@@ -1122,7 +1145,10 @@ impl Connection {
     /// a client that does not read must not hold it open.
     fn fail(&mut self, correlation_id: u32, code: ErrorCode, message: String) {
         let frame = Response::Error { code: code as u16, message }.encode_for(self.version, correlation_id);
-        let _ = self.responses.try_send(Outbound::Frame(frame));
+        self.outbox.answer_queued();
+        if self.responses.try_send(Outbound::Frame(frame)).is_err() {
+            self.outbox.answer_taken();
+        }
     }
 }
 
@@ -1130,28 +1156,27 @@ impl Connection {
 /// both queues are empty. Ends when every sender is gone, or when a write
 /// stalls past `write_timeout` (a peer that does not read).
 async fn write_loop(
-    write_half: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
     mut responses: mpsc::Receiver<Outbound>,
     mut deliveries: mpsc::Receiver<Delivery>,
     write_timeout: Duration,
     cancel: CancellationToken,
 ) {
-    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
     let (mut responses_open, mut deliveries_open) = (true, true);
     loop {
         // `None`: a delivery dropped unsent. It still goes through the flush
         // below: the frames written before it were not flushed while it was
         // queued, and may be the last ones for a long time.
-        let item = tokio::select! {
+        let (item, answer) = tokio::select! {
             biased;
             item = responses.recv(), if responses_open => match item {
-                Some(item) => Some(item),
+                Some(item) => (Some(item), true),
                 None => { responses_open = false; continue; }
             },
             item = deliveries.recv(), if deliveries_open => match item {
                 // Checked here, right before the write, so that nothing of a
                 // subscription is written after its end was queued.
-                Some(delivery) if delivery.ended.is_cancelled() => None,
+                Some(delivery) if delivery.ended.is_cancelled() => (None, false),
                 Some(delivery) => {
                     // Marked ended now, before its last frames can reach the
                     // client: a SUBSCRIBE reusing the id, sent on seeing its
@@ -1161,12 +1186,13 @@ async fn write_loop(
                     if delivery.ends_subscription {
                         delivery.ended.cancel();
                     }
-                    Some(delivery.outbound)
+                    (Some(delivery.outbound), false)
                 }
                 None => { deliveries_open = false; continue; }
             },
             else => break,
         };
+        let mut writer = outbox.lock().await;
         let written = timeout(write_timeout, async {
             match item {
                 Some(Outbound::Frame(frame)) => writer.write_all(&frame).await?,
@@ -1176,12 +1202,17 @@ async fn write_loop(
                 }
                 None => {}
             }
+            // In the buffer now, ahead of any answer written at once.
+            if answer {
+                outbox.answer_taken();
+            }
             if responses.is_empty() && deliveries.is_empty() {
                 writer.flush().await?;
             }
             std::io::Result::Ok(())
         })
         .await;
+        drop(writer);
         if !matches!(written, Ok(Ok(()))) {
             // The peer is gone or not reading: stop the whole connection.
             cancel.cancel();
@@ -1189,6 +1220,7 @@ async fn write_loop(
         }
     }
     let _ = timeout(write_timeout, async {
+        let mut writer = outbox.lock().await;
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     })

@@ -3,7 +3,10 @@
 //!
 //! - `broker`: state shared by connections (channels, limits, counters).
 //! - `connection`: one client: framing under limits, requests, answers.
-//! - `channel_writer`: one task per channel, the group commit.
+//! - `channel_writer`: one writer per partition, the group commit; an idle
+//!   writer's publish is appended on its connection's task.
+//! - `outbox`: a connection's socket, shared by its writer task and the
+//!   answers written at once.
 //! - `subscription`: one task per subscription, a cursor and a window.
 //! - `offsets`: durable subscription offsets in an internal log.
 //!
@@ -18,6 +21,7 @@ mod connection;
 mod group;
 mod member;
 pub mod offsets;
+mod outbox;
 mod stats;
 mod subscription;
 
