@@ -797,7 +797,15 @@ async fn graceful_shutdown_loses_no_acknowledged_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_is_sent_when_a_channel_queue_is_full() {
     let dir = TempDir::new().unwrap();
-    let config = Config { channel_queue_depth: 1, max_inflight_publishes: 65_536, ..test_config(&dir) };
+    // Under `always` every publish goes through the queue (under `never`
+    // one connection's publishes to an idle writer are appended inline and
+    // never fill it).
+    let config = Config {
+        channel_queue_depth: 1,
+        max_inflight_publishes: 65_536,
+        fsync: weir::storage::FsyncPolicy::Always,
+        ..test_config(&dir)
+    };
     let server = start(config).await;
     let stream = handshake(&addr(&server)).await;
 
@@ -827,6 +835,40 @@ async fn backpressure_is_sent_when_a_channel_queue_is_full() {
     assert_eq!(info.partitions[0].next_offset, offsets.len() as u64, "exactly the acknowledged publishes were stored");
 
     drop(stream);
+    stop(server).await;
+}
+
+/// Publishes appended inline have their answers written straight to the
+/// socket; none may overtake an earlier answer of the same connection. With
+/// one partition and requests pipelined, every answer comes in request
+/// order, publishes and others (answered through the queue) alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_written_at_once_never_overtake_earlier_answers() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let stream = handshake(&addr(&server)).await;
+    let mut frames = Vec::new();
+    for correlation_id in 1..=400u32 {
+        let request = match correlation_id % 3 {
+            0 => Request::ListChannels,
+            1 => Request::Ping,
+            _ => publish_request("in-order", None, format!("m{correlation_id}")),
+        };
+        frames.extend(request.encode(correlation_id));
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    let writing = tokio::spawn(async move { writer.write_all(&frames).await.expect("write the frames") });
+    let mut order = Vec::new();
+    for _ in 0..400 {
+        let (correlation_id, response) = within("an answer", read_response(&mut reader)).await;
+        assert!(
+            !matches!(response, Response::Error { .. } | Response::Backpressure { .. }),
+            "{correlation_id}: {response:?}"
+        );
+        order.push(correlation_id);
+    }
+    within("the writer", writing).await.expect("the writer task");
+    assert_eq!(order, (1..=400).collect::<Vec<u32>>(), "answers in request order");
     stop(server).await;
 }
 

@@ -125,8 +125,9 @@ enum Plan {
 pub(crate) struct PartitionWriter {
     log: Arc<ChannelLog>,
     /// The log's next offset, sent after each append: it wakes the
-    /// partition's caught-up subscriptions.
-    tail: watch::Sender<u64>,
+    /// partition's caught-up subscriptions. Dropped when the writer task
+    /// ends, however it ends, which ends those subscriptions too.
+    tail: std::sync::Mutex<Option<watch::Sender<u64>>>,
     limits: WriterLimits,
     stats: Arc<Stats>,
     /// Held by whoever appends, for the whole append.
@@ -147,7 +148,20 @@ struct WriterState {
 
 impl PartitionWriter {
     pub fn new(log: Arc<ChannelLog>, tail: watch::Sender<u64>, limits: WriterLimits, stats: Arc<Stats>) -> Self {
-        PartitionWriter { log, tail, limits, stats, state: tokio::sync::Mutex::default(), queued: AtomicUsize::new(0) }
+        PartitionWriter {
+            log,
+            tail: std::sync::Mutex::new(Some(tail)),
+            limits,
+            stats,
+            state: tokio::sync::Mutex::default(),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    fn publish_tail(&self) {
+        if let Some(tail) = &*self.tail.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tail.send(self.log.next_offset());
+        }
     }
 
     /// Hands `request` to the writer task's queue, without waiting.
@@ -178,6 +192,11 @@ impl PartitionWriter {
     /// task, nobody else is appending, and the append writes to the page
     /// cache only (no `fdatasync` under `always`, no roll due). Otherwise
     /// hands `request` back, to be queued.
+    ///
+    /// Not cancellation-safe: dropped while it awaits (a roll that fell due
+    /// after the check goes to the blocking pool), it would release the
+    /// writer state while the append goes on. The connection awaits it
+    /// outside any `select!`, and connection tasks are never aborted.
     pub async fn append_inline(&self, request: AppendRequest) -> Result<(), AppendRequest> {
         if self.log.config().fsync == FsyncPolicy::Always {
             return Err(request);
@@ -189,7 +208,7 @@ impl PartitionWriter {
         state.clock += 1;
         let WriterState { producers, clock } = &mut *state;
         commit_group(&self.log, &mut vec![request], producers, *clock, self.limits, &self.stats).await;
-        let _ = self.tail.send(self.log.next_offset());
+        self.publish_tail();
         Ok(())
     }
 }
@@ -197,6 +216,14 @@ impl PartitionWriter {
 /// The writer task: runs until every sender of `requests` is gone,
 /// answering every request it received.
 pub(crate) async fn run(writer: Arc<PartitionWriter>, mut requests: mpsc::Receiver<AppendRequest>) {
+    /// Drops the tail watch's sender when the task ends, also by a panic.
+    struct EndsTail(Arc<PartitionWriter>);
+    impl Drop for EndsTail {
+        fn drop(&mut self) {
+            self.0.tail.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+    let _ends_tail = EndsTail(Arc::clone(&writer));
     let log = &writer.log;
     let limits = writer.limits;
     let mut group = Vec::new();
@@ -228,7 +255,7 @@ pub(crate) async fn run(writer: Arc<PartitionWriter>, mut requests: mpsc::Receiv
         state.clock += 1;
         let WriterState { producers, clock } = &mut *state;
         commit_group(log, &mut group, producers, *clock, limits, &writer.stats).await;
-        let _ = writer.tail.send(log.next_offset());
+        writer.publish_tail();
         writer.queued.fetch_sub(taken, Ordering::AcqRel);
     }
 }
@@ -271,7 +298,10 @@ async fn commit_group(
     }
     let timestamp_us = match &result {
         Ok(Some(appended)) => {
-            assert_eq!(appended.first_offset, base_offset, "the channel writer is the log's only appender");
+            assert_eq!(
+                appended.first_offset, base_offset,
+                "appends to a log are one at a time, under the writer state"
+            );
             stats.record_append(appended.count);
             Some(appended.timestamp_us)
         }
@@ -425,4 +455,76 @@ fn plan_idempotent(
         state.recent.pop_front();
     }
     Plan::Append { first_offset, count }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::StdFileSystem;
+    use crate::storage::{ChannelName, LogConfig};
+
+    struct Fixture {
+        writer: PartitionWriter,
+        queue: mpsc::Sender<AppendRequest>,
+        _queued: mpsc::Receiver<AppendRequest>,
+        answers: mpsc::Sender<Outbound>,
+        _answered: mpsc::Receiver<Outbound>,
+        outbox: Arc<Outbox>,
+        _peer: tokio::net::TcpStream,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture(fsync: FsyncPolicy) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig { fsync, ..LogConfig::default() };
+        let log =
+            ChannelLog::open(Arc::new(StdFileSystem), dir.path(), ChannelName::new("c").unwrap(), config).unwrap();
+        let (tail, _) = watch::channel(0);
+        let limits = WriterLimits { group_bytes_max: 1 << 20, dedup_window: 8, max_producers: 8 };
+        let writer = PartitionWriter::new(Arc::new(log), tail, limits, Arc::new(Stats::default()));
+        let (queue, queued) = mpsc::channel(8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let outbox = Arc::new(Outbox::new(1024, socket.into_split().1));
+        let (answers, answered) = mpsc::channel(8);
+        Fixture { writer, queue, _queued: queued, answers, _answered: answered, outbox, _peer: peer, _dir: dir }
+    }
+
+    fn request(fixture: &Fixture, payload: &'static str) -> AppendRequest {
+        let reply = Reply {
+            permit: Some(fixture.answers.clone().try_reserve_owned().unwrap()),
+            received_at: std::time::Instant::now(),
+            stats: Arc::new(Stats::default()),
+            correlation_id: 1,
+            inflight: Arc::new(AtomicU32::new(1)),
+            inflight_bytes: Arc::new(AtomicU64::new(0)),
+            body_bytes: 0,
+            version: crate::protocol::PROTOCOL_VERSION,
+            outbox: Arc::clone(&fixture.outbox),
+            write_at_once: true,
+        };
+        AppendRequest { messages: vec![Message::from_payload(payload)], producer: None, reply }
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_is_appended_to_inline() {
+        let fixture = fixture(FsyncPolicy::Never).await;
+        assert!(fixture.writer.append_inline(request(&fixture, "first")).await.is_ok());
+        assert_eq!(fixture.writer.log.next_offset(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_publish_never_passes_one_queued_for_the_writer_task() {
+        let fixture = fixture(FsyncPolicy::Never).await;
+        fixture.writer.enqueue(&fixture.queue, request(&fixture, "queued")).map_err(|_| "queue").unwrap();
+        assert!(fixture.writer.append_inline(request(&fixture, "later")).await.is_err(), "it must queue behind");
+        assert_eq!(fixture.writer.log.next_offset(), 0, "nothing stored ahead of the queued publish");
+    }
+
+    #[tokio::test]
+    async fn under_always_every_publish_goes_to_the_writer_task() {
+        let fixture = fixture(FsyncPolicy::Always).await;
+        assert!(fixture.writer.append_inline(request(&fixture, "synced")).await.is_err());
+    }
 }

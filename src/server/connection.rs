@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -1212,15 +1213,20 @@ async fn write_loop(
             std::io::Result::Ok(())
         })
         .await;
-        drop(writer);
         if !matches!(written, Ok(Ok(()))) {
             // The peer is gone or not reading: stop the whole connection.
+            // A timed-out write may have stopped mid-frame: nothing may
+            // follow it, and the socket's sending side is shut.
+            outbox.close(&writer);
+            let _ = writer.get_mut().shutdown().now_or_never();
             cancel.cancel();
             return;
         }
+        drop(writer);
     }
     let _ = timeout(write_timeout, async {
         let mut writer = outbox.lock().await;
+        outbox.close(&writer);
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
     })

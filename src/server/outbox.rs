@@ -8,7 +8,7 @@
 //! the socket here; an answer that cannot be written at once is queued as
 //! before, and its slot in the answer queue was reserved beforehand.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures_util::FutureExt;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -34,6 +34,10 @@ pub(crate) struct Outbox {
     /// Answers queued for the writer task and not yet in the write buffer.
     /// An answer written at once must not overtake any of them.
     answers_queued: AtomicUsize,
+    /// Set (under the lock) once the writer task has given up on the
+    /// socket or shut it: a write there may have stopped mid-frame, so
+    /// nothing more may be written at once.
+    closed: AtomicBool,
 }
 
 impl Outbox {
@@ -42,6 +46,7 @@ impl Outbox {
             writer: Mutex::new(BufWriter::with_capacity(capacity, socket)),
             capacity,
             answers_queued: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -61,13 +66,22 @@ impl Outbox {
         self.writer.lock().await
     }
 
+    /// Called by the writer task, holding the lock, when it stops writing:
+    /// after a failed or timed-out write, or at the end.
+    pub fn close(&self, _held: &MutexGuard<'_, BufWriter<OwnedWriteHalf>>) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Writes `frame` now, without waiting, if nothing queued or buffered
     /// comes before it and the writer task is not writing.
     pub fn try_write_now(&self, frame: &[u8]) -> Written {
         let Ok(mut writer) = self.writer.try_lock() else { return Written::NotNow };
         // Checked under the lock: the writer task uncounts an answer only
         // once it is in the buffer, under the same lock.
-        if self.answers_queued.load(Ordering::Acquire) != 0 || !writer.buffer().is_empty() {
+        if self.closed.load(Ordering::Acquire)
+            || self.answers_queued.load(Ordering::Acquire) != 0
+            || !writer.buffer().is_empty()
+        {
             return Written::NotNow;
         }
         // Only what the empty buffer can hold whole: the rest of a partly
@@ -129,5 +143,10 @@ mod tests {
         assert_eq!(outbox.try_write_now(b"fourth"), Written::NotNow);
         drop(writer);
         assert_eq!(outbox.try_write_now(b"fifth"), Written::Sent);
+        // Nor once the writer task has stopped writing.
+        let writer = outbox.lock().await;
+        outbox.close(&writer);
+        drop(writer);
+        assert_eq!(outbox.try_write_now(b"sixth"), Written::NotNow);
     }
 }
