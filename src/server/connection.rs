@@ -651,8 +651,11 @@ impl Connection {
             body_bytes,
             version: self.version,
             outbox: Arc::clone(&self.outbox),
-            // Until it is queued for the channel's writer task.
-            write_at_once: true,
+            // Only when no further request is already read and waiting: an
+            // idle connection's answer goes out at once, while a busy one's
+            // are gathered by the writer task, several to a write. Never
+            // once queued for the partition's writer task.
+            write_at_once: self.reader.buffer().is_empty(),
         };
         let mut request = AppendRequest { messages, producer, reply };
         // Stored on this task when the partition's writer is idle; a
