@@ -47,6 +47,9 @@ pub fn measure(size: usize, rate: u64, count: u64) -> std::io::Result<Series> {
     Ok(series)
 }
 
+/// How long the tokio floor's echo waits for its client to connect.
+const ECHO_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The same round trips with tokio at both ends, as a broker and its
 /// client have: a sender thread hands each message (at its intended time)
 /// to a task on this runtime, which writes it and reads the echo; the echo
@@ -67,7 +70,12 @@ pub async fn measure_runtime(size: usize, rate: u64, count: u64) -> std::io::Res
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
-                let (mut socket, _) = listener.accept().await?;
+                // Bounded, so that the thread ends even if the client side
+                // failed before it connected.
+                let (mut socket, _) =
+                    tokio::time::timeout(ECHO_ACCEPT_TIMEOUT, listener.accept()).await.map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "the floor's client never connected")
+                    })??;
                 socket.set_nodelay(true)?;
                 let mut buffer = vec![0u8; size];
                 for _ in 0..count {

@@ -112,10 +112,18 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
             }
         })
         .map_err(BenchError::Io)?;
+    // Acknowledgements are recorded as they come: nothing here grows with
+    // the length of the run.
     let acknowledging = {
         let publisher = Arc::clone(&publisher);
         tokio::spawn(async move {
-            let mut acked = Vec::with_capacity(total as usize);
+            let mut publish = Series::new(format!("publish, {size} B"));
+            let mut record = |(index, done): (u64, Result<Instant, BenchError>)| {
+                if index >= warmup {
+                    publish.record(latency(schedule.intended(index), done?));
+                }
+                Ok::<(), BenchError>(())
+            };
             let mut waiting = FuturesUnordered::new();
             loop {
                 tokio::select! {
@@ -132,13 +140,13 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
                         }
                         None => break,
                     },
-                    Some(answer) = waiting.next(), if !waiting.is_empty() => acked.push(answer),
+                    Some(answer) = waiting.next(), if !waiting.is_empty() => record(answer)?,
                 }
             }
             while let Some(answer) = waiting.next().await {
-                acked.push(answer);
+                record(answer)?;
             }
-            acked
+            Ok::<Series, BenchError>(publish)
         })
     };
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
@@ -155,14 +163,8 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
         }
     }
     let _ = tokio::task::spawn_blocking(move || sender.join()).await;
-    let acked = acknowledging.await.map_err(|error| BenchError::Target(format!("the sending task failed: {error}")))?;
-    let mut publish = Series::new(format!("publish, {size} B"));
-    for (index, done) in acked {
-        let done = done?;
-        if index >= warmup {
-            publish.record(latency(schedule.intended(index), done));
-        }
-    }
+    let publish =
+        acknowledging.await.map_err(|error| BenchError::Target(format!("the sending task failed: {error}")))??;
     bar.finish_and_clear();
     publisher.close().await;
     drop(consumer);

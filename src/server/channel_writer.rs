@@ -175,12 +175,11 @@ impl PartitionWriter {
     pub fn enqueue(
         &self,
         queue: &mpsc::Sender<AppendRequest>,
-        request: AppendRequest,
+        mut request: AppendRequest,
     ) -> Result<(), mpsc::error::TrySendError<AppendRequest>> {
         // Counted before it can be taken, so that no inline append passes it.
         self.queued.fetch_add(1, Ordering::AcqRel);
         // Answered from the writer task, through the connection's queue.
-        let mut request = request;
         request.reply.write_at_once = false;
         queue.try_send(request).inspect_err(|_| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
