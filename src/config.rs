@@ -79,6 +79,13 @@ pub const MAX_PARTITIONS_RANGE: RangeInclusive<u64> = 1..=crate::storage::PARTIT
 pub struct Config {
     pub listen_addr: String,
     pub auth_token: Option<String>,
+    /// Users, token hashes, permissions and quotas (docs/SECURITY.md).
+    pub credentials_file: Option<PathBuf>,
+    /// TLS on the client listener: certificate chain and key (PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// With it, clients must present a certificate this CA signed.
+    pub tls_client_ca: Option<PathBuf>,
     pub max_connections: u64,
     pub max_inflight_publishes: u64,
     pub max_inflight_publish_bytes: u64,
@@ -139,6 +146,10 @@ impl Default for Config {
         Config {
             listen_addr: "127.0.0.1:7450".into(),
             auth_token: None,
+            credentials_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             max_connections: 1024,
             max_inflight_publishes: 1024,
             max_inflight_publish_bytes: 64 * MIB,
@@ -267,6 +278,21 @@ impl Config {
             && (token.is_empty() || token.len() > crate::protocol::AUTH_TOKEN_BYTES_MAX)
         {
             return Err(ConfigError::Invalid { key: "auth_token".into(), problem: "must be 1 to 1024 bytes".into() });
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: if self.tls_cert.is_some() { "tls_key" } else { "tls_cert" }.into(),
+                    problem: "tls_cert and tls_key are set together".into(),
+                });
+            }
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_client_ca".into(),
+                    problem: "mutual TLS needs TLS: set tls_cert and tls_key too".into(),
+                });
+            }
+            _ => {}
         }
         if !self.metrics_addr.is_empty() && self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
@@ -397,6 +423,24 @@ impl Config {
     }
 
     /// The storage engine's settings.
+    /// The listener's TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::security::tls::ServerTlsFiles> {
+        Some(crate::security::tls::ServerTlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// Where principals come from.
+    pub fn auth_settings(&self) -> crate::security::AuthSettings {
+        crate::security::AuthSettings {
+            auth_token: self.auth_token.clone(),
+            credentials_file: self.credentials_file.clone(),
+            mutual_tls: self.tls_client_ca.is_some() && self.tls_cert.is_some(),
+        }
+    }
+
     pub fn store_config(&self) -> StoreConfig {
         let default_log = self.default_log_config();
         let channel_logs = self

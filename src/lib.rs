@@ -16,6 +16,7 @@
 //! - [`client`]: the async Rust client: publisher, subscriber.
 //! - [`bench`]: `weir bench`, latency percentiles with coordinated omission
 //!   corrected, beside the machine's floor.
+//! - [`security`]: TLS, principals with per-channel permissions, quotas.
 //! - [`config`]: `broker.toml`, its defaults and its validation.
 //! - [`metrics`]: Prometheus metrics (names, bounded labels, exporter).
 //! - [`partitioner`]: Kafka's key-to-partition function, for broker and client.
@@ -33,5 +34,6 @@ pub mod metrics;
 pub mod partitioner;
 pub mod protocol;
 pub mod record;
+pub mod security;
 pub mod server;
 pub mod storage;

@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use weir::client::{Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber};
+use weir::client::{
+    ClientTlsOptions, ConnectOptions, Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber,
+};
 use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
 use weir::record::Message;
@@ -65,8 +67,8 @@ enum Command {
         /// The partition to publish to (default: by --key, else 0).
         #[arg(long)]
         partition: Option<u32>,
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Print messages of a channel as they arrive: offset, time, key, payload
     /// (preceded by the partition when several are read).
@@ -88,37 +90,42 @@ enum Command {
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// List channels: offsets, size, segments, subscriptions and their lag.
     Channels {
         #[command(subcommand)]
         action: Option<ChannelsAction>,
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR, global = true)]
-        addr: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Consumer groups: members, who reads each partition, committed
     /// positions and lag.
     Groups {
         /// Only this channel's groups.
         channel: Option<String>,
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Broker counters, per-channel rates and subscriber lag, from two
     /// samples taken --interval-ms apart.
     Stats {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
-        #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
     /// Measure: latency percentiles at a fixed rate (coordinated omission
     /// corrected), beside the machine's own floor, and throughput.
     Bench {
         #[command(subcommand)]
         kind: BenchKind,
+    },
+    /// Credentials for the broker's credentials_file.
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialsAction,
     },
     /// Verify every channel and segment of a data directory offline.
     Check {
@@ -138,6 +145,43 @@ enum Command {
     },
 }
 
+/// Where the client commands find the broker, and how they prove who they
+/// are.
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    #[arg(long, env = "WEIR_ADDR", default_value = DEFAULT_ADDR, global = true)]
+    addr: String,
+    /// The credential HELLO carries: `name:token` for a user of the
+    /// broker's credentials file, or its shared auth_token.
+    #[arg(long, env = "WEIR_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Connect over TLS (implied by --ca, --cert and --key).
+    #[arg(long, env = "WEIR_TLS", global = true)]
+    tls: bool,
+    /// The CA that signed the broker's certificate (PEM); default: the
+    /// system's trusted roots.
+    #[arg(long, env = "WEIR_TLS_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// A client certificate chain (PEM), for mutual TLS; with --key.
+    #[arg(long, env = "WEIR_TLS_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "WEIR_TLS_KEY", global = true)]
+    key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn options(&self, client_name: &str) -> ConnectOptions {
+        let tls = (self.tls || self.ca.is_some() || self.cert.is_some() || self.key.is_some())
+            .then(|| ClientTlsOptions { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() });
+        ConnectOptions { client_name: client_name.to_owned(), auth_token: self.token.clone(), tls }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        Ok(Connection::connect_with(&self.addr, &self.options("weir-cli")).await?)
+    }
+}
+
 /// The broker a `weir bench` command drives.
 #[derive(Args)]
 struct TargetArgs {
@@ -152,6 +196,14 @@ struct TargetArgs {
     /// on a temporary directory.
     #[arg(long)]
     addr: Option<String>,
+    /// The credential for the broker at --addr (`name:token`, or its
+    /// auth_token).
+    #[arg(long, env = "WEIR_TOKEN", hide_env_values = true, requires = "addr")]
+    token: Option<String>,
+    /// Connect to the broker at --addr over TLS, verifying its certificate
+    /// against this CA (PEM).
+    #[arg(long, requires = "addr")]
+    tls_ca: Option<PathBuf>,
     /// The embedded broker's fsync policy.
     #[arg(long, value_enum, default_value = "never")]
     fsync: FsyncArg,
@@ -346,6 +398,19 @@ enum BenchKind {
     },
 }
 
+/// What `weir credentials` does.
+#[derive(Subcommand)]
+enum CredentialsAction {
+    /// Print the argon2id hash (a PHC string) of the token read from the
+    /// first line of stdin, for a user's token_hash; with --generate, make
+    /// a random token, print it on stderr and its hash on stdout.
+    Hash {
+        /// Generate a random 32-byte token (hex) instead of reading one.
+        #[arg(long)]
+        generate: bool,
+    },
+}
+
 /// What `weir channels` does besides listing.
 #[derive(Subcommand)]
 enum ChannelsAction {
@@ -403,16 +468,17 @@ fn main() -> ExitCode {
             let overrides = Overrides { listen, data_dir, metrics_addr };
             serve(config.as_deref(), overrides, print_config, log_format)
         }
-        Command::Publish { channel, message, key, partition, addr } => {
-            run_async(publish(addr, channel, key, partition, message))
+        Command::Publish { channel, message, key, partition, broker } => {
+            run_async(publish(broker, channel, key, partition, message))
         }
-        Command::Subscribe { channel, partition, from, durable, group, count, addr } => {
-            run_async(subscribe(addr, channel, SubscribeArgs { partition, from, durable, group, count }))
+        Command::Subscribe { channel, partition, from, durable, group, count, broker } => {
+            run_async(subscribe(broker, channel, SubscribeArgs { partition, from, durable, group, count }))
         }
-        Command::Channels { action: None, addr } => run_async(channels(addr)),
-        Command::Channels { action: Some(action), addr } => run_async(channels_admin(addr, action)),
-        Command::Stats { interval_ms, addr } => run_async(stats(addr, interval_ms)),
-        Command::Groups { channel, addr } => run_async(groups(addr, channel)),
+        Command::Channels { action: None, broker } => run_async(channels(broker)),
+        Command::Channels { action: Some(action), broker } => run_async(channels_admin(broker, action)),
+        Command::Stats { interval_ms, broker } => run_async(stats(broker, interval_ms)),
+        Command::Groups { channel, broker } => run_async(groups(broker, channel)),
+        Command::Credentials { action: CredentialsAction::Hash { generate } } => credentials_hash(generate),
         Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
     };
     match result {
@@ -494,6 +560,8 @@ fn serve(
         // The handlers are installed before the listener opens: a SIGTERM
         // sent as soon as the port answers must stop gracefully, not kill.
         let signals = ShutdownSignals::install()?;
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let server = weir::server::start(config).await?;
         let shutdown = server.shutdown_token();
         tokio::spawn(async move {
@@ -501,9 +569,44 @@ fn serve(
             tracing::info!("signal received: shutting down gracefully");
             shutdown.cancel();
         });
+        let stopped = server.shutdown_token();
+        let reloading = server.reloader();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    received = hangups.recv() => if received.is_none() { return },
+                }
+                match reloading.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS files and credentials reloaded"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: reload failed; what failed to load is unchanged"),
+                }
+            }
+        });
         server.wait().await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `weir credentials hash`.
+fn credentials_hash(generate: bool) -> anyhow::Result<ExitCode> {
+    use weir::security::principal::{PRINCIPAL_TOKEN_BYTES_MAX, hash_token};
+    let token = if generate {
+        let bytes: [u8; 32] = rand::random();
+        let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+        eprintln!("token (give it to the client, then forget it): {token}");
+        token
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("reading the token from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    anyhow::ensure!(
+        (1..=PRINCIPAL_TOKEN_BYTES_MAX).contains(&token.len()),
+        "a token is 1 to {PRINCIPAL_TOKEN_BYTES_MAX} bytes"
+    );
+    println!("{}", hash_token(&token).map_err(anyhow::Error::msg)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// SIGTERM and SIGINT, both of which stop the broker gracefully.
@@ -538,7 +641,7 @@ async fn partition_count(connection: &Connection, channel: &str) -> anyhow::Resu
 }
 
 async fn publish(
-    addr: String,
+    broker: BrokerArgs,
     channel: String,
     key: Option<String>,
     partition: Option<u32>,
@@ -549,7 +652,7 @@ async fn publish(
         // A channel that does not exist yet is routed as if it had one
         // partition (the default for new channels).
         (None, Some(key)) => {
-            let connection = Connection::connect(&addr, "weir-cli").await?;
+            let connection = broker.connect().await?;
             let count = partition_count(&connection, &channel).await?.unwrap_or(1);
             weir::partitioner::partition_for_key(key.as_bytes(), count.max(1))
         }
@@ -558,8 +661,15 @@ async fn publish(
     if partition != 0 {
         eprintln!("publishing to partition {partition}");
     }
-    let options = PublisherOptions { partition, ..PublisherOptions::default() };
-    let publisher = Publisher::connect(&addr, &channel, options).await?;
+    let connect = broker.options("weir-cli");
+    let options = PublisherOptions {
+        partition,
+        client_name: connect.client_name,
+        auth_token: connect.auth_token,
+        tls: connect.tls,
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::connect(&broker.addr, &channel, options).await?;
     let key = Bytes::from(key.unwrap_or_default());
     let to_message = |payload: String| Message { key: key.clone(), headers: Vec::new(), payload: Bytes::from(payload) };
     if let Some(message) = message {
@@ -622,11 +732,11 @@ struct SubscribeArgs {
     count: Option<u64>,
 }
 
-async fn subscribe(addr: String, channel: String, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
+async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     let SubscribeArgs { partition, from, durable, group, count } = args;
     let several = partition.is_none();
     let start = parse_start(&from)?;
-    let connection = Connection::connect(&addr, "weir-cli").await?;
+    let connection = broker.connect().await?;
     let options = SubscribeOptions { partition, start, durable_name: durable, group, ..SubscribeOptions::default() };
     let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
     let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
@@ -679,8 +789,8 @@ async fn subscribe(addr: String, channel: String, args: SubscribeArgs) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-async fn channels_admin(addr: String, action: ChannelsAction) -> anyhow::Result<ExitCode> {
-    let connection = Connection::connect(&addr, "weir-cli").await?;
+async fn channels_admin(broker: BrokerArgs, action: ChannelsAction) -> anyhow::Result<ExitCode> {
+    let connection = broker.connect().await?;
     if connection.protocol_version() < 2 {
         bail!("the broker speaks protocol version 1, which has no partitions");
     }
@@ -1057,10 +1167,15 @@ fn check_bench_bounds(sizes: &[usize], rate: u64, seconds: &[u64]) -> anyhow::Re
 /// The broker a `weir bench` command drives.
 async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench::driver::Driver>> {
     use weir::bench::driver::WeirTarget;
+    let connect = ConnectOptions {
+        client_name: String::new(),
+        auth_token: target.token,
+        tls: target.tls_ca.map(|ca| ClientTlsOptions { ca: Some(ca), ..ClientTlsOptions::default() }),
+    };
     Ok(match (target.driver, target.addr) {
         (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(&target.url).await?),
         (DriverArg::Null, _) => Box::new(weir::bench::null::NullTarget::new()),
-        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(&addr)),
+        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(&addr).with_connect_options(connect)),
         (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(target.fsync.into()).await?),
     })
 }
@@ -1101,8 +1216,8 @@ async fn bench_throughput(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn groups(addr: String, channel: Option<String>) -> anyhow::Result<ExitCode> {
-    let connection = Connection::connect(&addr, "weir-cli").await?;
+async fn groups(broker: BrokerArgs, channel: Option<String>) -> anyhow::Result<ExitCode> {
+    let connection = broker.connect().await?;
     if connection.protocol_version() < 2 {
         bail!("the broker speaks protocol version 1, which has no consumer groups");
     }
@@ -1125,8 +1240,8 @@ async fn groups(addr: String, channel: Option<String>) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn channels(addr: String) -> anyhow::Result<ExitCode> {
-    let connection = Connection::connect(&addr, "weir-cli").await?;
+async fn channels(broker: BrokerArgs) -> anyhow::Result<ExitCode> {
+    let connection = broker.connect().await?;
     let Response::Channels { channels } = connection.request(Request::ListChannels).await? else {
         bail!("unexpected answer to LIST_CHANNELS");
     };
@@ -1163,8 +1278,8 @@ async fn channels(addr: String) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn stats(addr: String, interval_ms: u64) -> anyhow::Result<ExitCode> {
-    let connection = Connection::connect(&addr, "weir-cli").await?;
+async fn stats(broker: BrokerArgs, interval_ms: u64) -> anyhow::Result<ExitCode> {
+    let connection = broker.connect().await?;
     let sample = || async {
         match connection.request(Request::Stats).await? {
             Response::Stats { counters, channels } => anyhow::Ok((std::time::Instant::now(), counters, channels)),

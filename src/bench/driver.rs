@@ -12,7 +12,9 @@ use bytes::Bytes;
 use tempfile::TempDir;
 
 use super::BenchError;
-use crate::client::{Connection, Event, PartitionedPublisher, PublisherOptions, SubscribeOptions, Subscriber};
+use crate::client::{
+    ConnectOptions, Connection, Event, PartitionedPublisher, PublisherOptions, SubscribeOptions, Subscriber,
+};
 use crate::config::Config;
 use crate::protocol::{ChannelRetention, Limits, Notice, Request, StartPosition};
 use crate::record::Message;
@@ -105,6 +107,8 @@ pub struct Delivery {
 /// A weir broker to benchmark.
 pub struct WeirTarget {
     addr: String,
+    /// Credential and TLS of every connection the benchmark opens.
+    connect: ConnectOptions,
     description: String,
     /// The embedded broker, its data, and how to stop it.
     embedded: Option<Embedded>,
@@ -165,12 +169,37 @@ impl WeirTarget {
             .map_err(|_| BenchError::Target("the embedded broker's thread ended".into()))?
             .map_err(BenchError::Target)?;
         let description = format!("weir {} (embedded, fsync = {fsync:?})", env!("CARGO_PKG_VERSION"));
-        Ok(WeirTarget { addr, description, embedded: Some(Embedded { stop, thread, _data: dir }) })
+        Ok(WeirTarget {
+            addr,
+            connect: ConnectOptions::default(),
+            description,
+            embedded: Some(Embedded { stop, thread, _data: dir }),
+        })
     }
 
     /// A broker already running at `addr`.
     pub fn at(addr: &str) -> WeirTarget {
-        WeirTarget { addr: addr.to_owned(), description: format!("weir at {addr}"), embedded: None }
+        WeirTarget {
+            addr: addr.to_owned(),
+            connect: ConnectOptions::default(),
+            description: format!("weir at {addr}"),
+            embedded: None,
+        }
+    }
+
+    /// Connects with this credential and TLS (their client name is the
+    /// benchmark's own).
+    pub fn with_connect_options(mut self, connect: ConnectOptions) -> WeirTarget {
+        if connect.tls.is_some() {
+            self.description.push_str(" over TLS");
+        }
+        self.connect = connect;
+        self
+    }
+
+    async fn connection(&self, client_name: &str) -> Result<Connection, BenchError> {
+        let options = ConnectOptions { client_name: client_name.to_owned(), ..self.connect.clone() };
+        Ok(Connection::connect_with(&self.addr, &options).await?)
     }
 
     /// The limits the broker advertises in its handshake.
@@ -178,7 +207,7 @@ impl WeirTarget {
     /// # Errors
     /// The connection failed.
     pub async fn limits(&self) -> Result<Limits, BenchError> {
-        let connection = Connection::connect(&self.addr, "weir-bench").await?;
+        let connection = self.connection("weir-bench").await?;
         Ok(*connection.limits())
     }
 
@@ -191,7 +220,7 @@ impl WeirTarget {
     /// # Errors
     /// The broker refused.
     pub async fn create(&self, channel: &str, partitions: u32) -> Result<(), BenchError> {
-        let connection = Connection::connect(&self.addr, "weir-bench").await?;
+        let connection = self.connection("weir-bench").await?;
         let create = Request::CreateChannel {
             channel: channel.to_owned(),
             retention: ChannelRetention::default(),
@@ -246,7 +275,7 @@ impl Driver for WeirTarget {
 
     fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
         Box::pin(async move {
-            let connection = Connection::connect(&self.addr, "weir-bench").await?;
+            let connection = self.connection("weir-bench").await?;
             // Forced: the run's own consumers may still be ending.
             connection.request(Request::DeleteChannel { channel: topic.to_owned(), force: true }).await?;
             Ok(())
@@ -255,8 +284,12 @@ impl Driver for WeirTarget {
 
     fn producer<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Arc<dyn Producer>, BenchError>> {
         Box::pin(async move {
-            let options =
-                PublisherOptions { client_name: "weir-bench-publisher".into(), ..PublisherOptions::default() };
+            let options = PublisherOptions {
+                client_name: "weir-bench-publisher".into(),
+                auth_token: self.connect.auth_token.clone(),
+                tls: self.connect.tls.clone(),
+                ..PublisherOptions::default()
+            };
             let publisher = PartitionedPublisher::connect(&self.addr, topic, options).await?;
             Ok(Arc::new(publisher) as Arc<dyn Producer>)
         })
@@ -272,7 +305,7 @@ impl Driver for WeirTarget {
                 StartAt::Start => StartPosition::Earliest,
                 StartAt::End => StartPosition::Latest,
             };
-            let connection = Connection::connect(&self.addr, "weir-bench-subscriber").await?;
+            let connection = self.connection("weir-bench-subscriber").await?;
             let window = options.window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
             let subscribe =
                 SubscribeOptions { start, max_inflight: window, group: options.group, ..SubscribeOptions::default() };

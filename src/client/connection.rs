@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use super::ClientError;
 use crate::protocol::{
     FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, Request, Response,
 };
+use crate::security::tls::{self, ClientTlsOptions, ReadHalf, WriteHalf};
 
 /// Largest frame body the client accepts from a server.
 pub const RESPONSE_BODY_BYTES_MAX: u32 = 256 * 1024 * 1024;
@@ -77,6 +77,26 @@ enum Command {
     Request { request: Request, reply: Option<oneshot::Sender<Result<Response, ClientError>>> },
 }
 
+/// How to connect: the name the broker logs, the credential HELLO carries,
+/// and TLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    pub client_name: String,
+    /// The legacy shared token, or `name:token` for a user of the broker's
+    /// credentials file. With mutual TLS and no token, the certificate's
+    /// common name is the principal.
+    pub auth_token: Option<String>,
+    /// Connect over TLS (the broker's `tls_cert`), verifying the broker's
+    /// certificate against the given CA or the system's roots.
+    pub tls: Option<ClientTlsOptions>,
+}
+
+impl ConnectOptions {
+    pub fn named(client_name: &str) -> ConnectOptions {
+        ConnectOptions { client_name: client_name.to_owned(), ..ConnectOptions::default() }
+    }
+}
+
 /// A handshaken connection. Cheap to clone; all clones share the socket.
 #[derive(Clone)]
 pub struct Connection {
@@ -113,18 +133,44 @@ impl Connection {
         client_name: &str,
         auth_token: Option<&str>,
     ) -> Result<Connection, ClientError> {
+        let options = ConnectOptions {
+            client_name: client_name.to_owned(),
+            auth_token: auth_token.map(str::to_owned),
+            tls: None,
+        };
+        Connection::connect_with(addr, &options).await
+    }
+
+    /// Connects with every option: credential and TLS.
+    ///
+    /// # Errors
+    /// As [`Connection::connect`]; also unusable TLS files, or a failed TLS
+    /// handshake (`ClientError::Tls`).
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Connection, ClientError> {
         let socket = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source: Arc::new(source) })?;
         let _ = socket.set_nodelay(true);
-        let (read_half, write_half) = socket.into_split();
+        let (read_half, write_half) = match &options.tls {
+            None => tls::split_plain(socket),
+            Some(tls_options) => {
+                let tls_error = |error: String| ClientError::Tls(error);
+                let connector = tls_options.connector().map_err(|error| tls_error(error.to_string()))?;
+                let server_name = tls::server_name(addr).map_err(|error| tls_error(error.to_string()))?;
+                let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, socket))
+                    .await
+                    .map_err(|_| ClientError::Timeout("TLS handshake"))?
+                    .map_err(|error| tls_error(format!("TLS handshake with {addr} failed: {error}")))?;
+                tls::split_tls(tokio_rustls::TlsStream::Client(stream))
+            }
+        };
         let mut reader = BufReader::with_capacity(64 * 1024, read_half);
         let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
         let hello = Request::Hello {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION,
-            client_name: client_name.chars().take(255).collect(),
-            auth_token: Bytes::from(auth_token.unwrap_or("").as_bytes().to_vec()),
+            client_name: options.client_name.chars().take(255).collect(),
+            auth_token: Bytes::from(options.auth_token.as_deref().unwrap_or("").as_bytes().to_vec()),
         };
         writer.write_all(&hello.encode(HELLO_CORRELATION_ID)).await.map_err(ClientError::io)?;
         writer.flush().await.map_err(ClientError::io)?;
@@ -241,7 +287,7 @@ impl Connection {
     }
 }
 
-async fn read_response(reader: &mut BufReader<OwnedReadHalf>, version: u16) -> Result<(u32, Response), ClientError> {
+async fn read_response(reader: &mut BufReader<ReadHalf>, version: u16) -> Result<(u32, Response), ClientError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match reader.read_exact(&mut header).await {
         Ok(_) => {}
@@ -267,7 +313,7 @@ async fn read_response(reader: &mut BufReader<OwnedReadHalf>, version: u16) -> R
 /// sent fails with `Disconnected` instead of waiting for an answer that
 /// cannot come.
 async fn write_loop(
-    mut writer: BufWriter<OwnedWriteHalf>,
+    mut writer: BufWriter<WriteHalf>,
     version: u16,
     mut commands: mpsc::Receiver<Command>,
     pending: Pending,
@@ -324,7 +370,7 @@ fn fail_pending(pending: &Pending) {
 }
 
 async fn read_loop(
-    mut reader: BufReader<OwnedReadHalf>,
+    mut reader: BufReader<ReadHalf>,
     version: u16,
     pending: Pending,
     routes: Routes,

@@ -31,7 +31,8 @@ mod subscriber;
 
 use std::sync::Arc;
 
-pub use connection::Connection;
+pub use crate::security::tls::ClientTlsOptions;
+pub use connection::{ConnectOptions, Connection};
 pub use publisher::{BackpressurePolicy, PartitionedPublisher, Publisher, PublisherOptions, Receipt};
 pub use subscriber::{Event, SubscribeOptions, Subscriber};
 
@@ -51,6 +52,8 @@ pub enum ClientError {
     Io(Arc<std::io::Error>),
     #[error("the connection to the broker was lost")]
     Disconnected,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("timed out waiting for the {0}")]
     Timeout(&'static str),
     #[error("broker error {code} ({}): {message}", error_name(*code))]

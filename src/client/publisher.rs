@@ -29,10 +29,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::ClientError;
-use super::connection::Connection;
+use super::connection::{ConnectOptions, Connection};
 use crate::protocol::{ErrorCode, ProducerSequence, Request, Response, wire};
 use crate::record::KEY_BYTES_MAX;
 use crate::record::Message;
+use crate::security::tls::ClientTlsOptions;
 
 /// What to do when the broker answers BACKPRESSURE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,10 +63,23 @@ pub struct PublisherOptions {
     pub reconnect_attempts: u32,
     pub client_name: String,
     pub auth_token: Option<String>,
+    /// Connect over TLS.
+    pub tls: Option<ClientTlsOptions>,
     /// The partition this publisher writes to. A publisher is one ordered,
     /// exactly-once stream, and idempotence is per partition, so it writes
     /// to one partition; [`PartitionedPublisher`] routes over all of them.
     pub partition: u32,
+}
+
+impl PublisherOptions {
+    /// How its connections are made.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            client_name: self.client_name.clone(),
+            auth_token: self.auth_token.clone(),
+            tls: self.tls.clone(),
+        }
+    }
 }
 
 impl Default for PublisherOptions {
@@ -79,6 +93,7 @@ impl Default for PublisherOptions {
             reconnect_attempts: 10,
             client_name: "weir-publisher".into(),
             auth_token: None,
+            tls: None,
             partition: 0,
         }
     }
@@ -118,8 +133,7 @@ impl Publisher {
     /// # Errors
     /// The connection or handshake failed.
     pub async fn connect(addr: &str, channel: &str, options: PublisherOptions) -> Result<Publisher, ClientError> {
-        let connection =
-            Connection::connect_with_token(addr, &options.client_name, options.auth_token.as_deref()).await?;
+        let connection = Connection::connect_with(addr, &options.connect_options()).await?;
         let limits = *connection.limits();
         let (queue, queued) = mpsc::channel(options.queue_depth.max(1));
         let batching = Batching {
@@ -490,13 +504,7 @@ impl PublishTask {
         let mut delay = Duration::from_millis(50);
         let mut last_error = ClientError::Disconnected;
         for _ in 0..self.options.reconnect_attempts.max(1) {
-            match Connection::connect_with_token(
-                &self.addr,
-                &self.options.client_name,
-                self.options.auth_token.as_deref(),
-            )
-            .await
-            {
+            match Connection::connect_with(&self.addr, &self.options.connect_options()).await {
                 Ok(connection) => {
                     self.connection = connection;
                     // The broker may have restarted and forgotten this
@@ -578,8 +586,7 @@ impl PartitionedPublisher {
         channel: &str,
         options: PublisherOptions,
     ) -> Result<PartitionedPublisher, ClientError> {
-        let connection =
-            Connection::connect_with_token(addr, &options.client_name, options.auth_token.as_deref()).await?;
+        let connection = Connection::connect_with(addr, &options.connect_options()).await?;
         if connection.protocol_version() < 2 {
             return Err(ClientError::Invalid("the broker speaks protocol version 1, which has no partitions".into()));
         }

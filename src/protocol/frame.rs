@@ -327,6 +327,9 @@ pub struct Limits {
 pub enum BackpressureReason {
     /// The channel's append queue (`channel_queue_depth`) is full.
     ChannelQueueFull = 1,
+    /// The principal is over its publish quota (bytes or messages per
+    /// second); `retry_after_ms` is when the publish would fit.
+    Quota = 2,
 }
 
 /// A notice to a subscriber.
@@ -1068,8 +1071,9 @@ impl Response {
                 channel: r.short_string("channel")?,
                 reason: match r.u8("reason")? {
                     1 => BackpressureReason::ChannelQueueFull,
+                    2 => BackpressureReason::Quota,
                     other => {
-                        return Err(DecodeError::OutOfRange { field: "reason", value: other as u64, allowed: "1" });
+                        return Err(DecodeError::OutOfRange { field: "reason", value: other as u64, allowed: "1..=2" });
                     }
                 },
                 retry_after_ms: r.u32("retry_after_ms")?,

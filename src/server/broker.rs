@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::protocol::{
     ChannelInfo, GroupInfo, GroupPartitionInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, PartitionInfo, SubscriptionInfo,
 };
+use crate::security::Authenticator;
 use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, LogCounters, StorageError, Store};
 
 /// The least a group commit may gather, whatever `max_batch_bytes` is.
@@ -85,6 +86,8 @@ pub(crate) struct Broker {
     pub store: Arc<Store>,
     pub offsets: DurableOffsets,
     pub stats: Arc<Stats>,
+    /// Turns HELLO credentials into principals.
+    pub auth: Arc<Authenticator>,
     pub channel_labels: crate::metrics::ChannelLabels,
     pub groups: Groups,
     channels: Mutex<HashMap<ChannelName, Arc<ChannelHandle>>>,
@@ -113,7 +116,7 @@ pub(crate) enum ChannelError {
 }
 
 impl Broker {
-    pub fn new(config: Config, store: Arc<Store>, offsets: DurableOffsets) -> Broker {
+    pub fn new(config: Config, store: Arc<Store>, offsets: DurableOffsets, auth: Arc<Authenticator>) -> Broker {
         let max_frame_bytes = config.max_batch_bytes.max(config.max_message_bytes + PUBLISH_OVERHEAD_BYTES_MAX as u64);
         let limits = Limits {
             max_message_bytes: config.max_message_bytes as u32,
@@ -128,6 +131,7 @@ impl Broker {
             idle_timeout_ms: config.idle_timeout_ms as u32,
         };
         Broker {
+            auth,
             channel_labels: crate::metrics::ChannelLabels::new(config.metrics_channel_labels_max as usize),
             groups: Groups::new(config.max_groups_per_channel as usize, config.max_members_per_group as usize),
             config,
@@ -332,6 +336,10 @@ impl Broker {
             ("publishes_rejected_invalid_channel_total".to_owned(), get(&stats.publishes_rejected_invalid_channel)),
             ("publishes_rejected_storage_total".to_owned(), get(&stats.publishes_rejected_storage)),
             ("publishes_rejected_storage_full_total".to_owned(), get(&stats.publishes_rejected_storage_full)),
+            ("publishes_rejected_quota_total".to_owned(), get(&stats.publishes_rejected_quota)),
+            ("authentication_failures_total".to_owned(), get(&stats.authentication_failures)),
+            ("unauthorized_total".to_owned(), get(&stats.unauthorized)),
+            ("tls_handshake_failures_total".to_owned(), get(&stats.tls_handshake_failures)),
             ("protocol_errors_total".to_owned(), get(&stats.protocol_errors)),
             ("idle_timeouts_total".to_owned(), get(&stats.idle_timeouts)),
             ("lag_notices_total".to_owned(), get(&stats.lag_notices)),

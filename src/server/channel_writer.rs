@@ -485,7 +485,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (socket, _) = listener.accept().await.unwrap();
-        let outbox = Arc::new(Outbox::new(1024, socket.into_split().1));
+        let outbox = Arc::new(Outbox::new(1024, crate::security::tls::split_plain(socket).1));
         let (answers, answered) = mpsc::channel(8);
         Fixture { writer, queue, _queued: queued, answers, _answered: answered, outbox, _peer: peer, _dir: dir }
     }

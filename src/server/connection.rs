@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
+use tokio::io::AsyncWrite;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{Broker, ChannelError, DeleteError, PartitionHandle, SubscriptionStatus};
@@ -36,6 +37,8 @@ use crate::protocol::{
     FrameType, NameField, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, ProducerSequence, Request, Response, StartPosition,
 };
 use crate::record::Message;
+use crate::security::tls::{self, ReadHalf};
+use crate::security::{ConnectionSlot, Operation, Principal, Usage};
 use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError};
 
 /// Room in the response queue beyond the publish window, for answers to
@@ -97,6 +100,8 @@ pub(crate) struct CursorFactory {
     pub durable_name: Option<String>,
     pub group: Option<String>,
     pub max_inflight: u32,
+    /// The principal's, when it limits subscribe bytes.
+    pub subscribe_quota: Option<Arc<Usage>>,
 }
 
 impl CursorFactory {
@@ -146,6 +151,7 @@ impl CursorFactory {
             _registration: self.broker.register_subscription(Arc::clone(&status)),
             skip_floor: 0,
             last_lag_notice: None,
+            subscribe_quota: self.subscribe_quota.clone(),
         };
         tokio::spawn(subscription.run());
         PartitionCursor {
@@ -187,7 +193,7 @@ struct SubscribeRequest {
 
 struct Connection {
     broker: Arc<Broker>,
-    reader: BufReader<OwnedReadHalf>,
+    reader: BufReader<ReadHalf>,
     responses: mpsc::Sender<Outbound>,
     /// The socket's sending side, shared with the writer task.
     outbox: Arc<Outbox>,
@@ -208,6 +214,13 @@ struct Connection {
     epoch: std::time::Instant,
     cancel: CancellationToken,
     peer: String,
+    /// The subject common name of the client's verified certificate
+    /// (mutual TLS).
+    certificate_name: Option<String>,
+    /// Who the client is, from HELLO on.
+    principal: Option<Arc<Principal>>,
+    /// Counts this connection against its principal's `max_connections`.
+    _principal_slot: Option<ConnectionSlot>,
 }
 
 /// Serves one accepted connection until it closes or the broker shuts
@@ -215,11 +228,39 @@ struct Connection {
 pub(crate) async fn serve(
     broker: Arc<Broker>,
     socket: TcpStream,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let peer = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let (read_half, write_half) = socket.into_split();
+    let (read_half, write_half, certificate_name) = match tls {
+        None => {
+            let (read_half, write_half) = tls::split_plain(socket);
+            (read_half, write_half, None)
+        }
+        Some(acceptor) => {
+            let handshake_timeout = Duration::from_millis(broker.config.frame_timeout_ms);
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = timeout(handshake_timeout, acceptor.accept(socket)) => match accepted {
+                    Ok(Ok(stream)) => tokio_rustls::TlsStream::Server(stream),
+                    Ok(Err(error)) => {
+                        Stats::add(&broker.stats.tls_handshake_failures, 1);
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        Stats::add(&broker.stats.tls_handshake_failures, 1);
+                        tracing::debug!(%peer, "TLS handshake not completed within frame_timeout_ms");
+                        return;
+                    }
+                },
+            };
+            let certificate_name = tls::peer_common_name(&stream);
+            let (read_half, write_half) = tls::split_tls(stream);
+            (read_half, write_half, certificate_name)
+        }
+    };
     let response_capacity = broker.config.max_inflight_publishes as usize + RESPONSE_QUEUE_SLACK;
     let (responses, responses_rx) = mpsc::channel(response_capacity);
     let (deliveries, deliveries_rx) = mpsc::channel(DELIVERY_QUEUE_FRAMES);
@@ -245,6 +286,9 @@ pub(crate) async fn serve(
         epoch: std::time::Instant::now(),
         cancel: cancel.clone(),
         peer,
+        certificate_name,
+        principal: None,
+        _principal_slot: None,
     };
     connection.read_loop().await;
     for (_, subscription) in connection.subscriptions.drain() {
@@ -257,13 +301,25 @@ pub(crate) async fn serve(
     broker.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Tells a connection over `max_connections` why it is closed.
-pub(crate) async fn refuse(mut socket: TcpStream, max_connections: u64) {
+/// Tells a connection over `max_connections` why it is closed (after the
+/// TLS handshake on a TLS listener, so that the client can read it), all
+/// within a second.
+pub(crate) async fn refuse(socket: TcpStream, tls: Option<TlsAcceptor>, max_connections: u64) {
+    async fn tell(mut socket: impl AsyncWrite + Unpin, frame: &[u8]) {
+        let _ = socket.write_all(frame).await;
+        let _ = socket.shutdown().await;
+    }
     let message = format!("the broker is at max_connections = {max_connections}; try again later");
     let frame = Response::Error { code: ErrorCode::TooManyConnections as u16, message }.encode(0);
     let _ = timeout(Duration::from_secs(1), async {
-        let _ = socket.write_all(&frame).await;
-        let _ = socket.shutdown().await;
+        match tls {
+            None => tell(socket, &frame).await,
+            Some(acceptor) => {
+                if let Ok(stream) = acceptor.accept(socket).await {
+                    tell(stream, &frame).await;
+                }
+            }
+        }
     })
     .await;
 }
@@ -452,6 +508,9 @@ impl Connection {
             }
             Request::AlterChannel { channel, partitions } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "alter channel").await {
+                    return Flow::Continue;
+                }
                 match self.broker.increase_partitions(&name, partitions) {
                     Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
                     Err(error) => self.channel_error(correlation_id, &name, error).await,
@@ -459,6 +518,9 @@ impl Connection {
             }
             Request::CreateChannel { channel, retention, partitions } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await {
+                    return Flow::Continue;
+                }
                 let settings = ChannelSettings {
                     partitions,
                     retention_max_bytes: retention.max_bytes,
@@ -479,6 +541,9 @@ impl Connection {
             }
             Request::DeleteChannel { channel, force } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+                if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "delete channel").await {
+                    return Flow::Continue;
+                }
                 // File work (moving and removing the channel's directory)
                 // runs on the blocking pool.
                 let broker = Arc::clone(&self.broker);
@@ -512,15 +577,35 @@ impl Connection {
                         None => return Flow::Continue,
                     }
                 };
-                let groups = self.broker.group_infos(channel.as_ref());
+                if let Some(name) = &channel
+                    && !self
+                        .permitted(correlation_id, Operation::Admin, name.as_str(), "list the groups of channel")
+                        .await
+                {
+                    return Flow::Continue;
+                }
+                // Every channel: only those the principal administers.
+                let permissions = &self.principal().permissions;
+                let groups = self
+                    .broker
+                    .group_infos(channel.as_ref())
+                    .into_iter()
+                    .filter(|group| permissions.allows(Operation::Admin, &group.channel))
+                    .collect();
                 self.respond(correlation_id, Response::Groups { groups }).await
             }
             Request::ListChannels => {
-                let channels = self.broker.channel_infos();
+                // Only the channels the principal has a permission on: it
+                // must not learn the others' names.
+                let permissions = &self.principal().permissions;
+                let channels =
+                    self.broker.channel_infos().into_iter().filter(|info| permissions.sees(&info.name)).collect();
                 self.respond(correlation_id, Response::Channels { channels }).await
             }
             Request::Stats => {
                 let (counters, channels) = self.broker.stats_snapshot();
+                let permissions = &self.principal().permissions;
+                let channels = channels.into_iter().filter(|channel| permissions.sees(&channel.name)).collect();
                 self.respond(correlation_id, Response::Stats { counters, channels }).await
             }
         }
@@ -546,16 +631,45 @@ impl Connection {
             self.fail(correlation_id, ErrorCode::UnsupportedVersion, message);
             return Flow::Close;
         }
-        if let Some(expected) = &self.broker.config.auth_token
-            && expected.as_bytes() != auth_token
-        {
-            tracing::info!(peer = %self.peer, "refused a connection with a wrong auth token");
-            self.fail(correlation_id, ErrorCode::Unauthorized, "wrong or missing auth token".into());
-            return Flow::Close;
+        let auth = Arc::clone(&self.broker.auth);
+        let certificate_name = self.certificate_name.clone();
+        let credential = auth_token.to_vec();
+        let authenticated = if auth.verifies_hashes() {
+            // An argon2 evaluation takes milliseconds of CPU: not on the
+            // connection tasks' threads.
+            tokio::task::spawn_blocking(move || auth.authenticate(&credential, certificate_name.as_deref()))
+                .await
+                .unwrap_or_else(|error| Err(format!("authentication failed: {error}")))
+        } else {
+            auth.authenticate(&credential, certificate_name.as_deref())
+        };
+        let principal = match authenticated {
+            Ok(principal) => principal,
+            Err(reason) => {
+                Stats::add(&self.broker.stats.authentication_failures, 1);
+                metrics::counter!("weir_authentication_failures_total").increment(1);
+                if let Some(held_back) = self.broker.stats.unauthorized_log.admit() {
+                    tracing::warn!(peer = %self.peer, %reason, similar_refusals_not_logged = held_back, "refused a HELLO");
+                }
+                self.fail(correlation_id, ErrorCode::Unauthorized, "wrong or missing credential".into());
+                return Flow::Close;
+            }
+        };
+        match principal.usage.connect() {
+            Ok(slot) => self._principal_slot = Some(slot),
+            Err(limit) => {
+                Stats::add(&self.broker.stats.connections_refused, 1);
+                let message = format!("principal {} is at its max_connections = {limit}", principal.name);
+                self.fail(correlation_id, ErrorCode::TooManyConnections, message);
+                return Flow::Close;
+            }
         }
         self.handshaken = true;
         self.version = version;
-        tracing::debug!(peer = %self.peer, client = client_name, version, "handshake complete");
+        tracing::debug!(
+            peer = %self.peer, client = client_name, principal = principal.name, version, "handshake complete"
+        );
+        self.principal = Some(principal);
         let welcome = Response::Welcome {
             version,
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -578,6 +692,11 @@ impl Connection {
             Stats::add(&stats.publishes_rejected_invalid_channel, 1);
             return Flow::Continue;
         };
+        if !self.permitted(correlation_id, Operation::Publish, name.as_str(), "publish to channel").await
+            || !self.may_create(correlation_id, &name).await
+        {
+            return Flow::Continue;
+        }
         let message_bytes_max = self.broker.config.max_message_bytes as usize;
         for (index, message) in messages.iter().enumerate() {
             if let Err(error) = message.validate(message_bytes_max) {
@@ -626,6 +745,19 @@ impl Connection {
                 "this publish of {body_bytes} bytes would exceed max_inflight_publish_bytes = {bytes_max} unanswered on this connection"
             );
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
+        }
+        // Charged last, once nothing else refuses the publish; over quota
+        // it is not queued, only refused with the time until it fits.
+        let usage = Arc::clone(&self.principal().usage);
+        if let Err(wait) = usage.admit_publish(messages.len() as u64, body_bytes) {
+            Stats::add(&stats.publishes_rejected_quota, 1);
+            let principal = crate::security::principal_label(self.principal()).to_owned();
+            metrics::counter!("weir_quota_throttled_total", "principal" => principal, "quota" => "publish")
+                .increment(1);
+            let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+            let backpressure =
+                Response::Backpressure { channel: name.to_string(), reason: BackpressureReason::Quota, retry_after_ms };
+            return self.respond(correlation_id, backpressure).await;
         }
         let channel = match self.broker.channel(&name) {
             Ok(channel) => channel,
@@ -763,6 +895,17 @@ impl Connection {
                 .await;
         }
         let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
+        if !self.permitted(correlation_id, Operation::Subscribe, name.as_str(), "subscribe to channel").await {
+            return Flow::Continue;
+        }
+        if let Some(group) = &group
+            && !self.permitted(correlation_id, Operation::Group, group, "join consumer group").await
+        {
+            return Flow::Continue;
+        }
+        if !self.may_create(correlation_id, &name).await {
+            return Flow::Continue;
+        }
         if let Some(group) = group {
             let request = GroupJoin { subscription_id, name, partition, start, durable_name, group, max_inflight };
             return self.join_group(correlation_id, request).await;
@@ -966,6 +1109,7 @@ impl Connection {
             durable_name,
             group,
             max_inflight,
+            subscribe_quota: Some(&self.principal().usage).filter(|usage| usage.limits_subscribe()).map(Arc::clone),
         }
     }
 
@@ -1023,6 +1167,9 @@ impl Connection {
         max_bytes: u32,
     ) -> Flow {
         let Some(name) = self.channel_name(correlation_id, channel).await else { return Flow::Continue };
+        if !self.permitted(correlation_id, Operation::Subscribe, name.as_str(), "fetch from channel").await {
+            return Flow::Continue;
+        }
         let Some(channel) = self.broker.store.channel(&name) else {
             if let Some(error) = self.broker.store.unavailable(&name) {
                 return self.storage_error(correlation_id, error).await;
@@ -1050,6 +1197,48 @@ impl Connection {
             }
             Err(error) => self.storage_error(correlation_id, error).await,
         }
+    }
+
+    /// The connection's principal. Requests are handled only after HELLO,
+    /// which sets it.
+    fn principal(&self) -> &Arc<Principal> {
+        self.principal.as_ref().expect("requests are handled only after HELLO, which sets the principal")
+    }
+
+    /// Whether the principal may do `operation` on `name` (a channel, or a
+    /// group for [`Operation::Group`]); if not, refuses the request with
+    /// `Unauthorized`, naming what was asked and never whether the channel
+    /// exists, and counts and logs (rate-limited) the refusal.
+    async fn permitted(&mut self, correlation_id: u32, operation: Operation, name: &str, what: &str) -> bool {
+        let principal = Arc::clone(self.principal());
+        if principal.permissions.allows(operation, name) {
+            return true;
+        }
+        let stats = &self.broker.stats;
+        Stats::add(&stats.unauthorized, 1);
+        let label = crate::security::principal_label(&principal).to_owned();
+        metrics::counter!("weir_unauthorized_total", "principal" => label, "operation" => operation.as_str())
+            .increment(1);
+        if let Some(held_back) = stats.unauthorized_log.admit() {
+            tracing::warn!(
+                peer = %self.peer, principal = principal.name, operation = operation.as_str(), name,
+                similar_refusals_not_logged = held_back, "refused a request: no permission"
+            );
+        }
+        let message = format!("principal {} may not {what} {name}", principal.name);
+        let _ = self.error(correlation_id, ErrorCode::Unauthorized, message).await;
+        false
+    }
+
+    /// A publish or subscribe that would create its channel (it does not
+    /// exist, and `auto_create_channels` is on) also needs `admin` on it.
+    /// Asked only after the principal's publish or subscribe permission on
+    /// the name, so that it tells nothing to whom may not use the name.
+    async fn may_create(&mut self, correlation_id: u32, name: &ChannelName) -> bool {
+        let would_create = self.broker.config.auto_create_channels
+            && self.broker.store.channel(name).is_none()
+            && self.broker.store.unavailable(name).is_none();
+        !would_create || self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await
     }
 
     async fn channel_name(&mut self, correlation_id: u32, channel: &str) -> Option<ChannelName> {

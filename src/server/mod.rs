@@ -39,6 +39,8 @@ use tokio_util::task::TaskTracker;
 pub use stats::Stats;
 
 use crate::config::Config;
+use crate::security::Authenticator;
+use crate::security::tls::ServerTls;
 use crate::storage::fs::{FileSystem, StdFileSystem};
 use crate::storage::{Maintenance, StorageError, Store};
 use broker::Broker;
@@ -108,6 +110,10 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Tls(#[from] crate::security::tls::TlsError),
+    #[error(transparent)]
+    Credentials(#[from] crate::security::CredentialsError),
     #[error("a server task failed: {0}")]
     Task(String),
 }
@@ -117,6 +123,8 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<ServerTls>>,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
@@ -141,6 +149,21 @@ impl ServerHandle {
         self.shutdown.clone()
     }
 
+    /// Reads the TLS files and the credentials file again (SIGHUP); see
+    /// [`Reloader::reload`].
+    ///
+    /// # Errors
+    /// As [`Reloader::reload`].
+    pub fn reload(&self) -> Result<(), ServerError> {
+        self.reloader().reload()
+    }
+
+    /// What reloads the server's TLS files and credentials, apart from the
+    /// handle (which [`ServerHandle::wait`] consumes).
+    pub fn reloader(&self) -> Reloader {
+        Reloader { auth: Arc::clone(&self.auth), tls: self.tls.clone() }
+    }
+
     /// Waits for the server to stop.
     ///
     /// # Errors
@@ -162,6 +185,35 @@ impl ServerHandle {
     }
 }
 
+/// Reloads a running server's TLS files and credentials file.
+#[derive(Clone)]
+pub struct Reloader {
+    auth: Arc<Authenticator>,
+    tls: Option<Arc<ServerTls>>,
+}
+
+impl Reloader {
+    /// Reads the TLS files and the credentials file again. New connections
+    /// use them; established ones keep their TLS session and principal.
+    /// Whatever fails to load keeps its old version.
+    ///
+    /// # Errors
+    /// The first part that failed to load (the other part is still
+    /// reloaded).
+    pub fn reload(&self) -> Result<(), ServerError> {
+        let tls = match &self.tls {
+            Some(tls) => tls.reload().map_err(ServerError::from),
+            None => Ok(()),
+        };
+        let credentials = self.auth.reload().map(|users| {
+            tracing::info!(users, "credentials reloaded");
+        });
+        tls?;
+        credentials?;
+        Ok(())
+    }
+}
+
 /// Validates `config`, opens (recovers) the data directory, binds
 /// `listen_addr` and starts serving.
 ///
@@ -178,6 +230,10 @@ pub async fn start(config: Config) -> Result<ServerHandle, ServerError> {
 /// As [`start`].
 pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<ServerHandle, ServerError> {
     config.validate()?;
+    // Checked before the data directory is opened: a broker whose TLS or
+    // credentials are unusable must not start at all.
+    let tls = config.tls_files().map(ServerTls::new).transpose()?.map(Arc::new);
+    let auth = Arc::new(Authenticator::new(config.auth_settings())?);
     let store_config = config.store_config();
     let default_log = store_config.default_log.clone();
     let (store, offsets) = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
@@ -197,15 +253,22 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
         let metrics_addr = crate::metrics::install(&config.metrics_addr)?;
         tracing::info!(%metrics_addr, "Prometheus metrics at http://{metrics_addr}/metrics");
     }
-    let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets));
+    let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets, Arc::clone(&auth)));
     let shutdown = CancellationToken::new();
     let stats = Arc::clone(&broker.stats);
-    tracing::info!(%local_addr, limits = ?broker.limits, fsync = ?broker.config.fsync, "weir is listening");
-    let task = tokio::spawn(run(broker, listener, shutdown.clone()));
-    Ok(ServerHandle { local_addr, shutdown, stats, task })
+    tracing::info!(
+        %local_addr, tls = tls.is_some(), limits = ?broker.limits, fsync = ?broker.config.fsync, "weir is listening"
+    );
+    let task = tokio::spawn(run(broker, listener, tls.clone(), shutdown.clone()));
+    Ok(ServerHandle { local_addr, shutdown, stats, auth, tls, task })
 }
 
-async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+async fn run(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let mut maintenance = Maintenance::start(Arc::clone(&broker.store));
     let committer = tokio::spawn(commit_offsets(Arc::clone(&broker), shutdown.clone()));
     if !broker.config.metrics_addr.is_empty() {
@@ -225,12 +288,20 @@ async fn run(broker: Arc<Broker>, listener: TcpListener, shutdown: CancellationT
                 Stats::add(&broker.stats.connections_accepted, 1);
                 match Arc::clone(&permits).try_acquire_owned() {
                     Ok(permit) => {
-                        connections.spawn(connection::serve(Arc::clone(&broker), socket, shutdown.clone(), permit));
+                        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+                        connections.spawn(connection::serve(
+                            Arc::clone(&broker),
+                            socket,
+                            acceptor,
+                            shutdown.clone(),
+                            permit,
+                        ));
                     }
                     Err(_) => {
                         Stats::add(&broker.stats.connections_refused, 1);
                         tracing::warn!(%peer, max_connections, "refused a connection: at max_connections");
-                        connections.spawn(connection::refuse(socket, max_connections));
+                        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+                        connections.spawn(connection::refuse(socket, acceptor, max_connections));
                     }
                 }
             }

@@ -6,13 +6,15 @@
 //! queued or buffered ahead of it and the socket takes it at once: on an
 //! idle broker that answer then wakes no task at all. Nothing ever waits for
 //! the socket here; an answer that cannot be written at once is queued as
-//! before, and its slot in the answer queue was reserved beforehand.
+//! before, and its slot in the answer queue was reserved beforehand. Over
+//! TLS nothing is written at once: the stream encrypts in order under its
+//! own lock, so every answer goes through the writer task.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use crate::security::tls::{self, WriteHalf};
 use futures_util::FutureExt;
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Mutex, MutexGuard};
 
 /// How an answer offered for writing at once went.
@@ -28,7 +30,7 @@ pub(crate) enum Written {
 }
 
 pub(crate) struct Outbox {
-    writer: Mutex<BufWriter<OwnedWriteHalf>>,
+    writer: Mutex<BufWriter<WriteHalf>>,
     /// The write buffer's size.
     capacity: usize,
     /// Answers queued for the writer task and not yet in the write buffer.
@@ -41,7 +43,7 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, socket: OwnedWriteHalf) -> Outbox {
+    pub fn new(capacity: usize, socket: WriteHalf) -> Outbox {
         Outbox {
             writer: Mutex::new(BufWriter::with_capacity(capacity, socket)),
             capacity,
@@ -62,13 +64,13 @@ impl Outbox {
     }
 
     /// The write buffer and socket, for the writer task.
-    pub async fn lock(&self) -> MutexGuard<'_, BufWriter<OwnedWriteHalf>> {
+    pub async fn lock(&self) -> MutexGuard<'_, BufWriter<WriteHalf>> {
         self.writer.lock().await
     }
 
     /// Called by the writer task, holding the lock, when it stops writing:
     /// after a failed or timed-out write, or at the end.
-    pub fn close(&self, _held: &MutexGuard<'_, BufWriter<OwnedWriteHalf>>) {
+    pub fn close(&self, _held: &MutexGuard<'_, BufWriter<WriteHalf>>) {
         self.closed.store(true, Ordering::Release);
     }
 
@@ -89,7 +91,7 @@ impl Outbox {
         if frame.len() >= self.capacity {
             return Written::NotNow;
         }
-        let sent = match writer.get_ref().try_write(frame) {
+        let sent = match tls::try_write(writer.get_ref(), frame) {
             Ok(sent) => sent,
             // WouldBlock (the socket is full) or an error the writer task
             // will meet and handle on its next write.
@@ -116,7 +118,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let (_, write_half) = server.into_split();
+        let (_, write_half) = tls::split_plain(server);
         (Outbox::new(1024, write_half), client)
     }
 

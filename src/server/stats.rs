@@ -28,6 +28,17 @@ pub struct Stats {
     pub inflight_publishes_high_water: AtomicU64,
     /// The most unacknowledged deliveries any subscription has had at once.
     pub inflight_deliveries_high_water: AtomicU64,
+    /// Publishes refused over their principal's quota (BACKPRESSURE).
+    pub publishes_rejected_quota: AtomicU64,
+    /// HELLOs refused for a wrong or missing credential.
+    pub authentication_failures: AtomicU64,
+    /// Requests refused for a missing permission.
+    pub unauthorized: AtomicU64,
+    /// TLS handshakes that failed or timed out (a plaintext client on a
+    /// TLS port among them).
+    pub tls_handshake_failures: AtomicU64,
+    /// Permission refusals, logged at a bounded rate.
+    pub(crate) unauthorized_log: RateLimitedLog,
     /// Storage errors met while serving requests, logged at a bounded rate.
     pub(crate) storage_error_log: RateLimitedLog,
 }

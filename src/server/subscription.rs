@@ -58,6 +58,9 @@ pub(crate) struct Subscription {
     pub skip_floor: u64,
     /// When the last LAG notice was sent.
     pub last_lag_notice: Option<Instant>,
+    /// The principal's subscribe quota, when it has one: each batch waits
+    /// until it fits.
+    pub subscribe_quota: Option<Arc<crate::security::Usage>>,
 }
 
 /// What a delivery task waits for when it cannot deliver now.
@@ -127,6 +130,13 @@ impl Subscription {
     /// included: the log returns them first, and the error on the next
     /// read).
     async fn deliver(&mut self, batch: ReadBatch) -> bool {
+        if let Some(quota) = &self.subscribe_quota {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return false,
+                () = quota.subscribe_bytes(batch.records.len() as u64) => {}
+            }
+        }
         let response = Response::Deliver {
             subscription_id: self.subscription_id,
             partition: self.log.partition(),
