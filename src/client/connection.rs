@@ -172,6 +172,7 @@ impl Connection {
             client_name: options.client_name.chars().take(255).collect(),
             auth_token: Bytes::from(options.auth_token.as_deref().unwrap_or("").as_bytes().to_vec()),
         };
+        hello.check_lengths().map_err(ClientError::Invalid)?;
         writer.write_all(&hello.encode(HELLO_CORRELATION_ID)).await.map_err(ClientError::io)?;
         writer.flush().await.map_err(ClientError::io)?;
         // WELCOME has the same layout in every version.
@@ -244,6 +245,7 @@ impl Connection {
         &self,
         request: Request,
     ) -> Result<oneshot::Receiver<Result<Response, ClientError>>, ClientError> {
+        request.check_lengths().map_err(ClientError::Invalid)?;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request { request, reply: Some(reply) })
@@ -270,6 +272,7 @@ impl Connection {
     /// # Errors
     /// The connection is gone.
     pub(crate) async fn send_only(&self, request: Request) -> Result<(), ClientError> {
+        request.check_lengths().map_err(ClientError::Invalid)?;
         self.commands.send(Command::Request { request, reply: None }).await.map_err(|_| ClientError::Disconnected)
     }
 

@@ -591,6 +591,38 @@ impl Request {
         self.encode_for(PROTOCOL_VERSION, correlation_id)
     }
 
+    /// Whether every name fits its field (an `sstr` holds at most 255
+    /// bytes): checked before encoding, which assumes it.
+    ///
+    /// # Errors
+    /// The field that does not fit and its length.
+    pub fn check_lengths(&self) -> Result<(), String> {
+        let names: [(&str, Option<&str>); 3] = match self {
+            Request::Publish { channel, .. }
+            | Request::PublishBatch { channel, .. }
+            | Request::Fetch { channel, .. }
+            | Request::CreateChannel { channel, .. }
+            | Request::AlterChannel { channel, .. }
+            | Request::ListGroups { channel }
+            | Request::DeleteChannel { channel, .. } => [("channel", Some(channel)), ("", None), ("", None)],
+            Request::Subscribe { channel, durable_name, group, .. } => {
+                [("channel", Some(channel)), ("durable name", durable_name.as_deref()), ("group", group.as_deref())]
+            }
+            Request::Hello { auth_token, .. } if auth_token.len() > AUTH_TOKEN_BYTES_MAX => {
+                return Err(format!("an auth token of {} bytes; at most {AUTH_TOKEN_BYTES_MAX}", auth_token.len()));
+            }
+            _ => return Ok(()),
+        };
+        for (field, value) in names {
+            if let Some(value) = value
+                && value.len() > u8::MAX as usize
+            {
+                return Err(format!("a {field} of {} bytes; at most 255", value.len()));
+            }
+        }
+        Ok(())
+    }
+
     /// Encodes the request as a whole frame in protocol `version`. Fields
     /// the version does not have are left out (a version 1 frame names no
     /// partition).

@@ -137,7 +137,14 @@ impl CursorFactory {
             ack_floor,
             next_offset: first_offset,
             window: (self.max_inflight as u64).min(config.max_inflight_deliveries),
-            delivery_batch_bytes: config.delivery_batch_bytes as usize,
+            // Under a subscribe quota a batch is at most one second of it,
+            // so that each is charged whole.
+            delivery_batch_bytes: self
+                .subscribe_quota
+                .as_ref()
+                .and_then(|usage| usage.quotas.subscribe_bytes_per_sec)
+                .map_or(config.delivery_batch_bytes, |per_second| per_second.min(config.delivery_batch_bytes))
+                as usize,
             lag_notice_threshold: config.lag_notice_threshold,
             notice_interval: Duration::from_millis(config.notice_interval_ms),
             deliveries: self.deliveries.clone(),
@@ -221,6 +228,9 @@ struct Connection {
     principal: Option<Arc<Principal>>,
     /// Counts this connection against its principal's `max_connections`.
     _principal_slot: Option<ConnectionSlot>,
+    /// Until when publishes are refused for the principal's quota, after
+    /// one was.
+    publish_throttled_until: Option<Instant>,
 }
 
 /// Serves one accepted connection until it closes or the broker shuts
@@ -289,6 +299,7 @@ pub(crate) async fn serve(
         certificate_name,
         principal: None,
         _principal_slot: None,
+        publish_throttled_until: None,
     };
     connection.read_loop().await;
     for (_, subscription) in connection.subscriptions.drain() {
@@ -748,8 +759,18 @@ impl Connection {
         }
         // Charged last, once nothing else refuses the publish; over quota
         // it is not queued, only refused with the time until it fits.
+        // Once one publish is refused, the later ones of this connection are
+        // refused too, uncharged, until it would fit: a pipelining client
+        // resends in order, and a later publish let through meanwhile would
+        // spend quota only to be refused as out of order.
         let usage = Arc::clone(&self.principal().usage);
-        if let Err(wait) = usage.admit_publish(messages.len() as u64, body_bytes) {
+        let now = Instant::now();
+        let admitted = match self.publish_throttled_until {
+            Some(until) if now < until => Err(until - now),
+            _ => usage.admit_publish(messages.len() as u64, body_bytes),
+        };
+        if let Err(wait) = admitted {
+            self.publish_throttled_until = Some(now + wait);
             Stats::add(&stats.publishes_rejected_quota, 1);
             let principal = crate::security::principal_label(self.principal()).to_owned();
             metrics::counter!("weir_quota_throttled_total", "principal" => principal, "quota" => "publish")
@@ -898,10 +919,17 @@ impl Connection {
         if !self.permitted(correlation_id, Operation::Subscribe, name.as_str(), "subscribe to channel").await {
             return Flow::Continue;
         }
-        if let Some(group) = &group
-            && !self.permitted(correlation_id, Operation::Group, group, "join consumer group").await
-        {
-            return Flow::Continue;
+        if let Some(group) = &group {
+            // Group names follow the channel names' rule: they are not
+            // paths today, but never may they become a way out of the data
+            // directory, nor a way to smuggle odd bytes into logs and labels.
+            if let Err(error) = ChannelName::new(group) {
+                let message = format!("group name: {error}");
+                return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+            }
+            if !self.permitted(correlation_id, Operation::Group, group, "join consumer group").await {
+                return Flow::Continue;
+            }
         }
         if !self.may_create(correlation_id, &name).await {
             return Flow::Continue;
