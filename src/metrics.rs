@@ -71,6 +71,19 @@ fn describe() {
     describe_counter!("weir_connections_refused_total", "Connections refused at max_connections.");
     describe_counter!("weir_protocol_errors_total", "Connections closed for a protocol violation.");
     describe_counter!("weir_idle_timeouts_total", "Connections closed after idle_timeout_ms of silence.");
+    describe_counter!(
+        "weir_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out (plaintext clients on a TLS port among them)."
+    );
+    describe_counter!("weir_authentication_failures_total", "HELLOs refused for a wrong or missing credential.");
+    describe_counter!(
+        "weir_unauthorized_total",
+        "Requests refused for a missing permission, by principal (users of the credentials file; others as \"other\") and operation."
+    );
+    describe_counter!(
+        "weir_quota_throttled_total",
+        "Publishes refused with BACKPRESSURE over their principal's publish quota, by principal and quota."
+    );
     describe_counter!("weir_retention_deleted_segments_total", "Segments deleted by retention, by channel.");
     describe_counter!("weir_retention_deleted_bytes_total", "Bytes deleted by retention, by channel.");
     describe_counter!(
@@ -156,6 +169,8 @@ pub fn refresh_counters(stats: &Stats) {
     counter!("weir_connections_refused_total").absolute(get(&stats.connections_refused));
     counter!("weir_protocol_errors_total").absolute(get(&stats.protocol_errors));
     counter!("weir_idle_timeouts_total").absolute(get(&stats.idle_timeouts));
+    counter!("weir_tls_handshake_failures_total").absolute(get(&stats.tls_handshake_failures));
+    counter!("weir_authentication_failures_total").absolute(get(&stats.authentication_failures));
     counter!("weir_backpressure_notices_total").absolute(get(&stats.publishes_rejected_backpressure));
     counter!("weir_lag_notices_total").absolute(get(&stats.lag_notices));
     counter!("weir_skipped_notices_total").absolute(get(&stats.skipped_notices));
@@ -166,6 +181,7 @@ pub fn refresh_counters(stats: &Stats) {
         ("invalid_channel", get(&stats.publishes_rejected_invalid_channel)),
         ("storage_error", get(&stats.publishes_rejected_storage)),
         ("storage_full", get(&stats.publishes_rejected_storage_full)),
+        ("quota", get(&stats.publishes_rejected_quota)),
     ] {
         counter!("weir_publishes_rejected_total", "reason" => reason).absolute(value);
     }

@@ -658,7 +658,6 @@ impl Connection {
             Ok(principal) => principal,
             Err(reason) => {
                 Stats::add(&self.broker.stats.authentication_failures, 1);
-                metrics::counter!("weir_authentication_failures_total").increment(1);
                 if let Some(held_back) = self.broker.stats.unauthorized_log.admit() {
                     tracing::warn!(peer = %self.peer, %reason, similar_refusals_not_logged = held_back, "refused a HELLO");
                 }
