@@ -422,7 +422,6 @@ impl Config {
         }
     }
 
-    /// The storage engine's settings.
     /// The listener's TLS files, when TLS is on.
     pub fn tls_files(&self) -> Option<crate::security::tls::ServerTlsFiles> {
         Some(crate::security::tls::ServerTlsFiles {
@@ -441,6 +440,7 @@ impl Config {
         }
     }
 
+    /// The storage engine's settings.
     pub fn store_config(&self) -> StoreConfig {
         let default_log = self.default_log_config();
         let channel_logs = self

@@ -198,7 +198,7 @@ struct TargetArgs {
     addr: Option<String>,
     /// The credential for the broker at --addr (`name:token`, or its
     /// auth_token).
-    #[arg(long, env = "WEIR_TOKEN", hide_env_values = true, requires = "addr")]
+    #[arg(long, requires = "addr")]
     token: Option<String>,
     /// Connect to the broker at --addr over TLS, verifying its certificate
     /// against this CA (PEM).
@@ -577,9 +577,14 @@ fn serve(
                     () = stopped.cancelled() => return,
                     received = hangups.recv() => if received.is_none() { return },
                 }
-                match reloading.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS files and credentials reloaded"),
-                    Err(error) => tracing::error!(%error, "SIGHUP: reload failed; what failed to load is unchanged"),
+                // File reads: on the blocking pool.
+                let reloader = reloading.clone();
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(())) => tracing::info!("SIGHUP: TLS files and credentials reloaded"),
+                    Ok(Err(error)) => {
+                        tracing::error!(%error, "SIGHUP: reload failed; what failed to load is unchanged");
+                    }
+                    Err(error) => tracing::error!(%error, "SIGHUP: reload failed"),
                 }
             }
         });

@@ -197,10 +197,21 @@ async fn mutual_tls_maps_the_certificate_name_to_a_principal() {
 
     // Without a certificate, or with one another CA signed, the handshake
     // fails; with a good certificate of an unknown name, HELLO does.
+    // Refused by the TLS layer, not by HELLO (which would also refuse a
+    // connection without a certificate): no ERROR frame comes back, and
+    // the broker counts two failed handshakes.
+    let failures_before = server.stats().tls_handshake_failures.load(Ordering::Relaxed);
     let without = connect(&server, &over_tls(&files.ca, None)).await;
-    assert!(without.is_err(), "{without:?}");
+    assert!(matches!(&without, Err(error) if error.code().is_none()), "{:?}", without.err());
     let foreign = ConnectOptions { tls: Some(client_tls("billing", &authority)), ..ConnectOptions::named("x") };
-    assert!(connect(&server, &foreign).await.is_err());
+    let foreign = connect(&server, &foreign).await;
+    assert!(matches!(&foreign, Err(error) if error.code().is_none()), "{:?}", foreign.err());
+    within("the failed handshakes to be counted", async {
+        while server.stats().tls_handshake_failures.load(Ordering::Relaxed) < failures_before + 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let unknown = ConnectOptions { tls: Some(client_tls("stranger", &clients)), ..ConnectOptions::named("x") };
     match connect(&server, &unknown).await {
         Err(error) => assert_eq!(error.code(), Some(ErrorCode::Unauthorized), "{error}"),
@@ -324,13 +335,38 @@ async fn every_permission_is_checked_allowed_and_denied() {
         panic!("expected STATS_RESULT");
     };
     assert!(channels.iter().all(|channel| channel.name.starts_with("orders.")));
+    // Who reads a channel is shown to its readers, not to a publisher.
+    let readers = |connection: Connection| async move {
+        let Ok(Response::Channels { channels }) = within("list", connection.request(Request::ListChannels)).await
+        else {
+            panic!("expected CHANNELS");
+        };
+        channels.into_iter().find(|info| info.name == "orders.eu").map_or(0, |info| info.subscriptions.len())
+    };
+    assert!(readers(consumer.clone()).await > 0);
+    assert_eq!(readers(producer.clone()).await, 0);
+
+    // A durable name holds a position as a group does: the same permission.
+    let durable = |name: &str| SubscribeOptions {
+        durable_name: Some(name.to_owned()),
+        start: StartPosition::Earliest,
+        ..SubscribeOptions::default()
+    };
+    let allowed = within("durable", Subscriber::subscribe(&consumer, "orders.eu", durable("billing"))).await;
+    assert!(allowed.is_ok(), "{:?}", allowed.err());
+    let refused = within("durable", Subscriber::subscribe(&consumer, "orders.eu", durable("someone-else"))).await;
+    assert!(
+        refused.as_ref().err().is_some_and(|e| e.to_string().contains("may not use durable subscription name")),
+        "{:?}",
+        refused.err()
+    );
 
     // The connection stays open after a refusal; delete is admin too.
     let delete = |channel: &str| Request::DeleteChannel { channel: channel.into(), force: true };
     assert_unauthorized(within("delete", producer.request(delete("orders.us"))).await, "may not delete channel");
     assert!(matches!(within("delete", operator.request(delete("orders.us"))).await, Ok(Response::ChannelDeleted)));
-    assert_eq!(server.stats().unauthorized.load(Ordering::Relaxed), 13);
-    drop((subscriber, member));
+    assert_eq!(server.stats().unauthorized.load(Ordering::Relaxed), 14);
+    drop((subscriber, member, allowed));
     stop(server).await;
 }
 
@@ -433,16 +469,23 @@ async fn a_publisher_over_its_quota_is_held_to_it_and_others_are_not() {
         within("connect", Publisher::connect(&addr(&server), "quota.fast", options("fast:pw"))).await.unwrap(),
     );
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
     let slow_task = tokio::spawn(publish_flat_out(Arc::clone(&slow), Arc::clone(&stop_flag), 32));
     let fast_task = tokio::spawn(publish_flat_out(Arc::clone(&fast), Arc::clone(&stop_flag), 32));
-    // The first second spends the burst; the next five are measured.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Measured from the first refusal: the burst is spent by then, and
+    // the bucket stays empty while the publisher keeps pushing.
+    within("the first quota refusal", async {
+        while server.stats().publishes_rejected_quota.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
     stop_flag.store(true, Ordering::Relaxed);
     let slow_acks = within("the slow publisher", slow_task).await.unwrap();
     let fast_acks = within("the fast publisher", fast_task).await.unwrap();
     let window = |acks: &[Instant]| {
-        let (from, to) = (started + Duration::from_secs(1), started + Duration::from_secs(6));
+        let (from, to) = (started, started + Duration::from_secs(5));
         acks.iter().filter(|&&at| at >= from && at < to).count() as u64
     };
     let (slow_count, fast_count) = (window(&slow_acks), window(&fast_acks));

@@ -145,7 +145,9 @@ impl Connection {
     ///
     /// # Errors
     /// As [`Connection::connect`]; also unusable TLS files, or a failed TLS
-    /// handshake (`ClientError::Tls`).
+    /// handshake (`ClientError::Tls`). Under TLS 1.3 a client certificate
+    /// the broker refuses shows only once the handshake is over, as the
+    /// connection closing during HELLO (`Disconnected` or `Io`).
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Connection, ClientError> {
         let socket = TcpStream::connect(addr)
             .await

@@ -31,6 +31,10 @@ pub const OTHER_PRINCIPALS_LABEL: &str = "other";
 /// Names a credentials file may not give a user.
 pub const RESERVED_PRINCIPALS: [&str; 3] = [LEGACY_PRINCIPAL, ANONYMOUS_PRINCIPAL, OTHER_PRINCIPALS_LABEL];
 
+/// Most argon2 verifications running at once, each about 20 ms of CPU and
+/// at most [`principal::ARGON2_MEMORY_KIB_MAX`] KiB: HELLOs beyond wait.
+pub const VERIFICATIONS_CONCURRENT_MAX: usize = 4;
+
 /// A PHC string verified when a HELLO names no known user, so that an
 /// unknown name costs as much as a wrong token and does not show.
 const DECOY_TOKEN_HASH: &str =
@@ -61,6 +65,8 @@ struct Principals {
 
 /// Turns credentials into principals.
 pub struct Authenticator {
+    /// Bounds the argon2 verifications running at once.
+    pub verifications: tokio::sync::Semaphore,
     settings: AuthSettings,
     principals: RwLock<Arc<Principals>>,
     legacy: Arc<Principal>,
@@ -82,6 +88,7 @@ impl Authenticator {
     pub fn new(settings: AuthSettings) -> Result<Authenticator, CredentialsError> {
         let principals = Authenticator::load(&settings, None)?;
         Ok(Authenticator {
+            verifications: tokio::sync::Semaphore::new(VERIFICATIONS_CONCURRENT_MAX),
             settings,
             principals: RwLock::new(Arc::new(principals)),
             legacy: everything(LEGACY_PRINCIPAL),
@@ -100,11 +107,14 @@ impl Authenticator {
             .map(|user| {
                 // A principal whose quotas did not change keeps its buckets
                 // and connection count across a reload.
-                let usage = previous
-                    .and_then(|previous| previous.by_name.get(&user.name))
-                    .filter(|old| old.usage.quotas == user.quotas)
-                    .map(|old| Arc::clone(&old.usage))
-                    .unwrap_or_else(|| Arc::new(Usage::new(user.quotas)));
+                // A changed one starts afresh, but keeps counting the
+                // connections the principal has open.
+                let old = previous.and_then(|previous| previous.by_name.get(&user.name));
+                let usage = match old {
+                    Some(old) if old.usage.quotas == user.quotas => Arc::clone(&old.usage),
+                    Some(old) => Arc::new(old.usage.with_quotas(user.quotas)),
+                    None => Arc::new(Usage::new(user.quotas)),
+                };
                 let principal =
                     Principal { name: user.name.clone(), permissions: user.permissions.clone(), usage, labelled: true };
                 (user.name.clone(), Arc::new(principal))
@@ -130,8 +140,9 @@ impl Authenticator {
         Arc::clone(&self.principals.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Whether authenticating can be slow (an argon2 evaluation): then it
-    /// runs on the blocking pool.
+    /// Whether authenticating can be slow (an argon2 evaluation, which
+    /// only a credentials file brings): then it runs on the blocking pool,
+    /// at most [`VERIFICATIONS_CONCURRENT_MAX`] at once.
     pub fn verifies_hashes(&self) -> bool {
         self.settings.credentials_file.is_some()
     }
@@ -170,6 +181,10 @@ impl Authenticator {
         {
             return Ok(Arc::clone(&self.legacy));
         }
+        if self.settings.credentials_file.is_none() {
+            // No users: nothing to verify, and no names to hide.
+            return Err("wrong credential".into());
+        }
         let (name, token) = match std::str::from_utf8(credential).ok().and_then(|text| text.split_once(':')) {
             Some((name, token)) => (name, token),
             None => ("", ""),
@@ -182,6 +197,21 @@ impl Authenticator {
             _ => Err("wrong credential".into()),
         }
     }
+}
+
+/// Reads a file of at most `max_bytes` (never allocating more), with the
+/// metadata of the same open file. `Ok((metadata, None))` when it is
+/// larger.
+pub(crate) fn read_file_at_most(
+    path: &std::path::Path,
+    max_bytes: u64,
+) -> std::io::Result<(std::fs::Metadata, Option<Vec<u8>>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let metadata = file.metadata()?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    Ok((metadata, (bytes.len() as u64 <= max_bytes).then_some(bytes)))
 }
 
 /// The metrics label of a principal.

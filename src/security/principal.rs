@@ -125,6 +125,12 @@ impl Permissions {
         self.list(operation).iter().any(|pattern| pattern.matches(name))
     }
 
+    /// Whether the principal may know who reads the channel `name` (its
+    /// subscriptions' durable and group names): `subscribe` or `admin`.
+    pub fn reads(&self, name: &str) -> bool {
+        self.allows(Operation::Subscribe, name) || self.allows(Operation::Admin, name)
+    }
+
     /// Whether the principal may know that the channel `name` exists: any
     /// channel permission on it.
     pub fn sees(&self, name: &str) -> bool {
@@ -222,7 +228,7 @@ impl Users {
     /// or an entry is invalid.
     pub fn load(path: &Path) -> Result<Users, CredentialsError> {
         let read_error = |source| CredentialsError::Read { path: path.to_owned(), source };
-        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        let (metadata, bytes) = super::read_file_at_most(path, CREDENTIALS_FILE_BYTES_MAX).map_err(read_error)?;
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = metadata.permissions().mode() & 0o777;
@@ -230,10 +236,11 @@ impl Users {
                 return Err(CredentialsError::Exposed { path: path.to_owned(), mode });
             }
         }
-        if metadata.len() > CREDENTIALS_FILE_BYTES_MAX {
+        let Some(bytes) = bytes else {
             return Err(CredentialsError::TooLarge { path: path.to_owned(), size_bytes: metadata.len() });
-        }
-        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        };
+        let text = String::from_utf8(bytes)
+            .map_err(|_| CredentialsError::Invalid { path: path.to_owned(), message: "not UTF-8".into() })?;
         Users::parse(&text).map_err(|message| CredentialsError::Invalid { path: path.to_owned(), message })
     }
 
@@ -254,8 +261,7 @@ impl Users {
                 ));
             }
             if let Some(hash) = &entry.token_hash {
-                PasswordHash::new(hash)
-                    .map_err(|error| format!("user {name}: token_hash is not a PHC string ({error})"))?;
+                check_token_hash(hash).map_err(|problem| format!("user {name}: token_hash {problem}"))?;
             }
             let patterns = |field: &str, list: Vec<String>| -> Result<Vec<Pattern>, String> {
                 if list.len() > PATTERNS_PER_LIST_MAX {
@@ -293,6 +299,37 @@ pub fn hash_token(token: &str) -> Result<String, String> {
         .hash_password(token.as_bytes(), &salt)
         .map(|hash| hash.to_string())
         .map_err(|error| error.to_string())
+}
+
+/// Most memory an argon2 token hash may ask per verification (64 MiB):
+/// every verification of a HELLO costs that much, and a hash with more
+/// would let the credentials file turn HELLOs into a memory hog.
+pub const ARGON2_MEMORY_KIB_MAX: u32 = 64 * 1024;
+/// Most passes an argon2 token hash may ask.
+pub const ARGON2_PASSES_MAX: u32 = 10;
+/// Most lanes an argon2 token hash may ask.
+pub const ARGON2_LANES_MAX: u32 = 4;
+
+/// Checks that a PHC string is an argon2id hash within the parameter
+/// bounds above.
+fn check_token_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|error| format!("is not a PHC string ({error})"))?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!("uses {}; weir verifies argon2id (weir credentials hash)", parsed.algorithm));
+    }
+    let params = argon2::Params::try_from(&parsed).map_err(|error| format!("has bad parameters ({error})"))?;
+    if params.m_cost() > ARGON2_MEMORY_KIB_MAX
+        || params.t_cost() > ARGON2_PASSES_MAX
+        || params.p_cost() > ARGON2_LANES_MAX
+    {
+        return Err(format!(
+            "asks m={}, t={}, p={}; at most m={ARGON2_MEMORY_KIB_MAX}, t={ARGON2_PASSES_MAX}, p={ARGON2_LANES_MAX}",
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost()
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `token` matches the PHC string `hash` (compared in constant
@@ -349,6 +386,14 @@ mod tests {
             ("[[users]]\nname = \"a:b\"\n", "a:b"),
             ("[[users]]\nname = \"default\"\n", "default"),
             ("[[users]]\nname = \"x\"\ntoken_hash = \"plain\"\n", "user x: token_hash"),
+            (
+                "[[users]]\nname = \"x\"\ntoken_hash = \"$argon2id$v=19$m=1048576,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$ZQd3eQrRJ7bJ0o0cPz7sUJ8mHbJ9z6mGqGkF4aX2b1c\"\n",
+                "asks m=1048576",
+            ),
+            (
+                "[[users]]\nname = \"x\"\ntoken_hash = \"$argon2i$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$ZQd3eQrRJ7bJ0o0cPz7sUJ8mHbJ9z6mGqGkF4aX2b1c\"\n",
+                "uses argon2i",
+            ),
             ("[[users]]\nname = \"x\"\npublish = [\"a*\"]\n", "user x: publish"),
             ("[[users]]\nname = \"x\"\n[[users]]\nname = \"x\"\n", "twice"),
             ("[[users]]\nname = \"x\"\nsurprise = 1\n", "surprise"),

@@ -51,27 +51,67 @@ impl Quotas {
 #[derive(Debug)]
 pub struct Usage {
     pub quotas: Quotas,
-    publish_bytes: Option<DefaultDirectRateLimiter>,
-    publish_messages: Option<DefaultDirectRateLimiter>,
-    subscribe_bytes: Option<DefaultDirectRateLimiter>,
-    connections: AtomicU64,
+    publish_bytes: Option<Bucket>,
+    publish_messages: Option<Bucket>,
+    subscribe_bytes: Option<Bucket>,
+    /// Shared with the principal's `Usage` after a reload changed its
+    /// quotas: its open connections still count.
+    connections: std::sync::Arc<AtomicU64>,
 }
 
-fn limiter(per_second: Option<u64>) -> Option<DefaultDirectRateLimiter> {
-    let per_second = NonZeroU32::new(u32::try_from(per_second?).ok()?)?;
-    Some(RateLimiter::direct(Quota::per_second(per_second)))
+/// One rate: a GCRA bucket holding one second of it, and what was charged
+/// beyond what it could take at once.
+#[derive(Debug)]
+struct Bucket {
+    limiter: DefaultDirectRateLimiter,
+    /// Half the bucket: the most one charge takes from it, so that a
+    /// charge never waits for a full bucket (which other requests of the
+    /// principal could keep from filling).
+    take_max: u64,
+    /// Charged and not yet taken: the part of a large request beyond
+    /// `take_max`, taken by the principal's next charges. The long-run
+    /// rate stays the quota, whatever the request sizes.
+    carried: AtomicU64,
 }
 
-/// Takes `amount` cells, at most a whole burst (one second's worth): a
-/// single request larger than that is charged one second, so that it can
-/// pass at all.
-fn take(limiter: &DefaultDirectRateLimiter, per_second: u64, amount: u64) -> Result<(), Duration> {
-    let Some(cells) = NonZeroU32::new(amount.min(per_second).min(u32::MAX as u64) as u32) else { return Ok(()) };
-    match limiter.check_n(cells) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(not_until)) => Err(not_until.wait_time_from(DefaultClock::default().now())),
-        // Cannot happen: `cells` is at most the burst.
-        Err(_) => Ok(()),
+impl Bucket {
+    fn new(per_second: Option<u64>) -> Option<Bucket> {
+        let per_second = NonZeroU32::new(u32::try_from(per_second?).ok()?)?;
+        Some(Bucket {
+            limiter: RateLimiter::direct(Quota::per_second(per_second)),
+            take_max: u64::from(per_second.get()).div_ceil(2),
+            carried: AtomicU64::new(0),
+        })
+    }
+
+    /// Charges `amount` plus what was carried: takes up to `take_max` of
+    /// it now and carries the rest, or, when even that does not fit, takes
+    /// nothing and says how long until it would.
+    fn take(&self, amount: u64) -> Result<(), Duration> {
+        let carried = self.carried.swap(0, Ordering::AcqRel);
+        let total = amount.saturating_add(carried);
+        let now = total.min(self.take_max);
+        let Some(cells) = NonZeroU32::new(now as u32) else { return Ok(()) };
+        match self.limiter.check_n(cells) {
+            Ok(Ok(())) => {
+                self.carried.fetch_add(total - now, Ordering::AcqRel);
+                Ok(())
+            }
+            Ok(Err(not_until)) => {
+                self.carried.fetch_add(carried, Ordering::AcqRel);
+                Err(not_until.wait_time_from(DefaultClock::default().now()))
+            }
+            // Cannot happen: `cells` is at most half the burst.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// As [`Bucket::take`], waiting until it fits.
+    async fn take_waiting(&self, amount: u64) {
+        // A refused `take` took nothing, so the same amount is asked again.
+        while let Err(wait) = self.take(amount) {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -79,11 +119,17 @@ impl Usage {
     pub fn new(quotas: Quotas) -> Usage {
         Usage {
             quotas,
-            publish_bytes: limiter(quotas.publish_bytes_per_sec),
-            publish_messages: limiter(quotas.publish_messages_per_sec),
-            subscribe_bytes: limiter(quotas.subscribe_bytes_per_sec),
-            connections: AtomicU64::new(0),
+            publish_bytes: Bucket::new(quotas.publish_bytes_per_sec),
+            publish_messages: Bucket::new(quotas.publish_messages_per_sec),
+            subscribe_bytes: Bucket::new(quotas.subscribe_bytes_per_sec),
+            connections: std::sync::Arc::default(),
         }
+    }
+
+    /// New quotas for the same principal: fresh buckets, the same count of
+    /// open connections.
+    pub fn with_quotas(&self, quotas: Quotas) -> Usage {
+        Usage { connections: std::sync::Arc::clone(&self.connections), ..Usage::new(quotas) }
     }
 
     /// No quotas at all.
@@ -92,31 +138,32 @@ impl Usage {
     }
 
     /// Charges a publish of `messages` messages and `bytes` bytes, or says
-    /// how long until it would fit. A publish refused for its bytes is not
-    /// charged for its messages.
+    /// how long until it would fit. Messages are checked first: a publish
+    /// refused for its messages costs nothing; one refused for its bytes
+    /// has been charged its messages.
     pub fn admit_publish(&self, messages: u64, bytes: u64) -> Result<(), Duration> {
-        if let (Some(limiter), Some(rate)) = (&self.publish_bytes, self.quotas.publish_bytes_per_sec) {
-            take(limiter, rate, bytes)?;
+        if let Some(bucket) = &self.publish_messages {
+            bucket.take(messages)?;
         }
-        if let (Some(limiter), Some(rate)) = (&self.publish_messages, self.quotas.publish_messages_per_sec) {
-            take(limiter, rate, messages)?;
+        if let Some(bucket) = &self.publish_bytes {
+            bucket.take(bytes)?;
         }
         Ok(())
     }
 
     /// Waits until `bytes` more may be delivered to the principal's
-    /// subscriptions, and charges them.
+    /// subscriptions and fetches, and charges them.
     pub async fn subscribe_bytes(&self, bytes: u64) {
-        let (Some(limiter), Some(rate)) = (&self.subscribe_bytes, self.quotas.subscribe_bytes_per_sec) else {
-            return;
-        };
-        let Some(cells) = NonZeroU32::new(bytes.min(rate).min(u32::MAX as u64) as u32) else { return };
-        let _ = limiter.until_n_ready(cells).await;
+        if let Some(bucket) = &self.subscribe_bytes {
+            bucket.take_waiting(bytes).await;
+        }
     }
 
-    /// Whether subscriptions must call [`Self::subscribe_bytes`].
-    pub fn limits_subscribe(&self) -> bool {
-        self.subscribe_bytes.is_some()
+    /// The most bytes one delivery batch or fetch of the principal
+    /// carries: a quarter of a second of its subscribe quota; `None`
+    /// without a subscribe quota.
+    pub fn subscribe_batch_bytes_max(&self) -> Option<u64> {
+        self.quotas.subscribe_bytes_per_sec.map(|per_second| (per_second / 4).max(1))
     }
 
     /// Counts a new connection of the principal, or refuses it at its
@@ -159,10 +206,22 @@ mod tests {
     }
 
     #[test]
-    fn a_publish_larger_than_a_second_of_quota_passes_when_the_bucket_is_full() {
+    fn a_publish_larger_than_the_bucket_is_charged_whole_over_the_next_ones() {
+        // 1,000 B/s: a 5,000 B publish takes half the bucket now and
+        // carries 4,500 B, which the next publishes pay before their own.
         let usage = Usage::new(Quotas { publish_bytes_per_sec: Some(1000), ..Quotas::default() });
         usage.admit_publish(1, 5000).unwrap();
-        assert!(usage.admit_publish(1, 1).is_err());
+        usage.admit_publish(1, 1).unwrap();
+        let wait = usage.admit_publish(1, 1).unwrap_err();
+        assert!(wait > Duration::from_millis(400), "{wait:?}");
+    }
+
+    #[test]
+    fn a_reload_with_new_quotas_keeps_counting_open_connections() {
+        let usage = Arc::new(Usage::new(Quotas { max_connections: Some(1), ..Quotas::default() }));
+        let _open = usage.connect().unwrap();
+        let reloaded = Arc::new(usage.with_quotas(Quotas { max_connections: Some(1), ..Quotas::default() }));
+        assert_eq!(reloaded.connect().unwrap_err(), 1);
     }
 
     #[test]

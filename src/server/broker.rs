@@ -150,6 +150,14 @@ impl Broker {
 
     /// The channel `name`, creating it when `auto_create_channels` allows.
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<ChannelHandle>, ChannelError> {
+        self.channel_creating(name, true)
+    }
+
+    /// The channel `name`, creating it only when `may_create` (the
+    /// asker's permission) and `auto_create_channels` both allow: decided
+    /// here, where it is created, so that a channel deleted since the
+    /// asker's permissions were checked is not re-created for it.
+    pub fn channel_creating(&self, name: &ChannelName, may_create: bool) -> Result<Arc<ChannelHandle>, ChannelError> {
         if self.stopping.load(Ordering::Acquire) {
             return Err(ChannelError::ShuttingDown);
         }
@@ -161,7 +169,7 @@ impl Broker {
         }
         let channel = match self.store.channel(name) {
             Some(channel) => channel,
-            None if self.config.auto_create_channels => {
+            None if self.config.auto_create_channels && may_create => {
                 self.store.get_or_create(name).map_err(ChannelError::Storage)?
             }
             None => return Err(ChannelError::Unknown),

@@ -137,13 +137,13 @@ impl CursorFactory {
             ack_floor,
             next_offset: first_offset,
             window: (self.max_inflight as u64).min(config.max_inflight_deliveries),
-            // Under a subscribe quota a batch is at most one second of it,
-            // so that each is charged whole.
+            // Under a subscribe quota a batch is a fraction of a second of
+            // it, so that it never waits for a full bucket.
             delivery_batch_bytes: self
                 .subscribe_quota
                 .as_ref()
-                .and_then(|usage| usage.quotas.subscribe_bytes_per_sec)
-                .map_or(config.delivery_batch_bytes, |per_second| per_second.min(config.delivery_batch_bytes))
+                .and_then(|usage| usage.subscribe_batch_bytes_max())
+                .map_or(config.delivery_batch_bytes, |max| max.min(config.delivery_batch_bytes))
                 as usize,
             lag_notice_threshold: config.lag_notice_threshold,
             notice_interval: Duration::from_millis(config.notice_interval_ms),
@@ -609,14 +609,35 @@ impl Connection {
                 // Only the channels the principal has a permission on: it
                 // must not learn the others' names.
                 let permissions = &self.principal().permissions;
-                let channels =
-                    self.broker.channel_infos().into_iter().filter(|info| permissions.sees(&info.name)).collect();
+                let channels = self
+                    .broker
+                    .channel_infos()
+                    .into_iter()
+                    .filter(|info| permissions.sees(&info.name))
+                    .map(|mut info| {
+                        // Who reads a channel (durable and group names) is
+                        // for its readers and administrators.
+                        if !permissions.reads(&info.name) {
+                            info.subscriptions.clear();
+                        }
+                        info
+                    })
+                    .collect();
                 self.respond(correlation_id, Response::Channels { channels }).await
             }
             Request::Stats => {
                 let (counters, channels) = self.broker.stats_snapshot();
                 let permissions = &self.principal().permissions;
-                let channels = channels.into_iter().filter(|channel| permissions.sees(&channel.name)).collect();
+                let channels = channels
+                    .into_iter()
+                    .filter(|channel| permissions.sees(&channel.name))
+                    .map(|mut channel| {
+                        if !permissions.reads(&channel.name) {
+                            channel.subscriptions.clear();
+                        }
+                        channel
+                    })
+                    .collect();
                 self.respond(correlation_id, Response::Stats { counters, channels }).await
             }
         }
@@ -646,11 +667,17 @@ impl Connection {
         let certificate_name = self.certificate_name.clone();
         let credential = auth_token.to_vec();
         let authenticated = if auth.verifies_hashes() {
-            // An argon2 evaluation takes milliseconds of CPU: not on the
-            // connection tasks' threads.
-            tokio::task::spawn_blocking(move || auth.authenticate(&credential, certificate_name.as_deref()))
-                .await
-                .unwrap_or_else(|error| Err(format!("authentication failed: {error}")))
+            // An argon2 evaluation takes milliseconds of CPU and megabytes
+            // of memory: on the blocking pool, a few at a time.
+            let verifying = Arc::clone(&auth);
+            match verifying.verifications.acquire().await {
+                Ok(_permit) => {
+                    tokio::task::spawn_blocking(move || auth.authenticate(&credential, certificate_name.as_deref()))
+                        .await
+                        .unwrap_or_else(|error| Err(format!("authentication failed: {error}")))
+                }
+                Err(_) => Err("the broker is stopping".into()),
+            }
         } else {
             auth.authenticate(&credential, certificate_name.as_deref())
         };
@@ -756,12 +783,21 @@ impl Connection {
             );
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
         }
-        // Charged last, once nothing else refuses the publish; over quota
-        // it is not queued, only refused with the time until it fits.
-        // Once one publish is refused, the later ones of this connection are
-        // refused too, uncharged, until it would fit: a pipelining client
-        // resends in order, and a later publish let through meanwhile would
-        // spend quota only to be refused as out of order.
+        let channel = match self.open_channel(&name) {
+            Ok(channel) => channel,
+            Err(error) => return self.channel_error(correlation_id, &name, error).await,
+        };
+        let handle = match channel.partition(partition) {
+            Ok(handle) => handle,
+            Err(error) => return self.storage_error(correlation_id, error).await,
+        };
+        // Charged last, once nothing this connection checks refuses the
+        // publish; over quota it is not queued, only refused with the time
+        // until it fits. Once one publish is refused, the later ones of
+        // this connection are refused too, uncharged, until it would fit:
+        // a pipelining client resends in order, and a later publish let
+        // through meanwhile would spend quota only to be refused as out of
+        // order.
         let usage = Arc::clone(&self.principal().usage);
         let now = Instant::now();
         let admitted = match self.publish_throttled_until {
@@ -774,19 +810,13 @@ impl Connection {
             let principal = crate::security::principal_label(self.principal()).to_owned();
             metrics::counter!("weir_quota_throttled_total", "principal" => principal, "quota" => "publish")
                 .increment(1);
-            let retry_after_ms = u32::try_from(wait.as_millis().max(1)).unwrap_or(u32::MAX);
+            // Rounded up: a client that waits exactly this long finds the
+            // publish fits.
+            let retry_after_ms = u32::try_from(wait.as_nanos().div_ceil(1_000_000).max(1)).unwrap_or(u32::MAX);
             let backpressure =
                 Response::Backpressure { channel: name.to_string(), reason: BackpressureReason::Quota, retry_after_ms };
             return self.respond(correlation_id, backpressure).await;
         }
-        let channel = match self.broker.channel(&name) {
-            Ok(channel) => channel,
-            Err(error) => return self.channel_error(correlation_id, &name, error).await,
-        };
-        let handle = match channel.partition(partition) {
-            Ok(handle) => handle,
-            Err(error) => return self.storage_error(correlation_id, error).await,
-        };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
         self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
         let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -930,6 +960,13 @@ impl Connection {
                 return Flow::Continue;
             }
         }
+        // A durable name holds a stored position, as a group does: whoever
+        // may use it may move it, so it needs the same permission.
+        if let Some(durable) = &durable_name
+            && !self.permitted(correlation_id, Operation::Group, durable, "use durable subscription name").await
+        {
+            return Flow::Continue;
+        }
         if !self.may_create(correlation_id, &name).await {
             return Flow::Continue;
         }
@@ -984,7 +1021,7 @@ impl Connection {
         {
             return self.error(correlation_id, ErrorCode::TooManySubscriptions, error.to_string()).await;
         }
-        let handle = match self.broker.channel(&name) {
+        let handle = match self.open_channel(&name) {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
@@ -1049,7 +1086,7 @@ impl Connection {
         if let Some(message) = refusal {
             return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
         }
-        let handle = match self.broker.channel(&name) {
+        let handle = match self.open_channel(&name) {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
         };
@@ -1136,7 +1173,9 @@ impl Connection {
             durable_name,
             group,
             max_inflight,
-            subscribe_quota: Some(&self.principal().usage).filter(|usage| usage.limits_subscribe()).map(Arc::clone),
+            subscribe_quota: Some(&self.principal().usage)
+                .filter(|usage| usage.subscribe_batch_bytes_max().is_some())
+                .map(Arc::clone),
         }
     }
 
@@ -1210,10 +1249,15 @@ impl Connection {
             Err(error) => return self.storage_error(correlation_id, error).await,
         };
         let config = &self.broker.config;
-        let max_bytes = (max_bytes as u64).min(config.delivery_batch_bytes) as usize;
+        let usage = Arc::clone(&self.principal().usage);
+        let quota_bytes_max = usage.subscribe_batch_bytes_max().unwrap_or(u64::MAX);
+        let max_bytes = (max_bytes as u64).min(config.delivery_batch_bytes).min(quota_bytes_max) as usize;
         let max_records = (max_messages as u64).clamp(1, config.max_inflight_deliveries);
         match log.read_bounded(offset, max_bytes.max(1), max_records) {
             Ok(batch) => {
+                // The subscribe quota covers fetches too: the answer waits
+                // (at most a fraction of a second of quota per fetch).
+                usage.subscribe_bytes(batch.records.len() as u64).await;
                 let response = Response::FetchResult {
                     next_offset: batch.next_offset,
                     count: batch.count as u32,
@@ -1266,6 +1310,13 @@ impl Connection {
             && self.broker.store.channel(name).is_none()
             && self.broker.store.unavailable(name).is_none();
         !would_create || self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await
+    }
+
+    /// The channel `name`, auto-created only if the principal may create
+    /// it.
+    fn open_channel(&self, name: &ChannelName) -> Result<Arc<super::broker::ChannelHandle>, ChannelError> {
+        let may_create = self.principal().permissions.allows(Operation::Admin, name.as_str());
+        self.broker.channel_creating(name, may_create)
     }
 
     async fn channel_name(&mut self, correlation_id: u32, channel: &str) -> Option<ChannelName> {

@@ -46,6 +46,10 @@ use crate::storage::{Maintenance, StorageError, Store};
 use broker::Broker;
 use offsets::{DurableOffsets, OFFSET_COMMIT_INTERVAL};
 
+/// Connections over `max_connections` told so at once; more are closed
+/// without a word.
+const REFUSALS_CONCURRENT_MAX: usize = 16;
+
 /// Something queued for a connection's socket.
 pub(crate) enum Outbound {
     Frame(Vec<u8>),
@@ -277,6 +281,9 @@ async fn run(
     let connections = TaskTracker::new();
     let max_connections = broker.config.max_connections;
     let permits = Arc::new(Semaphore::new(max_connections as usize));
+    // Refusals are answered a few at a time (a TLS handshake each on a
+    // TLS port); beyond that a refused connection is closed unanswered.
+    let refusals = Arc::new(Semaphore::new(REFUSALS_CONCURRENT_MAX));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -300,8 +307,13 @@ async fn run(
                     Err(_) => {
                         Stats::add(&broker.stats.connections_refused, 1);
                         tracing::warn!(%peer, max_connections, "refused a connection: at max_connections");
-                        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
-                        connections.spawn(connection::refuse(socket, acceptor, max_connections));
+                        if let Ok(refusal) = Arc::clone(&refusals).try_acquire_owned() {
+                            let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+                            connections.spawn(async move {
+                                connection::refuse(socket, acceptor, max_connections).await;
+                                drop(refusal);
+                            });
+                        }
                     }
                 }
             }

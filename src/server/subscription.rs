@@ -134,6 +134,10 @@ impl Subscription {
             tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => return false,
+                // Not delivered: the loop sees the revocation or the
+                // deletion and stops reading.
+                () = self.revoked.cancelled() => return true,
+                () = self.channel_deleted.cancelled() => return true,
                 () = quota.subscribe_bytes(batch.records.len() as u64) => {}
             }
         }
