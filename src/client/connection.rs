@@ -180,7 +180,20 @@ impl Connection {
         // WELCOME has the same layout in every version.
         let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader, PROTOCOL_VERSION))
             .await
-            .map_err(|_| ClientError::Timeout("handshake"))??;
+            .map_err(|_| ClientError::Timeout("handshake"))?
+            .map_err(|error| match error {
+                // Closed without a word: the likeliest causes are worth
+                // naming, as the broker cannot.
+                ClientError::Disconnected | ClientError::Io(_) => ClientError::HandshakeClosed {
+                    addr: addr.to_owned(),
+                    hint: if options.tls.is_some() {
+                        "it may have refused the client certificate (mutual TLS)"
+                    } else {
+                        "a broker with TLS on closes plaintext connections: connect with TLS (--tls, --ca)"
+                    },
+                },
+                other => other,
+            })?;
         let (version, server_version, limits) = match welcome {
             Response::Welcome { version, server_version, limits }
                 if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&version) =>

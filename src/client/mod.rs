@@ -54,6 +54,10 @@ pub enum ClientError {
     Disconnected,
     #[error("TLS: {0}")]
     Tls(String),
+    /// The broker closed the connection before answering HELLO, without an
+    /// ERROR.
+    #[error("the broker at {addr} closed the connection before answering HELLO; {hint}")]
+    HandshakeClosed { addr: String, hint: &'static str },
     #[error("timed out waiting for the {0}")]
     Timeout(&'static str),
     #[error("broker error {code} ({}): {message}", error_name(*code))]
