@@ -1,17 +1,13 @@
 //! One connection to a broker: the handshake, requests matched to answers
 //! by correlation id, deliveries routed to their subscriptions, and
-//! heartbeats. A writer task and a reader task share the socket. A request
-//! is written straight to the socket by its caller when nothing is queued
-//! or buffered ahead of it and the socket takes it at once (plain TCP
-//! only): on an idle connection it then wakes no task before it is sent.
+//! heartbeats. A writer task and a reader task share the socket.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
@@ -28,8 +24,6 @@ use crate::security::tls::{self, ClientTlsOptions, ReadHalf, WriteHalf};
 pub const RESPONSE_BODY_BYTES_MAX: u32 = 256 * 1024 * 1024;
 /// Requests queued for the writer task.
 const COMMAND_QUEUE_DEPTH: usize = 1024;
-/// The write buffer (and the largest request written at once).
-const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// How long to wait for the server's WELCOME.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The correlation id of HELLO. Requests use non-zero ids (0 marks what the
@@ -79,39 +73,8 @@ impl Route {
     }
 }
 
-type Reply = Option<oneshot::Sender<Result<Response, ClientError>>>;
-
 enum Command {
-    Request { request: Request, reply: Reply },
-}
-
-/// The socket's sending side, shared by the writer task and the callers
-/// that write a request at once.
-struct Outbox {
-    state: tokio::sync::Mutex<WriteState>,
-    /// Requests queued for the writer task and not yet in its buffer: a
-    /// request written at once must not overtake any of them (a
-    /// publisher's batches carry sequence numbers in order).
-    queued: AtomicUsize,
-    /// Wakes the writer task to flush what a caller left in the buffer.
-    flush: tokio::sync::Notify,
-}
-
-struct WriteState {
-    writer: BufWriter<WriteHalf>,
-    /// The last correlation id given out; ids are given under the lock, in
-    /// the order the requests are written.
-    correlation_id: u32,
-    /// Set once the writer task stopped writing (a failed write may have
-    /// stopped mid-frame): nothing more may be written at once.
-    closed: bool,
-}
-
-impl WriteState {
-    fn next_correlation_id(&mut self) -> u32 {
-        self.correlation_id = self.correlation_id.wrapping_add(1).max(1);
-        self.correlation_id
-    }
+    Request { request: Request, reply: Option<oneshot::Sender<Result<Response, ClientError>>> },
 }
 
 /// How to connect: the name the broker logs, the credential HELLO carries,
@@ -138,10 +101,6 @@ impl ConnectOptions {
 #[derive(Clone)]
 pub struct Connection {
     commands: mpsc::Sender<Command>,
-    outbox: Arc<Outbox>,
-    pending: Pending,
-    /// Cancelled by the reader when the connection is lost.
-    closed: CancellationToken,
     routes: Routes,
     limits: Limits,
     /// The protocol version agreed with the broker.
@@ -208,7 +167,7 @@ impl Connection {
             }
         };
         let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-        let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
+        let mut writer = BufWriter::with_capacity(64 * 1024, write_half);
         let hello = Request::Hello {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION,
@@ -255,27 +214,10 @@ impl Connection {
         let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
         let closed = CancellationToken::new();
         let unsubscribes = commands.downgrade();
-        let outbox = Arc::new(Outbox {
-            // HELLO took the first id.
-            state: tokio::sync::Mutex::new(WriteState { writer, correlation_id: HELLO_CORRELATION_ID, closed: false }),
-            queued: AtomicUsize::new(0),
-            flush: tokio::sync::Notify::new(),
-        });
-        let writing = WriteLoop { outbox: Arc::clone(&outbox), version, pending: Arc::clone(&pending), heartbeat };
-        tokio::spawn(writing.run(command_rx, closed.clone()));
-        tokio::spawn(read_loop(
-            reader,
-            version,
-            Arc::clone(&pending),
-            Arc::clone(&routes),
-            unsubscribes,
-            closed.clone(),
-        ));
+        tokio::spawn(write_loop(writer, version, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
+        tokio::spawn(read_loop(reader, version, pending, Arc::clone(&routes), unsubscribes, closed));
         Ok(Connection {
             commands,
-            outbox,
-            pending,
-            closed,
             routes,
             limits,
             version,
@@ -320,7 +262,10 @@ impl Connection {
     ) -> Result<oneshot::Receiver<Result<Response, ClientError>>, ClientError> {
         request.check_lengths().map_err(ClientError::Invalid)?;
         let (reply, answer) = oneshot::channel();
-        self.send(request, Some(reply)).await?;
+        self.commands
+            .send(Command::Request { request, reply: Some(reply) })
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         Ok(answer)
     }
 
@@ -343,67 +288,7 @@ impl Connection {
     /// The connection is gone.
     pub(crate) async fn send_only(&self, request: Request) -> Result<(), ClientError> {
         request.check_lengths().map_err(ClientError::Invalid)?;
-        self.send(request, None).await
-    }
-
-    /// Writes `request` at once when it can, else queues it for the writer
-    /// task.
-    async fn send(&self, request: Request, reply: Reply) -> Result<(), ClientError> {
-        let reply = match self.try_write_now(&request, reply) {
-            Ok(()) => return Ok(()),
-            Err(reply) => reply,
-        };
-        self.outbox.queued.fetch_add(1, Ordering::AcqRel);
-        let sent = self.commands.send(Command::Request { request, reply }).await;
-        if sent.is_err() {
-            self.outbox.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(ClientError::Disconnected);
-        }
-        Ok(())
-    }
-
-    /// Writes `request` to the socket now, without waiting, if the
-    /// connection is plain TCP, nothing queued or buffered comes before it,
-    /// the writer task is not writing, and the frame fits the buffer. Gives
-    /// `reply` back when it did not write.
-    fn try_write_now(&self, request: &Request, reply: Reply) -> Result<(), Reply> {
-        let Ok(mut state) = self.outbox.state.try_lock() else { return Err(reply) };
-        // Checked under the lock: the writer task uncounts a request only
-        // once it is in the buffer, under the same lock.
-        if state.closed
-            || !tls::is_plain(state.writer.get_ref())
-            || self.outbox.queued.load(Ordering::Acquire) != 0
-            || !state.writer.buffer().is_empty()
-        {
-            return Err(reply);
-        }
-        let correlation_id = state.next_correlation_id();
-        let frame = request.encode_for(self.version, correlation_id);
-        if frame.len() >= WRITE_BUFFER_BYTES {
-            // The writer task gives it another id; ids only need to be
-            // unique among the pending ones.
-            return Err(reply);
-        }
-        if let Some(reply) = reply {
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
-            // The reader cancels `closed` before it fails what is pending:
-            // a request registered after that is failed here.
-            if self.closed.is_cancelled() {
-                fail_pending(&self.pending);
-                return Ok(());
-            }
-        }
-        let sent = tls::try_write(state.writer.get_ref(), &frame).unwrap_or(0);
-        if sent < frame.len() {
-            // The rest (or all of it, the socket being full or failing, which
-            // the writer task will meet) goes to the empty buffer, which takes
-            // a frame smaller than itself without any I/O, and the writer
-            // task flushes it.
-            let copied = state.writer.write_all(&frame[sent..]).now_or_never();
-            debug_assert!(matches!(copied, Some(Ok(()))), "a small write into an empty buffer completes at once");
-            self.outbox.flush.notify_one();
-        }
-        Ok(())
+        self.commands.send(Command::Request { request, reply: None }).await.map_err(|_| ClientError::Disconnected)
     }
 
     /// Registers where deliveries for a new subscription go, and returns
@@ -441,104 +326,58 @@ async fn read_response(reader: &mut BufReader<ReadHalf>, version: u16) -> Result
     Ok((header.correlation_id, response))
 }
 
-/// What wakes the writer task.
-enum Work {
-    Queued(Command),
-    Heartbeat,
-    /// A caller left part of a request in the buffer.
-    Flush,
-}
-
-/// The writer task: writes queued requests (and heartbeats), and flushes
-/// what callers left in the buffer.
-struct WriteLoop {
-    outbox: Arc<Outbox>,
+/// Writes requests until the commands end or the reader finds the
+/// connection closed (`closed`); then every request still queued or newly
+/// sent fails with `Disconnected` instead of waiting for an answer that
+/// cannot come.
+async fn write_loop(
+    mut writer: BufWriter<WriteHalf>,
     version: u16,
+    mut commands: mpsc::Receiver<Command>,
     pending: Pending,
     heartbeat: Duration,
-}
-
-impl WriteLoop {
-    /// Writes until the commands end or the reader finds the connection
-    /// closed (`closed`); then every request still queued or newly sent
-    /// fails with `Disconnected` instead of waiting for an answer that
-    /// cannot come.
-    async fn run(self, mut commands: mpsc::Receiver<Command>, closed: CancellationToken) {
-        loop {
-            let work = tokio::select! {
-                () = closed.cancelled() => break,
-                command = commands.recv() => match command {
-                    Some(command) => Work::Queued(command),
-                    None => break,
-                },
-                () = self.outbox.flush.notified() => Work::Flush,
-                () = tokio::time::sleep(self.heartbeat) => Work::Heartbeat,
-            };
-            let mut state = self.outbox.state.lock().await;
-            let written = match work {
-                Work::Queued(Command::Request { request, reply }) => {
-                    let result = self.write(&mut state, request, reply, &closed).await;
-                    // In the buffer now (or failed), ahead of any request
-                    // written at once.
-                    self.outbox.queued.fetch_sub(1, Ordering::AcqRel);
-                    result
-                }
-                // Not queued, so not counted: it may be overtaken.
-                Work::Heartbeat => self.write(&mut state, Request::Ping, None, &closed).await,
-                Work::Flush => Ok(true),
-            };
-            let written = match written {
-                Ok(true) => Ok(()),
-                Ok(false) => break,
-                Err(error) => Err(error),
-            };
-            let flushed = match written {
-                Ok(()) if commands.is_empty() => state.writer.flush().await,
-                other => other,
-            };
-            if flushed.is_err() {
-                state.closed = true;
-                break;
-            }
-        }
-        // Dropping the receiver makes later sends fail at once; requests
-        // still queued are dropped, which their callers see as
-        // `Disconnected`.
-        commands.close();
-        while let Ok(Command::Request { reply, .. }) = commands.try_recv() {
-            self.outbox.queued.fetch_sub(1, Ordering::AcqRel);
-            if let Some(reply) = reply {
-                let _ = reply.send(Err(ClientError::Disconnected));
-            }
-        }
-        let mut state = self.outbox.state.lock().await;
-        state.closed = true;
-        let _ = state.writer.shutdown().await;
-    }
-
-    /// Writes one request into the buffer. `Ok(false)`: the connection was
-    /// found closed.
-    async fn write(
-        &self,
-        state: &mut WriteState,
-        request: Request,
-        reply: Reply,
-        closed: &CancellationToken,
-    ) -> std::io::Result<bool> {
-        let correlation_id = state.next_correlation_id();
+    closed: CancellationToken,
+) {
+    // HELLO took the first id.
+    let mut correlation_id = HELLO_CORRELATION_ID;
+    loop {
+        let command = tokio::select! {
+            () = closed.cancelled() => break,
+            command = commands.recv() => command,
+            () = tokio::time::sleep(heartbeat) => Some(Command::Request { request: Request::Ping, reply: None }),
+        };
+        let Some(Command::Request { request, reply }) = command else { break };
+        correlation_id = correlation_id.wrapping_add(1).max(1);
         if let Some(reply) = reply {
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
+            pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
             // The reader cancels `closed` before it fails what is pending:
             // a request registered after that is failed here.
             if closed.is_cancelled() {
-                fail_pending(&self.pending);
-                return Ok(false);
+                fail_pending(&pending);
+                break;
             }
         }
-        let frame = request.encode_for(self.version, correlation_id);
-        state.writer.write_all(&frame).await?;
-        Ok(true)
+        let frame = request.encode_for(version, correlation_id);
+        let written = async {
+            writer.write_all(&frame).await?;
+            if commands.is_empty() {
+                writer.flush().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        if written.await.is_err() {
+            break;
+        }
     }
+    // Dropping the receiver makes later sends fail at once; requests still
+    // queued are dropped, which their callers see as `Disconnected`.
+    commands.close();
+    while let Ok(Command::Request { reply, .. }) = commands.try_recv() {
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(ClientError::Disconnected));
+        }
+    }
+    let _ = writer.shutdown().await;
 }
 
 fn fail_pending(pending: &Pending) {
@@ -640,103 +479,5 @@ fn end_routes(routes: &Routes, error: &ClientError) {
     let ended: Vec<Route> = routes.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, route)| route).collect();
     for route in ended {
         route.end(error.clone());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::FrameType;
-    use crate::record::Message;
-
-    /// A broker stand-in: answers HELLO, then, after a pause that lets the
-    /// client's socket fill, reads every frame and returns the payloads of
-    /// the publishes in the order they arrived.
-    async fn record_publish_order(listener: tokio::net::TcpListener, count: usize) -> Vec<Bytes> {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        let (hello_id, _) = read_request(&mut socket).await;
-        let limits = Limits {
-            max_message_bytes: 1 << 20,
-            max_frame_bytes: 1 << 20,
-            max_batch_bytes: 1 << 20,
-            max_batch_records: 1000,
-            max_inflight_publishes: 1 << 16,
-            max_inflight_publish_bytes: 1 << 30,
-            max_inflight_deliveries: 1000,
-            max_subscriptions_per_connection: 10,
-            heartbeat_interval_ms: 10_000,
-            idle_timeout_ms: 30_000,
-        };
-        let welcome = Response::Welcome { version: PROTOCOL_VERSION, server_version: "test".into(), limits };
-        socket.write_all(&welcome.encode_for(PROTOCOL_VERSION, hello_id)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut payloads = Vec::new();
-        while payloads.len() < count {
-            if let (_, Request::Publish { message, .. }) = read_request(&mut socket).await {
-                payloads.push(message.payload);
-            }
-        }
-        payloads
-    }
-
-    async fn read_request(socket: &mut TcpStream) -> (u32, Request) {
-        let mut header = [0u8; FRAME_HEADER_BYTES];
-        socket.read_exact(&mut header).await.unwrap();
-        let header = FrameHeader::parse(&header).unwrap();
-        let mut body = vec![0u8; header.body_len as usize];
-        socket.read_exact(&mut body).await.unwrap();
-        let version = if header.frame_type == FrameType::Hello as u8 { PROTOCOL_VERSION_MIN } else { PROTOCOL_VERSION };
-        (header.correlation_id, Request::decode_for(version, header.frame_type, Bytes::from(body)).unwrap())
-    }
-
-    #[tokio::test]
-    async fn a_request_is_written_at_once_only_with_nothing_ahead_of_it() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let _server = tokio::spawn(record_publish_order(listener, usize::MAX));
-        let connection = Connection::connect(&addr, "rules-test").await.unwrap();
-        let written = |connection: &Connection| connection.try_write_now(&Request::Ping, None).is_ok();
-        assert!(written(&connection), "an idle connection writes at once");
-        // Not past a request queued for the writer task...
-        connection.outbox.queued.fetch_add(1, Ordering::AcqRel);
-        assert!(!written(&connection));
-        connection.outbox.queued.fetch_sub(1, Ordering::AcqRel);
-        // ...nor past bytes left in the buffer, nor while the writer task
-        // holds the socket.
-        let mut state = connection.outbox.state.lock().await;
-        assert!(!written(&connection));
-        state.writer.write_all(b"").await.unwrap();
-        drop(state);
-        assert!(written(&connection));
-        let mut state = connection.outbox.state.lock().await;
-        // A partial frame only: the buffer is not flushed here.
-        let _ = state.writer.write(&[0u8; 1]).await.unwrap();
-        drop(state);
-        assert!(!written(&connection), "bytes in the buffer come first");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn requests_reach_the_socket_in_the_order_they_were_sent() {
-        // 4,000 publishes of 4 KiB, far more than the socket buffers hold
-        // while the stand-in pauses: some are written at once, some only
-        // partly (the rest buffered), some queued for the writer task.
-        const COUNT: usize = 4000;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(record_publish_order(listener, COUNT));
-        let connection = Connection::connect(&addr, "order-test").await.unwrap();
-        let mut answers = Vec::with_capacity(COUNT);
-        for index in 0..COUNT {
-            let mut payload = format!("{index:08}").into_bytes();
-            payload.resize(4096, b'.');
-            let message = Message::from_payload(payload);
-            let publish = Request::Publish { channel: "order".into(), partition: Some(0), producer: None, message };
-            answers.push(connection.send_request_pipelined(publish).await.unwrap());
-        }
-        let payloads = tokio::time::timeout(Duration::from_secs(60), server).await.unwrap().unwrap();
-        for (index, payload) in payloads.iter().enumerate() {
-            assert_eq!(&payload[..8], format!("{index:08}").as_bytes(), "publish {index} arrived out of order");
-        }
-        drop(answers);
     }
 }

@@ -35,11 +35,6 @@ pub fn split_tls(stream: TlsStream<TcpStream>) -> (ReadHalf, WriteHalf) {
     (Either::Right(read), Either::Right(write))
 }
 
-/// Whether a sending half is plain TCP.
-pub fn is_plain(half: &WriteHalf) -> bool {
-    matches!(half, Either::Left(_))
-}
-
 /// Writes what the socket takes now, without waiting. A TLS half never
 /// does (`WouldBlock`): its bytes must be encrypted in order by whoever
 /// holds the stream, so its writes all go through the writer task.
