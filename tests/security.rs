@@ -502,6 +502,31 @@ async fn a_publisher_over_its_quota_is_held_to_it_and_others_are_not() {
 }
 
 #[tokio::test]
+async fn a_publish_refused_for_quota_creates_no_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = hash_token("pw").unwrap();
+    let text = format!(
+        "[[users]]\nname = \"app\"\ntoken_hash = \"{hash}\"\npublish = [\"*\"]\nadmin = [\"*\"]\n[users.quotas]\npublish_messages_per_sec = 1\n"
+    );
+    let server = start(Config { credentials_file: Some(credentials(dir.path(), &text)), ..test_config(&dir) }).await;
+    let connection = connect(&server, &plain("app:pw")).await.unwrap();
+    assert!(matches!(publish_one(&connection, "first", "x").await, Ok(Response::PublishAck { .. })));
+    match publish_one(&connection, "second", "x").await {
+        Ok(Response::Backpressure { reason, retry_after_ms, .. }) => {
+            assert_eq!(reason, weir::protocol::BackpressureReason::Quota);
+            assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}");
+        }
+        other => panic!("expected BACKPRESSURE for the quota, got {other:?}"),
+    }
+    let Ok(Response::Channels { channels }) = within("list", connection.request(Request::ListChannels)).await else {
+        panic!("expected CHANNELS");
+    };
+    let names: Vec<&str> = channels.iter().map(|info| info.name.as_str()).collect();
+    assert_eq!(names, ["first"]);
+    stop(server).await;
+}
+
+#[tokio::test]
 async fn deliveries_over_the_subscribe_quota_wait() {
     const QUOTA: u64 = 50_000;
     const MESSAGES: usize = 200;

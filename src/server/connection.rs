@@ -783,21 +783,13 @@ impl Connection {
             );
             return self.error(correlation_id, ErrorCode::InflightLimitExceeded, message).await;
         }
-        let channel = match self.open_channel(&name) {
-            Ok(channel) => channel,
-            Err(error) => return self.channel_error(correlation_id, &name, error).await,
-        };
-        let handle = match channel.partition(partition) {
-            Ok(handle) => handle,
-            Err(error) => return self.storage_error(correlation_id, error).await,
-        };
-        // Charged last, once nothing this connection checks refuses the
-        // publish; over quota it is not queued, only refused with the time
-        // until it fits. Once one publish is refused, the later ones of
-        // this connection are refused too, uncharged, until it would fit:
-        // a pipelining client resends in order, and a later publish let
-        // through meanwhile would spend quota only to be refused as out of
-        // order.
+        // Charged last of what needs no disk, and before the channel is
+        // opened (a refused publish creates no channel); over quota it is
+        // not queued, only refused with the time until it fits. Once one
+        // publish is refused, the later ones of this connection are
+        // refused too, uncharged, until it would fit: a pipelining client
+        // resends in order, and a later publish let through meanwhile
+        // would spend quota only to be refused as out of order.
         let usage = Arc::clone(&self.principal().usage);
         let now = Instant::now();
         let admitted = match self.publish_throttled_until {
@@ -817,6 +809,14 @@ impl Connection {
                 Response::Backpressure { channel: name.to_string(), reason: BackpressureReason::Quota, retry_after_ms };
             return self.respond(correlation_id, backpressure).await;
         }
+        let channel = match self.open_channel(&name) {
+            Ok(channel) => channel,
+            Err(error) => return self.channel_error(correlation_id, &name, error).await,
+        };
+        let handle = match channel.partition(partition) {
+            Ok(handle) => handle,
+            Err(error) => return self.storage_error(correlation_id, error).await,
+        };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
         self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
         let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
