@@ -400,9 +400,7 @@ async fn a_credentials_file_others_can_read_stops_the_broker_from_starting() {
 #[tokio::test]
 async fn a_principals_connections_are_limited() {
     let dir = tempfile::tempdir().unwrap();
-    let hash = hash_token("pw").unwrap();
-    let text = format!("[[users]]\nname = \"app\"\ntoken_hash = \"{hash}\"\n[users.quotas]\nmax_connections = 2\n");
-    let server = start(Config { credentials_file: Some(credentials(dir.path(), &text)), ..test_config(&dir) }).await;
+    let server = broker_with_quota(&dir, "max_connections = 2").await;
     let first = connect(&server, &plain("app:pw")).await.unwrap();
     let second = connect(&server, &plain("app:pw")).await.unwrap();
     match connect(&server, &plain("app:pw")).await {
@@ -501,14 +499,20 @@ async fn a_publisher_over_its_quota_is_held_to_it_and_others_are_not() {
     stop(server).await;
 }
 
+/// A broker with one user, `app` (token `pw`), allowed everything, with
+/// one quota (`key = value` of `[users.quotas]`).
+async fn broker_with_quota(dir: &TempDir, quota: &str) -> ServerHandle {
+    let hash = hash_token("pw").unwrap();
+    let text = format!(
+        "[[users]]\nname = \"app\"\ntoken_hash = \"{hash}\"\npublish = [\"*\"]\nsubscribe = [\"*\"]\nadmin = [\"*\"]\n[users.quotas]\n{quota}\n"
+    );
+    start(Config { credentials_file: Some(credentials(dir.path(), &text)), ..test_config(dir) }).await
+}
+
 #[tokio::test]
 async fn a_publish_refused_for_quota_creates_no_channel() {
     let dir = tempfile::tempdir().unwrap();
-    let hash = hash_token("pw").unwrap();
-    let text = format!(
-        "[[users]]\nname = \"app\"\ntoken_hash = \"{hash}\"\npublish = [\"*\"]\nadmin = [\"*\"]\n[users.quotas]\npublish_messages_per_sec = 1\n"
-    );
-    let server = start(Config { credentials_file: Some(credentials(dir.path(), &text)), ..test_config(&dir) }).await;
+    let server = broker_with_quota(&dir, "publish_messages_per_sec = 1").await;
     let connection = connect(&server, &plain("app:pw")).await.unwrap();
     assert!(matches!(publish_one(&connection, "first", "x").await, Ok(Response::PublishAck { .. })));
     match publish_one(&connection, "second", "x").await {
@@ -531,12 +535,8 @@ async fn deliveries_over_the_subscribe_quota_wait() {
     const QUOTA: u64 = 50_000;
     const MESSAGES: usize = 200;
     let dir = tempfile::tempdir().unwrap();
-    let hash = hash_token("pw").unwrap();
-    let text = format!(
-        "[[users]]\nname = \"reader\"\ntoken_hash = \"{hash}\"\nsubscribe = [\"*\"]\npublish = [\"*\"]\nadmin = [\"*\"]\n[users.quotas]\nsubscribe_bytes_per_sec = {QUOTA}\n"
-    );
-    let server = start(Config { credentials_file: Some(credentials(dir.path(), &text)), ..test_config(&dir) }).await;
-    let connection = connect(&server, &plain("reader:pw")).await.unwrap();
+    let server = broker_with_quota(&dir, &format!("subscribe_bytes_per_sec = {QUOTA}")).await;
+    let connection = connect(&server, &plain("app:pw")).await.unwrap();
     let payload = "x".repeat(1000);
     for _ in 0..MESSAGES {
         publish_one(&connection, "backlog", &payload).await.unwrap();
