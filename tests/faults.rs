@@ -242,13 +242,7 @@ async fn a_channel_that_cannot_be_opened_is_refused_while_the_others_are_served(
 
     let server = common::start(test_config(&dir)).await;
     let connection = Connection::connect(&addr(&server), "unavailable").await.unwrap();
-    let fetch = |channel: &str| Request::Fetch {
-        channel: channel.into(),
-        partition: 0,
-        offset: 0,
-        max_messages: 10,
-        max_bytes: 1 << 20,
-    };
+    let fetch = common::fetch_from_start;
     match within("FETCH good", connection.request(fetch("good"))).await.unwrap() {
         Response::FetchResult { count, .. } => assert_eq!(count, 10),
         other => panic!("expected FETCH_RESULT, got {other:?}"),

@@ -301,13 +301,7 @@ async fn every_permission_is_checked_allowed_and_denied() {
     assert!(member.is_ok(), "{:?}", member.err());
     let outsider = within("join", Subscriber::subscribe(&consumer, "orders.eu", subscribe(Some("fraud")))).await;
     assert!(outsider.err().is_some_and(|error| error.to_string().contains("may not join consumer group fraud")));
-    let fetch = |channel: &str| Request::Fetch {
-        channel: channel.into(),
-        partition: 0,
-        offset: 0,
-        max_messages: 10,
-        max_bytes: 1 << 20,
-    };
+    let fetch = common::fetch_from_start;
     assert!(matches!(within("fetch", consumer.request(fetch("orders.eu"))).await, Ok(Response::FetchResult { .. })));
     assert_unauthorized(within("fetch", producer.request(fetch("orders.eu"))).await, "may not fetch from channel");
 

@@ -151,6 +151,11 @@ impl Usage {
         Ok(())
     }
 
+    /// Whether the principal has a publish quota at all.
+    pub fn limits_publish(&self) -> bool {
+        self.publish_messages.is_some() || self.publish_bytes.is_some()
+    }
+
     /// Waits until `bytes` more may be delivered to the principal's
     /// subscriptions and fetches, and charges them.
     pub async fn subscribe_bytes(&self, bytes: u64) {

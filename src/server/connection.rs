@@ -38,7 +38,7 @@ use crate::protocol::{
 };
 use crate::record::Message;
 use crate::security::tls::{self, ReadHalf};
-use crate::security::{ConnectionSlot, Operation, Principal, Usage};
+use crate::security::{ConnectionSlot, Operation, Permissions, Principal, Usage};
 use crate::storage::{ChannelLog, ChannelName, ChannelSettings, StorageError};
 
 /// Room in the response queue beyond the publish window, for answers to
@@ -608,36 +608,12 @@ impl Connection {
             Request::ListChannels => {
                 // Only the channels the principal has a permission on: it
                 // must not learn the others' names.
-                let permissions = &self.principal().permissions;
-                let channels = self
-                    .broker
-                    .channel_infos()
-                    .into_iter()
-                    .filter(|info| permissions.sees(&info.name))
-                    .map(|mut info| {
-                        // Who reads a channel (durable and group names) is
-                        // for its readers and administrators.
-                        if !permissions.reads(&info.name) {
-                            info.subscriptions.clear();
-                        }
-                        info
-                    })
-                    .collect();
+                let channels = visible_to(&self.principal().permissions, self.broker.channel_infos());
                 self.respond(correlation_id, Response::Channels { channels }).await
             }
             Request::Stats => {
                 let (counters, channels) = self.broker.stats_snapshot();
-                let permissions = &self.principal().permissions;
-                let channels = channels
-                    .into_iter()
-                    .filter(|channel| permissions.sees(&channel.name))
-                    .map(|mut channel| {
-                        if !permissions.reads(&channel.name) {
-                            channel.subscriptions.clear();
-                        }
-                        channel
-                    })
-                    .collect();
+                let channels = visible_to(&self.principal().permissions, channels);
                 self.respond(correlation_id, Response::Stats { counters, channels }).await
             }
         }
@@ -794,6 +770,7 @@ impl Connection {
         let now = Instant::now();
         let admitted = match self.publish_throttled_until {
             Some(until) if now < until => Err(until - now),
+            _ if !usage.limits_publish() => Ok(()),
             _ => usage.admit_publish(messages.len() as u64, body_bytes),
         };
         if let Err(wait) = admitted {
@@ -1306,6 +1283,11 @@ impl Connection {
     /// Asked only after the principal's publish or subscribe permission on
     /// the name, so that it tells nothing to whom may not use the name.
     async fn may_create(&mut self, correlation_id: u32, name: &ChannelName) -> bool {
+        // Most principals (and every one of a broker without credentials)
+        // may: no store lookup on their publishes.
+        if self.principal().permissions.allows(Operation::Admin, name.as_str()) {
+            return true;
+        }
         let would_create = self.broker.config.auto_create_channels
             && self.broker.store.channel(name).is_none()
             && self.broker.store.unavailable(name).is_none();
@@ -1421,6 +1403,49 @@ impl Connection {
             self.outbox.answer_taken();
         }
     }
+}
+
+/// A channel as a listing (LIST_CHANNELS, STATS) shows it.
+trait ChannelListing {
+    fn channel_name(&self) -> &str;
+    /// Drops who reads it (durable and group names).
+    fn hide_readers(&mut self);
+}
+
+impl ChannelListing for crate::protocol::ChannelInfo {
+    fn channel_name(&self) -> &str {
+        &self.name
+    }
+
+    fn hide_readers(&mut self) {
+        self.subscriptions.clear();
+    }
+}
+
+impl ChannelListing for crate::protocol::ChannelStats {
+    fn channel_name(&self) -> &str {
+        &self.name
+    }
+
+    fn hide_readers(&mut self) {
+        self.subscriptions.clear();
+    }
+}
+
+/// What a principal may see of a listing: only the channels it has a
+/// permission on (it must not learn the others' names), and who reads a
+/// channel only where it reads or administers it.
+fn visible_to<T: ChannelListing>(permissions: &Permissions, channels: Vec<T>) -> Vec<T> {
+    channels
+        .into_iter()
+        .filter(|channel| permissions.sees(channel.channel_name()))
+        .map(|mut channel| {
+            if !permissions.reads(channel.channel_name()) {
+                channel.hide_readers();
+            }
+            channel
+        })
+        .collect()
 }
 
 /// Sends answers (first) and deliveries to the socket, flushing whenever

@@ -44,6 +44,17 @@ pub async fn stop(server: ServerHandle) {
     within("the server to stop", server.stop()).await.expect("the server stops cleanly");
 }
 
+/// A FETCH of up to 10 messages from the start of partition 0.
+pub fn fetch_from_start(channel: &str) -> weir::protocol::Request {
+    weir::protocol::Request::Fetch {
+        channel: channel.into(),
+        partition: 0,
+        offset: 0,
+        max_messages: 10,
+        max_bytes: 1 << 20,
+    }
+}
+
 pub fn addr(server: &ServerHandle) -> String {
     server.local_addr().to_string()
 }
