@@ -146,6 +146,38 @@ fn segments_roll_at_segment_bytes_and_reads_cross_them() {
 }
 
 #[test]
+fn large_payloads_written_in_place_read_back_whole_by_offset_and_after_reopening() {
+    // Payloads of 64 KiB and more reach the file by a vectored write from
+    // where they are; smaller ones are copied into the encode buffer. Mixed
+    // in one batch, the records, their index positions and their CRCs must
+    // come out as if all had been copied.
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 1024 * 1024, ..small_config() };
+    let sizes = [100, 64 * 1024 - 1, 64 * 1024, 0, 300 * 1024, 7, 70 * 1024, 70 * 1024];
+    let messages: Vec<Message> = sizes.iter().enumerate().map(|(i, &size)| message(i as u64, size)).collect();
+    {
+        let log = open(dir.path(), config.clone());
+        for round in 0..4 {
+            let first = log.append_batch(&messages).unwrap().first_offset;
+            assert_eq!(first, round * sizes.len() as u64);
+        }
+    }
+    assert!(segment_logs(dir.path()).len() > 1, "the batches cross a roll");
+    let log = open(dir.path(), config);
+    let records = read_all(&log, 0);
+    assert_eq!(records.len(), 4 * sizes.len());
+    for record in &records {
+        let expected = &messages[record.offset as usize % sizes.len()];
+        assert_eq!(record.payload.len(), expected.payload.len(), "offset {}", record.offset);
+        assert_eq!(record.payload, expected.payload, "offset {}", record.offset);
+        assert_eq!(record.key, expected.key);
+        // A read from this offset finds it through the index.
+        let batch = log.read(record.offset, 1).unwrap();
+        assert_eq!(batch.iter().next().unwrap().unwrap().offset, record.offset);
+    }
+}
+
+#[test]
 fn a_segment_older_than_segment_max_age_rolls_on_the_next_append() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig { segment_max_age: Duration::from_secs(60), ..small_config() };
@@ -1304,6 +1336,51 @@ fn a_roll_never_creates_a_segment_while_an_earlier_seal_that_sync_waits_for_is_u
     let third_created = fs.position("created", &logs[2]).expect("the third segment was created");
     assert!(seal_done < third_created, "{:?}", fs.events.lock().unwrap());
     log.close().unwrap();
+}
+
+#[test]
+fn a_log_dropped_or_deleted_waits_for_its_sealed_segments_background_sync() {
+    // That sync rewrites the segment's index files by path: going on after
+    // the log is gone, it would write them under a channel reopened or
+    // recreated in the same directory (which reads them through a map: a
+    // file cut under a map is a SIGBUS).
+    for ending in ["dropped", "deleted"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = GatedSync::default();
+        let config = LogConfig { segment_bytes: 2048, ..small_config() };
+        let log = ChannelLog::open(Arc::new(fs.clone()), dir.path(), ChannelName::new("t").unwrap(), config).unwrap();
+        let sealed = segment_logs(dir.path()).pop().unwrap();
+        *fs.gated.lock().unwrap() = Some(sealed.clone());
+        // Only what follows counts (the segment's creation synced it too).
+        fs.events.lock().unwrap().clear();
+        while !log.roll_due(now_us()) {
+            log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+        }
+        log.append_batch(&[message(log.next_offset(), 100)]).unwrap();
+        let ended = std::thread::spawn({
+            let fs = fs.clone();
+            move || {
+                if ending == "deleted" {
+                    log.mark_deleted();
+                }
+                drop(log);
+                fs.events.lock().unwrap().push(("ended", PathBuf::new()));
+            }
+        });
+        // Without the wait the log ends at once, before the gate opens;
+        // with it, this only bounds how long the test looks.
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while std::time::Instant::now() < deadline && !ended.is_finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fs.open_gate();
+        ended.join().unwrap();
+        let seal_done = fs.position("synced", &sealed).unwrap_or_else(|| {
+            panic!("{ending}: the seal had not completed when the log ended: {:?}", fs.events.lock().unwrap())
+        });
+        let ended_at = fs.position("ended", Path::new("")).unwrap();
+        assert!(seal_done < ended_at, "{ending}: {:?}", fs.events.lock().unwrap());
+    }
 }
 
 #[test]

@@ -224,6 +224,17 @@ pub fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
+/// A log dropped while a sealed segment's sync runs in the background
+/// waits for it: that sync writes index files by path, and would otherwise
+/// go on writing them under whatever opens the channel next (a reopened or
+/// recreated channel, reading those files through a map).
+impl Drop for ChannelLog {
+    fn drop(&mut self) {
+        let pending_seal = self.writer.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).pending_seal.take();
+        self.wait_for_seals(pending_seal);
+    }
+}
+
 impl ChannelLog {
     /// Opens the log of partition 0 of a channel in `dir` (see
     /// [`ChannelLog::open_partition`]).
@@ -524,9 +535,30 @@ impl ChannelLog {
     /// Refuses every later append (the channel is being deleted). Taken
     /// under the writer lock, so that no append is in progress once it
     /// returns.
+    ///
+    /// It also waits for the background sync of the last sealed segment:
+    /// that sync writes the segment's index files by path, and must not
+    /// write into a directory that a channel of the same name may be
+    /// using next.
     pub fn mark_deleted(&self) {
-        let _writer = self.lock_writer();
-        self.deleted.store(true, Ordering::Release);
+        let pending_seal = {
+            let mut writer = self.lock_writer();
+            self.deleted.store(true, Ordering::Release);
+            writer.pending_seal.take()
+        };
+        self.wait_for_seals(pending_seal);
+    }
+
+    /// Waits for `pending_seal` and for one a concurrent `sync` took from
+    /// the writer (it holds `seal_order` while it waits). The outcome does
+    /// not matter to callers: the log is going away.
+    fn wait_for_seals(&self, pending_seal: Option<SealSync>) {
+        let _order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(pending) = pending_seal
+            && let Err(error) = self.join_seal(pending)
+        {
+            tracing::warn!(channel = %self.name, partition = self.partition, %error, "the sync of the last sealed segment failed as the log closed; recovery checks it at the next open");
+        }
     }
 
     /// Whether the channel was deleted (see [`ChannelLog::mark_deleted`]).
