@@ -154,55 +154,24 @@ pub enum RecordError {
 /// The caller has validated the message; an invalid one is an invariant
 /// violation here.
 pub fn encode(buf: &mut Vec<u8>, offset: u64, timestamp_us: u64, message: &Message) {
-    encode_record(buf, offset, timestamp_us, message, true);
-}
-
-/// Appends the encoding of `message` as a record to `buf` *without* its
-/// payload bytes: the record is whole once the caller writes
-/// `message.payload` right after them (a vectored write, so that a large
-/// payload is not copied once more on its way to the page cache). The CRC
-/// covers the payload as in [`encode`]; the two produce the same bytes.
-///
-/// The caller has validated the message; an invalid one is an invariant
-/// violation here.
-pub fn encode_without_payload(buf: &mut Vec<u8>, offset: u64, timestamp_us: u64, message: &Message) {
-    encode_record(buf, offset, timestamp_us, message, false);
-}
-
-fn encode_record(buf: &mut Vec<u8>, offset: u64, timestamp_us: u64, message: &Message, payload_inline: bool) {
     assert!(message.validate(MESSAGE_BYTES_LIMIT).is_ok(), "encode: message must be validated first");
     let start = buf.len();
     let length = message.encoded_len() - 4;
-    let payload_in_buf = if payload_inline { message.payload.len() } else { 0 };
-    buf.reserve(message.encoded_len() - message.payload.len() + payload_in_buf);
+    buf.reserve(message.encoded_len());
     buf.put_u32(length as u32);
     buf.put_u32(0); // CRC, filled in below once the body is written.
     buf.put_u64(offset);
     buf.put_u64(timestamp_us);
     buf.put_u8(0);
-    put_message_fields_before_payload(buf, message);
-    if payload_inline {
-        buf.put_slice(&message.payload);
-    }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&buf[start + RECORD_PREFIX_BYTES..]);
-    if !payload_inline {
-        crc.update(&message.payload);
-    }
-    buf[start + 4..start + 8].copy_from_slice(&crc.finalize().to_be_bytes());
-    debug_assert_eq!(buf.len() - start + message.payload.len() - payload_in_buf, message.encoded_len());
+    put_message_fields(buf, message);
+    let crc = crc32fast::hash(&buf[start + RECORD_PREFIX_BYTES..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    debug_assert_eq!(buf.len() - start, message.encoded_len());
 }
 
 /// Appends key, headers and payload in the layout records and publish
 /// frames share (the part of a record after `flags`).
 pub fn put_message_fields(buf: &mut Vec<u8>, message: &Message) {
-    put_message_fields_before_payload(buf, message);
-    buf.put_slice(&message.payload);
-}
-
-/// Key, headers and the payload's length: everything after `flags` but the
-/// payload bytes.
-fn put_message_fields_before_payload(buf: &mut Vec<u8>, message: &Message) {
     buf.put_u16(message.key.len() as u16);
     buf.put_slice(&message.key);
     buf.put_u16(message.headers.len() as u16);
@@ -213,6 +182,7 @@ fn put_message_fields_before_payload(buf: &mut Vec<u8>, message: &Message) {
         buf.put_slice(&header.value);
     }
     buf.put_u32(message.payload.len() as u32);
+    buf.put_slice(&message.payload);
 }
 
 /// The fixed fields of a verified record, without its variable parts.
@@ -446,16 +416,6 @@ mod tests {
             prop_assert_eq!(record.key, message.key);
             prop_assert_eq!(record.headers, message.headers);
             prop_assert_eq!(record.payload, message.payload);
-        }
-
-        #[test]
-        fn a_record_without_its_payload_then_the_payload_is_the_whole_record(message in arbitrary_message(), offset: u64, timestamp_us: u64) {
-            let mut whole = Vec::new();
-            encode(&mut whole, offset, timestamp_us, &message);
-            let mut split = vec![0xAA];
-            encode_without_payload(&mut split, offset, timestamp_us, &message);
-            split.extend_from_slice(&message.payload);
-            prop_assert_eq!(&split[1..], &whole[..]);
         }
 
         #[test]

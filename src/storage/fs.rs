@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -171,17 +171,6 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// # Errors
     /// The operating system's error; the file may then hold part of `buf`.
     fn append(&self, buf: &[u8]) -> io::Result<()>;
-    /// Writes `bufs`, one after the other, at the end of the file, as
-    /// [`StorageFile::append`] writes one buffer. The default joins them
-    /// and appends the result (enough for a test double); the real file
-    /// writes them where they are.
-    ///
-    /// # Errors
-    /// The operating system's error; the file may then hold part of `bufs`.
-    fn append_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let joined: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
-        self.append(&joined)
-    }
     /// Makes everything appended so far durable (`fdatasync`).
     ///
     /// # Errors
@@ -269,8 +258,6 @@ struct StdFile {
 /// How far past the end of the file a new mapping reaches, so that a growing
 /// segment is not remapped after every append.
 const MAP_HEADROOM_BYTES: u64 = 64 * 1024 * 1024;
-/// Slices per `pwritev` call: Linux's `IOV_MAX`.
-const IOVECS_PER_WRITE_MAX: usize = 1024;
 
 impl fmt::Debug for StdFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -287,28 +274,6 @@ impl StorageFile for StdFile {
         let position = self.len.load(Ordering::Acquire);
         self.file.write_all_at(buf, position)?;
         self.len.store(position + buf.len() as u64, Ordering::Release);
-        Ok(())
-    }
-
-    fn append_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let start = self.len.load(Ordering::Acquire);
-        let mut position = start;
-        // One pwritev per at most IOVECS_PER_WRITE_MAX slices, each repeated
-        // from where the kernel stopped if it wrote only part.
-        for chunk in bufs.chunks(IOVECS_PER_WRITE_MAX) {
-            let mut owned = chunk.to_vec();
-            let mut remaining: &mut [IoSlice<'_>] = &mut owned;
-            IoSlice::advance_slices(&mut remaining, 0);
-            while !remaining.is_empty() {
-                let written = rustix::io::pwritev(&self.file, remaining, position)?;
-                if written == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                position += written as u64;
-                IoSlice::advance_slices(&mut remaining, written);
-            }
-        }
-        self.len.store(position, Ordering::Release);
         Ok(())
     }
 

@@ -2,7 +2,6 @@
 //! to the last (active) one, any number of readers, rolling and retention.
 
 use std::collections::BTreeMap;
-use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -21,10 +20,6 @@ use crate::record::{self, Message, RecordIter};
 /// The most encoded bytes one append may write: the writer's buffer never
 /// grows past this.
 pub const APPEND_BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// Payloads at least this long are written to the log from where they
-/// are (a vectored write) instead of being copied into the encode buffer
-/// first: below it, one more slice per record costs more than the copy.
-const PAYLOAD_IN_PLACE_BYTES_MIN: usize = 64 * 1024;
 /// The writer keeps its encode buffer between appends up to this capacity,
 /// and releases anything larger.
 const ENCODE_BUFFER_RETAINED_BYTES: usize = 4 * 1024 * 1024;
@@ -589,40 +584,17 @@ impl ChannelLog {
         let mut offset_entries = Vec::new();
         let mut time_entries = Vec::new();
         let mut last_indexed_position = writer.last_indexed_position;
-        // Large payloads are written from the frames they arrived in: each
-        // is the position in `buffer` its record's other bytes end at, and
-        // the payload that follows them in the file.
-        let mut payloads_in_place: Vec<(usize, &[u8])> = Vec::new();
-        let mut payloads_in_place_bytes = 0u64;
         for (i, message) in messages.iter().enumerate() {
             let offset = first_offset + i as u64;
-            let position = base_position + buffer.len() as u64 + payloads_in_place_bytes;
+            let position = base_position + buffer.len() as u64;
             if position - last_indexed_position >= self.config.index_interval_bytes {
                 offset_entries.push(IndexEntry { key: offset, value: position });
                 time_entries.push(IndexEntry { key: timestamp_us, value: offset });
                 last_indexed_position = position;
             }
-            if message.payload.len() >= PAYLOAD_IN_PLACE_BYTES_MIN {
-                record::encode_without_payload(&mut buffer, offset, timestamp_us, message);
-                payloads_in_place.push((buffer.len(), &message.payload[..]));
-                payloads_in_place_bytes += message.payload.len() as u64;
-            } else {
-                record::encode(&mut buffer, offset, timestamp_us, message);
-            }
+            record::encode(&mut buffer, offset, timestamp_us, message);
         }
-        let written = if payloads_in_place.is_empty() {
-            writer.active.write(&buffer)
-        } else {
-            let mut pieces = Vec::with_capacity(2 * payloads_in_place.len() + 1);
-            let mut from = 0;
-            for &(until, payload) in &payloads_in_place {
-                pieces.push(IoSlice::new(&buffer[from..until]));
-                pieces.push(IoSlice::new(payload));
-                from = until;
-            }
-            pieces.push(IoSlice::new(&buffer[from..]));
-            writer.active.write_vectored(&pieces)
-        };
+        let written = writer.active.write(&buffer);
         writer.encode_buffer = buffer;
         match written {
             Ok(()) => {}

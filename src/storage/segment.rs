@@ -6,7 +6,6 @@
 //! rebuild indexes) and serves reads of whole, CRC-checked records. Appends
 //! are driven by the channel log, which is the segment's only writer.
 
-use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -352,21 +351,8 @@ impl Segment {
     /// (and the cut synced); [`WriteFailure::rolled_back`] says whether that
     /// worked, so that nothing of the failed write remains.
     pub fn write(&self, records: &[u8]) -> Result<(), WriteFailure> {
-        self.write_vectored(&[IoSlice::new(records)])
-    }
-
-    /// [`Segment::write`] of records in several pieces, written in order
-    /// with one vectored write.
-    ///
-    /// # Errors
-    /// As [`Segment::write`].
-    pub fn write_vectored(&self, pieces: &[IoSlice<'_>]) -> Result<(), WriteFailure> {
         let len = self.log.len();
-        let written = match pieces {
-            [records] => self.log.append(records),
-            _ => self.log.append_vectored(pieces),
-        };
-        let Err(error) = written.at(&self.log_path) else { return Ok(()) };
+        let Err(error) = self.log.append(records).at(&self.log_path) else { return Ok(()) };
         // A partial write above the visible length is invisible to readers;
         // if a cut fails, recovery cuts the records again on open. The cut
         // of the log is synced: otherwise a power loss could keep the
