@@ -217,6 +217,12 @@ impl Broker {
         if live > 0 && !force {
             return Err(DeleteError::InUse { subscriptions: live });
         }
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(DeleteError::Channel(ChannelError::ShuttingDown));
+        }
+        // The waits for the partitions' last seals happen before the
+        // channels lock, which every publish takes.
+        self.store.stop_appends(name);
         // Under the channels lock, so that no handle of the old channel is
         // made while it goes (see `handle_for`).
         let mut channels = self.lock_channels();

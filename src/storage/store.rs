@@ -268,6 +268,19 @@ impl Store {
         self.remove_set_aside(name, &trash)
     }
 
+    /// Makes the partitions of the channel `name` refuse appends from now
+    /// on, as a deletion that is about to happen, and waits for their last
+    /// sealed segments' background syncs (see [`ChannelLog::mark_deleted`]).
+    /// Callers do it before taking a lock others wait for: such a sync can
+    /// take a while.
+    pub fn stop_appends(&self, name: &ChannelName) {
+        if let Some(channel) = self.channel(name) {
+            for log in channel.partitions() {
+                log.mark_deleted();
+            }
+        }
+    }
+
     /// The first half of deleting the channel `name`: its partitions refuse
     /// appends from now on (in-flight ones finish first), and its directory
     /// moves out of `channels/` into `deleted/`. Under the channels lock, so
@@ -282,6 +295,10 @@ impl Store {
         let channels_dir = self.config.data_dir.join(CHANNELS_DIR);
         let dir = channels_dir.join(name.as_str());
         let trash = self.config.data_dir.join(DELETED_DIR).join(format!("{name}-{}", super::log::now_us()));
+        // Before the channels lock, which every channel lookup takes (a
+        // channel of the same name created in between is marked again
+        // under it).
+        self.stop_appends(name);
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         let removed = channels.remove(name);
         let was_unavailable = self.unavailable.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
