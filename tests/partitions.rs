@@ -12,7 +12,9 @@ use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
 use weir::client::{ClientError, Connection, Event, SubscribeOptions, Subscriber};
 use weir::config::Config;
-use weir::protocol::{ChannelInfo, ChannelRetention, ErrorCode, PROTOCOL_VERSION, Request, Response, StartPosition};
+use weir::protocol::{
+    ChannelInfo, ChannelRetention, ErrorCode, Notice, PROTOCOL_VERSION, Request, Response, StartPosition,
+};
 use weir::record::{Message, RecordIter};
 
 mod common;
@@ -271,6 +273,79 @@ async fn partitions_grow_up_to_max_partitions_and_never_shrink() {
     let server = start(Config { max_partitions: 8, ..test_config(&dir) }).await;
     let connection = Connection::connect(&addr(&server), "alter").await.unwrap();
     assert_eq!(channel_info(&connection, "orders").await.expect("listed").partitions.len(), 8);
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_subscription_to_every_partition_reads_partitions_added_later_from_their_start() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "reader").await.unwrap();
+    create(&connection, "orders", 2).await;
+    publish(&connection, "orders", Some(0), vec![Message::from_payload("before")]).await.unwrap();
+    // Starting at the end: a partition added later is read from its start
+    // all the same (everything in it came after the subscription began).
+    let options = SubscribeOptions {
+        durable_name: Some("billing".into()),
+        start: StartPosition::Latest,
+        ..SubscribeOptions::default()
+    };
+    let mut subscriber = Subscriber::subscribe(&connection, "orders", options.clone()).await.unwrap();
+    assert_eq!(subscriber.partitions(), [(0, 1), (1, 0)]);
+    let alter = Request::AlterChannel { channel: "orders".into(), partitions: 4 };
+    assert_eq!(within("ALTER", connection.request(alter)).await.unwrap(), Response::ChannelAltered);
+    // Published at once, possibly before the subscription notices the new
+    // partitions.
+    for partition in [2u32, 3, 0] {
+        publish(&connection, "orders", Some(partition), vec![Message::from_payload(format!("p{partition}"))])
+            .await
+            .unwrap();
+    }
+    let mut assigned = BTreeMap::new();
+    let mut received = BTreeMap::new();
+    while received.len() < 3 {
+        match within("an event", subscriber.next()).await {
+            Some(Ok(Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } })) => {
+                assert_eq!(generation, 0);
+                assert!(!received.contains_key(&partition), "ASSIGNED of partition {partition} came after its records");
+                assigned.insert(partition, first_offset);
+            }
+            Some(Ok(Event::Notice { .. })) => {}
+            Some(Ok(Event::Message { partition, record })) => {
+                subscriber.ack_partition(partition, record.offset).await.unwrap();
+                received.insert(partition, (record.offset, record.payload));
+            }
+            Some(Err(error)) => panic!("the subscription failed: {error}"),
+            None => panic!("the subscription ended"),
+        }
+    }
+    assert_eq!(assigned, BTreeMap::from([(2, 0), (3, 0)]));
+    assert_eq!(
+        received,
+        BTreeMap::from([(0, (1, Bytes::from("p0"))), (2, (0, Bytes::from("p2"))), (3, (0, Bytes::from("p3"))),])
+    );
+    assert_eq!(subscriber.partitions(), [(0, 1), (1, 0), (2, 0), (3, 0)]);
+    // The durable name keeps a position in the new partitions too.
+    within("unsubscribe", subscriber.unsubscribe()).await.unwrap();
+    let _ = within("PING", connection.request(Request::Ping)).await;
+    let resumed = Subscriber::subscribe(&connection, "orders", options).await.unwrap();
+    assert_eq!(resumed.partitions(), [(0, 2), (1, 0), (2, 1), (3, 1)]);
+    // One partition alone follows no others.
+    let single = Subscriber::subscribe(
+        &connection,
+        "orders",
+        SubscribeOptions { partition: Some(1), ..SubscribeOptions::default() },
+    );
+    let mut single = single.await.unwrap();
+    let alter = Request::AlterChannel { channel: "orders".into(), partitions: 5 };
+    assert_eq!(within("ALTER", connection.request(alter)).await.unwrap(), Response::ChannelAltered);
+    publish(&connection, "orders", Some(1), vec![Message::from_payload("p1")]).await.unwrap();
+    match within("an event", single.next()).await {
+        Some(Ok(Event::Message { partition, record })) => assert_eq!((partition, record.offset), (1, 0)),
+        other => panic!("expected partition 1's record and nothing before it, got {other:?}"),
+    }
+    assert_eq!(single.partitions(), [(1, 0)]);
+    drop(connection);
     stop(server).await;
 }
 

@@ -37,6 +37,9 @@ pub struct SubscribeOptions {
     /// subscription holds a window of every partition it may read: for a
     /// subscription to every partition (or a group member), it asks the
     /// broker for the channel's partition count first (one LIST_CHANNELS).
+    /// Partitions added later (announced by [`Notice::Assigned`]) are read
+    /// too, but the queue is not resized: an application that leaves full
+    /// windows of them unread can overflow it (`SubscriberOverflow`).
     pub max_inflight: u32,
 }
 

@@ -33,6 +33,9 @@ pub(crate) struct ChannelHandle {
     /// Cancelled when the channel is deleted: its subscriptions and group
     /// members end.
     pub deleted: CancellationToken,
+    /// The partition count, for subscriptions to every partition to start
+    /// reading the ones added later.
+    pub partitions_added: watch::Sender<u32>,
 }
 
 /// One partition as the server sees it: its log, the queue into its writer,
@@ -269,6 +272,7 @@ impl Broker {
             channel: Arc::clone(&channel),
             partitions: RwLock::new(Vec::new()),
             deleted: CancellationToken::new(),
+            partitions_added: watch::Sender::new(0),
         });
         self.add_partition_handles(&handle);
         channels.insert(channel.name().clone(), Arc::clone(&handle));
@@ -283,6 +287,7 @@ impl Broker {
         for log in handle.channel.partitions().into_iter().skip(partitions.len()) {
             partitions.push(Arc::new(self.start_partition(log)));
         }
+        handle.partitions_added.send_replace(partitions.len() as u32);
     }
 
     fn start_partition(&self, log: Arc<ChannelLog>) -> PartitionHandle {

@@ -29,12 +29,14 @@ use super::group::Handover;
 use super::member::MemberTask;
 use super::offsets::ChannelRef;
 use super::outbox::Outbox;
+use super::partition_follower::PartitionFollower;
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
 use crate::protocol::{
     self, BackpressureReason, DecodeError, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader,
-    FrameType, NameField, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, ProducerSequence, Request, Response, StartPosition,
+    FrameType, NameField, Notice, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, ProducerSequence, Request, Response,
+    StartPosition,
 };
 use crate::record::Message;
 use crate::security::tls::{self, ReadHalf};
@@ -105,6 +107,19 @@ pub(crate) struct CursorFactory {
 }
 
 impl CursorFactory {
+    /// Queues a notice of `partition` for the client, after the frames
+    /// queued before it; gives up when `cancel` (the subscription's) fires.
+    /// Whether it was queued.
+    pub async fn notify(&self, partition: u32, notice: Notice, cancel: &CancellationToken) -> bool {
+        let response = Response::Notice { subscription_id: self.subscription_id, partition, notice };
+        let outbound = Outbound::Frame(response.encode_for(self.version, 0));
+        let delivery = Delivery { ended: cancel.clone(), outbound, ends_subscription: false };
+        tokio::select! {
+            sent = self.deliveries.send(delivery) => sent.is_ok(),
+            () = cancel.cancelled() => false,
+        }
+    }
+
     /// Starts the delivery task of one partition, from `first_offset`,
     /// ended by (a child of) `subscription_cancel`.
     pub fn start(
@@ -1043,6 +1058,15 @@ impl Connection {
             cursors.insert(partition_handle.log.partition(), cursor);
         }
         let partitions = Arc::new(std::sync::Mutex::new(cursors));
+        if partition.is_none() {
+            let follower = PartitionFollower {
+                factory,
+                channel: handle,
+                cursors: Arc::clone(&partitions),
+                cancel: cancel.clone(),
+            };
+            tokio::spawn(follower.run());
+        }
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions });
         Flow::Continue
     }

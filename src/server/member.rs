@@ -113,10 +113,11 @@ impl MemberTask {
             }
             let Ok(handle) = self.channel.partition(partition) else { continue };
             let first_offset = self.first_offset(&handle.log);
-            let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
-            self.lock_cursors().insert(partition, cursor);
+            // ASSIGNED is queued before the cursor can queue a delivery.
             let notice = Notice::Assigned { generation: assignment.generation, first_offset };
             self.notify(partition, notice).await;
+            let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
+            self.lock_cursors().insert(partition, cursor);
         }
     }
 
@@ -223,13 +224,7 @@ impl MemberTask {
     }
 
     async fn notify(&self, partition: u32, notice: Notice) {
-        let response = Response::Notice { subscription_id: self.factory.subscription_id, partition, notice };
-        let outbound = Outbound::Frame(response.encode_for(self.factory.version, 0));
-        let delivery = Delivery { ended: self.cancel.clone(), outbound, ends_subscription: false };
-        tokio::select! {
-            _ = self.factory.deliveries.send(delivery) => {}
-            () = self.cancel.cancelled() => {}
-        }
+        self.factory.notify(partition, notice, &self.cancel).await;
     }
 
     fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<u32, super::connection::PartitionCursor>> {

@@ -8,6 +8,8 @@
 //! - `outbox`: a connection's socket, shared by its writer task and the
 //!   answers written at once.
 //! - `subscription`: one task per subscription, a cursor and a window.
+//! - `partition_follower`: a subscription to every partition starts reading
+//!   the partitions added later.
 //! - `offsets`: durable subscription offsets in an internal log.
 //!
 //! Shutdown (after mini-redis): a cancellation token stops the accept loop
@@ -22,6 +24,7 @@ mod group;
 mod member;
 pub mod offsets;
 mod outbox;
+mod partition_follower;
 mod stats;
 mod subscription;
 

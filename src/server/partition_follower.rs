@@ -1,0 +1,92 @@
+//! A subscription to every partition of a channel (outside consumer
+//! groups): its task that starts reading each partition added to the
+//! channel later (ALTER_CHANNEL), announced to the client by ASSIGNED, so
+//! that messages routed to a new partition are not left unread.
+//!
+//! A partition added after the subscription started holds only messages
+//! published after it started, so it is read from its beginning, whatever
+//! the subscription's start position (where a durable subscription has a
+//! stored position there, from that position).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::broker::ChannelHandle;
+use super::connection::{CursorFactory, Cursors};
+use super::offsets::ChannelRef;
+use crate::protocol::Notice;
+
+/// Everything the task needs.
+pub(crate) struct PartitionFollower {
+    pub factory: CursorFactory,
+    pub channel: Arc<ChannelHandle>,
+    pub cursors: Cursors,
+    /// The subscription's token: cancelled by UNSUBSCRIBE or the connection
+    /// ending.
+    pub cancel: CancellationToken,
+}
+
+impl PartitionFollower {
+    pub async fn run(self) {
+        let mut partition_count = self.channel.partitions_added.subscribe();
+        // A partition added between the subscription's start and this
+        // task's is caught by the first pass.
+        loop {
+            let count = *partition_count.borrow_and_update();
+            for partition in 0..count {
+                if self.cancel.is_cancelled() {
+                    return;
+                }
+                self.start_if_new(partition).await;
+            }
+            tokio::select! {
+                changed = partition_count.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = self.cancel.cancelled() => return,
+                () = self.channel.deleted.cancelled() => return,
+            }
+        }
+    }
+
+    /// Starts reading `partition` unless the subscription already does.
+    async fn start_if_new(&self, partition: u32) {
+        if self.lock_cursors().contains_key(&partition) {
+            return;
+        }
+        let Ok(handle) = self.channel.partition(partition) else { return };
+        let broker = &self.factory.broker;
+        let channel_name = self.factory.channel.as_str();
+        let stored = self
+            .factory
+            .durable_name
+            .as_deref()
+            .and_then(|durable| broker.offsets.get(channel_name, durable, partition));
+        let first_offset = stored.unwrap_or_else(|| handle.log.start_offset()).max(handle.log.start_offset());
+        if let Some(durable) = &self.factory.durable_name
+            && stored.is_none()
+        {
+            let channel = ChannelRef { name: channel_name, deleted: &self.channel.deleted };
+            if let Err(error) = broker.offsets.record(&channel, durable, partition, first_offset) {
+                // The partition is still read; its position is not kept
+                // (the limit is logged where it is set).
+                tracing::warn!(channel = channel_name, partition, durable, %error, "a partition added later is read without a stored position");
+            }
+        }
+        // ASSIGNED is queued before the cursor can queue a delivery.
+        if !self.factory.notify(partition, Notice::Assigned { generation: 0, first_offset }, &self.cancel).await {
+            return;
+        }
+        let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
+        self.lock_cursors().insert(partition, cursor);
+    }
+
+    fn lock_cursors(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, super::connection::PartitionCursor>> {
+        self.cursors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
