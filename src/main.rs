@@ -779,6 +779,12 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
                     "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
                 );
             }
+            // Generation 0: outside a group, a partition added to the channel.
+            Event::Notice { partition, notice: Notice::Assigned { generation: 0, first_offset } } => {
+                eprintln!(
+                    "notice: partition {partition} was added to the channel; reading it from offset {first_offset}"
+                );
+            }
             Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
                 eprintln!(
                     "notice: partition {partition} assigned (generation {generation}), from offset {first_offset}"
