@@ -365,6 +365,60 @@ async fn every_permission_is_checked_allowed_and_denied() {
 }
 
 #[tokio::test]
+async fn a_reload_closes_the_connections_of_users_it_removed_or_changed_and_only_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = broker_with_users(&dir).await;
+    let legacy = connect(&server, &plain("legacy-token")).await.unwrap();
+    let create = Request::CreateChannel {
+        channel: "orders.eu".into(),
+        retention: ChannelRetention::default(),
+        partitions: None,
+    };
+    assert!(matches!(within("create", legacy.request(create)).await, Ok(Response::ChannelCreated)));
+    let producer = connect(&server, &plain("producer:secret")).await.unwrap();
+    let operator = connect(&server, &plain("operator:secret")).await.unwrap();
+    let consumer = connect(&server, &plain("consumer:secret")).await.unwrap();
+    let mut subscriber = Subscriber::subscribe(&consumer, "orders.eu", SubscribeOptions::default()).await.unwrap();
+    assert!(matches!(publish_one(&producer, "orders.eu", "one").await, Ok(Response::PublishAck { .. })));
+    assert!(matches!(within("a delivery", subscriber.next()).await, Some(Ok(Event::Message { .. }))));
+
+    // A reload that changes nobody closes nothing.
+    server.reload().expect("the same file loads");
+    // The consumer loses the channel; the operator is removed; the
+    // producer's entry is unchanged.
+    let hash = hash_token("secret").unwrap();
+    let producer_entry = std::fs::read_to_string(dir.path().join("credentials.toml")).unwrap();
+    let producer_entry = producer_entry.split("[[users]]").find(|entry| entry.contains("\"producer\"")).unwrap();
+    let text = format!(
+        r#"
+[[users]]{producer_entry}
+[[users]]
+name = "consumer"
+token_hash = "{hash}"
+subscribe = ["audit"]
+"#
+    );
+    credentials(dir.path(), &text);
+    server.reload().expect("the new file loads");
+    match within("the subscription's end", subscriber.next()).await {
+        Some(Err(error)) => {
+            assert_eq!(error.code(), Some(ErrorCode::Unauthorized), "{error}");
+            assert!(error.to_string().contains("principal consumer were removed or changed by a reload"), "{error}");
+        }
+        other => panic!("the consumer's subscription must end with Unauthorized, got {other:?}"),
+    }
+    assert!(within("PING", consumer.request(Request::Ping)).await.is_err(), "the consumer's connection is closed");
+    assert!(within("PING", operator.request(Request::Ping)).await.is_err(), "the operator's connection is closed");
+    assert!(matches!(publish_one(&producer, "orders.eu", "two").await, Ok(Response::PublishAck { .. })));
+    assert!(matches!(within("PING", legacy.request(Request::Ping)).await, Ok(Response::Pong)));
+    // Connecting again gives the new permissions.
+    let consumer = connect(&server, &plain("consumer:secret")).await.unwrap();
+    let refused = Subscriber::subscribe(&consumer, "orders.eu", SubscribeOptions::default()).await;
+    assert_eq!(refused.err().and_then(|error| error.code()), Some(ErrorCode::Unauthorized));
+    stop(server).await;
+}
+
+#[tokio::test]
 async fn wrong_credentials_are_refused_at_hello() {
     let dir = tempfile::tempdir().unwrap();
     let server = broker_with_users(&dir).await;

@@ -71,6 +71,9 @@ pub struct Authenticator {
     principals: RwLock<Arc<Principals>>,
     legacy: Arc<Principal>,
     anonymous: Arc<Principal>,
+    /// Counts the reloads, for connections to check their principal after
+    /// each (see [`Authenticator::is_current`]).
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 fn everything(name: &str) -> Arc<Principal> {
@@ -93,6 +96,7 @@ impl Authenticator {
             principals: RwLock::new(Arc::new(principals)),
             legacy: everything(LEGACY_PRINCIPAL),
             anonymous: everything(ANONYMOUS_PRINCIPAL),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -110,6 +114,12 @@ impl Authenticator {
                 // A changed one starts afresh, but keeps counting the
                 // connections the principal has open.
                 let old = previous.and_then(|previous| previous.by_name.get(&user.name));
+                // An entry that did not change keeps its principal: the
+                // connections holding it stay (see `is_current`).
+                let unchanged = previous.and_then(|previous| previous.users.by_name.get(&user.name)) == Some(user);
+                if let Some(old) = old.filter(|_| unchanged) {
+                    return (user.name.clone(), Arc::clone(old));
+                }
                 let usage = match old {
                     Some(old) if old.usage.quotas == user.quotas => Arc::clone(&old.usage),
                     Some(old) => Arc::new(old.usage.with_quotas(user.quotas)),
@@ -123,8 +133,10 @@ impl Authenticator {
         Ok(Principals { users, by_name })
     }
 
-    /// Reads the credentials file again. Connections already established
-    /// keep the principal they were given; on an error nothing changes.
+    /// Reads the credentials file again; on an error nothing changes.
+    /// Connections whose user was removed or changed (token, permissions,
+    /// quotas) find out through [`Authenticator::reloads`] and
+    /// [`Authenticator::is_current`].
     ///
     /// # Errors
     /// As [`Authenticator::new`].
@@ -133,7 +145,27 @@ impl Authenticator {
         let principals = Authenticator::load(&self.settings, Some(&current))?;
         let count = principals.by_name.len();
         *self.principals.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(principals);
+        self.reloads.send_modify(|reloads| *reloads += 1);
         Ok(count)
+    }
+
+    /// Changes with every successful reload.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Whether `principal` is still what the credentials say: false for a
+    /// user the last reload removed or changed. The shared token's, the
+    /// anonymous and the certificate principals of a broker without a
+    /// credentials file do not come from that file and stay current.
+    pub fn is_current(&self, principal: &Arc<Principal>) -> bool {
+        if Arc::ptr_eq(principal, &self.legacy)
+            || Arc::ptr_eq(principal, &self.anonymous)
+            || self.settings.credentials_file.is_none()
+        {
+            return true;
+        }
+        self.current().by_name.get(&principal.name).is_some_and(|current| Arc::ptr_eq(current, principal))
     }
 
     fn current(&self) -> Arc<Principals> {

@@ -199,7 +199,7 @@ pub enum CredentialsError {
 }
 
 /// A user's entry, checked.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct User {
     pub name: String,
     /// The PHC string, checked to parse.

@@ -241,6 +241,9 @@ struct Connection {
     certificate_name: Option<String>,
     /// Who the client is, from HELLO on.
     principal: Option<Arc<Principal>>,
+    /// Changes with every reload of the credentials (None once the
+    /// authenticator is gone).
+    credential_reloads: Option<watch::Receiver<u64>>,
     /// Counts this connection against its principal's `max_connections`.
     _principal_slot: Option<ConnectionSlot>,
     /// Until when publishes are refused for the principal's quota, after
@@ -313,6 +316,7 @@ pub(crate) async fn serve(
         peer,
         certificate_name,
         principal: None,
+        credential_reloads: Some(broker.auth.reloads()),
         _principal_slot: None,
         publish_throttled_until: None,
     };
@@ -350,6 +354,15 @@ pub(crate) async fn refuse(socket: TcpStream, tls: Option<TlsAcceptor>, max_conn
     .await;
 }
 
+/// Waits for the next reload of the credentials: false once none can come
+/// (and forever after that).
+async fn reloaded(reloads: &mut Option<watch::Receiver<u64>>) -> bool {
+    match reloads {
+        Some(reloads) => reloads.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 impl Connection {
     async fn read_loop(&mut self) {
         let idle_timeout = Duration::from_millis(self.broker.config.idle_timeout_ms);
@@ -357,6 +370,21 @@ impl Connection {
             let waiting = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => return,
+                reloaded = reloaded(&mut self.credential_reloads) => {
+                    if !reloaded {
+                        self.credential_reloads = None;
+                    } else if let Some(principal) = self.principal.as_ref().filter(|p| !self.broker.auth.is_current(p)) {
+                        // Its subscriptions end with the connection.
+                        let message = format!(
+                            "the credentials of principal {} were removed or changed by a reload: connect again",
+                            principal.name
+                        );
+                        tracing::info!(peer = %self.peer, principal = %principal.name, "closing a connection whose credentials changed");
+                        self.fail(0, ErrorCode::Unauthorized, message);
+                        return;
+                    }
+                    continue;
+                }
                 waiting = timeout(idle_timeout, self.reader.fill_buf()) => waiting,
             };
             match waiting {

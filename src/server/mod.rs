@@ -201,8 +201,9 @@ pub struct Reloader {
 
 impl Reloader {
     /// Reads the TLS files and the credentials file again. New connections
-    /// use them; established ones keep their TLS session and principal.
-    /// Whatever fails to load keeps its old version.
+    /// use them; established ones keep their TLS session, and their
+    /// principal unless the reload removed or changed that user (then they
+    /// are closed). Whatever fails to load keeps its old version.
     ///
     /// # Errors
     /// The first part that failed to load (the other part is still
