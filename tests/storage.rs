@@ -146,11 +146,10 @@ fn segments_roll_at_segment_bytes_and_reads_cross_them() {
 }
 
 #[test]
-fn large_payloads_written_in_place_read_back_whole_by_offset_and_after_reopening() {
-    // Payloads of 64 KiB and more reach the file by a vectored write from
-    // where they are; smaller ones are copied into the encode buffer. Mixed
-    // in one batch, the records, their index positions and their CRCs must
-    // come out as if all had been copied.
+fn large_and_small_payloads_in_one_batch_read_back_whole_by_offset_and_after_reopening() {
+    // Payloads around and above 64 KiB mixed with small ones in batches
+    // that cross a roll: the records, their index positions and their CRCs
+    // come back whole, by offset and after reopening.
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig { segment_bytes: 1024 * 1024, ..small_config() };
     let sizes = [100, 64 * 1024 - 1, 64 * 1024, 0, 300 * 1024, 7, 70 * 1024, 70 * 1024];
@@ -1360,11 +1359,16 @@ fn a_log_dropped_or_deleted_waits_for_its_sealed_segments_background_sync() {
         let ended = std::thread::spawn({
             let fs = fs.clone();
             move || {
+                // Each way of ending is checked alone: after a deletion the
+                // log is still held.
                 if ending == "deleted" {
                     log.mark_deleted();
+                    fs.events.lock().unwrap().push(("ended", PathBuf::new()));
+                    drop(log);
+                } else {
+                    drop(log);
+                    fs.events.lock().unwrap().push(("ended", PathBuf::new()));
                 }
-                drop(log);
-                fs.events.lock().unwrap().push(("ended", PathBuf::new()));
             }
         });
         // Without the wait the log ends at once, before the gate opens;

@@ -1,8 +1,9 @@
 //! Who may talk to the broker, and how much: TLS for the transport
 //! (`tls`), principals with per-channel permissions (`principal`), and
 //! quotas per principal (`quota`). The [`Authenticator`] turns a HELLO's
-//! credential (and a mutual-TLS certificate) into a [`Principal`]; it is
-//! replaced whole on SIGHUP. docs/SECURITY.md has the threat model.
+//! credential (and a mutual-TLS certificate) into a [`Principal`]; SIGHUP
+//! reloads its credentials in place, and connections whose principal the
+//! reload changed are closed. docs/SECURITY.md has the threat model.
 
 pub mod principal;
 pub mod quota;

@@ -354,6 +354,42 @@ pub(crate) async fn refuse(socket: TcpStream, tls: Option<TlsAcceptor>, max_conn
     .await;
 }
 
+/// Where a subscription starts in one partition: its durable position
+/// when it has one, else `start`. `Err` carries the answer to refuse
+/// the subscription with.
+pub(crate) fn first_offset(
+    broker: &Broker,
+    log: &ChannelLog,
+    stored: Option<u64>,
+    start: StartPosition,
+    durable_name: Option<&str>,
+) -> Result<u64, (ErrorCode, String)> {
+    let (start_offset, next) = (log.start_offset(), log.next_offset());
+    match (stored, start) {
+        // Never past the end: recovery may have cut records it had seen.
+        (Some(resume_at), _) if resume_at > next => {
+            if let Some(durable) = durable_name {
+                broker.offsets.rewind(log.name().as_str(), durable, log.partition(), next);
+            }
+            Ok(next)
+        }
+        (Some(resume_at), _) => Ok(resume_at),
+        (None, StartPosition::Earliest) => Ok(start_offset),
+        (None, StartPosition::Latest) => Ok(next),
+        (None, StartPosition::Offset(offset)) if offset < start_offset || offset > next => Err((
+            ErrorCode::OffsetOutOfRange,
+            format!(
+                "offset {offset} is out of range for channel {}: it holds offsets {start_offset}..{next}",
+                log.label()
+            ),
+        )),
+        (None, StartPosition::Offset(offset)) => Ok(offset),
+        (None, StartPosition::TimeUs(time_us)) => {
+            log.offset_for_time(time_us).map_err(|error| (super::storage_error_code(&error), error.to_string()))
+        }
+    }
+}
+
 /// Waits for the next reload of the credentials: false once none can come
 /// (and forever after that).
 async fn reloaded(reloads: &mut Option<watch::Receiver<u64>>) -> bool {
@@ -366,6 +402,8 @@ async fn reloaded(reloads: &mut Option<watch::Receiver<u64>>) -> bool {
 impl Connection {
     async fn read_loop(&mut self) {
         let idle_timeout = Duration::from_millis(self.broker.config.idle_timeout_ms);
+        // Moved by frames only (a reload wakes the loop without one).
+        let mut idle_deadline = Instant::now() + idle_timeout;
         loop {
             let waiting = tokio::select! {
                 biased;
@@ -380,12 +418,15 @@ impl Connection {
                             principal.name
                         );
                         tracing::info!(peer = %self.peer, principal = %principal.name, "closing a connection whose credentials changed");
-                        self.fail(0, ErrorCode::Unauthorized, message);
+                        // Waits for room in the answer queue, so that the
+                        // client is told (a client that never reads is cut
+                        // off by the writer's own timeout).
+                        let _ = self.error(0, ErrorCode::Unauthorized, message).await;
                         return;
                     }
                     continue;
                 }
-                waiting = timeout(idle_timeout, self.reader.fill_buf()) => waiting,
+                waiting = timeout_at(idle_deadline, self.reader.fill_buf()) => waiting,
             };
             match waiting {
                 Err(_) => {
@@ -422,6 +463,9 @@ impl Connection {
             if let Flow::Close = flow {
                 return;
             }
+            // Counted from when the request was served, as before a reload
+            // could wake the wait.
+            idle_deadline = Instant::now() + idle_timeout;
         }
     }
 
@@ -1051,10 +1095,11 @@ impl Connection {
                 Ok(partition_handle) => partition_handle,
                 Err(error) => return self.storage_error(correlation_id, error).await,
             };
-            let first_offset = match self.first_offset(&partition_handle.log, stored, start, durable_name.as_deref()) {
-                Ok(first_offset) => first_offset,
-                Err((code, message)) => return self.error(correlation_id, code, message).await,
-            };
+            let first_offset =
+                match first_offset(&self.broker, &partition_handle.log, stored, start, durable_name.as_deref()) {
+                    Ok(first_offset) => first_offset,
+                    Err((code, message)) => return self.error(correlation_id, code, message).await,
+                };
             starts.push((partition_handle, stored, first_offset));
         }
         if let Some(durable) = &durable_name {
@@ -1147,42 +1192,6 @@ impl Connection {
         tokio::spawn(task.run());
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions: cursors });
         Flow::Continue
-    }
-
-    /// Where a subscription starts in one partition: its durable position
-    /// when it has one, else `start`. `Err` carries the answer to refuse
-    /// the subscription with.
-    fn first_offset(
-        &self,
-        log: &ChannelLog,
-        stored: Option<u64>,
-        start: StartPosition,
-        durable_name: Option<&str>,
-    ) -> Result<u64, (ErrorCode, String)> {
-        let (start_offset, next) = (log.start_offset(), log.next_offset());
-        match (stored, start) {
-            // Never past the end: recovery may have cut records it had seen.
-            (Some(resume_at), _) if resume_at > next => {
-                if let Some(durable) = durable_name {
-                    self.broker.offsets.rewind(log.name().as_str(), durable, log.partition(), next);
-                }
-                Ok(next)
-            }
-            (Some(resume_at), _) => Ok(resume_at),
-            (None, StartPosition::Earliest) => Ok(start_offset),
-            (None, StartPosition::Latest) => Ok(next),
-            (None, StartPosition::Offset(offset)) if offset < start_offset || offset > next => Err((
-                ErrorCode::OffsetOutOfRange,
-                format!(
-                    "offset {offset} is out of range for channel {}: it holds offsets {start_offset}..{next}",
-                    log.label()
-                ),
-            )),
-            (None, StartPosition::Offset(offset)) => Ok(offset),
-            (None, StartPosition::TimeUs(time_us)) => {
-                log.offset_for_time(time_us).map_err(|error| (super::storage_error_code(&error), error.to_string()))
-            }
-        }
     }
 
     fn cursor_factory(

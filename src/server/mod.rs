@@ -343,8 +343,11 @@ async fn run(
     maintenance.stop();
     let closing = Arc::clone(&broker);
     let closed = tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-        closing.offsets.close()?;
-        closing.store.close()
+        // The store is closed (its last seals waited for) even when the
+        // positions fail to close.
+        let offsets = closing.offsets.close();
+        closing.store.close()?;
+        offsets
     })
     .await
     .map_err(|error| ServerError::Task(error.to_string()))?;

@@ -6,16 +6,16 @@
 //! A partition added after the subscription started holds only messages
 //! published after it started, so it is read from its beginning, whatever
 //! the subscription's start position (where a durable subscription has a
-//! stored position there, from that position).
+//! stored position there, from that position, as any subscription resumes).
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use super::broker::ChannelHandle;
-use super::connection::{CursorFactory, Cursors};
+use super::connection::{CursorFactory, Cursors, first_offset};
 use super::offsets::ChannelRef;
-use crate::protocol::Notice;
+use crate::protocol::{Notice, StartPosition};
 
 /// Everything the task needs.
 pub(crate) struct PartitionFollower {
@@ -35,7 +35,7 @@ impl PartitionFollower {
         loop {
             let count = *partition_count.borrow_and_update();
             for partition in 0..count {
-                if self.cancel.is_cancelled() {
+                if self.cancel.is_cancelled() || self.channel.deleted.is_cancelled() {
                     return;
                 }
                 self.start_if_new(partition).await;
@@ -60,12 +60,12 @@ impl PartitionFollower {
         let Ok(handle) = self.channel.partition(partition) else { return };
         let broker = &self.factory.broker;
         let channel_name = self.factory.channel.as_str();
-        let stored = self
-            .factory
-            .durable_name
-            .as_deref()
-            .and_then(|durable| broker.offsets.get(channel_name, durable, partition));
-        let first_offset = stored.unwrap_or_else(|| handle.log.start_offset()).max(handle.log.start_offset());
+        let durable_name = self.factory.durable_name.as_deref();
+        let stored = durable_name.and_then(|durable| broker.offsets.get(channel_name, durable, partition));
+        // From the start never fails.
+        let Ok(first_offset) = first_offset(broker, &handle.log, stored, StartPosition::Earliest, durable_name) else {
+            return;
+        };
         if let Some(durable) = &self.factory.durable_name
             && stored.is_none()
         {

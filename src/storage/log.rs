@@ -540,12 +540,17 @@ impl ChannelLog {
     /// that sync writes the segment's index files by path, and must not
     /// write into a directory that a channel of the same name may be
     /// using next.
+    ///
+    /// Only the first call waits (no segment can roll after it), so that a
+    /// second one, made under a lock others wait for, returns at once.
     pub fn mark_deleted(&self) {
-        let pending_seal = {
+        let (already_deleted, pending_seal) = {
             let mut writer = self.lock_writer();
-            self.deleted.store(true, Ordering::Release);
-            writer.pending_seal.take()
+            (self.deleted.swap(true, Ordering::AcqRel), writer.pending_seal.take())
         };
+        if already_deleted && pending_seal.is_none() {
+            return;
+        }
         self.wait_for_seals(pending_seal);
     }
 
