@@ -963,16 +963,11 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                     machine: report::Machine::this(),
                 },
                 floor: floors.iter().map(|series| series.summary()).collect(),
-                series: results
-                    .iter()
-                    .flat_map(|result| [result.publish.summary(), result.end_to_end.summary()])
-                    .collect(),
+                series: results.iter().flat_map(latency::SizeResult::series).map(|series| series.summary()).collect(),
             };
             target.stop().await?;
             print!("{}", report::table(&report));
-            output.write_hgrms(
-                floors.iter().chain(results.iter().flat_map(|result| [&result.publish, &result.end_to_end])),
-            )?;
+            output.write_hgrms(floors.iter().chain(results.iter().flat_map(latency::SizeResult::series)))?;
             output.write_json(&report)?;
             if let Some(stem) = &output.chart {
                 let title = format!("{rate} msg/s, {}", report.header.target);

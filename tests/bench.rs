@@ -44,6 +44,7 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     let rows = [
         "floor, 256 B",
         "floor (tokio), 256 B",
+        "send, 256 B",
         "publish, 256 B",
         "end-to-end, 256 B",
         "floor, 2048 B",
@@ -57,7 +58,8 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
     }
     assert!(stdout.contains("warm-up 1 s excluded"), "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(report["series"].as_array().unwrap().len(), 4);
+    // Per size: send, publish, end-to-end.
+    assert_eq!(report["series"].as_array().unwrap().len(), 6);
     // Per size, the blocking-thread floor and the same pattern through tokio.
     assert_eq!(report["floor"].as_array().unwrap().len(), 4);
     // One .hgrm per series, each ending with the count of its samples.
@@ -74,7 +76,9 @@ fn bench_latency_reports_floor_publish_and_end_to_end_for_every_size() {
             "floor-tokio-2048-B.hgrm",
             "floor-tokio-256-B.hgrm",
             "publish-2048-B.hgrm",
-            "publish-256-B.hgrm"
+            "publish-256-B.hgrm",
+            "send-2048-B.hgrm",
+            "send-256-B.hgrm"
         ]
     );
     let hgrm = std::fs::read_to_string(std::path::Path::new(&hgrm_dir).join("end-to-end-256-B.hgrm")).unwrap();

@@ -26,11 +26,22 @@ pub struct LatencyOptions {
     pub warmup: Duration,
 }
 
-/// The two series of one size.
+/// The series of one size.
 pub struct SizeResult {
     pub size: usize,
-    pub end_to_end: Series,
+    /// From the intended send time until the client library took the
+    /// message (its send call returned; the acknowledgement is awaited
+    /// apart): the client's own send path, and the hand-off to it.
+    pub send: Series,
     pub publish: Series,
+    pub end_to_end: Series,
+}
+
+impl SizeResult {
+    /// Its series in report order.
+    pub fn series(&self) -> [&Series; 3] {
+        [&self.send, &self.publish, &self.end_to_end]
+    }
 }
 
 /// The subscriber's window: far above what a caught-up subscriber at the
@@ -118,6 +129,7 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
         let publisher = Arc::clone(&publisher);
         tokio::spawn(async move {
             let mut publish = Series::new(format!("publish, {size} B"));
+            let mut send = Series::new(format!("send, {size} B"));
             let mut record = |(index, done): (u64, Result<Instant, BenchError>)| {
                 if index >= warmup {
                     publish.record(latency(schedule.intended(index), done?));
@@ -130,6 +142,9 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
                     next = due_rx.recv() => match next {
                         Some((index, message)) => {
                             let sent = publisher.send(None, message).await;
+                            if index >= warmup && sent.is_ok() {
+                                send.record(latency(schedule.intended(index), Instant::now()));
+                            }
                             waiting.push(async move {
                                 let done = match sent {
                                     Ok(ack) => ack.await.map(|()| Instant::now()),
@@ -146,7 +161,7 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
             while let Some(answer) = waiting.next().await {
                 record(answer)?;
             }
-            Ok::<Series, BenchError>(publish)
+            Ok::<(Series, Series), BenchError>((send, publish))
         })
     };
     let mut end_to_end = Series::new(format!("end-to-end, {size} B"));
@@ -163,13 +178,13 @@ async fn run_size(target: &dyn Driver, options: &LatencyOptions, size: usize) ->
         }
     }
     let _ = tokio::task::spawn_blocking(move || sender.join()).await;
-    let publish =
+    let (send, publish) =
         acknowledging.await.map_err(|error| BenchError::Target(format!("the sending task failed: {error}")))??;
     bar.finish_and_clear();
     publisher.close().await;
     drop(consumer);
     target.delete(&channel).await?;
-    Ok(SizeResult { size, end_to_end, publish })
+    Ok(SizeResult { size, send, publish, end_to_end })
 }
 
 #[cfg(test)]
