@@ -73,6 +73,11 @@ struct SubscriptionHandle {
 /// The cursors of one subscription, by partition.
 pub(crate) type Cursors = Arc<std::sync::Mutex<HashMap<u32, PartitionCursor>>>;
 
+/// Locks a subscription's cursors (a poisoned lock still holds them).
+pub(crate) fn lock_cursors(cursors: &Cursors) -> std::sync::MutexGuard<'_, HashMap<u32, PartitionCursor>> {
+    cursors.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A subscription's cursor in one partition, as the connection sees it.
 pub(crate) struct PartitionCursor {
     pub ack_floor: watch::Sender<u64>,
@@ -1225,7 +1230,7 @@ impl Connection {
             return self.unknown_subscription(correlation_id, subscription_id).await;
         };
         let acked = {
-            let cursors = subscription.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            let cursors = lock_cursors(&subscription.partitions);
             cursors.get(&partition).map(|cursor| self.record_ack(cursor, offset))
         };
         match acked {

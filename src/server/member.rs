@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::broker::ChannelHandle;
-use super::connection::{CursorFactory, Cursors};
+use super::connection::{CursorFactory, Cursors, lock_cursors};
 use super::group::{Handover, Member};
 use super::{Delivery, Outbound};
 use crate::protocol::{ErrorCode, Notice, Response, StartPosition};
@@ -71,7 +71,7 @@ impl MemberTask {
         }
         // Leaving: every cursor stops; dropping the member hands its
         // partitions to the others at once.
-        let cursors: Vec<_> = self.lock_cursors().drain().collect();
+        let cursors: Vec<_> = lock_cursors(&self.cursors).drain().collect();
         for (_, cursor) in cursors {
             cursor.cancel.cancel();
         }
@@ -80,12 +80,12 @@ impl MemberTask {
     /// Starts what was gained and revokes what was lost.
     async fn follow_assignment(&mut self, draining: &mut HashMap<u32, Instant>) {
         let assignment = self.member.assignment.borrow_and_update().clone();
-        let running: Vec<u32> = self.lock_cursors().keys().copied().collect();
+        let running: Vec<u32> = lock_cursors(&self.cursors).keys().copied().collect();
         for &partition in running.iter().filter(|p| !assignment.partitions.contains(p)) {
             if draining.contains_key(&partition) {
                 continue;
             }
-            let stopped = self.lock_cursors().get(&partition).map(|cursor| {
+            let stopped = lock_cursors(&self.cursors).get(&partition).map(|cursor| {
                 cursor.revoked.cancel();
                 cursor.reading_stopped.clone()
             });
@@ -108,7 +108,7 @@ impl MemberTask {
             // Given back while it was being let go: its revoked cursor
             // cannot read again, so a new one starts from the committed
             // position (what was sent and not acknowledged comes again).
-            if revoked_and_back && let Some(cursor) = self.lock_cursors().remove(&partition) {
+            if revoked_and_back && let Some(cursor) = lock_cursors(&self.cursors).remove(&partition) {
                 cursor.cancel.cancel();
             }
             let Ok(handle) = self.channel.partition(partition) else { continue };
@@ -117,7 +117,7 @@ impl MemberTask {
             let notice = Notice::Assigned { generation: assignment.generation, first_offset };
             self.notify(partition, notice).await;
             let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
-            self.lock_cursors().insert(partition, cursor);
+            lock_cursors(&self.cursors).insert(partition, cursor);
         }
     }
 
@@ -125,7 +125,7 @@ impl MemberTask {
     /// (or whose wait is over).
     fn release_drained(&self, draining: &mut HashMap<u32, Instant>) {
         let released: Vec<u32> = {
-            let cursors = self.lock_cursors();
+            let cursors = lock_cursors(&self.cursors);
             draining
                 .iter()
                 .filter(|&(partition, &revoked_at)| {
@@ -140,7 +140,7 @@ impl MemberTask {
         };
         for partition in released {
             draining.remove(&partition);
-            if let Some(cursor) = self.lock_cursors().remove(&partition) {
+            if let Some(cursor) = lock_cursors(&self.cursors).remove(&partition) {
                 cursor.cancel.cancel();
             }
             self.member.release(partition);
@@ -207,7 +207,7 @@ impl MemberTask {
     async fn end_subscription(&self, code: ErrorCode, message: String) {
         // The cursors stop first: their queued deliveries are dropped, so the
         // last frames are not stuck behind a backlog.
-        for cursor in self.lock_cursors().values() {
+        for cursor in lock_cursors(&self.cursors).values() {
             cursor.cancel.cancel();
         }
         let version = self.factory.version;
@@ -225,9 +225,5 @@ impl MemberTask {
 
     async fn notify(&self, partition: u32, notice: Notice) {
         self.factory.notify(partition, notice, &self.cancel).await;
-    }
-
-    fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<u32, super::connection::PartitionCursor>> {
-        self.cursors.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

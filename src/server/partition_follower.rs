@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::ChannelHandle;
-use super::connection::{CursorFactory, Cursors, first_offset};
+use super::connection::{CursorFactory, Cursors, first_offset, lock_cursors};
 use super::offsets::ChannelRef;
 use crate::protocol::{Notice, StartPosition};
 
@@ -54,7 +54,7 @@ impl PartitionFollower {
 
     /// Starts reading `partition` unless the subscription already does.
     async fn start_if_new(&self, partition: u32) {
-        if self.lock_cursors().contains_key(&partition) {
+        if lock_cursors(&self.cursors).contains_key(&partition) {
             return;
         }
         let Ok(handle) = self.channel.partition(partition) else { return };
@@ -81,12 +81,6 @@ impl PartitionFollower {
             return;
         }
         let cursor = self.factory.start(&handle, first_offset, &self.cancel, &self.channel.deleted);
-        self.lock_cursors().insert(partition, cursor);
-    }
-
-    fn lock_cursors(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u32, super::connection::PartitionCursor>> {
-        self.cursors.lock().unwrap_or_else(|p| p.into_inner())
+        lock_cursors(&self.cursors).insert(partition, cursor);
     }
 }
