@@ -72,6 +72,14 @@ pub const GROUP_LIMIT_RANGE: RangeInclusive<u64> = 1..=65_536;
 /// must also be at most `max_partitions`).
 pub const MAX_PARTITIONS_RANGE: RangeInclusive<u64> = 1..=crate::storage::PARTITIONS_LIMIT as u64;
 
+/// Allowed range of `[cluster] node_id`.
+pub const NODE_ID_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
+/// Allowed range of `[cluster] heartbeat_interval_ms` and the election
+/// timeouts.
+pub const CLUSTER_TIMEOUT_MS_RANGE: RangeInclusive<u64> = 10..=600_000;
+/// Most nodes `[cluster] nodes` may list.
+pub const CLUSTER_NODES_MAX: usize = 64;
+
 /// The whole broker configuration. See `broker.toml` for every key, its
 /// default and its range.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +133,105 @@ pub struct Config {
     pub group_session_timeout_ms: u64,
     /// Per-channel overrides, keyed by channel name.
     pub channels: BTreeMap<String, ChannelOverrides>,
+    /// Cluster mode (docs/REPLICATION.md); a single node without it.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's id, its node-to-node listener, the Raft timing
+/// of the metadata group, and the nodes a new cluster starts with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster and never reused.
+    pub node_id: u64,
+    /// The node-to-node listener (Raft traffic and `weir cluster`).
+    pub listen_addr: String,
+    #[serde(default = "default_cluster_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a time drawn between these two
+    /// starts an election.
+    #[serde(default = "default_election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+    /// The voters a brand-new cluster starts with (the node of lowest id
+    /// initialises it); ignored once the cluster exists, whose membership
+    /// is in its metadata log and changes with `weir cluster add-node`.
+    #[serde(default)]
+    pub nodes: Vec<ClusterNodeConfig>,
+}
+
+/// One node of `[cluster] nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNodeConfig {
+    pub id: u64,
+    /// Where the other nodes reach its cluster listener.
+    pub cluster_addr: String,
+    /// Where clients reach it (its `listen_addr`).
+    pub client_addr: String,
+}
+
+fn default_cluster_heartbeat_ms() -> u64 {
+    250
+}
+
+fn default_election_timeout_min_ms() -> u64 {
+    1000
+}
+
+fn default_election_timeout_max_ms() -> u64 {
+    2000
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range("cluster.node_id", self.node_id, NODE_ID_RANGE)?;
+        check_socket_addr("cluster.listen_addr", &self.listen_addr)?;
+        check_range("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
+        check_range("cluster.election_timeout_min_ms", self.election_timeout_min_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
+        check_range("cluster.election_timeout_max_ms", self.election_timeout_max_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
+        if self.heartbeat_interval_ms >= self.election_timeout_min_ms
+            || self.election_timeout_min_ms >= self.election_timeout_max_ms
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.election_timeout_min_ms".into(),
+                problem: format!(
+                    "need heartbeat_interval_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
+                    self.heartbeat_interval_ms, self.election_timeout_min_ms, self.election_timeout_max_ms
+                ),
+            });
+        }
+        if self.nodes.len() > CLUSTER_NODES_MAX {
+            return Err(ConfigError::Invalid {
+                key: "cluster.nodes".into(),
+                problem: format!("{} nodes; at most {CLUSTER_NODES_MAX}", self.nodes.len()),
+            });
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for node in &self.nodes {
+            check_range("cluster.nodes.id", node.id, NODE_ID_RANGE)?;
+            if !ids.insert(node.id) {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.nodes".into(),
+                    problem: format!("node id {} is listed twice", node.id),
+                });
+            }
+            check_socket_addr("cluster.nodes.cluster_addr", &node.cluster_addr)?;
+            check_socket_addr("cluster.nodes.client_addr", &node.client_addr)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_socket_addr(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ConfigError::Invalid {
+            key: key.into(),
+            problem: format!("{value:?} is not an IP address and port such as 127.0.0.1:7451"),
+        });
+    }
+    Ok(())
 }
 
 /// Settings one channel may set differently from the broker-wide defaults.
@@ -188,6 +295,7 @@ impl Default for Config {
             max_members_per_group: 256,
             group_session_timeout_ms: 20_000,
             channels: BTreeMap::new(),
+            cluster: None,
         }
     }
 }
@@ -380,6 +488,9 @@ impl Config {
                     self.group_session_timeout_ms, self.heartbeat_interval_ms
                 ),
             });
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });

@@ -14,6 +14,8 @@
 //! - [`server`]: the tokio TCP server: connections, group commit,
 //!   subscriptions, durable offsets, shutdown.
 //! - [`client`]: the async Rust client: publisher, subscriber.
+//! - [`cluster`]: cluster mode: the metadata Raft group (openraft), its
+//!   storage and the node-to-node listener.
 //! - [`bench`]: `weir bench`, latency percentiles with coordinated omission
 //!   corrected, beside the machine's floor.
 //! - [`security`]: TLS, principals with per-channel permissions, quotas.
@@ -29,6 +31,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod partitioner;

@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 
 pub use stats::Stats;
 
+use crate::cluster::ClusterNode;
 use crate::config::Config;
 use crate::security::Authenticator;
 use crate::security::tls::ServerTls;
@@ -121,6 +122,8 @@ pub enum ServerError {
     Tls(#[from] crate::security::tls::TlsError),
     #[error(transparent)]
     Credentials(#[from] crate::security::CredentialsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("a server task failed: {0}")]
     Task(String),
 }
@@ -132,6 +135,7 @@ pub struct ServerHandle {
     stats: Arc<Stats>,
     auth: Arc<Authenticator>,
     tls: Option<Arc<ServerTls>>,
+    cluster_addr: Option<SocketAddr>,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
@@ -139,6 +143,11 @@ impl ServerHandle {
     /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The cluster listener's address, in cluster mode.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
     }
 
     /// The server's counters.
@@ -257,6 +266,11 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     let local_addr =
         listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen_addr.clone(), source })?;
     let store = Arc::new(store);
+    let cluster = match &config.cluster {
+        Some(settings) => Some(ClusterNode::start(settings, &config.data_dir).await?),
+        None => None,
+    };
+    let cluster_addr = cluster.as_ref().map(ClusterNode::listen_addr);
     if !config.metrics_addr.is_empty() {
         let metrics_addr = crate::metrics::install(&config.metrics_addr)?;
         tracing::info!(%metrics_addr, "Prometheus metrics at http://{metrics_addr}/metrics");
@@ -267,14 +281,15 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     tracing::info!(
         %local_addr, tls = tls.is_some(), limits = ?broker.limits, fsync = ?broker.config.fsync, "weir is listening"
     );
-    let task = tokio::spawn(run(broker, listener, tls.clone(), shutdown.clone()));
-    Ok(ServerHandle { local_addr, shutdown, stats, auth, tls, task })
+    let task = tokio::spawn(run(broker, listener, tls.clone(), cluster, shutdown.clone()));
+    Ok(ServerHandle { local_addr, shutdown, stats, auth, tls, cluster_addr, task })
 }
 
 async fn run(
     broker: Arc<Broker>,
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    cluster: Option<ClusterNode>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let mut maintenance = Maintenance::start(Arc::clone(&broker.store));
@@ -339,6 +354,9 @@ async fn run(
         );
     }
     broker.stop_writers().await;
+    if let Some(cluster) = cluster {
+        cluster.shutdown().await;
+    }
     let _ = committer.await;
     maintenance.stop();
     let closing = Arc::clone(&broker);

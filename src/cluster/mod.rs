@@ -1,0 +1,363 @@
+//! Cluster mode (docs/REPLICATION.md): the nodes of a weir cluster, agreed
+//! on by a metadata Raft group (openraft), and the node-to-node listener
+//! it talks over.
+//!
+//! Built so far: membership (bootstrap from `[cluster] nodes`, adding and
+//! removing nodes by joint consensus), elections and failover of the
+//! metadata group, `weir cluster status`, and its metrics. Channels are
+//! not replicated yet: every node serves its own channels as a single
+//! node does (docs/REPLICATION.md, "What is built").
+//!
+//! openraft is used only inside this module, so that its API changes
+//! between pinned versions touch nothing else.
+
+mod status;
+mod store;
+mod transport;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{ChangeMembers, ServerState};
+use tokio::io::{BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use status::{ClusterStatus, MemberStatus};
+pub use transport::{ADMIN_TIMEOUT, CLUSTER_FRAME_BYTES_MAX, NodeReply, NodeRequest, PeerClient, TransportError};
+pub use types::{NodeAddrs, NodeId};
+
+use crate::config::ClusterConfig;
+use types::{Raft, Snapshot};
+
+/// Connections the cluster listener serves at once (peers and `weir
+/// cluster` commands); more wait in the kernel's accept queue.
+pub const CLUSTER_CONNECTIONS_MAX: usize = 256;
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    #[error("cannot open the cluster's metadata store {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for cluster traffic on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid cluster settings: {0}")]
+    Settings(String),
+    #[error("the metadata group failed: {0}")]
+    Raft(String),
+}
+
+/// This node's part of the cluster: its metadata group member and the
+/// listener other nodes reach it on.
+pub struct ClusterNode {
+    raft: Raft,
+    node_id: NodeId,
+    listen_addr: SocketAddr,
+    connections: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl ClusterNode {
+    /// Opens the metadata store under `data_dir/cluster`, binds the cluster
+    /// listener and joins the metadata group. A brand-new cluster is
+    /// initialised by the node of lowest id among `[cluster] nodes`; every
+    /// later start reads its state from disk.
+    ///
+    /// # Errors
+    /// The store cannot be opened, the address cannot be bound, or openraft
+    /// refuses the settings.
+    pub async fn start(settings: &ClusterConfig, data_dir: &Path) -> Result<ClusterNode, ClusterError> {
+        let dir = data_dir.join("cluster");
+        let path = dir.join("metadata.redb");
+        let store_error = |source| ClusterError::Store { path: path.display().to_string(), source };
+        let opened = {
+            let (dir, path) = (dir.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                store::open(&path)
+            })
+            .await
+            .map_err(|error| ClusterError::Raft(error.to_string()))?
+        };
+        let (log_store, state_machine) = opened.map_err(store_error)?;
+        let raft_config = openraft::Config {
+            cluster_name: "weir-metadata".into(),
+            heartbeat_interval: settings.heartbeat_interval_ms,
+            election_timeout_min: settings.election_timeout_min_ms,
+            election_timeout_max: settings.election_timeout_max_ms,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|error| ClusterError::Settings(error.to_string()))?;
+        let node_id = settings.node_id;
+        let raft = Raft::new(node_id, Arc::new(raft_config), transport::PeerNetwork, log_store, state_machine)
+            .await
+            .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        let listener = TcpListener::bind(&settings.listen_addr)
+            .await
+            .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
+        let node =
+            ClusterNode { raft, node_id, listen_addr, connections: TaskTracker::new(), stop: CancellationToken::new() };
+        tokio::spawn(accept(listener, node.raft.clone(), node.connections.clone(), node.stop.clone()));
+        tokio::spawn(watch_metrics(node.raft.clone(), node.stop.clone()));
+        node.bootstrap(settings).await?;
+        tracing::info!(node_id, cluster_addr = %listen_addr, "cluster node started");
+        Ok(node)
+    }
+
+    async fn bootstrap(&self, settings: &ClusterConfig) -> Result<(), ClusterError> {
+        let initial: BTreeMap<NodeId, NodeAddrs> = settings
+            .nodes
+            .iter()
+            .map(|node| {
+                let addrs =
+                    NodeAddrs { cluster_addr: node.cluster_addr.clone(), client_addr: node.client_addr.clone() };
+                (node.id, addrs)
+            })
+            .collect();
+        let initialized = self.raft.is_initialized().await.map_err(|error| ClusterError::Raft(error.to_string()))?;
+        if initialized {
+            return Ok(());
+        }
+        // One node initialises, so that a cluster is never formed twice
+        // from different lists; the others wait to hear from its leader.
+        if initial.keys().next() != Some(&self.node_id) {
+            tracing::info!(
+                node_id = self.node_id,
+                "waiting to join the cluster: the node of lowest id in [cluster] nodes initialises it, or `weir cluster add-node` adds this node"
+            );
+            return Ok(());
+        }
+        match self.raft.initialize(initial).await {
+            Ok(()) => {
+                tracing::info!(node_id = self.node_id, "initialised a new cluster from [cluster] nodes");
+                Ok(())
+            }
+            // Initialised already by an earlier start: the log is not empty.
+            Err(openraft::errors::RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(error) => Err(ClusterError::Raft(error.to_string())),
+        }
+    }
+
+    /// The address the cluster listener is bound to.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// This node's view of the metadata group.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus::from_metrics(&self.raft.metrics().borrow_watched())
+    }
+
+    /// Stops serving other nodes and leaves the group (without a
+    /// membership change: a stopped node is a node that is down).
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.connections.close();
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "the metadata group did not stop cleanly");
+        }
+        self.connections.wait().await;
+    }
+}
+
+async fn accept(listener: TcpListener, raft: Raft, connections: TaskTracker, stop: CancellationToken) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(CLUSTER_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                let (raft, stop) = (raft.clone(), stop.clone());
+                connections.spawn(async move {
+                    serve(socket, raft, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cluster listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Serves one connection's requests in order until it closes, sends a
+/// frame that does not decode, or the node stops.
+async fn serve(socket: TcpStream, raft: Raft, stop: CancellationToken) {
+    let peer = socket.peer_addr().map(|addr| addr.to_string()).unwrap_or_default();
+    let _ = socket.set_nodelay(true);
+    let (read, write) = socket.into_split();
+    let (mut reader, mut writer) = (BufReader::new(read), BufWriter::new(write));
+    loop {
+        let frame = tokio::select! {
+            () = stop.cancelled() => return,
+            frame = transport::read_frame(&mut reader) => frame,
+        };
+        let (correlation, body) = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cluster listener: closing a connection after a bad frame");
+                return;
+            }
+        };
+        let reply = match postcard::from_bytes::<NodeRequest>(&body) {
+            Ok(request) => handle(&raft, request).await,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "cluster listener: a request that does not decode");
+                let reply = NodeReply::Error(format!("the request does not decode: {error}"));
+                let _ = transport::write_frame(&mut writer, correlation, &reply).await;
+                return;
+            }
+        };
+        if let Err(error) = transport::write_frame(&mut writer, correlation, &reply).await {
+            tracing::debug!(%peer, %error, "cluster listener: cannot answer");
+            return;
+        }
+    }
+}
+
+type ClientWriteError =
+    openraft::errors::RaftError<types::TypeConfig, openraft::errors::ClientWriteError<types::TypeConfig>>;
+
+/// `NotLeader` when `error` says another node leads (or none does yet).
+fn not_leader(error: &ClientWriteError) -> Option<NodeReply> {
+    let forward = error.forward_to_leader()?;
+    let leader = forward.leader_id.zip(forward.leader_node.clone());
+    Some(NodeReply::NotLeader { leader })
+}
+
+async fn handle(raft: &Raft, request: NodeRequest) -> NodeReply {
+    match request {
+        NodeRequest::AppendEntries(rpc) => match raft.append_entries(rpc).await {
+            Ok(response) => NodeReply::AppendEntries(response),
+            Err(error) => NodeReply::Error(error.to_string()),
+        },
+        NodeRequest::Vote(rpc) => match raft.vote(rpc).await {
+            Ok(response) => NodeReply::Vote(response),
+            Err(error) => NodeReply::Error(error.to_string()),
+        },
+        NodeRequest::FullSnapshot { vote, meta, state } => {
+            match raft.install_full_snapshot(vote, Snapshot { meta, snapshot: state }).await {
+                Ok(response) => NodeReply::Snapshot(response),
+                Err(error) => NodeReply::Error(error.to_string()),
+            }
+        }
+        NodeRequest::Status => {
+            NodeReply::Status(Box::new(ClusterStatus::from_metrics(&raft.metrics().borrow_watched())))
+        }
+        NodeRequest::AddNode { id, addrs } => {
+            tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
+            if let Err(error) = raft.add_learner(id, addrs, true).await {
+                return not_leader(&error).unwrap_or_else(|| NodeReply::Error(error.to_string()));
+            }
+            change_membership(raft, ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+        }
+        NodeRequest::RemoveNode { id } => {
+            tracing::info!(id, "removing a node from the voters and the group");
+            change_membership(raft, ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await
+        }
+    }
+}
+
+async fn change_membership(raft: &Raft, change: ChangeMembers<NodeId, NodeAddrs>) -> NodeReply {
+    // Not retained as a learner: a removed node leaves the group.
+    match raft.change_membership(change, false).await {
+        Ok(response) => {
+            let voters =
+                response.membership.as_ref().map(|membership| membership.voter_ids().collect()).unwrap_or_default();
+            NodeReply::MembershipChanged { voters }
+        }
+        Err(error) => not_leader(&error).unwrap_or_else(|| NodeReply::Error(error.to_string())),
+    }
+}
+
+/// Publishes the metadata group's state as metrics and logs every change
+/// of leader or term.
+async fn watch_metrics(raft: Raft, stop: CancellationToken) {
+    let mut metrics = raft.metrics();
+    let mut known: Option<(u64, Option<NodeId>, ServerState)> = None;
+    loop {
+        let current = metrics.borrow_watched().clone();
+        let seen = (current.current_term, current.current_leader, current.state);
+        if known != Some(seen) {
+            if known.is_some_and(|(_, leader, _)| leader != current.current_leader) {
+                metrics::counter!("weir_raft_leader_changes_total", "group" => "metadata").increment(1);
+            }
+            tracing::info!(
+                group = "metadata",
+                term = current.current_term,
+                leader = ?current.current_leader,
+                role = status::role_name(current.state),
+                "metadata group: leader or term changed"
+            );
+            known = Some(seen);
+        }
+        metrics::gauge!("weir_raft_term", "group" => "metadata").set(current.current_term as f64);
+        let leading = current.state == ServerState::Leader;
+        metrics::gauge!("weir_raft_leader", "group" => "metadata").set(if leading { 1.0 } else { 0.0 });
+        if let Some(committed) = current.local_committed {
+            metrics::gauge!("weir_raft_commit_index", "group" => "metadata").set(committed.index as f64);
+        }
+        if let (Some(replication), Some(last)) = (&current.replication, current.last_log_index) {
+            for (follower, matched) in replication {
+                let lag = last.saturating_sub(matched.map_or(0, |log_id| log_id.index));
+                metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string())
+                    .set(lag as f64);
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Sends `request` to the node at `addr` for a `weir cluster` command,
+/// following `NotLeader` answers to the leader (at most a few hops).
+///
+/// # Errors
+/// A node cannot be reached or answers out of turn.
+pub async fn admin(addr: &str, request: NodeRequest) -> Result<NodeReply, TransportError> {
+    const LEADER_HOPS_MAX: usize = 3;
+    let mut addr = addr.to_string();
+    let mut hops = 0;
+    loop {
+        let reply = PeerClient::new(addr.clone()).call(&request, ADMIN_TIMEOUT).await?;
+        match reply {
+            NodeReply::NotLeader { leader: Some((_, addrs)) }
+                if hops < LEADER_HOPS_MAX && addrs.cluster_addr != addr =>
+            {
+                addr = addrs.cluster_addr;
+                hops += 1;
+            }
+            reply => return Ok(reply),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Node-to-node traffic on the cluster listener: its frames, the requests
+//! and replies they carry, and the client side openraft sends through.
+//!
+//! A frame is `length: u32` (bytes after it, at most
+//! [`CLUSTER_FRAME_BYTES_MAX`]), `correlation: u64`, then one
+//! [`NodeRequest`] or [`NodeReply`] encoded with postcard. A connection
+//! carries one request at a time; each side checks the length before it
+//! allocates, and a frame that does not decode ends that connection only.
+//! The CLI's `weir cluster` commands use the same listener.
+
+use std::io;
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::status::ClusterStatus;
+use super::types::{MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
+
+/// Largest node-to-node frame. The metadata group's entries and snapshots
+/// are small; partition groups will bound their appends by
+/// `max_payload_entries` and their snapshot chunks below this.
+pub const CLUSTER_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Bytes of a frame before its body: length and correlation id.
+const FRAME_HEADER_BYTES: usize = 4 + 8;
+/// How long a `weir cluster` command waits for its answer: a membership
+/// change waits for a new node to catch up and for two commits.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one node (or the CLI) asks another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    /// A whole snapshot in one frame (the metadata state is small).
+    FullSnapshot {
+        vote: Vote,
+        meta: SnapshotMeta,
+        state: MetadataState,
+    },
+    /// `weir cluster status`: this node's view of the metadata group.
+    Status,
+    /// `weir cluster add-node`: a learner that catches up, then a voter.
+    AddNode {
+        id: NodeId,
+        addrs: NodeAddrs,
+    },
+    /// `weir cluster remove-node`: out of the voters, then out of the group.
+    RemoveNode {
+        id: NodeId,
+    },
+}
+
+/// The answer to a [`NodeRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeReply {
+    AppendEntries(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    Status(Box<ClusterStatus>),
+    /// A membership change committed: the new voters.
+    MembershipChanged {
+        voters: Vec<NodeId>,
+    },
+    /// Only the metadata group's leader changes membership; this is the
+    /// leader when one is known.
+    NotLeader {
+        leader: Option<(NodeId, NodeAddrs)>,
+    },
+    Error(String),
+}
+
+/// Why a request to another node got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot reach {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("{addr} sent a frame that does not decode: {problem}")]
+    Malformed { addr: String, problem: String },
+}
+
+/// Writes one frame.
+pub(crate) async fn write_frame<T: Serialize>(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    correlation: u64,
+    body: &T,
+) -> io::Result<()> {
+    let body = postcard::to_stdvec(body).map_err(io::Error::other)?;
+    if body.len() + 8 > CLUSTER_FRAME_BYTES_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a frame of {} bytes is above CLUSTER_FRAME_BYTES_MAX ({CLUSTER_FRAME_BYTES_MAX})", body.len()),
+        ));
+    }
+    writer.write_u32((body.len() + 8) as u32).await?;
+    writer.write_u64(correlation).await?;
+    writer.write_all(&body).await?;
+    writer.flush().await
+}
+
+/// Reads one frame: `None` at a clean end of stream.
+pub(crate) async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let length = match reader.read_u32().await {
+        Ok(length) => length as usize,
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if !(FRAME_HEADER_BYTES - 4..=CLUSTER_FRAME_BYTES_MAX).contains(&length) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {length} is outside 8..={CLUSTER_FRAME_BYTES_MAX}"),
+        ));
+    }
+    let correlation = reader.read_u64().await?;
+    let mut body = vec![0; length - 8];
+    reader.read_exact(&mut body).await?;
+    Ok(Some((correlation, body)))
+}
+
+/// One connection to another node: opened when first used, dropped after
+/// any failure and opened again by the next request.
+pub struct PeerClient {
+    addr: String,
+    connection: Option<(BufReader<OwnedReadHalf>, BufWriter<OwnedWriteHalf>)>,
+    next_correlation: u64,
+}
+
+impl PeerClient {
+    pub fn new(addr: impl Into<String>) -> PeerClient {
+        PeerClient { addr: addr.into(), connection: None, next_correlation: 1 }
+    }
+
+    /// Sends `request` and waits at most `timeout` for its reply.
+    ///
+    /// # Errors
+    /// The node cannot be reached, does not answer in time, or answers
+    /// with a frame that does not decode.
+    pub async fn call(&mut self, request: &NodeRequest, timeout: Duration) -> Result<NodeReply, TransportError> {
+        let result = match tokio::time::timeout(timeout, self.exchange(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout { addr: self.addr.clone(), timeout }),
+        };
+        if result.is_err() {
+            // Whatever is left on it belongs to the failed request.
+            self.connection = None;
+        }
+        result
+    }
+
+    async fn exchange(&mut self, request: &NodeRequest) -> Result<NodeReply, TransportError> {
+        let addr = self.addr.clone();
+        let io_error = |source| TransportError::Io { addr: addr.clone(), source };
+        if self.connection.is_none() {
+            let stream = TcpStream::connect(&self.addr).await.map_err(io_error)?;
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            self.connection = Some((BufReader::new(read), BufWriter::new(write)));
+        }
+        let correlation = self.next_correlation;
+        self.next_correlation += 1;
+        let Some((reader, writer)) = self.connection.as_mut() else { unreachable!("connected above") };
+        write_frame(writer, correlation, request).await.map_err(io_error)?;
+        let Some((answered, body)) = read_frame(reader).await.map_err(io_error)? else {
+            return Err(io_error(io::Error::new(io::ErrorKind::UnexpectedEof, "the node closed the connection")));
+        };
+        if answered != correlation {
+            return Err(TransportError::Malformed {
+                addr: self.addr.clone(),
+                problem: format!("answer to request {answered}, expected {correlation}"),
+            });
+        }
+        postcard::from_bytes(&body)
+            .map_err(|error| TransportError::Malformed { addr: self.addr.clone(), problem: error.to_string() })
+    }
+
+    fn rpc_error(&self, error: TransportError) -> RPCError<TypeConfig> {
+        match error {
+            TransportError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+            TransportError::Io { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+            TransportError::Malformed { .. } => RPCError::Network(NetworkError::new(&error)),
+        }
+    }
+}
+
+fn unexpected(reply: NodeReply) -> NetworkError<TypeConfig> {
+    let message = match reply {
+        NodeReply::Error(message) => message,
+        other => format!("unexpected reply {other:?}"),
+    };
+    NetworkError::new(&AnyError::error(message))
+}
+
+/// Opens a [`PeerClient`] per replication target, as openraft asks.
+pub struct PeerNetwork;
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, _target: NodeId, node: &NodeAddrs) -> PeerClient {
+        PeerClient::new(node.cluster_addr.clone())
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = MetadataState;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&NodeRequest::AppendEntries(rpc), option.hard_ttl()).await {
+            Ok(NodeReply::AppendEntries(response)) => Ok(response),
+            Ok(other) => Err(RPCError::Network(unexpected(other))),
+            Err(error) => Err(self.rpc_error(error)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&NodeRequest::Vote(rpc), option.hard_ttl()).await {
+            Ok(NodeReply::Vote(response)) => Ok(response),
+            Ok(other) => Err(RPCError::Network(unexpected(other))),
+            Err(error) => Err(self.rpc_error(error)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = NodeRequest::FullSnapshot { vote, meta: snapshot.meta, state: snapshot.snapshot };
+        let timeout = option.hard_ttl();
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = self.call(&request, timeout) => match reply {
+                Ok(NodeReply::Snapshot(response)) => Ok(response),
+                Ok(other) => Err(StreamingError::Network(unexpected(other))),
+                Err(error) => Err(StreamingError::Unreachable(Unreachable::new(&error))),
+            },
+        }
+    }
+}
