@@ -689,6 +689,32 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked_and_defaulted() {
+        let base = "[cluster]\nnode_id = 1\nlisten_addr = \"127.0.0.1:7451\"\n";
+        let node = |id: u64| {
+            format!(
+                "[[cluster.nodes]]\nid = {id}\ncluster_addr = \"127.0.0.1:7451\"\nclient_addr = \"127.0.0.1:7450\"\n"
+            )
+        };
+        let config = Config::parse(&format!("{base}{}{}", node(1), node(2))).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!((cluster.heartbeat_interval_ms, cluster.election_timeout_min_ms), (250, 1000));
+        assert_eq!(cluster.nodes.len(), 2);
+        for (text, key) in [
+            (format!("{base}{}{}", node(2), node(2)), "listed twice"),
+            ("[cluster]\nnode_id = 0\nlisten_addr = \"127.0.0.1:7451\"".to_string(), "cluster.node_id"),
+            ("[cluster]\nnode_id = 1\nlisten_addr = \"localhost\"".to_string(), "cluster.listen_addr"),
+            (format!("{base}election_timeout_min_ms = 3000"), "election_timeout_min_ms"),
+            (format!("{base}heartbeat_interval_ms = 1000"), "election_timeout_min_ms"),
+            (format!("{base}{}", node(1).replace("7450", "x")), "cluster.nodes.client_addr"),
+            (format!("{base}peers = 3"), "unknown key `peers`"),
+        ] {
+            let error = Config::parse(&text).unwrap_err().to_string();
+            assert!(error.contains(key), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
     fn limits_are_accepted_at_the_bound_and_refused_past_it() {
         let batch = "max_batch_bytes = 67108864\nmax_inflight_publish_bytes = 134217728\n";
         assert!(Config::parse(&format!("{batch}max_message_bytes = {MESSAGE_BYTES_LIMIT}")).is_ok());

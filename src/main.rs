@@ -18,6 +18,7 @@ use weir::record::Message;
 use weir::storage::FsyncPolicy;
 
 const DEFAULT_ADDR: &str = "127.0.0.1:7450";
+const DEFAULT_CLUSTER_ADDR: &str = "127.0.0.1:7451";
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A commit-log message broker with explicit limits and backpressure")]
@@ -121,6 +122,16 @@ enum Command {
     Bench {
         #[command(subcommand)]
         kind: BenchKind,
+    },
+    /// Cluster mode: the nodes of the metadata group, its leader and term,
+    /// and membership changes. Talks to a node's cluster listener.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+        /// A node's cluster listener ([cluster] listen_addr); membership
+        /// changes are forwarded to the leader it names.
+        #[arg(long, env = "WEIR_NODE", default_value = DEFAULT_CLUSTER_ADDR, global = true)]
+        node: String,
     },
     /// Credentials for the broker's credentials_file.
     Credentials {
@@ -398,6 +409,31 @@ enum BenchKind {
     },
 }
 
+/// What `weir cluster` does.
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// The node's view of the metadata group: role, term, leader, log
+    /// positions, members and (asked of the leader) each one's lag.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node (started with [cluster] and this id): a learner until it
+    /// has caught up, then a voter.
+    AddNode {
+        id: u64,
+        /// Its cluster listener.
+        #[arg(long)]
+        cluster_addr: String,
+        /// Its client listener.
+        #[arg(long)]
+        client_addr: String,
+    },
+    /// Remove a node from the voters and the group.
+    RemoveNode { id: u64 },
+}
+
 /// What `weir credentials` does.
 #[derive(Subcommand)]
 enum CredentialsAction {
@@ -479,6 +515,7 @@ fn main() -> ExitCode {
         Command::Stats { interval_ms, broker } => run_async(stats(broker, interval_ms)),
         Command::Groups { channel, broker } => run_async(groups(broker, channel)),
         Command::Credentials { action: CredentialsAction::Hash { generate } } => credentials_hash(generate),
+        Command::Cluster { action, node } => run_async(cluster(node, action)),
         Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
     };
     match result {
@@ -488,6 +525,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn cluster(node: String, action: ClusterAction) -> anyhow::Result<ExitCode> {
+    use weir::cluster::{NodeAddrs, NodeReply, NodeRequest};
+    let request = match &action {
+        ClusterAction::Status { .. } => NodeRequest::Status,
+        ClusterAction::AddNode { id, cluster_addr, client_addr } => NodeRequest::AddNode {
+            id: *id,
+            addrs: NodeAddrs { cluster_addr: cluster_addr.clone(), client_addr: client_addr.clone() },
+        },
+        ClusterAction::RemoveNode { id } => NodeRequest::RemoveNode { id: *id },
+    };
+    let reply = weir::cluster::admin(&node, request).await.with_context(|| format!("node {node}"))?;
+    match reply {
+        NodeReply::Status(status) => {
+            if matches!(action, ClusterAction::Status { json: true }) {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+        }
+        NodeReply::MembershipChanged { voters } => {
+            let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
+            println!("membership changed; voters now: {}", voters.join(", "));
+        }
+        NodeReply::NotLeader { leader: None } => {
+            bail!("no leader is known to node {node} (an election may be under way): try again")
+        }
+        NodeReply::NotLeader { leader: Some((id, addrs)) } => {
+            bail!("node {id} ({}) leads, but the request did not reach it", addrs.cluster_addr)
+        }
+        NodeReply::Error(message) => bail!("{message}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The error and its causes, skipping a cause its parent already quotes

@@ -61,6 +61,12 @@ pub fn install(addr: &str) -> Result<SocketAddr, MetricsError> {
 }
 
 fn describe() {
+    // Cluster mode (src/cluster): per Raft group, `group="metadata"` so far.
+    describe_gauge!("weir_raft_term", "The Raft group's current term on this node, by group.");
+    describe_gauge!("weir_raft_leader", "1 while this node leads the Raft group, else 0, by group.");
+    describe_gauge!("weir_raft_commit_index", "The Raft group's commit index on this node, by group.");
+    describe_gauge!("weir_raft_replica_lag_entries", "On the leader: entries a member lacks, by group and follower.");
+    describe_counter!("weir_raft_leader_changes_total", "Leader changes this node saw, by group.");
     describe_counter!("weir_messages_appended_total", "Messages stored, by channel.");
     describe_counter!("weir_bytes_appended_total", "Message bytes (key + headers + payload) stored, by channel.");
     describe_counter!("weir_publishes_rejected_total", "Publish frames refused, by reason.");

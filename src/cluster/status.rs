@@ -91,6 +91,9 @@ impl fmt::Display for ClusterStatus {
             self.term,
             self.leader.map_or_else(|| "none known".to_string(), |leader| format!("node {leader}")),
         )?;
+        if !self.members.iter().any(|member| member.id == self.node_id) {
+            writeln!(f, "node {} is not a member of the cluster (never added, or removed)", self.node_id)?;
+        }
         writeln!(
             f,
             "metadata log: last index {}, committed {}, applied {}",
