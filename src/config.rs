@@ -154,6 +154,16 @@ pub struct ClusterConfig {
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_timeout_max_ms")]
     pub election_timeout_max_ms: u64,
+    /// Mutual TLS on the cluster listener and to the other nodes: this
+    /// node's certificate chain and key (PEM), used as server and as
+    /// client, and the CA that signs every node's certificate (and the
+    /// operators' certificates for `weir cluster`). All three or none.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
     /// The voters a brand-new cluster starts with (the node of lowest id
     /// initialises it); ignored once the cluster exists, whose membership
     /// is in its metadata log and changes with `weir cluster add-node`.
@@ -185,6 +195,11 @@ fn default_election_timeout_max_ms() -> u64 {
 }
 
 impl ClusterConfig {
+    /// The cluster listener's TLS files, when set: certificate, key, CA.
+    pub fn tls_files(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        Some((self.tls_cert.clone()?, self.tls_key.clone()?, self.tls_ca.clone()?))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("cluster.node_id", self.node_id, NODE_ID_RANGE)?;
         check_socket_addr("cluster.listen_addr", &self.listen_addr)?;
@@ -200,6 +215,15 @@ impl ClusterConfig {
                     "need heartbeat_interval_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
                     self.heartbeat_interval_ms, self.election_timeout_min_ms, self.election_timeout_max_ms
                 ),
+            });
+        }
+        let tls_set = [self.tls_cert.is_some(), self.tls_key.is_some(), self.tls_ca.is_some()];
+        if tls_set.contains(&true) && tls_set.contains(&false) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_cert".into(),
+                problem:
+                    "cluster.tls_cert, cluster.tls_key and cluster.tls_ca are set together (mutual TLS between nodes)"
+                        .into(),
             });
         }
         if self.nodes.len() > CLUSTER_NODES_MAX {
@@ -708,6 +732,7 @@ mod tests {
             (format!("{base}heartbeat_interval_ms = 1000"), "election_timeout_min_ms"),
             (format!("{base}{}", node(1).replace("7450", "x")), "cluster.nodes.client_addr"),
             (format!("{base}peers = 3"), "unknown key `peers`"),
+            (format!("{base}tls_cert = \"node.pem\""), "set together"),
         ] {
             let error = Config::parse(&text).unwrap_err().to_string();
             assert!(error.contains(key), "{text:?}: {error}");

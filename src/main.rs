@@ -132,6 +132,8 @@ enum Command {
         /// changes are forwarded to the leader it names.
         #[arg(long, env = "WEIR_NODE", default_value = DEFAULT_CLUSTER_ADDR, global = true)]
         node: String,
+        #[command(flatten)]
+        tls: ClusterTlsArgs,
     },
     /// Credentials for the broker's credentials_file.
     Credentials {
@@ -409,6 +411,21 @@ enum BenchKind {
     },
 }
 
+/// Mutual TLS to a cluster listener that has `[cluster] tls_*` set: a
+/// certificate the cluster's CA signed, and that CA.
+#[derive(Args, Clone)]
+struct ClusterTlsArgs {
+    /// The cluster's CA (PEM): [cluster] tls_ca.
+    #[arg(long = "ca", env = "WEIR_CLUSTER_CA", global = true, requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// A certificate chain the cluster's CA signed (PEM).
+    #[arg(long = "cert", env = "WEIR_CLUSTER_CERT", global = true, requires_all = ["ca", "key"])]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long = "key", env = "WEIR_CLUSTER_KEY", global = true, requires_all = ["ca", "cert"])]
+    key: Option<PathBuf>,
+}
+
 /// What `weir cluster` does.
 #[derive(Subcommand)]
 enum ClusterAction {
@@ -515,7 +532,7 @@ fn main() -> ExitCode {
         Command::Stats { interval_ms, broker } => run_async(stats(broker, interval_ms)),
         Command::Groups { channel, broker } => run_async(groups(broker, channel)),
         Command::Credentials { action: CredentialsAction::Hash { generate } } => credentials_hash(generate),
-        Command::Cluster { action, node } => run_async(cluster(node, action)),
+        Command::Cluster { action, node, tls } => run_async(cluster(node, tls, action)),
         Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
     };
     match result {
@@ -527,8 +544,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn cluster(node: String, action: ClusterAction) -> anyhow::Result<ExitCode> {
+async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> anyhow::Result<ExitCode> {
     use weir::cluster::{NodeAddrs, NodeReply, NodeRequest};
+    let connector = match tls.ca {
+        Some(ca) => Some(ClientTlsOptions { ca: Some(ca), cert: tls.cert, key: tls.key }.connector()?),
+        None => None,
+    };
     let request = match &action {
         ClusterAction::Status { .. } => NodeRequest::Status,
         ClusterAction::AddNode { id, cluster_addr, client_addr } => NodeRequest::AddNode {
@@ -537,7 +558,7 @@ async fn cluster(node: String, action: ClusterAction) -> anyhow::Result<ExitCode
         },
         ClusterAction::RemoveNode { id } => NodeRequest::RemoveNode { id: *id },
     };
-    let reply = weir::cluster::admin(&node, request).await.with_context(|| format!("node {node}"))?;
+    let reply = weir::cluster::admin(&node, request, connector).await.with_context(|| format!("node {node}"))?;
     match reply {
         NodeReply::Status(status) => {
             if matches!(action, ClusterAction::Status { json: true }) {

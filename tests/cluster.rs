@@ -17,9 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::authority::Authority;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use weir::cluster::{ClusterStatus, NodeReply, NodeRequest};
+use tokio_rustls::TlsConnector;
+use weir::client::ClientTlsOptions;
+use weir::cluster::{ClusterStatus, NodeReply, NodeRequest, PeerClient};
 
 /// Raft timing of the test clusters: short, so that a failover takes about
 /// a second, and far above what a loaded 2-core machine delays a heartbeat.
@@ -49,6 +54,8 @@ struct Node {
     spec: NodeSpec,
     config: PathBuf,
     process: Option<Child>,
+    /// How the test reaches its cluster listener.
+    tls: Option<TlsConnector>,
 }
 
 impl Node {
@@ -80,12 +87,12 @@ impl Drop for Node {
 }
 
 /// Writes the configuration of node `spec` whose initial voters are
-/// `initial`, under `dir`.
-fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec]) -> Node {
+/// `initial`, under `dir`, with `extra` lines in its `[cluster]` table.
+fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> Node {
     let mut text = format!(
         "listen_addr = \"{}\"\nmetrics_addr = \"\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
          heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
-         election_timeout_max_ms = {ELECTION_MAX_MS}\n",
+         election_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}",
         spec.client_addr,
         dir.join(format!("node{}", spec.id)).display(),
         spec.id,
@@ -99,7 +106,7 @@ fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec]) -> Node {
     }
     let config = dir.join(format!("node{}.toml", spec.id));
     std::fs::write(&config, text).unwrap();
-    Node { spec, config, process: None }
+    Node { spec, config, process: None, tls: None }
 }
 
 fn spec(id: u64) -> NodeSpec {
@@ -143,7 +150,7 @@ impl History {
 }
 
 async fn status(node: &Node) -> Option<ClusterStatus> {
-    let mut client = weir::cluster::PeerClient::new(node.spec.cluster_addr.clone());
+    let mut client = PeerClient::new(node.spec.cluster_addr.clone(), node.tls.clone());
     match client.call(&NodeRequest::Status, Duration::from_secs(5)).await {
         Ok(NodeReply::Status(status)) => Some(*status),
         _ => None,
@@ -198,7 +205,7 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     let dir = tempfile::tempdir().unwrap();
     let specs = [spec(1), spec(2), spec(3)];
     let initial: Vec<&NodeSpec> = specs.iter().collect();
-    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), spec_copy(s), &initial)).collect();
+    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), spec_copy(s), &initial, "")).collect();
     // Started in a seeded order: whichever comes first, node 1 initialises.
     let mut order: Vec<usize> = (0..nodes.len()).collect();
     for i in (1..order.len()).rev() {
@@ -249,7 +256,7 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
 
     // A fourth node: not a member until added, then a voter that follows,
     // then removed. The command goes to a follower and is forwarded.
-    let mut fourth = configure(dir.path(), spec(4), &initial);
+    let mut fourth = configure(dir.path(), spec(4), &initial, "");
     fourth.start();
     let started = Instant::now();
     while status(&fourth).await.is_none() {
@@ -288,4 +295,66 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
 
 fn spec_copy(spec: &NodeSpec) -> NodeSpec {
     NodeSpec { id: spec.id, client_addr: spec.client_addr.clone(), cluster_addr: spec.cluster_addr.clone() }
+}
+
+/// With `[cluster] tls_*` set, nodes form a cluster over mutual TLS; the
+/// listener refuses plaintext and certificates of another CA; an operator
+/// with a certificate of the cluster's CA runs `weir cluster status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let authority = Authority::new("weir-cluster-ca");
+    let ca = write("cluster-ca.pem", &authority.pem);
+    let (operator_cert, operator_key) = authority.leaf("operator", false);
+    let (operator_cert, operator_key) = (write("operator.pem", &operator_cert), write("operator.key", &operator_key));
+    let operator = ClientTlsOptions {
+        ca: Some(ca.clone().into()),
+        cert: Some(operator_cert.clone().into()),
+        key: Some(operator_key.clone().into()),
+    }
+    .connector()
+    .unwrap();
+    let specs = [spec(1), spec(2), spec(3)];
+    let initial: Vec<&NodeSpec> = specs.iter().collect();
+    let mut nodes: Vec<Node> = specs
+        .iter()
+        .map(|s| {
+            let (cert, key) = authority.node(&format!("node{}", s.id));
+            let (cert, key) = (write(&format!("node{}.pem", s.id), &cert), write(&format!("node{}.key", s.id), &key));
+            let extra = format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_ca = \"{ca}\"\n");
+            let mut node = configure(dir.path(), spec_copy(s), &initial, &extra);
+            node.tls = Some(operator.clone());
+            node
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let mut history = History::default();
+    let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, 0).await;
+
+    let addr = nodes[0].spec.cluster_addr.clone();
+    let plaintext = PeerClient::new(addr.clone(), None).call(&NodeRequest::Status, Duration::from_secs(10)).await;
+    assert!(plaintext.is_err(), "plaintext was answered: {plaintext:?}");
+    let stranger = Authority::new("another-ca");
+    let (cert, key) = stranger.leaf("stranger", false);
+    let stranger = ClientTlsOptions {
+        ca: Some(ca.clone().into()),
+        cert: Some(write("stranger.pem", &cert).into()),
+        key: Some(write("stranger.key", &key).into()),
+    }
+    .connector()
+    .unwrap();
+    let refused =
+        PeerClient::new(addr.clone(), Some(stranger)).call(&NodeRequest::Status, Duration::from_secs(10)).await;
+    assert!(refused.is_err(), "a certificate of another CA was answered: {refused:?}");
+
+    let printed =
+        weir_cluster(&["status", "--node", &addr, "--ca", &ca, "--cert", &operator_cert, "--key", &operator_key]);
+    assert!(printed.contains(&format!("leader: node {leader}")), "{printed}");
 }

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::authority::Authority;
 use common::{addr, start, stop, test_config, within};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use tempfile::TempDir;
 use weir::client::{
     BackpressurePolicy, ClientError, ClientTlsOptions, ConnectOptions, Connection, Event, Publisher, PublisherOptions,
@@ -26,39 +26,6 @@ use weir::protocol::{ChannelRetention, ErrorCode, Request, Response, StartPositi
 use weir::record::Message;
 use weir::security::principal::hash_token;
 use weir::server::{ServerError, ServerHandle};
-
-/// A certificate authority made for one test.
-struct Authority {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Authority {
-    fn new(name: &str) -> Authority {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let certificate = params.self_signed(&key).unwrap();
-        Authority { issuer: Issuer::new(params, key), pem: certificate.pem() }
-    }
-
-    /// A leaf certificate and its key, PEM, for `common_name` (and
-    /// 127.0.0.1 as its address, for a server).
-    fn leaf(&self, common_name: &str, server: bool) -> (String, String) {
-        let names = if server { vec!["127.0.0.1".to_owned(), "localhost".to_owned()] } else { Vec::new() };
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.extended_key_usages.push(if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        });
-        let key = KeyPair::generate().unwrap();
-        let certificate = params.signed_by(&key, &self.issuer).unwrap();
-        (certificate.pem(), key.serialize_pem())
-    }
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

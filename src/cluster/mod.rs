@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{ChangeMembers, ServerState};
-use tokio::io::{BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +35,9 @@ pub use types::{NodeAddrs, NodeId};
 
 use crate::config::ClusterConfig;
 use types::{Raft, Snapshot};
+
+/// How long a node-to-node TLS handshake may take.
+pub const CLUSTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections the cluster listener serves at once (peers and `weir
 /// cluster` commands); more wait in the kernel's accept queue.
@@ -58,6 +61,8 @@ pub enum ClusterError {
     },
     #[error("invalid cluster settings: {0}")]
     Settings(String),
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] crate::security::tls::TlsError),
     #[error("the metadata group failed: {0}")]
     Raft(String),
 }
@@ -104,8 +109,21 @@ impl ClusterNode {
         }
         .validate()
         .map_err(|error| ClusterError::Settings(error.to_string()))?;
+        let (acceptor, connector) = match settings.tls_files() {
+            Some((cert, key, ca)) => {
+                let (acceptor, connector) = tls(cert, key, ca)?;
+                (Some(acceptor), Some(connector))
+            }
+            None => {
+                tracing::warn!(
+                    "the cluster listener has no TLS ([cluster] tls_cert, tls_key, tls_ca): anyone who reaches it can take part in the cluster; keep it on a private network"
+                );
+                (None, None)
+            }
+        };
         let node_id = settings.node_id;
-        let raft = Raft::new(node_id, Arc::new(raft_config), transport::PeerNetwork, log_store, state_machine)
+        let network = transport::PeerNetwork { tls: connector };
+        let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
             .await
             .map_err(|error| ClusterError::Raft(error.to_string()))?;
         let listener = TcpListener::bind(&settings.listen_addr)
@@ -116,7 +134,7 @@ impl ClusterNode {
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
         let node =
             ClusterNode { raft, node_id, listen_addr, connections: TaskTracker::new(), stop: CancellationToken::new() };
-        tokio::spawn(accept(listener, node.raft.clone(), node.connections.clone(), node.stop.clone()));
+        tokio::spawn(accept(listener, acceptor, node.raft.clone(), node.connections.clone(), node.stop.clone()));
         tokio::spawn(watch_metrics(node.raft.clone(), node.stop.clone()));
         node.bootstrap(settings).await?;
         tracing::info!(node_id, cluster_addr = %listen_addr, "cluster node started");
@@ -183,7 +201,27 @@ impl ClusterNode {
     }
 }
 
-async fn accept(listener: TcpListener, raft: Raft, connections: TaskTracker, stop: CancellationToken) {
+/// The node's acceptor (clients must present a certificate the CA signed)
+/// and connector (it presents its own).
+fn tls(
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+) -> Result<(TlsAcceptor, TlsConnector), ClusterError> {
+    let files =
+        crate::security::tls::ServerTlsFiles { cert: cert.clone(), key: key.clone(), client_ca: Some(ca.clone()) };
+    let acceptor = TlsAcceptor::from(files.load()?);
+    let options = crate::security::tls::ClientTlsOptions { ca: Some(ca), cert: Some(cert), key: Some(key) };
+    Ok((acceptor, options.connector()?))
+}
+
+async fn accept(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    raft: Raft,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
     let permits = Arc::new(tokio::sync::Semaphore::new(CLUSTER_CONNECTIONS_MAX));
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
@@ -193,9 +231,9 @@ async fn accept(listener: TcpListener, raft: Raft, connections: TaskTracker, sto
         };
         match accepted {
             Ok((socket, _)) => {
-                let (raft, stop) = (raft.clone(), stop.clone());
+                let (raft, stop, acceptor) = (raft.clone(), stop.clone(), acceptor.clone());
                 connections.spawn(async move {
-                    serve(socket, raft, stop).await;
+                    serve(socket, acceptor, raft, stop).await;
                     drop(permit);
                 });
             }
@@ -209,11 +247,23 @@ async fn accept(listener: TcpListener, raft: Raft, connections: TaskTracker, sto
 
 /// Serves one connection's requests in order until it closes, sends a
 /// frame that does not decode, or the node stops.
-async fn serve(socket: TcpStream, raft: Raft, stop: CancellationToken) {
+async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, stop: CancellationToken) {
     let peer = socket.peer_addr().map(|addr| addr.to_string()).unwrap_or_default();
     let _ = socket.set_nodelay(true);
-    let (read, write) = socket.into_split();
-    let (mut reader, mut writer) = (BufReader::new(read), BufWriter::new(write));
+    let (mut reader, mut writer) = match acceptor {
+        Some(acceptor) => match tokio::time::timeout(CLUSTER_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+            Ok(Ok(stream)) => transport::frame_halves(stream),
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, %error, "cluster listener: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "cluster listener: TLS handshake timed out");
+                return;
+            }
+        },
+        None => transport::frame_halves(socket),
+    };
     loop {
         let frame = tokio::select! {
             () = stop.cancelled() => return,
@@ -344,12 +394,12 @@ async fn watch_metrics(raft: Raft, stop: CancellationToken) {
 ///
 /// # Errors
 /// A node cannot be reached or answers out of turn.
-pub async fn admin(addr: &str, request: NodeRequest) -> Result<NodeReply, TransportError> {
+pub async fn admin(addr: &str, request: NodeRequest, tls: Option<TlsConnector>) -> Result<NodeReply, TransportError> {
     const LEADER_HOPS_MAX: usize = 3;
     let mut addr = addr.to_string();
     let mut hops = 0;
     loop {
-        let reply = PeerClient::new(addr.clone()).call(&request, ADMIN_TIMEOUT).await?;
+        let reply = PeerClient::new(addr.clone(), tls.clone()).call(&request, ADMIN_TIMEOUT).await?;
         match reply {
             NodeReply::NotLeader { leader: Some((_, addrs)) }
                 if hops < LEADER_HOPS_MAX && addrs.cluster_addr != addr =>

@@ -16,9 +16,9 @@ use openraft::network::RPCOption;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::TlsConnector;
 
 use super::status::ClusterStatus;
 use super::types::{MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
@@ -91,12 +91,21 @@ pub enum TransportError {
     Malformed { addr: String, problem: String },
 }
 
+/// The halves of a node-to-node connection, plain or TLS.
+pub(crate) type FrameReader = BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>;
+pub(crate) type FrameWriter = BufWriter<Box<dyn AsyncWrite + Send + Sync + Unpin>>;
+
+/// Splits a connection into buffered frame halves.
+pub(crate) fn frame_halves<S>(stream: S) -> (FrameReader, FrameWriter)
+where
+    S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    (BufReader::new(Box::new(read)), BufWriter::new(Box::new(write)))
+}
+
 /// Writes one frame.
-pub(crate) async fn write_frame<T: Serialize>(
-    writer: &mut BufWriter<OwnedWriteHalf>,
-    correlation: u64,
-    body: &T,
-) -> io::Result<()> {
+pub(crate) async fn write_frame<T: Serialize>(writer: &mut FrameWriter, correlation: u64, body: &T) -> io::Result<()> {
     let body = postcard::to_stdvec(body).map_err(io::Error::other)?;
     if body.len() + 8 > CLUSTER_FRAME_BYTES_MAX {
         return Err(io::Error::new(
@@ -111,7 +120,7 @@ pub(crate) async fn write_frame<T: Serialize>(
 }
 
 /// Reads one frame: `None` at a clean end of stream.
-pub(crate) async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<(u64, Vec<u8>)>> {
+pub(crate) async fn read_frame(reader: &mut FrameReader) -> io::Result<Option<(u64, Vec<u8>)>> {
     let length = match reader.read_u32().await {
         Ok(length) => length as usize,
         Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
@@ -133,13 +142,16 @@ pub(crate) async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> io::Res
 /// any failure and opened again by the next request.
 pub struct PeerClient {
     addr: String,
-    connection: Option<(BufReader<OwnedReadHalf>, BufWriter<OwnedWriteHalf>)>,
+    tls: Option<TlsConnector>,
+    connection: Option<(FrameReader, FrameWriter)>,
     next_correlation: u64,
 }
 
 impl PeerClient {
-    pub fn new(addr: impl Into<String>) -> PeerClient {
-        PeerClient { addr: addr.into(), connection: None, next_correlation: 1 }
+    /// A client of the node at `addr`, over TLS when `tls` is given (the
+    /// node's certificate is verified against the address's host).
+    pub fn new(addr: impl Into<String>, tls: Option<TlsConnector>) -> PeerClient {
+        PeerClient { addr: addr.into(), tls, connection: None, next_correlation: 1 }
     }
 
     /// Sends `request` and waits at most `timeout` for its reply.
@@ -165,8 +177,14 @@ impl PeerClient {
         if self.connection.is_none() {
             let stream = TcpStream::connect(&self.addr).await.map_err(io_error)?;
             let _ = stream.set_nodelay(true);
-            let (read, write) = stream.into_split();
-            self.connection = Some((BufReader::new(read), BufWriter::new(write)));
+            self.connection = Some(match &self.tls {
+                Some(connector) => {
+                    let name = crate::security::tls::server_name(&self.addr)
+                        .map_err(|error| io_error(io::Error::new(io::ErrorKind::InvalidInput, error.to_string())))?;
+                    frame_halves(connector.connect(name, stream).await.map_err(io_error)?)
+                }
+                None => frame_halves(stream),
+            });
         }
         let correlation = self.next_correlation;
         self.next_correlation += 1;
@@ -203,13 +221,15 @@ fn unexpected(reply: NodeReply) -> NetworkError<TypeConfig> {
 }
 
 /// Opens a [`PeerClient`] per replication target, as openraft asks.
-pub struct PeerNetwork;
+pub struct PeerNetwork {
+    pub tls: Option<TlsConnector>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, _target: NodeId, node: &NodeAddrs) -> PeerClient {
-        PeerClient::new(node.cluster_addr.clone())
+        PeerClient::new(node.cluster_addr.clone(), self.tls.clone())
     }
 }
 

@@ -2,6 +2,7 @@
 //! real broker on 127.0.0.1 with a temporary data directory.
 #![allow(dead_code)] // Each test binary uses a different subset.
 
+pub mod authority;
 pub mod full_disk;
 pub mod raw;
 
