@@ -168,18 +168,19 @@ struct BrokerArgs {
     /// broker's credentials file, or its shared auth_token.
     #[arg(long, env = "WEIR_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
-    /// Connect over TLS (implied by --ca, --cert and --key).
+    /// Connect over TLS (implied by --tls-ca, --tls-cert and --tls-key).
     #[arg(long, env = "WEIR_TLS", global = true)]
     tls: bool,
     /// The CA that signed the broker's certificate (PEM); default: the
     /// system's trusted roots.
-    #[arg(long, env = "WEIR_TLS_CA", global = true)]
+    #[arg(long = "tls-ca", env = "WEIR_TLS_CA", global = true)]
     ca: Option<PathBuf>,
-    /// A client certificate chain (PEM), for mutual TLS; with --key.
-    #[arg(long, env = "WEIR_TLS_CERT", global = true)]
+    /// A client certificate chain (PEM), for mutual TLS; with --tls-key.
+    #[arg(long = "tls-cert", env = "WEIR_TLS_CERT", global = true)]
     cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, env = "WEIR_TLS_KEY", global = true)]
+    /// The client certificate's private key (PEM). (Not `--key`: that is
+    /// a message's key.)
+    #[arg(long = "tls-key", id = "tls_key", env = "WEIR_TLS_KEY", global = true)]
     key: Option<PathBuf>,
 }
 
@@ -416,13 +417,13 @@ enum BenchKind {
 #[derive(Args, Clone)]
 struct ClusterTlsArgs {
     /// The cluster's CA (PEM): [cluster] tls_ca.
-    #[arg(long = "ca", env = "WEIR_CLUSTER_CA", global = true, requires_all = ["cert", "key"])]
+    #[arg(long = "tls-ca", env = "WEIR_CLUSTER_TLS_CA", global = true, requires_all = ["cert", "key"])]
     ca: Option<PathBuf>,
     /// A certificate chain the cluster's CA signed (PEM).
-    #[arg(long = "cert", env = "WEIR_CLUSTER_CERT", global = true, requires_all = ["ca", "key"])]
+    #[arg(long = "tls-cert", env = "WEIR_CLUSTER_TLS_CERT", global = true, requires_all = ["ca", "key"])]
     cert: Option<PathBuf>,
     /// Its private key (PEM).
-    #[arg(long = "key", env = "WEIR_CLUSTER_KEY", global = true, requires_all = ["ca", "cert"])]
+    #[arg(long = "tls-key", env = "WEIR_CLUSTER_TLS_KEY", global = true, requires_all = ["ca", "cert"])]
     key: Option<PathBuf>,
 }
 
@@ -1457,5 +1458,18 @@ fn check(data_dir: &Path, config: Option<&Path>, fsync: Option<FsyncPolicy>) -> 
             println!("corrupt: {summary}; {corrupt} corrupt and {repairable} repairable problems");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own checks of the whole command line (unique names, valid
+    /// requirements): they run only in debug builds, at parse time, so a
+    /// clash would otherwise surface as a panic in front of a user.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -354,7 +354,16 @@ async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
         PeerClient::new(addr.clone(), Some(stranger)).call(&NodeRequest::Status, Duration::from_secs(10)).await;
     assert!(refused.is_err(), "a certificate of another CA was answered: {refused:?}");
 
-    let printed =
-        weir_cluster(&["status", "--node", &addr, "--ca", &ca, "--cert", &operator_cert, "--key", &operator_key]);
+    let printed = weir_cluster(&[
+        "status",
+        "--node",
+        &addr,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &operator_cert,
+        "--tls-key",
+        &operator_key,
+    ]);
     assert!(printed.contains(&format!("leader: node {leader}")), "{printed}");
 }

@@ -189,7 +189,7 @@ impl Connection {
                     hint: if options.tls.is_some() {
                         "it may have refused the client certificate (mutual TLS)"
                     } else {
-                        "a broker with TLS on closes plaintext connections: connect with TLS (--tls, --ca)"
+                        "a broker with TLS on closes plaintext connections: connect with TLS (--tls, --tls-ca)"
                     },
                 },
                 other => other,

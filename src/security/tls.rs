@@ -221,7 +221,7 @@ impl ClientTlsOptions {
                 let mut roots = RootCertStore::empty();
                 let (added, _) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
-                    return Err(TlsError::Config("no --ca given and the system has no trusted roots".into()));
+                    return Err(TlsError::Config("no CA given (--tls-ca) and the system has no trusted roots".into()));
                 }
                 roots
             }
@@ -235,7 +235,11 @@ impl ClientTlsOptions {
                 .with_client_auth_cert(certificates(cert)?, private_key(key)?)
                 .map_err(|error| TlsError::Config(format!("{} and {}: {error}", cert.display(), key.display())))?,
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(TlsError::Config("a client certificate needs both --cert and --key".into())),
+            _ => {
+                return Err(TlsError::Config(
+                    "a client certificate needs both its certificate and its key (--tls-cert and --tls-key)".into(),
+                ));
+            }
         };
         Ok(TlsConnector::from(Arc::new(config)))
     }
