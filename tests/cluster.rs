@@ -1,7 +1,7 @@
 //! Cluster mode's metadata group, run as real `weir serve` processes on
 //! 127.0.0.1: three nodes form a cluster from `[cluster] nodes`; the leader
-//! is killed with SIGKILL at seeded moments and restarted, and the others
-//! elect a new one each time; a minority never elects; a fourth node is
+//! is killed with SIGKILL (or paused with SIGSTOP) at seeded moments and
+//! restarted (resumed), and the others elect a new one each time; a minority never elects; a fourth node is
 //! added and removed with `weir cluster`. Throughout, no two nodes ever
 //! report different leaders for the same term, and no node's term goes
 //! back.
@@ -70,6 +70,13 @@ impl Node {
             .spawn()
             .unwrap();
         self.process = Some(child);
+    }
+
+    /// SIGSTOP or SIGCONT.
+    fn signal(&self, name: &str) {
+        let pid = self.process.as_ref().unwrap().id();
+        let sent = Command::new("kill").args([format!("-{name}"), pid.to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -{name} {pid} failed");
     }
 
     fn kill(&mut self) {
@@ -217,17 +224,33 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     let mut history = History::default();
     let (mut leader, mut term) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
 
-    // The leader killed at a seeded moment, the others elect; it comes back
-    // and follows.
+    // The leader killed (or, one round in three, paused) at a seeded
+    // moment; the others elect; it comes back (is resumed) and follows.
     for round in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..ELECTION_MAX_MS))).await;
         let index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
-        nodes[index].kill();
-        let others: Vec<&Node> = nodes.iter().filter(|node| node.process.is_some()).collect();
+        let pause = rng.random_range(0..3) == 0;
+        if pause {
+            nodes[index].signal("STOP");
+        } else {
+            nodes[index].kill();
+        }
+        let others: Vec<&Node> = nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, node)| i != index && node.process.is_some())
+            .map(|(_, n)| n)
+            .collect();
         let (new_leader, new_term) = agreed_leader(&others, &mut history, seed).await;
-        assert_ne!(new_leader, leader, "round {round}: the dead leader still leads; seed {seed}");
+        assert_ne!(new_leader, leader, "round {round}: the stopped leader still leads; seed {seed}");
         assert!(new_term > term, "round {round}: a new leader in an old term; seed {seed}");
-        nodes[index].start();
+        if pause {
+            // A deposed leader that wakes up steps down when it hears the
+            // higher term.
+            nodes[index].signal("CONT");
+        } else {
+            nodes[index].start();
+        }
         (leader, term) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
         assert!(term >= new_term);
     }
