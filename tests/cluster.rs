@@ -193,6 +193,13 @@ async fn agreed_leader(nodes: &[&Node], history: &mut History, seed: u64) -> (u6
     }
 }
 
+/// Runs `weir cluster ARGS`, which must fail; returns its stderr.
+fn weir_cluster_fails(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_weir")).arg("cluster").args(args).output().unwrap();
+    assert!(!output.status.success(), "weir cluster {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 fn weir_cluster(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_weir")).arg("cluster").args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -242,7 +249,7 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
             .map(|(_, n)| n)
             .collect();
         let (new_leader, new_term) = agreed_leader(&others, &mut history, seed).await;
-        assert_ne!(new_leader, leader, "round {round}: the stopped leader still leads; seed {seed}");
+        assert!(others.iter().any(|node| node.spec.id == new_leader));
         assert!(new_term > term, "round {round}: a new leader in an old term; seed {seed}");
         if pause {
             // A deposed leader that wakes up steps down when it hears the
@@ -276,6 +283,38 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
         }
     }
     agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
+
+    // A node that is not running cannot be added: the command fails after
+    // the catch-up timeout and leaves no member behind; nor can an existing
+    // id be added again, or a stranger removed.
+    let absent = spec(9);
+    let refused = weir_cluster_fails(&[
+        "add-node",
+        "9",
+        "--cluster-addr",
+        &absent.cluster_addr,
+        "--client-addr",
+        &absent.client_addr,
+        "--node",
+        &nodes[0].spec.cluster_addr,
+    ]);
+    assert!(refused.contains("did not catch up"), "{refused}");
+    let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
+    let on_leader = status(nodes.iter().find(|node| node.spec.id == leader).unwrap()).await.unwrap();
+    assert!(on_leader.members.iter().all(|member| member.id != 9), "{on_leader:?}");
+    let again = weir_cluster_fails(&[
+        "add-node",
+        "2",
+        "--cluster-addr",
+        &absent.cluster_addr,
+        "--client-addr",
+        &absent.client_addr,
+        "--node",
+        &nodes[0].spec.cluster_addr,
+    ]);
+    assert!(again.contains("already a member"), "{again}");
+    let stranger = weir_cluster_fails(&["remove-node", "9", "--node", &nodes[0].spec.cluster_addr]);
+    assert!(stranger.contains("not a member"), "{stranger}");
 
     // A fourth node: not a member until added, then a voter that follows,
     // then removed. The command goes to a follower and is forwarded.

@@ -11,20 +11,20 @@
 //! openraft is used only inside this module, so that its API changes
 //! between pinned versions touch nothing else.
 
+mod listener;
 mod status;
 mod store;
 mod transport;
 mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::{ChangeMembers, ServerState};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,7 +34,10 @@ pub use transport::{ADMIN_TIMEOUT, CLUSTER_FRAME_BYTES_MAX, NodeReply, NodeReque
 pub use types::{NodeAddrs, NodeId};
 
 use crate::config::ClusterConfig;
-use types::{Raft, Snapshot};
+use types::Raft;
+
+/// Most entries one append to a follower carries.
+pub const METADATA_APPEND_ENTRIES_MAX: u64 = 64;
 
 /// How long a node-to-node TLS handshake may take.
 pub const CLUSTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +108,9 @@ impl ClusterNode {
             heartbeat_interval: settings.heartbeat_interval_ms,
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
+            // Bounds an append's frame: metadata entries are small (a
+            // membership of CLUSTER_NODES_MAX nodes is a few KiB).
+            max_payload_entries: METADATA_APPEND_ENTRIES_MAX,
             ..Default::default()
         }
         .validate()
@@ -134,8 +140,14 @@ impl ClusterNode {
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
         let node =
             ClusterNode { raft, node_id, listen_addr, connections: TaskTracker::new(), stop: CancellationToken::new() };
-        tokio::spawn(accept(listener, acceptor, node.raft.clone(), node.connections.clone(), node.stop.clone()));
-        tokio::spawn(watch_metrics(node.raft.clone(), node.stop.clone()));
+        tokio::spawn(listener::accept(
+            listener,
+            acceptor,
+            node.raft.clone(),
+            node.connections.clone(),
+            node.stop.clone(),
+        ));
+        tokio::spawn(status::watch_metrics(node.raft.clone(), node.stop.clone()));
         node.bootstrap(settings).await?;
         tracing::info!(node_id, cluster_addr = %listen_addr, "cluster node started");
         Ok(node)
@@ -213,180 +225,6 @@ fn tls(
     let acceptor = TlsAcceptor::from(files.load()?);
     let options = crate::security::tls::ClientTlsOptions { ca: Some(ca), cert: Some(cert), key: Some(key) };
     Ok((acceptor, options.connector()?))
-}
-
-async fn accept(
-    listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
-    raft: Raft,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(CLUSTER_CONNECTIONS_MAX));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((socket, _)) => {
-                let (raft, stop, acceptor) = (raft.clone(), stop.clone(), acceptor.clone());
-                connections.spawn(async move {
-                    serve(socket, acceptor, raft, stop).await;
-                    drop(permit);
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cluster listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Serves one connection's requests in order until it closes, sends a
-/// frame that does not decode, or the node stops.
-async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, stop: CancellationToken) {
-    let peer = socket.peer_addr().map(|addr| addr.to_string()).unwrap_or_default();
-    let _ = socket.set_nodelay(true);
-    let (mut reader, mut writer) = match acceptor {
-        Some(acceptor) => match tokio::time::timeout(CLUSTER_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-            Ok(Ok(stream)) => transport::frame_halves(stream),
-            Ok(Err(error)) => {
-                tracing::warn!(%peer, %error, "cluster listener: TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "cluster listener: TLS handshake timed out");
-                return;
-            }
-        },
-        None => transport::frame_halves(socket),
-    };
-    loop {
-        let frame = tokio::select! {
-            () = stop.cancelled() => return,
-            frame = transport::read_frame(&mut reader) => frame,
-        };
-        let (correlation, body) = match frame {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "cluster listener: closing a connection after a bad frame");
-                return;
-            }
-        };
-        let reply = match postcard::from_bytes::<NodeRequest>(&body) {
-            Ok(request) => handle(&raft, request).await,
-            Err(error) => {
-                tracing::warn!(%peer, %error, "cluster listener: a request that does not decode");
-                let reply = NodeReply::Error(format!("the request does not decode: {error}"));
-                let _ = transport::write_frame(&mut writer, correlation, &reply).await;
-                return;
-            }
-        };
-        if let Err(error) = transport::write_frame(&mut writer, correlation, &reply).await {
-            tracing::debug!(%peer, %error, "cluster listener: cannot answer");
-            return;
-        }
-    }
-}
-
-type ClientWriteError =
-    openraft::errors::RaftError<types::TypeConfig, openraft::errors::ClientWriteError<types::TypeConfig>>;
-
-/// `NotLeader` when `error` says another node leads (or none does yet).
-fn not_leader(error: &ClientWriteError) -> Option<NodeReply> {
-    let forward = error.forward_to_leader()?;
-    let leader = forward.leader_id.zip(forward.leader_node.clone());
-    Some(NodeReply::NotLeader { leader })
-}
-
-async fn handle(raft: &Raft, request: NodeRequest) -> NodeReply {
-    match request {
-        NodeRequest::AppendEntries(rpc) => match raft.append_entries(rpc).await {
-            Ok(response) => NodeReply::AppendEntries(response),
-            Err(error) => NodeReply::Error(error.to_string()),
-        },
-        NodeRequest::Vote(rpc) => match raft.vote(rpc).await {
-            Ok(response) => NodeReply::Vote(response),
-            Err(error) => NodeReply::Error(error.to_string()),
-        },
-        NodeRequest::FullSnapshot { vote, meta, state } => {
-            match raft.install_full_snapshot(vote, Snapshot { meta, snapshot: state }).await {
-                Ok(response) => NodeReply::Snapshot(response),
-                Err(error) => NodeReply::Error(error.to_string()),
-            }
-        }
-        NodeRequest::Status => {
-            NodeReply::Status(Box::new(ClusterStatus::from_metrics(&raft.metrics().borrow_watched())))
-        }
-        NodeRequest::AddNode { id, addrs } => {
-            tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
-            if let Err(error) = raft.add_learner(id, addrs, true).await {
-                return not_leader(&error).unwrap_or_else(|| NodeReply::Error(error.to_string()));
-            }
-            change_membership(raft, ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
-        }
-        NodeRequest::RemoveNode { id } => {
-            tracing::info!(id, "removing a node from the voters and the group");
-            change_membership(raft, ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await
-        }
-    }
-}
-
-async fn change_membership(raft: &Raft, change: ChangeMembers<NodeId, NodeAddrs>) -> NodeReply {
-    // Not retained as a learner: a removed node leaves the group.
-    match raft.change_membership(change, false).await {
-        Ok(response) => {
-            let voters =
-                response.membership.as_ref().map(|membership| membership.voter_ids().collect()).unwrap_or_default();
-            NodeReply::MembershipChanged { voters }
-        }
-        Err(error) => not_leader(&error).unwrap_or_else(|| NodeReply::Error(error.to_string())),
-    }
-}
-
-/// Publishes the metadata group's state as metrics and logs every change
-/// of leader or term.
-async fn watch_metrics(raft: Raft, stop: CancellationToken) {
-    let mut metrics = raft.metrics();
-    let mut known: Option<(u64, Option<NodeId>, ServerState)> = None;
-    loop {
-        let current = metrics.borrow_watched().clone();
-        let seen = (current.current_term, current.current_leader, current.state);
-        if known != Some(seen) {
-            if known.is_some_and(|(_, leader, _)| leader != current.current_leader) {
-                metrics::counter!("weir_raft_leader_changes_total", "group" => "metadata").increment(1);
-            }
-            tracing::info!(
-                group = "metadata",
-                term = current.current_term,
-                leader = ?current.current_leader,
-                role = status::role_name(current.state),
-                "metadata group: leader or term changed"
-            );
-            known = Some(seen);
-        }
-        metrics::gauge!("weir_raft_term", "group" => "metadata").set(current.current_term as f64);
-        let leading = current.state == ServerState::Leader;
-        metrics::gauge!("weir_raft_leader", "group" => "metadata").set(if leading { 1.0 } else { 0.0 });
-        if let Some(committed) = current.local_committed {
-            metrics::gauge!("weir_raft_commit_index", "group" => "metadata").set(committed.index as f64);
-        }
-        if let (Some(replication), Some(last)) = (&current.replication, current.last_log_index) {
-            for (follower, matched) in replication {
-                let lag = last.saturating_sub(matched.map_or(0, |log_id| log_id.index));
-                metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string())
-                    .set(lag as f64);
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            changed = metrics.changed() => if changed.is_err() { return },
-        }
-    }
 }
 
 /// Sends `request` to the node at `addr` for a `weir cluster` command,

@@ -4,10 +4,12 @@
 
 use std::fmt;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
-use super::types::{NodeAddrs, NodeId, TypeConfig};
+use super::types::{LogId, NodeAddrs, NodeId, Raft, TypeConfig};
 
 /// What `weir cluster status` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,13 +54,10 @@ impl ClusterStatus {
         let members = membership
             .nodes()
             .map(|(&id, addrs)| {
-                let matched_index = metrics
-                    .replication
-                    .as_ref()
-                    .and_then(|replication| replication.get(&id))
-                    .map(|matched| matched.map_or(0, |log_id| log_id.index));
-                let lag_entries = match (matched_index, metrics.last_log_index) {
-                    (Some(matched), Some(last)) => Some(last.saturating_sub(matched)),
+                let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&id)).copied();
+                let matched_index = matched.flatten().map(|log_id| log_id.index);
+                let lag_entries = match (matched, metrics.last_log_index) {
+                    (Some(matched), Some(last)) => Some(lag_entries(last, matched)),
                     _ => None,
                 };
                 MemberStatus { id, addrs: addrs.clone(), voter: voters.contains(&id), matched_index, lag_entries }
@@ -75,6 +74,12 @@ impl ClusterStatus {
             members,
         }
     }
+}
+
+/// Entries a member lacks when the leader's last is `last` (indexes start
+/// at 0, so a member holding nothing lacks `last + 1`).
+fn lag_entries(last: u64, matched: Option<LogId>) -> u64 {
+    matched.map_or(last + 1, |log_id| last.saturating_sub(log_id.index))
 }
 
 fn or_dash(value: Option<u64>) -> String {
@@ -115,5 +120,53 @@ impl fmt::Display for ClusterStatus {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Publishes the metadata group's state as metrics and logs every change
+/// of leader or term.
+pub(crate) async fn watch_metrics(raft: Raft, stop: CancellationToken) {
+    let mut metrics = raft.metrics();
+    let mut known: Option<(u64, Option<NodeId>, ServerState)> = None;
+    let mut last_leader: Option<NodeId> = None;
+    loop {
+        let current = metrics.borrow_watched().clone();
+        let seen = (current.current_term, current.current_leader, current.state);
+        if known != Some(seen) {
+            // A change to another leader; "no leader" in between is not one.
+            if let Some(leader) = current.current_leader
+                && last_leader != Some(leader)
+            {
+                if last_leader.is_some() {
+                    metrics::counter!("weir_raft_leader_changes_total", "group" => "metadata").increment(1);
+                }
+                last_leader = Some(leader);
+            }
+            tracing::info!(
+                group = "metadata",
+                term = current.current_term,
+                leader = ?current.current_leader,
+                role = role_name(current.state),
+                "metadata group: leader or term changed"
+            );
+            known = Some(seen);
+        }
+        metrics::gauge!("weir_raft_term", "group" => "metadata").set(current.current_term as f64);
+        let leading = current.state == ServerState::Leader;
+        metrics::gauge!("weir_raft_leader", "group" => "metadata").set(if leading { 1.0 } else { 0.0 });
+        if let Some(committed) = current.local_committed {
+            metrics::gauge!("weir_raft_commit_index", "group" => "metadata").set(committed.index as f64);
+        }
+        if let (Some(replication), Some(last)) = (&current.replication, current.last_log_index) {
+            for (follower, matched) in replication {
+                let lag = lag_entries(last, *matched);
+                metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string())
+                    .set(lag as f64);
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
     }
 }

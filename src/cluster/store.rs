@@ -35,10 +35,6 @@ const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 const SNAPSHOT: &str = "snapshot";
 
-/// Most entries one read returns; openraft asks for at most
-/// `max_payload_entries` (300 by default) at a time.
-const LOG_READ_ENTRIES_MAX: usize = 4096;
-
 /// Opens (or creates) the metadata database at `path`.
 ///
 /// # Errors
@@ -89,6 +85,25 @@ where
     .map_err(io::Error::other)?
 }
 
+/// Stores `snapshot` as the last one unless a newer one is stored: a build
+/// that started before an install must not overwrite it.
+async fn write_snapshot(db: &Arc<Database>, meta: &SnapshotMeta, state: &MetadataState) -> io::Result<()> {
+    let bytes = encode(&(meta, state))?;
+    let last_log_id = meta.last_log_id;
+    write_txn(db, move |txn| {
+        let mut table = txn.open_table(STATE).map_err(io::Error::other)?;
+        let stored = match table.get(SNAPSHOT).map_err(io::Error::other)? {
+            Some(value) => decode::<(SnapshotMeta, MetadataState)>(value.value())?.0.last_log_id,
+            None => None,
+        };
+        if stored <= last_log_id {
+            table.insert(SNAPSHOT, bytes.as_slice()).map_err(io::Error::other)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 async fn write_state<T: Serialize>(db: &Arc<Database>, key: &'static str, value: &T) -> io::Result<()> {
     let bytes = encode(value)?;
     write_txn(db, move |txn| {
@@ -113,7 +128,10 @@ impl RaftLogReader<TypeConfig> for MetadataLogStore {
         let txn = self.db.begin_read().map_err(io::Error::other)?;
         let table = txn.open_table(LOG).map_err(io::Error::other)?;
         let mut entries = Vec::new();
-        for item in table.range(range).map_err(io::Error::other)?.take(LOG_READ_ENTRIES_MAX) {
+        // The whole range: openraft's contract forbids stopping early (its
+        // apply path reads every newly committed entry in one call; the
+        // metadata log is small).
+        for item in table.range(range).map_err(io::Error::other)? {
             let (_, value) = item.map_err(io::Error::other)?;
             entries.push(decode(value.value())?);
         }
@@ -245,7 +263,7 @@ impl RaftSnapshotBuilder<TypeConfig> for MetadataStateMachine {
             let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
             (meta, applied.state.clone())
         };
-        write_state(&self.db, SNAPSHOT, &(&meta, &state)).await?;
+        write_snapshot(&self.db, &meta, &state).await?;
         Ok(Snapshot { meta, snapshot: state })
     }
 }
@@ -283,7 +301,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: MetadataState) -> Result<(), io::Error> {
-        write_state(&self.db, SNAPSHOT, &(meta, &snapshot)).await?;
+        write_snapshot(&self.db, meta, &snapshot).await?;
         *self.lock() =
             Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: snapshot };
         Ok(())

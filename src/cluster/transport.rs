@@ -23,10 +23,14 @@ use tokio_rustls::TlsConnector;
 use super::status::ClusterStatus;
 use super::types::{MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
-/// Largest node-to-node frame. The metadata group's entries and snapshots
-/// are small; partition groups will bound their appends by
-/// `max_payload_entries` and their snapshot chunks below this.
-pub const CLUSTER_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Largest node-to-node frame. The metadata group's appends carry at most
+/// `METADATA_APPEND_ENTRIES_MAX` small entries and its snapshot is its
+/// membership; partition groups will raise this with their batches.
+pub const CLUSTER_FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// A client connection idle for this long is opened anew before its next
+/// request, so that it never meets the listener's idle timeout
+/// (`CLUSTER_IDLE_TIMEOUT`, twice as long) mid-request.
+const CLIENT_CONNECTION_REUSE_MAX: Duration = Duration::from_secs(60);
 /// Bytes of a frame before its body: length and correlation id.
 const FRAME_HEADER_BYTES: usize = 4 + 8;
 /// How long a `weir cluster` command waits for its answer: a membership
@@ -119,13 +123,27 @@ pub(crate) async fn write_frame<T: Serialize>(writer: &mut FrameWriter, correlat
     writer.flush().await
 }
 
-/// Reads one frame: `None` at a clean end of stream.
-pub(crate) async fn read_frame(reader: &mut FrameReader) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let length = match reader.read_u32().await {
-        Ok(length) => length as usize,
-        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error),
+/// Reads one frame: `None` at a clean end of stream. The frame must start
+/// within `idle` and, once started, arrive whole within `frame_timeout`.
+pub(crate) async fn read_frame(
+    reader: &mut FrameReader,
+    idle: Duration,
+    frame_timeout: Duration,
+) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let timed_out = |what: &str| io::Error::new(io::ErrorKind::TimedOut, what.to_string());
+    let length = match tokio::time::timeout(idle, reader.read_u32()).await {
+        Err(_) => return Err(timed_out("idle past the timeout")),
+        Ok(Ok(length)) => length as usize,
+        Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(error)) => return Err(error),
     };
+    match tokio::time::timeout(frame_timeout, read_frame_rest(reader, length)).await {
+        Ok(result) => result.map(Some),
+        Err(_) => Err(timed_out("a frame arrived too slowly")),
+    }
+}
+
+async fn read_frame_rest(reader: &mut FrameReader, length: usize) -> io::Result<(u64, Vec<u8>)> {
     if !(FRAME_HEADER_BYTES - 4..=CLUSTER_FRAME_BYTES_MAX).contains(&length) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -133,9 +151,14 @@ pub(crate) async fn read_frame(reader: &mut FrameReader) -> io::Result<Option<(u
         ));
     }
     let correlation = reader.read_u64().await?;
-    let mut body = vec![0; length - 8];
-    reader.read_exact(&mut body).await?;
-    Ok(Some((correlation, body)))
+    // Read as it arrives: a peer claiming a large frame and sending little
+    // holds no more memory than it sent.
+    let mut body = Vec::new();
+    (&mut *reader).take((length - 8) as u64).read_to_end(&mut body).await?;
+    if body.len() != length - 8 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed inside a frame"));
+    }
+    Ok((correlation, body))
 }
 
 /// One connection to another node: opened when first used, dropped after
@@ -143,7 +166,8 @@ pub(crate) async fn read_frame(reader: &mut FrameReader) -> io::Result<Option<(u
 pub struct PeerClient {
     addr: String,
     tls: Option<TlsConnector>,
-    connection: Option<(FrameReader, FrameWriter)>,
+    /// The connection and when it was last used.
+    connection: Option<(FrameReader, FrameWriter, std::time::Instant)>,
     next_correlation: u64,
 }
 
@@ -160,37 +184,40 @@ impl PeerClient {
     /// The node cannot be reached, does not answer in time, or answers
     /// with a frame that does not decode.
     pub async fn call(&mut self, request: &NodeRequest, timeout: Duration) -> Result<NodeReply, TransportError> {
-        let result = match tokio::time::timeout(timeout, self.exchange(request)).await {
+        match tokio::time::timeout(timeout, self.exchange(request)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout { addr: self.addr.clone(), timeout }),
-        };
-        if result.is_err() {
-            // Whatever is left on it belongs to the failed request.
-            self.connection = None;
         }
-        result
     }
 
+    /// Takes the connection for the request and puts it back only after a
+    /// whole answer: a failed, timed out or cancelled request leaves none
+    /// (whatever is left on it belongs to that request).
     async fn exchange(&mut self, request: &NodeRequest) -> Result<NodeReply, TransportError> {
         let addr = self.addr.clone();
         let io_error = |source| TransportError::Io { addr: addr.clone(), source };
-        if self.connection.is_none() {
-            let stream = TcpStream::connect(&self.addr).await.map_err(io_error)?;
-            let _ = stream.set_nodelay(true);
-            self.connection = Some(match &self.tls {
-                Some(connector) => {
-                    let name = crate::security::tls::server_name(&self.addr)
-                        .map_err(|error| io_error(io::Error::new(io::ErrorKind::InvalidInput, error.to_string())))?;
-                    frame_halves(connector.connect(name, stream).await.map_err(io_error)?)
+        let (mut reader, mut writer) = match self.connection.take() {
+            Some((reader, writer, used)) if used.elapsed() < CLIENT_CONNECTION_REUSE_MAX => (reader, writer),
+            _ => {
+                let stream = TcpStream::connect(&self.addr).await.map_err(io_error)?;
+                let _ = stream.set_nodelay(true);
+                match &self.tls {
+                    Some(connector) => {
+                        let name = crate::security::tls::server_name(&self.addr).map_err(|error| {
+                            io_error(io::Error::new(io::ErrorKind::InvalidInput, error.to_string()))
+                        })?;
+                        frame_halves(connector.connect(name, stream).await.map_err(io_error)?)
+                    }
+                    None => frame_halves(stream),
                 }
-                None => frame_halves(stream),
-            });
-        }
+            }
+        };
         let correlation = self.next_correlation;
         self.next_correlation += 1;
-        let Some((reader, writer)) = self.connection.as_mut() else { unreachable!("connected above") };
-        write_frame(writer, correlation, request).await.map_err(io_error)?;
-        let Some((answered, body)) = read_frame(reader).await.map_err(io_error)? else {
+        write_frame(&mut writer, correlation, request).await.map_err(io_error)?;
+        // The caller's timeout bounds the wait for the answer.
+        let answer = read_frame(&mut reader, Duration::MAX, Duration::MAX).await.map_err(io_error)?;
+        let Some((answered, body)) = answer else {
             return Err(io_error(io::Error::new(io::ErrorKind::UnexpectedEof, "the node closed the connection")));
         };
         if answered != correlation {
@@ -199,8 +226,10 @@ impl PeerClient {
                 problem: format!("answer to request {answered}, expected {correlation}"),
             });
         }
-        postcard::from_bytes(&body)
-            .map_err(|error| TransportError::Malformed { addr: self.addr.clone(), problem: error.to_string() })
+        let reply = postcard::from_bytes(&body)
+            .map_err(|error| TransportError::Malformed { addr: self.addr.clone(), problem: error.to_string() })?;
+        self.connection = Some((reader, writer, std::time::Instant::now()));
+        Ok(reply)
     }
 
     fn rpc_error(&self, error: TransportError) -> RPCError<TypeConfig> {

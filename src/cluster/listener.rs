@@ -1,0 +1,315 @@
+//! The cluster listener's side: accepting node-to-node connections (with
+//! mutual TLS when configured), serving their requests one at a time, and
+//! the checks done before anything reaches openraft: who may send Raft
+//! messages, that appended entries are consecutive, and that membership
+//! changes name valid nodes and happen on the leader.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::entry::RaftEntry;
+use openraft::raft::AppendEntriesRequest;
+use openraft::{ChangeMembers, ServerState};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::transport::{self, NodeReply, NodeRequest};
+use super::types::{NodeAddrs, NodeId, Raft, Snapshot, TypeConfig};
+use super::{CLUSTER_CONNECTIONS_MAX, CLUSTER_HANDSHAKE_TIMEOUT};
+
+/// A connection that sends no frame for this long is closed (peers open a
+/// new one when they next need it).
+pub const CLUSTER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Once a frame has started, the rest of it must arrive within this.
+pub const CLUSTER_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `add-node` waits for the new node to catch up as a learner
+/// before it gives up and takes the learner out again.
+/// The metadata log is small: a running node catches up in milliseconds.
+pub const ADD_NODE_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is at the other end of a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Peer {
+    /// No TLS: anyone.
+    Unauthenticated,
+    /// A certificate the cluster's CA signed, allowed to serve
+    /// (`serverAuth`): a node.
+    Node,
+    /// A certificate the cluster's CA signed for clients only: an operator
+    /// of `weir cluster`, who may not send Raft messages.
+    Operator,
+}
+
+pub(super) async fn accept(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    raft: Raft,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(CLUSTER_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                let (raft, stop, acceptor) = (raft.clone(), stop.clone(), acceptor.clone());
+                connections.spawn(async move {
+                    serve(socket, acceptor, raft, stop).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cluster listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Whether a verified client certificate may serve too (`serverAuth`):
+/// node certificates do, operators' do not.
+fn peer_kind(stream: &TlsStream<TcpStream>) -> Peer {
+    let (_, connection) = stream.get_ref();
+    let serves = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|certificate| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+            let usage = parsed.extended_key_usage().ok()??;
+            Some(usage.value.server_auth)
+        })
+        .unwrap_or(false);
+    if serves { Peer::Node } else { Peer::Operator }
+}
+
+/// Serves one connection's requests in order until it closes, idles past
+/// [`CLUSTER_IDLE_TIMEOUT`], sends a frame that does not decode or arrives
+/// too slowly, or the node stops.
+async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, stop: CancellationToken) {
+    let address = socket.peer_addr().map(|addr| addr.to_string()).unwrap_or_default();
+    let _ = socket.set_nodelay(true);
+    let (peer, (mut reader, mut writer)) = match acceptor {
+        Some(acceptor) => match tokio::time::timeout(CLUSTER_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+            Ok(Ok(stream)) => (peer_kind(&stream), transport::frame_halves(stream)),
+            Ok(Err(error)) => {
+                tracing::warn!(peer = %address, %error, "cluster listener: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(peer = %address, "cluster listener: TLS handshake timed out");
+                return;
+            }
+        },
+        None => (Peer::Unauthenticated, transport::frame_halves(socket)),
+    };
+    loop {
+        let frame = tokio::select! {
+            () = stop.cancelled() => return,
+            frame = transport::read_frame(&mut reader, CLUSTER_IDLE_TIMEOUT, CLUSTER_FRAME_TIMEOUT) => frame,
+        };
+        let (correlation, body) = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(peer = %address, %error, "cluster listener: closing a connection");
+                return;
+            }
+        };
+        let reply = match postcard::from_bytes::<NodeRequest>(&body) {
+            Ok(request) => handle(&raft, peer, request).await,
+            Err(error) => {
+                tracing::warn!(peer = %address, %error, "cluster listener: a request that does not decode");
+                let reply = NodeReply::Error(format!("the request does not decode: {error}"));
+                let _ = transport::write_frame(&mut writer, correlation, &reply).await;
+                return;
+            }
+        };
+        if let Err(error) = transport::write_frame(&mut writer, correlation, &reply).await {
+            tracing::debug!(peer = %address, %error, "cluster listener: cannot answer");
+            return;
+        }
+    }
+}
+
+/// openraft trusts its peers to send consecutive entries after
+/// `prev_log_id`; a request that does not is refused here.
+fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    let first = rpc.prev_log_id.map_or(0, |log_id| log_id.index + 1);
+    for (expected, entry) in (first..).zip(&rpc.entries) {
+        if entry.index() != expected {
+            return Err(format!("entry index {} where {expected} was expected: not consecutive", entry.index()));
+        }
+    }
+    Ok(())
+}
+
+async fn handle(raft: &Raft, peer: Peer, request: NodeRequest) -> NodeReply {
+    let raft_message =
+        matches!(request, NodeRequest::AppendEntries(_) | NodeRequest::Vote(_) | NodeRequest::FullSnapshot { .. });
+    if raft_message && peer == Peer::Operator {
+        return NodeReply::Error(
+            "only nodes (certificates with the serverAuth usage) may send Raft messages; this certificate may only run weir cluster commands"
+                .into(),
+        );
+    }
+    match request {
+        NodeRequest::AppendEntries(rpc) => {
+            if let Err(problem) = check_append(&rpc) {
+                return NodeReply::Error(problem);
+            }
+            match raft.append_entries(rpc).await {
+                Ok(response) => NodeReply::AppendEntries(response),
+                Err(error) => NodeReply::Error(error.to_string()),
+            }
+        }
+        NodeRequest::Vote(rpc) => match raft.vote(rpc).await {
+            Ok(response) => NodeReply::Vote(response),
+            Err(error) => NodeReply::Error(error.to_string()),
+        },
+        NodeRequest::FullSnapshot { vote, meta, state } => {
+            match raft.install_full_snapshot(vote, Snapshot { meta, snapshot: state }).await {
+                Ok(response) => NodeReply::Snapshot(response),
+                Err(error) => NodeReply::Error(error.to_string()),
+            }
+        }
+        NodeRequest::Status => {
+            NodeReply::Status(Box::new(super::ClusterStatus::from_metrics(&raft.metrics().borrow_watched())))
+        }
+        NodeRequest::AddNode { id, addrs } => add_node(raft, id, addrs).await,
+        NodeRequest::RemoveNode { id } => remove_node(raft, id).await,
+    }
+}
+
+/// `NotLeader` unless this node leads the metadata group, which alone
+/// changes membership.
+fn unless_leader(raft: &Raft) -> Option<NodeReply> {
+    let metrics = raft.metrics().borrow_watched().clone();
+    if metrics.state == ServerState::Leader {
+        return None;
+    }
+    let leader = metrics.current_leader.and_then(|leader| {
+        let addrs = metrics.membership_config.membership().get_node(&leader)?.clone();
+        Some((leader, addrs))
+    });
+    Some(NodeReply::NotLeader { leader })
+}
+
+async fn add_node(raft: &Raft, id: NodeId, addrs: NodeAddrs) -> NodeReply {
+    if !crate::config::NODE_ID_RANGE.contains(&id) {
+        return NodeReply::Error(format!("node id {id} is outside {:?}", crate::config::NODE_ID_RANGE));
+    }
+    for addr in [&addrs.cluster_addr, &addrs.client_addr] {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return NodeReply::Error(format!("{addr:?} is not an IP address and port"));
+        }
+    }
+    if let Some(not_leader) = unless_leader(raft) {
+        return not_leader;
+    }
+    let known = raft.metrics().borrow_watched().membership_config.membership().get_node(&id).cloned();
+    if let Some(known) = known {
+        return NodeReply::Error(format!("node {id} is already a member ({known}); remove it first to change it"));
+    }
+    tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
+    let added = match raft.add_learner(id, addrs, false).await {
+        Ok(response) => response.log_id.index,
+        Err(error) => return membership_error(&error),
+    };
+    // Caught up: it holds the entry that made it a learner.
+    let caught_up = raft
+        .wait(Some(ADD_NODE_CATCH_UP_TIMEOUT))
+        .metrics(
+            |metrics| {
+                metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&id))
+                    .is_some_and(|matched| matched.is_some_and(|log_id| log_id.index >= added))
+            },
+            "the new node caught up",
+        )
+        .await;
+    if caught_up.is_err() {
+        tracing::warn!(id, "the new node did not catch up; taking it out of the group again");
+        let _ = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await;
+        return NodeReply::Error(format!(
+            "node {id} did not catch up within {ADD_NODE_CATCH_UP_TIMEOUT:?} (is it running, with [cluster] set, at that cluster address?); it was not added"
+        ));
+    }
+    change_membership(raft, ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+}
+
+async fn remove_node(raft: &Raft, id: NodeId) -> NodeReply {
+    if let Some(not_leader) = unless_leader(raft) {
+        return not_leader;
+    }
+    let membership = raft.metrics().borrow_watched().membership_config.clone();
+    let change = if membership.voter_ids().any(|voter| voter == id) {
+        // Not retained as a learner: a removed voter leaves the group.
+        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+    } else if membership.get_node(&id).is_some() {
+        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+    } else {
+        return NodeReply::Error(format!("node {id} is not a member of the cluster"));
+    };
+    tracing::info!(id, "removing a node from the group");
+    change_membership(raft, change).await
+}
+
+type ClientWriteError = openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>;
+
+/// `NotLeader` when the error says another node leads (or none does yet),
+/// else the error.
+fn membership_error(error: &ClientWriteError) -> NodeReply {
+    match error.forward_to_leader() {
+        Some(forward) => NodeReply::NotLeader { leader: forward.leader_id.zip(forward.leader_node.clone()) },
+        None => NodeReply::Error(error.to_string()),
+    }
+}
+
+async fn change_membership(raft: &Raft, change: ChangeMembers<NodeId, NodeAddrs>) -> NodeReply {
+    match raft.change_membership(change, false).await {
+        Ok(response) => {
+            let voters =
+                response.membership.as_ref().map(|membership| membership.voter_ids().collect()).unwrap_or_default();
+            NodeReply::MembershipChanged { voters }
+        }
+        Err(error) => membership_error(&error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::vote::RaftLeaderId;
+
+    use super::*;
+    use crate::cluster::types::{Entry, LogId, Vote};
+
+    #[test]
+    fn appended_entries_must_follow_the_previous_one_without_gaps() {
+        let leader = openraft::impls::leader_id_std::LeaderId::<u64, u64>::new(2, 1).to_committed();
+        let log_id = |index| LogId::new(leader, index);
+        let request = |prev: Option<u64>, indexes: &[u64]| AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: prev.map(log_id),
+            entries: indexes.iter().map(|&index| Entry::new_blank(log_id(index))).collect(),
+            leader_commit: None,
+        };
+        assert!(check_append(&request(None, &[0, 1, 2])).is_ok());
+        assert!(check_append(&request(Some(4), &[5, 6])).is_ok());
+        assert!(check_append(&request(Some(4), &[])).is_ok());
+        assert!(check_append(&request(Some(4), &[6])).is_err());
+        assert!(check_append(&request(None, &[1])).is_err());
+        assert!(check_append(&request(Some(4), &[5, 7])).is_err());
+        assert!(check_append(&request(Some(4), &[5, 5])).is_err());
+    }
+}
