@@ -288,30 +288,16 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     // the catch-up timeout and leaves no member behind; nor can an existing
     // id be added again, or a stranger removed.
     let absent = spec(9);
-    let refused = weir_cluster_fails(&[
-        "add-node",
-        "9",
-        "--cluster-addr",
-        &absent.cluster_addr,
-        "--client-addr",
-        &absent.client_addr,
-        "--node",
-        &nodes[0].spec.cluster_addr,
-    ]);
+    let add_absent_as = |id: &str| {
+        let addrs = ["--cluster-addr", &absent.cluster_addr, "--client-addr", &absent.client_addr];
+        weir_cluster_fails(&[&["add-node", id][..], &addrs, &["--node", &nodes[0].spec.cluster_addr]].concat())
+    };
+    let refused = add_absent_as("9");
     assert!(refused.contains("did not catch up"), "{refused}");
     let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
     let on_leader = status(nodes.iter().find(|node| node.spec.id == leader).unwrap()).await.unwrap();
     assert!(on_leader.members.iter().all(|member| member.id != 9), "{on_leader:?}");
-    let again = weir_cluster_fails(&[
-        "add-node",
-        "2",
-        "--cluster-addr",
-        &absent.cluster_addr,
-        "--client-addr",
-        &absent.client_addr,
-        "--node",
-        &nodes[0].spec.cluster_addr,
-    ]);
+    let again = add_absent_as("2");
     assert!(again.contains("already a member"), "{again}");
     let stranger = weir_cluster_fails(&["remove-node", "9", "--node", &nodes[0].spec.cluster_addr]);
     assert!(stranger.contains("not a member"), "{stranger}");
