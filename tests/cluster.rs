@@ -314,6 +314,10 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     let unjoined = status(&fourth).await.unwrap();
     assert!(unjoined.members.is_empty() && unjoined.leader.is_none(), "{unjoined:?}");
     let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;
+    // The leader has snapshotted and purged its log by now (every few
+    // entries), so the new node can only catch up from a snapshot.
+    let before = status(nodes.iter().find(|node| node.spec.id == leader).unwrap()).await.unwrap();
+    assert!(before.purged_index.is_some(), "the leader kept its whole log: {before:?}");
     let follower = nodes.iter().find(|node| node.spec.id != leader).unwrap();
     let output = weir_cluster(&[
         "add-node",
@@ -331,6 +335,17 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     let on_leader = status(all.iter().find(|node| node.spec.id == leader).unwrap()).await.unwrap();
     let voters: Vec<u64> = on_leader.members.iter().filter(|member| member.voter).map(|member| member.id).collect();
     assert_eq!(voters, [1, 2, 3, 4]);
+    let joined = status(&fourth).await.unwrap();
+    assert!(joined.snapshot_index.is_some(), "node 4 caught up without a snapshot: {joined:?}");
+    // Restarted, it comes back from what it stored: the installed snapshot
+    // and the entries after it, membership included.
+    fourth.kill();
+    fourth.start();
+    let all: Vec<&Node> = nodes.iter().chain([&fourth]).collect();
+    agreed_leader(&all, &mut history, seed).await;
+    let restarted = status(&fourth).await.unwrap();
+    let voters: Vec<u64> = restarted.members.iter().filter(|member| member.voter).map(|member| member.id).collect();
+    assert_eq!(voters, [1, 2, 3, 4], "node 4 after a restart: {restarted:?}");
     let printed = weir_cluster(&["status", "--node", &fourth.spec.cluster_addr]);
     assert!(printed.contains(&format!("leader: node {leader}")), "{printed}");
 

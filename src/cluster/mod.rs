@@ -39,6 +39,12 @@ use types::Raft;
 /// Most entries one append to a follower carries.
 pub const METADATA_APPEND_ENTRIES_MAX: u64 = 64;
 
+/// The metadata group snapshots itself every this many entries and keeps
+/// no entry a snapshot holds: its snapshot is a few hundred bytes (the
+/// membership), so a follower that fell behind gets it whole rather than
+/// the entries (and the snapshot path is exercised, not a rarity).
+pub const METADATA_SNAPSHOT_ENTRIES: u64 = 4;
+
 /// How long a node-to-node TLS handshake may take.
 pub const CLUSTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -111,6 +117,8 @@ impl ClusterNode {
             // Bounds an append's frame: metadata entries are small (a
             // membership of CLUSTER_NODES_MAX nodes is a few KiB).
             max_payload_entries: METADATA_APPEND_ENTRIES_MAX,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(METADATA_SNAPSHOT_ENTRIES),
+            max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
         .validate()

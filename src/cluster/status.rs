@@ -22,6 +22,10 @@ pub struct ClusterStatus {
     pub last_log_index: Option<u64>,
     pub committed_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// The last entry the node's snapshot holds (built or installed).
+    pub snapshot_index: Option<u64>,
+    /// The last entry removed from its log (held by the snapshot).
+    pub purged_index: Option<u64>,
     pub members: Vec<MemberStatus>,
 }
 
@@ -71,6 +75,8 @@ impl ClusterStatus {
             last_log_index: metrics.last_log_index,
             committed_index: metrics.local_committed.map(|log_id| log_id.index),
             applied_index: metrics.last_applied.map(|log_id| log_id.index),
+            snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+            purged_index: metrics.purged.map(|log_id| log_id.index),
             members,
         }
     }
@@ -101,10 +107,12 @@ impl fmt::Display for ClusterStatus {
         }
         writeln!(
             f,
-            "metadata log: last index {}, committed {}, applied {}",
+            "metadata log: last index {}, committed {}, applied {}; snapshot at {}, purged to {}",
             or_dash(self.last_log_index),
             or_dash(self.committed_index),
-            or_dash(self.applied_index)
+            or_dash(self.applied_index),
+            or_dash(self.snapshot_index),
+            or_dash(self.purged_index),
         )?;
         writeln!(f, "{:<6} {:<8} {:<22} {:<22} {:>8} {:>8}", "node", "member", "cluster", "client", "matched", "lag")?;
         for member in &self.members {
