@@ -6,6 +6,8 @@
 //! report different leaders for the same term, and no node's term goes
 //! back.
 //!
+//! A third test cuts the leader off from the others through proxies.
+//!
 //! `WEIR_CLUSTER_KILLS` (default 10) sets the number of leader kills and
 //! `WEIR_CLUSTER_SEED` (default 1) the seed; a failure prints the seed.
 //! Channels are not replicated yet (docs/REPLICATION.md), so there is no
@@ -20,6 +22,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::authority::Authority;
+use common::proxy::Proxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio_rustls::TlsConnector;
@@ -43,10 +46,14 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+#[derive(Clone)]
 struct NodeSpec {
     id: u64,
     client_addr: String,
+    /// Where the others reach it (its listener, or a proxy in front).
     cluster_addr: String,
+    /// Its cluster listener.
+    cluster_listen: String,
 }
 
 /// A `weir serve` of one node, killed when dropped.
@@ -103,7 +110,7 @@ fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> 
         spec.client_addr,
         dir.join(format!("node{}", spec.id)).display(),
         spec.id,
-        spec.cluster_addr
+        spec.cluster_listen
     );
     for node in initial {
         text.push_str(&format!(
@@ -117,10 +124,12 @@ fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> 
 }
 
 fn spec(id: u64) -> NodeSpec {
+    let cluster_addr = format!("127.0.0.1:{}", free_port());
     NodeSpec {
         id,
         client_addr: format!("127.0.0.1:{}", free_port()),
-        cluster_addr: format!("127.0.0.1:{}", free_port()),
+        cluster_listen: cluster_addr.clone(),
+        cluster_addr,
     }
 }
 
@@ -219,7 +228,7 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     let dir = tempfile::tempdir().unwrap();
     let specs = [spec(1), spec(2), spec(3)];
     let initial: Vec<&NodeSpec> = specs.iter().collect();
-    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), spec_copy(s), &initial, "")).collect();
+    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), s.clone(), &initial, "")).collect();
     // Started in a seeded order: whichever comes first, node 1 initialises.
     let mut order: Vec<usize> = (0..nodes.len()).collect();
     for i in (1..order.len()).rev() {
@@ -356,10 +365,6 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
     assert!(on_leader.members.iter().all(|member| member.id != 4), "{on_leader:?}");
 }
 
-fn spec_copy(spec: &NodeSpec) -> NodeSpec {
-    NodeSpec { id: spec.id, client_addr: spec.client_addr.clone(), cluster_addr: spec.cluster_addr.clone() }
-}
-
 /// With `[cluster] tls_*` set, nodes form a cluster over mutual TLS; the
 /// listener refuses plaintext and certificates of another CA; an operator
 /// with a certificate of the cluster's CA runs `weir cluster status`.
@@ -390,7 +395,7 @@ async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
             let (cert, key) = authority.node(&format!("node{}", s.id));
             let (cert, key) = (write(&format!("node{}.pem", s.id), &cert), write(&format!("node{}.key", s.id), &key));
             let extra = format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_ca = \"{ca}\"\n");
-            let mut node = configure(dir.path(), spec_copy(s), &initial, &extra);
+            let mut node = configure(dir.path(), s.clone(), &initial, &extra);
             node.tls = Some(operator.clone());
             node
         })
@@ -429,4 +434,81 @@ async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
         &operator_key,
     ]);
     assert!(printed.contains(&format!("leader: node {leader}")), "{printed}");
+}
+
+/// The leader cut off from the others in both directions (each node calls
+/// from its own loopback address through a proxy in front of each other
+/// node): the majority elects a new leader in a higher term; a membership
+/// change sent to the old leader never takes effect; healed, the old
+/// leader follows, its uncommitted entry gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut specs = Vec::new();
+    let mut proxies = Vec::new();
+    for id in 1..=3u64 {
+        // 127.0.0.11, .12, .13: every node has its own source address.
+        let ip = format!("127.0.0.{}", 10 + id);
+        let listen = std::net::TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap();
+        let proxy = Proxy::start(listen).await;
+        specs.push(NodeSpec {
+            id,
+            client_addr: format!("127.0.0.1:{}", free_port()),
+            cluster_addr: proxy.addr.to_string(),
+            cluster_listen: listen.to_string(),
+        });
+        proxies.push(proxy);
+    }
+    let source = |id: u64| -> std::net::IpAddr { format!("127.0.0.{}", 10 + id).parse().unwrap() };
+    let initial: Vec<&NodeSpec> = specs.iter().collect();
+    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), s.clone(), &initial, "")).collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let mut history = History::default();
+    let (leader, term) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, 0).await;
+
+    // Cut off: nobody reaches the leader, the leader reaches nobody. The
+    // test itself calls from 127.0.0.1 and still reaches every node.
+    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for (index, proxy) in proxies.iter().enumerate() {
+        let id = index as u64 + 1;
+        if id == leader {
+            proxy.block_only(&others.iter().map(|&other| source(other)).collect::<Vec<_>>());
+        } else {
+            proxy.block_only(&[source(leader)]);
+        }
+    }
+
+    // At once, while it may still think it leads: the old leader cannot
+    // commit a membership change. Whatever it answers (not leader, an
+    // error, or nothing before the timeout), the node is never added.
+    let old = nodes.iter().find(|node| node.spec.id == leader).unwrap();
+    let request = NodeRequest::AddNode {
+        id: 9,
+        addrs: weir::cluster::NodeAddrs {
+            cluster_addr: format!("127.0.0.1:{}", free_port()),
+            client_addr: format!("127.0.0.1:{}", free_port()),
+        },
+    };
+    let answer = PeerClient::new(old.spec.cluster_addr.clone(), None)
+        .call(&request, Duration::from_millis(4 * ELECTION_MAX_MS))
+        .await;
+    assert!(!matches!(answer, Ok(NodeReply::MembershipChanged { .. })), "a cut-off leader changed membership");
+
+    let majority: Vec<&Node> = nodes.iter().filter(|node| node.spec.id != leader).collect();
+    let (new_leader, new_term) = agreed_leader(&majority, &mut history, 0).await;
+    assert!(new_term > term && new_leader != leader);
+
+    for proxy in &proxies {
+        proxy.block_only(&[]);
+    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    let (_, healed_term) = agreed_leader(&all, &mut history, 0).await;
+    assert!(healed_term >= new_term);
+    for node in &nodes {
+        let status = status(node).await.unwrap();
+        assert!(status.members.iter().all(|member| member.id != 9), "node 9 joined somewhere: {status:?}");
+        assert_eq!(status.members.len(), 3, "{status:?}");
+    }
 }

@@ -136,7 +136,11 @@ impl ClusterNode {
             }
         };
         let node_id = settings.node_id;
-        let network = transport::PeerNetwork { tls: connector };
+        // Calls to the other nodes leave from the cluster listener's address
+        // when it names one, so they see (and a firewall can tell) who calls.
+        let source_ip =
+            settings.listen_addr.parse::<SocketAddr>().ok().map(|addr| addr.ip()).filter(|ip| !ip.is_unspecified());
+        let network = transport::PeerNetwork { tls: connector, source_ip };
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
             .await
             .map_err(|error| ClusterError::Raft(error.to_string()))?;

@@ -166,6 +166,8 @@ async fn read_frame_rest(reader: &mut FrameReader, length: usize) -> io::Result<
 pub struct PeerClient {
     addr: String,
     tls: Option<TlsConnector>,
+    /// The local address connections leave from, when set.
+    source_ip: Option<std::net::IpAddr>,
     /// The connection and when it was last used.
     connection: Option<(FrameReader, FrameWriter, std::time::Instant)>,
     next_correlation: u64,
@@ -175,7 +177,31 @@ impl PeerClient {
     /// A client of the node at `addr`, over TLS when `tls` is given (the
     /// node's certificate is verified against the address's host).
     pub fn new(addr: impl Into<String>, tls: Option<TlsConnector>) -> PeerClient {
-        PeerClient { addr: addr.into(), tls, connection: None, next_correlation: 1 }
+        PeerClient { addr: addr.into(), tls, source_ip: None, connection: None, next_correlation: 1 }
+    }
+
+    /// Connections leave from `ip` (the node's cluster interface), so that
+    /// the other nodes, and firewalls between them, see which node calls.
+    pub fn with_source_ip(mut self, ip: Option<std::net::IpAddr>) -> PeerClient {
+        self.source_ip = ip;
+        self
+    }
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let Some(source_ip) = self.source_ip else { return TcpStream::connect(&self.addr).await };
+        let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{} resolves to no address", self.addr));
+        for target in tokio::net::lookup_host(&self.addr).await? {
+            let socket =
+                if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            if source_ip.is_ipv4() == target.is_ipv4() {
+                socket.bind(std::net::SocketAddr::new(source_ip, 0))?;
+            }
+            match socket.connect(target).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
     }
 
     /// Sends `request` and waits at most `timeout` for its reply.
@@ -199,7 +225,7 @@ impl PeerClient {
         let (mut reader, mut writer) = match self.connection.take() {
             Some((reader, writer, used)) if used.elapsed() < CLIENT_CONNECTION_REUSE_MAX => (reader, writer),
             _ => {
-                let stream = TcpStream::connect(&self.addr).await.map_err(io_error)?;
+                let stream = self.connect().await.map_err(io_error)?;
                 let _ = stream.set_nodelay(true);
                 match &self.tls {
                     Some(connector) => {
@@ -252,13 +278,15 @@ fn unexpected(reply: NodeReply) -> NetworkError<TypeConfig> {
 /// Opens a [`PeerClient`] per replication target, as openraft asks.
 pub struct PeerNetwork {
     pub tls: Option<TlsConnector>,
+    /// The cluster listener's IP, when it names one (not 0.0.0.0 or ::).
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, _target: NodeId, node: &NodeAddrs) -> PeerClient {
-        PeerClient::new(node.cluster_addr.clone(), self.tls.clone())
+        PeerClient::new(node.cluster_addr.clone(), self.tls.clone()).with_source_ip(self.source_ip)
     }
 }
 
