@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::authority::Authority;
+use common::prometheus::{sample, scrape};
 use common::proxy::Proxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -54,6 +55,8 @@ struct NodeSpec {
     cluster_addr: String,
     /// Its cluster listener.
     cluster_listen: String,
+    /// Its Prometheus endpoint, or "" for none.
+    metrics_addr: String,
 }
 
 /// A `weir serve` of one node, killed when dropped.
@@ -104,10 +107,11 @@ impl Drop for Node {
 /// `initial`, under `dir`, with `extra` lines in its `[cluster]` table.
 fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> Node {
     let mut text = format!(
-        "listen_addr = \"{}\"\nmetrics_addr = \"\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
+        "listen_addr = \"{}\"\nmetrics_addr = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
          heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
          election_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}",
         spec.client_addr,
+        spec.metrics_addr,
         dir.join(format!("node{}", spec.id)).display(),
         spec.id,
         spec.cluster_listen
@@ -130,6 +134,7 @@ fn spec(id: u64) -> NodeSpec {
         client_addr: format!("127.0.0.1:{}", free_port()),
         cluster_listen: cluster_addr.clone(),
         cluster_addr,
+        metrics_addr: String::new(),
     }
 }
 
@@ -456,6 +461,7 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
             client_addr: format!("127.0.0.1:{}", free_port()),
             cluster_addr: proxy.addr.to_string(),
             cluster_listen: listen.to_string(),
+            metrics_addr: format!("127.0.0.1:{}", free_port()),
         });
         proxies.push(proxy);
     }
@@ -511,4 +517,25 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
         assert!(status.members.iter().all(|member| member.id != 9), "node 9 joined somewhere: {status:?}");
         assert_eq!(status.members.len(), 3, "{status:?}");
     }
+
+    // Each node's metrics say what its status says (refreshed on every
+    // change, so polled until they agree).
+    let started = Instant::now();
+    for node in &nodes {
+        loop {
+            let page = scrape(&node.spec.metrics_addr).await;
+            let status = status(node).await.unwrap();
+            let term = sample(&page, "weir_raft_term{group=\"metadata\"}");
+            let leads = sample(&page, "weir_raft_leader{group=\"metadata\"}");
+            let expected_leads = if status.role == "leader" { 1.0 } else { 0.0 };
+            if term == Some(status.term as f64) && leads == Some(expected_leads) {
+                break;
+            }
+            assert!(started.elapsed() < CONVERGE_LIMIT, "metrics {term:?} {leads:?} against {status:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Node 1 saw at least the leader it started with change once.
+    let page = scrape(&nodes[0].spec.metrics_addr).await;
+    assert!(sample(&page, "weir_raft_leader_changes_total{group=\"metadata\"}").is_some_and(|n| n >= 1.0), "{page}");
 }

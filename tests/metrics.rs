@@ -1,36 +1,20 @@
 //! The Prometheus endpoint, scraped over HTTP after real traffic. Its own
 //! test binary, because the metrics recorder is global to a process.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::client::{Publisher, PublisherOptions};
 use weir::config::Config;
 use weir::record::Message;
 use weir::storage::FsyncPolicy;
 
+use common::prometheus::{sample, scrape};
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn scrape(addr: &str) -> String {
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut response = String::new();
-    socket.read_to_string(&mut response).await.unwrap();
-    response
-}
-
-/// The value of the sample whose name and labels start with `series`.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find(|line| line.starts_with(series))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 
 pub mod authority;
 pub mod full_disk;
+pub mod prometheus;
 pub mod proxy;
 pub mod raw;
 
