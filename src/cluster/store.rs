@@ -203,6 +203,13 @@ impl RaftLogStorage<TypeConfig> for MetadataLogStore {
 
     async fn truncate_after(&mut self, last_kept: Option<LogId>) -> Result<(), io::Error> {
         let from = last_kept.map_or(0, |log_id| log_id.index + 1);
+        // Only entries never committed are cut (openraft asks for nothing
+        // at or below the commit point): a deposed leader's suffix.
+        tracing::info!(
+            group = "metadata",
+            from,
+            "truncating the Raft log: entries from this index were never committed"
+        );
         write_txn(&self.db, move |txn| {
             let mut table = txn.open_table(LOG).map_err(io::Error::other)?;
             table.retain_in(from.., |_, _| false).map_err(io::Error::other)
