@@ -427,6 +427,14 @@ async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
         PeerClient::new(addr.clone(), Some(stranger)).call(&NodeRequest::Status, Duration::from_secs(10)).await;
     assert!(refused.is_err(), "a certificate of another CA was answered: {refused:?}");
 
+    // An operator's certificate (client use only) runs commands, but may
+    // not act as a node.
+    let vote = NodeRequest::Vote(openraft::raft::VoteRequest::new(openraft::impls::Vote::new(1_000, 9), None));
+    let answer = PeerClient::new(addr.clone(), Some(operator.clone())).call(&vote, Duration::from_secs(10)).await;
+    assert!(matches!(&answer, Ok(NodeReply::Error(message)) if message.contains("serverAuth")), "{answer:?}");
+    let status_after = status(&nodes[0]).await.unwrap();
+    assert!(status_after.term < 1_000, "the operator's vote was counted: {status_after:?}");
+
     let printed = weir_cluster(&[
         "status",
         "--node",
@@ -505,6 +513,10 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
     let majority: Vec<&Node> = nodes.iter().filter(|node| node.spec.id != leader).collect();
     let (new_leader, new_term) = agreed_leader(&majority, &mut history, 0).await;
     assert!(new_term > term && new_leader != leader);
+    // Cut both ways: the old leader never heard of the new one (by now,
+    // seconds after the election, it would have, through a one-way cut).
+    let cut_off = status(old).await.unwrap();
+    assert_ne!(cut_off.leader, Some(new_leader), "the cut-off leader heard the new one: {cut_off:?}");
 
     for proxy in &proxies {
         proxy.block_only(&[]);

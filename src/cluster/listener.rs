@@ -143,10 +143,18 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, sto
 /// openraft trusts its peers to send consecutive entries after
 /// `prev_log_id`; a request that does not is refused here.
 fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
-    let first = rpc.prev_log_id.map_or(0, |log_id| log_id.index + 1);
-    for (expected, entry) in (first..).zip(&rpc.entries) {
-        if entry.index() != expected {
-            return Err(format!("entry index {} where {expected} was expected: not consecutive", entry.index()));
+    let beyond = || "an entry index beyond u64::MAX".to_string();
+    let mut expected = match rpc.prev_log_id {
+        Some(log_id) => Some(log_id.index.checked_add(1).ok_or_else(beyond)?),
+        None => Some(0),
+    };
+    for entry in &rpc.entries {
+        match expected {
+            Some(index) if entry.index() == index => expected = index.checked_add(1),
+            Some(index) => {
+                return Err(format!("entry index {} where {index} was expected: not consecutive", entry.index()));
+            }
+            None => return Err(beyond()),
         }
     }
     Ok(())
@@ -215,35 +223,66 @@ async fn add_node(raft: &Raft, id: NodeId, addrs: NodeAddrs) -> NodeReply {
     if let Some(not_leader) = unless_leader(raft) {
         return not_leader;
     }
-    let known = raft.metrics().borrow_watched().membership_config.membership().get_node(&id).cloned();
-    if let Some(known) = known {
-        return NodeReply::Error(format!("node {id} is already a member ({known}); remove it first to change it"));
-    }
-    tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
-    let added = match raft.add_learner(id, addrs, false).await {
-        Ok(response) => response.log_id.index,
-        Err(error) => return membership_error(&error),
+    let membership = raft.metrics().borrow_watched().membership_config.clone();
+    let is_voter = membership.voter_ids().any(|voter| voter == id);
+    let added = match membership.get_node(&id) {
+        // A learner left by an add-node that was cut short (leadership
+        // moved, or the answer was lost): this one resumes it.
+        Some(known) if *known == addrs && !is_voter => {
+            tracing::info!(id, %addrs, "resuming the addition of a node that is a learner already");
+            membership.log_id().map_or(0, |log_id| log_id.index)
+        }
+        Some(known) => {
+            let kind = if is_voter { "a voter" } else { "a learner with other addresses" };
+            return NodeReply::Error(format!(
+                "node {id} is already a member ({kind}, {known}); remove it first to change it"
+            ));
+        }
+        None => {
+            tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
+            match raft.add_learner(id, addrs, false).await {
+                Ok(response) => response.log_id.index,
+                Err(error) => return membership_error(&error),
+            }
+        }
     };
-    // Caught up: it holds the entry that made it a learner.
-    let caught_up = raft
+    // Caught up: it holds the entry that made it a learner. Also stop
+    // waiting when this node no longer leads or the node left the group.
+    let settled = raft
         .wait(Some(ADD_NODE_CATCH_UP_TIMEOUT))
         .metrics(
             |metrics| {
-                metrics
-                    .replication
-                    .as_ref()
-                    .and_then(|replication| replication.get(&id))
-                    .is_some_and(|matched| matched.is_some_and(|log_id| log_id.index >= added))
+                let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&id));
+                metrics.state != ServerState::Leader
+                    || metrics.membership_config.get_node(&id).is_none()
+                    || matched.is_some_and(|matched| matched.is_some_and(|log_id| log_id.index >= added))
             },
-            "the new node caught up",
+            "the new node caught up, or the wait is moot",
         )
         .await;
-    if caught_up.is_err() {
+    if let Some(not_leader) = unless_leader(raft) {
+        tracing::warn!(id, "leadership moved while the new node was catching up; it stays a learner");
+        return match not_leader {
+            NodeReply::NotLeader { .. } => NodeReply::Error(format!(
+                "leadership moved while node {id} was catching up: it is a learner now; run add-node again to finish (it resumes)"
+            )),
+            other => other,
+        };
+    }
+    if settled.is_err() {
         tracing::warn!(id, "the new node did not catch up; taking it out of the group again");
-        let _ = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await;
-        return NodeReply::Error(format!(
-            "node {id} did not catch up within {ADD_NODE_CATCH_UP_TIMEOUT:?} (is it running, with [cluster] set, at that cluster address?); it was not added"
-        ));
+        let removed = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false).await;
+        return NodeReply::Error(match removed {
+            Ok(_) => format!(
+                "node {id} did not catch up within {ADD_NODE_CATCH_UP_TIMEOUT:?} (is it running, with [cluster] set, at that cluster address?); it was not added"
+            ),
+            Err(error) => format!(
+                "node {id} did not catch up within {ADD_NODE_CATCH_UP_TIMEOUT:?}, and taking it out again failed ({error}): it is a learner; remove-node {id} removes it"
+            ),
+        });
+    }
+    if raft.metrics().borrow_watched().membership_config.get_node(&id).is_none() {
+        return NodeReply::Error(format!("node {id} was removed while it was catching up"));
     }
     change_membership(raft, ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
 }
@@ -311,5 +350,7 @@ mod tests {
         assert!(check_append(&request(None, &[1])).is_err());
         assert!(check_append(&request(Some(4), &[5, 7])).is_err());
         assert!(check_append(&request(Some(4), &[5, 5])).is_err());
+        assert!(check_append(&request(Some(u64::MAX), &[])).is_err());
+        assert!(check_append(&request(Some(u64::MAX - 1), &[u64::MAX, u64::MAX])).is_err());
     }
 }

@@ -137,6 +137,7 @@ pub(crate) async fn watch_metrics(raft: Raft, stop: CancellationToken) {
     let mut metrics = raft.metrics();
     let mut known: Option<(u64, Option<NodeId>, ServerState)> = None;
     let mut last_leader: Option<NodeId> = None;
+    let mut reported = std::collections::BTreeSet::new();
     loop {
         let current = metrics.borrow_watched().clone();
         let seen = (current.current_term, current.current_leader, current.state);
@@ -165,13 +166,20 @@ pub(crate) async fn watch_metrics(raft: Raft, stop: CancellationToken) {
         if let Some(committed) = current.local_committed {
             metrics::gauge!("weir_raft_commit_index", "group" => "metadata").set(committed.index as f64);
         }
+        let lag_gauge = |follower: NodeId| metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string());
+        let mut now_reported = std::collections::BTreeSet::new();
         if let (Some(replication), Some(last)) = (&current.replication, current.last_log_index) {
-            for (follower, matched) in replication {
-                let lag = lag_entries(last, *matched);
-                metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string())
-                    .set(lag as f64);
+            for (&follower, matched) in replication {
+                lag_gauge(follower).set(lag_entries(last, *matched) as f64);
+                now_reported.insert(follower);
             }
         }
+        // A series cannot be withdrawn: one no longer measured (this node
+        // stopped leading, or the member left) reads 0 from then on.
+        for &gone in reported.difference(&now_reported) {
+            lag_gauge(gone).set(0.0);
+        }
+        reported = now_reported;
         tokio::select! {
             () = stop.cancelled() => return,
             changed = metrics.changed() => if changed.is_err() { return },

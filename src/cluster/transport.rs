@@ -193,8 +193,12 @@ impl PeerClient {
         for target in tokio::net::lookup_host(&self.addr).await? {
             let socket =
                 if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-            if source_ip.is_ipv4() == target.is_ipv4() {
-                socket.bind(std::net::SocketAddr::new(source_ip, 0))?;
+            // Of another family than the listener's address: left unbound.
+            if source_ip.is_ipv4() == target.is_ipv4()
+                && let Err(error) = socket.bind(std::net::SocketAddr::new(source_ip, 0))
+            {
+                last_error = error;
+                continue;
             }
             match socket.connect(target).await {
                 Ok(stream) => return Ok(stream),
