@@ -15,7 +15,8 @@ COPY --from=build /src/target/release/weir /usr/local/bin/weir
 COPY broker.toml /etc/weir/broker.toml
 USER weir
 VOLUME ["/var/lib/weir"]
-EXPOSE 7450 9464
+# 7451: the cluster listener, used only with a [cluster] table.
+EXPOSE 7450 7451 9464
 # `weir serve` stops gracefully on SIGTERM (docker stop).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/weir"]
