@@ -43,8 +43,28 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
 }
 
+/// Ports this test binary hands out: below Linux's ephemeral range (32768
+/// up), so that no outgoing connection (the nodes make many) can take one
+/// between its choice and the node's bind, or while a killed node is down;
+/// each handed out once per process, from a base that differs by process.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free port of [`PORTS`] on `ip`.
+fn free_port_on(ip: &str) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let base = std::process::id() % span;
+    loop {
+        let offset = (base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % span;
+        let port = PORTS.start + offset as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_port_on("127.0.0.1")
 }
 
 #[derive(Clone)]
@@ -80,6 +100,14 @@ impl Node {
             .spawn()
             .unwrap();
         self.process = Some(child);
+    }
+
+    /// Its id, whether its process runs, and the end of its log.
+    fn describe(&self) -> String {
+        let log = std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        let running = self.process.as_ref().map(|child| child.id());
+        format!("node {} (pid {running:?}) at {}; its log ends: {tail:#?}", self.spec.id, self.spec.cluster_addr)
     }
 
     /// SIGSTOP or SIGCONT.
@@ -184,10 +212,14 @@ async fn agreed_leader(nodes: &[&Node], history: &mut History, seed: u64) -> (u6
     let started = Instant::now();
     loop {
         let mut seen = Vec::new();
+        let mut silent = Vec::new();
         for node in nodes {
-            if let Some(status) = status(node).await {
-                history.record(&status, seed);
-                seen.push((status.leader, status.term, status.committed_index == status.last_log_index));
+            match status(node).await {
+                Some(status) => {
+                    history.record(&status, seed);
+                    seen.push((status.leader, status.term, status.committed_index == status.last_log_index));
+                }
+                None => silent.push(node),
             }
         }
         if seen.len() == nodes.len()
@@ -199,10 +231,12 @@ async fn agreed_leader(nodes: &[&Node], history: &mut History, seed: u64) -> (u6
         {
             return (leader, term);
         }
-        assert!(
-            started.elapsed() < CONVERGE_LIMIT,
-            "the nodes did not agree on a leader within {CONVERGE_LIMIT:?}: {seen:?}; seed {seed}"
-        );
+        if started.elapsed() >= CONVERGE_LIMIT {
+            let silent: Vec<String> = silent.iter().map(|node| node.describe()).collect();
+            panic!(
+                "the nodes did not agree on a leader within {CONVERGE_LIMIT:?}: {seen:?}; not answering: {silent:#?}; seed {seed}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -462,7 +496,7 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
     for id in 1..=3u64 {
         // 127.0.0.11, .12, .13: every node has its own source address.
         let ip = format!("127.0.0.{}", 10 + id);
-        let listen = std::net::TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap();
+        let listen: std::net::SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
         let proxy = Proxy::start(listen).await;
         specs.push(NodeSpec {
             id,
