@@ -141,15 +141,17 @@ impl ClusterNode {
         let source_ip =
             settings.listen_addr.parse::<SocketAddr>().ok().map(|addr| addr.ip()).filter(|ip| !ip.is_unspecified());
         let network = transport::PeerNetwork { tls: connector, source_ip };
-        let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
-            .await
-            .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        // Bound before the group starts, so that a port in use stops the
+        // start with nothing running.
         let listener = TcpListener::bind(&settings.listen_addr)
             .await
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
         let listen_addr = listener
             .local_addr()
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
+        let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
+            .await
+            .map_err(|error| ClusterError::Raft(error.to_string()))?;
         let node =
             ClusterNode { raft, node_id, listen_addr, connections: TaskTracker::new(), stop: CancellationToken::new() };
         tokio::spawn(listener::accept(
@@ -160,7 +162,10 @@ impl ClusterNode {
             node.stop.clone(),
         ));
         tokio::spawn(status::watch_metrics(node.raft.clone(), node.stop.clone()));
-        node.bootstrap(settings).await?;
+        if let Err(error) = node.bootstrap(settings).await {
+            node.shutdown().await;
+            return Err(error);
+        }
         tracing::info!(node_id, cluster_addr = %listen_addr, "cluster node started");
         Ok(node)
     }

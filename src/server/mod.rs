@@ -266,15 +266,17 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     let local_addr =
         listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen_addr.clone(), source })?;
     let store = Arc::new(store);
+    if !config.metrics_addr.is_empty() {
+        let metrics_addr = crate::metrics::install(&config.metrics_addr)?;
+        tracing::info!(%metrics_addr, "Prometheus metrics at http://{metrics_addr}/metrics");
+    }
+    // Last of what can fail, and after the metrics recorder, which its
+    // first gauges go to.
     let cluster = match &config.cluster {
         Some(settings) => Some(ClusterNode::start(settings, &config.data_dir).await?),
         None => None,
     };
     let cluster_addr = cluster.as_ref().map(ClusterNode::listen_addr);
-    if !config.metrics_addr.is_empty() {
-        let metrics_addr = crate::metrics::install(&config.metrics_addr)?;
-        tracing::info!(%metrics_addr, "Prometheus metrics at http://{metrics_addr}/metrics");
-    }
     let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets, Arc::clone(&auth)));
     let shutdown = CancellationToken::new();
     let stats = Arc::clone(&broker.stats);
