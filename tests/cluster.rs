@@ -585,3 +585,67 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
     let page = scrape(&nodes[0].spec.metrics_addr).await;
     assert!(sample(&page, "weir_raft_leader_changes_total{group=\"metadata\"}").is_some_and(|n| n >= 1.0), "{page}");
 }
+
+/// An add-node cut short by a change of leader (the leader paused while
+/// the new node, not yet running, is a learner) fails and leaves a
+/// learner; run again once the node runs, it resumes and makes it a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_node_cut_short_by_a_new_leader_is_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [spec(1), spec(2), spec(3)];
+    let initial: Vec<&NodeSpec> = specs.iter().collect();
+    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), s.clone(), &initial, "")).collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let mut history = History::default();
+    let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, 0).await;
+    let mut fifth = configure(dir.path(), spec(5), &initial, "");
+    let add_args = [
+        "cluster".to_string(),
+        "add-node".into(),
+        "5".into(),
+        "--cluster-addr".into(),
+        fifth.spec.cluster_addr.clone(),
+        "--client-addr".into(),
+        fifth.spec.client_addr.clone(),
+        "--node".into(),
+        nodes[(leader - 1) as usize].spec.cluster_addr.clone(),
+    ];
+    let first = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(&add_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Once node 5 is a learner (it is not running: it cannot catch up),
+    // the leader is paused until another leads.
+    let leader_node = &nodes[(leader - 1) as usize];
+    let started = Instant::now();
+    loop {
+        let status = status(leader_node).await.unwrap();
+        if status.members.iter().any(|member| member.id == 5 && !member.voter) {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "node 5 never became a learner: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leader_node.signal("STOP");
+    let majority: Vec<&Node> = nodes.iter().filter(|node| node.spec.id != leader).collect();
+    let (new_leader, _) = agreed_leader(&majority, &mut history, 0).await;
+    leader_node.signal("CONT");
+    let output = first.wait_with_output().unwrap();
+    assert!(!output.status.success(), "the cut-short add-node succeeded: {output:?}");
+    let on_new = status(&nodes[(new_leader - 1) as usize]).await.unwrap();
+    assert!(on_new.members.iter().any(|member| member.id == 5 && !member.voter), "{on_new:?}");
+
+    // Run again with node 5 running: resumed, a voter.
+    fifth.start();
+    let rerun = Command::new(env!("CARGO_BIN_EXE_weir")).args(&add_args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&rerun.stdout);
+    assert!(rerun.status.success(), "{stdout}{}", String::from_utf8_lossy(&rerun.stderr));
+    assert!(stdout.contains("voters now: 1, 2, 3, 5"), "{stdout}");
+    let all: Vec<&Node> = nodes.iter().chain([&fifth]).collect();
+    agreed_leader(&all, &mut history, 0).await;
+}
