@@ -238,6 +238,12 @@ async fn add_node(raft: &Raft, id: NodeId, addrs: NodeAddrs) -> NodeReply {
                 "node {id} is already a member ({kind}, {known}); remove it first to change it"
             ));
         }
+        None if membership.nodes().count() >= crate::config::CLUSTER_NODES_MAX => {
+            return NodeReply::Error(format!(
+                "the cluster has {} nodes already, the most it may have (CLUSTER_NODES_MAX)",
+                crate::config::CLUSTER_NODES_MAX
+            ));
+        }
         None => {
             tracing::info!(id, %addrs, "adding a node: as a learner until it has caught up, then as a voter");
             match raft.add_learner(id, addrs, false).await {
