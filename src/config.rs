@@ -554,6 +554,7 @@ impl Config {
                 max_age: self.retention_max_age_secs.map(Duration::from_secs),
                 max_messages: self.retention_max_messages,
             },
+            ..LogConfig::default()
         }
     }
 

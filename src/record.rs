@@ -13,13 +13,23 @@
 //! | 4   | 4    | `crc`          | u32, CRC-32 (IEEE) of the `length - 4` bytes after it |
 //! | 8   | 8    | `offset`       | u64, the record's offset in its channel               |
 //! | 16  | 8    | `timestamp_us` | u64, µs since the Unix epoch, assigned by the broker  |
-//! | 24  | 1    | `flags`        | u8, 0 in format version 1                             |
+//! | 24  | 1    | `flags`        | u8, 0 for a record (batch headers: see below)         |
 //! | 25  | 2    | `key_len`      | u16, then `key_len` bytes of key                      |
 //! | ..  | 2    | `header_count` | u16, then per header: u16 name length, name,          |
 //! |     |      |                | u32 value length, value                               |
 //! | ..  | 4    | `payload_len`  | u32, then `payload_len` bytes of payload              |
 //!
 //! The fields after `crc` must fill `length - 4` bytes exactly.
+//!
+//! Segments of format version 2 put a **batch header** before the records
+//! of each append: a frame in this same layout (so recovery, torn-tail
+//! detection and the search past damage treat both alike), told apart by
+//! bit 0 of `flags` (bit 1: it names an idempotent producer), with no key
+//! or headers and a 37-byte payload (see
+//! [`BatchHeader`]). Its `offset` is the offset of the batch's first record
+//! and its `timestamp_us` the batch's; it takes no offset of its own. Batch
+//! headers never leave the broker: readers skip them, and [`verify`] and
+//! [`decode`] (what clients use) refuse them.
 
 use bytes::{BufMut, Bytes};
 
@@ -47,6 +57,50 @@ const _: () = assert!(RECORD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(KEY_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(HEADER_NAME_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(HEADERS_COUNT_MAX <= u16::MAX as usize);
+
+/// Bit 0 of `flags`: the frame is a [`BatchHeader`], not a message.
+pub const FLAG_BATCH_HEADER: u8 = 0x01;
+/// Bit 1 of a batch header's `flags`: its `producer_id` and `sequence` are
+/// an idempotent producer's (any value, 0 included, is a valid id).
+pub const FLAG_BATCH_PRODUCER: u8 = 0x02;
+/// Bytes of a batch header's payload.
+pub const BATCH_HEADER_PAYLOAD_BYTES: usize = 8 + 8 + 1 + 4 + 8 + 8;
+/// Bytes of a whole batch-header frame.
+pub const BATCH_HEADER_BYTES: usize = RECORD_OVERHEAD_BYTES + BATCH_HEADER_PAYLOAD_BYTES;
+
+/// What a Raft entry holds (format version 2). Single-node logs write only
+/// data entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EntryKind {
+    /// Records of one publish.
+    Data = 0,
+    /// A new leader's first entry: no records.
+    Blank = 1,
+    /// A membership change: no records.
+    Membership = 2,
+}
+
+/// The header before each batch of records in a version-2 segment: one
+/// Raft entry. Its payload, big-endian:
+///
+/// | size | field | meaning |
+/// |---|---|---|
+/// | 8 | `raft_index` | consecutive within the log |
+/// | 8 | `term` | of the leader that appended it (0 on a single node) |
+/// | 1 | `kind` | [`EntryKind`] |
+/// | 4 | `count` | records that follow (0 unless data) |
+/// | 8 | `producer_id` | the idempotent producer's (flag bit 1), or 0 |
+/// | 8 | `sequence` | its first sequence (flag bit 1), or 0 |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub raft_index: u64,
+    pub term: u64,
+    pub kind: EntryKind,
+    pub count: u32,
+    /// The idempotent producer's id and first sequence, if any.
+    pub producer: Option<(u64, u64)>,
+}
 
 /// One header: a name and a value, both arbitrary bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,13 +239,42 @@ pub fn put_message_fields(buf: &mut Vec<u8>, message: &Message) {
     buf.put_slice(&message.payload);
 }
 
-/// The fixed fields of a verified record, without its variable parts.
+/// Appends a batch header frame to `buf`: `first_offset` is the offset of
+/// the first record that follows, `timestamp_us` the batch's.
+pub fn encode_batch_header(buf: &mut Vec<u8>, first_offset: u64, timestamp_us: u64, header: &BatchHeader) {
+    let start = buf.len();
+    buf.reserve(BATCH_HEADER_BYTES);
+    buf.put_u32((BATCH_HEADER_BYTES - 4) as u32);
+    buf.put_u32(0); // CRC, filled in below.
+    buf.put_u64(first_offset);
+    buf.put_u64(timestamp_us);
+    buf.put_u8(if header.producer.is_some() { FLAG_BATCH_HEADER | FLAG_BATCH_PRODUCER } else { FLAG_BATCH_HEADER });
+    buf.put_u16(0); // no key
+    buf.put_u16(0); // no headers
+    buf.put_u32(BATCH_HEADER_PAYLOAD_BYTES as u32);
+    buf.put_u64(header.raft_index);
+    buf.put_u64(header.term);
+    buf.put_u8(header.kind as u8);
+    buf.put_u32(header.count);
+    let (producer_id, sequence) = header.producer.unwrap_or_default();
+    buf.put_u64(producer_id);
+    buf.put_u64(sequence);
+    let crc = crc32fast::hash(&buf[start + RECORD_PREFIX_BYTES..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+    debug_assert_eq!(buf.len() - start, BATCH_HEADER_BYTES);
+}
+
+/// The fixed fields of a verified frame, without its variable parts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordMeta {
-    /// Total bytes of the record, `length` field included.
+    /// Total bytes of the frame, `length` field included.
     pub len: usize,
+    /// A record's offset; a batch header's first record's.
     pub offset: u64,
     pub timestamp_us: u64,
+    /// `Some` when the frame is a batch header (format version 2), which
+    /// takes no offset.
+    pub batch: Option<BatchHeader>,
 }
 
 /// Reads the total length of the record at the start of `buf` without
@@ -217,8 +300,62 @@ pub fn peek_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
 /// What is wrong with the bytes; `Incomplete` when they stop short.
 pub fn verify(buf: &[u8]) -> Result<RecordMeta, RecordError> {
     let (len, fields) = check(buf)?;
-    Ok(RecordMeta { len, offset: fields.offset, timestamp_us: fields.timestamp_us })
+    Ok(RecordMeta { len, offset: fields.offset, timestamp_us: fields.timestamp_us, batch: None })
 }
+
+/// As [`verify`], also accepting a batch header (a segment of format
+/// version 2), whose fields it returns in [`RecordMeta::batch`].
+///
+/// # Errors
+/// As [`verify`]; a batch header that is not exactly one is `Malformed`.
+pub fn verify_frame(buf: &[u8]) -> Result<RecordMeta, RecordError> {
+    match verify(buf) {
+        Err(RecordError::Malformed { reason: FLAGS_UNKNOWN }) => {}
+        other => return other,
+    }
+    // Length and CRC passed; only the flags were refused.
+    let len = peek_len(buf)?.unwrap_or_default();
+    let frame = &buf[..len];
+    let malformed = |reason| Err(RecordError::Malformed { reason });
+    let flags = frame[24];
+    if flags & FLAG_BATCH_HEADER == 0 || flags & !(FLAG_BATCH_HEADER | FLAG_BATCH_PRODUCER) != 0 {
+        return malformed(FLAGS_UNKNOWN);
+    }
+    if len != BATCH_HEADER_BYTES {
+        return malformed("a batch header is not 70 bytes");
+    }
+    let mut cursor = Cursor { buf: frame, pos: RECORD_PREFIX_BYTES };
+    let offset = cursor.u64()?;
+    let timestamp_us = cursor.u64()?;
+    let _flags = cursor.u8()?;
+    if cursor.u16()? != 0 || cursor.u16()? != 0 || cursor.u32()? != BATCH_HEADER_PAYLOAD_BYTES as u32 {
+        return malformed("a batch header has a key, headers or a payload of the wrong size");
+    }
+    let raft_index = cursor.u64()?;
+    let term = cursor.u64()?;
+    let kind = match cursor.u8()? {
+        0 => EntryKind::Data,
+        1 => EntryKind::Blank,
+        2 => EntryKind::Membership,
+        _ => return malformed("unknown batch kind"),
+    };
+    let count = cursor.u32()?;
+    let producer_id = cursor.u64()?;
+    let sequence = cursor.u64()?;
+    if (kind == EntryKind::Data) != (count > 0) {
+        return malformed("a data batch holds no record, or another kind holds records");
+    }
+    let producer = match flags & FLAG_BATCH_PRODUCER {
+        0 if producer_id != 0 || sequence != 0 => return malformed("a batch without a producer names one"),
+        0 => None,
+        _ if kind != EntryKind::Data => return malformed("a batch of another kind than data names a producer"),
+        _ => Some((producer_id, sequence)),
+    };
+    let batch = BatchHeader { raft_index, term, kind, count, producer };
+    Ok(RecordMeta { len, offset, timestamp_us, batch: Some(batch) })
+}
+
+const FLAGS_UNKNOWN: &str = "unknown flags";
 
 /// The checks of [`verify`], returning the parsed fields so that decoding
 /// does not parse twice.
@@ -246,7 +383,30 @@ pub fn verified_meta(buf: &[u8]) -> Option<RecordMeta> {
     let record = buf.get(..len)?;
     let offset = u64::from_be_bytes(record.get(8..16)?.try_into().ok()?);
     let timestamp_us = u64::from_be_bytes(record.get(16..24)?.try_into().ok()?);
-    Some(RecordMeta { len, offset, timestamp_us })
+    Some(RecordMeta { len, offset, timestamp_us, batch: None })
+}
+
+/// As [`verified_meta`], for a frame of a version-2 segment that has
+/// already been verified (by [`verify_frame`]): a batch header's fields are
+/// returned in [`RecordMeta::batch`]. `None` when `buf` does not start with
+/// a whole frame.
+pub fn verified_frame_meta(buf: &[u8]) -> Option<RecordMeta> {
+    let mut meta = verified_meta(buf)?;
+    let flags = *buf.get(24)?;
+    if flags & FLAG_BATCH_HEADER != 0 && meta.len == BATCH_HEADER_BYTES {
+        let mut cursor = Cursor { buf: &buf[..meta.len], pos: RECORD_OVERHEAD_BYTES };
+        let (raft_index, term) = (cursor.u64().ok()?, cursor.u64().ok()?);
+        let kind = match cursor.u8().ok()? {
+            0 => EntryKind::Data,
+            1 => EntryKind::Blank,
+            _ => EntryKind::Membership,
+        };
+        let count = cursor.u32().ok()?;
+        let (producer_id, sequence) = (cursor.u64().ok()?, cursor.u64().ok()?);
+        let producer = (flags & FLAG_BATCH_PRODUCER != 0).then_some((producer_id, sequence));
+        meta.batch = Some(BatchHeader { raft_index, term, kind, count, producer });
+    }
+    Some(meta)
 }
 
 /// Decodes the verified record at the start of `buf` (a slice of a larger
@@ -287,7 +447,7 @@ fn parse_fields(record: &[u8]) -> Result<Fields, RecordError> {
     let timestamp_us = cursor.u64()?;
     let flags = cursor.u8()?;
     if flags != 0 {
-        return Err(RecordError::Malformed { reason: "unknown flags" });
+        return Err(RecordError::Malformed { reason: FLAGS_UNKNOWN });
     }
     let key_len = cursor.u16()? as usize;
     if key_len > KEY_BYTES_MAX {
@@ -441,6 +601,90 @@ mod tests {
             let is_incomplete = matches!(verify(&buf[..cut]), Err(RecordError::Incomplete { .. }));
             prop_assert!(is_incomplete);
         }
+    }
+
+    fn arbitrary_batch_header() -> impl Strategy<Value = BatchHeader> {
+        let data = (1u32.., proptest::option::of(any::<(u64, u64)>()))
+            .prop_map(|(count, producer)| (EntryKind::Data, count, producer));
+        let other = prop_oneof![Just(EntryKind::Blank), Just(EntryKind::Membership)].prop_map(|kind| (kind, 0, None));
+        (any::<u64>(), any::<u64>(), prop_oneof![data, other]).prop_map(
+            |(raft_index, term, (kind, count, producer))| BatchHeader { raft_index, term, kind, count, producer },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn batch_headers_verify_to_the_same_fields_and_are_never_taken_for_records(
+            header in arbitrary_batch_header(), first_offset: u64, timestamp_us: u64,
+        ) {
+            let mut buf = Vec::new();
+            encode_batch_header(&mut buf, first_offset, timestamp_us, &header);
+            prop_assert_eq!(buf.len(), BATCH_HEADER_BYTES);
+            let meta = verify_frame(&buf).unwrap();
+            prop_assert_eq!((meta.len, meta.offset, meta.timestamp_us, meta.batch), (BATCH_HEADER_BYTES, first_offset, timestamp_us, Some(header)));
+            prop_assert_eq!(verified_frame_meta(&buf), Some(meta));
+            // What clients use refuses them: they never leave the broker.
+            prop_assert!(verify(&buf).is_err());
+            prop_assert!(decode(&Bytes::from(buf)).is_err());
+        }
+
+        #[test]
+        fn any_flipped_byte_of_a_batch_header_is_detected(
+            header in arbitrary_batch_header(), position: prop::sample::Index, bit in 0u8..8,
+        ) {
+            let mut buf = Vec::new();
+            encode_batch_header(&mut buf, 3, 4, &header);
+            let position = position.index(buf.len());
+            buf[position] ^= 1 << bit;
+            prop_assert!(verify_frame(&buf).is_err());
+        }
+
+        #[test]
+        fn records_verify_as_frames_without_a_batch(message in arbitrary_message(), offset: u64) {
+            let mut buf = Vec::new();
+            encode(&mut buf, offset, 1, &message);
+            prop_assert_eq!(verify_frame(&buf).unwrap(), verify(&buf).unwrap());
+            prop_assert_eq!(verify_frame(&buf).unwrap().batch, None);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_as_frames(buf in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = verify_frame(&buf);
+            let _ = verified_frame_meta(&buf);
+        }
+    }
+
+    #[test]
+    fn a_batch_header_that_breaks_its_rules_is_malformed() {
+        let sealed = |mut buf: Vec<u8>| {
+            let crc = crc32fast::hash(&buf[RECORD_PREFIX_BYTES..]);
+            buf[4..8].copy_from_slice(&crc.to_be_bytes());
+            buf
+        };
+        let header = BatchHeader { raft_index: 1, term: 1, kind: EntryKind::Data, count: 2, producer: None };
+        let mut good = Vec::new();
+        encode_batch_header(&mut good, 0, 0, &header);
+        let count_at = RECORD_OVERHEAD_BYTES + 8 + 8 + 1;
+        let mut cases = Vec::new();
+        // A data batch of no record.
+        let mut empty = good.clone();
+        empty[count_at..count_at + 4].copy_from_slice(&0u32.to_be_bytes());
+        cases.push(sealed(empty));
+        // A producer without the flag that says so.
+        let mut producer = good.clone();
+        producer[count_at + 4] = 1;
+        cases.push(sealed(producer));
+        // An unknown kind, and unknown flags.
+        let mut kind = good.clone();
+        kind[count_at - 1] = 3;
+        cases.push(sealed(kind));
+        let mut flags = good.clone();
+        flags[24] |= 0x04;
+        cases.push(sealed(flags));
+        for case in cases {
+            assert!(matches!(verify_frame(&case), Err(RecordError::Malformed { .. })), "{case:?}");
+        }
+        assert!(verify_frame(&sealed(good)).is_ok());
     }
 
     #[test]

@@ -136,7 +136,9 @@ fn channel_with_a_damaged_record(data_dir: &Path) {
         ChannelLog::open(Arc::new(StdFileSystem), &channel_dir, ChannelName::new("orders").unwrap(), config).unwrap();
     let mut positions = Vec::new();
     for i in 0..20 {
-        positions.push(16 + (0..i).map(|j| message(j).encoded_len()).sum::<usize>());
+        // Each append is one batch: its header, then its record.
+        let batch_headers = (i as usize + 1) * weir::record::BATCH_HEADER_BYTES;
+        positions.push(16 + batch_headers + (0..i).map(|j| message(j).encoded_len()).sum::<usize>());
         log.append_batch(&[message(i)]).unwrap();
     }
     log.close().unwrap();

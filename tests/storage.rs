@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use weir::record::{Header, Message, Record};
+use weir::record::{BATCH_HEADER_BYTES, Header, Message, Record};
 #[path = "common/full_disk.rs"]
 #[allow(dead_code)] // The read-only mode serves the server tests.
 mod full_disk;
@@ -310,7 +310,9 @@ fn recovery_after_truncating_inside_the_last_record_yields_exactly_the_earlier_r
     let path = segment_logs(&channel_dir).pop().unwrap();
     let original = std::fs::read(&path).unwrap();
     let last_record_len = message(19, 100).encoded_len();
-    let last_record_start = original.len() - last_record_len;
+    // The last batch: its header, then its one record. A cut anywhere in it
+    // takes the whole batch, header included.
+    let last_record_start = original.len() - last_record_len - BATCH_HEADER_BYTES;
     let index_files: Vec<(PathBuf, Vec<u8>)> = ["index", "timeindex"]
         .iter()
         .map(|ext| {
@@ -356,7 +358,8 @@ fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
     let path = segment_logs(&channel_dir).pop().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     let record_len = message(0, 100).encoded_len();
-    let flipped_at = 16 + 5 * record_len + record_len / 2;
+    let record_5 = 16 + 6 * BATCH_HEADER_BYTES + 5 * record_len;
+    let flipped_at = record_5 + record_len / 2;
     bytes[flipped_at] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
 
@@ -367,7 +370,7 @@ fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
     .unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let problem = &report.problems[0];
-    assert_eq!(problem.position, Some((16 + 5 * record_len) as u64));
+    assert_eq!(problem.position, Some(record_5 as u64));
     assert!(problem.what.contains("CRC mismatch"), "{}", problem.what);
     assert!(problem.what.contains("followed by valid records"), "{}", problem.what);
     assert_eq!(report.verdict(), Verdict::Corrupt);
@@ -387,7 +390,7 @@ fn a_flipped_byte_is_caught_by_the_reader_and_by_check() {
     for from in [5] {
         match log.read(from, 1 << 20) {
             Err(StorageError::CorruptRecord { position, offset, next_readable_offset, .. }) => {
-                assert_eq!(position, (16 + 5 * record_len) as u64);
+                assert_eq!(position, record_5 as u64);
                 assert_eq!((offset, next_readable_offset), (5, Some(6)));
             }
             other => panic!("expected CorruptRecord, got {other:?}"),
@@ -405,12 +408,12 @@ fn a_reader_of_a_sealed_segment_gets_an_error_naming_the_corrupt_record() {
     }
     let first = &segment_logs(dir.path())[0];
     let mut bytes = std::fs::read(first).unwrap();
-    bytes[16 + 40] ^= 1; // Inside the first record's payload.
+    bytes[16 + BATCH_HEADER_BYTES + 40] ^= 1; // Inside the first record's payload.
     std::fs::write(first, &bytes).unwrap();
     match log.read(0, 1024) {
         Err(StorageError::CorruptRecord { path, position, offset, next_readable_offset, .. }) => {
             assert_eq!(&path, first);
-            assert_eq!(position, 16);
+            assert_eq!(position, (16 + BATCH_HEADER_BYTES) as u64);
             assert_eq!((offset, next_readable_offset), (0, Some(1)));
         }
         other => panic!("expected CorruptRecord, got {other:?}"),
@@ -584,7 +587,7 @@ fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
     let clean = run();
     assert!(clean.status.success());
     let stdout = String::from_utf8_lossy(&clean.stdout);
-    assert_eq!(stdout.trim(), "ok: 1 channels, 1 segments, 10 records, 1476 bytes", "{stdout}");
+    assert_eq!(stdout.trim(), "ok: 1 channels, 1 segments, 10 records, 2176 bytes", "{stdout}");
 
     // What a crash leaves is repairable: exit 0, one line per problem and a
     // summary of what the broker will repair.
@@ -596,7 +599,7 @@ fn weir_check_exits_zero_when_clean_and_reports_a_torn_tail() {
     let stdout = String::from_utf8_lossy(&torn.stdout);
     assert!(
         stdout.contains(
-            "repairable: channel events, 00000000000000000000.log, byte 1330: torn tail: 139 bytes after the last whole record"
+            "repairable: channel events, 00000000000000000000.log, byte 1960: torn tail: 209 bytes after the last whole batch"
         ),
         "{stdout}"
     );
@@ -731,9 +734,10 @@ fn an_index_rebuilt_for_a_small_active_segment_gets_its_header_and_check_stays_c
 }
 
 /// Where record `n` of a segment holding `message(0, 100)`, `message(1,
-/// 100)`, ... starts.
+/// 100)`, ..., each appended alone (one batch: its header, then it),
+/// starts.
 fn record_start(n: u64) -> usize {
-    16 + (0..n).map(|i| message(i, 100).encoded_len()).sum::<usize>()
+    16 + (n as usize + 1) * BATCH_HEADER_BYTES + (0..n).map(|i| message(i, 100).encoded_len()).sum::<usize>()
 }
 
 /// 200 records of the active segment, closed cleanly; returns the bytes of
@@ -832,7 +836,7 @@ fn check_calls_a_crashed_log_with_stale_indexes_and_a_torn_tail_repairable() {
     // before, the indexes (written without their own sync) kept entries
     // for records that are gone.
     let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..record_start(150) - 9]).unwrap();
+    std::fs::write(&path, &bytes[..record_start(150) - BATCH_HEADER_BYTES - 9]).unwrap();
     let report = weir::storage::check::check_data_dir(
         dir.path(),
         &weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always),
@@ -1059,7 +1063,8 @@ fn a_tail_zeroed_from_inside_a_record_past_its_end_is_a_torn_write() {
     assert_eq!(check_verdict(dir.path()).0, Verdict::Repairable);
     let log = open_channel(dir.path(), LogConfig { segment_bytes: 1 << 30, ..small_config() });
     assert_eq!(log.next_offset(), 150);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), record_start(150) as u64);
+    // Cut from the start of its batch: a batch is kept whole or not at all.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), (record_start(150) - BATCH_HEADER_BYTES) as u64);
 }
 
 #[test]
@@ -1532,4 +1537,133 @@ fn a_record_appended_after_kept_damage_is_read_back_even_past_a_stale_record() {
     drop(log);
     let log = open(dir.path(), rolling);
     check(&log);
+}
+
+#[test]
+fn a_read_across_batches_returns_their_records_back_to_back_without_batch_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), LogConfig { segment_bytes: 1 << 20, ..small_config() });
+    let mut offset = 0;
+    for size in [1u64, 3, 2, 5] {
+        let messages: Vec<Message> = (offset..offset + size).map(|i| message(i, 50)).collect();
+        assert_eq!(log.append_batch(&messages).unwrap().first_offset, offset);
+        offset += size;
+    }
+    let batch = log.read(0, 1 << 20).unwrap();
+    assert_eq!((batch.first_offset, batch.next_offset, batch.count), (0, 11, 11));
+    // One slice per batch (their headers fall between them), and the bytes
+    // are exactly the records.
+    assert_eq!(batch.records.slices().len(), 4);
+    let record_bytes: usize = (0..11).map(|i| message(i, 50).encoded_len()).sum();
+    assert_eq!(batch.records.len(), record_bytes);
+    let records: Vec<Record> = batch.iter().map(Result::unwrap).collect();
+    assert!(records.iter().zip(0..).all(|(record, i)| record.offset == i && record.payload == message(i, 50).payload));
+    assert_eq!(weir::record::RecordIter::new(batch.records.to_bytes()).count(), 11);
+    // A read from inside a batch, and one bounded in bytes, start and stop
+    // at records.
+    let middle = log.read(2, message(2, 50).encoded_len() * 3).unwrap();
+    assert_eq!((middle.first_offset, middle.count), (2, 3));
+    assert_eq!(middle.iter().map(|r| r.unwrap().offset).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(middle.records.len(), 3 * message(2, 50).encoded_len());
+}
+
+#[test]
+fn a_version_1_log_is_read_and_appended_to_after_an_upgrade_and_its_next_segments_are_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let channel_dir = dir.path().join("channels").join("orders");
+    let v1 = LogConfig { format_version: weir::storage::index::FORMAT_VERSION_1, ..small_config() };
+    {
+        let log = open_channel(dir.path(), v1);
+        for i in 0..40 {
+            log.append_batch(&[message(i, 100)]).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let versions = |dir: &Path| -> Vec<u16> {
+        segment_logs(dir)
+            .iter()
+            .map(|path| u16::from_be_bytes(std::fs::read(path).unwrap()[4..6].try_into().unwrap()))
+            .collect()
+    };
+    let before = versions(&channel_dir);
+    assert!(before.len() >= 2 && before.iter().all(|&v| v == 1), "{before:?}");
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+
+    let log = open_channel(dir.path(), small_config());
+    assert_eq!(read_all(&log, 0).len(), 40);
+    for i in 40..120 {
+        assert_eq!(log.append_batch(&[message(i, 100)]).unwrap().first_offset, i);
+    }
+    let records = read_all(&log, 0);
+    assert!(records.iter().zip(0..).all(|(record, i)| record.offset == i && record.payload == message(i, 100).payload));
+    log.close().unwrap();
+    drop(log);
+    // The active version-1 segment went on in version 1; the segments
+    // rolled after the upgrade are version 2.
+    let after = versions(&channel_dir);
+    assert_eq!(&after[..before.len()], &before[..]);
+    assert!(after.len() > before.len() && after[before.len()..].iter().all(|&v| v == 2), "{after:?}");
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+    let log = open_channel(dir.path(), small_config());
+    assert_eq!(read_all(&log, 0).len(), 120);
+}
+
+#[test]
+fn an_append_that_reached_the_disk_in_part_is_cut_back_to_the_start_of_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+    {
+        let log = open_channel(dir.path(), config.clone());
+        for batch in 0..4u64 {
+            let messages: Vec<Message> = (batch * 3..batch * 3 + 3).map(|i| message(i, 100)).collect();
+            log.append_batch(&messages).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let path = segment_logs(&dir.path().join("channels").join("orders")).pop().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let last_records: usize = (9..12).map(|i| message(i, 100).encoded_len()).sum();
+    // A power loss that kept the header and the first record of the last
+    // batch, ending exactly at a record boundary: nothing looks torn, but
+    // the batch is short by two records.
+    let last_batch = bytes.len() - last_records - BATCH_HEADER_BYTES;
+    std::fs::write(&path, &bytes[..last_batch + BATCH_HEADER_BYTES + message(9, 100).encoded_len()]).unwrap();
+    let (verdict, problems) = check_verdict(dir.path());
+    assert_eq!(verdict, Verdict::Repairable, "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("the last batch stops at offset 10")), "{problems:?}");
+
+    let log = open_channel(dir.path(), config);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), last_batch as u64, "the whole batch is cut");
+    assert_eq!(log.next_offset(), 9);
+    assert_eq!(read_all(&log, 0).len(), 9);
+    assert_eq!(log.append_batch(&[message(9, 100)]).unwrap().first_offset, 9);
+    drop(log);
+    assert_eq!(check_verdict(dir.path()), (Verdict::Clean, vec![]));
+}
+
+#[test]
+fn check_reports_a_batch_whose_header_disagrees_with_its_records_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 1 << 20, ..small_config() };
+    {
+        let log = open_channel(dir.path(), config);
+        for batch in 0..3u64 {
+            let messages: Vec<Message> = (batch * 2..batch * 2 + 2).map(|i| message(i, 100)).collect();
+            log.append_batch(&messages).unwrap();
+        }
+        log.close().unwrap();
+    }
+    // The first batch's header says 3 records (its CRC made right again, as
+    // a buggy writer would): its records and the next header disagree.
+    let path = segment_logs(&dir.path().join("channels").join("orders")).pop().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = 16;
+    let count_at = header + weir::record::RECORD_OVERHEAD_BYTES + 8 + 8 + 1;
+    bytes[count_at..count_at + 4].copy_from_slice(&3u32.to_be_bytes());
+    let crc = crc32fast::hash(&bytes[header + 8..header + BATCH_HEADER_BYTES]);
+    bytes[header + 4..header + 8].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (verdict, problems) = check_verdict(dir.path());
+    assert_eq!(verdict, Verdict::Corrupt, "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("names records up to offset 3, but they end at 2")), "{problems:?}");
 }

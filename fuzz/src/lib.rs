@@ -104,7 +104,7 @@ pub struct SegmentFiles {
 /// | pos | size | field                                                    |
 /// |-----|------|----------------------------------------------------------|
 /// | 0   | 1    | `flags`, see [`flags`]                                   |
-/// | 1   | 1    | `index_interval_bytes` = 1 + 16 × value                  |
+/// | 1   | 1    | bits 0-6: `index_interval_bytes` = 1 + 16 × value; bit 7: headers the flags add (and new segments) are format version 2, else 1 |
 /// | 2   | 1    | base offset of the first segment                         |
 /// | 3   | 1    | gap: base of the second segment = base of the first + its whole records + gap |
 /// | 4   | ..   | sections, each a u16 big-endian length then that many bytes (cut short at the end of the input): `.log`, `.index`, `.timeindex` of the first segment, then of the second |
@@ -114,6 +114,9 @@ pub struct SegmentFiles {
 #[derive(Clone, Debug)]
 pub struct SegmentCase {
     pub fsync: FsyncPolicy,
+    /// The format version of the file headers the flags add, and of the
+    /// segments the log creates.
+    pub version: u16,
     pub index_interval_bytes: u64,
     pub segments: Vec<SegmentFiles>,
 }
@@ -122,7 +125,9 @@ impl SegmentCase {
     /// Decodes the fuzzer's bytes; `None` when they are shorter than the
     /// four fixed bytes.
     pub fn from_bytes(data: &[u8]) -> Option<SegmentCase> {
-        let (&[flag_bits, interval, base, gap], mut rest) = data.split_first_chunk::<4>()?;
+        let (&[flag_bits, interval_and_version, base, gap], mut rest) = data.split_first_chunk::<4>()?;
+        let interval = interval_and_version & 0x7f;
+        let version = if interval_and_version & 0x80 != 0 { index::FORMAT_VERSION_2 } else { index::FORMAT_VERSION_1 };
         let mut section = || -> Option<Vec<u8>> {
             let (len, after) = rest.split_first_chunk::<2>()?;
             let len = (u16::from_be_bytes(*len) as usize).min(after.len());
@@ -141,7 +146,7 @@ impl SegmentCase {
                 time_index: section(),
             };
             if flag_bits & flags::LOG_HEADER != 0 {
-                files.log.splice(0..0, index::encode_file_header(FileKind::Log, files.base_offset));
+                files.log.splice(0..0, index::encode_file_header(FileKind::Log, version, files.base_offset));
             }
             let renumber = (flag_bits & flags::RENUMBER != 0).then_some(files.base_offset);
             let walked = if flag_bits & (flags::SEAL | flags::RENUMBER) != 0 {
@@ -156,18 +161,24 @@ impl SegmentCase {
                     walked.iter().map(|&(_, offset, time)| IndexEntry { key: time, value: offset }).collect();
                 files.offset_index = Some(derived_index(
                     FileKind::OffsetIndex,
+                    version,
                     files.base_offset,
                     &offsets,
                     files.offset_index.as_deref(),
                 ));
-                files.time_index =
-                    Some(derived_index(FileKind::TimeIndex, files.base_offset, &times, files.time_index.as_deref()));
+                files.time_index = Some(derived_index(
+                    FileKind::TimeIndex,
+                    version,
+                    files.base_offset,
+                    &times,
+                    files.time_index.as_deref(),
+                ));
             } else if flag_bits & flags::INDEX_HEADER != 0 {
                 for (kind, file) in
                     [(FileKind::OffsetIndex, &mut files.offset_index), (FileKind::TimeIndex, &mut files.time_index)]
                 {
                     if let Some(bytes) = file {
-                        bytes.splice(0..0, index::encode_file_header(kind, files.base_offset));
+                        bytes.splice(0..0, index::encode_file_header(kind, version, files.base_offset));
                     }
                 }
             }
@@ -179,7 +190,7 @@ impl SegmentCase {
             1 => FsyncPolicy::Interval,
             _ => FsyncPolicy::Never,
         };
-        Some(SegmentCase { fsync, index_interval_bytes: 1 + 16 * interval as u64, segments })
+        Some(SegmentCase { fsync, version, index_interval_bytes: 1 + 16 * interval as u64, segments })
     }
 
     /// Writes the segment files into `dir`, named as weir names them.
@@ -204,13 +215,19 @@ impl SegmentCase {
 
 /// An index file holding `entries`, with `noise` XORed over the entries
 /// (not the header).
-fn derived_index(kind: FileKind, base_offset: u64, entries: &[IndexEntry], noise: Option<&[u8]>) -> Vec<u8> {
+fn derived_index(
+    kind: FileKind,
+    version: u16,
+    base_offset: u64,
+    entries: &[IndexEntry],
+    noise: Option<&[u8]>,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(entries.len() * index::INDEX_ENTRY_BYTES);
     index::encode_entries(entries, &mut body);
     for (byte, noise) in body.iter_mut().zip(noise.unwrap_or_default()) {
         *byte ^= noise;
     }
-    let mut file = index::encode_file_header(kind, base_offset).to_vec();
+    let mut file = index::encode_file_header(kind, version, base_offset).to_vec();
     file.extend_from_slice(&body);
     file
 }

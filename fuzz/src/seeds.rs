@@ -177,18 +177,24 @@ pub fn record() -> Vec<Vec<u8>> {
 }
 
 /// Real segments written by `ChannelLog`, in the `SegmentCase` layout: one
-/// segment whole; the same with a torn tail; two segments with their
-/// indexes; records only, with the header, CRCs and offsets left to the
-/// flags.
+/// segment whole, in format version 2 and in version 1; the same with a
+/// torn tail; two segments with their indexes; records only, with the
+/// header, CRCs and offsets left to the flags.
 ///
 /// # Errors
 /// The operating system's error, from writing the segments in a temporary
 /// directory.
 pub fn segment_recovery() -> std::io::Result<Vec<Vec<u8>>> {
     let temporary = tempfile::tempdir()?;
-    let segments = temporary.path().to_path_buf();
-    write_segments(&segments)?;
+    let segments = temporary.path().join("v2");
+    write_segments(&segments, weir::storage::index::FORMAT_VERSION_2)?;
+    let v1_segments = temporary.path().join("v1");
+    write_segments(&v1_segments, weir::storage::index::FORMAT_VERSION_1)?;
     let read = |path: &PathBuf| std::fs::read(path).unwrap_or_default();
+    let v1_first: Vec<Vec<u8>> = ["log", "index", "timeindex"]
+        .iter()
+        .map(|extension| read(&v1_segments.join(format!("{:020}.{extension}", 0))))
+        .collect();
     let files = |base: &str| -> Vec<Vec<u8>> {
         ["log", "index", "timeindex"]
             .iter()
@@ -202,6 +208,7 @@ pub fn segment_recovery() -> std::io::Result<Vec<Vec<u8>>> {
     let first = files(&bases[0]);
     let second = files(&bases[1]);
     let whole = segment_case_bytes(0, 4, 0, 0, &[&first[0], &first[1], &first[2]]);
+    let whole_v1 = segment_case_bytes(0, 4, 0, 0, &[&v1_first[0], &v1_first[1], &v1_first[2]]);
     let torn_log = &first[0][..first[0].len() - 7];
     let torn = segment_case_bytes(0, 4, 0, 0, &[torn_log, &first[1], &first[2]]);
     let never = 2 << flags::FSYNC_SHIFT;
@@ -220,13 +227,37 @@ pub fn segment_recovery() -> std::io::Result<Vec<Vec<u8>>> {
         0,
         &[&body_only, &[], &[], &body_only],
     );
-    Ok(vec![whole, torn, two, from_flags])
+    let batch_header_flags = flags::LOG_HEADER | flags::SEAL | flags::TWO_SEGMENTS;
+    let batches = segment_case_bytes(batch_header_flags, 0x80, 0, 0, &[&batches(3, 0), &[], &[], &batches(2, 0)]);
+    Ok(vec![whole, whole_v1, torn, two, from_flags, batches])
 }
 
-/// A log of at least two segments, written by weir into `dir`.
-fn write_segments(dir: &Path) -> std::io::Result<()> {
+/// `count` batches of two records each from offset `first`, each after its
+/// batch header (format version 2), without a file header.
+fn batches(count: u64, first: u64) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for i in 0..count {
+        let offset = first + 2 * i;
+        let header = weir::record::BatchHeader {
+            raft_index: i,
+            term: 0,
+            kind: weir::record::EntryKind::Data,
+            count: 2,
+            producer: (i % 2 == 1).then_some((7, 2 * i)),
+        };
+        weir::record::encode_batch_header(&mut buf, offset, i, &header);
+        weir::record::encode(&mut buf, offset, i, &message(offset as usize));
+        weir::record::encode(&mut buf, offset + 1, i, &message(offset as usize + 1));
+    }
+    buf
+}
+
+/// A log of at least two segments in format `version`, written by weir
+/// into `dir`.
+fn write_segments(dir: &Path, version: u16) -> std::io::Result<()> {
     let config = LogConfig {
         segment_bytes: 1024,
+        format_version: version,
         index_interval_bytes: 64,
         fsync: FsyncPolicy::Never,
         retention: RetentionPolicy::default(),

@@ -55,6 +55,7 @@ pub fn check(data: &[u8]) {
     let config = LogConfig {
         index_interval_bytes: case.index_interval_bytes,
         fsync: case.fsync,
+        format_version: case.version,
         retention: RetentionPolicy::default(),
         ..LogConfig::default()
     };

@@ -506,6 +506,40 @@ pub fn put_header(out: &mut Vec<u8>, frame_type: FrameType, correlation_id: u32,
 }
 
 /// Builds a whole frame from a body writer.
+/// The head of a DELIVER or DELIVER_BATCH frame in protocol `version`:
+/// everything before its `records_len` bytes of records, which a server
+/// sends after it as they are (from memory maps, without copying).
+pub fn deliver_head(
+    version: u16,
+    correlation_id: u32,
+    subscription_id: u32,
+    partition: u32,
+    count: u32,
+    records_len: usize,
+) -> Vec<u8> {
+    let v2 = version >= 2;
+    let frame_type = if count == 1 { FrameType::Deliver } else { FrameType::DeliverBatch };
+    let fixed = if v2 { 12 } else { 8 };
+    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + fixed);
+    put_header(&mut out, frame_type, correlation_id, fixed + records_len);
+    out.put_u32(subscription_id);
+    if v2 {
+        out.put_u32(partition);
+    }
+    out.put_u32(count);
+    out
+}
+
+/// The head of a FETCH_RESULT frame: everything before its `records_len`
+/// bytes of records (see [`deliver_head`]).
+pub fn fetch_result_head(correlation_id: u32, next_offset: u64, count: u32, records_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + 12);
+    put_header(&mut out, FrameType::FetchResult, correlation_id, 12 + records_len);
+    out.put_u64(next_offset);
+    out.put_u32(count);
+    out
+}
+
 fn frame(frame_type: FrameType, correlation_id: u32, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     put_header(&mut out, frame_type, correlation_id, 0);
@@ -935,16 +969,7 @@ impl Response {
                 })
             }
             Response::Deliver { subscription_id, partition, count, records } => {
-                let frame_type = if *count == 1 { FrameType::Deliver } else { FrameType::DeliverBatch };
-                let fixed = if v2 { 12 } else { 8 };
-                let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + fixed);
-                put_header(&mut out, frame_type, correlation_id, fixed + records.len());
-                out.put_u32(*subscription_id);
-                if v2 {
-                    out.put_u32(*partition);
-                }
-                out.put_u32(*count);
-                out
+                deliver_head(version, correlation_id, *subscription_id, *partition, *count, records.len())
             }
             Response::Notice { subscription_id, partition, notice } => {
                 frame(FrameType::Notice, correlation_id, |out| {
@@ -967,11 +992,7 @@ impl Response {
                 frame(FrameType::Unsubscribed, correlation_id, |out| out.put_u32(*subscription_id))
             }
             Response::FetchResult { next_offset, count, records } => {
-                let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + 12);
-                put_header(&mut out, FrameType::FetchResult, correlation_id, 12 + records.len());
-                out.put_u64(*next_offset);
-                out.put_u32(*count);
-                out
+                fetch_result_head(correlation_id, *next_offset, *count, records.len())
             }
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
             Response::ChannelAltered => frame(FrameType::ChannelAltered, correlation_id, |_| {}),

@@ -19,7 +19,7 @@ use super::outbox::{Outbox, Written};
 use super::stats::Stats;
 use crate::protocol::{ErrorCode, ProducerSequence, Response};
 use crate::record::Message;
-use crate::storage::{Appended, ChannelLog, FsyncPolicy, StorageError, now_us};
+use crate::storage::{Appended, ChannelLog, FsyncPolicy, NewBatch, StorageError, now_us};
 
 /// A publish waiting for the channel writer.
 pub(crate) struct AppendRequest {
@@ -103,6 +103,19 @@ struct ProducerState {
     /// (first sequence, count, first offset, timestamp), oldest first.
     recent: VecDeque<(u64, u64, u64, u64)>,
     last_used: u64,
+    /// Rebuilt from the log at open under `fsync` `interval` or `never`,
+    /// and not published to since: its next sequence may be behind what the
+    /// producer was told (those policies can lose acknowledged publishes in
+    /// a power loss), so a first publish ahead of it anchors it there
+    /// instead of being refused. Under `always` a gap is the producer's.
+    restored: bool,
+}
+
+/// The messages of one publish to append, and its producer's id and first
+/// sequence.
+struct OwnedBatch {
+    messages: Vec<Message>,
+    producer: Option<(u64, u64)>,
 }
 
 /// How one request of a group is resolved.
@@ -147,13 +160,16 @@ struct WriterState {
 }
 
 impl PartitionWriter {
+    /// A writer for `log`, with the idempotent producers of its active
+    /// segment remembered (see [`recovered_producers`]).
     pub fn new(log: Arc<ChannelLog>, tail: watch::Sender<u64>, limits: WriterLimits, stats: Arc<Stats>) -> Self {
+        let (producers, clock) = recovered_producers(&log, limits);
         PartitionWriter {
             log,
             tail: std::sync::Mutex::new(Some(tail)),
             limits,
             stats,
-            state: tokio::sync::Mutex::default(),
+            state: tokio::sync::Mutex::new(WriterState { producers, clock }),
             queued: AtomicUsize::new(0),
         }
     }
@@ -210,6 +226,60 @@ impl PartitionWriter {
         self.publish_tail();
         Ok(())
     }
+}
+
+/// The idempotent producers' windows as the batch headers of the log's
+/// active segment record them (format version 2), within the writer's
+/// limits, and the clock after them. A producer whose publishes all lie in
+/// sealed segments is not remembered: its next publish anchors it, as
+/// after an eviction.
+fn recovered_producers(log: &ChannelLog, limits: WriterLimits) -> (HashMap<u64, ProducerState>, u64) {
+    let mut producers: HashMap<u64, ProducerState> = HashMap::new();
+    let mut clock = 0u64;
+    let may_have_lost_acknowledged = log.config().fsync != FsyncPolicy::Always;
+    let visited = log.visit_active_batches(|first_offset, timestamp_us, header| {
+        let Some((producer_id, sequence)) = header.producer else { return };
+        let count = u64::from(header.count);
+        let Some(sequence_end) = sequence.checked_add(count) else { return };
+        clock += 1;
+        let state = producers.entry(producer_id).or_default();
+        state.next_sequence = sequence_end;
+        state.last_used = clock;
+        state.restored = may_have_lost_acknowledged;
+        state.recent.push_back((sequence, count, first_offset, timestamp_us));
+        if state.recent.len() > limits.dedup_window {
+            state.recent.pop_front();
+        }
+        // Amortised: trimmed to the limit each time it doubles.
+        if producers.len() > limits.max_producers.saturating_mul(2) {
+            keep_most_recent(&mut producers, limits.max_producers);
+        }
+    });
+    keep_most_recent(&mut producers, limits.max_producers);
+    match visited {
+        Ok(()) if !producers.is_empty() => {
+            tracing::info!(channel = %log.label(), producers = producers.len(), "idempotent producers rebuilt from the log");
+        }
+        Ok(()) => {}
+        Err(error) => {
+            // Not fatal: the producers anchor again on their next publish,
+            // as before there were batch headers.
+            tracing::warn!(channel = %log.label(), %error, "idempotent producers could not be rebuilt from the log");
+            producers.clear();
+        }
+    }
+    (producers, clock)
+}
+
+/// Forgets all but the `max` producers used last.
+fn keep_most_recent(producers: &mut HashMap<u64, ProducerState>, max: usize) {
+    if producers.len() <= max {
+        return;
+    }
+    let mut last_used: Vec<u64> = producers.values().map(|state| state.last_used).collect();
+    last_used.sort_unstable_by(|a, b| b.cmp(a));
+    let oldest_kept = last_used[max - 1];
+    producers.retain(|_, state| state.last_used >= oldest_kept);
 }
 
 /// The writer task: runs until every sender of `requests` is gone,
@@ -274,21 +344,25 @@ async fn commit_group(
     let base_offset = log.next_offset();
     let mut next_offset = base_offset;
     let mut plans = Vec::with_capacity(group.len());
-    let mut messages = Vec::new();
-    for request in group.iter() {
+    // One batch (one header, one Raft entry) per publish, so that the
+    // producer of each is in the log.
+    let mut batches = Vec::new();
+    for request in group.iter_mut() {
         let count = request.messages.len() as u64;
         let plan = match request.producer {
             None => Plan::Append { first_offset: next_offset, count },
             Some(producer) => plan_idempotent(producers, producer, count, next_offset, clock, limits),
         };
         if let Plan::Append { .. } = plan {
-            messages.extend(request.messages.iter().cloned());
+            // Only the answer is needed from here on.
+            let messages = std::mem::take(&mut request.messages);
+            batches.push(OwnedBatch { messages, producer: request.producer.map(|p| (p.producer_id, p.sequence)) });
             next_offset += count;
         }
         plans.push(plan);
     }
     let started = std::time::Instant::now();
-    let result = if messages.is_empty() { Ok(None) } else { append(log, messages).await.map(Some) };
+    let result = if batches.is_empty() { Ok(None) } else { append(log, batches).await.map(Some) };
     if let Ok(Some(appended)) = &result {
         metrics::histogram!("weir_append_duration_seconds").record(started.elapsed());
         if log.config().fsync == FsyncPolicy::Always {
@@ -370,13 +444,18 @@ async fn commit_group(
 /// Appends on the runtime thread when no sync is needed (a write to the
 /// page cache costs about as much as a socket write), and on the blocking
 /// pool when an `fdatasync` will follow or the segment is due to roll.
-async fn append(log: &Arc<ChannelLog>, messages: Vec<Message>) -> Result<Appended, StorageError> {
+async fn append(log: &Arc<ChannelLog>, batches: Vec<OwnedBatch>) -> Result<Appended, StorageError> {
+    fn append_now(log: &ChannelLog, batches: &[OwnedBatch]) -> Result<Appended, StorageError> {
+        let batches: Vec<NewBatch<'_>> =
+            batches.iter().map(|batch| NewBatch { messages: &batch.messages, producer: batch.producer }).collect();
+        log.append_batches_at(&batches, now_us())
+    }
     // A roll syncs and creates files: also for the blocking pool.
     if log.config().fsync != FsyncPolicy::Always && !log.roll_due(now_us()) {
-        return log.append_batch(&messages);
+        return append_now(log, &batches);
     }
     let log = Arc::clone(log);
-    match tokio::task::spawn_blocking(move || log.append_batch(&messages)).await {
+    match tokio::task::spawn_blocking(move || append_now(&log, &batches)).await {
         Ok(result) => result,
         Err(join_error) => {
             Err(StorageError::Io { path: "append task".into(), source: std::io::Error::other(join_error) })
@@ -411,8 +490,18 @@ fn plan_idempotent(
     let state = producers.entry(producer.producer_id).or_default();
     state.last_used = clock;
     if !known {
-        // A producer seen for the first time (or again after a restart or
-        // eviction) starts wherever it is.
+        // A producer seen for the first time (or again after an eviction,
+        // or a restart that found none of its publishes in the active
+        // segment) starts wherever it is.
+        state.next_sequence = producer.sequence;
+    }
+    if std::mem::take(&mut state.restored) && producer.sequence > state.next_sequence {
+        tracing::warn!(
+            producer = producer.producer_id,
+            sequence = producer.sequence,
+            next_sequence = state.next_sequence,
+            "the first publish of a producer since the restart is ahead of what the log holds of it; anchoring it there"
+        );
         state.next_sequence = producer.sequence;
     }
     if producer.sequence > state.next_sequence {

@@ -1301,12 +1301,12 @@ impl Connection {
                 // The subscribe quota covers fetches too: the answer waits
                 // (at most a fraction of a second of quota per fetch).
                 usage.subscribe_bytes(batch.records.len() as u64).await;
-                let response = Response::FetchResult {
-                    next_offset: batch.next_offset,
-                    count: batch.count as u32,
-                    records: batch.records.clone(),
-                };
-                let head = response.encode_head(self.version, correlation_id);
+                let head = crate::protocol::fetch_result_head(
+                    correlation_id,
+                    batch.next_offset,
+                    batch.count as u32,
+                    batch.records.len(),
+                );
                 self.send(Outbound::Records { head, records: batch.records }).await
             }
             Err(error) => self.storage_error(correlation_id, error).await,
@@ -1560,7 +1560,9 @@ async fn write_loop(
                 Some(Outbound::Frame(frame)) => writer.write_all(&frame).await?,
                 Some(Outbound::Records { head, records }) => {
                     writer.write_all(&head).await?;
-                    writer.write_all(&records).await?;
+                    for slice in records.slices() {
+                        writer.write_all(slice).await?;
+                    }
                 }
                 None => {}
             }

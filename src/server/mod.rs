@@ -32,7 +32,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -46,7 +45,7 @@ use crate::config::Config;
 use crate::security::Authenticator;
 use crate::security::tls::ServerTls;
 use crate::storage::fs::{FileSystem, StdFileSystem};
-use crate::storage::{Maintenance, StorageError, Store};
+use crate::storage::{Maintenance, RecordSlices, StorageError, Store};
 use broker::Broker;
 use offsets::{DurableOffsets, OFFSET_COMMIT_INTERVAL};
 
@@ -60,7 +59,7 @@ pub(crate) enum Outbound {
     /// A frame head followed by record bytes shared with a memory map.
     Records {
         head: Vec<u8>,
-        records: Bytes,
+        records: RecordSlices,
     },
 }
 

@@ -141,13 +141,14 @@ impl Subscription {
                 () = quota.subscribe_bytes(batch.records.len() as u64) => {}
             }
         }
-        let response = Response::Deliver {
-            subscription_id: self.subscription_id,
-            partition: self.log.partition(),
-            count: batch.count as u32,
-            records: batch.records.clone(),
-        };
-        let head = response.encode_head(self.version, 0);
+        let head = crate::protocol::deliver_head(
+            self.version,
+            0,
+            self.subscription_id,
+            self.log.partition(),
+            batch.count as u32,
+            batch.records.len(),
+        );
         // Published before the frame is queued: a client may ack a record
         // the moment it arrives, and an ack counts only up to what this
         // says was delivered.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use super::channel::{CHANNEL_SETTINGS_FILE, PARTITIONS_LIMIT, parse_partition_dir, partition_dir, read_settings};
 use super::channel_name::ChannelName;
 use super::fs::{FileSystem, OpenMode, StdFileSystem};
-use super::index::{self, FILE_HEADER_BYTES, FileKind, IndexEntry};
+use super::index::{self, FILE_HEADER_BYTES, FORMAT_VERSION_1, FileKind, IndexEntry};
 use super::log::FsyncPolicy;
 use super::segment::{self, LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION};
 use super::store::CHANNELS_DIR;
@@ -302,13 +302,13 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPol
                 format!("segment starts at offset {base} but the previous one ends at {expected}"),
             ));
         }
-        let mut segment_check = SegmentCheck { problems: Vec::new(), records: Vec::new() };
+        let mut segment_check = SegmentCheck { problems: Vec::new(), index_targets: Vec::new(), records: 0 };
         let scanned = check_segment_log(fs, &path, base, last_timestamp_us, place, fsync, &mut segment_check);
         set_aside_next = scanned.torn_end_sets_aside_next;
         for (severity, position, what) in segment_check.problems.drain(..) {
             report.problems.push(problem(severity, Some(path.clone()), position, what));
         }
-        report.records += segment_check.records.len() as u64;
+        report.records += segment_check.records;
         report.bytes += scanned.bytes;
         expected_offset = Some(scanned.next_offset);
         last_timestamp_us = scanned.last_timestamp_us.or(last_timestamp_us);
@@ -316,7 +316,7 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPol
             [(OFFSET_INDEX_EXTENSION, FileKind::OffsetIndex), (TIME_INDEX_EXTENSION, FileKind::TimeIndex)]
         {
             let index_path = dir.join(segment::file_name(base, extension));
-            let index_problems = check_index(fs, &index_path, kind, base, &segment_check.records);
+            let index_problems = check_index(fs, &index_path, kind, base, &segment_check.index_targets);
             // Indexes are derived data, rebuilt by the broker on open: one
             // line per file, however many entries are stale.
             if let Some((position, what)) = index_problems.first() {
@@ -337,8 +337,42 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPol
 
 struct SegmentCheck {
     problems: Vec<(Severity, Option<u64>, String)>,
-    /// (position, offset, timestamp) of every valid record, in order.
-    records: Vec<(u64, u64, u64)>,
+    /// (position, offset, timestamp) of every valid frame index entries may
+    /// name, in order: every record in format version 1, every batch
+    /// header in version 2.
+    index_targets: Vec<(u64, u64, u64)>,
+    records: u64,
+}
+
+/// A batch header of a version-2 segment whose records are being counted.
+struct OpenBatch {
+    position: usize,
+    end_offset: u64,
+    /// Damage was found inside it: its records cannot be counted.
+    damaged: bool,
+}
+
+/// The problem with a batch whose records ended at `next_offset`, if any.
+fn batch_problem(batch: &OpenBatch, next_offset: u64, last: bool) -> Option<(Severity, Option<u64>, String)> {
+    if batch.damaged || batch.end_offset == next_offset {
+        return None;
+    }
+    let position = Some(batch.position as u64);
+    if last && next_offset < batch.end_offset {
+        return Some((
+            Severity::Repairable,
+            position,
+            format!(
+                "the last batch stops at offset {next_offset}, before the end its header names ({}): an append that never reached the disk whole; the broker cuts it on start",
+                batch.end_offset
+            ),
+        ));
+    }
+    Some((
+        Severity::Corrupt,
+        position,
+        format!("the batch header names records up to offset {}, but they end at {next_offset}", batch.end_offset),
+    ))
 }
 
 struct Scanned {
@@ -379,13 +413,23 @@ fn check_segment_log(
         ));
         return scanned;
     }
-    if let Err(what) = index::check_file_header(&data, FileKind::Log, base) {
-        out.problems.push((Severity::Corrupt, Some(0), what));
-        return scanned;
-    }
+    let version = match index::check_file_header(&data, FileKind::Log, base) {
+        Ok(version) => version,
+        Err(what) => {
+            out.problems.push((Severity::Corrupt, Some(0), what));
+            return scanned;
+        }
+    };
     let mut position = FILE_HEADER_BYTES;
+    let mut batch: Option<OpenBatch> = None;
+    let mut bad_end = None;
     while position < data.len() {
-        let checked = record::verify(&data[position..]).and_then(|meta| {
+        let verified = if version == FORMAT_VERSION_1 {
+            record::verify(&data[position..])
+        } else {
+            record::verify_frame(&data[position..])
+        };
+        let checked = verified.and_then(|meta| {
             if meta.offset != scanned.next_offset {
                 return Err(RecordError::Malformed { reason: "offset out of sequence" });
             }
@@ -396,9 +440,13 @@ fn check_segment_log(
         });
         let meta = match checked {
             Ok(meta) => meta,
-            Err(reason) => match segment::find_next_record(&data, position, scanned.next_offset, last_timestamp_us) {
-                Some((next_position, next)) => {
-                    out.problems.push((
+            Err(reason) => {
+                match segment::find_next_record(version, &data, position, scanned.next_offset, last_timestamp_us) {
+                    Some((next_position, next)) => {
+                        if let Some(batch) = &mut batch {
+                            batch.damaged = true;
+                        }
+                        out.problems.push((
                             Severity::Corrupt,
                             Some(position as u64),
                             format!(
@@ -408,24 +456,68 @@ fn check_segment_log(
                                 next.offset
                             ),
                         ));
-                    scanned.next_offset = next.offset;
-                    position = next_position;
-                    continue;
+                        scanned.next_offset = next.offset;
+                        position = next_position;
+                        continue;
+                    }
+                    None => {
+                        let torn = segment::is_torn_end(&data[position..], &reason);
+                        let unit = if version == FORMAT_VERSION_1 { "record" } else { "batch" };
+                        let mut verdict = torn_end_verdict(place, fsync, torn, data.len() - position, unit, &reason);
+                        let mut cut_from = position;
+                        // The broker cuts a torn end from the start of the batch
+                        // it leaves short: a batch is kept whole or not at all.
+                        if let Some(short) = batch.as_ref().filter(|b| !b.damaged && b.end_offset > scanned.next_offset)
+                            && verdict.0 == Severity::Repairable
+                        {
+                            cut_from = short.position;
+                            verdict = torn_end_verdict(place, fsync, torn, data.len() - cut_from, unit, &reason);
+                            batch = None;
+                        }
+                        let (severity, what) = verdict;
+                        scanned.torn_end_sets_aside_next =
+                            place == Place::LastSealed && severity == Severity::Repairable;
+                        bad_end = Some(severity);
+                        out.problems.push((severity, Some(cut_from as u64), what));
+                        break;
+                    }
                 }
-                None => {
-                    let torn = segment::is_torn_end(&data[position..], &reason);
-                    let (severity, what) = torn_end_verdict(place, fsync, torn, data.len() - position, &reason);
-                    scanned.torn_end_sets_aside_next = place == Place::LastSealed && severity == Severity::Repairable;
-                    out.problems.push((severity, Some(position as u64), what));
-                    break;
-                }
-            },
+            }
         };
-        out.records.push((position as u64, meta.offset, meta.timestamp_us));
+        if version == FORMAT_VERSION_1 || meta.batch.is_some() {
+            out.index_targets.push((position as u64, meta.offset, meta.timestamp_us));
+        }
         last_timestamp_us = Some(meta.timestamp_us);
         scanned.last_timestamp_us = Some(meta.timestamp_us);
-        scanned.next_offset = meta.offset + 1;
+        match meta.batch {
+            Some(header) => {
+                if let Some(problem) = batch.as_ref().and_then(|batch| batch_problem(batch, meta.offset, false)) {
+                    out.problems.push(problem);
+                }
+                batch = Some(OpenBatch { position, end_offset: meta.offset + u64::from(header.count), damaged: false });
+            }
+            None => {
+                let outside = batch.as_ref().is_none_or(|batch| !batch.damaged && meta.offset >= batch.end_offset);
+                if version != FORMAT_VERSION_1 && outside {
+                    out.problems.push((
+                        Severity::Corrupt,
+                        Some(position as u64),
+                        format!("record at offset {} belongs to no batch header", meta.offset),
+                    ));
+                }
+                out.records += 1;
+                scanned.next_offset = meta.offset + 1;
+            }
+        }
         position += meta.len;
+    }
+    // A torn end the broker cuts takes the batch it cut short with it (see
+    // above); after a bad end it keeps, that batch is damaged.
+    if let Some(batch) = &batch
+        && bad_end.is_none()
+        && let Some(problem) = batch_problem(batch, scanned.next_offset, place == Place::Last)
+    {
+        out.problems.push(problem);
     }
     scanned
 }
@@ -437,6 +529,7 @@ fn torn_end_verdict(
     fsync: FsyncPolicy,
     torn: bool,
     bytes: usize,
+    unit: &str,
     reason: &RecordError,
 ) -> (Severity, String) {
     match (place, fsync) {
@@ -449,7 +542,7 @@ fn torn_end_verdict(
         (Place::Last, _) => (
             Severity::Repairable,
             format!(
-                "torn tail: {bytes} bytes after the last whole record ({reason}); records never acknowledged under fsync = \"always\" (under \"interval\"/\"never\": never synced); the broker cuts them on start"
+                "torn tail: {bytes} bytes after the last whole {unit} ({reason}); records never acknowledged under fsync = \"always\" (under \"interval\"/\"never\": never synced); the broker cuts them on start"
             ),
         ),
         (Place::LastSealed, FsyncPolicy::Interval | FsyncPolicy::Never) if torn => (

@@ -5,7 +5,7 @@
 //! | pos | size | field         | value                                   |
 //! |-----|------|---------------|-----------------------------------------|
 //! | 0   | 4    | magic         | `WEIR`                                  |
-//! | 4   | 2    | version       | u16, 1                                  |
+//! | 4   | 2    | version       | u16, 1 or 2 (the same in all three)     |
 //! | 6   | 2    | kind          | u16: 1 log, 2 offset index, 3 time index |
 //! | 8   | 8    | base offset   | u64, the segment's first offset         |
 //!
@@ -21,8 +21,11 @@ pub const FILE_HEADER_BYTES: usize = 16;
 /// Bytes of one index entry.
 pub const INDEX_ENTRY_BYTES: usize = 16;
 const FILE_MAGIC: [u8; 4] = *b"WEIR";
-/// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The segment format version 0.1 wrote: records only.
+pub const FORMAT_VERSION_1: u16 = 1;
+/// The segment format version this build writes: a batch header (one Raft
+/// entry) before the records of each append. It reads both.
+pub const FORMAT_VERSION_2: u16 = 2;
 
 /// Which file of a segment a header belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,17 +37,18 @@ pub enum FileKind {
 }
 
 /// Encodes the header of a segment file.
-pub fn encode_file_header(kind: FileKind, base_offset: u64) -> [u8; FILE_HEADER_BYTES] {
+pub fn encode_file_header(kind: FileKind, version: u16, base_offset: u64) -> [u8; FILE_HEADER_BYTES] {
     let mut header = [0u8; FILE_HEADER_BYTES];
     header[..4].copy_from_slice(&FILE_MAGIC);
-    header[4..6].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    header[4..6].copy_from_slice(&version.to_be_bytes());
     header[6..8].copy_from_slice(&(kind as u16).to_be_bytes());
     header[8..].copy_from_slice(&base_offset.to_be_bytes());
     header
 }
 
-/// Checks a segment file header; the error says what is wrong.
-pub fn check_file_header(bytes: &[u8], kind: FileKind, base_offset: u64) -> Result<(), String> {
+/// Checks a segment file header and returns its format version; the error
+/// says what is wrong.
+pub fn check_file_header(bytes: &[u8], kind: FileKind, base_offset: u64) -> Result<u16, String> {
     let Some(header) = bytes.get(..FILE_HEADER_BYTES) else {
         return Err(format!("file is {} bytes, shorter than its {FILE_HEADER_BYTES}-byte header", bytes.len()));
     };
@@ -52,8 +56,10 @@ pub fn check_file_header(bytes: &[u8], kind: FileKind, base_offset: u64) -> Resu
         return Err(format!("bad magic {:02x?}, expected \"WEIR\"", &header[..4]));
     }
     let version = u16::from_be_bytes([header[4], header[5]]);
-    if version != FORMAT_VERSION {
-        return Err(format!("format version {version} is not supported (this build reads version {FORMAT_VERSION})"));
+    if !(FORMAT_VERSION_1..=FORMAT_VERSION_2).contains(&version) {
+        return Err(format!(
+            "format version {version} is not supported (this build reads versions {FORMAT_VERSION_1} and {FORMAT_VERSION_2})"
+        ));
     }
     let found_kind = u16::from_be_bytes([header[6], header[7]]);
     if found_kind != kind as u16 {
@@ -63,7 +69,7 @@ pub fn check_file_header(bytes: &[u8], kind: FileKind, base_offset: u64) -> Resu
     if found_base != base_offset {
         return Err(format!("header base offset {found_base} does not match the file name ({base_offset})"));
     }
-    Ok(())
+    Ok(version)
 }
 
 /// One index entry. For the offset index `key` is an offset and `value` a
@@ -119,8 +125,12 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_mismatches_are_named() {
-        let header = encode_file_header(FileKind::TimeIndex, 42);
-        assert!(check_file_header(&header, FileKind::TimeIndex, 42).is_ok());
+        let header = encode_file_header(FileKind::TimeIndex, FORMAT_VERSION_2, 42);
+        assert_eq!(check_file_header(&header, FileKind::TimeIndex, 42), Ok(FORMAT_VERSION_2));
+        let v1 = encode_file_header(FileKind::TimeIndex, FORMAT_VERSION_1, 42);
+        assert_eq!(check_file_header(&v1, FileKind::TimeIndex, 42), Ok(FORMAT_VERSION_1));
+        let v3 = encode_file_header(FileKind::TimeIndex, 3, 42);
+        assert!(check_file_header(&v3, FileKind::TimeIndex, 42).unwrap_err().contains("version 3"));
         assert!(check_file_header(&header, FileKind::Log, 42).unwrap_err().contains("kind"));
         assert!(check_file_header(&header, FileKind::TimeIndex, 41).unwrap_err().contains("base offset"));
         assert!(check_file_header(&header[..10], FileKind::TimeIndex, 42).unwrap_err().contains("shorter"));

@@ -13,13 +13,15 @@ use serde::{Deserialize, Serialize};
 use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
 use super::fs::{BackgroundSync, FileSystem};
-use super::index::{FILE_HEADER_BYTES, IndexEntry};
+use super::index::{FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, IndexEntry};
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
-use crate::record::{self, Message, RecordIter};
+use crate::record::{self, BATCH_HEADER_BYTES, BatchHeader, EntryKind, Message, Record, RecordError, RecordIter};
 
 /// The most encoded bytes one append may write: the writer's buffer never
 /// grows past this.
 pub const APPEND_BATCH_BYTES_MAX: usize = 256 * 1024 * 1024;
+// A batch header counts its records in a u32.
+const _: () = assert!(APPEND_BATCH_BYTES_MAX / record::RECORD_OVERHEAD_BYTES <= u32::MAX as usize);
 /// The writer keeps its encode buffer between appends up to this capacity,
 /// and releases anything larger.
 const ENCODE_BUFFER_RETAINED_BYTES: usize = 4 * 1024 * 1024;
@@ -54,6 +56,10 @@ pub struct LogConfig {
     pub fsync: FsyncPolicy,
     pub max_message_bytes: usize,
     pub retention: RetentionPolicy,
+    /// The segment format new segments are written in:
+    /// [`FORMAT_VERSION_2`] (the default), or [`FORMAT_VERSION_1`] to
+    /// produce the files of weir 0.1 (tests of upgrades).
+    pub format_version: u16,
 }
 
 impl Default for LogConfig {
@@ -68,6 +74,7 @@ impl Default for LogConfig {
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),
                 ..RetentionPolicy::default()
             },
+            format_version: FORMAT_VERSION_2,
         }
     }
 }
@@ -98,11 +105,61 @@ pub struct LogCounters {
     pub storage_full_episodes: u64,
 }
 
-/// Whole, CRC-checked records read from a log, back to back in their on-disk
-/// encoding (see [`record`]), sharing the memory map they were read from.
+/// The records of one append: its messages, and the idempotent producer's
+/// id and first sequence when there is one (kept in the batch header, so
+/// that deduplication can be rebuilt from the log).
+#[derive(Clone, Copy, Debug)]
+pub struct NewBatch<'a> {
+    pub messages: &'a [Message],
+    pub producer: Option<(u64, u64)>,
+}
+
+/// Whole, CRC-checked records in their on-disk encoding (see [`record`]),
+/// as one or more slices of the memory map they were read from: the batch
+/// headers of a version-2 segment, which never leave the broker, fall
+/// between slices. Sent as they are, back to back, the slices are exactly
+/// the records.
+#[derive(Clone, Debug, Default)]
+pub struct RecordSlices {
+    slices: Vec<Bytes>,
+    len: usize,
+}
+
+impl RecordSlices {
+    fn new(slices: Vec<Bytes>) -> RecordSlices {
+        let len = slices.iter().map(Bytes::len).sum();
+        RecordSlices { slices, len }
+    }
+
+    /// Bytes of all the records.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The slices, in order.
+    pub fn slices(&self) -> &[Bytes] {
+        &self.slices
+    }
+
+    /// The records in one buffer: the slice itself when there is one, a
+    /// copy when there are several.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.slices.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }
+    }
+}
+
+/// Whole, CRC-checked records read from a log (see [`RecordSlices`]).
 #[derive(Clone, Debug)]
 pub struct ReadBatch {
-    pub records: Bytes,
+    pub records: RecordSlices,
     pub first_offset: u64,
     /// One past the last offset in the batch.
     pub next_offset: u64,
@@ -111,8 +168,8 @@ pub struct ReadBatch {
 
 impl ReadBatch {
     /// Decodes the records; payloads are not copied.
-    pub fn iter(&self) -> RecordIter {
-        RecordIter::new(self.records.clone())
+    pub fn iter(&self) -> impl Iterator<Item = Result<Record, RecordError>> + '_ {
+        self.records.slices.iter().flat_map(|slice| RecordIter::new(slice.clone()))
     }
 }
 
@@ -145,6 +202,9 @@ struct Writer {
     /// Bytes written since the last sync of the active segment.
     unsynced: bool,
     encode_buffer: Vec<u8>,
+    /// The Raft index of the next batch (format version 2): consecutive
+    /// within the log.
+    next_raft_index: u64,
     /// The background sync of the last sealed segment, under `interval` and
     /// `never`.
     pending_seal: Option<SealSync>,
@@ -343,7 +403,7 @@ impl ChannelLog {
                 Arc::clone(segment)
             }
             None => {
-                let segment = Arc::new(Segment::create(&*fs, dir, 0)?);
+                let segment = Arc::new(Segment::create(&*fs, dir, 0, config.format_version)?);
                 segments.insert(0, Arc::clone(&segment));
                 segment
             }
@@ -355,6 +415,11 @@ impl ChannelLog {
                 segments.values().rev().find_map(|segment| segment.state().last_timestamp_us).unwrap_or(0);
             (state.next_offset, last_timestamp, last_indexed)
         };
+        // The segments recovery verified to their end hold the last batch
+        // header; a segment without one (version 1, or created just before
+        // a crash) defers to the one before it.
+        let next_raft_index =
+            segments.values().rev().find_map(|segment| segment.recovered_next_raft_index()).unwrap_or(0);
         Ok(ChannelLog {
             name,
             partition,
@@ -370,6 +435,7 @@ impl ChannelLog {
                 // Synced above.
                 unsynced: false,
                 encode_buffer: Vec::new(),
+                next_raft_index,
                 pending_seal: None,
                 failure: None,
                 full: None,
@@ -412,10 +478,21 @@ impl ChannelLog {
         self.append_batch_at(messages, now_us())
     }
 
-    /// Appends a batch as one write (and, under `fsync = "always"`, one
-    /// sync), and returns only when it is as durable as the policy promises.
-    /// The batch carries `max(now_us, last timestamp)`, so timestamps never
-    /// decrease within a channel even if the clock steps back.
+    /// Appends one batch with no producer (see
+    /// [`ChannelLog::append_batches_at`]).
+    ///
+    /// # Errors
+    /// See [`ChannelLog::append_batches_at`].
+    pub fn append_batch_at(&self, messages: &[Message], now_us: u64) -> Result<Appended, StorageError> {
+        self.append_batches_at(&[NewBatch { messages, producer: None }], now_us)
+    }
+
+    /// Appends batches (the publishes of one group commit) as one write
+    /// (and, under `fsync = "always"`, one sync), and returns only when they
+    /// are as durable as the policy promises. In a version-2 segment each
+    /// non-empty batch gets its header (one Raft entry). Every record
+    /// carries `max(now_us, last timestamp)`, so timestamps never decrease
+    /// within a channel even if the clock steps back.
     ///
     /// # Errors
     /// - `InvalidMessage` or `BatchTooLarge` (nothing written) when the
@@ -429,13 +506,15 @@ impl ChannelLog {
     /// - `Io` when a sync fails, or a failed write could not be cut back:
     ///   the state of unsynced data is unknown, and the log refuses every
     ///   later append (`Failed`) until it is reopened and recovered.
-    pub fn append_batch_at(&self, messages: &[Message], now_us: u64) -> Result<Appended, StorageError> {
-        for (index, message) in messages.iter().enumerate() {
+    pub fn append_batches_at(&self, batches: &[NewBatch<'_>], now_us: u64) -> Result<Appended, StorageError> {
+        let messages = || batches.iter().flat_map(|batch| batch.messages);
+        for (index, message) in messages().enumerate() {
             message
                 .validate(self.config.max_message_bytes)
                 .map_err(|source| StorageError::InvalidMessage { index, source })?;
         }
-        let size_bytes: usize = messages.iter().map(Message::encoded_len).sum();
+        let size_bytes: usize =
+            messages().map(Message::encoded_len).sum::<usize>() + batches.len() * BATCH_HEADER_BYTES;
         if size_bytes > APPEND_BATCH_BYTES_MAX {
             return Err(StorageError::BatchTooLarge { size_bytes, size_bytes_max: APPEND_BATCH_BYTES_MAX });
         }
@@ -453,7 +532,7 @@ impl ChannelLog {
             return Err(self.storage_full());
         }
         let timestamp_us = now_us.max(writer.last_timestamp_us);
-        if messages.is_empty() {
+        if messages().next().is_none() {
             return Ok(Appended {
                 first_offset: writer.next_offset,
                 count: 0,
@@ -461,7 +540,7 @@ impl ChannelLog {
                 sync_duration: Duration::ZERO,
             });
         }
-        let result = self.roll_and_write(&mut writer, messages, timestamp_us);
+        let result = self.roll_and_write(&mut writer, batches, timestamp_us);
         if writer.encode_buffer.capacity() > ENCODE_BUFFER_RETAINED_BYTES {
             writer.encode_buffer = Vec::new();
         }
@@ -490,13 +569,13 @@ impl ChannelLog {
     fn roll_and_write(
         &self,
         writer: &mut Writer,
-        messages: &[Message],
+        batches: &[NewBatch<'_>],
         timestamp_us: u64,
     ) -> Result<Appended, AppendFailure> {
         if self.should_roll(writer, timestamp_us) {
             self.roll(writer)?;
         }
-        self.write_batch(writer, messages, timestamp_us)
+        self.write_batches(writer, batches, timestamp_us)
     }
 
     fn storage_full(&self) -> StorageError {
@@ -576,28 +655,51 @@ impl ChannelLog {
         self.storage_full.load(Ordering::Acquire)
     }
 
-    fn write_batch(
+    fn write_batches(
         &self,
         writer: &mut Writer,
-        messages: &[Message],
+        batches: &[NewBatch<'_>],
         timestamp_us: u64,
     ) -> Result<Appended, AppendFailure> {
         let first_offset = writer.next_offset;
         let base_position = writer.active.written_len();
+        let version = writer.active.version;
         let mut buffer = std::mem::take(&mut writer.encode_buffer);
         buffer.clear();
         let mut offset_entries = Vec::new();
         let mut time_entries = Vec::new();
         let mut last_indexed_position = writer.last_indexed_position;
-        for (i, message) in messages.iter().enumerate() {
-            let offset = first_offset + i as u64;
-            let position = base_position + buffer.len() as u64;
+        let mut offset = first_offset;
+        let mut raft_index = writer.next_raft_index;
+        let mut index_at = |position: u64, offset: u64| {
             if position - last_indexed_position >= self.config.index_interval_bytes {
                 offset_entries.push(IndexEntry { key: offset, value: position });
                 time_entries.push(IndexEntry { key: timestamp_us, value: offset });
                 last_indexed_position = position;
             }
-            record::encode(&mut buffer, offset, timestamp_us, message);
+        };
+        for batch in batches.iter().filter(|batch| !batch.messages.is_empty()) {
+            if version != FORMAT_VERSION_1 {
+                // Index entries name batch headers only (see STORAGE.md).
+                index_at(base_position + buffer.len() as u64, offset);
+                let header = BatchHeader {
+                    raft_index,
+                    term: 0,
+                    kind: EntryKind::Data,
+                    // At most APPEND_BATCH_BYTES_MAX / RECORD_OVERHEAD_BYTES.
+                    count: batch.messages.len() as u32,
+                    producer: batch.producer,
+                };
+                record::encode_batch_header(&mut buffer, offset, timestamp_us, &header);
+                raft_index += 1;
+            }
+            for message in batch.messages {
+                if version == FORMAT_VERSION_1 {
+                    index_at(base_position + buffer.len() as u64, offset);
+                }
+                record::encode(&mut buffer, offset, timestamp_us, message);
+                offset += 1;
+            }
         }
         let written = writer.active.write(&buffer);
         writer.encode_buffer = buffer;
@@ -607,7 +709,8 @@ impl ChannelLog {
             Err(WriteFailure { error, rolled_back: false }) => return Err(AppendFailure::Unknown(error)),
         }
         writer.last_indexed_position = last_indexed_position;
-        let count = messages.len() as u64;
+        writer.next_raft_index = raft_index;
+        let count = offset - first_offset;
         let mut sync_duration = Duration::ZERO;
         if self.config.fsync == FsyncPolicy::Always {
             let started = Instant::now();
@@ -628,9 +731,22 @@ impl ChannelLog {
         {
             let mut counters = self.lock_counters();
             counters.messages_appended += count;
-            counters.bytes_appended += messages.iter().map(|m| m.size_bytes() as u64).sum::<u64>();
+            counters.bytes_appended +=
+                batches.iter().flat_map(|batch| batch.messages).map(|m| m.size_bytes() as u64).sum::<u64>();
         }
         Ok(Appended { first_offset, count, timestamp_us, sync_duration })
+    }
+
+    /// Calls `visit` with the first offset, timestamp and header of every
+    /// batch of the active segment, in order (none in a version-1 segment).
+    /// The server rebuilds its idempotent producers' windows from them when
+    /// it opens a partition.
+    ///
+    /// # Errors
+    /// The segment could not be read.
+    pub fn visit_active_batches(&self, visit: impl FnMut(u64, u64, &BatchHeader)) -> Result<(), StorageError> {
+        let active = Arc::clone(&self.lock_writer().active);
+        active.visit_batches(visit)
     }
 
     /// Whether the next append will seal the active segment first (and so
@@ -684,8 +800,10 @@ impl ChannelLog {
         // then seal_order, everywhere.
         let _order = (self.config.fsync != FsyncPolicy::Always)
             .then(|| self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        let segment =
-            Arc::new(Segment::create(&*self.fs, &self.dir, writer.next_offset).map_err(AppendFailure::RolledBack)?);
+        let segment = Arc::new(
+            Segment::create(&*self.fs, &self.dir, writer.next_offset, self.config.format_version)
+                .map_err(AppendFailure::RolledBack)?,
+        );
         if self.config.fsync != FsyncPolicy::Always {
             let sealed = Arc::clone(&writer.active);
             let fs = Arc::clone(&self.fs);
@@ -804,7 +922,7 @@ impl ChannelLog {
             segments.range(..=from).next_back().map(|(_, segment)| Arc::clone(segment))
         };
         let Some(segment) = segment else {
-            return Ok(ReadBatch { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 });
+            return Ok(ReadBatch { records: RecordSlices::default(), first_offset: from, next_offset: from, count: 0 });
         };
         let read = match segment.read(from, max_bytes, max_records) {
             // Nothing readable after the damage in its segment: the next
@@ -822,7 +940,7 @@ impl ChannelLog {
             other => other?,
         };
         Ok(ReadBatch {
-            records: read.records,
+            records: RecordSlices::new(read.records),
             first_offset: read.first_offset,
             next_offset: read.next_offset,
             count: read.count,

@@ -13,8 +13,10 @@ use bytes::Bytes;
 
 use super::error::{IoContext, StorageError};
 use super::fs::{FileSystem, OpenMode, StorageFile};
-use super::index::{self, FILE_HEADER_BYTES, FileKind, INDEX_ENTRY_BYTES, IndexEntry};
-use crate::record::{self, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
+use super::index::{
+    self, FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, FileKind, INDEX_ENTRY_BYTES, IndexEntry,
+};
+use crate::record::{self, BatchHeader, EntryKind, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
 
 pub(crate) const LOG_EXTENSION: &str = "log";
 pub(crate) const OFFSET_INDEX_EXTENSION: &str = "index";
@@ -52,6 +54,9 @@ pub(crate) struct SegmentState {
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub base_offset: u64,
+    /// The format version of its files: 1 (records only) or 2 (a batch
+    /// header before the records of each append).
+    pub version: u16,
     pub log_path: PathBuf,
     /// The only file a segment keeps open: its indexes live in memory
     /// (`SegmentState`) and are written to their files when the segment is
@@ -63,6 +68,9 @@ pub(crate) struct Segment {
     /// record starts), rather than searching again by other rules. Set at
     /// open and never changed, so reads use it without a lock or a copy.
     damage: Vec<Damage>,
+    /// The Raft index after the last batch recovery saw (format version 2),
+    /// for the log's next one.
+    recovered_next_raft_index: Option<u64>,
     state: RwLock<SegmentState>,
 }
 
@@ -103,16 +111,18 @@ pub(crate) struct WriteFailure {
 /// A batch of whole records read from one segment.
 #[derive(Clone, Debug)]
 pub(crate) struct SegmentRead {
-    pub records: Bytes,
+    /// Back-to-back records: one slice, or (a version-2 segment) one per
+    /// stretch between batch headers.
+    pub records: Vec<Bytes>,
     pub first_offset: u64,
     pub next_offset: u64,
     pub count: u64,
 }
 
 impl Segment {
-    /// Creates the three files of a new, empty segment.
-    pub fn create(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<Segment, StorageError> {
-        let created = Segment::create_files(fs, dir, base_offset);
+    /// Creates the three files of a new, empty segment in format `version`.
+    pub fn create(fs: &dyn FileSystem, dir: &Path, base_offset: u64, version: u16) -> Result<Segment, StorageError> {
+        let created = Segment::create_files(fs, dir, base_offset, version);
         if created.is_err() {
             // Leave nothing half made: a later roll creates the same names.
             for extension in [LOG_EXTENSION, OFFSET_INDEX_EXTENSION, TIME_INDEX_EXTENSION] {
@@ -122,11 +132,11 @@ impl Segment {
         created
     }
 
-    fn create_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<Segment, StorageError> {
+    fn create_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64, version: u16) -> Result<Segment, StorageError> {
         let open_new = |extension: &str, kind: FileKind| -> Result<Box<dyn StorageFile>, StorageError> {
             let path = dir.join(file_name(base_offset, extension));
             let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
-            file.append(&index::encode_file_header(kind, base_offset)).at(&path)?;
+            file.append(&index::encode_file_header(kind, version, base_offset)).at(&path)?;
             file.sync().at(&path)?;
             Ok(file)
         };
@@ -137,6 +147,7 @@ impl Segment {
         open_new(TIME_INDEX_EXTENSION, FileKind::TimeIndex)?;
         let segment = Segment {
             base_offset,
+            version,
             log_path: dir.join(file_name(base_offset, LOG_EXTENSION)),
             log,
             state: RwLock::new(SegmentState {
@@ -148,6 +159,7 @@ impl Segment {
                 time_index: Vec::new(),
             }),
             damage: Vec::new(),
+            recovered_next_raft_index: None,
         };
         fs.sync_dir(dir).at(dir)?;
         Ok(segment)
@@ -179,14 +191,14 @@ impl Segment {
             // A crash while the segment was created (its header short, or
             // its size on disk but not its bytes): it holds no record, and
             // none was ever acknowledged in it, so writing the header again
-            // loses nothing.
+            // (in the format this build writes) loses nothing.
             report.truncated_bytes = log.len();
             log.truncate(0).at(&log_path)?;
-            log.append(&index::encode_file_header(FileKind::Log, base_offset)).at(&log_path)?;
+            log.append(&index::encode_file_header(FileKind::Log, FORMAT_VERSION_2, base_offset)).at(&log_path)?;
             log.sync().at(&log_path)?;
         }
         let header = log.read_range(0, FILE_HEADER_BYTES.min(log.len() as usize)).at(&log_path)?;
-        index::check_file_header(&header, FileKind::Log, base_offset)
+        let version = index::check_file_header(&header, FileKind::Log, base_offset)
             .map_err(|problem| StorageError::InvalidFile { path: log_path.clone(), problem })?;
 
         let (offset_index_file, offset_entries) = open_index(fs, dir, base_offset, FileKind::OffsetIndex, log.len())?;
@@ -208,7 +220,9 @@ impl Segment {
             SegmentRole::Last | SegmentRole::SealedDamagedEnd { .. } => (Vec::new(), Vec::new()),
             // Sealed segments are verified from their last trusted index
             // entry on, so that start-up time does not grow with the data.
-            SegmentRole::Sealed { .. } => trusted_index_prefix(&*log, base_offset, offset_entries, time_entries),
+            SegmentRole::Sealed { .. } => {
+                trusted_index_prefix(&*log, version, base_offset, offset_entries, time_entries)
+            }
         };
         let scan_start = match (trusted_offsets.last(), trusted_times.last()) {
             (Some(entry), Some(time)) => {
@@ -216,7 +230,7 @@ impl Segment {
             }
             _ => ScanStart { position: FILE_HEADER_BYTES as u64, offset: base_offset, timestamp_us: None },
         };
-        let mut scan = scan_records(&*log, &log_path, scan_start, index_interval_bytes)?;
+        let mut scan = scan_records(&*log, &log_path, version, scan_start, index_interval_bytes)?;
         // Entries found by the scan after the last trusted one.
         let (mut offset_index, mut time_index) = (trusted_offsets, trusted_times);
         offset_index.extend(scan.offset_entries.iter().filter(|e| e.value > scan_start.position));
@@ -261,6 +275,30 @@ impl Segment {
                 }
             }
         }
+        if let SegmentRole::Last = role
+            && let Some(cut) = scan.incomplete_last_batch()
+        {
+            // The end of the last append never reached the disk whole: a
+            // batch is one Raft entry, kept whole or not at all. Its records
+            // were never acknowledged (an append is answered after its whole
+            // write, and under `always` its sync).
+            tracing::warn!(
+                path = %log_path.display(),
+                position = cut.position,
+                records = scan.next_offset - cut.first_offset,
+                "recovery: the last batch holds fewer records than its header says; cutting it"
+            );
+            report.truncated_bytes += log.len() - cut.position;
+            log.truncate(cut.position).at(&log_path)?;
+            log.sync().at(&log_path)?;
+            scan.next_offset = cut.first_offset;
+            offset_index.retain(|entry| entry.value < cut.position);
+            time_index.truncate(offset_index.len());
+            if scan.next_offset == base_offset {
+                scan.first_timestamp_us = None;
+            }
+            scan.next_raft_index = Some(cut.header.raft_index);
+        }
         for damage in &scan.damaged {
             tracing::error!(
                 path = %log_path.display(),
@@ -295,7 +333,7 @@ impl Segment {
                 // Derived data, as in `sync_all`: the index in memory is
                 // right, and the file is written again at the seal.
                 let path = dir.join(file_name(base_offset, extension));
-                if let Err(error) = rewrite_index(&**file, &path, kind, base_offset, entries) {
+                if let Err(error) = rewrite_index(&**file, &path, kind, version, base_offset, entries) {
                     tracing::warn!(%error, "a rebuilt index could not be written; reads use the index in memory, and the file is written again at the next seal or shutdown, or rebuilt at the next start");
                 }
             }
@@ -306,12 +344,14 @@ impl Segment {
         let first_timestamp_us = match role {
             SegmentRole::Last => scan.first_timestamp_us,
             SegmentRole::Sealed { .. } | SegmentRole::SealedDamagedEnd { .. } => {
-                record_at(&*log, FILE_HEADER_BYTES as u64, log.len()).ok().map(|meta| meta.timestamp_us)
+                record_at(&*log, version, FILE_HEADER_BYTES as u64, log.len()).ok().map(|meta| meta.timestamp_us)
             }
         };
         let segment = Segment {
             base_offset,
+            version,
             log_path,
+            recovered_next_raft_index: scan.next_raft_index,
             state: RwLock::new(SegmentState {
                 visible_len: log.len(),
                 next_offset: scan.next_offset,
@@ -416,7 +456,7 @@ impl Segment {
                 if file.len() == (FILE_HEADER_BYTES + entries.len() * INDEX_ENTRY_BYTES) as u64 {
                     file.sync().at(&path)
                 } else {
-                    rewrite_index(&*file, &path, kind, self.base_offset, entries)
+                    rewrite_index(&*file, &path, kind, self.version, self.base_offset, entries)
                 }
             });
             if let Err(error) = written {
@@ -449,14 +489,17 @@ impl Segment {
                 .unwrap_or((FILE_HEADER_BYTES as u64, self.base_offset));
             (state.visible_len, state.next_offset, start)
         };
-        let empty = SegmentRead { records: Bytes::new(), first_offset: from, next_offset: from, count: 0 };
+        let empty = SegmentRead { records: Vec::new(), first_offset: from, next_offset: from, count: 0 };
         if from >= next_offset || from < self.base_offset || max_records == 0 {
             return Ok(empty);
         }
         let (start_position, start_offset) = start;
         let data = self.log.read_range(start_position, (visible_len - start_position) as usize).at(&self.log_path)?;
         let mut position = 0usize;
-        let mut first = None;
+        // Stretches of `data` holding the records read: batch headers
+        // (version 2) fall between them.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut bytes_read = 0usize;
         let mut expected_offset = start_offset;
         let mut count = 0u64;
         while position < data.len() {
@@ -467,7 +510,7 @@ impl Segment {
             let known = self.damage.iter().find(|d| d.position <= absolute && absolute < d.end_position);
             let checked = match known {
                 Some(known) => Err(known.reason.clone()),
-                None => record::verify(&data[position..]).and_then(|meta| {
+                None => verify_frame(self.version, &data[position..]).and_then(|meta| {
                     if meta.offset == expected_offset {
                         Ok(meta)
                     } else {
@@ -479,7 +522,7 @@ impl Segment {
                 Ok(meta) => meta,
                 // The good records before a bad one are served; the bad one
                 // is the error of the next read, which starts at it.
-                Err(_) if first.is_some() => break,
+                Err(_) if count > 0 => break,
                 Err(reason) => {
                     let next = match known {
                         // Damage recovery kept: its end and offsets are known.
@@ -488,7 +531,7 @@ impl Segment {
                             (next_position, known.next_offset)
                         }),
                         // Damage since (bit rot under a running broker).
-                        None => find_next_record(&data, position, expected_offset, None)
+                        None => find_next_record(self.version, &data, position, expected_offset, None)
                             .map(|(next_position, meta)| (next_position, meta.offset)),
                     };
                     match next {
@@ -510,31 +553,70 @@ impl Segment {
                     }
                 }
             };
+            if meta.batch.is_some() {
+                // Batch headers never leave the broker; they take no offset.
+                position += meta.len;
+                continue;
+            }
             expected_offset = meta.offset + 1;
             if meta.offset >= from {
                 // Never more than max_bytes, except one record that is
                 // larger on its own.
-                if let Some(first_position) = first
-                    && position + meta.len - first_position > max_bytes
-                {
+                if count > 0 && bytes_read + meta.len > max_bytes {
                     break;
                 }
-                first.get_or_insert(position);
+                match runs.last_mut() {
+                    Some(run) if run.end == position => run.end += meta.len,
+                    _ => runs.push(position..position + meta.len),
+                }
+                bytes_read += meta.len;
                 count += 1;
                 if count >= max_records {
-                    position += meta.len;
                     break;
                 }
             }
             position += meta.len;
         }
-        let Some(first_position) = first else { return Ok(empty) };
+        if count == 0 {
+            return Ok(empty);
+        }
         Ok(SegmentRead {
-            records: data.slice(first_position..position),
+            records: runs.into_iter().map(|run| data.slice(run)).collect(),
             first_offset: from,
             next_offset: from + count,
             count,
         })
+    }
+
+    /// The Raft index after the last batch header recovery found in this
+    /// segment (format version 2; `None` when it holds none).
+    pub fn recovered_next_raft_index(&self) -> Option<u64> {
+        self.recovered_next_raft_index
+    }
+
+    /// Calls `visit` with the first offset, timestamp and header of every
+    /// whole batch (format version 2) from `from_position` on, in order.
+    /// Reads only what recovery or an append has verified; a batch in or
+    /// after damage recovery kept is not visited.
+    pub fn visit_batches(&self, mut visit: impl FnMut(u64, u64, &BatchHeader)) -> Result<(), StorageError> {
+        if self.version == FORMAT_VERSION_1 {
+            return Ok(());
+        }
+        let visible_len = self.state().visible_len;
+        let start = FILE_HEADER_BYTES as u64;
+        let end = self.damage.first().map_or(visible_len, |damage| damage.position.min(visible_len));
+        if end <= start {
+            return Ok(());
+        }
+        let data = self.log.read_range(start, (end - start) as usize).at(&self.log_path)?;
+        let mut position = 0usize;
+        while let Some(meta) = record::verified_frame_meta(&data[position..]) {
+            if let Some(header) = &meta.batch {
+                visit(meta.offset, meta.timestamp_us, header);
+            }
+            position += meta.len;
+        }
+        Ok(())
     }
 
     /// The first offset whose timestamp is at least `timestamp_us`, if this
@@ -564,12 +646,14 @@ impl Segment {
             if batch.count == 0 {
                 return Ok(None);
             }
-            let mut records = &batch.records[..];
-            while let Some(meta) = record::verified_meta(records) {
-                if meta.timestamp_us >= timestamp_us {
-                    return Ok(Some(meta.offset));
+            for slice in &batch.records {
+                let mut records = &slice[..];
+                while let Some(meta) = record::verified_meta(records) {
+                    if meta.timestamp_us >= timestamp_us {
+                        return Ok(Some(meta.offset));
+                    }
+                    records = &records[meta.len..];
                 }
-                records = &records[meta.len..];
             }
             from = batch.next_offset;
         }
@@ -607,7 +691,7 @@ fn open_index(
     }
     let bytes = file.read_range(0, file.len() as usize).at(&path)?;
     let entries = index::check_file_header(&bytes, kind, base_offset)
-        .and_then(|()| index::decode_entries(&bytes[FILE_HEADER_BYTES..]));
+        .and_then(|_version| index::decode_entries(&bytes[FILE_HEADER_BYTES..]));
     match entries {
         Ok(entries) => Ok((file, Some(entries))),
         Err(problem) => {
@@ -621,6 +705,7 @@ fn open_index(
 /// last entry points at a valid record with the offset it claims.
 fn trusted_index_prefix(
     log: &dyn StorageFile,
+    version: u16,
     base_offset: u64,
     offset_entries: Option<Vec<IndexEntry>>,
     time_entries: Option<Vec<IndexEntry>>,
@@ -649,8 +734,10 @@ fn trusted_index_prefix(
     // entries from the end until one points at a whole record.
     while keep > 0 {
         let entry = offsets[keep - 1];
-        match record_at(log, entry.value, log_len) {
-            Ok(meta) if meta.offset == entry.key && meta.timestamp_us == times[keep - 1].key => break,
+        // In version 2 an entry names a batch header (see `scan_records`).
+        let named = |meta: &RecordMeta| version == FORMAT_VERSION_1 || meta.batch.is_some();
+        match record_at(log, version, entry.value, log_len) {
+            Ok(meta) if meta.offset == entry.key && meta.timestamp_us == times[keep - 1].key && named(&meta) => break,
             _ => keep -= 1,
         }
     }
@@ -660,13 +747,13 @@ fn trusted_index_prefix(
 }
 
 /// Verifies the record at `position`.
-fn record_at(log: &dyn StorageFile, position: u64, log_len: u64) -> Result<RecordMeta, RecordError> {
+fn record_at(log: &dyn StorageFile, version: u16, position: u64, log_len: u64) -> Result<RecordMeta, RecordError> {
     let available = log_len.saturating_sub(position) as usize;
     let incomplete = |needed| RecordError::Incomplete { available_bytes: available, needed_bytes: needed };
     let prefix = log.read_range(position, 4.min(available)).map_err(|_| incomplete(4))?;
     let len = record::peek_len(&prefix)?.ok_or_else(|| incomplete(4))?;
     let bytes = log.read_range(position, len.min(available)).map_err(|_| incomplete(len))?;
-    record::verify(&bytes)
+    verify_frame(version, &bytes)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -688,6 +775,30 @@ struct Scan {
     /// bytes with no valid record after them (a torn tail, in the last
     /// segment).
     stopped: Option<(u64, RecordError)>,
+    /// The last batch header seen (format version 2).
+    last_batch: Option<BatchSeen>,
+    /// The Raft index after the last batch header seen.
+    next_raft_index: Option<u64>,
+}
+
+/// A batch header found by a scan.
+#[derive(Clone, Copy, Debug)]
+struct BatchSeen {
+    position: u64,
+    first_offset: u64,
+    header: BatchHeader,
+}
+
+impl Scan {
+    /// The last batch, when it holds fewer records than its header says
+    /// and nothing damaged follows it: the end of an append that never
+    /// reached the disk whole.
+    fn incomplete_last_batch(&self) -> Option<BatchSeen> {
+        let batch = self.last_batch?;
+        let expected_end = batch.first_offset + u64::from(batch.header.count);
+        let damaged_after = self.damaged.iter().any(|damage| damage.position > batch.position);
+        (batch.header.kind == EntryKind::Data && self.next_offset < expected_end && !damaged_after).then_some(batch)
+    }
 }
 
 /// How many index entries go to the index files: those before the first
@@ -768,6 +879,7 @@ pub(crate) fn describe_offsets(first: u64, next: u64) -> String {
 /// bytes are scanned at memory speed and a false match needs both a
 /// plausible offset and a matching CRC-32.
 pub(crate) fn find_next_record(
+    version: u16,
     data: &[u8],
     bad_position: usize,
     expected_offset: u64,
@@ -781,7 +893,7 @@ pub(crate) fn find_next_record(
         if offset < expected_offset || offset - expected_offset > offsets_skipped_max {
             continue;
         }
-        match record::verify(&data[position..]) {
+        match verify_frame(version, &data[position..]) {
             Ok(meta) if last_timestamp_us.is_none_or(|last| meta.timestamp_us >= last) => {
                 return Some((position, meta));
             }
@@ -798,6 +910,7 @@ pub(crate) fn find_next_record(
 fn scan_records(
     log: &dyn StorageFile,
     path: &Path,
+    version: u16,
     start: ScanStart,
     index_interval_bytes: u64,
 ) -> Result<Scan, StorageError> {
@@ -810,12 +923,14 @@ fn scan_records(
         time_entries: Vec::new(),
         damaged: Vec::new(),
         stopped: None,
+        last_batch: None,
+        next_raft_index: None,
     };
     let mut position = 0usize;
     let mut last_indexed = start.position;
     while position < data.len() {
         let absolute = start.position + position as u64;
-        let checked = record::verify(&data[position..]).and_then(|meta| {
+        let checked = verify_frame(version, &data[position..]).and_then(|meta| {
             if meta.offset != scan.next_offset {
                 return Err(RecordError::Malformed { reason: "offset out of sequence" });
             }
@@ -826,7 +941,7 @@ fn scan_records(
         });
         let meta = match checked {
             Ok(meta) => meta,
-            Err(reason) => match find_next_record(&data, position, scan.next_offset, scan.last_timestamp_us) {
+            Err(reason) => match find_next_record(version, &data, position, scan.next_offset, scan.last_timestamp_us) {
                 Some((next_position, next)) => {
                     scan.damaged.push(Damage {
                         position: absolute,
@@ -845,17 +960,33 @@ fn scan_records(
                 }
             },
         };
-        if absolute - last_indexed >= index_interval_bytes {
+        // In version 2, index entries name batch headers only, so that a
+        // scan from any entry sees whole batches.
+        let indexable = version == FORMAT_VERSION_1 || meta.batch.is_some();
+        if indexable && absolute - last_indexed >= index_interval_bytes {
             scan.offset_entries.push(IndexEntry { key: meta.offset, value: absolute });
             scan.time_entries.push(IndexEntry { key: meta.timestamp_us, value: meta.offset });
             last_indexed = absolute;
         }
         scan.first_timestamp_us.get_or_insert(meta.timestamp_us);
-        scan.next_offset = meta.offset + 1;
         scan.last_timestamp_us = Some(meta.timestamp_us);
+        match meta.batch {
+            // A batch header takes no offset.
+            Some(header) => {
+                scan.last_batch = Some(BatchSeen { position: absolute, first_offset: meta.offset, header });
+                scan.next_raft_index = header.raft_index.checked_add(1);
+            }
+            None => scan.next_offset = meta.offset + 1,
+        }
         position += meta.len;
     }
     Ok(scan)
+}
+
+/// Verifies the frame at the start of `buf` as a segment of format
+/// `version` holds them: records only (1), or records and batch headers (2).
+fn verify_frame(version: u16, buf: &[u8]) -> Result<RecordMeta, RecordError> {
+    if version == FORMAT_VERSION_1 { record::verify(buf) } else { record::verify_frame(buf) }
 }
 
 /// Replaces an index file's contents with `entries`, then syncs it.
@@ -863,11 +994,12 @@ fn rewrite_index(
     file: &dyn StorageFile,
     path: &Path,
     kind: FileKind,
+    version: u16,
     base_offset: u64,
     entries: &[IndexEntry],
 ) -> Result<(), StorageError> {
     let mut buf = Vec::with_capacity(FILE_HEADER_BYTES + entries.len() * INDEX_ENTRY_BYTES);
-    buf.extend_from_slice(&index::encode_file_header(kind, base_offset));
+    buf.extend_from_slice(&index::encode_file_header(kind, version, base_offset));
     index::encode_entries(entries, &mut buf);
     file.truncate(0).at(path)?;
     file.append(&buf).at(path)?;
