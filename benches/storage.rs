@@ -1,6 +1,7 @@
 //! Storage engine throughput: appends of 256 B, 1 KiB and 5 KiB records in
 //! batches of 1, 64 and 1024 under `fsync = "never"` and `"always"`, and
-//! sequential reads of sealed segments.
+//! sequential reads of sealed segments written in batches of 1024 records
+//! and one record per append.
 //!
 //! Run with `cargo bench --bench storage`; figures and the machine's own
 //! limits are in docs/BENCHMARKS.md. Files go to a temporary directory on
@@ -75,10 +76,22 @@ fn appends(c: &mut Criterion) {
 }
 
 fn sequential_reads(c: &mut Criterion) {
+    read_gigabyte(c, "sequential_1GiB_1KiB_records", 1024);
+}
+
+/// The same gigabyte of 1 KiB records, appended one per append (one batch
+/// header each, in segment format 2): the read path's worst case, where a
+/// read of 1 MiB returns about a thousand slices.
+fn sequential_reads_one_record_per_append(c: &mut Criterion) {
+    read_gigabyte(c, "sequential_1GiB_1KiB_records_one_per_append", 1);
+}
+
+/// Reads 1 GiB of 1 KiB records, appended `per_append` at a time (eight
+/// sealed 128 MiB segments), 1 MiB per read.
+fn read_gigabyte(c: &mut Criterion, name: &str, per_append: usize) {
     let dir = bench_dir();
     let log = open_log(dir.path(), FsyncPolicy::Never);
-    let messages = batch(1024, 1024);
-    // 1 GiB of 1 KiB records: eight sealed 128 MiB segments.
+    let messages = batch(1024, per_append);
     while log.stats().size_bytes < (1 << 30) {
         log.append_batch(&messages).expect("append");
     }
@@ -87,7 +100,7 @@ fn sequential_reads(c: &mut Criterion) {
     let mut group = c.benchmark_group("read");
     group.sample_size(10).measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Bytes(total_bytes));
-    group.bench_function("sequential_1GiB_1KiB_records", |b| {
+    group.bench_function(name, |b| {
         b.iter(|| {
             let mut offset = 0;
             let mut bytes = 0usize;
@@ -102,5 +115,5 @@ fn sequential_reads(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, appends, sequential_reads);
+criterion_group!(benches, appends, sequential_reads, sequential_reads_one_record_per_append);
 criterion_main!(benches);

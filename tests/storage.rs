@@ -1667,3 +1667,27 @@ fn check_reports_a_batch_whose_header_disagrees_with_its_records_as_corrupt() {
     assert_eq!(verdict, Verdict::Corrupt, "{problems:?}");
     assert!(problems.iter().any(|p| p.contains("names records up to offset 3, but they end at 2")), "{problems:?}");
 }
+
+#[test]
+fn the_producers_of_the_active_segment_are_found_also_past_damage_recovery_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 1 << 30, ..small_config() };
+    {
+        let log = open_channel(dir.path(), config.clone());
+        for i in 0..10u64 {
+            let messages = [message(i, 100)];
+            let batch = weir::storage::NewBatch { messages: &messages, producer: Some((i % 2, 100 + i)) };
+            log.append_batches_at(&[batch], now_us()).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let path = segment_logs(&dir.path().join("channels").join("orders")).pop().unwrap();
+    // Inside record 3: damage followed by valid batches, kept by recovery.
+    flip_byte_of_record(&path, message(3, 100).encoded_len(), 3);
+    let log = open_channel(dir.path(), config);
+    assert_eq!(log.next_offset(), 10);
+    let mut seen = Vec::new();
+    log.visit_active_batches(|first_offset, _, header| seen.push((first_offset, header.producer))).unwrap();
+    let expected: Vec<(u64, Option<(u64, u64)>)> = (0..10).map(|i| (i, Some((i % 2, 100 + i)))).collect();
+    assert_eq!(seen, expected);
+}

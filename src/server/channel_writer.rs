@@ -157,19 +157,22 @@ struct WriterState {
     producers: HashMap<u64, ProducerState>,
     /// Counts appends, to tell which producer was idle the longest.
     clock: u64,
+    /// Set once the writer task has rebuilt `producers` from the log:
+    /// nothing is appended before.
+    producers_loaded: bool,
 }
 
 impl PartitionWriter {
-    /// A writer for `log`, with the idempotent producers of its active
-    /// segment remembered (see [`recovered_producers`]).
+    /// A writer for `log`. Its task first rebuilds the idempotent
+    /// producers of the log's active segment (see [`recovered_producers`]);
+    /// until then every publish queues for it.
     pub fn new(log: Arc<ChannelLog>, tail: watch::Sender<u64>, limits: WriterLimits, stats: Arc<Stats>) -> Self {
-        let (producers, clock) = recovered_producers(&log, limits);
         PartitionWriter {
             log,
             tail: std::sync::Mutex::new(Some(tail)),
             limits,
             stats,
-            state: tokio::sync::Mutex::new(WriterState { producers, clock }),
+            state: tokio::sync::Mutex::default(),
             queued: AtomicUsize::new(0),
         }
     }
@@ -217,11 +220,11 @@ impl PartitionWriter {
             return Err(request);
         }
         let Ok(mut state) = self.state.try_lock() else { return Err(request) };
-        if self.queued.load(Ordering::Acquire) != 0 || self.log.roll_due(now_us()) {
+        if !state.producers_loaded || self.queued.load(Ordering::Acquire) != 0 || self.log.roll_due(now_us()) {
             return Err(request);
         }
         state.clock += 1;
-        let WriterState { producers, clock } = &mut *state;
+        let WriterState { producers, clock, .. } = &mut *state;
         commit_group(&self.log, &mut vec![request], producers, *clock, self.limits, &self.stats).await;
         self.publish_tail();
         Ok(())
@@ -276,6 +279,10 @@ fn keep_most_recent(producers: &mut HashMap<u64, ProducerState>, max: usize) {
     if producers.len() <= max {
         return;
     }
+    if max == 0 {
+        producers.clear();
+        return;
+    }
     let mut last_used: Vec<u64> = producers.values().map(|state| state.last_used).collect();
     last_used.sort_unstable_by(|a, b| b.cmp(a));
     let oldest_kept = last_used[max - 1];
@@ -293,6 +300,16 @@ pub(crate) async fn run(writer: Arc<PartitionWriter>, mut requests: mpsc::Receiv
         }
     }
     let _ends_tail = EndsTail(Arc::clone(&writer));
+    {
+        // Off the runtime's threads: it reads the whole active segment.
+        let mut state = writer.state.lock().await;
+        let (log, limits) = (Arc::clone(&writer.log), writer.limits);
+        if let Ok((producers, clock)) = tokio::task::spawn_blocking(move || recovered_producers(&log, limits)).await {
+            state.producers = producers;
+            state.clock = clock;
+        }
+        state.producers_loaded = true;
+    }
     let log = &writer.log;
     let limits = writer.limits;
     let mut group = Vec::new();
@@ -322,7 +339,7 @@ pub(crate) async fn run(writer: Arc<PartitionWriter>, mut requests: mpsc::Receiv
         }
         let taken = group.len();
         state.clock += 1;
-        let WriterState { producers, clock } = &mut *state;
+        let WriterState { producers, clock, .. } = &mut *state;
         commit_group(log, &mut group, producers, *clock, limits, &writer.stats).await;
         writer.publish_tail();
         writer.queued.fetch_sub(taken, Ordering::AcqRel);
@@ -570,6 +587,8 @@ mod tests {
         let (tail, _) = watch::channel(0);
         let limits = WriterLimits { group_bytes_max: 1 << 20, dedup_window: 8, max_producers: 8 };
         let writer = PartitionWriter::new(Arc::new(log), tail, limits, Arc::new(Stats::default()));
+        // What the writer task does first (these tests run no task).
+        writer.state.lock().await.producers_loaded = true;
         let (queue, queued) = mpsc::channel(8);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
@@ -608,6 +627,14 @@ mod tests {
         fixture.writer.enqueue(&fixture.queue, request(&fixture, "queued")).map_err(|_| "queue").unwrap();
         assert!(fixture.writer.append_inline(request(&fixture, "later")).await.is_err(), "it must queue behind");
         assert_eq!(fixture.writer.log.next_offset(), 0, "nothing stored ahead of the queued publish");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_appended_inline_before_the_producers_are_rebuilt() {
+        let fixture = fixture(FsyncPolicy::Never).await;
+        fixture.writer.state.lock().await.producers_loaded = false;
+        assert!(fixture.writer.append_inline(request(&fixture, "early")).await.is_err(), "it must queue");
+        assert_eq!(fixture.writer.log.next_offset(), 0);
     }
 
     #[tokio::test]

@@ -1560,9 +1560,7 @@ async fn write_loop(
                 Some(Outbound::Frame(frame)) => writer.write_all(&frame).await?,
                 Some(Outbound::Records { head, records }) => {
                     writer.write_all(&head).await?;
-                    for slice in records.slices() {
-                        writer.write_all(slice).await?;
-                    }
+                    write_all_slices(&mut *writer, records.slices()).await?;
                 }
                 None => {}
             }
@@ -1594,4 +1592,98 @@ async fn write_loop(
         let _ = writer.shutdown().await;
     })
     .await;
+}
+
+/// Slices handed to one vectored write at most (Linux's `IOV_MAX` is 1024).
+const WRITE_SLICES_MAX: usize = 64;
+
+/// Writes `slices` back to back, vectored: a buffered writer copies what
+/// fits its buffer and hands larger runs to the socket as they are, so the
+/// records of many small batches are not copied one by one.
+async fn write_all_slices<W: AsyncWrite + Unpin>(writer: &mut W, slices: &[Bytes]) -> std::io::Result<()> {
+    let mut index = 0;
+    let mut skip = 0;
+    while index < slices.len() {
+        let window: Vec<std::io::IoSlice<'_>> = slices[index..]
+            .iter()
+            .take(WRITE_SLICES_MAX)
+            .enumerate()
+            .map(|(i, slice)| std::io::IoSlice::new(if i == 0 { &slice[skip..] } else { slice }))
+            .collect();
+        let mut written = writer.write_vectored(&window).await?;
+        if written == 0 && window.iter().any(|slice| !slice.is_empty()) {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        // Past the slices written whole, into the one written in part.
+        while index < slices.len() && written >= slices[index].len() - skip {
+            written -= slices[index].len() - skip;
+            index += 1;
+            skip = 0;
+        }
+        skip += written;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Takes at most `chunk` bytes per write, across slices when vectored.
+    struct Trickle {
+        written: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.chunk);
+            self.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            slices: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for slice in slices {
+                let take = slice.len().min(self.chunk - n);
+                self.written.extend_from_slice(&slice[..take]);
+                n += take;
+                if n == self.chunk {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn slices_are_written_whole_and_in_order_through_partial_vectored_writes() {
+        let slices: Vec<Bytes> =
+            (0..200u32).map(|i| Bytes::from((0..(i % 13)).map(|j| (i + j) as u8).collect::<Vec<u8>>())).collect();
+        let expected: Vec<u8> = slices.iter().flat_map(|slice| slice.iter().copied()).collect();
+        for chunk in [1, 7, 64, 100_000] {
+            let mut trickle = Trickle { written: Vec::new(), chunk };
+            write_all_slices(&mut trickle, &slices).await.unwrap();
+            assert_eq!(trickle.written, expected, "chunk {chunk}");
+        }
+    }
 }

@@ -337,9 +337,8 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPol
 
 struct SegmentCheck {
     problems: Vec<(Severity, Option<u64>, String)>,
-    /// (position, offset, timestamp) of every valid frame index entries may
-    /// name, in order: every record in format version 1, every batch
-    /// header in version 2.
+    /// (position, offset, timestamp) of every valid frame (record or batch
+    /// header), in order: what index entries may name.
     index_targets: Vec<(u64, u64, u64)>,
     records: u64,
 }
@@ -484,9 +483,7 @@ fn check_segment_log(
                 }
             }
         };
-        if version == FORMAT_VERSION_1 || meta.batch.is_some() {
-            out.index_targets.push((position as u64, meta.offset, meta.timestamp_us));
-        }
+        out.index_targets.push((position as u64, meta.offset, meta.timestamp_us));
         last_timestamp_us = Some(meta.timestamp_us);
         scanned.last_timestamp_us = Some(meta.timestamp_us);
         match meta.batch {
@@ -494,7 +491,11 @@ fn check_segment_log(
                 if let Some(problem) = batch.as_ref().and_then(|batch| batch_problem(batch, meta.offset, false)) {
                     out.problems.push(problem);
                 }
-                batch = Some(OpenBatch { position, end_offset: meta.offset + u64::from(header.count), damaged: false });
+                batch = Some(OpenBatch {
+                    position,
+                    end_offset: meta.offset.saturating_add(u64::from(header.count)),
+                    damaged: false,
+                });
             }
             None => {
                 let outside = batch.as_ref().is_none_or(|batch| !batch.damaged && meta.offset >= batch.end_offset);
@@ -513,9 +514,12 @@ fn check_segment_log(
     }
     // A torn end the broker cuts takes the batch it cut short with it (see
     // above); after a bad end it keeps, that batch is damaged.
+    // The broker cuts a short last batch of the last segment, and of the
+    // last sealed one when its background sync may have been cut.
+    let cut_by_the_broker = place == Place::Last || (place == Place::LastSealed && fsync != FsyncPolicy::Always);
     if let Some(batch) = &batch
         && bad_end.is_none()
-        && let Some(problem) = batch_problem(batch, scanned.next_offset, place == Place::Last)
+        && let Some(problem) = batch_problem(batch, scanned.next_offset, cut_by_the_broker)
     {
         out.problems.push(problem);
     }

@@ -415,11 +415,16 @@ impl ChannelLog {
                 segments.values().rev().find_map(|segment| segment.state().last_timestamp_us).unwrap_or(0);
             (state.next_offset, last_timestamp, last_indexed)
         };
-        // The segments recovery verified to their end hold the last batch
-        // header; a segment without one (version 1, or created just before
-        // a crash) defers to the one before it.
-        let next_raft_index =
-            segments.values().rev().find_map(|segment| segment.recovered_next_raft_index()).unwrap_or(0);
+        // The newest batch header is in the newest segment that has one: a
+        // segment without one (version 1, or created just before a crash)
+        // defers to the one before it.
+        let mut next_raft_index = 0;
+        for segment in segments.values().rev() {
+            if let Some(next) = segment.next_raft_index()? {
+                next_raft_index = next;
+                break;
+            }
+        }
         Ok(ChannelLog {
             name,
             partition,
@@ -671,6 +676,7 @@ impl ChannelLog {
         let mut last_indexed_position = writer.last_indexed_position;
         let mut offset = first_offset;
         let mut raft_index = writer.next_raft_index;
+        // Any frame may be indexed, a record or a batch header.
         let mut index_at = |position: u64, offset: u64| {
             if position - last_indexed_position >= self.config.index_interval_bytes {
                 offset_entries.push(IndexEntry { key: offset, value: position });
@@ -680,7 +686,6 @@ impl ChannelLog {
         };
         for batch in batches.iter().filter(|batch| !batch.messages.is_empty()) {
             if version != FORMAT_VERSION_1 {
-                // Index entries name batch headers only (see STORAGE.md).
                 index_at(base_position + buffer.len() as u64, offset);
                 let header = BatchHeader {
                     raft_index,
@@ -694,9 +699,7 @@ impl ChannelLog {
                 raft_index += 1;
             }
             for message in batch.messages {
-                if version == FORMAT_VERSION_1 {
-                    index_at(base_position + buffer.len() as u64, offset);
-                }
+                index_at(base_position + buffer.len() as u64, offset);
                 record::encode(&mut buffer, offset, timestamp_us, message);
                 offset += 1;
             }

@@ -588,33 +588,58 @@ impl Segment {
         })
     }
 
-    /// The Raft index after the last batch header recovery found in this
-    /// segment (format version 2; `None` when it holds none).
-    pub fn recovered_next_raft_index(&self) -> Option<u64> {
-        self.recovered_next_raft_index
+    /// The Raft index after the last batch header of this segment
+    /// (format version 2; `None` when it holds none). Recovery found it when
+    /// it scanned that far (the last segment is scanned whole, a sealed one
+    /// from its last index entry); otherwise the segment is read for it.
+    ///
+    /// # Errors
+    /// The segment could not be read.
+    pub fn next_raft_index(&self) -> Result<Option<u64>, StorageError> {
+        if self.recovered_next_raft_index.is_some() {
+            return Ok(self.recovered_next_raft_index);
+        }
+        let mut last = None;
+        self.visit_batches(|_, _, header| last = Some(header.raft_index))?;
+        Ok(last.and_then(|index| index.checked_add(1)))
     }
 
     /// Calls `visit` with the first offset, timestamp and header of every
-    /// whole batch (format version 2) from `from_position` on, in order.
-    /// Reads only what recovery or an append has verified; a batch in or
-    /// after damage recovery kept is not visited.
+    /// batch (format version 2), in order. Reads only what recovery or an
+    /// append has verified, stepping over the damage recovery kept.
+    ///
+    /// # Errors
+    /// The segment could not be read.
     pub fn visit_batches(&self, mut visit: impl FnMut(u64, u64, &BatchHeader)) -> Result<(), StorageError> {
         if self.version == FORMAT_VERSION_1 {
             return Ok(());
         }
         let visible_len = self.state().visible_len;
         let start = FILE_HEADER_BYTES as u64;
-        let end = self.damage.first().map_or(visible_len, |damage| damage.position.min(visible_len));
-        if end <= start {
+        if visible_len <= start {
             return Ok(());
         }
-        let data = self.log.read_range(start, (end - start) as usize).at(&self.log_path)?;
-        let mut position = 0usize;
-        while let Some(meta) = record::verified_frame_meta(&data[position..]) {
-            if let Some(header) = &meta.batch {
-                visit(meta.offset, meta.timestamp_us, header);
+        let data = self.log.read_range(start, (visible_len - start) as usize).at(&self.log_path)?;
+        // The stretches between kept damage, as positions in `data`.
+        let mut stretches = Vec::with_capacity(self.damage.len() + 1);
+        let mut from = start;
+        for damage in &self.damage {
+            stretches.push((from, damage.position.min(visible_len)));
+            from = damage.end_position;
+        }
+        stretches.push((from, visible_len));
+        for (stretch_start, stretch_end) in stretches {
+            let (Some(begin), Some(end)) = (stretch_start.checked_sub(start), stretch_end.checked_sub(start)) else {
+                continue;
+            };
+            let Some(stretch) = data.get(begin as usize..end as usize) else { continue };
+            let mut position = 0usize;
+            while let Some(meta) = stretch.get(position..).and_then(record::verified_frame_meta) {
+                if let Some(header) = &meta.batch {
+                    visit(meta.offset, meta.timestamp_us, header);
+                }
+                position += meta.len;
             }
-            position += meta.len;
         }
         Ok(())
     }
@@ -734,10 +759,8 @@ fn trusted_index_prefix(
     // entries from the end until one points at a whole record.
     while keep > 0 {
         let entry = offsets[keep - 1];
-        // In version 2 an entry names a batch header (see `scan_records`).
-        let named = |meta: &RecordMeta| version == FORMAT_VERSION_1 || meta.batch.is_some();
         match record_at(log, version, entry.value, log_len) {
-            Ok(meta) if meta.offset == entry.key && meta.timestamp_us == times[keep - 1].key && named(&meta) => break,
+            Ok(meta) if meta.offset == entry.key && meta.timestamp_us == times[keep - 1].key => break,
             _ => keep -= 1,
         }
     }
@@ -795,7 +818,7 @@ impl Scan {
     /// reached the disk whole.
     fn incomplete_last_batch(&self) -> Option<BatchSeen> {
         let batch = self.last_batch?;
-        let expected_end = batch.first_offset + u64::from(batch.header.count);
+        let expected_end = batch.first_offset.saturating_add(u64::from(batch.header.count));
         let damaged_after = self.damaged.iter().any(|damage| damage.position > batch.position);
         (batch.header.kind == EntryKind::Data && self.next_offset < expected_end && !damaged_after).then_some(batch)
     }
@@ -960,10 +983,9 @@ fn scan_records(
                 }
             },
         };
-        // In version 2, index entries name batch headers only, so that a
-        // scan from any entry sees whole batches.
-        let indexable = version == FORMAT_VERSION_1 || meta.batch.is_some();
-        if indexable && absolute - last_indexed >= index_interval_bytes {
+        // Any frame may be indexed, a record or a batch header: a read into
+        // the middle of a large batch starts near its offset.
+        if absolute - last_indexed >= index_interval_bytes {
             scan.offset_entries.push(IndexEntry { key: meta.offset, value: absolute });
             scan.time_entries.push(IndexEntry { key: meta.timestamp_us, value: meta.offset });
             last_indexed = absolute;
