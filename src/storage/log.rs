@@ -761,6 +761,14 @@ impl ChannelLog {
     }
 
     fn should_roll(&self, writer: &Writer, timestamp_us: u64) -> bool {
+        // Damage recovery kept at the very end (a damaged last record) is
+        // never appended after: the bytes of an append could complete a
+        // frame cut short inside it, which the next recovery would then
+        // take for a record. Sealed there, it holds exactly the offsets up
+        // to the next segment's base (`SegmentRole::SealedDamagedEnd`).
+        if writer.active.ends_in_damage() {
+            return true;
+        }
         let state = writer.active.state();
         if state.next_offset == writer.active.base_offset {
             return false;

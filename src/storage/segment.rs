@@ -291,13 +291,16 @@ impl Segment {
             report.truncated_bytes += log.len() - cut.position;
             log.truncate(cut.position).at(&log_path)?;
             log.sync().at(&log_path)?;
-            scan.next_offset = cut.first_offset;
-            offset_index.retain(|entry| entry.value < cut.position);
-            time_index.truncate(offset_index.len());
-            if scan.next_offset == base_offset {
-                scan.first_timestamp_us = None;
-            }
-            scan.next_raft_index = Some(cut.header.raft_index);
+            // The bytes before the cut are now the end of the segment, and
+            // the rules for an end apply to them as a later open would
+            // apply them (damage that ran up to the cut batch may now be a
+            // torn tail): recovery is done again on what is left, so that
+            // what one open leaves the next one accepts unchanged. Each
+            // round cuts, so this ends.
+            drop((log, offset_index_file, time_index_file));
+            let (segment, again) = Segment::open(fs, dir, base_offset, role, index_interval_bytes)?;
+            let truncated_bytes = report.truncated_bytes + again.truncated_bytes;
+            return Ok((segment, RecoveryReport { truncated_bytes, index_rebuilt: true }));
         }
         for damage in &scan.damaged {
             tracing::error!(
@@ -586,6 +589,12 @@ impl Segment {
             next_offset: from + count,
             count,
         })
+    }
+
+    /// Whether damage recovery kept runs to the end of the segment.
+    pub fn ends_in_damage(&self) -> bool {
+        let visible_len = self.state().visible_len;
+        self.damage.last().is_some_and(|damage| damage.end_position >= visible_len)
     }
 
     /// The Raft index after the last batch header of this segment
