@@ -331,6 +331,17 @@ pub fn verify_frame(buf: &[u8]) -> Result<RecordMeta, RecordError> {
     if cursor.u16()? != 0 || cursor.u16()? != 0 || cursor.u32()? != BATCH_HEADER_PAYLOAD_BYTES as u32 {
         return malformed("a batch header has a key, headers or a payload of the wrong size");
     }
+    let batch = batch_payload(frame, flags)?;
+    Ok(RecordMeta { len, offset, timestamp_us, batch: Some(batch) })
+}
+
+const FLAGS_UNKNOWN: &str = "unknown flags";
+
+/// The fields of a batch header's payload (`frame` is the whole 70-byte
+/// frame, `flags` its flags), checked against the rules of each kind.
+fn batch_payload(frame: &[u8], flags: u8) -> Result<BatchHeader, RecordError> {
+    let malformed = |reason| Err(RecordError::Malformed { reason });
+    let mut cursor = Cursor { buf: frame, pos: RECORD_OVERHEAD_BYTES };
     let raft_index = cursor.u64()?;
     let term = cursor.u64()?;
     let kind = match cursor.u8()? {
@@ -351,11 +362,8 @@ pub fn verify_frame(buf: &[u8]) -> Result<RecordMeta, RecordError> {
         _ if kind != EntryKind::Data => return malformed("a batch of another kind than data names a producer"),
         _ => Some((producer_id, sequence)),
     };
-    let batch = BatchHeader { raft_index, term, kind, count, producer };
-    Ok(RecordMeta { len, offset, timestamp_us, batch: Some(batch) })
+    Ok(BatchHeader { raft_index, term, kind, count, producer })
 }
-
-const FLAGS_UNKNOWN: &str = "unknown flags";
 
 /// The checks of [`verify`], returning the parsed fields so that decoding
 /// does not parse twice.
@@ -394,17 +402,7 @@ pub fn verified_frame_meta(buf: &[u8]) -> Option<RecordMeta> {
     let mut meta = verified_meta(buf)?;
     let flags = *buf.get(24)?;
     if flags & FLAG_BATCH_HEADER != 0 && meta.len == BATCH_HEADER_BYTES {
-        let mut cursor = Cursor { buf: &buf[..meta.len], pos: RECORD_OVERHEAD_BYTES };
-        let (raft_index, term) = (cursor.u64().ok()?, cursor.u64().ok()?);
-        let kind = match cursor.u8().ok()? {
-            0 => EntryKind::Data,
-            1 => EntryKind::Blank,
-            _ => EntryKind::Membership,
-        };
-        let count = cursor.u32().ok()?;
-        let (producer_id, sequence) = (cursor.u64().ok()?, cursor.u64().ok()?);
-        let producer = (flags & FLAG_BATCH_PRODUCER != 0).then_some((producer_id, sequence));
-        meta.batch = Some(BatchHeader { raft_index, term, kind, count, producer });
+        meta.batch = batch_payload(&buf[..meta.len], flags).ok();
     }
     Some(meta)
 }

@@ -144,16 +144,6 @@ impl RecordSlices {
     pub fn slices(&self) -> &[Bytes] {
         &self.slices
     }
-
-    /// The records in one buffer: the slice itself when there is one, a
-    /// copy when there are several.
-    pub fn to_bytes(&self) -> Bytes {
-        match self.slices.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            many => Bytes::from(many.concat()),
-        }
-    }
 }
 
 /// Whole, CRC-checked records read from a log (see [`RecordSlices`]).

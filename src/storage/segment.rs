@@ -499,9 +499,11 @@ impl Segment {
         let (start_position, start_offset) = start;
         let data = self.log.read_range(start_position, (visible_len - start_position) as usize).at(&self.log_path)?;
         let mut position = 0usize;
-        // Stretches of `data` holding the records read: batch headers
-        // (version 2) fall between them.
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        // The records read, one slice per stretch between batch headers
+        // (version 2): the stretch being read starts at `run_start` and
+        // ends at `run_end`.
+        let mut slices = Vec::new();
+        let (mut run_start, mut run_end) = (None, 0usize);
         let mut bytes_read = 0usize;
         let mut expected_offset = start_offset;
         let mut count = 0u64;
@@ -558,6 +560,9 @@ impl Segment {
             };
             if meta.batch.is_some() {
                 // Batch headers never leave the broker; they take no offset.
+                if let Some(start) = run_start.take() {
+                    slices.push(data.slice(start..run_end));
+                }
                 position += meta.len;
                 continue;
             }
@@ -568,10 +573,8 @@ impl Segment {
                 if count > 0 && bytes_read + meta.len > max_bytes {
                     break;
                 }
-                match runs.last_mut() {
-                    Some(run) if run.end == position => run.end += meta.len,
-                    _ => runs.push(position..position + meta.len),
-                }
+                run_start.get_or_insert(position);
+                run_end = position + meta.len;
                 bytes_read += meta.len;
                 count += 1;
                 if count >= max_records {
@@ -583,12 +586,10 @@ impl Segment {
         if count == 0 {
             return Ok(empty);
         }
-        Ok(SegmentRead {
-            records: runs.into_iter().map(|run| data.slice(run)).collect(),
-            first_offset: from,
-            next_offset: from + count,
-            count,
-        })
+        if let Some(start) = run_start {
+            slices.push(data.slice(start..run_end));
+        }
+        Ok(SegmentRead { records: slices, first_offset: from, next_offset: from + count, count })
     }
 
     /// Whether damage recovery kept runs to the end of the segment.
