@@ -103,14 +103,15 @@ pub struct BatchHeader {
 }
 
 /// One header: a name and a value, both arbitrary bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     pub name: Bytes,
     pub value: Bytes,
 }
 
 /// A message as a publisher hands it to the log: no offset or timestamp yet.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serde (postcard) carries it in a replicated partition's Raft entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     pub key: Bytes,
     pub headers: Vec<Header>,

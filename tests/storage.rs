@@ -1676,7 +1676,7 @@ fn the_producers_of_the_active_segment_are_found_also_past_damage_recovery_kept(
         let log = open_channel(dir.path(), config.clone());
         for i in 0..10u64 {
             let messages = [message(i, 100)];
-            let batch = weir::storage::NewBatch { messages: &messages, producer: Some((i % 2, 100 + i)) };
+            let batch = weir::storage::NewBatch { messages: &messages, producer: Some((i % 2, 100 + i)), raft: None };
             log.append_batches_at(&[batch], now_us()).unwrap();
         }
         log.close().unwrap();

@@ -12,6 +12,8 @@
 //! between pinned versions touch nothing else.
 
 mod listener;
+pub mod partition;
+mod raft_log;
 mod status;
 mod store;
 mod transport;

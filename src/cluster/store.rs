@@ -1,233 +1,33 @@
 //! The metadata group's storage: its Raft log, vote, commit point and last
-//! snapshot in one redb database (`DATA_DIR/cluster/metadata.redb`), and
-//! its state machine, rebuilt at start from that snapshot and the log.
-//!
-//! Every write is a redb transaction committed with `Durability::Immediate`
-//! (an fsync) before openraft is told it is done: a vote is never answered
-//! and an entry never counted towards a commit before it is on disk,
-//! whatever the broker's `fsync` policy for channels. The metadata group
-//! writes rarely (membership changes, elections), so this costs nothing on
-//! the publish path. Partition groups (docs/REPLICATION.md) will use the
-//! segmented log instead.
+//! snapshot in one redb database (`DATA_DIR/cluster/metadata.redb`, see
+//! [`super::raft_log`]), and its state machine, rebuilt at start from that
+//! snapshot and the log.
 
-use std::fmt::Debug;
 use std::io;
-use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{Stream, TryStreamExt};
 use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
-use openraft::storage::{
-    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
-};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use redb::Database;
 
-use super::types::{Entry, LogId, MetadataState, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot};
+use super::types::{LogId, MetadataState, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
-const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
-const LAST_PURGED: &str = "last_purged";
-const SNAPSHOT: &str = "snapshot";
+/// The metadata group's Raft log and vote.
+pub type MetadataLogStore = RaftLogStore<TypeConfig>;
 
 /// Opens (or creates) the metadata database at `path`.
 ///
 /// # Errors
 /// The file cannot be created or is not a redb database.
 pub fn open(path: &Path) -> io::Result<(MetadataLogStore, MetadataStateMachine)> {
-    let db = Arc::new(Database::create(path).map_err(io::Error::other)?);
-    // Both tables exist from the first start on, so reads never meet a
-    // missing table.
-    let txn = db.begin_write().map_err(io::Error::other)?;
-    txn.open_table(LOG).map_err(io::Error::other)?;
-    txn.open_table(STATE).map_err(io::Error::other)?;
-    txn.commit().map_err(io::Error::other)?;
-    let log = MetadataLogStore { db: Arc::clone(&db) };
+    let db = open_database(path)?;
+    let log = RaftLogStore::new(Arc::clone(&db), "metadata");
     let machine = MetadataStateMachine::open(db)?;
     Ok((log, machine))
-}
-
-fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    postcard::to_stdvec(value).map_err(io::Error::other)
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(bytes).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
-}
-
-fn read_state<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
-    let txn = db.begin_read().map_err(io::Error::other)?;
-    let table = txn.open_table(STATE).map_err(io::Error::other)?;
-    match table.get(key).map_err(io::Error::other)? {
-        Some(value) => decode(value.value()).map(Some),
-        None => Ok(None),
-    }
-}
-
-/// Runs `write` in one write transaction and commits it (an fsync), on the
-/// blocking pool.
-async fn write_txn<F>(db: &Arc<Database>, write: F) -> io::Result<()>
-where
-    F: FnOnce(&redb::WriteTransaction) -> io::Result<()> + Send + 'static,
-{
-    let db = Arc::clone(db);
-    tokio::task::spawn_blocking(move || {
-        let txn = db.begin_write().map_err(io::Error::other)?;
-        write(&txn)?;
-        txn.commit().map_err(io::Error::other)
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
-/// Stores `snapshot` as the last one unless a newer one is stored: a build
-/// that started before an install must not overwrite it.
-async fn write_snapshot(db: &Arc<Database>, meta: &SnapshotMeta, state: &MetadataState) -> io::Result<()> {
-    let bytes = encode(&(meta, state))?;
-    let last_log_id = meta.last_log_id;
-    write_txn(db, move |txn| {
-        let mut table = txn.open_table(STATE).map_err(io::Error::other)?;
-        let stored = match table.get(SNAPSHOT).map_err(io::Error::other)? {
-            Some(value) => decode::<(SnapshotMeta, MetadataState)>(value.value())?.0.last_log_id,
-            None => None,
-        };
-        if stored <= last_log_id {
-            table.insert(SNAPSHOT, bytes.as_slice()).map_err(io::Error::other)?;
-        }
-        Ok(())
-    })
-    .await
-}
-
-async fn write_state<T: Serialize>(db: &Arc<Database>, key: &'static str, value: &T) -> io::Result<()> {
-    let bytes = encode(value)?;
-    write_txn(db, move |txn| {
-        let mut table = txn.open_table(STATE).map_err(io::Error::other)?;
-        table.insert(key, bytes.as_slice()).map_err(io::Error::other)?;
-        Ok(())
-    })
-    .await
-}
-
-/// The metadata group's Raft log and vote.
-#[derive(Clone)]
-pub struct MetadataLogStore {
-    db: Arc<Database>,
-}
-
-impl RaftLogReader<TypeConfig> for MetadataLogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry>, io::Error> {
-        let txn = self.db.begin_read().map_err(io::Error::other)?;
-        let table = txn.open_table(LOG).map_err(io::Error::other)?;
-        let mut entries = Vec::new();
-        // The whole range: openraft's contract forbids stopping early (its
-        // apply path reads every newly committed entry in one call; the
-        // metadata log is small).
-        for item in table.range(range).map_err(io::Error::other)? {
-            let (_, value) = item.map_err(io::Error::other)?;
-            entries.push(decode(value.value())?);
-        }
-        Ok(entries)
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        read_state(&self.db, VOTE)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for MetadataLogStore {
-    type LogReader = Self;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogId> = read_state(&self.db, LAST_PURGED)?;
-        let txn = self.db.begin_read().map_err(io::Error::other)?;
-        let table = txn.open_table(LOG).map_err(io::Error::other)?;
-        let last = match table.last().map_err(io::Error::other)? {
-            Some((_, value)) => Some(decode::<Entry>(value.value())?.log_id()),
-            None => last_purged,
-        };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        write_state(&self.db, VOTE, vote).await
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        write_state(&self.db, COMMITTED, &committed).await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(read_state::<Option<LogId>>(&self.db, COMMITTED)?.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
-    where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        let encoded =
-            entries.into_iter().map(|entry| Ok((entry.index(), encode(&entry)?))).collect::<io::Result<Vec<_>>>()?;
-        let written = write_txn(&self.db, move |txn| {
-            let mut table = txn.open_table(LOG).map_err(io::Error::other)?;
-            for (index, bytes) in &encoded {
-                table.insert(*index, bytes.as_slice()).map_err(io::Error::other)?;
-            }
-            Ok(())
-        })
-        .await;
-        // Committed with an fsync: durable when the transaction returns.
-        match written {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                callback.io_completed(Err(io::Error::new(error.kind(), error.to_string())));
-                Err(error)
-            }
-        }
-    }
-
-    async fn truncate_after(&mut self, last_kept: Option<LogId>) -> Result<(), io::Error> {
-        let from = last_kept.map_or(0, |log_id| log_id.index + 1);
-        // Only entries never committed are cut (openraft asks for nothing
-        // at or below the commit point): a deposed leader's suffix.
-        tracing::info!(
-            group = "metadata",
-            from,
-            "truncating the Raft log: entries from this index were never committed"
-        );
-        write_txn(&self.db, move |txn| {
-            let mut table = txn.open_table(LOG).map_err(io::Error::other)?;
-            table.retain_in(from.., |_, _| false).map_err(io::Error::other)
-        })
-        .await
-    }
-
-    async fn purge(&mut self, upto: LogId) -> Result<(), io::Error> {
-        let last_purged = encode(&upto)?;
-        write_txn(&self.db, move |txn| {
-            let mut table = txn.open_table(LOG).map_err(io::Error::other)?;
-            table.retain_in(..=upto.index, |_, _| false).map_err(io::Error::other)?;
-            let mut state = txn.open_table(STATE).map_err(io::Error::other)?;
-            state.insert(LAST_PURGED, last_purged.as_slice()).map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-    }
 }
 
 #[derive(Default)]
@@ -270,7 +70,7 @@ impl RaftSnapshotBuilder<TypeConfig> for MetadataStateMachine {
             let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
             (meta, applied.state.clone())
         };
-        write_snapshot(&self.db, &meta, &state).await?;
+        write_snapshot(&self.db, &meta, &state, |meta: &SnapshotMeta| meta.last_log_id).await?;
         Ok(Snapshot { meta, snapshot: state })
     }
 }
@@ -308,7 +108,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: MetadataState) -> Result<(), io::Error> {
-        write_snapshot(&self.db, meta, &snapshot).await?;
+        write_snapshot(&self.db, meta, &snapshot, |meta: &SnapshotMeta| meta.last_log_id).await?;
         *self.lock() =
             Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: snapshot };
         Ok(())
@@ -323,6 +123,10 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+
+    use crate::cluster::types::{Entry, Vote};
 
     use openraft::async_runtime::Oneshot;
     use openraft::errors::ErrorSource;

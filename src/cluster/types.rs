@@ -52,6 +52,7 @@ openraft::declare_raft_types!(
 pub type NodeId = u64;
 pub type Raft = openraft::Raft<TypeConfig, super::store::MetadataStateMachine>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+#[cfg(test)]
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;

@@ -463,8 +463,10 @@ async fn commit_group(
 /// pool when an `fdatasync` will follow or the segment is due to roll.
 async fn append(log: &Arc<ChannelLog>, batches: Vec<OwnedBatch>) -> Result<Appended, StorageError> {
     fn append_now(log: &ChannelLog, batches: &[OwnedBatch]) -> Result<Appended, StorageError> {
-        let batches: Vec<NewBatch<'_>> =
-            batches.iter().map(|batch| NewBatch { messages: &batch.messages, producer: batch.producer }).collect();
+        let batches: Vec<NewBatch<'_>> = batches
+            .iter()
+            .map(|batch| NewBatch { messages: &batch.messages, producer: batch.producer, raft: None })
+            .collect();
         log.append_batches_at(&batches, now_us())
     }
     // A roll syncs and creates files: also for the blocking pool.

@@ -92,6 +92,10 @@ pub enum StorageError {
         "channel {channel}: no space left on the device holding {path}; nothing was stored; appends resume by themselves once space is freed"
     )]
     StorageFull { channel: String, path: PathBuf },
+    /// A replicated partition's state machine applied Raft entries out of
+    /// order: nothing was stored.
+    #[error("channel {channel}: Raft entry {index} does not follow the last one applied ({last})")]
+    RaftIndexNotAfter { channel: String, index: u64, last: u64 },
 }
 
 impl StorageError {

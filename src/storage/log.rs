@@ -112,6 +112,24 @@ pub struct LogCounters {
 pub struct NewBatch<'a> {
     pub messages: &'a [Message],
     pub producer: Option<(u64, u64)>,
+    /// The Raft entry this batch applies (a replicated partition's state
+    /// machine): its header then carries that entry's index and term
+    /// instead of the log's own next index and term 0. Indexes must rise.
+    pub raft: Option<RaftPosition>,
+}
+
+/// Where a batch stands in a Raft log: its entry's index and the term of
+/// the leader that appended it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RaftPosition {
+    pub index: u64,
+    pub term: u64,
+}
+
+impl RaftPosition {
+    pub(crate) fn of(header: &BatchHeader) -> RaftPosition {
+        RaftPosition { index: header.raft_index, term: header.term }
+    }
 }
 
 /// Whole, CRC-checked records in their on-disk encoding (see [`record`]),
@@ -192,9 +210,9 @@ struct Writer {
     /// Bytes written since the last sync of the active segment.
     unsynced: bool,
     encode_buffer: Vec<u8>,
-    /// The Raft index of the next batch (format version 2): consecutive
-    /// within the log.
-    next_raft_index: u64,
+    /// The Raft position of the last batch written (format version 2); the
+    /// next batch of a single node takes the index after it.
+    last_raft_entry: Option<RaftPosition>,
     /// The background sync of the last sealed segment, under `interval` and
     /// `never`.
     pending_seal: Option<SealSync>,
@@ -408,10 +426,10 @@ impl ChannelLog {
         // The newest batch header is in the newest segment that has one: a
         // segment without one (version 1, or created just before a crash)
         // defers to the one before it.
-        let mut next_raft_index = 0;
+        let mut last_raft_entry = None;
         for segment in segments.values().rev() {
-            if let Some(next) = segment.next_raft_index()? {
-                next_raft_index = next;
+            if let Some(last) = segment.last_raft_entry()? {
+                last_raft_entry = Some(last);
                 break;
             }
         }
@@ -430,7 +448,7 @@ impl ChannelLog {
                 // Synced above.
                 unsynced: false,
                 encode_buffer: Vec::new(),
-                next_raft_index,
+                last_raft_entry,
                 pending_seal: None,
                 failure: None,
                 full: None,
@@ -479,7 +497,7 @@ impl ChannelLog {
     /// # Errors
     /// See [`ChannelLog::append_batches_at`].
     pub fn append_batch_at(&self, messages: &[Message], now_us: u64) -> Result<Appended, StorageError> {
-        self.append_batches_at(&[NewBatch { messages, producer: None }], now_us)
+        self.append_batches_at(&[NewBatch { messages, producer: None, raft: None }], now_us)
     }
 
     /// Appends batches (the publishes of one group commit) as one write
@@ -525,6 +543,17 @@ impl ChannelLog {
         {
             episode.refused_appends += 1;
             return Err(self.storage_full());
+        }
+        let mut last_raft_entry = writer.last_raft_entry;
+        for raft in batches.iter().filter(|batch| !batch.messages.is_empty()).filter_map(|batch| batch.raft) {
+            if let Some(last) = last_raft_entry.filter(|last| last.index >= raft.index) {
+                return Err(StorageError::RaftIndexNotAfter {
+                    channel: self.label(),
+                    index: raft.index,
+                    last: last.index,
+                });
+            }
+            last_raft_entry = Some(raft);
         }
         let timestamp_us = now_us.max(writer.last_timestamp_us);
         if messages().next().is_none() {
@@ -665,7 +694,7 @@ impl ChannelLog {
         let mut time_entries = Vec::new();
         let mut last_indexed_position = writer.last_indexed_position;
         let mut offset = first_offset;
-        let mut raft_index = writer.next_raft_index;
+        let mut last_raft_entry = writer.last_raft_entry;
         // Any frame may be indexed, a record or a batch header.
         let mut index_at = |position: u64, offset: u64| {
             if position - last_indexed_position >= self.config.index_interval_bytes {
@@ -677,16 +706,20 @@ impl ChannelLog {
         for batch in batches.iter().filter(|batch| !batch.messages.is_empty()) {
             if version != FORMAT_VERSION_1 {
                 index_at(base_position + buffer.len() as u64, offset);
-                let header = BatchHeader {
-                    raft_index,
+                let position = batch.raft.unwrap_or(RaftPosition {
+                    index: last_raft_entry.map_or(0, |last| last.index.saturating_add(1)),
                     term: 0,
+                });
+                let header = BatchHeader {
+                    raft_index: position.index,
+                    term: position.term,
                     kind: EntryKind::Data,
                     // At most APPEND_BATCH_BYTES_MAX / RECORD_OVERHEAD_BYTES.
                     count: batch.messages.len() as u32,
                     producer: batch.producer,
                 };
                 record::encode_batch_header(&mut buffer, offset, timestamp_us, &header);
-                raft_index += 1;
+                last_raft_entry = Some(position);
             }
             for message in batch.messages {
                 index_at(base_position + buffer.len() as u64, offset);
@@ -702,7 +735,7 @@ impl ChannelLog {
             Err(WriteFailure { error, rolled_back: false }) => return Err(AppendFailure::Unknown(error)),
         }
         writer.last_indexed_position = last_indexed_position;
-        writer.next_raft_index = raft_index;
+        writer.last_raft_entry = last_raft_entry;
         let count = offset - first_offset;
         let mut sync_duration = Duration::ZERO;
         if self.config.fsync == FsyncPolicy::Always {
@@ -895,6 +928,13 @@ impl ChannelLog {
     /// starts at "latest" begins.
     pub fn next_offset(&self) -> u64 {
         self.visible_next_offset.load(Ordering::Acquire)
+    }
+
+    /// The Raft position of the last batch written (format version 2):
+    /// for a replicated partition, the last data entry its state machine
+    /// applied.
+    pub fn last_raft_entry(&self) -> Option<RaftPosition> {
+        self.lock_writer().last_raft_entry
     }
 
     /// Reads whole records from `from`: at most `max_bytes` of them, or one

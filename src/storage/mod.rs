@@ -33,7 +33,8 @@ pub use channel::{CHANNEL_SETTINGS_FILE, Channel, ChannelSettings, PARTITIONS_LI
 pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
-    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch, ReadBatch,
-    RecordSlices, RetentionOutcome, RetentionPolicy, STORAGE_FULL_RETRY_INTERVAL, StartOffsetListener, now_us,
+    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch,
+    RaftPosition, ReadBatch, RecordSlices, RetentionOutcome, RetentionPolicy, STORAGE_FULL_RETRY_INTERVAL,
+    StartOffsetListener, now_us,
 };
 pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};

@@ -16,6 +16,7 @@ use super::fs::{FileSystem, OpenMode, StorageFile};
 use super::index::{
     self, FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, FileKind, INDEX_ENTRY_BYTES, IndexEntry,
 };
+use super::log::RaftPosition;
 use crate::record::{self, BatchHeader, EntryKind, RECORD_OVERHEAD_BYTES, RecordError, RecordMeta};
 
 pub(crate) const LOG_EXTENSION: &str = "log";
@@ -68,9 +69,9 @@ pub(crate) struct Segment {
     /// record starts), rather than searching again by other rules. Set at
     /// open and never changed, so reads use it without a lock or a copy.
     damage: Vec<Damage>,
-    /// The Raft index after the last batch recovery saw (format version 2),
-    /// for the log's next one.
-    recovered_next_raft_index: Option<u64>,
+    /// The Raft position (index and term) of the last batch recovery saw
+    /// (format version 2), from which the log's next index follows.
+    recovered_last_raft_entry: Option<RaftPosition>,
     state: RwLock<SegmentState>,
 }
 
@@ -159,7 +160,7 @@ impl Segment {
                 time_index: Vec::new(),
             }),
             damage: Vec::new(),
-            recovered_next_raft_index: None,
+            recovered_last_raft_entry: None,
         };
         fs.sync_dir(dir).at(dir)?;
         Ok(segment)
@@ -354,7 +355,7 @@ impl Segment {
             base_offset,
             version,
             log_path,
-            recovered_next_raft_index: scan.next_raft_index,
+            recovered_last_raft_entry: scan.last_batch.map(|batch| RaftPosition::of(&batch.header)),
             state: RwLock::new(SegmentState {
                 visible_len: log.len(),
                 next_offset: scan.next_offset,
@@ -598,20 +599,20 @@ impl Segment {
         self.damage.last().is_some_and(|damage| damage.end_position >= visible_len)
     }
 
-    /// The Raft index after the last batch header of this segment
-    /// (format version 2; `None` when it holds none). Recovery found it when
-    /// it scanned that far (the last segment is scanned whole, a sealed one
+    /// The Raft position of the last batch header of this segment (format
+    /// version 2; `None` when it holds none). Recovery found it when it
+    /// scanned that far (the last segment is scanned whole, a sealed one
     /// from its last index entry); otherwise the segment is read for it.
     ///
     /// # Errors
     /// The segment could not be read.
-    pub fn next_raft_index(&self) -> Result<Option<u64>, StorageError> {
-        if self.recovered_next_raft_index.is_some() {
-            return Ok(self.recovered_next_raft_index);
+    pub fn last_raft_entry(&self) -> Result<Option<RaftPosition>, StorageError> {
+        if self.recovered_last_raft_entry.is_some() {
+            return Ok(self.recovered_last_raft_entry);
         }
         let mut last = None;
-        self.visit_batches(|_, _, header| last = Some(header.raft_index))?;
-        Ok(last.and_then(|index| index.checked_add(1)))
+        self.visit_batches(|_, _, header| last = Some(RaftPosition::of(header)))?;
+        Ok(last)
     }
 
     /// Calls `visit` with the first offset, timestamp and header of every
@@ -810,8 +811,6 @@ struct Scan {
     stopped: Option<(u64, RecordError)>,
     /// The last batch header seen (format version 2).
     last_batch: Option<BatchSeen>,
-    /// The Raft index after the last batch header seen.
-    next_raft_index: Option<u64>,
 }
 
 /// A batch header found by a scan.
@@ -957,7 +956,6 @@ fn scan_records(
         damaged: Vec::new(),
         stopped: None,
         last_batch: None,
-        next_raft_index: None,
     };
     let mut position = 0usize;
     let mut last_indexed = start.position;
@@ -1006,7 +1004,6 @@ fn scan_records(
             // A batch header takes no offset.
             Some(header) => {
                 scan.last_batch = Some(BatchSeen { position: absolute, first_offset: meta.offset, header });
-                scan.next_raft_index = header.raft_index.checked_add(1);
             }
             None => scan.next_offset = meta.offset + 1,
         }

@@ -1,0 +1,433 @@
+//! A replicated partition's Raft group storage (docs/REPLICATION.md, "The
+//! Raft log and the partition log"): its entries are publishes, its Raft
+//! log is a redb database ([`super::raft_log`]), and its state machine is
+//! the partition's segmented log, to which each committed publish is
+//! appended as one batch whose header names the entry (index and term).
+//!
+//! What the state machine has applied is recovered without a write per
+//! entry: the partition log's last batch header names the last publish
+//! applied; blank and membership entries, which take no offset, are
+//! recorded in the database (after the partition log is synced, so that
+//! nothing applied before them can be missing after a crash). Offsets are
+//! given when an entry is applied, in Raft log order, so every replica
+//! gives a publish the same offsets, and the publish's timestamp comes
+//! from the leader, so every replica stores the same records.
+//!
+//! A snapshot is a promise, not data, until segment transfer is built
+//! (step 5): it records how far the partition log reached, and a replica
+//! installs one only if its own partition log already reaches that far.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use futures_util::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::vote::leader_id_std::CommittedLeaderId;
+use openraft::{EntryPayload, OptionalSend};
+use redb::Database;
+use serde::{Deserialize, Serialize};
+
+use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot, write_state};
+use super::types::NodeAddrs;
+use crate::record::Message;
+use crate::storage::{ChannelLog, NewBatch, RaftPosition};
+
+/// One publish to a replicated partition: a Raft entry's payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    pub messages: Vec<Message>,
+    /// The idempotent producer's id and first sequence, if any.
+    pub producer: Option<(u64, u64)>,
+    /// Given by the leader, so that every replica stores the same records
+    /// (each record's timestamp is the later of this and the partition's
+    /// last one, as on a single node).
+    pub timestamp_us: u64,
+}
+
+impl fmt::Display for Publish {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "publish of {} messages", self.messages.len())
+    }
+}
+
+/// Where an applied publish was stored: what its `PUBLISH_ACK` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishApplied {
+    pub first_offset: u64,
+    pub count: u64,
+    pub timestamp_us: u64,
+}
+
+openraft::declare_raft_types!(
+    /// A replicated partition's group types.
+    pub PartitionTypes:
+        D = Publish,
+        R = PublishApplied,
+        NodeId = u64,
+        Node = NodeAddrs,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
+);
+
+pub type PartitionLogId = openraft::alias::LogIdOf<PartitionTypes>;
+pub type PartitionEntry = openraft::alias::EntryOf<PartitionTypes>;
+pub type PartitionMembership = openraft::alias::StoredMembershipOf<PartitionTypes>;
+pub type PartitionSnapshotMeta = openraft::alias::SnapshotMetaOf<PartitionTypes>;
+pub type PartitionSnapshot = openraft::alias::SnapshotOf<PartitionTypes, SnapshotPromise>;
+pub type PartitionLogStore = RaftLogStore<PartitionTypes>;
+
+/// What a partition snapshot holds until segment transfer exists: where
+/// the partition log reached when it was taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPromise {
+    pub next_offset: u64,
+}
+
+/// Key of the state table: the last entry applied and the membership,
+/// written when a blank or membership entry is applied.
+const APPLIED: &str = "applied";
+
+/// What the state machine has applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<PartitionLogId>,
+    membership: PartitionMembership,
+    /// The partition log's next offset after `last_applied`.
+    next_offset: u64,
+}
+
+fn log_id(position: RaftPosition) -> PartitionLogId {
+    PartitionLogId::new(CommittedLeaderId::new(position.term), position.index)
+}
+
+/// Opens (or creates) a partition's Raft database at `path`, and its state
+/// machine over `log`.
+///
+/// # Errors
+/// The database cannot be opened, or its state does not decode.
+pub fn open(path: &Path, log: Arc<ChannelLog>) -> io::Result<(PartitionLogStore, PartitionStateMachine)> {
+    let db = open_database(path)?;
+    let store = RaftLogStore::new(Arc::clone(&db), &log.label());
+    let machine = PartitionStateMachine::open(db, log)?;
+    Ok((store, machine))
+}
+
+/// A replicated partition's state machine: its segmented log.
+#[derive(Clone)]
+pub struct PartitionStateMachine {
+    db: Arc<Database>,
+    log: Arc<ChannelLog>,
+    applied: Arc<Mutex<Applied>>,
+}
+
+impl PartitionStateMachine {
+    fn open(db: Arc<Database>, log: Arc<ChannelLog>) -> io::Result<PartitionStateMachine> {
+        let mut applied = read_state::<Applied>(&db, APPLIED)?.unwrap_or_default();
+        if let Some((meta, _)) = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
+            && meta.last_log_id > applied.last_applied
+        {
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership;
+        }
+        // Publishes applied after the last blank or membership entry are in
+        // the partition log only.
+        if let Some(last) = log.last_raft_entry().map(log_id)
+            && Some(last) > applied.last_applied
+        {
+            applied.last_applied = Some(last);
+        }
+        applied.next_offset = log.next_offset();
+        Ok(PartitionStateMachine { db, log, applied: Arc::new(Mutex::new(applied)) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Applied> {
+        // A panic while holding it leaves plain data, still consistent.
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends one publish to the partition log, unless the log holds it
+    /// already (applied before a restart that found the database's record
+    /// of what was applied older than the log).
+    async fn apply_publish(&self, id: PartitionLogId, publish: Publish) -> io::Result<Option<PublishApplied>> {
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || {
+            let position = RaftPosition { index: id.index, term: id.leader_id.term };
+            if let Some(last) = log.last_raft_entry()
+                && last.index >= position.index
+            {
+                if last.index == position.index && last.term != position.term {
+                    return Err(io::Error::other(format!(
+                        "{}: the partition log's entry {} has term {}, the Raft log's {}: the replicas diverged",
+                        log.label(),
+                        last.index,
+                        last.term,
+                        position.term
+                    )));
+                }
+                return Ok(None);
+            }
+            let batch = NewBatch { messages: &publish.messages, producer: publish.producer, raft: Some(position) };
+            let appended = log.append_batches_at(&[batch], publish.timestamp_us).map_err(io::Error::other)?;
+            Ok(Some(PublishApplied {
+                first_offset: appended.first_offset,
+                count: appended.count,
+                timestamp_us: appended.timestamp_us,
+            }))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Syncs the partition log, then records what is applied, so that the
+    /// record never claims a publish the log could lose in a crash.
+    async fn save_applied(&self) -> io::Result<()> {
+        let applied = self.lock().clone();
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || log.sync()).await.map_err(io::Error::other)?.map_err(io::Error::other)?;
+        write_state(&self.db, APPLIED, &applied).await
+    }
+}
+
+impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
+    type SnapshotData = SnapshotPromise;
+
+    async fn build_snapshot(&mut self) -> Result<PartitionSnapshot, io::Error> {
+        // What is applied is read before the sync, so that everything it
+        // names was appended before the sync began: openraft purges the Raft
+        // entries a snapshot covers, and the partition log must then hold
+        // them durably.
+        let applied = self.lock().clone();
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || log.sync()).await.map_err(io::Error::other)?.map_err(io::Error::other)?;
+        let meta = PartitionSnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
+        let promise = SnapshotPromise { next_offset: applied.next_offset };
+        write_snapshot(&self.db, &meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await?;
+        Ok(PartitionSnapshot { meta, snapshot: promise })
+    }
+}
+
+impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
+    type SnapshotData = SnapshotPromise;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<PartitionLogId>, PartitionMembership), io::Error> {
+        let applied = self.lock();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<PartitionTypes>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut save = false;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let id = entry.log_id();
+            match entry.payload {
+                EntryPayload::Normal(publish) => {
+                    let stored = self.apply_publish(id, publish).await?;
+                    {
+                        let mut applied = self.lock();
+                        applied.last_applied = Some(id);
+                        applied.next_offset = self.log.next_offset();
+                    }
+                    if let (Some(responder), Some(stored)) = (responder, stored) {
+                        responder.send(stored);
+                    }
+                }
+                EntryPayload::Blank | EntryPayload::Membership(_) => {
+                    let mut applied = self.lock();
+                    applied.last_applied = Some(id);
+                    if let EntryPayload::Membership(membership) = entry.payload {
+                        applied.membership = PartitionMembership::new(Some(id), membership);
+                    }
+                    save = true;
+                }
+            }
+        }
+        if save {
+            self.save_applied().await?;
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &PartitionSnapshotMeta,
+        promise: SnapshotPromise,
+    ) -> Result<(), io::Error> {
+        let held = self.log.next_offset();
+        if held < promise.next_offset {
+            return Err(io::Error::other(format!(
+                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}; catching up by segment transfer is not built (docs/REPLICATION.md, step 5)",
+                self.log.label(),
+                promise.next_offset
+            )));
+        }
+        write_snapshot(&self.db, meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await?;
+        {
+            let mut applied = self.lock();
+            applied.last_applied = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
+            applied.next_offset = held;
+        }
+        self.save_applied().await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<PartitionSnapshot>, io::Error> {
+        Ok(read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&self.db, SNAPSHOT)?
+            .map(|(meta, snapshot)| PartitionSnapshot { meta, snapshot }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use openraft::async_runtime::Oneshot;
+    use openraft::errors::ErrorSource;
+    use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage};
+
+    use crate::storage::fs::StdFileSystem;
+    use crate::storage::{ChannelName, LogConfig};
+
+    fn open_in(dir: &Path) -> io::Result<(PartitionLogStore, PartitionStateMachine, Arc<ChannelLog>)> {
+        let name = ChannelName::new("replicated").map_err(io::Error::other)?;
+        let log = ChannelLog::open(Arc::new(StdFileSystem), &dir.join("log"), name, LogConfig::default())
+            .map_err(io::Error::other)?;
+        let log = Arc::new(log);
+        let (store, machine) = open(&dir.join("raft.redb"), Arc::clone(&log))?;
+        Ok((store, machine, log))
+    }
+
+    struct Builder(tempfile::TempDir);
+
+    fn storage_error(error: io::Error) -> openraft::StorageError<PartitionTypes> {
+        openraft::StorageError::read(ErrorSource::from_error(&error))
+    }
+
+    impl
+        openraft::testing::log::StoreBuilder<
+            PartitionTypes,
+            PartitionLogStore,
+            PartitionStateMachine,
+            tempfile::TempDir,
+        > for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, PartitionLogStore, PartitionStateMachine), openraft::StorageError<PartitionTypes>>
+        {
+            let dir = tempfile::tempdir_in(self.0.path()).map_err(storage_error)?;
+            let (store, machine, _) = open_in(dir.path()).map_err(storage_error)?;
+            Ok((dir, store, machine))
+        }
+    }
+
+    /// openraft's conformance suite for log stores and state machines.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_partition_store_passes_openrafts_storage_suite() -> Result<(), openraft::StorageError<PartitionTypes>>
+    {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        openraft::testing::log::Suite::test_all(Builder(root)).await
+    }
+
+    fn id(term: u64, index: u64) -> PartitionLogId {
+        log_id(RaftPosition { index, term })
+    }
+
+    fn publish_entry(term: u64, index: u64, payloads: &[&str], timestamp_us: u64) -> PartitionEntry {
+        let messages = payloads.iter().map(|payload| Message::from_payload(payload.as_bytes().to_vec())).collect();
+        PartitionEntry {
+            log_id: id(term, index),
+            payload: EntryPayload::Normal(Publish { messages, producer: Some((7, index)), timestamp_us }),
+        }
+    }
+
+    async fn apply(machine: &mut PartitionStateMachine, entries: Vec<PartitionEntry>) -> io::Result<()> {
+        let stream = futures_util::stream::iter(entries.into_iter().map(|entry| Ok((entry, None))));
+        machine.apply(stream).await
+    }
+
+    /// Publishes applied become batches of the partition log whose headers
+    /// name their entries, with dense offsets and the leader's timestamps;
+    /// blank entries take no offset; what was applied is found again on
+    /// reopening, from the log for publishes and from the database for
+    /// the blank entry after them; an entry applied again is not stored
+    /// twice.
+    #[tokio::test]
+    async fn applied_publishes_are_batches_of_the_partition_log_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_, mut machine, log) = open_in(dir.path()).unwrap();
+            let blank = PartitionEntry { log_id: id(1, 1), payload: EntryPayload::Blank };
+            let entries = vec![blank, publish_entry(1, 2, &["a", "b"], 1_000), publish_entry(1, 3, &["c"], 900)];
+            apply(&mut machine, entries).await.unwrap();
+            assert_eq!(log.next_offset(), 3);
+            assert_eq!(log.last_raft_entry(), Some(RaftPosition { index: 3, term: 1 }));
+            let read = log.read(0, 1 << 20).unwrap();
+            let records: Vec<_> = read.iter().map(Result::unwrap).collect();
+            let payloads: Vec<_> = records.iter().map(|record| record.payload.clone()).collect();
+            assert_eq!(payloads, ["a", "b", "c"].map(|p| bytes::Bytes::from(p.as_bytes().to_vec())));
+            // The leader's timestamp, never going back.
+            let stamps: Vec<_> = records.iter().map(|record| record.timestamp_us).collect();
+            assert_eq!(stamps, [1_000, 1_000, 1_000]);
+            let mut headers = Vec::new();
+            log.visit_active_batches(|first, _, header| headers.push((first, header.raft_index, header.term))).unwrap();
+            assert_eq!(headers, [(0, 2, 1), (2, 3, 1)]);
+            apply(&mut machine, vec![PartitionEntry { log_id: id(2, 4), payload: EntryPayload::Blank }]).await.unwrap();
+        }
+        {
+            let (_, mut machine, log) = open_in(dir.path()).unwrap();
+            assert_eq!(machine.applied_state().await.unwrap().0, Some(id(2, 4)));
+            apply(&mut machine, vec![publish_entry(2, 5, &["d"], 2_000)]).await.unwrap();
+            assert_eq!(log.next_offset(), 4);
+        }
+        let (_, mut machine, log) = open_in(dir.path()).unwrap();
+        // The last publish is later than the last blank entry recorded.
+        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(2, 5)));
+        // Applied again (as after a restart that lost the record of it).
+        apply(&mut machine, vec![publish_entry(2, 5, &["d"], 2_000)]).await.unwrap();
+        assert_eq!(log.next_offset(), 4);
+        // The same index from another term: the replicas diverged.
+        let diverged = apply(&mut machine, vec![publish_entry(3, 5, &["x"], 2_000)]).await;
+        assert!(diverged.unwrap_err().to_string().contains("diverged"));
+    }
+
+    /// The Raft log keeps publishes whole (messages, producer, timestamp)
+    /// across reopening.
+    #[tokio::test]
+    async fn the_raft_log_keeps_publishes_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = publish_entry(4, 0, &["x", "yz"], 42);
+        {
+            let (mut store, _, _) = open_in(dir.path()).unwrap();
+            let (done, flushed) = openraft::alias::OneshotOf::<PartitionTypes>::channel();
+            store.append([entry.clone()], IOFlushed::signal(done)).await.unwrap();
+            flushed.await.unwrap().unwrap();
+        }
+        let (mut store, _, _) = open_in(dir.path()).unwrap();
+        assert_eq!(store.try_get_log_entries(0..1).await.unwrap(), vec![entry]);
+        assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(id(4, 0)));
+    }
+
+    /// A snapshot reaching past this replica's partition log is refused
+    /// (segment transfer is not built) instead of being taken for data.
+    #[tokio::test]
+    async fn a_snapshot_past_the_partition_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut machine, _) = open_in(dir.path()).unwrap();
+        let meta =
+            PartitionSnapshotMeta { last_log_id: Some(id(1, 9)), last_membership: PartitionMembership::default() };
+        let refused = machine.install_snapshot(&meta, SnapshotPromise { next_offset: 5 }).await;
+        assert!(refused.unwrap_err().to_string().contains("segment transfer"));
+        assert_eq!(machine.applied_state().await.unwrap().0, None);
+        machine.install_snapshot(&meta, SnapshotPromise { next_offset: 0 }).await.unwrap();
+        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 9)));
+    }
+}
