@@ -399,6 +399,13 @@ impl Config {
     ///
     /// # Errors
     /// The first key out of range, naming key, value and range.
+    /// The largest publish frame a client may send: a batch of
+    /// `max_batch_bytes`, or one message of `max_message_bytes` with its
+    /// frame (the advertised `max_frame_bytes`).
+    pub fn max_publish_bytes(&self) -> u64 {
+        self.max_batch_bytes.max(self.max_message_bytes + u64::from(crate::protocol::PUBLISH_OVERHEAD_BYTES_MAX))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
@@ -515,6 +522,17 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+            let frame_room =
+                (crate::cluster::CLUSTER_FRAME_BYTES_MAX - crate::cluster::CLUSTER_FRAME_ROOM_BYTES) as u64;
+            if self.max_publish_bytes() > frame_room {
+                return Err(ConfigError::Invalid {
+                    key: "max_batch_bytes".into(),
+                    problem: format!(
+                        "a publish of up to {} bytes (max_batch_bytes, or max_message_bytes with its frame) must fit one node-to-node frame in cluster mode: at most {frame_room}",
+                        self.max_publish_bytes()
+                    ),
+                });
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "data_dir".into(), problem: "must not be empty".into() });

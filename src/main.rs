@@ -450,6 +450,16 @@ enum ClusterAction {
     },
     /// Remove a node from the voters and the group.
     RemoveNode { id: u64 },
+    /// Create a replicated channel: each partition a Raft group over
+    /// `replication-factor` nodes, placed by the metadata leader.
+    CreateChannel {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// 1, 3 or 5, at most the number of voters.
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u8,
+    },
 }
 
 /// What `weir credentials` does.
@@ -558,6 +568,11 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
             addrs: NodeAddrs { cluster_addr: cluster_addr.clone(), client_addr: client_addr.clone() },
         },
         ClusterAction::RemoveNode { id } => NodeRequest::RemoveNode { id: *id },
+        ClusterAction::CreateChannel { name, partitions, replication_factor } => NodeRequest::CreateChannel {
+            name: name.clone(),
+            partitions: *partitions,
+            replication_factor: *replication_factor,
+        },
     };
     let reply = weir::cluster::admin(&node, request, connector).await.with_context(|| format!("node {node}"))?;
     match reply {
@@ -566,6 +581,13 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{status}");
+            }
+        }
+        NodeReply::ChannelCreated { replicas } => {
+            println!("replicated channel created; replicas per partition (preferred leader first):");
+            for (partition, nodes) in replicas.iter().enumerate() {
+                let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+                println!("  partition {partition}: nodes {}", nodes.join(", "));
             }
         }
         NodeReply::MembershipChanged { voters } => {

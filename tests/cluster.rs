@@ -10,161 +10,26 @@
 //!
 //! `WEIR_CLUSTER_KILLS` (default 10) sets the number of leader kills and
 //! `WEIR_CLUSTER_SEED` (default 1) the seed; a failure prints the seed.
-//! Channels are not replicated yet (docs/REPLICATION.md), so there is no
-//! data to check here: the checker is over elections and membership.
+//! The checker here is over elections and membership; replicated data is
+//! checked by `tests/replication.rs`.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::authority::Authority;
+use common::cluster::{
+    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, env_or, free_port, free_port_on, spec, status,
+    weir_cluster, weir_cluster_fails,
+};
 use common::prometheus::{sample, scrape};
 use common::proxy::Proxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use tokio_rustls::TlsConnector;
 use weir::client::ClientTlsOptions;
 use weir::cluster::{ClusterStatus, NodeReply, NodeRequest, PeerClient};
-
-/// Raft timing of the test clusters: short, so that a failover takes about
-/// a second, and far above what a loaded 2-core machine delays a heartbeat.
-const HEARTBEAT_MS: u64 = 100;
-const ELECTION_MIN_MS: u64 = 500;
-const ELECTION_MAX_MS: u64 = 1000;
-/// Generous bound for anything the cluster must reach (an election, a
-/// restarted node catching up): events are polled, never slept for.
-const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
-/// Ports this test binary hands out: below Linux's ephemeral range (32768
-/// up), so that no outgoing connection (the nodes make many) can take one
-/// between its choice and the node's bind, or while a killed node is down;
-/// each handed out once per process, from a base that differs by process.
-const PORTS: std::ops::Range<u16> = 20_000..32_000;
-
-/// A free port of [`PORTS`] on `ip`.
-fn free_port_on(ip: &str) -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let span = u32::from(PORTS.end - PORTS.start);
-    let base = std::process::id() % span;
-    loop {
-        let offset = (base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % span;
-        let port = PORTS.start + offset as u16;
-        if TcpListener::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    free_port_on("127.0.0.1")
-}
-
-#[derive(Clone)]
-struct NodeSpec {
-    id: u64,
-    client_addr: String,
-    /// Where the others reach it (its listener, or a proxy in front).
-    cluster_addr: String,
-    /// Its cluster listener.
-    cluster_listen: String,
-    /// Its Prometheus endpoint, or "" for none.
-    metrics_addr: String,
-}
-
-/// A `weir serve` of one node, killed when dropped.
-struct Node {
-    spec: NodeSpec,
-    config: PathBuf,
-    process: Option<Child>,
-    /// How the test reaches its cluster listener.
-    tls: Option<TlsConnector>,
-}
-
-impl Node {
-    fn start(&mut self) {
-        assert!(self.process.is_none());
-        let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["serve", "--config", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.process = Some(child);
-    }
-
-    /// Its id, whether its process runs, and the end of its log.
-    fn describe(&self) -> String {
-        let log = std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(8).collect();
-        let running = self.process.as_ref().map(|child| child.id());
-        format!("node {} (pid {running:?}) at {}; its log ends: {tail:#?}", self.spec.id, self.spec.cluster_addr)
-    }
-
-    /// SIGSTOP or SIGCONT.
-    fn signal(&self, name: &str) {
-        let pid = self.process.as_ref().unwrap().id();
-        let sent = Command::new("kill").args([format!("-{name}"), pid.to_string()]).status().unwrap();
-        assert!(sent.success(), "kill -{name} {pid} failed");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Writes the configuration of node `spec` whose initial voters are
-/// `initial`, under `dir`, with `extra` lines in its `[cluster]` table.
-fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> Node {
-    let mut text = format!(
-        "listen_addr = \"{}\"\nmetrics_addr = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
-         heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
-         election_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}",
-        spec.client_addr,
-        spec.metrics_addr,
-        dir.join(format!("node{}", spec.id)).display(),
-        spec.id,
-        spec.cluster_listen
-    );
-    for node in initial {
-        text.push_str(&format!(
-            "[[cluster.nodes]]\nid = {}\ncluster_addr = \"{}\"\nclient_addr = \"{}\"\n",
-            node.id, node.cluster_addr, node.client_addr
-        ));
-    }
-    let config = dir.join(format!("node{}.toml", spec.id));
-    std::fs::write(&config, text).unwrap();
-    Node { spec, config, process: None, tls: None }
-}
-
-fn spec(id: u64) -> NodeSpec {
-    let cluster_addr = format!("127.0.0.1:{}", free_port());
-    NodeSpec {
-        id,
-        client_addr: format!("127.0.0.1:{}", free_port()),
-        cluster_listen: cluster_addr.clone(),
-        cluster_addr,
-        metrics_addr: String::new(),
-    }
-}
 
 /// What every status seen so far said: the leader of each term (one at
 /// most) and each node's highest term.
@@ -195,14 +60,6 @@ impl History {
             status.term
         );
         *term = status.term;
-    }
-}
-
-async fn status(node: &Node) -> Option<ClusterStatus> {
-    let mut client = PeerClient::new(node.spec.cluster_addr.clone(), node.tls.clone());
-    match client.call(&NodeRequest::Status, Duration::from_secs(5)).await {
-        Ok(NodeReply::Status(status)) => Some(*status),
-        _ => None,
     }
 }
 
@@ -239,24 +96,6 @@ async fn agreed_leader(nodes: &[&Node], history: &mut History, seed: u64) -> (u6
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Runs `weir cluster ARGS`, which must fail; returns its stderr.
-fn weir_cluster_fails(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_weir")).arg("cluster").args(args).output().unwrap();
-    assert!(!output.status.success(), "weir cluster {args:?} succeeded");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn weir_cluster(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_weir")).arg("cluster").args(args).output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "weir cluster {args:?} failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,16 +11,21 @@ use std::time::Duration;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::entry::RaftEntry;
 use openraft::raft::AppendEntriesRequest;
-use openraft::{ChangeMembers, ServerState};
+use openraft::{ChangeMembers, RaftTypeConfig, ServerState};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::transport::{self, NodeReply, NodeRequest};
-use super::types::{NodeAddrs, NodeId, Raft, Snapshot, TypeConfig};
+use super::partition::{PartitionRaft, PartitionSnapshot};
+use super::replicas::{REPLICATED_PARTITIONS_MAX, Replicas};
+use super::transport::{self, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
+use super::types::{MetadataCommand, NodeAddrs, NodeId, Raft, ReplicatedChannel, Snapshot, TypeConfig};
 use super::{CLUSTER_CONNECTIONS_MAX, CLUSTER_HANDSHAKE_TIMEOUT};
+
+/// The replication factors a replicated channel may have.
+pub const REPLICATION_FACTORS: [u8; 3] = [1, 3, 5];
 
 /// A connection that sends no frame for this long is closed (peers open a
 /// new one when they next need it).
@@ -45,10 +50,17 @@ enum Peer {
     Operator,
 }
 
+/// What the listener serves: the metadata group and the hosted partitions.
+#[derive(Clone)]
+pub(super) struct Served {
+    pub raft: Raft,
+    pub replicas: Arc<Replicas>,
+}
+
 pub(super) async fn accept(
     listener: TcpListener,
     acceptor: Option<TlsAcceptor>,
-    raft: Raft,
+    served: Served,
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -61,9 +73,9 @@ pub(super) async fn accept(
         };
         match accepted {
             Ok((socket, _)) => {
-                let (raft, stop, acceptor) = (raft.clone(), stop.clone(), acceptor.clone());
+                let (served, stop, acceptor) = (served.clone(), stop.clone(), acceptor.clone());
                 connections.spawn(async move {
-                    serve(socket, acceptor, raft, stop).await;
+                    serve(socket, acceptor, served, stop).await;
                     drop(permit);
                 });
             }
@@ -94,7 +106,7 @@ fn peer_kind(stream: &TlsStream<TcpStream>) -> Peer {
 /// Serves one connection's requests in order until it closes, idles past
 /// [`CLUSTER_IDLE_TIMEOUT`], sends a frame that does not decode or arrives
 /// too slowly, or the node stops.
-async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, stop: CancellationToken) {
+async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, served: Served, stop: CancellationToken) {
     let address = socket.peer_addr().map(|addr| addr.to_string()).unwrap_or_default();
     let _ = socket.set_nodelay(true);
     let (peer, (mut reader, mut writer)) = match acceptor {
@@ -125,7 +137,7 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, sto
             }
         };
         let reply = match postcard::from_bytes::<NodeRequest>(&body) {
-            Ok(request) => handle(&raft, peer, request).await,
+            Ok(request) => handle(&served, peer, request).await,
             Err(error) => {
                 tracing::warn!(peer = %address, %error, "cluster listener: a request that does not decode");
                 let reply = NodeReply::Error(format!("the request does not decode: {error}"));
@@ -142,10 +154,10 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, raft: Raft, sto
 
 /// openraft trusts its peers to send consecutive entries after
 /// `prev_log_id`; a request that does not is refused here.
-fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+fn check_append<C: RaftTypeConfig>(rpc: &AppendEntriesRequest<C>) -> Result<(), String> {
     let beyond = || "an entry index beyond u64::MAX".to_string();
-    let mut expected = match rpc.prev_log_id {
-        Some(log_id) => Some(log_id.index.checked_add(1).ok_or_else(beyond)?),
+    let mut expected = match &rpc.prev_log_id {
+        Some(log_id) => Some(log_id.index().checked_add(1).ok_or_else(beyond)?),
         None => Some(0),
     };
     for entry in &rpc.entries {
@@ -160,9 +172,15 @@ fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(raft: &Raft, peer: Peer, request: NodeRequest) -> NodeReply {
-    let raft_message =
-        matches!(request, NodeRequest::AppendEntries(_) | NodeRequest::Vote(_) | NodeRequest::FullSnapshot { .. });
+async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply {
+    let raft = &served.raft;
+    let raft_message = matches!(
+        request,
+        NodeRequest::AppendEntries(_)
+            | NodeRequest::Vote(_)
+            | NodeRequest::FullSnapshot { .. }
+            | NodeRequest::Partition { .. }
+    );
     if raft_message && peer == Peer::Operator {
         return NodeReply::Error(
             "only nodes (certificates with the serverAuth usage) may send Raft messages; this certificate may only run weir cluster commands"
@@ -190,10 +208,89 @@ async fn handle(raft: &Raft, peer: Peer, request: NodeRequest) -> NodeReply {
             }
         }
         NodeRequest::Status => {
-            NodeReply::Status(Box::new(super::ClusterStatus::from_metrics(&raft.metrics().borrow_watched())))
+            let mut status = super::ClusterStatus::from_metrics(&raft.metrics().borrow_watched());
+            status.partitions = served.replicas.statuses();
+            NodeReply::Status(Box::new(status))
         }
         NodeRequest::AddNode { id, addrs } => add_node(raft, id, addrs).await,
         NodeRequest::RemoveNode { id } => remove_node(raft, id).await,
+        NodeRequest::Partition { group, request } => {
+            let Some(raft) = served.replicas.raft(&group) else { return NodeReply::UnknownGroup };
+            partition_message(&raft, request).await
+        }
+        NodeRequest::CreateChannel { name, partitions, replication_factor } => {
+            if served.replicas.is_replicated(&name) {
+                return NodeReply::Error(format!("channel {name} already exists"));
+            }
+            create_channel(raft, &name, partitions, replication_factor).await
+        }
+    }
+}
+
+/// Hands a partition group's Raft message to its openraft instance.
+async fn partition_message(raft: &PartitionRaft, request: PartitionRequest) -> NodeReply {
+    let reply = match request {
+        PartitionRequest::AppendEntries(rpc) => {
+            if let Err(problem) = check_append(&rpc) {
+                return NodeReply::Error(problem);
+            }
+            raft.append_entries(rpc).await.map(PartitionReply::AppendEntries).map_err(|error| error.to_string())
+        }
+        PartitionRequest::Vote(rpc) => {
+            raft.vote(rpc).await.map(PartitionReply::Vote).map_err(|error| error.to_string())
+        }
+        PartitionRequest::FullSnapshot { vote, meta, promise } => raft
+            .install_full_snapshot(vote, PartitionSnapshot { meta, snapshot: promise })
+            .await
+            .map(PartitionReply::Snapshot)
+            .map_err(|error| error.to_string()),
+    };
+    reply.map_or_else(NodeReply::Error, NodeReply::Partition)
+}
+
+/// `weir cluster create-channel`: checks the request, places each
+/// partition's replicas over the voters (consecutive voters from a
+/// starting point that moves with each partition, so that preferred
+/// leaders spread over the nodes), and commits the creation.
+async fn create_channel(raft: &Raft, name: &str, partitions: u32, replication_factor: u8) -> NodeReply {
+    if let Err(error) = crate::storage::ChannelName::new(name) {
+        return NodeReply::Error(error.to_string());
+    }
+    if !REPLICATION_FACTORS.contains(&replication_factor) {
+        return NodeReply::Error(format!("replication factor {replication_factor}: allowed {REPLICATION_FACTORS:?}"));
+    }
+    if partitions == 0 || partitions as usize > REPLICATED_PARTITIONS_MAX {
+        return NodeReply::Error(format!(
+            "{partitions} partitions: a replicated channel has 1..={REPLICATED_PARTITIONS_MAX} (REPLICATED_PARTITIONS_MAX)"
+        ));
+    }
+    if let Some(not_leader) = unless_leader(raft) {
+        return not_leader;
+    }
+    let metrics = raft.metrics().borrow_watched().clone();
+    let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+    if usize::from(replication_factor) > voters.len() {
+        return NodeReply::Error(format!(
+            "replication factor {replication_factor} is above the {} voters of the cluster",
+            voters.len()
+        ));
+    }
+    // Where placement starts: moved along by the name, so that channels of
+    // one partition do not all prefer the same leader.
+    let start = name.bytes().fold(0usize, |sum, byte| sum.wrapping_add(usize::from(byte)));
+    let replicas: Vec<Vec<NodeId>> = (0..partitions as usize)
+        .map(|partition| {
+            (0..usize::from(replication_factor)).map(|k| voters[(start + partition + k) % voters.len()]).collect()
+        })
+        .collect();
+    let command = MetadataCommand::CreateChannel {
+        name: name.to_string(),
+        channel: ReplicatedChannel { replication_factor, replicas: replicas.clone() },
+    };
+    tracing::info!(channel = name, ?replicas, "creating a replicated channel");
+    match raft.client_write(command).await {
+        Ok(_) => NodeReply::ChannelCreated { replicas },
+        Err(error) => membership_error(&error),
     }
 }
 

@@ -14,6 +14,7 @@
 mod listener;
 pub mod partition;
 mod raft_log;
+mod replicas;
 mod status;
 mod store;
 mod transport;
@@ -31,8 +32,15 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use status::{ClusterStatus, MemberStatus};
-pub use transport::{ADMIN_TIMEOUT, CLUSTER_FRAME_BYTES_MAX, NodeReply, NodeRequest, PeerClient, TransportError};
+pub use listener::REPLICATION_FACTORS;
+pub use replicas::{
+    HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost, Publish, PublishAnswer,
+    PublishApplied, REPLICATED_PARTITIONS_MAX, Replicas, ReplicatedPublishError,
+};
+pub use status::{ClusterStatus, MemberStatus, PartitionStatus};
+pub use transport::{
+    ADMIN_TIMEOUT, CLUSTER_FRAME_BYTES_MAX, GroupId, NodeReply, NodeRequest, PeerClient, TransportError,
+};
 pub use types::{NodeAddrs, NodeId};
 
 use crate::config::ClusterConfig;
@@ -46,6 +54,19 @@ pub const METADATA_APPEND_ENTRIES_MAX: u64 = 64;
 /// membership), so a follower that fell behind gets it whole rather than
 /// the entries (and the snapshot path is exercised, not a rarity).
 pub const METADATA_SNAPSHOT_ENTRIES: u64 = 4;
+
+/// Entries one append to a partition's follower carries: as many
+/// publishes of `max_publish_bytes` as fit a frame, with room for the
+/// request's own fields, and at least one (a publish alone always fits:
+/// `max_publish_bytes` is checked against the frame limit at start).
+fn partition_append_entries_max(max_publish_bytes: u64) -> u64 {
+    let room = (CLUSTER_FRAME_BYTES_MAX - CLUSTER_FRAME_ROOM_BYTES) as u64;
+    (room / max_publish_bytes.max(1)).clamp(1, METADATA_APPEND_ENTRIES_MAX)
+}
+
+/// What a node-to-node frame keeps beside its entries' messages: the
+/// request's fields and each entry's and message's own.
+pub const CLUSTER_FRAME_ROOM_BYTES: usize = 1024 * 1024;
 
 /// How long a node-to-node TLS handshake may take.
 pub const CLUSTER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +103,7 @@ pub enum ClusterError {
 /// listener other nodes reach it on.
 pub struct ClusterNode {
     raft: Raft,
+    replicas: Arc<Replicas>,
     node_id: NodeId,
     listen_addr: SocketAddr,
     connections: TaskTracker,
@@ -97,7 +119,11 @@ impl ClusterNode {
     /// # Errors
     /// The store cannot be opened, the address cannot be bound, or openraft
     /// refuses the settings.
-    pub async fn start(settings: &ClusterConfig, data_dir: &Path) -> Result<ClusterNode, ClusterError> {
+    pub async fn start(
+        settings: &ClusterConfig,
+        data_dir: &Path,
+        max_publish_bytes: u64,
+    ) -> Result<ClusterNode, ClusterError> {
         let dir = data_dir.join("cluster");
         let path = dir.join("metadata.redb");
         let store_error = |source| ClusterError::Store { path: path.display().to_string(), source };
@@ -142,7 +168,7 @@ impl ClusterNode {
         // when it names one, so they see (and a firewall can tell) who calls.
         let source_ip =
             settings.listen_addr.parse::<SocketAddr>().ok().map(|addr| addr.ip()).filter(|ip| !ip.is_unspecified());
-        let network = transport::PeerNetwork { tls: connector, source_ip };
+        let network = transport::PeerNetwork { tls: connector.clone(), source_ip };
         // Bound before the group starts, so that a port in use stops the
         // start with nothing running.
         let listener = TcpListener::bind(&settings.listen_addr)
@@ -151,18 +177,29 @@ impl ClusterNode {
         let listen_addr = listener
             .local_addr()
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
+        let channels = state_machine.subscribe();
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
             .await
             .map_err(|error| ClusterError::Raft(error.to_string()))?;
-        let node =
-            ClusterNode { raft, node_id, listen_addr, connections: TaskTracker::new(), stop: CancellationToken::new() };
-        tokio::spawn(listener::accept(
-            listener,
-            acceptor,
-            node.raft.clone(),
-            node.connections.clone(),
-            node.stop.clone(),
-        ));
+        let replicas = Arc::new(Replicas::new(
+            node_id,
+            data_dir.to_path_buf(),
+            settings,
+            (connector, source_ip),
+            raft.clone(),
+            channels,
+            partition_append_entries_max(max_publish_bytes),
+        )?);
+        let node = ClusterNode {
+            raft,
+            replicas,
+            node_id,
+            listen_addr,
+            connections: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        };
+        let served = listener::Served { raft: node.raft.clone(), replicas: Arc::clone(&node.replicas) };
+        tokio::spawn(listener::accept(listener, acceptor, served, node.connections.clone(), node.stop.clone()));
         tokio::spawn(status::watch_metrics(node.raft.clone(), node.stop.clone()));
         if let Err(error) = node.bootstrap(settings).await {
             node.shutdown().await;
@@ -215,9 +252,23 @@ impl ClusterNode {
         self.node_id
     }
 
-    /// This node's view of the metadata group.
+    /// This node's view of the metadata group and of the partitions it
+    /// hosts.
     pub fn status(&self) -> ClusterStatus {
-        ClusterStatus::from_metrics(&self.raft.metrics().borrow_watched())
+        let mut status = ClusterStatus::from_metrics(&self.raft.metrics().borrow_watched());
+        status.partitions = self.replicas.statuses();
+        status
+    }
+
+    /// The replicated partitions this node hosts (the publish path).
+    pub fn replicas(&self) -> Arc<Replicas> {
+        Arc::clone(&self.replicas)
+    }
+
+    /// Starts hosting the replicated partitions placed on this node, now
+    /// and as the metadata group creates more, through `host` (the server).
+    pub fn host_partitions(&self, host: Arc<dyn PartitionHost>) {
+        tokio::spawn(Arc::clone(&self.replicas).follow(host, self.stop.clone()));
     }
 
     /// Stops serving other nodes and leaves the group (without a
@@ -225,6 +276,7 @@ impl ClusterNode {
     pub async fn shutdown(self) {
         self.stop.cancel();
         self.connections.close();
+        self.replicas.shutdown().await;
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "the metadata group did not stop cleanly");
         }

@@ -77,6 +77,8 @@ pub type PartitionMembership = openraft::alias::StoredMembershipOf<PartitionType
 pub type PartitionSnapshotMeta = openraft::alias::SnapshotMetaOf<PartitionTypes>;
 pub type PartitionSnapshot = openraft::alias::SnapshotOf<PartitionTypes, SnapshotPromise>;
 pub type PartitionLogStore = RaftLogStore<PartitionTypes>;
+pub type PartitionVote = openraft::alias::VoteOf<PartitionTypes>;
+pub type PartitionRaft = openraft::Raft<PartitionTypes, PartitionStateMachine>;
 
 /// What a partition snapshot holds until segment transfer exists: where
 /// the partition log reached when it was taken.
@@ -120,6 +122,8 @@ pub struct PartitionStateMachine {
     db: Arc<Database>,
     log: Arc<ChannelLog>,
     applied: Arc<Mutex<Applied>>,
+    /// Called after each publish is appended: wakes the partition's readers.
+    on_applied: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl PartitionStateMachine {
@@ -139,7 +143,14 @@ impl PartitionStateMachine {
             applied.last_applied = Some(last);
         }
         applied.next_offset = log.next_offset();
-        Ok(PartitionStateMachine { db, log, applied: Arc::new(Mutex::new(applied)) })
+        Ok(PartitionStateMachine { db, log, applied: Arc::new(Mutex::new(applied)), on_applied: None })
+    }
+
+    /// Calls `on_applied` after each publish the state machine appends.
+    #[must_use]
+    pub fn on_applied(mut self, on_applied: Arc<dyn Fn() + Send + Sync>) -> PartitionStateMachine {
+        self.on_applied = Some(on_applied);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Applied> {
@@ -231,6 +242,9 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                         let mut applied = self.lock();
                         applied.last_applied = Some(id);
                         applied.next_offset = self.log.next_offset();
+                    }
+                    if let Some(on_applied) = &self.on_applied {
+                        on_applied();
                     }
                     if let (Some(responder), Some(stored)) = (responder, stored) {
                         responder.send(stored);

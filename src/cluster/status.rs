@@ -1,6 +1,7 @@
 //! `weir cluster status`: one node's view of the metadata group (its role,
 //! term, leader, log positions, the members and, on the leader, how far
-//! behind each follower is), taken from openraft's metrics.
+//! behind each follower is) and of the replicated partitions it hosts,
+//! taken from openraft's metrics.
 
 use std::fmt;
 
@@ -27,6 +28,56 @@ pub struct ClusterStatus {
     /// The last entry removed from its log (held by the snapshot).
     pub purged_index: Option<u64>,
     pub members: Vec<MemberStatus>,
+    /// The replicated partitions this node hosts.
+    #[serde(default)]
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One replicated partition's group as a node hosting it sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub channel: String,
+    pub partition: u32,
+    /// leader, follower, candidate, learner or shutdown.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// The voters (the partition's replicas).
+    pub replicas: Vec<NodeId>,
+    /// On the leader: entries each follower lacks.
+    pub lag_entries: Vec<(NodeId, u64)>,
+}
+
+impl PartitionStatus {
+    pub(crate) fn from_metrics(
+        group: &super::transport::GroupId,
+        metrics: &RaftMetrics<super::partition::PartitionTypes>,
+    ) -> PartitionStatus {
+        let lag_entries = match (&metrics.replication, metrics.last_log_index) {
+            (Some(replication), Some(last)) => replication
+                .iter()
+                .map(|(&follower, matched)| {
+                    (follower, matched.map_or(last + 1, |log_id| last.saturating_sub(log_id.index)))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        PartitionStatus {
+            channel: group.channel.clone(),
+            partition: group.partition,
+            role: role_name(metrics.state).to_string(),
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index,
+            committed_index: metrics.local_committed.map(|log_id| log_id.index),
+            applied_index: metrics.last_applied.map(|log_id| log_id.index),
+            replicas: metrics.membership_config.membership().voter_ids().collect(),
+            lag_entries,
+        }
+    }
 }
 
 /// One member of the metadata group.
@@ -78,6 +129,7 @@ impl ClusterStatus {
             snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
             purged_index: metrics.purged.map(|log_id| log_id.index),
             members,
+            partitions: Vec::new(),
         }
     }
 }
@@ -125,6 +177,28 @@ impl fmt::Display for ClusterStatus {
                 member.addrs.client_addr,
                 or_dash(member.matched_index),
                 or_dash(member.lag_entries),
+            )?;
+        }
+        if !self.partitions.is_empty() {
+            writeln!(
+                f,
+                "{:<24} {:>9} {:<9} {:>6} {:>6} {:>9} {:>9} {:<10}",
+                "channel", "partition", "role", "term", "leader", "committed", "applied", "replicas"
+            )?;
+        }
+        for partition in &self.partitions {
+            let replicas: Vec<String> = partition.replicas.iter().map(u64::to_string).collect();
+            writeln!(
+                f,
+                "{:<24} {:>9} {:<9} {:>6} {:>6} {:>9} {:>9} {:<10}",
+                partition.channel,
+                partition.partition,
+                partition.role,
+                partition.term,
+                or_dash(partition.leader),
+                or_dash(partition.committed_index),
+                or_dash(partition.applied_index),
+                replicas.join(","),
             )?;
         }
         Ok(())

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{Stream, TryStreamExt};
-use openraft::OptionalSend;
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
 use redb::Database;
+use tokio::sync::watch;
 
 use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot};
 use super::types::{LogId, MetadataState, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
@@ -37,13 +38,16 @@ struct Applied {
     state: MetadataState,
 }
 
-/// The metadata group's state machine: its membership (the nodes) and
-/// last applied entry, in memory; restored at start from the last
+/// The metadata group's state machine: its membership (the nodes), the
+/// replicated channels and the last applied entry, in memory; restored at start from the last
 /// snapshot, after which openraft applies the committed log again.
 #[derive(Clone)]
 pub struct MetadataStateMachine {
     db: Arc<Database>,
     applied: Arc<Mutex<Applied>>,
+    /// The replicated channels, sent after every change: the node's
+    /// replicas follow it (`super::replicas`).
+    changes: Arc<watch::Sender<MetadataState>>,
 }
 
 impl MetadataStateMachine {
@@ -52,7 +56,14 @@ impl MetadataStateMachine {
         if let Some((meta, state)) = read_state::<(SnapshotMeta, MetadataState)>(&db, SNAPSHOT)? {
             applied = Applied { last_applied: meta.last_log_id, membership: meta.last_membership, state };
         }
-        Ok(MetadataStateMachine { db, applied: Arc::new(Mutex::new(applied)) })
+        let changes = Arc::new(watch::Sender::new(applied.state.clone()));
+        Ok(MetadataStateMachine { db, applied: Arc::new(Mutex::new(applied)), changes })
+    }
+
+    /// Sees every change of the replicated channels (the current state
+    /// first).
+    pub fn subscribe(&self) -> watch::Receiver<MetadataState> {
+        self.changes.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Applied> {
@@ -92,8 +103,15 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
             {
                 let mut applied = self.lock();
                 applied.last_applied = Some(entry.log_id());
-                if let Some(membership) = entry.get_membership() {
-                    applied.membership = StoredMembership::new(Some(entry.log_id()), membership);
+                match entry.payload {
+                    EntryPayload::Membership(membership) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    }
+                    EntryPayload::Normal(command) => {
+                        applied.state.apply(&command);
+                        self.changes.send_replace(applied.state.clone());
+                    }
+                    EntryPayload::Blank => {}
                 }
             }
             if let Some(responder) = responder {
@@ -109,8 +127,10 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: MetadataState) -> Result<(), io::Error> {
         write_snapshot(&self.db, meta, &snapshot, |meta: &SnapshotMeta| meta.last_log_id).await?;
-        *self.lock() =
+        let mut applied = self.lock();
+        *applied =
             Applied { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: snapshot };
+        self.changes.send_replace(applied.state.clone());
         Ok(())
     }
 

@@ -14,19 +14,23 @@ use std::time::Duration;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
-use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2};
+use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::partition::{PartitionSnapshot, PartitionSnapshotMeta, PartitionTypes, PartitionVote, SnapshotPromise};
 use super::status::ClusterStatus;
 use super::types::{MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// Largest node-to-node frame. The metadata group's appends carry at most
 /// `METADATA_APPEND_ENTRIES_MAX` small entries and its snapshot is its
-/// membership; partition groups will raise this with their batches.
-pub const CLUSTER_FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// membership; a partition group's append carries as many publishes as
+/// fit (at least one: the broker refuses to start in cluster mode with a
+/// publish limit above this less `CLUSTER_FRAME_ROOM_BYTES`). Frames are
+/// read as they arrive, so the limit is not an allocation.
+pub const CLUSTER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// A client connection idle for this long is opened anew before its next
 /// request, so that it never meets the listener's idle timeout
 /// (`CLUSTER_IDLE_TIMEOUT`, twice as long) mid-request.
@@ -59,6 +63,53 @@ pub enum NodeRequest {
     RemoveNode {
         id: NodeId,
     },
+    /// A replicated partition's Raft message.
+    Partition {
+        group: GroupId,
+        request: PartitionRequest,
+    },
+    /// `weir cluster create-channel`: a replicated channel, placed by the
+    /// metadata leader.
+    CreateChannel {
+        name: String,
+        partitions: u32,
+        replication_factor: u8,
+    },
+}
+
+/// Names a replicated partition's Raft group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupId {
+    pub channel: String,
+    pub partition: u32,
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} partition {}", self.channel, self.partition)
+    }
+}
+
+/// A Raft message of a replicated partition's group.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PartitionRequest {
+    AppendEntries(AppendEntriesRequest<PartitionTypes>),
+    Vote(VoteRequest<PartitionTypes>),
+    /// A whole snapshot (a promise of how far the log reaches: see
+    /// `super::partition`).
+    FullSnapshot {
+        vote: PartitionVote,
+        meta: PartitionSnapshotMeta,
+        promise: SnapshotPromise,
+    },
+}
+
+/// The answer to a [`PartitionRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PartitionReply {
+    AppendEntries(AppendEntriesResponse<PartitionTypes>),
+    Vote(VoteResponse<PartitionTypes>),
+    Snapshot(SnapshotResponse<PartitionTypes>),
 }
 
 /// The answer to a [`NodeRequest`].
@@ -68,6 +119,15 @@ pub enum NodeReply {
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
     Status(Box<ClusterStatus>),
+    Partition(PartitionReply),
+    /// This node runs no group for the partition (not one of its replicas,
+    /// or it has not applied the channel's creation yet).
+    UnknownGroup,
+    /// A replicated channel was created: each partition's replicas, the
+    /// preferred leader first.
+    ChannelCreated {
+        replicas: Vec<Vec<NodeId>>,
+    },
     /// A membership change committed: the new voters.
     MembershipChanged {
         voters: Vec<NodeId>,
@@ -261,17 +321,17 @@ impl PeerClient {
         self.connection = Some((reader, writer, std::time::Instant::now()));
         Ok(reply)
     }
+}
 
-    fn rpc_error(&self, error: TransportError) -> RPCError<TypeConfig> {
-        match error {
-            TransportError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&error)),
-            TransportError::Io { .. } => RPCError::Unreachable(Unreachable::new(&error)),
-            TransportError::Malformed { .. } => RPCError::Network(NetworkError::new(&error)),
-        }
+fn rpc_error<C: RaftTypeConfig>(error: TransportError) -> RPCError<C> {
+    match error {
+        TransportError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+        TransportError::Io { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+        TransportError::Malformed { .. } => RPCError::Network(NetworkError::new(&error)),
     }
 }
 
-fn unexpected(reply: NodeReply) -> NetworkError<TypeConfig> {
+fn unexpected<C: RaftTypeConfig>(reply: NodeReply) -> NetworkError<C> {
     let message = match reply {
         NodeReply::Error(message) => message,
         other => format!("unexpected reply {other:?}"),
@@ -305,7 +365,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         match self.call(&NodeRequest::AppendEntries(rpc), option.hard_ttl()).await {
             Ok(NodeReply::AppendEntries(response)) => Ok(response),
             Ok(other) => Err(RPCError::Network(unexpected(other))),
-            Err(error) => Err(self.rpc_error(error)),
+            Err(error) => Err(rpc_error(error)),
         }
     }
 
@@ -317,7 +377,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         match self.call(&NodeRequest::Vote(rpc), option.hard_ttl()).await {
             Ok(NodeReply::Vote(response)) => Ok(response),
             Ok(other) => Err(RPCError::Network(unexpected(other))),
-            Err(error) => Err(self.rpc_error(error)),
+            Err(error) => Err(rpc_error(error)),
         }
     }
 
@@ -336,6 +396,96 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 Ok(NodeReply::Snapshot(response)) => Ok(response),
                 Ok(other) => Err(StreamingError::Network(unexpected(other))),
                 Err(error) => Err(StreamingError::Unreachable(Unreachable::new(&error))),
+            },
+        }
+    }
+}
+
+/// Opens a [`PartitionPeer`] per replication target of one partition's
+/// group. Each group has its own connections (sharing them across groups
+/// is not built: `REPLICATED_PARTITIONS_MAX` bounds their number).
+pub struct PartitionNetwork {
+    pub group: GroupId,
+    pub tls: Option<TlsConnector>,
+    pub source_ip: Option<std::net::IpAddr>,
+}
+
+/// One partition group's connection to another node.
+pub struct PartitionPeer {
+    client: PeerClient,
+    group: GroupId,
+}
+
+impl RaftNetworkFactory<PartitionTypes> for PartitionNetwork {
+    type Network = PartitionPeer;
+
+    async fn new_client(&mut self, _target: NodeId, node: &NodeAddrs) -> PartitionPeer {
+        let client = PeerClient::new(node.cluster_addr.clone(), self.tls.clone()).with_source_ip(self.source_ip);
+        PartitionPeer { client, group: self.group.clone() }
+    }
+}
+
+impl PartitionPeer {
+    async fn call(
+        &mut self,
+        request: PartitionRequest,
+        timeout: Duration,
+    ) -> Result<PartitionReply, RPCError<PartitionTypes>> {
+        let request = NodeRequest::Partition { group: self.group.clone(), request };
+        match self.client.call(&request, timeout).await {
+            Ok(NodeReply::Partition(reply)) => Ok(reply),
+            // Not (yet) running the group: as good as down.
+            Ok(NodeReply::UnknownGroup) => Err(RPCError::Unreachable(Unreachable::new(&AnyError::error(format!(
+                "{} runs no group for {}",
+                self.client.addr, self.group
+            ))))),
+            Ok(other) => Err(RPCError::Network(unexpected(other))),
+            Err(error) => Err(rpc_error(error)),
+        }
+    }
+}
+
+impl RaftNetworkV2<PartitionTypes> for PartitionPeer {
+    type SnapshotData = SnapshotPromise;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionTypes>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionTypes>, RPCError<PartitionTypes>> {
+        match self.call(PartitionRequest::AppendEntries(rpc), option.hard_ttl()).await? {
+            PartitionReply::AppendEntries(response) => Ok(response),
+            other => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("unexpected reply {other:?}"))))),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<PartitionTypes>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionTypes>, RPCError<PartitionTypes>> {
+        match self.call(PartitionRequest::Vote(rpc), option.hard_ttl()).await? {
+            PartitionReply::Vote(response) => Ok(response),
+            other => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("unexpected reply {other:?}"))))),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: PartitionVote,
+        snapshot: PartitionSnapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<PartitionTypes>, StreamingError<PartitionTypes>> {
+        let request = PartitionRequest::FullSnapshot { vote, meta: snapshot.meta, promise: snapshot.snapshot };
+        let timeout = option.hard_ttl();
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            reply = self.call(request, timeout) => match reply {
+                Ok(PartitionReply::Snapshot(response)) => Ok(response),
+                Ok(other) => Err(StreamingError::Network(NetworkError::new(&AnyError::error(format!("unexpected reply {other:?}"))))),
+                Err(RPCError::Unreachable(error)) => Err(StreamingError::Unreachable(error)),
+                Err(error) => Err(StreamingError::Network(NetworkError::new(&error))),
             },
         }
     }

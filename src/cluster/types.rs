@@ -1,5 +1,6 @@
 //! The metadata group's Raft type configuration: node ids and addresses,
-//! term-only leader ids, and what its entries and snapshots hold.
+//! term-only leader ids, and what its entries and snapshots hold (the
+//! membership and the replicated channels with their placement).
 
 use std::fmt;
 
@@ -20,24 +21,55 @@ impl fmt::Display for NodeAddrs {
     }
 }
 
-/// A command of the metadata group's state machine. None exists yet: the
-/// group replicates only its membership (the nodes); channels and their
-/// placement become commands with replicated partitions
-/// (docs/REPLICATION.md, "Order of work").
+/// A command of the metadata group's state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MetadataCommand {}
+pub enum MetadataCommand {
+    /// Creates a replicated channel with its placement, chosen by the
+    /// leader that proposed it (docs/REPLICATION.md, "What is replicated").
+    CreateChannel { name: String, channel: ReplicatedChannel },
+}
 
 impl fmt::Display for MetadataCommand {
-    fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {}
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetadataCommand::CreateChannel { name, channel } => write!(
+                f,
+                "create channel {name} ({} partitions, replication factor {})",
+                channel.replicas.len(),
+                channel.replication_factor
+            ),
+        }
     }
 }
 
+/// A replicated channel as the metadata group holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedChannel {
+    pub replication_factor: u8,
+    /// Per partition, its replicas: the first is the preferred leader, the
+    /// node that initialises the partition's group.
+    pub replicas: Vec<Vec<NodeId>>,
+}
+
 /// What the metadata state machine holds beyond its membership (which
-/// openraft keeps in the snapshot's metadata). Empty until the group has
-/// commands; a snapshot still records where it was taken.
+/// openraft keeps in the snapshot's metadata): the replicated channels.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetadataState {}
+pub struct MetadataState {
+    pub channels: std::collections::BTreeMap<String, ReplicatedChannel>,
+}
+
+impl MetadataState {
+    /// Applies one committed command. A channel created twice keeps its
+    /// first placement (the leader refuses a second creation; two racing
+    /// proposals both commit, and the first wins everywhere alike).
+    pub fn apply(&mut self, command: &MetadataCommand) {
+        match command {
+            MetadataCommand::CreateChannel { name, channel } => {
+                self.channels.entry(name.clone()).or_insert_with(|| channel.clone());
+            }
+        }
+    }
+}
 
 openraft::declare_raft_types!(
     /// The metadata group's types.

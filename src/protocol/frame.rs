@@ -163,12 +163,20 @@ pub enum ErrorCode {
     /// DELETE_CHANNEL of a channel with live subscriptions, without
     /// `force` (version 2 on).
     ChannelInUse = 27,
+    /// The partition is replicated (cluster mode) and this node does not
+    /// lead it; nothing was stored. The message ends with the leader's
+    /// client address when one is known (version 2 on).
+    NotLeader = 28,
+    /// A publish to a replicated partition was proposed, then the leader
+    /// lost leadership (or its group stopped) before the publish was
+    /// committed: it may or may not be stored (version 2 on).
+    OutcomeUnknown = 29,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 27] = [
+        const ALL: [ErrorCode; 29] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -196,6 +204,8 @@ impl ErrorCode {
             TooManyPartitions,
             GroupSessionExpired,
             ChannelInUse,
+            NotLeader,
+            OutcomeUnknown,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }

@@ -15,9 +15,7 @@ use super::group::Groups;
 use super::offsets::DurableOffsets;
 use super::stats::Stats;
 use crate::config::Config;
-use crate::protocol::{
-    ChannelInfo, GroupInfo, GroupPartitionInfo, Limits, PUBLISH_OVERHEAD_BYTES_MAX, PartitionInfo, SubscriptionInfo,
-};
+use crate::protocol::{ChannelInfo, GroupInfo, GroupPartitionInfo, Limits, PartitionInfo, SubscriptionInfo};
 use crate::security::Authenticator;
 use crate::storage::{Channel, ChannelLog, ChannelName, ChannelSettings, LogCounters, StorageError, Store};
 
@@ -99,6 +97,8 @@ pub(crate) struct Broker {
     next_subscription_key: AtomicU64,
     started: std::time::Instant,
     stopping: std::sync::atomic::AtomicBool,
+    /// The replicated partitions this node hosts, in cluster mode.
+    replicas: std::sync::OnceLock<Arc<crate::cluster::Replicas>>,
 }
 
 /// Why a channel cannot be deleted.
@@ -120,7 +120,7 @@ pub(crate) enum ChannelError {
 
 impl Broker {
     pub fn new(config: Config, store: Arc<Store>, offsets: DurableOffsets, auth: Arc<Authenticator>) -> Broker {
-        let max_frame_bytes = config.max_batch_bytes.max(config.max_message_bytes + PUBLISH_OVERHEAD_BYTES_MAX as u64);
+        let max_frame_bytes = config.max_publish_bytes();
         let limits = Limits {
             max_message_bytes: config.max_message_bytes as u32,
             max_frame_bytes: max_frame_bytes as u32,
@@ -148,7 +148,18 @@ impl Broker {
             next_subscription_key: AtomicU64::new(1),
             started: std::time::Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            replicas: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The replicated partitions this node hosts, in cluster mode.
+    pub fn replicas(&self) -> Option<Arc<crate::cluster::Replicas>> {
+        self.replicas.get().cloned()
+    }
+
+    /// Set once, when cluster mode starts.
+    pub fn set_replicas(&self, replicas: Arc<crate::cluster::Replicas>) {
+        let _ = self.replicas.set(replicas);
     }
 
     /// The channel `name`, creating it when `auto_create_channels` allows.
@@ -532,5 +543,65 @@ pub(crate) struct SubscriptionGuard {
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         self.broker.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
+impl ChannelError {
+    fn describe(&self, name: &ChannelName) -> String {
+        match self {
+            ChannelError::Unknown => format!("channel {name} does not exist"),
+            ChannelError::ShuttingDown => "the broker is shutting down".to_string(),
+            ChannelError::Storage(error) => error.to_string(),
+        }
+    }
+}
+
+/// The server's side of hosting replicated partitions (cluster mode): a
+/// replicated channel is a local channel whose partitions' logs the Raft
+/// groups' state machines append to, and which subscriptions read as any
+/// other.
+pub(crate) struct BrokerHost(pub Arc<Broker>);
+
+impl crate::cluster::PartitionHost for BrokerHost {
+    fn open_partition(
+        &self,
+        channel: &str,
+        partitions: u32,
+        partition: u32,
+    ) -> Result<crate::cluster::HostedPartition, String> {
+        let broker = &self.0;
+        let name = ChannelName::new(channel).map_err(|error| error.to_string())?;
+        match broker.store.channel(&name) {
+            Some(existing) if existing.partition_count() != partitions => {
+                return Err(format!(
+                    "a local channel {name} exists with {} partitions; the replicated channel has {partitions}",
+                    existing.partition_count()
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let settings = ChannelSettings { partitions: Some(partitions), ..ChannelSettings::default() };
+                match broker.create_channel(&name, settings) {
+                    // Created meanwhile by another partition's start.
+                    Ok(()) | Err(StorageError::ChannelExists { .. }) => {}
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+        }
+        let handle = broker.channel_creating(&name, false).map_err(|error| error.describe(&name))?;
+        let hosted = handle.partition(partition).map_err(|error| error.to_string())?;
+        // Records a single node stored (term 0, or no batch header) are not
+        // the group's: refused rather than mixed with replicated ones.
+        let log = &hosted.log;
+        if log.next_offset() > 0 && log.last_raft_entry().is_none_or(|last| last.term == 0) {
+            return Err(format!(
+                "the local channel {name} holds records of its own (it was not created replicated); delete it first"
+            ));
+        }
+        let writer = Arc::clone(&hosted.writer);
+        Ok(crate::cluster::HostedPartition {
+            log: Arc::clone(&hosted.log),
+            appended: Arc::new(move || writer.publish_tail()),
+        })
     }
 }

@@ -177,7 +177,7 @@ impl PartitionWriter {
         }
     }
 
-    fn publish_tail(&self) {
+    pub(crate) fn publish_tail(&self) {
         if let Some(tail) = &*self.tail.lock().unwrap_or_else(|p| p.into_inner()) {
             let _ = tail.send(self.log.next_offset());
         }

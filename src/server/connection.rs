@@ -33,6 +33,7 @@ use super::partition_follower::PartitionFollower;
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
+use crate::cluster::ReplicatedPublishError;
 use crate::protocol::{
     self, BackpressureReason, DecodeError, ErrorCode, FRAME_BODY_BYTES_HARD_MAX, FRAME_HEADER_BYTES, FrameHeader,
     FrameType, NameField, Notice, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, ProducerSequence, Request, Response,
@@ -607,12 +608,22 @@ impl Connection {
                 None => self.unknown_subscription(correlation_id, subscription_id).await,
             },
             Request::Fetch { channel, partition, offset, max_messages, max_bytes } => {
+                if let Ok(name) = ChannelName::new(&channel)
+                    && let Some(refused) = self.unhosted_replicated(&name)
+                {
+                    return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
+                }
                 self.fetch(correlation_id, &channel, partition, offset, max_messages, max_bytes).await
             }
             Request::AlterChannel { channel, partitions } => {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
                 if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "alter channel").await {
                     return Flow::Continue;
+                }
+                if self.is_replicated(&name) {
+                    let message =
+                        format!("channel {name} is replicated: adding partitions to a replicated channel is not built");
+                    return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
                 }
                 match self.broker.increase_partitions(&name, partitions) {
                     Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
@@ -623,6 +634,10 @@ impl Connection {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
                 if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await {
                     return Flow::Continue;
+                }
+                if self.is_replicated(&name) {
+                    let message = format!("channel {name} already exists (a replicated channel)");
+                    return self.error(correlation_id, ErrorCode::ChannelExists, message).await;
                 }
                 let settings = ChannelSettings {
                     partitions,
@@ -646,6 +661,10 @@ impl Connection {
                 let Some(name) = self.channel_name(correlation_id, &channel).await else { return Flow::Continue };
                 if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "delete channel").await {
                     return Flow::Continue;
+                }
+                if self.is_replicated(&name) {
+                    let message = format!("channel {name} is replicated: deleting a replicated channel is not built");
+                    return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
                 }
                 // File work (moving and removing the channel's directory)
                 // runs on the blocking pool.
@@ -822,9 +841,14 @@ impl Connection {
         // The partition, chosen before the channel is looked up (and so
         // auto-created): a publish refused for its partition creates
         // nothing.
-        let count = match self.broker.store.channel(&name) {
-            Some(channel) => channel.partition_count(),
-            None => self.broker.store.partitions_for_new(&name),
+        let replicated = self.broker.replicas().and_then(|replicas| {
+            let count = replicas.partition_count(name.as_str())?;
+            Some((replicas, count))
+        });
+        let count = match (&replicated, self.broker.store.channel(&name)) {
+            (Some((_, count)), _) => *count,
+            (None, Some(channel)) => channel.partition_count(),
+            (None, None) => self.broker.store.partitions_for_new(&name),
         };
         let partition = match self.choose_partition(partition, producer.is_some(), &messages, count) {
             Ok(partition) => partition,
@@ -878,6 +902,35 @@ impl Connection {
                 Response::Backpressure { channel: name.to_string(), reason: BackpressureReason::Quota, retry_after_ms };
             return self.respond(correlation_id, backpressure).await;
         }
+        if let Some((replicas, _)) = replicated {
+            let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
+            let reply = self.publish_reply(permit, received_at, correlation_id, body_bytes, window);
+            let publish = crate::cluster::Publish {
+                messages,
+                producer: producer.map(|producer| (producer.producer_id, producer.sequence)),
+                timestamp_us: crate::storage::now_us(),
+            };
+            let group = crate::cluster::GroupId { channel: name.to_string(), partition };
+            let answer = Box::new(move |outcome: Result<crate::cluster::PublishApplied, ReplicatedPublishError>| {
+                reply.send(match outcome {
+                    Ok(applied) => Response::PublishAck {
+                        partition,
+                        first_offset: applied.first_offset,
+                        count: applied.count as u32,
+                        timestamp_us: applied.timestamp_us,
+                        duplicate: false,
+                    },
+                    Err(error @ ReplicatedPublishError::NotLeader { .. }) => {
+                        Response::Error { code: ErrorCode::NotLeader as u16, message: error.to_string() }
+                    }
+                    Err(error @ ReplicatedPublishError::OutcomeUnknown(_)) => {
+                        Response::Error { code: ErrorCode::OutcomeUnknown as u16, message: error.to_string() }
+                    }
+                });
+            });
+            replicas.submit(&group, publish, answer).await;
+            return Flow::Continue;
+        }
         let channel = match self.open_channel(&name) {
             Ok(channel) => channel,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
@@ -887,27 +940,7 @@ impl Connection {
             Err(error) => return self.storage_error(correlation_id, error).await,
         };
         let Ok(permit) = self.responses.clone().reserve_owned().await else { return Flow::Close };
-        self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
-        let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
-        assert!(inflight <= window, "the publish window is checked before a slot is taken");
-        Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
-        stats.inflight_publishes.fetch_add(1, Ordering::Relaxed);
-        let reply = Reply {
-            permit: Some(permit),
-            received_at,
-            stats: Arc::clone(&stats),
-            correlation_id,
-            inflight: Arc::clone(&self.inflight_publishes),
-            inflight_bytes: Arc::clone(&self.inflight_publish_bytes),
-            body_bytes,
-            version: self.version,
-            outbox: Arc::clone(&self.outbox),
-            // Only when no further request is already read and waiting: an
-            // idle connection's answer goes out at once, while a busy one's
-            // are gathered by the writer task, several to a write. Never
-            // once queued for the partition's writer task.
-            write_at_once: self.reader.buffer().is_empty(),
-        };
+        let reply = self.publish_reply(permit, received_at, correlation_id, body_bytes, window);
         let mut request = AppendRequest { messages, producer, reply };
         // Stored on this task when the partition's writer is idle; a
         // deleted channel's or a stopping writer's publish goes the queue's
@@ -934,6 +967,40 @@ impl Connection {
             }
         }
         Flow::Continue
+    }
+
+    /// Takes a slot of the publish window for one publish, and the answer
+    /// that gives it back.
+    fn publish_reply(
+        &self,
+        permit: mpsc::OwnedPermit<Outbound>,
+        received_at: std::time::Instant,
+        correlation_id: u32,
+        body_bytes: u64,
+        window: u32,
+    ) -> Reply {
+        let stats = &self.broker.stats;
+        self.inflight_publish_bytes.fetch_add(body_bytes, Ordering::AcqRel);
+        let inflight = self.inflight_publishes.fetch_add(1, Ordering::AcqRel) + 1;
+        assert!(inflight <= window, "the publish window is checked before a slot is taken");
+        Stats::high_water(&stats.inflight_publishes_high_water, inflight as u64);
+        stats.inflight_publishes.fetch_add(1, Ordering::Relaxed);
+        Reply {
+            permit: Some(permit),
+            received_at,
+            stats: Arc::clone(stats),
+            correlation_id,
+            inflight: Arc::clone(&self.inflight_publishes),
+            inflight_bytes: Arc::clone(&self.inflight_publish_bytes),
+            body_bytes,
+            version: self.version,
+            outbox: Arc::clone(&self.outbox),
+            // Only when no further request is already read and waiting: an
+            // idle connection's answer goes out at once, while a busy one's
+            // are gathered by the writer task, several to a write. Never
+            // once queued for the partition's writer task.
+            write_at_once: self.reader.buffer().is_empty(),
+        }
     }
 
     /// The partition a publish goes to: the one it names; else the one its
@@ -1047,6 +1114,9 @@ impl Connection {
         // this one is checked before the channel is looked up (and so
         // auto-created), against the channel it would become if it does not
         // exist yet.
+        if let Some(refused) = self.unhosted_replicated(&name) {
+            return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
+        }
         let exists = self.broker.store.channel(&name).is_some() || self.broker.store.unavailable(&name).is_some();
         let count = match self.broker.store.channel(&name) {
             Some(channel) => channel.partition_count(),
@@ -1362,6 +1432,19 @@ impl Connection {
 
     /// The channel `name`, auto-created only if the principal may create
     /// it.
+    /// Whether `name` is a replicated channel (cluster mode).
+    fn is_replicated(&self, name: &ChannelName) -> bool {
+        self.broker.replicas().is_some_and(|replicas| replicas.is_replicated(name.as_str()))
+    }
+
+    /// For a replicated channel of which this node hosts no replica (so no
+    /// local log to read): the `NotLeader` message naming where to go.
+    fn unhosted_replicated(&self, name: &ChannelName) -> Option<String> {
+        let replicas = self.broker.replicas()?;
+        (replicas.is_replicated(name.as_str()) && self.broker.store.channel(name).is_none())
+            .then(|| replicas.hosting_elsewhere(name.as_str()).to_string())
+    }
+
     fn open_channel(&self, name: &ChannelName) -> Result<Arc<super::broker::ChannelHandle>, ChannelError> {
         let may_create = self.principal().permissions.allows(Operation::Admin, name.as_str());
         self.broker.channel_creating(name, may_create)

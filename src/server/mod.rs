@@ -272,11 +272,15 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     // Last of what can fail, and after the metrics recorder, which its
     // first gauges go to.
     let cluster = match &config.cluster {
-        Some(settings) => Some(ClusterNode::start(settings, &config.data_dir).await?),
+        Some(settings) => Some(ClusterNode::start(settings, &config.data_dir, config.max_publish_bytes()).await?),
         None => None,
     };
     let cluster_addr = cluster.as_ref().map(ClusterNode::listen_addr);
     let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets, Arc::clone(&auth)));
+    if let Some(cluster) = &cluster {
+        broker.set_replicas(cluster.replicas());
+        cluster.host_partitions(Arc::new(broker::BrokerHost(Arc::clone(&broker))));
+    }
     let shutdown = CancellationToken::new();
     let stats = Arc::clone(&broker.stats);
     tracing::info!(

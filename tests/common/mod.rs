@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different subset.
 
 pub mod authority;
+pub mod cluster;
 pub mod full_disk;
 pub mod prometheus;
 pub mod proxy;

@@ -1,0 +1,347 @@
+//! The replicated partitions this node hosts: one openraft group per
+//! partition it is a replica of, started when the metadata group says so,
+//! and the publish path through a group's leader.
+//!
+//! The node follows the metadata state machine: whenever a replicated
+//! channel appears whose placement names this node, it opens the channel's
+//! local log (through the server's [`PartitionHost`]) and starts the
+//! partition's group; the partition's first replica initialises it. A
+//! publish to a hosted partition is proposed to its group on the leader
+//! and answered once the entry is committed and applied, with the offsets
+//! the state machine gave it; anywhere else it is answered `NotLeader`
+//! with the leader's client address when one is known.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::impls::ProgressResponder;
+use openraft::{ServerState, SnapshotPolicy};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use super::partition::{self, PartitionRaft};
+pub use super::partition::{Publish, PublishApplied};
+use super::transport::{GroupId, PartitionNetwork};
+use super::types::{MetadataState, NodeAddrs, NodeId, Raft};
+use crate::storage::ChannelLog;
+
+/// Most replicated partitions one node hosts (a Raft group each, with its
+/// own connections to the other replicas and its own heartbeats).
+pub const REPLICATED_PARTITIONS_MAX: usize = 64;
+
+/// A partition group snapshots itself every this many entries, syncing the
+/// partition log first; openraft then purges the Raft log's entries up to
+/// `PARTITION_RAFT_LOG_KEPT` before the snapshot. So a Raft log holds at
+/// most about the sum of both in entries (each at most one publish).
+pub const PARTITION_SNAPSHOT_ENTRIES: u64 = 4096;
+/// Entries a partition's Raft log keeps before its last snapshot, so that
+/// a follower that fell that far behind still catches up from entries
+/// (catching up from further back needs segment transfer, not built).
+pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
+
+/// What the server gives a replicated partition: its local log, and a call
+/// that wakes the partition's readers after the state machine appended.
+pub struct HostedPartition {
+    pub log: Arc<ChannelLog>,
+    pub appended: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The server's side of hosting replicated partitions.
+pub trait PartitionHost: Send + Sync + 'static {
+    /// Opens the local channel `channel` (creating it with `partitions`
+    /// partitions when it does not exist) and returns `partition`'s log.
+    ///
+    /// # Errors
+    /// The channel cannot be opened or created, or exists with other
+    /// settings or with records of its own.
+    fn open_partition(&self, channel: &str, partitions: u32, partition: u32) -> Result<HostedPartition, String>;
+}
+
+/// Why a publish to a replicated partition was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatedPublishError {
+    /// This node does not lead the partition; the leader's client address
+    /// when one is known. Nothing was stored.
+    #[error("not the leader; leader: {}", leader.as_deref().unwrap_or("unknown"))]
+    NotLeader { leader: Option<String> },
+    /// The publish was proposed, then leadership moved or the group stopped
+    /// before it was answered: it may or may not be stored (the next leader
+    /// may commit it).
+    #[error("the outcome is unknown: {0}; the publish may or may not be stored")]
+    OutcomeUnknown(String),
+}
+
+/// Called with the outcome of one publish to a replicated partition.
+pub type PublishAnswer = Box<dyn FnOnce(Result<PublishApplied, ReplicatedPublishError>) + Send>;
+
+/// What a proposal's answer is waited on with.
+type Outcome = openraft::alias::OneshotReceiverOf<
+    super::partition::PartitionTypes,
+    Result<
+        openraft::raft::ClientWriteResponse<super::partition::PartitionTypes>,
+        ClientWriteError<super::partition::PartitionTypes>,
+    >,
+>;
+
+/// A started partition group.
+struct PartitionGroup {
+    raft: PartitionRaft,
+    /// Proposals in order, for the answering task.
+    answers: mpsc::UnboundedSender<(Outcome, PublishAnswer)>,
+}
+
+/// Answers the group's proposals in the order they were made.
+async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishAnswer)>) {
+    while let Some((outcome, answer)) = answers.recv().await {
+        answer(match outcome.await {
+            Ok(Ok(response)) => Ok(response.data),
+            // Proposed, then deposed: the entry may be in the log that the
+            // next leader commits.
+            Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(ReplicatedPublishError::OutcomeUnknown(format!(
+                    "leadership moved before the publish was committed (leader now: {})",
+                    forward.leader_node.map_or_else(|| "unknown".to_string(), |node: NodeAddrs| node.client_addr)
+                )))
+            }
+            Ok(Err(error)) => Err(ReplicatedPublishError::OutcomeUnknown(error.to_string())),
+            Err(_) => {
+                Err(ReplicatedPublishError::OutcomeUnknown("the partition's group stopped before answering".into()))
+            }
+        });
+    }
+}
+
+/// The partitions this node hosts.
+pub struct Replicas {
+    node_id: NodeId,
+    data_dir: PathBuf,
+    raft_config: Arc<openraft::Config>,
+    tls: Option<TlsConnector>,
+    source_ip: Option<std::net::IpAddr>,
+    metadata: Raft,
+    groups: RwLock<HashMap<GroupId, Arc<PartitionGroup>>>,
+    /// The replicated channels as the metadata group last applied them.
+    channels: watch::Receiver<MetadataState>,
+}
+
+impl Replicas {
+    pub(super) fn new(
+        node_id: NodeId,
+        data_dir: PathBuf,
+        settings: &crate::config::ClusterConfig,
+        network: (Option<TlsConnector>, Option<std::net::IpAddr>),
+        metadata: Raft,
+        channels: watch::Receiver<MetadataState>,
+        append_entries_max: u64,
+    ) -> Result<Replicas, super::ClusterError> {
+        let raft_config = openraft::Config {
+            cluster_name: "weir-partition".into(),
+            heartbeat_interval: settings.heartbeat_interval_ms,
+            election_timeout_min: settings.election_timeout_min_ms,
+            election_timeout_max: settings.election_timeout_max_ms,
+            max_payload_entries: append_entries_max,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(PARTITION_SNAPSHOT_ENTRIES),
+            max_in_snapshot_log_to_keep: PARTITION_RAFT_LOG_KEPT,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|error| super::ClusterError::Settings(error.to_string()))?;
+        let (tls, source_ip) = network;
+        Ok(Replicas {
+            node_id,
+            data_dir,
+            raft_config: Arc::new(raft_config),
+            tls,
+            source_ip,
+            metadata,
+            groups: RwLock::new(HashMap::new()),
+            channels,
+        })
+    }
+
+    fn group(&self, id: &GroupId) -> Option<Arc<PartitionGroup>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// The Raft instance of a hosted partition, for the listener.
+    pub(super) fn raft(&self, id: &GroupId) -> Option<PartitionRaft> {
+        self.group(id).map(|group| group.raft.clone())
+    }
+
+    /// Whether `channel` is a replicated channel (whether or not this node
+    /// hosts any of its partitions).
+    pub fn is_replicated(&self, channel: &str) -> bool {
+        self.channels.borrow().channels.contains_key(channel)
+    }
+
+    /// A node's client address, from the metadata group's membership.
+    fn client_addr(&self, node: NodeId) -> Option<String> {
+        let metrics = self.metadata.metrics().borrow_watched().clone();
+        metrics.membership_config.membership().get_node(&node).map(|addrs| addrs.client_addr.clone())
+    }
+
+    /// Proposes `publish` to the partition's group, in the order of the
+    /// calls, and calls `answer` once it is committed and applied (with its
+    /// offsets) or refused. Answers come in the order of the proposals, one
+    /// partition at a time, from the group's answering task; until then
+    /// each waits there (their number is bounded by the connections'
+    /// publish windows, whose slots the answers hold).
+    pub async fn submit(&self, id: &GroupId, publish: Publish, answer: PublishAnswer) {
+        let Some(group) = self.group(id) else {
+            return answer(Err(ReplicatedPublishError::NotLeader { leader: self.leader_elsewhere(id) }));
+        };
+        let metrics = group.raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            let leader = metrics.current_leader.and_then(|leader| self.client_addr(leader));
+            return answer(Err(ReplicatedPublishError::NotLeader { leader }));
+        }
+        let (responder, outcome) = ProgressResponder::complete_only();
+        if let Err(error) = group.raft.client_write_ff(publish, Some(responder)).await {
+            return answer(Err(ReplicatedPublishError::OutcomeUnknown(error.to_string())));
+        }
+        if let Err(unsent) = group.answers.send((outcome, answer)) {
+            let (_, answer) = unsent.0;
+            answer(Err(ReplicatedPublishError::OutcomeUnknown("the partition's group is stopping".into())));
+        }
+    }
+
+    /// The partition count of a replicated channel.
+    pub fn partition_count(&self, channel: &str) -> Option<u32> {
+        self.channels.borrow().channels.get(channel).map(|channel| channel.replicas.len() as u32)
+    }
+
+    /// Where to read a replicated channel this node hosts no replica of:
+    /// `NotLeader` naming its partition 0's first replica.
+    pub fn hosting_elsewhere(&self, channel: &str) -> ReplicatedPublishError {
+        ReplicatedPublishError::NotLeader {
+            leader: self.leader_elsewhere(&GroupId { channel: channel.to_string(), partition: 0 }),
+        }
+    }
+
+    /// For a partition this node does not host: its preferred leader's
+    /// client address (the node most likely to lead it).
+    fn leader_elsewhere(&self, id: &GroupId) -> Option<String> {
+        let preferred =
+            self.channels.borrow().channels.get(&id.channel)?.replicas.get(id.partition as usize)?.first().copied()?;
+        self.client_addr(preferred)
+    }
+
+    /// Each hosted partition's group as this node sees it, for `weir
+    /// cluster status`.
+    pub fn statuses(&self) -> Vec<super::status::PartitionStatus> {
+        let groups: Vec<(GroupId, Arc<PartitionGroup>)> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, group)| (id.clone(), Arc::clone(group)))
+            .collect();
+        let mut statuses: Vec<_> = groups
+            .into_iter()
+            .map(|(id, group)| {
+                super::status::PartitionStatus::from_metrics(&id, &group.raft.metrics().borrow_watched())
+            })
+            .collect();
+        statuses.sort_by(|a, b| (&a.channel, a.partition).cmp(&(&b.channel, b.partition)));
+        statuses
+    }
+
+    /// Starts the groups of every replicated partition placed on this node,
+    /// now and whenever the metadata group creates more, until `stop`.
+    pub(super) async fn follow(self: Arc<Self>, host: Arc<dyn PartitionHost>, stop: CancellationToken) {
+        let mut channels = self.channels.clone();
+        loop {
+            let state = channels.borrow_and_update().clone();
+            self.start_placed(&state, &host).await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = channels.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    async fn start_placed(&self, state: &MetadataState, host: &Arc<dyn PartitionHost>) {
+        for (name, channel) in &state.channels {
+            let partitions = channel.replicas.len() as u32;
+            for (partition, replicas) in channel.replicas.iter().enumerate() {
+                let id = GroupId { channel: name.clone(), partition: partition as u32 };
+                if !replicas.contains(&self.node_id) || self.group(&id).is_some() {
+                    continue;
+                }
+                if self.groups.read().unwrap_or_else(|p| p.into_inner()).len() >= REPLICATED_PARTITIONS_MAX {
+                    tracing::error!(group = %id, "not hosting a replicated partition: this node hosts REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX}) already");
+                    continue;
+                }
+                match self.start_group(&id, partitions, replicas, host).await {
+                    Ok(group) => {
+                        tracing::info!(group = %id, replicas = ?replicas, "replicated partition started");
+                        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(group));
+                    }
+                    Err(error) => tracing::error!(group = %id, %error, "cannot host a replicated partition"),
+                }
+            }
+        }
+    }
+
+    async fn start_group(
+        &self,
+        id: &GroupId,
+        partitions: u32,
+        replicas: &[NodeId],
+        host: &Arc<dyn PartitionHost>,
+    ) -> Result<PartitionGroup, String> {
+        let dir = self.data_dir.join("cluster").join("partitions").join(&id.channel);
+        let path = dir.join(format!("{}.redb", id.partition));
+        let (host, channel, partition) = (Arc::clone(host), id.channel.clone(), id.partition);
+        let (store, machine) = tokio::task::spawn_blocking(move || {
+            let hosted = host.open_partition(&channel, partitions, partition)?;
+            std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+            let (store, machine) =
+                partition::open(&path, hosted.log).map_err(|error| format!("{}: {error}", path.display()))?;
+            Ok::<_, String>((store, machine.on_applied(hosted.appended)))
+        })
+        .await
+        .map_err(|error| error.to_string())??;
+        let network = PartitionNetwork { group: id.clone(), tls: self.tls.clone(), source_ip: self.source_ip };
+        let raft = PartitionRaft::new(self.node_id, Arc::clone(&self.raft_config), network, store, machine)
+            .await
+            .map_err(|error| error.to_string())?;
+        // The first replica initialises the group, once: later starts find
+        // its log not empty and are refused harmlessly.
+        if replicas.first() == Some(&self.node_id) && !raft.is_initialized().await.map_err(|error| error.to_string())? {
+            let membership = self.metadata.metrics().borrow_watched().membership_config.clone();
+            let mut members = BTreeMap::new();
+            for replica in replicas {
+                let addrs = membership
+                    .membership()
+                    .get_node(replica)
+                    .cloned()
+                    .ok_or_else(|| format!("replica {replica} is not a member of the cluster"))?;
+                members.insert(*replica, addrs);
+            }
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                Err(RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        let (answers, queue) = mpsc::unbounded_channel();
+        tokio::spawn(answer_in_order(queue));
+        Ok(PartitionGroup { raft, answers })
+    }
+
+    /// Stops every hosted group.
+    pub(super) async fn shutdown(&self) {
+        let groups: Vec<(GroupId, Arc<PartitionGroup>)> =
+            self.groups.write().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        for (id, group) in groups {
+            if let Err(error) = group.raft.shutdown().await {
+                tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
+            }
+        }
+    }
+}

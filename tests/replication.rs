@@ -1,0 +1,329 @@
+//! Replicated partitions (docs/REPLICATION.md), run as three real `weir
+//! serve` processes on 127.0.0.1: a channel of replication factor 3 is
+//! created with `weir cluster create-channel`, a publisher publishes to it
+//! without pause, following `NotLeader` answers, while the partition's
+//! leader is killed with SIGKILL (one round in three paused with SIGSTOP)
+//! at seeded moments and brought back.
+//!
+//! Checker, after the faults: every replica holds the same records (payload
+//! and timestamp) at the same offsets, offsets dense from 0; every acknowledged publish is there
+//! exactly once at its acknowledged offset; a publish whose outcome the
+//! publisher could not know (its connection died, or `OutcomeUnknown`) is
+//! there at most once; nothing is there that was never published; and
+//! publishes were acknowledged again after every fault.
+//!
+//! `WEIR_REPLICATION_FAULTS` (default 10) sets the number of faults and
+//! `WEIR_CLUSTER_SEED` (default 1) the seed; a failure prints the seed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::cluster::{CONVERGE_LIMIT, ELECTION_MAX_MS, Node, env_or, status, three_nodes, weir_cluster};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use weir::client::{ClientError, Connection};
+use weir::cluster::PartitionStatus;
+use weir::protocol::{ErrorCode, Request, Response};
+use weir::record::{Message, RecordIter};
+
+const CHANNEL: &str = "events";
+
+/// The partition's group as `node` sees it, if it hosts it.
+async fn partition_status(node: &Node) -> Option<PartitionStatus> {
+    let status = status(node).await?;
+    status.partitions.into_iter().find(|partition| partition.channel == CHANNEL && partition.partition == 0)
+}
+
+/// Polls the running nodes until they all host the partition and follow
+/// one leader among them; returns it and its term.
+async fn partition_leader(nodes: &[&Node], seed: u64) -> (u64, u64) {
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for node in nodes {
+            if let Some(status) = partition_status(node).await {
+                seen.push((status.leader, status.term));
+            }
+        }
+        if seen.len() == nodes.len()
+            && let Some(&(Some(leader), term)) = seen.first()
+            && seen.iter().all(|&other| other == (Some(leader), term))
+            && nodes.iter().any(|node| node.spec.id == leader)
+        {
+            return (leader, term);
+        }
+        assert!(
+            started.elapsed() < CONVERGE_LIMIT,
+            "the replicas did not agree on a leader within {CONVERGE_LIMIT:?}: {seen:?}; seed {seed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What the publisher knows.
+#[derive(Default)]
+struct Ledger {
+    /// Acknowledged: offset -> payload.
+    acked: BTreeMap<u64, String>,
+    /// Published, outcome unknown.
+    uncertain: BTreeSet<String>,
+    /// Every payload ever sent.
+    sent: BTreeSet<String>,
+    /// When each acknowledgement arrived.
+    acked_at: Vec<Instant>,
+}
+
+/// Publishes `m0`, `m1`, ... one at a time until `stop`, to whichever node
+/// the last `NotLeader` named (or the next one, when a node is down).
+async fn publish_until(ledger: Arc<Mutex<Ledger>>, addrs: Vec<String>, stop: Arc<tokio::sync::Notify>) {
+    let mut target = 0usize;
+    let mut connection: Option<Connection> = None;
+    let mut sequence = 0u64;
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    loop {
+        let connected = match connection.take() {
+            Some(connection) => Some(connection),
+            None => tokio::time::timeout(Duration::from_secs(5), Connection::connect(&addrs[target], "replication"))
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let Some(conn) = connected else {
+            target = (target + 1) % addrs.len();
+            tokio::select! {
+                () = &mut stopped => return,
+                () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+            }
+        };
+        let payload = format!("m{sequence}");
+        sequence += 1;
+        ledger.lock().unwrap().sent.insert(payload.clone());
+        let request = Request::Publish {
+            channel: CHANNEL.into(),
+            partition: Some(0),
+            producer: None,
+            message: Message::from_payload(payload.clone().into_bytes()),
+        };
+        let answer = tokio::select! {
+            () = &mut stopped => {
+                ledger.lock().unwrap().uncertain.insert(payload);
+                return;
+            }
+            answer = tokio::time::timeout(Duration::from_secs(10), conn.request(request)) => answer,
+        };
+        match answer {
+            Ok(Ok(Response::PublishAck { first_offset, count: 1, .. })) => {
+                let mut ledger = ledger.lock().unwrap();
+                if let Some(earlier) = ledger.acked.insert(first_offset, payload.clone()) {
+                    panic!("offset {first_offset} acknowledged twice: {earlier} and {payload}");
+                }
+                ledger.acked_at.push(Instant::now());
+                connection = Some(conn);
+            }
+            Ok(Err(error)) if error.code() == Some(ErrorCode::NotLeader) => {
+                // Nothing was stored: go where it says.
+                let leader = match &error {
+                    ClientError::Server { message, .. } => message.rsplit("leader: ").next().unwrap_or("").to_string(),
+                    _ => String::new(),
+                };
+                match addrs.iter().position(|addr| *addr == leader) {
+                    Some(index) => target = index,
+                    None => {
+                        connection = Some(conn);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            other => {
+                // Lost connection, timeout, OutcomeUnknown: it may be stored.
+                if let Ok(Err(error)) = &other {
+                    assert!(
+                        matches!(error.code(), Some(ErrorCode::OutcomeUnknown) | None),
+                        "unexpected answer to a publish: {error}"
+                    );
+                } else if let Ok(Ok(response)) = &other {
+                    panic!("unexpected answer to a publish: {response:?}");
+                }
+                ledger.lock().unwrap().uncertain.insert(payload);
+                target = (target + 1) % addrs.len();
+            }
+        }
+    }
+}
+
+/// Every record of the partition as `addr` holds it, in order: offset,
+/// timestamp, payload.
+async fn read_all(addr: &str) -> Vec<(u64, u64, String)> {
+    let conn = Connection::connect(addr, "checker").await.expect("connect to read");
+    let mut records = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetch =
+            Request::Fetch { channel: CHANNEL.into(), partition: 0, offset, max_messages: 1000, max_bytes: 1 << 20 };
+        match conn.request(fetch).await.expect("fetch") {
+            Response::FetchResult { next_offset, records: bytes, .. } => {
+                let before = records.len();
+                for record in RecordIter::new(bytes) {
+                    let record = record.expect("an intact record");
+                    let payload = String::from_utf8(record.payload.to_vec()).unwrap();
+                    records.push((record.offset, record.timestamp_us, payload));
+                }
+                if records.len() == before {
+                    return records;
+                }
+                offset = next_offset;
+            }
+            other => panic!("expected FETCH_RESULT, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
+    let seed = env_or("WEIR_CLUSTER_SEED", 1);
+    let faults = env_or("WEIR_REPLICATION_FAULTS", 10);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path());
+    for node in &mut nodes {
+        node.start();
+    }
+    // Any node takes the command: a follower answers NotLeader, which the
+    // CLI follows.
+    let created = {
+        let started = Instant::now();
+        loop {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+                .args(["cluster", "create-channel", CHANNEL, "--replication-factor", "3"])
+                .args(["--node", &nodes[1].spec.cluster_addr])
+                .output()
+                .unwrap();
+            if output.status.success() {
+                break String::from_utf8_lossy(&output.stdout).into_owned();
+            }
+            // The metadata group may still be electing its first leader.
+            assert!(
+                started.elapsed() < CONVERGE_LIMIT,
+                "create-channel kept failing: {}; seed {seed}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(created.contains("partition 0: nodes"), "{created}");
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["cluster", "create-channel", CHANNEL, "--node", &nodes[0].spec.cluster_addr])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a replicated channel was created twice");
+    let (mut leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), seed).await;
+    let printed = weir_cluster(&["status", "--node", &nodes[0].spec.cluster_addr]);
+    assert!(printed.contains(CHANNEL), "status lists the hosted partition: {printed}");
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    let publisher = tokio::spawn(publish_until(Arc::clone(&ledger), addrs.clone(), Arc::clone(&stop)));
+    let acked_count = |ledger: &Mutex<Ledger>| ledger.lock().unwrap().acked.len();
+    let wait_for_acks = |at_least: usize, what: String| {
+        let ledger = Arc::clone(&ledger);
+        async move {
+            let started = Instant::now();
+            while acked_count(&ledger) < at_least {
+                assert!(started.elapsed() < CONVERGE_LIMIT, "no publish acknowledged {what}; seed {seed}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for_acks(20, "before the faults".into()).await;
+
+    let mut failovers = Vec::new();
+    for round in 0..faults {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..ELECTION_MAX_MS))).await;
+        let index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
+        let pause = rng.random_range(0..3) == 0;
+        let acked_before = acked_count(&ledger);
+        let faulted_at = Instant::now();
+        if pause {
+            nodes[index].signal("STOP");
+        } else {
+            nodes[index].kill();
+        }
+        let others: Vec<&Node> = nodes.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, node)| node).collect();
+        let (new_leader, _) = partition_leader(&others, seed).await;
+        assert_ne!(new_leader, leader, "round {round}; seed {seed}");
+        wait_for_acks(acked_before + 1, format!("after fault {round}")).await;
+        let first_ack = ledger.lock().unwrap().acked_at.iter().copied().find(|&at| at > faulted_at);
+        if let Some(first_ack) = first_ack {
+            failovers.push(first_ack - faulted_at);
+        }
+        if pause {
+            nodes[index].signal("CONT");
+        } else {
+            nodes[index].start();
+        }
+        (leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), seed).await;
+    }
+    wait_for_acks(acked_count(&ledger) + 20, "after the last fault".into()).await;
+    stop.notify_one();
+    publisher.await.unwrap();
+
+    // Healed: every replica applies what was committed.
+    let started = Instant::now();
+    loop {
+        let mut applied = Vec::new();
+        for node in &nodes {
+            applied.push(partition_status(node).await.map(|status| (status.committed_index, status.applied_index)));
+        }
+        let first = applied[0];
+        if first.is_some_and(|(committed, applied)| committed == applied) && applied.iter().all(|other| *other == first)
+        {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the replicas did not converge: {applied:?}; seed {seed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut replicas = Vec::new();
+    for addr in &addrs {
+        replicas.push(read_all(addr).await);
+    }
+    let ledger = ledger.lock().unwrap();
+    for (index, records) in replicas.iter().enumerate() {
+        assert_eq!(records, &replicas[0], "replica {} differs from replica 1; seed {seed}", index + 1);
+    }
+    let records = &replicas[0];
+    for (position, (offset, _, _)) in records.iter().enumerate() {
+        assert_eq!(*offset, position as u64, "offsets are not dense; seed {seed}");
+    }
+    let mut seen = BTreeSet::new();
+    for (offset, _, payload) in records {
+        assert!(seen.insert(payload.clone()), "{payload} stored twice; seed {seed}");
+        assert!(ledger.sent.contains(payload), "{payload} stored but never published; seed {seed}");
+        if let Some(acked) = ledger.acked.get(offset) {
+            assert_eq!(acked, payload, "offset {offset} holds another publish than was acknowledged; seed {seed}");
+        } else {
+            assert!(ledger.uncertain.contains(payload), "{payload} stored though refused; seed {seed}");
+        }
+    }
+    for (offset, payload) in &ledger.acked {
+        assert!(
+            records.get(*offset as usize).is_some_and(|(_, _, stored)| stored == payload),
+            "acknowledged {payload} at offset {offset} is missing; seed {seed}"
+        );
+    }
+    failovers.sort();
+    println!(
+        "{} records, {} acknowledged, {} uncertain; failover to the first acknowledged publish over {} faults: median {:?}, max {:?}",
+        records.len(),
+        ledger.acked.len(),
+        ledger.uncertain.len(),
+        failovers.len(),
+        failovers.get(failovers.len() / 2),
+        failovers.last()
+    );
+}
