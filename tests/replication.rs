@@ -188,7 +188,7 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     let faults = env_or("WEIR_REPLICATION_FAULTS", 10);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(dir.path());
+    let mut nodes = three_nodes(dir.path(), true);
     for node in &mut nodes {
         node.start();
     }
@@ -272,21 +272,42 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     stop.notify_one();
     publisher.await.unwrap();
 
-    // Healed: every replica applies what was committed.
+    // Healed: every replica applies what was committed, and its metrics
+    // say so (an entry still in flight when the publisher stopped may
+    // commit meanwhile: polled until all agree).
+    let series = |name: &str| format!("{name}{{group=\"partition\",channel=\"{CHANNEL}\",partition=\"0\"}}");
     let started = Instant::now();
+    let mut leader_changes;
     loop {
         let mut applied = Vec::new();
         for node in &nodes {
             applied.push(partition_status(node).await.map(|status| (status.committed_index, status.applied_index)));
         }
         let first = applied[0];
-        if first.is_some_and(|(committed, applied)| committed == applied) && applied.iter().all(|other| *other == first)
+        leader_changes = 0.0;
+        let mut metrics_agree = true;
+        if let Some((Some(committed), applied_index)) = first
+            && Some(committed) == applied_index
+            && applied.iter().all(|other| *other == first)
         {
-            break;
+            for node in &nodes {
+                let page = common::prometheus::scrape(&node.spec.metrics_addr).await;
+                let commit_index = common::prometheus::sample(&page, &series("weir_raft_commit_index"));
+                metrics_agree &= commit_index == Some(committed as f64);
+                leader_changes +=
+                    common::prometheus::sample(&page, &series("weir_raft_leader_changes_total")).unwrap_or(0.0);
+            }
+            if metrics_agree {
+                break;
+            }
         }
-        assert!(started.elapsed() < CONVERGE_LIMIT, "the replicas did not converge: {applied:?}; seed {seed}");
+        assert!(
+            started.elapsed() < CONVERGE_LIMIT,
+            "the replicas (or their weir_raft_commit_index) did not converge: {applied:?}; seed {seed}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(leader_changes >= 1.0, "no change of leader counted; seed {seed}");
 
     let mut replicas = Vec::new();
     for addr in &addrs {

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::partition::{PartitionRaft, PartitionSnapshot};
 use super::replicas::{REPLICATED_PARTITIONS_MAX, Replicas};
 use super::transport::{self, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
-use super::types::{MetadataCommand, NodeAddrs, NodeId, Raft, ReplicatedChannel, Snapshot, TypeConfig};
+use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel, Snapshot, TypeConfig};
 use super::{CLUSTER_CONNECTIONS_MAX, CLUSTER_HANDSHAKE_TIMEOUT};
 
 /// The replication factors a replicated channel may have.
@@ -222,7 +222,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             if served.replicas.is_replicated(&name) {
                 return NodeReply::Error(format!("channel {name} already exists"));
             }
-            create_channel(raft, &name, partitions, replication_factor).await
+            create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
         }
     }
 }
@@ -252,7 +252,13 @@ async fn partition_message(raft: &PartitionRaft, request: PartitionRequest) -> N
 /// partition's replicas over the voters (consecutive voters from a
 /// starting point that moves with each partition, so that preferred
 /// leaders spread over the nodes), and commits the creation.
-async fn create_channel(raft: &Raft, name: &str, partitions: u32, replication_factor: u8) -> NodeReply {
+async fn create_channel(
+    raft: &Raft,
+    channels: &MetadataState,
+    name: &str,
+    partitions: u32,
+    replication_factor: u8,
+) -> NodeReply {
     if let Err(error) = crate::storage::ChannelName::new(name) {
         return NodeReply::Error(error.to_string());
     }
@@ -283,6 +289,15 @@ async fn create_channel(raft: &Raft, name: &str, partitions: u32, replication_fa
             (0..usize::from(replication_factor)).map(|k| voters[(start + partition + k) % voters.len()]).collect()
         })
         .collect();
+    for node in &voters {
+        let placed =
+            Replicas::placed_on(channels, *node) + replicas.iter().filter(|partition| partition.contains(node)).count();
+        if placed > REPLICATED_PARTITIONS_MAX {
+            return NodeReply::Error(format!(
+                "node {node} would host {placed} replicated partitions, above REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX})"
+            ));
+        }
+    }
     let command = MetadataCommand::CreateChannel {
         name: name.to_string(),
         channel: ReplicatedChannel { replication_factor, replicas: replicas.clone() },

@@ -178,29 +178,24 @@ impl ClusterNode {
             .local_addr()
             .map_err(|source| ClusterError::Bind { addr: settings.listen_addr.clone(), source })?;
         let channels = state_machine.subscribe();
+        let stop = CancellationToken::new();
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
             .await
             .map_err(|error| ClusterError::Raft(error.to_string()))?;
         let replicas = Arc::new(Replicas::new(
-            node_id,
             data_dir.to_path_buf(),
             settings,
             (connector, source_ip),
             raft.clone(),
             channels,
             partition_append_entries_max(max_publish_bytes),
+            stop.clone(),
         )?);
-        let node = ClusterNode {
-            raft,
-            replicas,
-            node_id,
-            listen_addr,
-            connections: TaskTracker::new(),
-            stop: CancellationToken::new(),
-        };
+        let node = ClusterNode { raft, replicas, node_id, listen_addr, connections: TaskTracker::new(), stop };
         let served = listener::Served { raft: node.raft.clone(), replicas: Arc::clone(&node.replicas) };
         tokio::spawn(listener::accept(listener, acceptor, served, node.connections.clone(), node.stop.clone()));
-        tokio::spawn(status::watch_metrics(node.raft.clone(), node.stop.clone()));
+        let labels = vec![metrics::Label::new("group", "metadata")];
+        tokio::spawn(status::watch_metrics::<types::TypeConfig>(node.raft.metrics(), labels, node.stop.clone()));
         if let Err(error) = node.bootstrap(settings).await {
             node.shutdown().await;
             return Err(error);
@@ -268,7 +263,7 @@ impl ClusterNode {
     /// Starts hosting the replicated partitions placed on this node, now
     /// and as the metadata group creates more, through `host` (the server).
     pub fn host_partitions(&self, host: Arc<dyn PartitionHost>) {
-        tokio::spawn(Arc::clone(&self.replicas).follow(host, self.stop.clone()));
+        tokio::spawn(Arc::clone(&self.replicas).follow(host));
     }
 
     /// Stops serving other nodes and leaves the group (without a

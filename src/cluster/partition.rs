@@ -87,6 +87,10 @@ pub struct SnapshotPromise {
     pub next_offset: u64,
 }
 
+/// How long applying a publish waits for disk space before the group
+/// stops with the error (a committed entry cannot be skipped).
+pub const APPLY_STORAGE_FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Key of the state table: the last entry applied and the membership,
 /// written when a blank or membership entry is applied.
 const APPLIED: &str = "applied";
@@ -129,6 +133,20 @@ pub struct PartitionStateMachine {
 impl PartitionStateMachine {
     fn open(db: Arc<Database>, log: Arc<ChannelLog>) -> io::Result<PartitionStateMachine> {
         let mut applied = read_state::<Applied>(&db, APPLIED)?.unwrap_or_default();
+        // What the database recorded as applied was synced first: a shorter
+        // log lost records it must hold (files removed or restored from an
+        // older copy), and would give the next entries other offsets than
+        // the other replicas'.
+        let recorded = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
+            .map_or(0, |(_, promise)| promise.next_offset)
+            .max(applied.next_offset);
+        if log.next_offset() < recorded {
+            return Err(io::Error::other(format!(
+                "{}: the partition log ends at offset {} but offset {recorded} was recorded as applied and synced: records are missing; refusing to serve this replica",
+                log.label(),
+                log.next_offset()
+            )));
+        }
         if let Some((meta, _)) = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
             && meta.last_log_id > applied.last_applied
         {
@@ -180,7 +198,17 @@ impl PartitionStateMachine {
                 return Ok(None);
             }
             let batch = NewBatch { messages: &publish.messages, producer: publish.producer, raft: Some(position) };
-            let appended = log.append_batches_at(&[batch], publish.timestamp_us).map_err(io::Error::other)?;
+            // A committed entry cannot be skipped: on a full disk the apply
+            // waits for space (reads go on), for a bounded time.
+            let waiting_since = std::time::Instant::now();
+            let appended = loop {
+                match log.append_batches_at(&[batch], publish.timestamp_us) {
+                    Err(error) if error.is_storage_full() && waiting_since.elapsed() < APPLY_STORAGE_FULL_WAIT => {
+                        std::thread::sleep(crate::storage::STORAGE_FULL_RETRY_INTERVAL);
+                    }
+                    other => break other.map_err(io::Error::other)?,
+                }
+            };
             Ok(Some(PublishApplied {
                 first_offset: appended.first_offset,
                 count: appended.count,
@@ -196,7 +224,10 @@ impl PartitionStateMachine {
     async fn save_applied(&self) -> io::Result<()> {
         let applied = self.lock().clone();
         let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || log.sync()).await.map_err(io::Error::other)?.map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(move || log.sync_appended())
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?;
         write_state(&self.db, APPLIED, &applied).await
     }
 }
@@ -211,7 +242,10 @@ impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
         // them durably.
         let applied = self.lock().clone();
         let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || log.sync()).await.map_err(io::Error::other)?.map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(move || log.sync_appended())
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?;
         let meta = PartitionSnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
         let promise = SnapshotPromise { next_offset: applied.next_offset };
         write_snapshot(&self.db, &meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await?;
@@ -250,13 +284,20 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                         responder.send(stored);
                     }
                 }
-                EntryPayload::Blank | EntryPayload::Membership(_) => {
-                    let mut applied = self.lock();
-                    applied.last_applied = Some(id);
-                    if let EntryPayload::Membership(membership) = entry.payload {
+                EntryPayload::Blank => {
+                    self.lock().last_applied = Some(id);
+                    save = true;
+                }
+                EntryPayload::Membership(membership) => {
+                    {
+                        let mut applied = self.lock();
+                        applied.last_applied = Some(id);
                         applied.membership = PartitionMembership::new(Some(id), membership);
                     }
-                    save = true;
+                    // At once: publishes applied after it move the applied
+                    // point recovered from the log past it, and openraft
+                    // looks for the membership only after that point.
+                    self.save_applied().await?;
                 }
             }
         }
@@ -283,14 +324,15 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                 promise.next_offset
             )));
         }
-        write_snapshot(&self.db, meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await?;
         {
             let mut applied = self.lock();
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
             applied.next_offset = held;
         }
-        self.save_applied().await
+        // The log synced before the snapshot is recorded as held.
+        self.save_applied().await?;
+        write_snapshot(&self.db, meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<PartitionSnapshot>, io::Error> {
@@ -411,6 +453,44 @@ mod tests {
         // The same index from another term: the replicas diverged.
         let diverged = apply(&mut machine, vec![publish_entry(3, 5, &["x"], 2_000)]).await;
         assert!(diverged.unwrap_err().to_string().contains("diverged"));
+    }
+
+    /// A membership applied before publishes in one batch is found again on
+    /// reopening (openraft looks for it only after the applied point, which
+    /// the publishes moved past it); an append outside Raft is refused; a
+    /// log shorter than what was recorded as applied stops the replica.
+    #[tokio::test]
+    async fn memberships_survive_reopening_and_the_log_is_guarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let voters = std::collections::BTreeSet::from([1u64, 2, 3]);
+        let membership = openraft::Membership::<u64, NodeAddrs>::new_with_defaults(vec![voters], []);
+        {
+            let (_, mut machine, log) = open_in(dir.path()).unwrap();
+            let entries = vec![
+                PartitionEntry { log_id: id(1, 0), payload: EntryPayload::Membership(membership.clone()) },
+                publish_entry(1, 1, &["a"], 10),
+                publish_entry(1, 2, &["b"], 20),
+            ];
+            // The batch ends in an error, as when the process dies in it:
+            // nothing after the publishes runs.
+            let items = entries.into_iter().map(|entry| Ok((entry, None))).chain([Err(io::Error::other("cut"))]);
+            assert!(machine.apply(futures_util::stream::iter(items)).await.is_err());
+            let outside = log.append_batch(&[Message::from_payload("stray")]);
+            assert!(matches!(outside, Err(crate::storage::StorageError::ReplicatedLog { .. })), "{outside:?}");
+            assert_eq!(log.next_offset(), 2);
+        }
+        {
+            let (_, mut machine, _) = open_in(dir.path()).unwrap();
+            let (last, stored) = machine.applied_state().await.unwrap();
+            assert_eq!(last, Some(id(1, 2)));
+            assert_eq!(stored.membership(), &membership);
+            assert_eq!(stored.log_id(), &Some(id(1, 0)));
+            // Recorded as applied (with the log synced): offset 2 and on.
+            apply(&mut machine, vec![PartitionEntry { log_id: id(1, 3), payload: EntryPayload::Blank }]).await.unwrap();
+        }
+        std::fs::remove_dir_all(dir.path().join("log")).unwrap();
+        let refused = open_in(dir.path()).err().expect("a log missing applied records is refused");
+        assert!(refused.to_string().contains("records are missing"), "{refused}");
     }
 
     /// The Raft log keeps publishes whole (messages, producer, timestamp)

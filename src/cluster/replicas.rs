@@ -33,15 +33,23 @@ use crate::storage::ChannelLog;
 /// own connections to the other replicas and its own heartbeats).
 pub const REPLICATED_PARTITIONS_MAX: usize = 64;
 
-/// A partition group snapshots itself every this many entries, syncing the
-/// partition log first; openraft then purges the Raft log's entries up to
-/// `PARTITION_RAFT_LOG_KEPT` before the snapshot. So a Raft log holds at
-/// most about the sum of both in entries (each at most one publish).
+/// A partition group snapshots itself (syncing the partition log first)
+/// once it applied this many entries since its last snapshot, and then
+/// only when every follower holds all but `PARTITION_RAFT_LOG_KEPT` of them
+/// (on the leader; a follower, not knowing the others, waits for
+/// `PARTITION_RAFT_LOG_ENTRIES_MAX`); openraft then purges the Raft log up
+/// to `PARTITION_RAFT_LOG_KEPT` entries before the snapshot. So no follower
+/// needs a snapshot (segment transfer is not built) unless it fell
+/// `PARTITION_RAFT_LOG_ENTRIES_MAX` entries behind.
 pub const PARTITION_SNAPSHOT_ENTRIES: u64 = 4096;
-/// Entries a partition's Raft log keeps before its last snapshot, so that
-/// a follower that fell that far behind still catches up from entries
-/// (catching up from further back needs segment transfer, not built).
+/// Entries a partition's Raft log keeps before its last snapshot.
 pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
+/// A partition's Raft log snapshots itself past this many entries whatever
+/// its followers hold: the bound of its size in entries (each at most one
+/// publish).
+pub const PARTITION_RAFT_LOG_ENTRIES_MAX: u64 = 1 << 20;
+/// How often a partition group considers a snapshot.
+const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the server gives a replicated partition: its local log, and a call
 /// that wakes the partition's readers after the state machine appended.
@@ -94,6 +102,39 @@ struct PartitionGroup {
     answers: mpsc::UnboundedSender<(Outcome, PublishAnswer)>,
 }
 
+/// Snapshots the group (which lets openraft purge its Raft log) when it is
+/// due by [`PARTITION_SNAPSHOT_ENTRIES`] and no follower would need the
+/// purged entries, or when the log reached [`PARTITION_RAFT_LOG_ENTRIES_MAX`].
+async fn snapshot_when_followers_hold(raft: PartitionRaft, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(SNAPSHOT_CHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.state == ServerState::Shutdown {
+            return;
+        }
+        let Some(applied) = metrics.last_applied.map(|log_id| log_id.index) else { continue };
+        let since = applied.saturating_sub(metrics.snapshot.map_or(0, |log_id| log_id.index));
+        if since < PARTITION_SNAPSHOT_ENTRIES {
+            continue;
+        }
+        let followers_hold = match (&metrics.replication, metrics.state) {
+            (Some(replication), ServerState::Leader) => replication
+                .values()
+                // Half: a margin for what is applied between this look and the
+                // snapshot.
+                .all(|matched| matched.is_some_and(|log_id| log_id.index + PARTITION_RAFT_LOG_KEPT / 2 >= applied)),
+            _ => false,
+        };
+        if (followers_hold || since >= PARTITION_RAFT_LOG_ENTRIES_MAX) && raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Answers the group's proposals in the order they were made.
 async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishAnswer)>) {
     while let Some((outcome, answer)) = answers.recv().await {
@@ -126,17 +167,19 @@ pub struct Replicas {
     groups: RwLock<HashMap<GroupId, Arc<PartitionGroup>>>,
     /// The replicated channels as the metadata group last applied them.
     channels: watch::Receiver<MetadataState>,
+    /// Cancelled when the node stops.
+    stop: CancellationToken,
 }
 
 impl Replicas {
     pub(super) fn new(
-        node_id: NodeId,
         data_dir: PathBuf,
         settings: &crate::config::ClusterConfig,
         network: (Option<TlsConnector>, Option<std::net::IpAddr>),
         metadata: Raft,
         channels: watch::Receiver<MetadataState>,
         append_entries_max: u64,
+        stop: CancellationToken,
     ) -> Result<Replicas, super::ClusterError> {
         let raft_config = openraft::Config {
             cluster_name: "weir-partition".into(),
@@ -144,7 +187,8 @@ impl Replicas {
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
             max_payload_entries: append_entries_max,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(PARTITION_SNAPSHOT_ENTRIES),
+            // Triggered by `snapshot_when_followers_hold`.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: PARTITION_RAFT_LOG_KEPT,
             ..Default::default()
         }
@@ -152,7 +196,7 @@ impl Replicas {
         .map_err(|error| super::ClusterError::Settings(error.to_string()))?;
         let (tls, source_ip) = network;
         Ok(Replicas {
-            node_id,
+            node_id: settings.node_id,
             data_dir,
             raft_config: Arc::new(raft_config),
             tls,
@@ -160,6 +204,7 @@ impl Replicas {
             metadata,
             groups: RwLock::new(HashMap::new()),
             channels,
+            stop,
         })
     }
 
@@ -209,16 +254,36 @@ impl Replicas {
         }
     }
 
+    /// Whether this node runs the group of `partition` of `channel`.
+    pub fn hosts(&self, channel: &str, partition: u32) -> bool {
+        self.group(&GroupId { channel: channel.to_string(), partition }).is_some()
+    }
+
+    /// Replicated partitions placed on `node` by the metadata group.
+    pub(super) fn placed_on(state: &MetadataState, node: NodeId) -> usize {
+        state
+            .channels
+            .values()
+            .flat_map(|channel| &channel.replicas)
+            .filter(|replicas| replicas.contains(&node))
+            .count()
+    }
+
+    /// The replicated channels as this node last applied them.
+    pub(super) fn channels(&self) -> MetadataState {
+        self.channels.borrow().clone()
+    }
+
     /// The partition count of a replicated channel.
     pub fn partition_count(&self, channel: &str) -> Option<u32> {
         self.channels.borrow().channels.get(channel).map(|channel| channel.replicas.len() as u32)
     }
 
-    /// Where to read a replicated channel this node hosts no replica of:
-    /// `NotLeader` naming its partition 0's first replica.
-    pub fn hosting_elsewhere(&self, channel: &str) -> ReplicatedPublishError {
+    /// Where to read a partition of a replicated channel this node hosts no
+    /// replica of: `NotLeader` naming the partition's first replica.
+    pub fn hosting_elsewhere(&self, channel: &str, partition: u32) -> ReplicatedPublishError {
         ReplicatedPublishError::NotLeader {
-            leader: self.leader_elsewhere(&GroupId { channel: channel.to_string(), partition: 0 }),
+            leader: self.leader_elsewhere(&GroupId { channel: channel.to_string(), partition }),
         }
     }
 
@@ -252,7 +317,8 @@ impl Replicas {
 
     /// Starts the groups of every replicated partition placed on this node,
     /// now and whenever the metadata group creates more, until `stop`.
-    pub(super) async fn follow(self: Arc<Self>, host: Arc<dyn PartitionHost>, stop: CancellationToken) {
+    pub(super) async fn follow(self: Arc<Self>, host: Arc<dyn PartitionHost>) {
+        let stop = self.stop.clone();
         let mut channels = self.channels.clone();
         loop {
             let state = channels.borrow_and_update().clone();
@@ -278,8 +344,15 @@ impl Replicas {
                 }
                 match self.start_group(&id, partitions, replicas, host).await {
                     Ok(group) => {
+                        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+                        // Stopping: `shutdown` has taken the groups already.
+                        if self.stop.is_cancelled() {
+                            drop(groups);
+                            let _ = group.raft.shutdown().await;
+                            return;
+                        }
                         tracing::info!(group = %id, replicas = ?replicas, "replicated partition started");
-                        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(group));
+                        groups.insert(id, Arc::new(group));
                     }
                     Err(error) => tracing::error!(group = %id, %error, "cannot host a replicated partition"),
                 }
@@ -329,6 +402,17 @@ impl Replicas {
                 Err(error) => return Err(error.to_string()),
             }
         }
+        let labels = vec![
+            metrics::Label::new("group", "partition"),
+            metrics::Label::new("channel", id.channel.clone()),
+            metrics::Label::new("partition", id.partition.to_string()),
+        ];
+        tokio::spawn(super::status::watch_metrics::<super::partition::PartitionTypes>(
+            raft.metrics(),
+            labels,
+            self.stop.clone(),
+        ));
+        tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.stop.clone()));
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
         Ok(PartitionGroup { raft, answers })

@@ -10,7 +10,7 @@ use openraft::{RaftMetrics, ServerState};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::types::{LogId, NodeAddrs, NodeId, Raft, TypeConfig};
+use super::types::{LogId, NodeAddrs, NodeId, TypeConfig};
 
 /// What `weir cluster status` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,9 +59,7 @@ impl PartitionStatus {
         let lag_entries = match (&metrics.replication, metrics.last_log_index) {
             (Some(replication), Some(last)) => replication
                 .iter()
-                .map(|(&follower, matched)| {
-                    (follower, matched.map_or(last + 1, |log_id| last.saturating_sub(log_id.index)))
-                })
+                .map(|(&follower, matched)| (follower, lag_behind(last, matched.map(|log_id| log_id.index))))
                 .collect(),
             _ => Vec::new(),
         };
@@ -137,7 +135,12 @@ impl ClusterStatus {
 /// Entries a member lacks when the leader's last is `last` (indexes start
 /// at 0, so a member holding nothing lacks `last + 1`).
 fn lag_entries(last: u64, matched: Option<LogId>) -> u64 {
-    matched.map_or(last + 1, |log_id| last.saturating_sub(log_id.index))
+    lag_behind(last, matched.map(|log_id| log_id.index))
+}
+
+/// As [`lag_entries`], from the index of the member's last entry.
+fn lag_behind(last: u64, matched: Option<u64>) -> u64 {
+    matched.map_or(last + 1, |index| last.saturating_sub(index))
 }
 
 fn or_dash(value: Option<u64>) -> String {
@@ -205,10 +208,17 @@ impl fmt::Display for ClusterStatus {
     }
 }
 
-/// Publishes the metadata group's state as metrics and logs every change
-/// of leader or term.
-pub(crate) async fn watch_metrics(raft: Raft, stop: CancellationToken) {
-    let mut metrics = raft.metrics();
+/// Publishes a Raft group's state as metrics (labelled `labels`: the
+/// metadata group's `group="metadata"`, a partition's `group="partition"`
+/// with its channel and partition) and logs every change of leader or term.
+pub(crate) async fn watch_metrics<C>(
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<C, RaftMetrics<C>>,
+    labels: Vec<metrics::Label>,
+    stop: CancellationToken,
+) where
+    C: openraft::RaftTypeConfig<NodeId = NodeId, Term = u64>,
+{
+    let group: String = labels.iter().map(|label| label.value().to_string()).collect::<Vec<_>>().join(" ");
     let mut known: Option<(u64, Option<NodeId>, ServerState)> = None;
     let mut last_leader: Option<NodeId> = None;
     let mut reported = std::collections::BTreeSet::new();
@@ -221,30 +231,35 @@ pub(crate) async fn watch_metrics(raft: Raft, stop: CancellationToken) {
                 && last_leader != Some(leader)
             {
                 if last_leader.is_some() {
-                    metrics::counter!("weir_raft_leader_changes_total", "group" => "metadata").increment(1);
+                    metrics::counter!("weir_raft_leader_changes_total", labels.clone()).increment(1);
                 }
                 last_leader = Some(leader);
             }
             tracing::info!(
-                group = "metadata",
+                group = %group,
                 term = current.current_term,
                 leader = ?current.current_leader,
                 role = role_name(current.state),
-                "metadata group: leader or term changed"
+                "Raft group: leader or term changed"
             );
             known = Some(seen);
         }
-        metrics::gauge!("weir_raft_term", "group" => "metadata").set(current.current_term as f64);
+        metrics::gauge!("weir_raft_term", labels.clone()).set(current.current_term as f64);
         let leading = current.state == ServerState::Leader;
-        metrics::gauge!("weir_raft_leader", "group" => "metadata").set(if leading { 1.0 } else { 0.0 });
-        if let Some(committed) = current.local_committed {
-            metrics::gauge!("weir_raft_commit_index", "group" => "metadata").set(committed.index as f64);
+        metrics::gauge!("weir_raft_leader", labels.clone()).set(if leading { 1.0 } else { 0.0 });
+        if let Some(committed) = &current.local_committed {
+            metrics::gauge!("weir_raft_commit_index", labels.clone()).set(committed.index() as f64);
         }
-        let lag_gauge = |follower: NodeId| metrics::gauge!("weir_raft_replica_lag_entries", "group" => "metadata", "follower" => follower.to_string());
+        let lag_gauge = |follower: NodeId| {
+            let mut labels = labels.clone();
+            labels.push(metrics::Label::new("follower", follower.to_string()));
+            metrics::gauge!("weir_raft_replica_lag_entries", labels)
+        };
         let mut now_reported = std::collections::BTreeSet::new();
         if let (Some(replication), Some(last)) = (&current.replication, current.last_log_index) {
             for (&follower, matched) in replication {
-                lag_gauge(follower).set(lag_entries(last, *matched) as f64);
+                let matched = matched.as_ref().map(|log_id| log_id.index());
+                lag_gauge(follower).set(lag_behind(last, matched) as f64);
                 now_reported.insert(follower);
             }
         }

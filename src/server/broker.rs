@@ -152,6 +152,13 @@ impl Broker {
         }
     }
 
+    /// Whether channels are created on first use: `auto_create_channels`,
+    /// never in cluster mode (a node that has not yet applied the creation
+    /// of a replicated channel would create a local one of the same name).
+    pub fn auto_creates(&self) -> bool {
+        self.config.auto_create_channels && self.config.cluster.is_none()
+    }
+
     /// The replicated partitions this node hosts, in cluster mode.
     pub fn replicas(&self) -> Option<Arc<crate::cluster::Replicas>> {
         self.replicas.get().cloned()
@@ -183,7 +190,7 @@ impl Broker {
         }
         let channel = match self.store.channel(name) {
             Some(channel) => channel,
-            None if self.config.auto_create_channels && may_create => {
+            None if self.auto_creates() && may_create => {
                 self.store.get_or_create(name).map_err(ChannelError::Storage)?
             }
             None => return Err(ChannelError::Unknown),

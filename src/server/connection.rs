@@ -609,7 +609,7 @@ impl Connection {
             },
             Request::Fetch { channel, partition, offset, max_messages, max_bytes } => {
                 if let Ok(name) = ChannelName::new(&channel)
-                    && let Some(refused) = self.unhosted_replicated(&name)
+                    && let Some(refused) = self.unhosted_replicated(&name, Some(partition))
                 {
                     return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
                 }
@@ -1114,7 +1114,7 @@ impl Connection {
         // this one is checked before the channel is looked up (and so
         // auto-created), against the channel it would become if it does not
         // exist yet.
-        if let Some(refused) = self.unhosted_replicated(&name) {
+        if let Some(refused) = self.unhosted_replicated(&name, partition) {
             return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
         }
         let exists = self.broker.store.channel(&name).is_some() || self.broker.store.unavailable(&name).is_some();
@@ -1144,7 +1144,7 @@ impl Connection {
             .collect();
         if let StartPosition::Offset(offset @ 1..) = start
             && stored.iter().all(Option::is_none)
-            && self.broker.config.auto_create_channels
+            && self.broker.auto_creates()
             && !exists
         {
             let message = format!(
@@ -1424,7 +1424,7 @@ impl Connection {
         if self.principal().permissions.allows(Operation::Admin, name.as_str()) {
             return true;
         }
-        let would_create = self.broker.config.auto_create_channels
+        let would_create = self.broker.auto_creates()
             && self.broker.store.channel(name).is_none()
             && self.broker.store.unavailable(name).is_none();
         !would_create || self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await
@@ -1437,12 +1437,16 @@ impl Connection {
         self.broker.replicas().is_some_and(|replicas| replicas.is_replicated(name.as_str()))
     }
 
-    /// For a replicated channel of which this node hosts no replica (so no
-    /// local log to read): the `NotLeader` message naming where to go.
-    fn unhosted_replicated(&self, name: &ChannelName) -> Option<String> {
+    /// For a read of partitions of a replicated channel (`None`: all of
+    /// them) of which this node hosts no replica (so no log to read): the
+    /// `NotLeader` message naming where the first of them is.
+    fn unhosted_replicated(&self, name: &ChannelName, partition: Option<u32>) -> Option<String> {
         let replicas = self.broker.replicas()?;
-        (replicas.is_replicated(name.as_str()) && self.broker.store.channel(name).is_none())
-            .then(|| replicas.hosting_elsewhere(name.as_str()).to_string())
+        let count = replicas.partition_count(name.as_str())?;
+        // A partition it does not have is refused as for any channel.
+        let mut partitions = partition.map_or(0..count, |partition| partition..(partition + 1).min(count));
+        let unhosted = partitions.find(|&partition| !replicas.hosts(name.as_str(), partition))?;
+        Some(replicas.hosting_elsewhere(name.as_str(), unhosted).to_string())
     }
 
     fn open_channel(&self, name: &ChannelName) -> Result<Arc<super::broker::ChannelHandle>, ChannelError> {
@@ -1481,10 +1485,10 @@ impl Connection {
     async fn channel_error(&mut self, correlation_id: u32, name: &ChannelName, error: ChannelError) -> Flow {
         match error {
             ChannelError::Unknown => {
-                let message = if self.broker.config.auto_create_channels {
+                let message = if self.broker.auto_creates() {
                     format!("channel {name} does not exist (it was deleted meanwhile)")
                 } else {
-                    format!("channel {name} does not exist and auto_create_channels is off")
+                    format!("channel {name} does not exist and auto_create_channels is off (always, in cluster mode)")
                 };
                 self.error(correlation_id, ErrorCode::UnknownChannel, message).await
             }

@@ -96,6 +96,10 @@ pub enum StorageError {
     /// order: nothing was stored.
     #[error("channel {channel}: Raft entry {index} does not follow the last one applied ({last})")]
     RaftIndexNotAfter { channel: String, index: u64, last: u64 },
+    /// An append outside Raft to a replicated partition's log (one whose
+    /// batches carry a term): nothing was stored.
+    #[error("channel {channel} is replicated: its records are appended by its Raft group only")]
+    ReplicatedLog { channel: String },
 }
 
 impl StorageError {

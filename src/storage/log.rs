@@ -545,6 +545,10 @@ impl ChannelLog {
             return Err(self.storage_full());
         }
         let mut last_raft_entry = writer.last_raft_entry;
+        let replicated = last_raft_entry.is_some_and(|last| last.term > 0);
+        if replicated && batches.iter().any(|batch| batch.raft.is_none() && !batch.messages.is_empty()) {
+            return Err(StorageError::ReplicatedLog { channel: self.label() });
+        }
         for raft in batches.iter().filter(|batch| !batch.messages.is_empty()).filter_map(|batch| batch.raft) {
             if let Some(last) = last_raft_entry.filter(|last| last.index >= raft.index) {
                 return Err(StorageError::RaftIndexNotAfter {
@@ -896,6 +900,25 @@ impl ChannelLog {
             self.lock_writer().failure = Some(error.to_string());
         }
         result
+    }
+
+    /// Makes everything appended before the call durable, and says so only
+    /// when it is: unlike [`ChannelLog::sync`], it waits for a sync another
+    /// thread has under way (which took the appends it covers), and fails
+    /// when the log has failed. A replicated partition's state machine
+    /// calls it before it records what it applied.
+    ///
+    /// # Errors
+    /// The failed sync, or the earlier failure that stopped the log.
+    pub fn sync_appended(&self) -> Result<(), StorageError> {
+        self.sync()?;
+        // A sync that another thread started before ours found nothing to
+        // do holds `seal_order` until it is done.
+        drop(self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        match &self.lock_writer().failure {
+            Some(cause) => Err(StorageError::Failed { channel: self.label(), cause: cause.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// Syncs everything, indexes included (clean shutdown).

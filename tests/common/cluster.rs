@@ -174,9 +174,14 @@ pub fn weir_cluster(args: &[&str]) -> String {
 }
 
 /// Three nodes, configured in `dir` as the initial voters of one cluster
-/// (not started).
-pub fn three_nodes(dir: &Path) -> Vec<Node> {
-    let specs = [spec(1), spec(2), spec(3)];
+/// (not started); with a Prometheus endpoint each when `metrics`.
+pub fn three_nodes(dir: &Path, metrics: bool) -> Vec<Node> {
+    let specs = [spec(1), spec(2), spec(3)].map(|mut spec| {
+        if metrics {
+            spec.metrics_addr = format!("127.0.0.1:{}", free_port());
+        }
+        spec
+    });
     let initial: Vec<&NodeSpec> = specs.iter().collect();
     specs.iter().map(|s| configure(dir, s.clone(), &initial, "")).collect()
 }
