@@ -55,7 +55,14 @@ enum Peer {
 pub(super) struct Served {
     pub raft: Raft,
     pub replicas: Arc<Replicas>,
+    /// KiB of frames the connections may hold at once, being read or
+    /// handled: [`CLUSTER_FRAME_BUDGET_BYTES`].
+    pub frame_budget: Arc<tokio::sync::Semaphore>,
 }
+
+/// Bytes of node-to-node frames the listener's connections hold at once
+/// (a frame waits for room before its body is read): four maximal frames.
+pub const CLUSTER_FRAME_BUDGET_BYTES: usize = 4 * transport::CLUSTER_FRAME_BYTES_MAX;
 
 pub(super) async fn accept(
     listener: TcpListener,
@@ -126,9 +133,14 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, served: Served,
     loop {
         let frame = tokio::select! {
             () = stop.cancelled() => return,
-            frame = transport::read_frame(&mut reader, CLUSTER_IDLE_TIMEOUT, CLUSTER_FRAME_TIMEOUT) => frame,
+            frame = transport::read_frame_within(
+                &mut reader,
+                CLUSTER_IDLE_TIMEOUT,
+                CLUSTER_FRAME_TIMEOUT,
+                Some(&served.frame_budget),
+            ) => frame,
         };
-        let (correlation, body) = match frame {
+        let (correlation, body, _held) = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(error) => {

@@ -192,7 +192,11 @@ impl ClusterNode {
             stop.clone(),
         )?);
         let node = ClusterNode { raft, replicas, node_id, listen_addr, connections: TaskTracker::new(), stop };
-        let served = listener::Served { raft: node.raft.clone(), replicas: Arc::clone(&node.replicas) };
+        let served = listener::Served {
+            raft: node.raft.clone(),
+            replicas: Arc::clone(&node.replicas),
+            frame_budget: Arc::new(tokio::sync::Semaphore::new(listener::CLUSTER_FRAME_BUDGET_BYTES / 1024)),
+        };
         tokio::spawn(listener::accept(listener, acceptor, served, node.connections.clone(), node.stop.clone()));
         let labels = vec![metrics::Label::new("group", "metadata")];
         tokio::spawn(status::watch_metrics::<types::TypeConfig>(node.raft.metrics(), labels, node.stop.clone()));

@@ -9,6 +9,7 @@
 //! The CLI's `weir cluster` commands use the same listener.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -18,6 +19,7 @@ use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2, RaftTy
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use super::partition::{PartitionSnapshot, PartitionSnapshotMeta, PartitionTypes, PartitionVote, SnapshotPromise};
@@ -191,6 +193,18 @@ pub(crate) async fn read_frame(
     idle: Duration,
     frame_timeout: Duration,
 ) -> io::Result<Option<(u64, Vec<u8>)>> {
+    Ok(read_frame_within(reader, idle, frame_timeout, None).await?.map(|(correlation, body, _)| (correlation, body)))
+}
+
+/// As [`read_frame`], holding a share of `budget` (one permit per KiB of
+/// the frame) while the body is read, and returning it with the frame: the
+/// listener bounds the bytes its connections hold at once.
+pub(crate) async fn read_frame_within(
+    reader: &mut FrameReader,
+    idle: Duration,
+    frame_timeout: Duration,
+    budget: Option<&Arc<Semaphore>>,
+) -> io::Result<Option<(u64, Vec<u8>, Option<OwnedSemaphorePermit>)>> {
     let timed_out = |what: &str| io::Error::new(io::ErrorKind::TimedOut, what.to_string());
     let length = match tokio::time::timeout(idle, reader.read_u32()).await {
         Err(_) => return Err(timed_out("idle past the timeout")),
@@ -198,8 +212,22 @@ pub(crate) async fn read_frame(
         Ok(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Ok(Err(error)) => return Err(error),
     };
+    // Checked before any wait for the budget: a frame above the limit never
+    // waits for room it cannot have.
+    if length > CLUSTER_FRAME_BYTES_MAX {
+        return read_frame_rest(reader, length).await.map(|(correlation, body)| Some((correlation, body, None)));
+    }
+    let permit = match budget {
+        Some(budget) => Some(
+            Arc::clone(budget)
+                .acquire_many_owned(length.div_ceil(1024) as u32)
+                .await
+                .map_err(|_| io::Error::other("the listener is stopping"))?,
+        ),
+        None => None,
+    };
     match tokio::time::timeout(frame_timeout, read_frame_rest(reader, length)).await {
-        Ok(result) => result.map(Some),
+        Ok(result) => result.map(|(correlation, body)| Some((correlation, body, permit))),
         Err(_) => Err(timed_out("a frame arrived too slowly")),
     }
 }
