@@ -221,6 +221,14 @@ struct TargetArgs {
     /// The embedded broker's fsync policy.
     #[arg(long, value_enum, default_value = "never")]
     fsync: FsyncArg,
+    /// Drive replicated channels of the cluster whose node has this
+    /// cluster listener (with --addr, any of its nodes' client address):
+    /// each is created with --replication-factor and driven on its leader.
+    #[arg(long, requires = "addr")]
+    cluster: Option<String>,
+    /// The replication factor of the channels --cluster creates.
+    #[arg(long, default_value_t = 3, requires = "cluster")]
+    replication_factor: u8,
     /// The target's name in reports, JSON (OMB's `driver`) and charts, e.g.
     /// "weir never" for a broker at --addr (default: what the driver says
     /// of itself).
@@ -1294,10 +1302,17 @@ async fn bench_target(target: TargetArgs) -> anyhow::Result<Box<dyn weir::bench:
         auth_token: target.token,
         tls: target.tls_ca.map(|ca| ClientTlsOptions { ca: Some(ca), ..ClientTlsOptions::default() }),
     };
+    let (target_cluster, target_replication) = (target.cluster.clone(), target.replication_factor);
     Ok(match (target.driver, target.addr) {
         (DriverArg::Nats, _) => Box::new(weir::bench::nats::NatsTarget::connect(&target.url).await?),
         (DriverArg::Null, _) => Box::new(weir::bench::null::NullTarget::new()),
-        (DriverArg::Weir, Some(addr)) => Box::new(WeirTarget::at(&addr).with_connect_options(connect)),
+        (DriverArg::Weir, Some(addr)) => {
+            let target = WeirTarget::at(&addr).with_connect_options(connect);
+            match &target_cluster {
+                Some(cluster) => Box::new(target.replicated(cluster, target_replication)),
+                None => Box::new(target),
+            }
+        }
         (DriverArg::Weir, None) => Box::new(WeirTarget::embedded(target.fsync.into()).await?),
     })
 }

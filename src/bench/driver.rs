@@ -107,6 +107,11 @@ pub struct Delivery {
 /// A weir broker to benchmark.
 pub struct WeirTarget {
     addr: String,
+    /// Replicated channels instead: created through this cluster listener
+    /// with this replication factor, and driven on their partition 0's
+    /// leader (its client address, once known, in `leader`).
+    replicated: Option<(String, u8)>,
+    leader: std::sync::Mutex<Option<String>>,
     /// Credential and TLS of every connection the benchmark opens.
     connect: ConnectOptions,
     description: String,
@@ -171,6 +176,8 @@ impl WeirTarget {
         let description = format!("weir {} (embedded, fsync = {fsync:?})", env!("CARGO_PKG_VERSION"));
         Ok(WeirTarget {
             addr,
+            replicated: None,
+            leader: std::sync::Mutex::new(None),
             connect: ConnectOptions::default(),
             description,
             embedded: Some(Embedded { stop, thread, _data: dir }),
@@ -181,9 +188,66 @@ impl WeirTarget {
     pub fn at(addr: &str) -> WeirTarget {
         WeirTarget {
             addr: addr.to_owned(),
+            replicated: None,
+            leader: std::sync::Mutex::new(None),
             connect: ConnectOptions::default(),
             description: format!("weir at {addr}"),
             embedded: None,
+        }
+    }
+
+    /// Drives replicated channels of a cluster instead: each topic is
+    /// created with `weir cluster create-channel` semantics through the
+    /// cluster listener at `cluster_addr`, with `replication_factor`, and
+    /// the benchmark connects to its partition 0's leader (so use one
+    /// partition). Replicated channels cannot be deleted yet: they are
+    /// left in place.
+    pub fn replicated(mut self, cluster_addr: &str, replication_factor: u8) -> WeirTarget {
+        self.description.push_str(&format!(", replicated channels (replication factor {replication_factor})"));
+        self.replicated = Some((cluster_addr.to_owned(), replication_factor));
+        self
+    }
+
+    /// Where connections go: the replicated topic's leader once known.
+    fn current_addr(&self) -> String {
+        self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| self.addr.clone())
+    }
+
+    /// Creates a replicated channel and waits until its partition 0 has a
+    /// leader every replica agrees on; returns the leader's client address.
+    async fn create_replicated(
+        cluster_addr: &str,
+        replication_factor: u8,
+        channel: &str,
+        partitions: u32,
+    ) -> Result<String, BenchError> {
+        use crate::cluster::{NodeReply, NodeRequest};
+        let create = NodeRequest::CreateChannel { name: channel.to_owned(), partitions, replication_factor };
+        let replicas = match crate::cluster::admin(cluster_addr, create, None).await {
+            Ok(NodeReply::ChannelCreated { replicas }) => replicas,
+            Ok(other) => return Err(BenchError::Target(format!("create-channel {channel}: {other:?}"))),
+            Err(error) => return Err(BenchError::Target(format!("create-channel {channel}: {error}"))),
+        };
+        let started = std::time::Instant::now();
+        loop {
+            let status = crate::cluster::admin(cluster_addr, NodeRequest::Status, None).await;
+            if let Ok(NodeReply::Status(status)) = status {
+                let members = status.members.clone();
+                for member in members.iter().filter(|member| replicas[0].contains(&member.id)) {
+                    let asked = crate::cluster::admin(&member.addrs.cluster_addr, NodeRequest::Status, None).await;
+                    let Ok(NodeReply::Status(view)) = asked else { continue };
+                    let leads = view.partitions.iter().any(|partition| {
+                        partition.channel == channel && partition.partition == 0 && partition.role == "leader"
+                    });
+                    if leads {
+                        return Ok(member.addrs.client_addr.clone());
+                    }
+                }
+            }
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                return Err(BenchError::Target(format!("replicated channel {channel} got no leader within 60 s")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
@@ -199,7 +263,7 @@ impl WeirTarget {
 
     async fn connection(&self, client_name: &str) -> Result<Connection, BenchError> {
         let options = ConnectOptions { client_name: client_name.to_owned(), ..self.connect.clone() };
-        Ok(Connection::connect_with(&self.addr, &options).await?)
+        Ok(Connection::connect_with(&self.current_addr(), &options).await?)
     }
 
     /// The limits the broker advertises in its handshake.
@@ -220,6 +284,11 @@ impl WeirTarget {
     /// # Errors
     /// The broker refused.
     pub async fn create(&self, channel: &str, partitions: u32) -> Result<(), BenchError> {
+        if let Some((cluster_addr, replication_factor)) = &self.replicated {
+            let leader = WeirTarget::create_replicated(cluster_addr, *replication_factor, channel, partitions).await?;
+            *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(leader);
+            return Ok(());
+        }
         let connection = self.connection("weir-bench").await?;
         let create = Request::CreateChannel {
             channel: channel.to_owned(),
@@ -275,6 +344,9 @@ impl Driver for WeirTarget {
 
     fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
         Box::pin(async move {
+            if self.replicated.is_some() {
+                return Ok(());
+            }
             let connection = self.connection("weir-bench").await?;
             // Forced: the run's own consumers may still be ending.
             connection.request(Request::DeleteChannel { channel: topic.to_owned(), force: true }).await?;
@@ -290,7 +362,7 @@ impl Driver for WeirTarget {
                 tls: self.connect.tls.clone(),
                 ..PublisherOptions::default()
             };
-            let publisher = PartitionedPublisher::connect(&self.addr, topic, options).await?;
+            let publisher = PartitionedPublisher::connect(&self.current_addr(), topic, options).await?;
             Ok(Arc::new(publisher) as Arc<dyn Producer>)
         })
     }

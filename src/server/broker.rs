@@ -563,6 +563,11 @@ impl ChannelError {
     }
 }
 
+/// The settings of a replicated channel's local copy.
+fn replicated_settings(partitions: u32) -> ChannelSettings {
+    ChannelSettings { partitions: Some(partitions), replicated: Some(true), ..ChannelSettings::default() }
+}
+
 /// The server's side of hosting replicated partitions (cluster mode): a
 /// replicated channel is a local channel whose partitions' logs the Raft
 /// groups' state machines append to, and which subscriptions read as any
@@ -579,15 +584,15 @@ impl crate::cluster::PartitionHost for BrokerHost {
         let broker = &self.0;
         let name = ChannelName::new(channel).map_err(|error| error.to_string())?;
         match broker.store.channel(&name) {
-            Some(existing) if existing.partition_count() != partitions => {
+            Some(existing) if existing.settings() != replicated_settings(partitions) => {
                 return Err(format!(
-                    "a local channel {name} exists with {} partitions; the replicated channel has {partitions}",
-                    existing.partition_count()
+                    "a local channel {name} exists ({:?}) that is not this replicated channel's copy: delete it first",
+                    existing.settings()
                 ));
             }
             Some(_) => {}
             None => {
-                let settings = ChannelSettings { partitions: Some(partitions), ..ChannelSettings::default() };
+                let settings = replicated_settings(partitions);
                 match broker.create_channel(&name, settings) {
                     // Created meanwhile by another partition's start.
                     Ok(()) | Err(StorageError::ChannelExists { .. }) => {}

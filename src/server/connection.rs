@@ -641,6 +641,7 @@ impl Connection {
                 }
                 let settings = ChannelSettings {
                     partitions,
+                    replicated: None,
                     retention_max_bytes: retention.max_bytes,
                     retention_max_age_secs: retention.max_age_secs,
                     retention_max_messages: retention.max_messages,

@@ -114,10 +114,19 @@ impl Drop for Node {
 /// Writes the configuration of node `spec` whose initial voters are
 /// `initial`, under `dir`, with `extra` lines in its `[cluster]` table.
 pub fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str) -> Node {
+    // WEIR_CLUSTER_DEFAULT_TIMEOUTS=1: broker.toml's defaults instead (a
+    // failover measured as a user would see it; tests then take longer).
+    let timing = if std::env::var_os("WEIR_CLUSTER_DEFAULT_TIMEOUTS").is_some() {
+        String::new()
+    } else {
+        format!(
+            "heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
+             election_timeout_max_ms = {ELECTION_MAX_MS}\n"
+        )
+    };
     let mut text = format!(
         "listen_addr = \"{}\"\nmetrics_addr = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
-         heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
-         election_timeout_max_ms = {ELECTION_MAX_MS}\n{extra}",
+         {timing}{extra}",
         spec.client_addr,
         spec.metrics_addr,
         dir.join(format!("node{}", spec.id)).display(),
