@@ -16,7 +16,8 @@
 //! (fault-injecting proxies in front of every node's cluster listener):
 //! a publish to it is never acknowledged, the majority elects a new leader
 //! that takes publishes, and after healing the old leader's uncommitted
-//! entry is gone from every replica.
+//! entry is gone from every replica; the Rust publisher, connected to a
+//! follower, follows `NotLeader` to the leader.
 //!
 //! `WEIR_REPLICATION_FAULTS` (default 10) sets the number of faults and
 //! `WEIR_CLUSTER_SEED` (default 1) the seed; a failure prints the seed.
@@ -463,7 +464,20 @@ async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_
     for proxy in &proxies {
         proxy.block_only(&[]);
     }
-    partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
+    let (leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
+    // The Rust publisher, connected to a follower, follows its NotLeader
+    // answer to the leader.
+    let follower = nodes.iter().find(|node| node.spec.id != leader).unwrap();
+    let publisher = weir::client::Publisher::connect(
+        &follower.spec.client_addr,
+        CHANNEL,
+        weir::client::PublisherOptions::default(),
+    )
+    .await
+    .unwrap();
+    let receipt = publisher.publish(Message::from_payload("followed")).await.unwrap();
+    assert_eq!(receipt.offset, 2);
+    publisher.close().await;
     // Every replica, the old leader included once it caught up, holds
     // exactly what was acknowledged.
     let started = Instant::now();
@@ -471,12 +485,12 @@ async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_
         loop {
             let records: Vec<String> =
                 read_all(&node.spec.client_addr).await.into_iter().map(|(_, _, payload)| payload).collect();
-            if records == ["before", "after"] {
+            if records == ["before", "after", "followed"] {
                 break;
             }
             assert!(
                 started.elapsed() < CONVERGE_LIMIT,
-                "node {} holds {records:?}, not the acknowledged [before, after]",
+                "node {} holds {records:?}, not the acknowledged [before, after, followed]",
                 node.spec.id
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -18,6 +18,13 @@
 //! connecting and after every reconnect the publisher is *unanchored*: it
 //! keeps one batch in flight until a PUBLISH_ACK says the broker knows
 //! where this producer stands, and only then pipelines.
+//!
+//! A replicated partition (cluster mode) takes publishes on its leader
+//! only: a `NotLeader` answer (nothing stored) sends the publisher to the
+//! leader it names, or, while none is known (an election), back to the same
+//! node a moment later, and the batches are resent there. An
+//! `OutcomeUnknown` answer is the caller's: replicated partitions do not
+//! deduplicate yet, so a resend could store the batch twice.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -112,6 +119,11 @@ pub struct Receipt {
 /// Resends after `OutOfOrderSequence` before a batch is failed: a bound on
 /// a loop that only a broker bug could cause.
 const RESEQUENCE_ATTEMPTS_MAX: u32 = 100;
+/// Times one batch follows `NotLeader` before the publisher gives up on it.
+const REDIRECTS_MAX: u32 = 100;
+/// The wait before asking the same node again when it knows no leader (an
+/// election is under way).
+const LEADER_UNKNOWN_WAIT: Duration = Duration::from_millis(100);
 
 type ReceiptSender = oneshot::Sender<Result<Receipt, ClientError>>;
 
@@ -219,6 +231,8 @@ struct Batch {
     /// rejection (`OutOfOrderSequence`, `InflightLimitExceeded`) that no
     /// earlier rejected batch explains.
     resequenced: u32,
+    /// Times the broker answered this batch `NotLeader`.
+    redirected: u32,
     /// Sent on the current connection and not answered yet. A batch that
     /// is neither in flight nor settled waits to be sent (behind a batch
     /// resent alone while the publisher is unanchored).
@@ -227,9 +241,20 @@ struct Batch {
 }
 
 enum Outcome {
-    Acked { first_offset: u64, timestamp_us: u64, duplicate: bool },
-    Retry { after: Duration },
+    Acked {
+        first_offset: u64,
+        timestamp_us: u64,
+        duplicate: bool,
+    },
+    Retry {
+        after: Duration,
+    },
     Reconnect,
+    /// `NotLeader` (nothing stored): go to the leader named, if any.
+    Redirect {
+        leader: Option<String>,
+        error: ClientError,
+    },
     Fail(ClientError),
 }
 
@@ -358,6 +383,7 @@ impl PublishTask {
             replies,
             backpressured: 0,
             resequenced: 0,
+            redirected: 0,
             in_flight: false,
             outcome: None,
         };
@@ -417,7 +443,22 @@ impl PublishTask {
     /// only the first batch is resent; the others wait, renumbered, until
     /// it is acknowledged.
     async fn recover(&mut self) {
-        let reconnect = self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::Reconnect)));
+        let mut reconnect = self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::Reconnect)));
+        let redirect = self.pending.values().find_map(|b| match &b.outcome {
+            Some(Outcome::Redirect { leader, .. }) => Some(leader.clone()),
+            _ => None,
+        });
+        match redirect {
+            Some(Some(leader)) => {
+                self.addr = leader;
+                reconnect = true;
+            }
+            Some(None) => {
+                tokio::time::sleep(LEADER_UNKNOWN_WAIT).await;
+                reconnect = true;
+            }
+            None => {}
+        }
         if reconnect && let Err(error) = self.reconnect().await {
             for (_, batch) in std::mem::take(&mut self.pending) {
                 fail(batch, &error);
@@ -470,6 +511,10 @@ impl PublishTask {
                             channel: self.channel.clone(),
                             retry_after_ms: after.as_millis() as u32,
                         })
+                }
+                Some(Outcome::Redirect { error, .. }) => {
+                    batch.redirected += 1;
+                    (batch.redirected > REDIRECTS_MAX).then(|| error.clone())
                 }
                 _ => None,
             };
@@ -533,6 +578,14 @@ fn fail(batch: Batch, error: &ClientError) {
     }
 }
 
+/// The leader a `NotLeader` error names (`...; leader: HOST:PORT`), if
+/// known.
+fn named_leader(error: &ClientError) -> Option<String> {
+    let ClientError::Server { message, .. } = error else { return None };
+    let leader = message.rsplit_once("leader: ")?.1.trim();
+    (!leader.is_empty() && leader != "unknown").then(|| leader.to_owned())
+}
+
 fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -> Outcome {
     match result {
         Ok(Response::PublishAck { first_offset, timestamp_us, duplicate, .. }) => {
@@ -550,6 +603,7 @@ fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -
                 Outcome::Retry { after: Duration::ZERO }
             }
             Some(ErrorCode::ShuttingDown) => Outcome::Reconnect,
+            Some(ErrorCode::NotLeader) => Outcome::Redirect { leader: named_leader(&error), error },
             _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
             _ => Outcome::Fail(error),
         },
