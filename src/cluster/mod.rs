@@ -4,9 +4,11 @@
 //!
 //! Built so far: membership (bootstrap from `[cluster] nodes`, adding and
 //! removing nodes by joint consensus), elections and failover of the
-//! metadata group, `weir cluster status`, and its metrics. Channels are
-//! not replicated yet: every node serves its own channels as a single
-//! node does (docs/REPLICATION.md, "What is built").
+//! metadata group, replicated channels (a Raft group per partition, its
+//! Raft log in redb and its state machine the partition's log; publishes
+//! through the leader), `weir cluster status`, and the Raft metrics
+//! (docs/REPLICATION.md, "What is built"). Channels created with
+//! CREATE_CHANNEL are still each node's own.
 //!
 //! openraft is used only inside this module, so that its API changes
 //! between pinned versions touch nothing else.
