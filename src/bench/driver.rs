@@ -109,9 +109,9 @@ pub struct WeirTarget {
     addr: String,
     /// Replicated channels instead: created through this cluster listener
     /// with this replication factor, and driven on their partition 0's
-    /// leader (its client address, once known, in `leader`).
+    /// leader (each topic's client address, once known, in `leaders`).
     replicated: Option<(String, u8)>,
-    leader: std::sync::Mutex<Option<String>>,
+    leaders: std::sync::Mutex<HashMap<String, String>>,
     /// Credential and TLS of every connection the benchmark opens.
     connect: ConnectOptions,
     description: String,
@@ -177,7 +177,7 @@ impl WeirTarget {
         Ok(WeirTarget {
             addr,
             replicated: None,
-            leader: std::sync::Mutex::new(None),
+            leaders: std::sync::Mutex::new(HashMap::new()),
             connect: ConnectOptions::default(),
             description,
             embedded: Some(Embedded { stop, thread, _data: dir }),
@@ -189,7 +189,7 @@ impl WeirTarget {
         WeirTarget {
             addr: addr.to_owned(),
             replicated: None,
-            leader: std::sync::Mutex::new(None),
+            leaders: std::sync::Mutex::new(HashMap::new()),
             connect: ConnectOptions::default(),
             description: format!("weir at {addr}"),
             embedded: None,
@@ -208,9 +208,10 @@ impl WeirTarget {
         self
     }
 
-    /// Where connections go: the replicated topic's leader once known.
-    fn current_addr(&self) -> String {
-        self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| self.addr.clone())
+    /// Where a topic's connections go: a replicated topic's leader once
+    /// known, else the broker's address.
+    fn topic_addr(&self, topic: &str) -> String {
+        self.leaders.lock().unwrap_or_else(|p| p.into_inner()).get(topic).cloned().unwrap_or_else(|| self.addr.clone())
     }
 
     /// Creates a replicated channel and waits until its partition 0 has a
@@ -262,8 +263,12 @@ impl WeirTarget {
     }
 
     async fn connection(&self, client_name: &str) -> Result<Connection, BenchError> {
+        self.connection_to(&self.addr, client_name).await
+    }
+
+    async fn connection_to(&self, addr: &str, client_name: &str) -> Result<Connection, BenchError> {
         let options = ConnectOptions { client_name: client_name.to_owned(), ..self.connect.clone() };
-        Ok(Connection::connect_with(&self.current_addr(), &options).await?)
+        Ok(Connection::connect_with(addr, &options).await?)
     }
 
     /// The limits the broker advertises in its handshake.
@@ -286,7 +291,7 @@ impl WeirTarget {
     pub async fn create(&self, channel: &str, partitions: u32) -> Result<(), BenchError> {
         if let Some((cluster_addr, replication_factor)) = &self.replicated {
             let leader = WeirTarget::create_replicated(cluster_addr, *replication_factor, channel, partitions).await?;
-            *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(leader);
+            self.leaders.lock().unwrap_or_else(|p| p.into_inner()).insert(channel.to_owned(), leader);
             return Ok(());
         }
         let connection = self.connection("weir-bench").await?;
@@ -362,7 +367,7 @@ impl Driver for WeirTarget {
                 tls: self.connect.tls.clone(),
                 ..PublisherOptions::default()
             };
-            let publisher = PartitionedPublisher::connect(&self.current_addr(), topic, options).await?;
+            let publisher = PartitionedPublisher::connect(&self.topic_addr(topic), topic, options).await?;
             Ok(Arc::new(publisher) as Arc<dyn Producer>)
         })
     }
@@ -377,7 +382,7 @@ impl Driver for WeirTarget {
                 StartAt::Start => StartPosition::Earliest,
                 StartAt::End => StartPosition::Latest,
             };
-            let connection = self.connection("weir-bench-subscriber").await?;
+            let connection = self.connection_to(&self.topic_addr(topic), "weir-bench-subscriber").await?;
             let window = options.window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
             let subscribe =
                 SubscribeOptions { start, max_inflight: window, group: options.group, ..SubscribeOptions::default() };

@@ -158,6 +158,7 @@ impl Publisher {
         };
         let state = PublishTask {
             addr: addr.to_owned(),
+            first_addr: addr.to_owned(),
             channel: channel.to_owned(),
             options,
             connection,
@@ -260,6 +261,9 @@ enum Outcome {
 
 struct PublishTask {
     addr: String,
+    /// The address it was connected to first: where it goes back to when
+    /// a leader it was sent to cannot be reached (it may have died).
+    first_addr: String,
     channel: String,
     options: PublisherOptions,
     connection: Connection,
@@ -557,7 +561,12 @@ impl PublishTask {
                     self.anchored = false;
                     return Ok(());
                 }
-                Err(error) => last_error = error,
+                Err(error) => {
+                    last_error = error;
+                    // A leader it was sent to may be gone: the node it
+                    // started from redirects it again.
+                    self.addr.clone_from(&self.first_addr);
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));

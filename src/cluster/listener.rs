@@ -60,8 +60,10 @@ pub(super) struct Served {
     pub frame_budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// Bytes of node-to-node frames the listener's connections hold at once
-/// (a frame waits for room before its body is read): four maximal frames.
+/// Bytes of node-to-node frames above `FRAME_BUDGET_FREE_BYTES` that the
+/// listener's connections hold at once, read or being handled (a frame
+/// waits for room, at most `CLUSTER_FRAME_TIMEOUT`, before its body is
+/// read): four maximal frames. Decoding holds a second copy while it runs.
 pub const CLUSTER_FRAME_BUDGET_BYTES: usize = 4 * transport::CLUSTER_FRAME_BYTES_MAX;
 
 pub(super) async fn accept(
@@ -140,7 +142,7 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, served: Served,
                 Some(&served.frame_budget),
             ) => frame,
         };
-        let (correlation, body, _held) = match frame {
+        let (correlation, body, held) = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(error) => {
@@ -148,18 +150,41 @@ async fn serve(socket: TcpStream, acceptor: Option<TlsAcceptor>, served: Served,
                 return;
             }
         };
-        let reply = match postcard::from_bytes::<NodeRequest>(&body) {
-            Ok(request) => handle(&served, peer, request).await,
+        let decoded = postcard::from_bytes::<NodeRequest>(&body);
+        drop(body);
+        let reply = match decoded {
+            // The frame's share of the budget is held while its request is
+            // handled (the decoded request holds its bytes), and given back
+            // before the answer is written, which a peer can stall.
+            Ok(request) => {
+                let reply = handle(&served, peer, request).await;
+                drop(held);
+                reply
+            }
             Err(error) => {
+                drop(held);
                 tracing::warn!(peer = %address, %error, "cluster listener: a request that does not decode");
                 let reply = NodeReply::Error(format!("the request does not decode: {error}"));
-                let _ = transport::write_frame(&mut writer, correlation, &reply).await;
+                let _ = tokio::time::timeout(
+                    CLUSTER_FRAME_TIMEOUT,
+                    transport::write_frame(&mut writer, correlation, &reply),
+                )
+                .await;
                 return;
             }
         };
-        if let Err(error) = transport::write_frame(&mut writer, correlation, &reply).await {
-            tracing::debug!(peer = %address, %error, "cluster listener: cannot answer");
-            return;
+        match tokio::time::timeout(CLUSTER_FRAME_TIMEOUT, transport::write_frame(&mut writer, correlation, &reply))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %address, %error, "cluster listener: cannot answer");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %address, "cluster listener: the peer did not take its answer in time");
+                return;
+            }
         }
     }
 }

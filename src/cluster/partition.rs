@@ -140,6 +140,16 @@ impl PartitionStateMachine {
         let recorded = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
             .map_or(0, |(_, promise)| promise.next_offset)
             .max(applied.next_offset);
+        // A log with records and no batch header (retention removed every
+        // segment that had one) no longer says which entries it applied:
+        // applying them again would store them twice.
+        if log.next_offset() > 0 && log.last_raft_entry().is_none() {
+            return Err(io::Error::other(format!(
+                "{}: the partition log holds records up to offset {} but no batch header naming the Raft entry they applied; refusing to serve this replica",
+                log.label(),
+                log.next_offset()
+            )));
+        }
         if log.next_offset() < recorded {
             return Err(io::Error::other(format!(
                 "{}: the partition log ends at offset {} but offset {recorded} was recorded as applied and synced: records are missing; refusing to serve this replica",
@@ -491,6 +501,20 @@ mod tests {
         std::fs::remove_dir_all(dir.path().join("log")).unwrap();
         let refused = open_in(dir.path()).err().expect("a log missing applied records is refused");
         assert!(refused.to_string().contains("records are missing"), "{refused}");
+    }
+
+    /// A log with records and no batch header (here: format 1, as when
+    /// retention removed every segment that had one) cannot say which
+    /// entries it applied: the replica refuses to start.
+    #[tokio::test]
+    async fn a_log_without_batch_headers_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig { format_version: crate::storage::index::FORMAT_VERSION_1, ..LogConfig::default() };
+        let name = ChannelName::new("replicated").unwrap();
+        let log = ChannelLog::open(Arc::new(StdFileSystem), &dir.path().join("log"), name, config).unwrap();
+        log.append_batch(&[Message::from_payload("single node")]).unwrap();
+        let refused = open(&dir.path().join("raft.redb"), Arc::new(log)).err().expect("refused");
+        assert!(refused.to_string().contains("no batch header"), "{refused}");
     }
 
     /// The Raft log keeps publishes whole (messages, producer, timestamp)

@@ -196,6 +196,9 @@ pub(crate) async fn read_frame(
     Ok(read_frame_within(reader, idle, frame_timeout, None).await?.map(|(correlation, body, _)| (correlation, body)))
 }
 
+/// Frames up to this size are read without taking from a listener's budget.
+pub const FRAME_BUDGET_FREE_BYTES: usize = 64 * 1024;
+
 /// As [`read_frame`], holding a share of `budget` (one permit per KiB of
 /// the frame) while the body is read, and returning it with the frame: the
 /// listener bounds the bytes its connections hold at once.
@@ -217,14 +220,18 @@ pub(crate) async fn read_frame_within(
     if length > CLUSTER_FRAME_BYTES_MAX {
         return read_frame_rest(reader, length).await.map(|(correlation, body)| Some((correlation, body, None)));
     }
+    // Small frames (votes, heartbeats, commands) never wait behind large
+    // ones: only frames above FRAME_BUDGET_FREE_BYTES count.
     let permit = match budget {
-        Some(budget) => Some(
-            Arc::clone(budget)
-                .acquire_many_owned(length.div_ceil(1024) as u32)
-                .await
-                .map_err(|_| io::Error::other("the listener is stopping"))?,
-        ),
-        None => None,
+        Some(budget) if length > FRAME_BUDGET_FREE_BYTES => {
+            let permits = length.div_ceil(1024) as u32;
+            match tokio::time::timeout(frame_timeout, Arc::clone(budget).acquire_many_owned(permits)).await {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(_)) => return Err(io::Error::other("the listener is stopping")),
+                Err(_) => return Err(timed_out("no room for the frame within the frame timeout")),
+            }
+        }
+        _ => None,
     };
     match tokio::time::timeout(frame_timeout, read_frame_rest(reader, length)).await {
         Ok(result) => result.map(|(correlation, body)| Some((correlation, body, permit))),

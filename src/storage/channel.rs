@@ -37,11 +37,11 @@ pub struct ChannelSettings {
     pub retention_max_messages: Option<u64>,
     /// The partition count; absent means 1 (every v0.1 channel).
     pub partitions: Option<u32>,
-    /// Set for the local copy of a replicated channel (cluster mode): its
-    /// partitions' Raft logs are the durable copy, so their logs are
-    /// written without a sync per append (`fsync = "never"`); each
-    /// partition's state machine syncs its log before it records what it
-    /// applied (docs/REPLICATION.md).
+    /// Set for the local copy of a replicated channel (cluster mode), whose
+    /// partitions' logs only their Raft groups append to. (Not a reason to
+    /// skip their syncs: under `never` a power loss can leave damage in
+    /// the middle of a log, which recovery keeps, and a replica would then
+    /// hold a hole where the other replicas hold acknowledged records.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicated: Option<bool>,
 }
@@ -53,9 +53,6 @@ impl ChannelSettings {
         config.retention.max_bytes = self.retention_max_bytes.or(config.retention.max_bytes);
         config.retention.max_age = self.retention_max_age_secs.map(Duration::from_secs).or(config.retention.max_age);
         config.retention.max_messages = self.retention_max_messages.or(config.retention.max_messages);
-        if self.replicated == Some(true) {
-            config.fsync = super::log::FsyncPolicy::Never;
-        }
         config
     }
 
