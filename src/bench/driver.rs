@@ -229,12 +229,15 @@ impl WeirTarget {
             Ok(other) => return Err(BenchError::Target(format!("create-channel {channel}: {other:?}"))),
             Err(error) => return Err(BenchError::Target(format!("create-channel {channel}: {error}"))),
         };
+        let Some(first_replicas) = replicas.first().cloned() else {
+            return Err(BenchError::Target(format!("create-channel {channel}: the answer placed no partition")));
+        };
         let started = std::time::Instant::now();
         loop {
             let status = crate::cluster::admin(cluster_addr, NodeRequest::Status, None).await;
             if let Ok(NodeReply::Status(status)) = status {
                 let members = status.members.clone();
-                for member in members.iter().filter(|member| replicas[0].contains(&member.id)) {
+                for member in members.iter().filter(|member| first_replicas.contains(&member.id)) {
                     let asked = crate::cluster::admin(&member.addrs.cluster_addr, NodeRequest::Status, None).await;
                     let Ok(NodeReply::Status(view)) = asked else { continue };
                     let leads = view.partitions.iter().any(|partition| {

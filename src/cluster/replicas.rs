@@ -239,9 +239,14 @@ impl Replicas {
         let Some(group) = self.group(id) else {
             return answer(Err(ReplicatedPublishError::NotLeader { leader: self.leader_elsewhere(id) }));
         };
-        let metrics = group.raft.metrics().borrow_watched().clone();
-        if metrics.state != ServerState::Leader {
-            let leader = metrics.current_leader.and_then(|leader| self.client_addr(leader));
+        // Read in place: every publish looks, and the metrics are large.
+        let (state, current_leader) = {
+            let metrics = group.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            (metrics.state, metrics.current_leader)
+        };
+        if state != ServerState::Leader {
+            let leader = current_leader.and_then(|leader| self.client_addr(leader));
             return answer(Err(ReplicatedPublishError::NotLeader { leader }));
         }
         let (responder, outcome) = ProgressResponder::complete_only();
