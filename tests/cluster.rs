@@ -21,11 +21,10 @@ mod common;
 
 use common::authority::Authority;
 use common::cluster::{
-    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, env_or, free_port, free_port_on, spec, status,
-    weir_cluster, weir_cluster_fails,
+    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, cut_off, env_or, free_port, heal, spec, status,
+    three_proxied_nodes, weir_cluster, weir_cluster_fails,
 };
 use common::prometheus::{sample, scrape};
-use common::proxy::Proxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use weir::client::ClientTlsOptions;
@@ -330,25 +329,8 @@ async fn nodes_talk_over_mutual_tls_and_refuse_anyone_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
     let dir = tempfile::tempdir().unwrap();
-    let mut specs = Vec::new();
-    let mut proxies = Vec::new();
-    for id in 1..=3u64 {
-        // 127.0.0.11, .12, .13: every node has its own source address.
-        let ip = format!("127.0.0.{}", 10 + id);
-        let listen: std::net::SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
-        let proxy = Proxy::start(listen).await;
-        specs.push(NodeSpec {
-            id,
-            client_addr: format!("127.0.0.1:{}", free_port()),
-            cluster_addr: proxy.addr.to_string(),
-            cluster_listen: listen.to_string(),
-            metrics_addr: format!("127.0.0.1:{}", free_port()),
-        });
-        proxies.push(proxy);
-    }
-    let source = |id: u64| -> std::net::IpAddr { format!("127.0.0.{}", 10 + id).parse().unwrap() };
-    let initial: Vec<&NodeSpec> = specs.iter().collect();
-    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), s.clone(), &initial, "")).collect();
+    // 127.0.0.11, .12, .13: every node has its own source address.
+    let (mut nodes, proxies) = three_proxied_nodes(dir.path(), 10, true).await;
     for node in &mut nodes {
         node.start();
     }
@@ -357,15 +339,7 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
 
     // Cut off: nobody reaches the leader, the leader reaches nobody. The
     // test itself calls from 127.0.0.1 and still reaches every node.
-    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
-    for (index, proxy) in proxies.iter().enumerate() {
-        let id = index as u64 + 1;
-        if id == leader {
-            proxy.block_only(&others.iter().map(|&other| source(other)).collect::<Vec<_>>());
-        } else {
-            proxy.block_only(&[source(leader)]);
-        }
-    }
+    cut_off(&proxies, 10, leader);
 
     // At once, while it may still think it leads: the old leader cannot
     // commit a membership change. Whatever it answers (not leader, an
@@ -391,9 +365,7 @@ async fn a_leader_cut_off_commits_nothing_and_the_majority_elects() {
     let cut_off = status(old).await.unwrap();
     assert_ne!(cut_off.leader, Some(new_leader), "the cut-off leader heard the new one: {cut_off:?}");
 
-    for proxy in &proxies {
-        proxy.block_only(&[]);
-    }
+    heal(&proxies);
     let all: Vec<&Node> = nodes.iter().collect();
     let (_, healed_term) = agreed_leader(&all, &mut history, 0).await;
     assert!(healed_term >= new_term);

@@ -29,10 +29,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::cluster::{
-    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, env_or, free_port, free_port_on, status, three_nodes,
+    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, cut_off, env_or, heal, status, three_nodes, three_proxied_nodes,
     weir_cluster,
 };
-use common::proxy::Proxy;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use weir::client::{ClientError, Connection};
@@ -205,26 +204,7 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     }
     // Any node takes the command: a follower answers NotLeader, which the
     // CLI follows.
-    let created = {
-        let started = Instant::now();
-        loop {
-            let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-                .args(["cluster", "create-channel", CHANNEL, "--replication-factor", "3"])
-                .args(["--node", &nodes[1].spec.cluster_addr])
-                .output()
-                .unwrap();
-            if output.status.success() {
-                break String::from_utf8_lossy(&output.stdout).into_owned();
-            }
-            // The metadata group may still be electing its first leader.
-            assert!(
-                started.elapsed() < CONVERGE_LIMIT,
-                "create-channel kept failing: {}; seed {seed}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let created = create_channel(&nodes[1], seed).await;
     assert!(created.contains("partition 0: nodes"), "{created}");
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["cluster", "create-channel", CHANNEL, "--node", &nodes[0].spec.cluster_addr])
@@ -412,25 +392,8 @@ async fn publish_once(addr: &str, payload: &str, wait: Duration) -> Option<Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_over() {
     let dir = tempfile::tempdir().unwrap();
-    let mut specs = Vec::new();
-    let mut proxies = Vec::new();
-    for id in 1..=3u64 {
-        // 127.0.0.21, .22, .23: every node calls from its own address.
-        let ip = format!("127.0.0.{}", 20 + id);
-        let listen: std::net::SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
-        let proxy = Proxy::start(listen).await;
-        specs.push(NodeSpec {
-            id,
-            client_addr: format!("127.0.0.1:{}", free_port()),
-            cluster_addr: proxy.addr.to_string(),
-            cluster_listen: listen.to_string(),
-            metrics_addr: String::new(),
-        });
-        proxies.push(proxy);
-    }
-    let source = |id: u64| -> std::net::IpAddr { format!("127.0.0.{}", 20 + id).parse().unwrap() };
-    let initial: Vec<&NodeSpec> = specs.iter().collect();
-    let mut nodes: Vec<Node> = specs.iter().map(|s| configure(dir.path(), s.clone(), &initial, "")).collect();
+    // 127.0.0.21, .22, .23: every node calls from its own address.
+    let (mut nodes, proxies) = three_proxied_nodes(dir.path(), 20, false).await;
     for node in &mut nodes {
         node.start();
     }
@@ -441,15 +404,7 @@ async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_
     assert!(matches!(acked, Some(Ok(Response::PublishAck { first_offset: 0, .. }))), "{acked:?}");
 
     // Cut off both ways; the test itself calls from 127.0.0.1.
-    let others: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
-    for (index, proxy) in proxies.iter().enumerate() {
-        let id = index as u64 + 1;
-        if id == leader {
-            proxy.block_only(&others.iter().map(|&other| source(other)).collect::<Vec<_>>());
-        } else {
-            proxy.block_only(&[source(leader)]);
-        }
-    }
+    cut_off(&proxies, 20, leader);
     // At once, while it may still think it leads: never acknowledged.
     let cut_off = publish_once(&old.spec.client_addr, "cut-off", Duration::from_millis(4 * ELECTION_MAX_MS)).await;
     assert!(!matches!(cut_off, Some(Ok(Response::PublishAck { .. }))), "a cut-off leader acknowledged: {cut_off:?}");
@@ -461,9 +416,7 @@ async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_
     let taken = publish_once(&new.spec.client_addr, "after", CONVERGE_LIMIT).await;
     assert!(matches!(taken, Some(Ok(Response::PublishAck { first_offset: 1, .. }))), "{taken:?}");
 
-    for proxy in &proxies {
-        proxy.block_only(&[]);
-    }
+    heal(&proxies);
     let (leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
     // The Rust publisher, connected to a follower, follows its NotLeader
     // answer to the leader.

@@ -229,15 +229,21 @@ impl PartitionStateMachine {
         .map_err(io::Error::other)?
     }
 
-    /// Syncs the partition log, then records what is applied, so that the
-    /// record never claims a publish the log could lose in a crash.
-    async fn save_applied(&self) -> io::Result<()> {
-        let applied = self.lock().clone();
+    /// Makes everything appended to the partition log durable (on the
+    /// blocking pool), confirmed (see [`ChannelLog::sync_appended`]).
+    async fn sync_log(&self) -> io::Result<()> {
         let log = Arc::clone(&self.log);
         tokio::task::spawn_blocking(move || log.sync_appended())
             .await
             .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
+            .map_err(io::Error::other)
+    }
+
+    /// Syncs the partition log, then records what is applied, so that the
+    /// record never claims a publish the log could lose in a crash.
+    async fn save_applied(&self) -> io::Result<()> {
+        let applied = self.lock().clone();
+        self.sync_log().await?;
         write_state(&self.db, APPLIED, &applied).await
     }
 }
@@ -251,11 +257,7 @@ impl RaftSnapshotBuilder<PartitionTypes> for PartitionStateMachine {
         // entries a snapshot covers, and the partition log must then hold
         // them durably.
         let applied = self.lock().clone();
-        let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || log.sync_appended())
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
+        self.sync_log().await?;
         let meta = PartitionSnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership };
         let promise = SnapshotPromise { next_offset: applied.next_offset };
         write_snapshot(&self.db, &meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await?;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use tokio_rustls::TlsConnector;
 use weir::cluster::{ClusterStatus, NodeReply, NodeRequest, PeerClient};
 
+use super::proxy::Proxy;
+
 /// Raft timing of the test clusters: short, so that a failover takes about
 /// a second, and far above what a loaded 2-core machine delays a heartbeat.
 pub const HEARTBEAT_MS: u64 = 100;
@@ -193,4 +195,58 @@ pub fn three_nodes(dir: &Path, metrics: bool) -> Vec<Node> {
     });
     let initial: Vec<&NodeSpec> = specs.iter().collect();
     specs.iter().map(|s| configure(dir, s.clone(), &initial, "")).collect()
+}
+
+/// The loopback address node `id` of a proxied cluster calls from:
+/// 127.0.0.(`first_ip` + `id`).
+pub fn proxied_source(first_ip: u8, id: u64) -> std::net::IpAddr {
+    format!("127.0.0.{}", u64::from(first_ip) + id).parse().unwrap()
+}
+
+/// Three nodes configured in `dir` as one cluster (not started), each
+/// calling from its own loopback address ([`proxied_source`]) and reached
+/// by the others through a fault-injecting proxy in front of its cluster
+/// listener; the proxies in node order; a Prometheus endpoint each when
+/// `metrics`.
+pub async fn three_proxied_nodes(dir: &Path, first_ip: u8, metrics: bool) -> (Vec<Node>, Vec<Proxy>) {
+    let mut specs = Vec::new();
+    let mut proxies = Vec::new();
+    for id in 1..=3u64 {
+        let ip = proxied_source(first_ip, id).to_string();
+        let listen: std::net::SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
+        let proxy = Proxy::start(listen).await;
+        specs.push(NodeSpec {
+            id,
+            client_addr: format!("127.0.0.1:{}", free_port()),
+            cluster_addr: proxy.addr.to_string(),
+            cluster_listen: listen.to_string(),
+            metrics_addr: if metrics { format!("127.0.0.1:{}", free_port()) } else { String::new() },
+        });
+        proxies.push(proxy);
+    }
+    let initial: Vec<&NodeSpec> = specs.iter().collect();
+    let nodes = specs.iter().map(|s| configure(dir, s.clone(), &initial, "")).collect();
+    (nodes, proxies)
+}
+
+/// Cuts node `cut` of a proxied cluster off from the others, both ways
+/// (the test itself, calling from 127.0.0.1, still reaches every node).
+pub fn cut_off(proxies: &[Proxy], first_ip: u8, cut: u64) {
+    let others: Vec<std::net::IpAddr> =
+        (1..=3).filter(|&id| id != cut).map(|id| proxied_source(first_ip, id)).collect();
+    for (index, proxy) in proxies.iter().enumerate() {
+        let id = index as u64 + 1;
+        if id == cut {
+            proxy.block_only(&others);
+        } else {
+            proxy.block_only(&[proxied_source(first_ip, cut)]);
+        }
+    }
+}
+
+/// Heals every cut.
+pub fn heal(proxies: &[Proxy]) {
+    for proxy in proxies {
+        proxy.block_only(&[]);
+    }
 }
