@@ -10,7 +10,11 @@
 //! exactly once at its acknowledged offset; a publish whose outcome the
 //! publisher could not know (its connection died, or `OutcomeUnknown`) is
 //! there at most once; nothing is there that was never published; and
-//! publishes were acknowledged again after every fault.
+//! publishes were acknowledged again after every fault. Alongside, the Rust
+//! `Publisher` (idempotent, resending through the faults with the same
+//! sequences) has every publish acknowledged, and each is stored exactly
+//! once, at the offset it was acknowledged at: the partition deduplicates
+//! the retries whose originals were committed.
 //!
 //! A second test cuts the partition's leader off from the other nodes
 //! (fault-injecting proxies in front of every node's cluster listener):
@@ -165,6 +169,53 @@ async fn publish_until(ledger: Arc<Mutex<Ledger>>, addrs: Vec<String>, stop: Arc
     }
 }
 
+/// Publishes `p0`, `p1`, ... through the Rust `Publisher` (idempotent,
+/// following `NotLeader`, resending after a lost connection or
+/// `OutcomeUnknown` with the same sequences), up to 16 in flight, until
+/// `stop`; returns every payload with the offset it was acknowledged at.
+/// Every publish must be acknowledged: the publisher retries through the
+/// faults.
+async fn publish_idempotently(addr: String, stop: Arc<tokio::sync::Notify>, seed: u64) -> (Vec<(String, u64)>, usize) {
+    let options = weir::client::PublisherOptions {
+        reconnect_attempts: 100,
+        batch_max_messages: 4,
+        ..weir::client::PublisherOptions::default()
+    };
+    let publisher = weir::client::Publisher::connect(&addr, CHANNEL, options).await.expect("the publisher connects");
+    type Answer = tokio::sync::oneshot::Receiver<Result<weir::client::Receipt, ClientError>>;
+    let mut in_flight: std::collections::VecDeque<(String, Answer)> = std::collections::VecDeque::new();
+    let mut acknowledged = Vec::new();
+    let mut duplicates = 0;
+    let mut settle = |payload: String, receipt: Result<weir::client::Receipt, ClientError>| {
+        let receipt = receipt.unwrap_or_else(|error| panic!("publish of {payload} failed: {error}; seed {seed}"));
+        duplicates += usize::from(receipt.duplicate);
+        acknowledged.push((payload, receipt.offset));
+    };
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    let mut next = 0u64;
+    loop {
+        if in_flight.len() >= 16 {
+            let (payload, receipt) = in_flight.pop_front().unwrap();
+            settle(payload, receipt.await.expect("an answer"));
+            continue;
+        }
+        let payload = format!("p{next}");
+        next += 1;
+        let receipt = tokio::select! {
+            () = &mut stopped => break,
+            receipt = publisher.enqueue(Message::from_payload(payload.clone().into_bytes())) => receipt.expect("queued"),
+        };
+        in_flight.push_back((payload, receipt));
+        tokio::task::yield_now().await;
+    }
+    for (payload, receipt) in in_flight {
+        settle(payload, receipt.await.expect("an answer"));
+    }
+    publisher.close().await;
+    (acknowledged, duplicates)
+}
+
 /// Every record of the partition as `addr` holds it, in order: offset,
 /// timestamp, payload.
 async fn read_all(addr: &str) -> Vec<(u64, u64, String)> {
@@ -219,6 +270,8 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
     let publisher = tokio::spawn(publish_until(Arc::clone(&ledger), addrs.clone(), Arc::clone(&stop)));
+    let idempotent_stop = Arc::new(tokio::sync::Notify::new());
+    let idempotent = tokio::spawn(publish_idempotently(addrs[2].clone(), Arc::clone(&idempotent_stop), seed));
     let acked_count = |ledger: &Mutex<Ledger>| ledger.lock().unwrap().acked.len();
     let wait_for_acks = |at_least: usize, what: String| {
         let ledger = Arc::clone(&ledger);
@@ -276,7 +329,9 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     }
     wait_for_acks(acked_count(&ledger) + 20, "after the last fault".into()).await;
     stop.notify_one();
+    idempotent_stop.notify_one();
     publisher.await.unwrap();
+    let idempotent = idempotent.await.unwrap();
 
     // Healed: every replica applies what was committed, and its metrics
     // say so (an entry still in flight when the publisher stopped may
@@ -327,8 +382,27 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     for (position, (offset, _, _)) in records.iter().enumerate() {
         assert_eq!(*offset, position as u64, "offsets are not dense; seed {seed}");
     }
+    // The idempotent publisher's: every publish acknowledged, and stored
+    // exactly once, at the offset it was acknowledged at.
+    let (idempotent, duplicates) = idempotent;
+    let idempotent: BTreeMap<String, u64> = idempotent.into_iter().collect();
+    for (payload, offset) in &idempotent {
+        assert!(
+            records.get(*offset as usize).is_some_and(|(_, _, stored)| stored == payload),
+            "idempotent {payload} acknowledged at offset {offset} is not there; seed {seed}"
+        );
+    }
     let mut seen = BTreeSet::new();
     for (offset, _, payload) in records {
+        if payload.starts_with('p') {
+            assert!(seen.insert(payload.clone()), "idempotent {payload} stored twice; seed {seed}");
+            assert_eq!(
+                idempotent.get(payload),
+                Some(offset),
+                "{payload} stored but not acknowledged there; seed {seed}"
+            );
+            continue;
+        }
         assert!(seen.insert(payload.clone()), "{payload} stored twice; seed {seed}");
         assert!(ledger.sent.contains(payload), "{payload} stored but never published; seed {seed}");
         if let Some(acked) = ledger.acked.get(offset) {
@@ -343,7 +417,13 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
             "acknowledged {payload} at offset {offset} is missing; seed {seed}"
         );
     }
-    println!("{} records, {} acknowledged, {} uncertain", records.len(), ledger.acked.len(), ledger.uncertain.len());
+    println!(
+        "{} records, {} acknowledged, {} uncertain; idempotent publisher: {} acknowledged, each stored once, {duplicates} answered as retries",
+        records.len(),
+        ledger.acked.len(),
+        ledger.uncertain.len(),
+        idempotent.len()
+    );
     for (fault, times) in ["SIGKILL", "SIGSTOP"].iter().zip(&mut failovers) {
         times.sort();
         println!(

@@ -239,6 +239,48 @@ fn retention_by_bytes_keeps_at_least_the_limit_and_never_deletes_the_active_segm
     assert_eq!(log.next_offset(), 101);
 }
 
+/// A replicated partition's log (batches with Raft positions of a term
+/// above 0) keeps the batches of its last `REPLICATED_DEDUP_WINDOW_ENTRIES`
+/// entries whatever its retention says (its idempotent producers are
+/// rebuilt from them), and lets older segments go.
+#[test]
+fn retention_keeps_a_replicated_logs_dedup_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        retention: RetentionPolicy { max_messages: Some(1), ..RetentionPolicy::default() },
+        ..small_config()
+    };
+    let log = open(dir.path(), config);
+    let window = weir::storage::REPLICATED_DEDUP_WINDOW_ENTRIES;
+    let entries = window + window / 2;
+    for index in 1..=entries {
+        let messages = [Message::from_payload(vec![b'x'; 16])];
+        let raft = Some(weir::storage::RaftPosition { index, term: 1 });
+        let batch = weir::storage::NewBatch { messages: &messages, producer: Some((3, index)), raft };
+        log.append_batches_at(&[batch], now_us()).unwrap();
+    }
+    let segments_before = segment_logs(dir.path()).len();
+    log.apply_retention(now_us()).unwrap();
+    let segments_after = segment_logs(dir.path()).len();
+    assert!(segments_after < segments_before, "retention deleted nothing: {segments_before} segments");
+    assert!(segments_after > 1, "retention deleted the window");
+    // Every entry of the window is still there, and the log starts at most
+    // one segment before it.
+    let mut first_kept = None;
+    log.visit_batches_after(0, |_, _, header| {
+        first_kept.get_or_insert(header.raft_index);
+    })
+    .unwrap();
+    let first_kept = first_kept.unwrap();
+    assert!(first_kept <= entries - window + 1, "entry {} is gone", entries - window + 1);
+    assert!(first_kept > entries - window - 4096, "retention kept more than the window needs: from {first_kept}");
+    // One entry further, the window moves on; it is still kept.
+    let mut visited = 0;
+    log.visit_batches_after(entries - window, |_, _, _| visited += 1).unwrap();
+    assert_eq!(visited, window);
+}
+
 #[test]
 fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
     let dir = tempfile::tempdir().unwrap();

@@ -23,8 +23,10 @@
 //! only: a `NotLeader` answer (nothing stored) sends the publisher to the
 //! leader it names, or, while none is known (an election), back to the same
 //! node a moment later, and the batches are resent there. An
-//! `OutcomeUnknown` answer is the caller's: replicated partitions do not
-//! deduplicate yet, so a resend could store the batch twice.
+//! `OutcomeUnknown` answer (proposed, then the leader was deposed) is
+//! handled as a lost connection: the batch is resent with the same
+//! sequences, and the partition's deduplication answers it with its
+//! original offsets if the new leader committed it after all.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -121,6 +123,8 @@ pub struct Receipt {
 const RESEQUENCE_ATTEMPTS_MAX: u32 = 100;
 /// Times one batch follows `NotLeader` before the publisher gives up on it.
 const REDIRECTS_MAX: u32 = 100;
+/// Most node addresses a publisher remembers to fall back on.
+const KNOWN_NODES_MAX: usize = 16;
 /// The wait before asking the same node again when it knows no leader (an
 /// election is under way).
 const LEADER_UNKNOWN_WAIT: Duration = Duration::from_millis(100);
@@ -158,7 +162,7 @@ impl Publisher {
         };
         let state = PublishTask {
             addr: addr.to_owned(),
-            first_addr: addr.to_owned(),
+            known_addrs: vec![addr.to_owned()],
             channel: channel.to_owned(),
             options,
             connection,
@@ -261,9 +265,11 @@ enum Outcome {
 
 struct PublishTask {
     addr: String,
-    /// The address it was connected to first: where it goes back to when
-    /// a leader it was sent to cannot be reached (it may have died).
-    first_addr: String,
+    /// The addresses it knows a node at: the one it connected to first,
+    /// then every leader it was sent to (at most [`KNOWN_NODES_MAX`]). When
+    /// the node it was on cannot be reached (it may have died), it tries
+    /// them in turn; any of them redirects it to the leader.
+    known_addrs: Vec<String>,
     channel: String,
     options: PublisherOptions,
     connection: Connection,
@@ -454,6 +460,9 @@ impl PublishTask {
         });
         match redirect {
             Some(Some(leader)) => {
+                if !self.known_addrs.contains(&leader) && self.known_addrs.len() < KNOWN_NODES_MAX {
+                    self.known_addrs.push(leader.clone());
+                }
                 self.addr = leader;
                 reconnect = true;
             }
@@ -563,9 +572,9 @@ impl PublishTask {
                 }
                 Err(error) => {
                     last_error = error;
-                    // A leader it was sent to may be gone: the node it
-                    // started from redirects it again.
-                    self.addr.clone_from(&self.first_addr);
+                    // The node may be gone: another one redirects it.
+                    let next = self.known_addrs.iter().position(|known| *known == self.addr).map_or(0, |at| at + 1);
+                    self.addr.clone_from(&self.known_addrs[next % self.known_addrs.len()]);
                 }
             }
             tokio::time::sleep(delay).await;
@@ -611,7 +620,8 @@ fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -
             Some(ErrorCode::OutOfOrderSequence | ErrorCode::InflightLimitExceeded) => {
                 Outcome::Retry { after: Duration::ZERO }
             }
-            Some(ErrorCode::ShuttingDown) => Outcome::Reconnect,
+            // Resent with the same sequences: stored at most once either way.
+            Some(ErrorCode::ShuttingDown | ErrorCode::OutcomeUnknown) => Outcome::Reconnect,
             Some(ErrorCode::NotLeader) => Outcome::Redirect { leader: named_leader(&error), error },
             _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
             _ => Outcome::Fail(error),

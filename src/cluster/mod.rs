@@ -13,6 +13,7 @@
 //! openraft is used only inside this module, so that its API changes
 //! between pinned versions touch nothing else.
 
+mod dedup;
 mod listener;
 pub mod partition;
 mod raft_log;
@@ -37,7 +38,7 @@ use tokio_util::task::TaskTracker;
 pub use listener::REPLICATION_FACTORS;
 pub use replicas::{
     HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost, Publish, PublishAnswer,
-    PublishApplied, REPLICATED_PARTITIONS_MAX, Replicas, ReplicatedPublishError,
+    PublishApplied, PublishRefused, PublishResult, REPLICATED_PARTITIONS_MAX, Replicas, ReplicatedPublishError,
 };
 pub use status::{ClusterStatus, MemberStatus, PartitionStatus};
 pub use transport::{

@@ -30,6 +30,7 @@ use openraft::{EntryPayload, OptionalSend};
 use redb::Database;
 use serde::{Deserialize, Serialize};
 
+use super::dedup::{Decision, ProducerWindow};
 use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot, write_state};
 use super::types::NodeAddrs;
 use crate::record::Message;
@@ -59,13 +60,28 @@ pub struct PublishApplied {
     pub first_offset: u64,
     pub count: u64,
     pub timestamp_us: u64,
+    /// A retry of an idempotent publish stored earlier (by another entry),
+    /// answered with that publish's offsets; nothing was stored again.
+    pub duplicate: bool,
 }
+
+/// An idempotent publish its producer's sequence rules refused when it was
+/// applied: nothing was stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRefused {
+    /// The protocol's error code ([`crate::protocol::ErrorCode`]).
+    pub code: u16,
+    pub message: String,
+}
+
+/// What applying a publish did.
+pub type PublishResult = Result<PublishApplied, PublishRefused>;
 
 openraft::declare_raft_types!(
     /// A replicated partition's group types.
     pub PartitionTypes:
         D = Publish,
-        R = PublishApplied,
+        R = PublishResult,
         NodeId = u64,
         Node = NodeAddrs,
         LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
@@ -126,6 +142,8 @@ pub struct PartitionStateMachine {
     db: Arc<Database>,
     log: Arc<ChannelLog>,
     applied: Arc<Mutex<Applied>>,
+    /// The idempotent producers, deduplicated when publishes are applied.
+    producers: Arc<Mutex<ProducerWindow>>,
     /// Called after each publish is appended: wakes the partition's readers.
     on_applied: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -171,7 +189,18 @@ impl PartitionStateMachine {
             applied.last_applied = Some(last);
         }
         applied.next_offset = log.next_offset();
-        Ok(PartitionStateMachine { db, log, applied: Arc::new(Mutex::new(applied)), on_applied: None })
+        let producers = ProducerWindow::rebuild(&log, log.last_raft_entry().map_or(0, |last| last.index))
+            .map_err(io::Error::other)?;
+        if producers.producer_count() > 0 {
+            tracing::info!(partition = %log.label(), producers = producers.producer_count(), "idempotent producers rebuilt from the log");
+        }
+        Ok(PartitionStateMachine {
+            db,
+            log,
+            applied: Arc::new(Mutex::new(applied)),
+            producers: Arc::new(Mutex::new(producers)),
+            on_applied: None,
+        })
     }
 
     /// Calls `on_applied` after each publish the state machine appends.
@@ -188,9 +217,11 @@ impl PartitionStateMachine {
 
     /// Appends one publish to the partition log, unless the log holds it
     /// already (applied before a restart that found the database's record
-    /// of what was applied older than the log).
-    async fn apply_publish(&self, id: PartitionLogId, publish: Publish) -> io::Result<Option<PublishApplied>> {
+    /// of what was applied older than the log), or its producer's window
+    /// says it is a retry or out of order.
+    async fn apply_publish(&self, id: PartitionLogId, publish: Publish) -> io::Result<Option<PublishResult>> {
         let log = Arc::clone(&self.log);
+        let producers = Arc::clone(&self.producers);
         tokio::task::spawn_blocking(move || {
             let position = RaftPosition { index: id.index, term: id.leader_id.term };
             if let Some(last) = log.last_raft_entry()
@@ -207,6 +238,20 @@ impl PartitionStateMachine {
                 }
                 return Ok(None);
             }
+            // Entries are applied one at a time: nothing else holds it.
+            let mut producers = producers.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((producer_id, sequence)) = publish.producer {
+                let count = publish.messages.len() as u64;
+                match producers.decide(position.index, producer_id, sequence, count) {
+                    Decision::Append => {}
+                    Decision::Duplicate { first_offset, count, timestamp_us } => {
+                        return Ok(Some(Ok(PublishApplied { first_offset, count, timestamp_us, duplicate: true })));
+                    }
+                    Decision::Refuse { code, message } => {
+                        return Ok(Some(Err(PublishRefused { code: code as u16, message })));
+                    }
+                }
+            }
             let batch = NewBatch { messages: &publish.messages, producer: publish.producer, raft: Some(position) };
             // A committed entry cannot be skipped: on a full disk the apply
             // waits for space (reads go on), for a bounded time.
@@ -219,11 +264,22 @@ impl PartitionStateMachine {
                     other => break other.map_err(io::Error::other)?,
                 }
             };
-            Ok(Some(PublishApplied {
+            if let Some((producer_id, sequence)) = publish.producer {
+                producers.remember(
+                    position.index,
+                    producer_id,
+                    sequence,
+                    appended.count,
+                    appended.first_offset,
+                    appended.timestamp_us,
+                );
+            }
+            Ok(Some(Ok(PublishApplied {
                 first_offset: appended.first_offset,
                 count: appended.count,
                 timestamp_us: appended.timestamp_us,
-            }))
+                duplicate: false,
+            })))
         })
         .await
         .map_err(io::Error::other)?
@@ -342,6 +398,16 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
             applied.membership = meta.last_membership.clone();
             applied.next_offset = held;
         }
+        // The entries the snapshot covers were not applied here one by one:
+        // their producers are read from the log they are in.
+        let log = Arc::clone(&self.log);
+        let window = tokio::task::spawn_blocking(move || {
+            ProducerWindow::rebuild(&log, log.last_raft_entry().map_or(0, |last| last.index))
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::other)?;
+        *self.producers.lock().unwrap_or_else(PoisonError::into_inner) = window;
         // The log synced before the snapshot is recorded as held.
         self.save_applied().await?;
         write_snapshot(&self.db, meta, &promise, |meta: &PartitionSnapshotMeta| meta.last_log_id).await
@@ -413,8 +479,53 @@ mod tests {
         let messages = payloads.iter().map(|payload| Message::from_payload(payload.as_bytes().to_vec())).collect();
         PartitionEntry {
             log_id: id(term, index),
-            payload: EntryPayload::Normal(Publish { messages, producer: Some((7, index)), timestamp_us }),
+            payload: EntryPayload::Normal(Publish { messages, producer: None, timestamp_us }),
         }
+    }
+
+    fn idempotent(payloads: &[&str], producer: u64, sequence: u64) -> Publish {
+        let messages = payloads.iter().map(|payload| Message::from_payload(payload.as_bytes().to_vec())).collect();
+        Publish { messages, producer: Some((producer, sequence)), timestamp_us: 1_000 }
+    }
+
+    fn applied(first_offset: u64, count: u64, duplicate: bool) -> Option<PublishResult> {
+        Some(Ok(PublishApplied { first_offset, count, timestamp_us: 1_000, duplicate }))
+    }
+
+    /// A retry of an idempotent publish is answered with the offsets it was
+    /// stored at and not stored again, also after reopening (the window is
+    /// rebuilt from the log's batch headers); an out-of-order sequence is
+    /// refused; other producers are not disturbed.
+    #[tokio::test]
+    async fn idempotent_retries_are_deduplicated_when_applied_and_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_, machine, log) = open_in(dir.path()).unwrap();
+            assert_eq!(
+                machine.apply_publish(id(1, 1), idempotent(&["a", "b"], 9, 0)).await.unwrap(),
+                applied(0, 2, false)
+            );
+            assert_eq!(machine.apply_publish(id(1, 2), idempotent(&["c"], 9, 2)).await.unwrap(), applied(2, 1, false));
+            assert_eq!(
+                machine.apply_publish(id(1, 3), idempotent(&["x"], 4, 100)).await.unwrap(),
+                applied(3, 1, false)
+            );
+            assert_eq!(
+                machine.apply_publish(id(2, 4), idempotent(&["a", "b"], 9, 0)).await.unwrap(),
+                applied(0, 2, true)
+            );
+            let refused = machine.apply_publish(id(2, 5), idempotent(&["e"], 9, 5)).await.unwrap();
+            assert!(
+                matches!(&refused, Some(Err(refused)) if refused.code == crate::protocol::ErrorCode::OutOfOrderSequence as u16),
+                "{refused:?}"
+            );
+            assert_eq!(log.next_offset(), 4);
+        }
+        let (_, machine, log) = open_in(dir.path()).unwrap();
+        assert_eq!(machine.apply_publish(id(2, 6), idempotent(&["c"], 9, 2)).await.unwrap(), applied(2, 1, true));
+        assert_eq!(machine.apply_publish(id(2, 7), idempotent(&["x"], 4, 100)).await.unwrap(), applied(3, 1, true));
+        assert_eq!(machine.apply_publish(id(2, 8), idempotent(&["d"], 9, 3)).await.unwrap(), applied(4, 1, false));
+        assert_eq!(log.next_offset(), 5);
     }
 
     async fn apply(machine: &mut PartitionStateMachine, entries: Vec<PartitionEntry>) -> io::Result<()> {

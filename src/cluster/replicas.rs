@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::partition::{self, PartitionRaft};
-pub use super::partition::{Publish, PublishApplied};
+pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{GroupId, PartitionNetwork};
 use super::types::{MetadataState, NodeAddrs, NodeId, Raft};
 use crate::storage::ChannelLog;
@@ -81,6 +81,10 @@ pub enum ReplicatedPublishError {
     /// may commit it).
     #[error("the outcome is unknown: {0}; the publish may or may not be stored")]
     OutcomeUnknown(String),
+    /// Its producer's sequence rules refused it when it was applied
+    /// (out of order, or an old sequence that is no retry): nothing stored.
+    #[error("{}", .0.message)]
+    Refused(PublishRefused),
 }
 
 /// Called with the outcome of one publish to a replicated partition.
@@ -139,7 +143,7 @@ async fn snapshot_when_followers_hold(raft: PartitionRaft, stop: CancellationTok
 async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishAnswer)>) {
     while let Some((outcome, answer)) = answers.recv().await {
         answer(match outcome.await {
-            Ok(Ok(response)) => Ok(response.data),
+            Ok(Ok(response)) => response.data.map_err(ReplicatedPublishError::Refused),
             // Proposed, then deposed: the entry may be in the log that the
             // next leader commits.
             Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {

@@ -919,8 +919,11 @@ impl Connection {
                         first_offset: applied.first_offset,
                         count: applied.count as u32,
                         timestamp_us: applied.timestamp_us,
-                        duplicate: false,
+                        duplicate: applied.duplicate,
                     },
+                    Err(ReplicatedPublishError::Refused(refused)) => {
+                        Response::Error { code: refused.code, message: refused.message }
+                    }
                     Err(error @ ReplicatedPublishError::NotLeader { .. }) => {
                         Response::Error { code: ErrorCode::NotLeader as u16, message: error.to_string() }
                     }

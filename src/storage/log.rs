@@ -79,6 +79,13 @@ impl Default for LogConfig {
     }
 }
 
+/// The Raft entries of a replicated partition whose batches are kept
+/// whatever its retention: its idempotent producers are deduplicated over
+/// this window of entries, and rebuilt from these batches at start, so
+/// that every replica decides alike (docs/REPLICATION.md). A constant, not
+/// a setting: replicas with different windows would diverge.
+pub const REPLICATED_DEDUP_WINDOW_ENTRIES: u64 = 16_384;
+
 /// The offsets and timestamp an append assigned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Appended {
@@ -779,6 +786,34 @@ impl ChannelLog {
         active.visit_batches(visit)
     }
 
+    /// Calls `visit` with the first offset, timestamp and header of every
+    /// batch whose Raft index is above `after`, in order, across segments
+    /// (a replicated partition rebuilds its idempotent producers from
+    /// them). Reads the segments from the newest one whose first batch is
+    /// at or before `after + 1`.
+    ///
+    /// # Errors
+    /// A segment could not be read.
+    pub fn visit_batches_after(
+        &self,
+        after: u64,
+        mut visit: impl FnMut(u64, u64, &BatchHeader),
+    ) -> Result<(), StorageError> {
+        let segments: Vec<Arc<Segment>> = self.segments().values().cloned().collect();
+        let start = segments
+            .iter()
+            .rposition(|segment| segment.first_raft_entry().is_some_and(|first| first.index <= after.saturating_add(1)))
+            .unwrap_or(0);
+        for segment in &segments[start..] {
+            segment.visit_batches(|first_offset, timestamp_us, header| {
+                if header.raft_index > after {
+                    visit(first_offset, timestamp_us, header);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Whether the next append will seal the active segment first (and so
     /// sync and create files): callers on an async runtime move that append
     /// to a blocking thread.
@@ -1036,6 +1071,11 @@ impl ChannelLog {
     pub fn apply_retention(&self, now_us: u64) -> Result<RetentionOutcome, StorageError> {
         let retention = self.config.retention;
         let mut outcome = RetentionOutcome::default();
+        // The first Raft index of the window (see below), when replicated.
+        let replicated_window_start = self
+            .last_raft_entry()
+            .filter(|last| last.term > 0)
+            .map(|last| last.index.saturating_sub(REPLICATED_DEDUP_WINDOW_ENTRIES) + 1);
         let removed = {
             let mut segments = self.segments_mut();
             let mut size_bytes: u64 = segments.values().map(|s| s.state().visible_len).sum();
@@ -1047,6 +1087,17 @@ impl ChannelLog {
                     let state = oldest.state();
                     (state.visible_len, state.next_offset - oldest.base_offset, state.last_timestamp_us.unwrap_or(0))
                 };
+                // A replicated partition keeps the batches of its last
+                // `REPLICATED_DEDUP_WINDOW_ENTRIES` Raft entries whatever its
+                // retention: its idempotent producers are rebuilt from them,
+                // identically on every replica. The oldest segment goes only
+                // when the next one starts at or before the window.
+                if let Some(window_start) = replicated_window_start {
+                    let next_first = segments.values().nth(1).and_then(|next| next.first_raft_entry());
+                    if next_first.is_none_or(|first| first.index > window_start) {
+                        break;
+                    }
+                }
                 let over_bytes = retention.max_bytes.is_some_and(|max| size_bytes - oldest_bytes >= max);
                 let over_messages = retention.max_messages.is_some_and(|max| message_count - oldest_count >= max);
                 let too_old =

@@ -34,7 +34,7 @@ pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
     APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch,
-    RaftPosition, ReadBatch, RecordSlices, RetentionOutcome, RetentionPolicy, STORAGE_FULL_RETRY_INTERVAL,
-    StartOffsetListener, now_us,
+    REPLICATED_DEDUP_WINDOW_ENTRIES, RaftPosition, ReadBatch, RecordSlices, RetentionOutcome, RetentionPolicy,
+    STORAGE_FULL_RETRY_INTERVAL, StartOffsetListener, now_us,
 };
 pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};

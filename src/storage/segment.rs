@@ -615,6 +615,18 @@ impl Segment {
         Ok(last)
     }
 
+    /// The Raft position of this segment's first frame when it is a batch
+    /// header (`None` otherwise: version 1, empty, or damaged there). One
+    /// frame is read.
+    pub fn first_raft_entry(&self) -> Option<RaftPosition> {
+        if self.version == FORMAT_VERSION_1 {
+            return None;
+        }
+        let visible_len = self.state().visible_len;
+        let meta = record_at(&*self.log, self.version, FILE_HEADER_BYTES as u64, visible_len).ok()?;
+        meta.batch.map(|header| RaftPosition::of(&header))
+    }
+
     /// Calls `visit` with the first offset, timestamp and header of every
     /// batch (format version 2), in order. Reads only what recovery or an
     /// append has verified, stepping over the damage recovery kept.
