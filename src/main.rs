@@ -109,6 +109,14 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// Where each partition is led and held (METADATA), and every node's
+    /// client address.
+    Metadata {
+        /// Only this channel.
+        channel: Option<String>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
     /// Broker counters, per-channel rates and subscriber lag, from two
     /// samples taken --interval-ms apart.
     Stats {
@@ -550,6 +558,7 @@ fn main() -> ExitCode {
         Command::Channels { action: Some(action), broker } => run_async(channels_admin(broker, action)),
         Command::Stats { interval_ms, broker } => run_async(stats(broker, interval_ms)),
         Command::Groups { channel, broker } => run_async(groups(broker, channel)),
+        Command::Metadata { channel, broker } => run_async(metadata(broker, channel)),
         Command::Credentials { action: CredentialsAction::Hash { generate } } => credentials_hash(generate),
         Command::Cluster { action, node, tls } => run_async(cluster(node, tls, action)),
         Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
@@ -1372,6 +1381,37 @@ async fn groups(broker: BrokerArgs, channel: Option<String>) -> anyhow::Result<E
             let owner = partition.owner.map_or_else(|| "-".to_owned(), |member| member.to_string());
             let committed = partition.committed.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
             println!("    {:>9} {:>8} {:>12} {:>12}", partition.partition, owner, committed, partition.lag);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn metadata(broker: BrokerArgs, channel: Option<String>) -> anyhow::Result<ExitCode> {
+    let connection = broker.connect().await?;
+    let metadata = weir::client::Metadata::fetch(&connection, channel.as_deref().unwrap_or_default()).await?;
+    if metadata.clustered {
+        println!("node {} of a cluster of {}:", metadata.node_id, metadata.nodes.len());
+    } else {
+        println!("a single node (not in cluster mode):");
+    }
+    for node in &metadata.nodes {
+        println!("    node {} at {}", node.node_id, node.client_addr);
+    }
+    println!("{:<32} {:>10} {:>6} {:>8} {:<20} REPLICAS", "CHANNEL", "PARTITION", "RF", "LEADER", "LEADER ADDRESS");
+    for channel in &metadata.channels {
+        for (partition, placed) in channel.partitions.iter().enumerate() {
+            let leader = placed.leader.map_or_else(|| "-".to_owned(), |node| node.to_string());
+            let address = placed.leader.and_then(|node| metadata.client_addr(node)).unwrap_or("-");
+            let replicas: Vec<String> = placed.replicas.iter().map(u64::to_string).collect();
+            println!(
+                "{:<32} {:>10} {:>6} {:>8} {:<20} {}",
+                channel.name,
+                partition,
+                channel.replication_factor,
+                leader,
+                address,
+                replicas.join(",")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -107,6 +107,46 @@ async fn keys_land_on_the_partition_kafkas_partitioner_gives_them_and_stay_there
     stop(server).await;
 }
 
+/// A single node answers METADATA as node 0, at the address the client
+/// reached it at, leading every partition of every channel (or of the one
+/// named); a version 1 connection has no METADATA.
+#[tokio::test]
+async fn a_single_node_answers_metadata_leading_every_partition() {
+    let dir = TempDir::new().unwrap();
+    let server = start(test_config(&dir)).await;
+    let connection = Connection::connect(&addr(&server), "metadata").await.unwrap();
+    create(&connection, "orders", 3).await;
+    create(&connection, "audit", 1).await;
+    let metadata = weir::client::Metadata::fetch(&connection, "").await.unwrap();
+    assert!(!metadata.clustered);
+    assert_eq!(metadata.node_id, 0);
+    assert_eq!(metadata.nodes, [weir::protocol::NodeInfo { node_id: 0, client_addr: addr(&server) }]);
+    let names: Vec<&str> = metadata.channels.iter().map(|channel| channel.name.as_str()).collect();
+    assert_eq!(names, ["audit", "orders"]);
+    assert_eq!(metadata.channels[1].partitions.len(), 3);
+    for partition in metadata.channels.iter().flat_map(|channel| &channel.partitions) {
+        assert_eq!((partition.leader, &partition.replicas[..]), (Some(0), &[0][..]));
+    }
+    assert_eq!(metadata.leader_addr("orders", 2), Some(addr(&server).as_str()));
+    assert_eq!(metadata.leader_addr("orders", 3), None);
+    let named = weir::client::Metadata::fetch(&connection, "orders").await.unwrap();
+    assert_eq!(named.channels.len(), 1);
+    let missing = weir::client::Metadata::fetch(&connection, "nowhere").await.unwrap();
+    assert!(missing.channels.is_empty());
+
+    let mut v1 = within("connect", tokio::net::TcpStream::connect(addr(&server))).await.unwrap();
+    v1.write_all(&hello(1, 1).encode(1)).await.unwrap();
+    let (_, welcome) = read_response(&mut v1).await;
+    assert!(matches!(welcome, Response::Welcome { version: 1, .. }), "{welcome:?}");
+    v1.write_all(&Request::Metadata { channel: String::new() }.encode_for(2, 7)).await.unwrap();
+    let (_, answer) = read_response(&mut v1).await;
+    assert!(
+        matches!(answer, Response::Error { code, .. } if code == ErrorCode::ProtocolError as u16),
+        "version 1: {answer:?}"
+    );
+    stop(server).await;
+}
+
 #[tokio::test]
 async fn keyless_publishes_take_the_partitions_in_turn_and_a_batch_stays_together() {
     let dir = TempDir::new().unwrap();

@@ -437,10 +437,15 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
 /// Creates the replicated channel through `node`, retrying while the
 /// metadata group elects its first leader.
 async fn create_channel(node: &Node, seed: u64) -> String {
+    create_channel_with(node, CHANNEL, 1, 3, seed).await
+}
+
+async fn create_channel_with(node: &Node, name: &str, partitions: u32, replication_factor: u8, seed: u64) -> String {
     let started = Instant::now();
     loop {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["cluster", "create-channel", CHANNEL, "--replication-factor", "3"])
+            .args(["cluster", "create-channel", name, "--partitions", &partitions.to_string()])
+            .args(["--replication-factor", &replication_factor.to_string()])
             .args(["--node", &node.spec.cluster_addr])
             .output()
             .unwrap();
@@ -528,5 +533,108 @@ async fn a_partition_leader_cut_off_acknowledges_nothing_and_the_majority_takes_
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Every node's METADATA, once every node names a leader for every
+/// partition (4 in all) and all name the same ones.
+async fn agreed_metadata(nodes: &[Node]) -> Vec<weir::client::Metadata> {
+    let leaders = |metadata: &weir::client::Metadata| -> Vec<Option<u64>> {
+        metadata.channels.iter().flat_map(|channel| channel.partitions.iter().map(|p| p.leader)).collect()
+    };
+    let started = Instant::now();
+    loop {
+        let mut answers = Vec::new();
+        for node in nodes {
+            let Ok(connection) = Connection::connect(&node.spec.client_addr, "metadata").await else { continue };
+            answers.push(weir::client::Metadata::fetch(&connection, "").await.expect("METADATA"));
+        }
+        if answers.len() == nodes.len()
+            && answers.iter().all(|answer| leaders(answer).len() == 4 && leaders(answer).iter().all(Option::is_some))
+            && answers.iter().all(|answer| leaders(answer) == leaders(&answers[0]))
+        {
+            return answers;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the nodes' METADATA did not agree: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// METADATA, asked of any node, names the leader of every partition of the
+/// replicated channels, including partitions that node does not host
+/// (their leaders report themselves to the metadata group), with the
+/// replicas and every node's client address; a leader killed is replaced
+/// in every node's answer; a Publisher connected to a node that hosts
+/// nothing of its partition publishes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_names_every_partitions_leader_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    // Three partitions of one replica each: every node hosts one and
+    // answers for the two it does not host from the reports.
+    create_channel_with(&nodes[0], "spread", 3, 1, 0).await;
+    create_channel(&nodes[1], 0).await;
+    let node_ids: BTreeSet<u64> = nodes.iter().map(|node| node.spec.id).collect();
+
+    let answers = agreed_metadata(&nodes).await;
+    for (answer, node) in answers.iter().zip(&nodes) {
+        assert!(answer.clustered);
+        assert_eq!(answer.node_id, node.spec.id);
+        let listed: BTreeMap<u64, &str> =
+            answer.nodes.iter().map(|listed| (listed.node_id, listed.client_addr.as_str())).collect();
+        for other in &nodes {
+            assert_eq!(listed.get(&other.spec.id), Some(&other.spec.client_addr.as_str()), "{answer:?}");
+        }
+        let names: Vec<&str> = answer.channels.iter().map(|channel| channel.name.as_str()).collect();
+        assert_eq!(names, [CHANNEL, "spread"]);
+        let events = &answer.channels[0];
+        assert_eq!(events.replication_factor, 3);
+        assert_eq!(events.partitions[0].replicas.iter().copied().collect::<BTreeSet<_>>(), node_ids);
+        let spread = &answer.channels[1];
+        assert_eq!(spread.replication_factor, 1);
+        for partition in &spread.partitions {
+            assert_eq!(partition.replicas.len(), 1);
+            assert_eq!(partition.leader, Some(partition.replicas[0]), "a single replica leads itself: {answer:?}");
+        }
+    }
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["metadata", "spread", "--addr", &nodes[2].spec.client_addr])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.contains("of a cluster of 3") && printed.contains("spread"), "{printed}");
+    assert!(!printed.contains(CHANNEL), "only the channel asked for: {printed}");
+
+    // A Publisher on a node that hosts nothing of partition 1 of spread.
+    let hosting = answers[0].channels[1].partitions[1].replicas[0];
+    let elsewhere = nodes.iter().find(|node| node.spec.id != hosting).unwrap();
+    let options = weir::client::PublisherOptions { partition: 1, ..weir::client::PublisherOptions::default() };
+    let publisher = weir::client::Publisher::connect(&elsewhere.spec.client_addr, "spread", options).await.unwrap();
+    let receipt = publisher.publish(Message::from_payload("routed")).await.unwrap();
+    assert_eq!((receipt.partition, receipt.offset), (1, 0));
+    publisher.close().await;
+
+    // The leader of events killed: every survivor names the new one.
+    let leader = answers[0].channels[0].partitions[0].leader.unwrap();
+    let index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
+    nodes[index].kill();
+    let survivors: Vec<&Node> = nodes.iter().filter(|node| node.spec.id != leader).collect();
+    let (new_leader, _) = partition_leader(&survivors, 0).await;
+    let started = Instant::now();
+    'converged: loop {
+        let mut named = Vec::new();
+        for node in &survivors {
+            let connection = Connection::connect(&node.spec.client_addr, "metadata").await.unwrap();
+            let answer = weir::client::Metadata::fetch(&connection, CHANNEL).await.unwrap();
+            named.push(answer.channels[0].partitions[0].leader);
+        }
+        if named.iter().all(|named| *named == Some(new_leader)) {
+            break 'converged;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "METADATA still names {named:?}, not {new_leader}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

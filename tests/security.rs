@@ -292,6 +292,12 @@ async fn every_permission_is_checked_allowed_and_denied() {
     };
     assert_eq!(names(consumer.clone()).await, ["orders.eu", "orders.us"]);
     assert_eq!(names(legacy.clone()).await, ["audit", "orders.eu", "orders.us"]);
+    // METADATA too, also when the hidden channel is named.
+    for (channel, expected) in [("", &["orders.eu", "orders.us"][..]), ("audit", &[][..])] {
+        let metadata = weir::client::Metadata::fetch(&consumer, channel).await.unwrap();
+        let listed: Vec<&str> = metadata.channels.iter().map(|listed| listed.name.as_str()).collect();
+        assert_eq!(listed, expected);
+    }
     let Ok(Response::Stats { channels, .. }) = within("stats", producer.request(Request::Stats)).await else {
         panic!("expected STATS_RESULT");
     };

@@ -26,6 +26,7 @@
 //! ```
 
 mod connection;
+mod metadata;
 mod publisher;
 mod subscriber;
 
@@ -33,6 +34,7 @@ use std::sync::Arc;
 
 pub use crate::security::tls::ClientTlsOptions;
 pub use connection::{ConnectOptions, Connection};
+pub use metadata::Metadata;
 pub use publisher::{BackpressurePolicy, PartitionedPublisher, Publisher, PublisherOptions, Receipt};
 pub use subscriber::{Event, SubscribeOptions, Subscriber};
 

@@ -149,7 +149,28 @@ impl Publisher {
     /// # Errors
     /// The connection or handshake failed.
     pub async fn connect(addr: &str, channel: &str, options: PublisherOptions) -> Result<Publisher, ClientError> {
-        let connection = Connection::connect_with(addr, &options.connect_options()).await?;
+        let mut connection = Connection::connect_with(addr, &options.connect_options()).await?;
+        let mut addr = addr.to_owned();
+        let mut known_addrs = vec![addr.clone()];
+        // In a cluster: every node's address to fall back on, and straight
+        // to the partition's leader (a redirect saved). Anything amiss here
+        // leaves it where it is, to be redirected on its first publish.
+        if let Ok(metadata) = super::Metadata::fetch(&connection, channel).await
+            && metadata.clustered
+        {
+            for node in &metadata.nodes {
+                if known_addrs.len() < KNOWN_NODES_MAX && !known_addrs.contains(&node.client_addr) {
+                    known_addrs.push(node.client_addr.clone());
+                }
+            }
+            if let Some(leader) = metadata.leader_addr(channel, options.partition)
+                && leader != addr
+                && let Ok(at_leader) = Connection::connect_with(leader, &options.connect_options()).await
+            {
+                connection = at_leader;
+                leader.clone_into(&mut addr);
+            }
+        }
         let limits = *connection.limits();
         let (queue, queued) = mpsc::channel(options.queue_depth.max(1));
         let batching = Batching {
@@ -161,8 +182,8 @@ impl Publisher {
             window_bytes: limits.max_inflight_publish_bytes as usize,
         };
         let state = PublishTask {
-            addr: addr.to_owned(),
-            known_addrs: vec![addr.to_owned()],
+            addr,
+            known_addrs,
             channel: channel.to_owned(),
             options,
             connection,
@@ -266,7 +287,8 @@ enum Outcome {
 struct PublishTask {
     addr: String,
     /// The addresses it knows a node at: the one it connected to first,
-    /// then every leader it was sent to (at most [`KNOWN_NODES_MAX`]). When
+    /// every node the cluster's METADATA named, then every leader it was
+    /// sent to (at most [`KNOWN_NODES_MAX`]). When
     /// the node it was on cannot be reached (it may have died), it tries
     /// them in turn; any of them redirects it to the leader.
     known_addrs: Vec<String>,

@@ -217,6 +217,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             | NodeRequest::Vote(_)
             | NodeRequest::FullSnapshot { .. }
             | NodeRequest::Partition { .. }
+            | NodeRequest::ReportLeader { .. }
     );
     if raft_message && peer == Peer::Operator {
         return NodeReply::Error(
@@ -260,6 +261,17 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 return NodeReply::Error(format!("channel {name} already exists"));
             }
             create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
+        }
+        NodeRequest::ReportLeader { group, leader, term } => {
+            if let Some(not_leader) = unless_leader(raft) {
+                return not_leader;
+            }
+            let command =
+                MetadataCommand::PartitionLeader { channel: group.channel, partition: group.partition, leader, term };
+            match raft.client_write(command).await {
+                Ok(_) => NodeReply::Recorded,
+                Err(error) => membership_error(&error),
+            }
         }
     }
 }

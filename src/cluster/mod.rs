@@ -37,8 +37,9 @@ use tokio_util::task::TaskTracker;
 
 pub use listener::REPLICATION_FACTORS;
 pub use replicas::{
-    HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost, Publish, PublishAnswer,
-    PublishApplied, PublishRefused, PublishResult, REPLICATED_PARTITIONS_MAX, Replicas, ReplicatedPublishError,
+    ClusterMetadata, HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost,
+    PartitionPlacement, Publish, PublishAnswer, PublishApplied, PublishRefused, PublishResult,
+    REPLICATED_PARTITIONS_MAX, Replicas, ReplicatedPublishError,
 };
 pub use status::{ClusterStatus, MemberStatus, PartitionStatus};
 pub use transport::{
@@ -271,6 +272,7 @@ impl ClusterNode {
     /// and as the metadata group creates more, through `host` (the server).
     pub fn host_partitions(&self, host: Arc<dyn PartitionHost>) {
         tokio::spawn(Arc::clone(&self.replicas).follow(host));
+        tokio::spawn(Arc::clone(&self.replicas).report_leadership());
     }
 
     /// Stops serving other nodes and leaves the group (without a

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
-use super::transport::{GroupId, PartitionNetwork};
+use super::transport::{GroupId, NodeReply, NodeRequest, PartitionNetwork, PeerClient};
 use super::types::{MetadataState, NodeAddrs, NodeId, Raft};
 use crate::storage::ChannelLog;
 
@@ -50,6 +50,13 @@ pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
 pub const PARTITION_RAFT_LOG_ENTRIES_MAX: u64 = 1 << 20;
 /// How often a partition group considers a snapshot.
 const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a node looks for partitions it leads whose leadership the
+/// metadata group has not recorded yet (after an election), and reports
+/// them: how stale another node's METADATA answer can be, besides the
+/// report's commit.
+const LEADERSHIP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long one report may take.
+const LEADERSHIP_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the server gives a replicated partition: its local log, and a call
 /// that wakes the partition's readers after the state machine appended.
@@ -158,6 +165,23 @@ async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishA
             }
         });
     }
+}
+
+/// Where a replicated partition is, for METADATA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPlacement {
+    pub leader: Option<NodeId>,
+    pub replicas: Vec<NodeId>,
+}
+
+/// The cluster as one node sees it, for METADATA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterMetadata {
+    pub node_id: NodeId,
+    /// Every member's id and client address.
+    pub nodes: Vec<(NodeId, String)>,
+    /// Each replicated channel's name, replication factor and partitions.
+    pub channels: Vec<(String, u8, Vec<PartitionPlacement>)>,
 }
 
 /// The partitions this node hosts.
@@ -322,6 +346,112 @@ impl Replicas {
             .collect();
         statuses.sort_by(|a, b| (&a.channel, a.partition).cmp(&(&b.channel, b.partition)));
         statuses
+    }
+
+    /// Where every partition of the replicated channels is: its leader
+    /// (this node's own view for a partition it hosts, otherwise the
+    /// leader last reported to the metadata group) and its replicas; and
+    /// every node's id and client address. `channel` limits it to one.
+    pub fn metadata(&self, channel: Option<&str>) -> ClusterMetadata {
+        let state = self.channels.borrow().clone();
+        let members = self.metadata.metrics().borrow_watched().membership_config.clone();
+        let nodes = members.membership().nodes().map(|(id, addrs)| (*id, addrs.client_addr.clone())).collect();
+        let channels = state
+            .channels
+            .iter()
+            .filter(|(name, _)| channel.is_none_or(|wanted| wanted == name.as_str()))
+            .map(|(name, placed)| {
+                let partitions = placed
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(partition, replicas)| {
+                        let id = GroupId { channel: name.clone(), partition: partition as u32 };
+                        let hosted = self.group(&id).and_then(|group| {
+                            let metrics = group.raft.metrics();
+                            let metrics = metrics.borrow_watched();
+                            metrics.current_leader.map(|leader| (leader, metrics.current_term))
+                        });
+                        let reported = state.reported_leader(name, partition as u32).map(|led| (led.node, led.term));
+                        // The later term's view: a hosted group knows its own
+                        // elections first.
+                        let leader = match (hosted, reported) {
+                            (Some(own), Some(other)) => Some(if own.1 >= other.1 { own.0 } else { other.0 }),
+                            (own, other) => own.or(other).map(|(node, _)| node),
+                        };
+                        PartitionPlacement { leader, replicas: replicas.clone() }
+                    })
+                    .collect();
+                (name.clone(), placed.replication_factor, partitions)
+            })
+            .collect();
+        ClusterMetadata { node_id: self.node_id, nodes, channels }
+    }
+
+    /// Reports every partition this node leads whose leadership the
+    /// metadata group has not recorded, every
+    /// [`LEADERSHIP_REPORT_INTERVAL`], until `stop`.
+    pub(super) async fn report_leadership(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(LEADERSHIP_REPORT_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let led: Vec<(GroupId, u64)> = {
+                let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+                let state = self.channels.borrow();
+                groups
+                    .iter()
+                    .filter_map(|(id, group)| {
+                        let metrics = group.raft.metrics();
+                        let metrics = metrics.borrow_watched();
+                        let term = metrics.current_term;
+                        let recorded = state.reported_leader(&id.channel, id.partition);
+                        (metrics.state == ServerState::Leader && recorded.is_none_or(|recorded| recorded.term < term))
+                            .then(|| (id.clone(), term))
+                    })
+                    .collect()
+            };
+            for (group, term) in led {
+                if let Err(error) = self.report(&group, term).await {
+                    tracing::debug!(%group, term, %error, "leadership not recorded yet; reporting again");
+                }
+            }
+        }
+    }
+
+    /// Records this node as `group`'s leader in `term`, through the
+    /// metadata leader.
+    async fn report(&self, group: &GroupId, term: u64) -> Result<(), String> {
+        let metrics = self.metadata.metrics().borrow_watched().clone();
+        if metrics.state == ServerState::Leader {
+            let command = super::types::MetadataCommand::PartitionLeader {
+                channel: group.channel.clone(),
+                partition: group.partition,
+                leader: self.node_id,
+                term,
+            };
+            return tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, self.metadata.client_write(command))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map(|_| ())
+                .map_err(|error| error.to_string());
+        }
+        let leader = metrics.current_leader.ok_or("the metadata group has no leader")?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|addrs| addrs.cluster_addr.clone())
+            .ok_or("the metadata leader is not a member")?;
+        let request = NodeRequest::ReportLeader { group: group.clone(), leader: self.node_id, term };
+        let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
+        match client.call(&request, LEADERSHIP_REPORT_TIMEOUT).await.map_err(|error| error.to_string())? {
+            NodeReply::Recorded => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
     }
 
     /// Starts the groups of every replicated partition placed on this node,

@@ -78,6 +78,13 @@ pub enum NodeRequest {
         partitions: u32,
         replication_factor: u8,
     },
+    /// A partition's new leader tells the metadata leader (node
+    /// certificates only).
+    ReportLeader {
+        group: GroupId,
+        leader: NodeId,
+        term: u64,
+    },
 }
 
 /// Names a replicated partition's Raft group.
@@ -140,6 +147,8 @@ pub enum NodeReply {
     NotLeader {
         leader: Option<(NodeId, NodeAddrs)>,
     },
+    /// A report was committed.
+    Recorded,
     Error(String),
 }
 

@@ -27,6 +27,10 @@ pub enum MetadataCommand {
     /// Creates a replicated channel with its placement, chosen by the
     /// leader that proposed it (docs/REPLICATION.md, "What is replicated").
     CreateChannel { name: String, channel: ReplicatedChannel },
+    /// A partition's group elected `leader` in `term`: reported by that
+    /// leader, so that every node can answer METADATA for partitions it
+    /// does not host.
+    PartitionLeader { channel: String, partition: u32, leader: NodeId, term: u64 },
 }
 
 impl fmt::Display for MetadataCommand {
@@ -38,6 +42,9 @@ impl fmt::Display for MetadataCommand {
                 channel.replicas.len(),
                 channel.replication_factor
             ),
+            MetadataCommand::PartitionLeader { channel, partition, leader, term } => {
+                write!(f, "partition {partition} of {channel} led by node {leader} in term {term}")
+            }
         }
     }
 }
@@ -51,11 +58,21 @@ pub struct ReplicatedChannel {
     pub replicas: Vec<Vec<NodeId>>,
 }
 
+/// A partition's leader as its group last reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedLeader {
+    pub node: NodeId,
+    pub term: u64,
+}
+
 /// What the metadata state machine holds beyond its membership (which
-/// openraft keeps in the snapshot's metadata): the replicated channels.
+/// openraft keeps in the snapshot's metadata): the replicated channels and
+/// their partitions' reported leaders.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetadataState {
     pub channels: std::collections::BTreeMap<String, ReplicatedChannel>,
+    /// By channel, then partition: the leader of the highest term reported.
+    pub leaders: std::collections::BTreeMap<String, std::collections::BTreeMap<u32, ReportedLeader>>,
 }
 
 impl MetadataState {
@@ -67,7 +84,24 @@ impl MetadataState {
             MetadataCommand::CreateChannel { name, channel } => {
                 self.channels.entry(name.clone()).or_insert_with(|| channel.clone());
             }
+            MetadataCommand::PartitionLeader { channel, partition, leader, term } => {
+                let placed = self.channels.get(channel).and_then(|placed| placed.replicas.get(*partition as usize));
+                // Only a replica of a partition that exists; a report of an
+                // older term than the one recorded arrived late.
+                if !placed.is_some_and(|replicas| replicas.contains(leader)) {
+                    return;
+                }
+                let leaders = self.leaders.entry(channel.clone()).or_default();
+                if leaders.get(partition).is_none_or(|recorded| recorded.term < *term) {
+                    leaders.insert(*partition, ReportedLeader { node: *leader, term: *term });
+                }
+            }
         }
+    }
+
+    /// The leader last reported for `partition` of `channel`.
+    pub fn reported_leader(&self, channel: &str, partition: u32) -> Option<ReportedLeader> {
+        self.leaders.get(channel)?.get(&partition).copied()
     }
 }
 

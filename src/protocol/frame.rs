@@ -84,6 +84,8 @@ pub enum FrameType {
     ListGroups = 0x0D,
     /// Version 2 on.
     DeleteChannel = 0x0E,
+    /// Version 2 on.
+    Metadata = 0x0F,
     Welcome = 0x81,
     Pong = 0x82,
     PublishAck = 0x83,
@@ -104,6 +106,8 @@ pub enum FrameType {
     Groups = 0x90,
     /// Version 2 on.
     ChannelDeleted = 0x91,
+    /// Version 2 on.
+    MetadataResult = 0x92,
 }
 
 /// Wire error codes. Never renumbered or reused.
@@ -312,6 +316,11 @@ pub enum Request {
         channel: String,
         force: bool,
     },
+    /// Where each partition of one channel (or of all with an empty name)
+    /// is led, and the nodes' addresses (version 2 on).
+    Metadata {
+        channel: String,
+    },
 }
 
 /// The limits a server advertises in WELCOME.
@@ -376,6 +385,33 @@ pub struct PartitionInfo {
     pub next_offset: u64,
     pub size_bytes: u64,
     pub segment_count: u64,
+}
+
+/// A node in a METADATA_RESULT answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    /// Where clients reach it (`HOST:PORT`).
+    pub client_addr: String,
+}
+
+/// One channel in a METADATA_RESULT answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelMetadata {
+    pub name: String,
+    /// 1 for a channel that is not replicated.
+    pub replication_factor: u8,
+    /// By partition number.
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+/// Where one partition is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionMetadata {
+    /// The node that leads it, when known (none during an election).
+    pub leader: Option<u64>,
+    /// The nodes that hold it.
+    pub replicas: Vec<u64>,
 }
 
 /// One consumer group in a GROUPS answer.
@@ -506,6 +542,14 @@ pub enum Response {
         groups: Vec<GroupInfo>,
     },
     ChannelDeleted,
+    /// The answer to METADATA (version 2 on).
+    Metadata {
+        /// The answering node's id (0 outside cluster mode).
+        node_id: u64,
+        clustered: bool,
+        nodes: Vec<NodeInfo>,
+        channels: Vec<ChannelMetadata>,
+    },
 }
 
 /// Appends a frame header for a body of `body_len` bytes.
@@ -648,6 +692,7 @@ impl Request {
             | Request::CreateChannel { channel, .. }
             | Request::AlterChannel { channel, .. }
             | Request::ListGroups { channel }
+            | Request::Metadata { channel }
             | Request::DeleteChannel { channel, .. } => [("channel", Some(channel)), ("", None), ("", None)],
             Request::Subscribe { channel, durable_name, group, .. } => {
                 [("channel", Some(channel)), ("durable name", durable_name.as_deref()), ("group", group.as_deref())]
@@ -761,6 +806,9 @@ impl Request {
             }),
             Request::ListGroups { channel } => {
                 frame(FrameType::ListGroups, correlation_id, |out| wire::put_short_string(out, channel))
+            }
+            Request::Metadata { channel } => {
+                frame(FrameType::Metadata, correlation_id, |out| wire::put_short_string(out, channel))
             }
             Request::DeleteChannel { channel, force } => frame(FrameType::DeleteChannel, correlation_id, |out| {
                 wire::put_short_string(out, channel);
@@ -876,6 +924,7 @@ impl Request {
                 Request::AlterChannel { channel: r.name(NameField::Channel)?, partitions: r.u32("partitions")? }
             }
             0x0D if version >= 2 => Request::ListGroups { channel: r.name(NameField::Channel)? },
+            0x0F if version >= 2 => Request::Metadata { channel: r.name(NameField::Channel)? },
             0x0E if version >= 2 => Request::DeleteChannel {
                 channel: r.name(NameField::Channel)?,
                 force: match r.u8("force")? {
@@ -1007,6 +1056,30 @@ impl Response {
             Response::ChannelCreated => frame(FrameType::ChannelCreated, correlation_id, |_| {}),
             Response::ChannelAltered => frame(FrameType::ChannelAltered, correlation_id, |_| {}),
             Response::ChannelDeleted => frame(FrameType::ChannelDeleted, correlation_id, |_| {}),
+            Response::Metadata { node_id, clustered, nodes, channels } => {
+                frame(FrameType::MetadataResult, correlation_id, |out| {
+                    out.put_u64(*node_id);
+                    out.put_u8(u8::from(*clustered));
+                    out.put_u16(nodes.len() as u16);
+                    for node in nodes {
+                        out.put_u64(node.node_id);
+                        wire::put_short_string(out, &node.client_addr);
+                    }
+                    out.put_u32(channels.len() as u32);
+                    for channel in channels {
+                        wire::put_short_string(out, &channel.name);
+                        out.put_u8(channel.replication_factor);
+                        out.put_u32(channel.partitions.len() as u32);
+                        for partition in &channel.partitions {
+                            put_optional(out, partition.leader);
+                            out.put_u8(partition.replicas.len() as u8);
+                            for replica in &partition.replicas {
+                                out.put_u64(*replica);
+                            }
+                        }
+                    }
+                })
+            }
             Response::Groups { groups } => frame(FrameType::Groups, correlation_id, |out| {
                 out.put_u32(groups.len() as u32);
                 for group in groups {
@@ -1187,6 +1260,41 @@ impl Response {
             0x8C => Response::ChannelCreated,
             0x8F if v2 => Response::ChannelAltered,
             0x91 if v2 => Response::ChannelDeleted,
+            0x92 if v2 => {
+                let node_id = r.u64("node_id")?;
+                let clustered = match r.u8("clustered")? {
+                    0 => false,
+                    1 => true,
+                    other => {
+                        return Err(DecodeError::OutOfRange {
+                            field: "clustered",
+                            value: other as u64,
+                            allowed: "0 or 1",
+                        });
+                    }
+                };
+                let node_count = r.u16("node_count")? as usize;
+                let nodes = r.list(node_count, 9, |r| {
+                    Ok(NodeInfo { node_id: r.u64("node_id")?, client_addr: r.short_string("client_addr")? })
+                })?;
+                let channel_count = r.u32("channel_count")? as usize;
+                let channels = r.list(channel_count, 6, |r| {
+                    Ok(ChannelMetadata {
+                        name: r.short_string("channel")?,
+                        replication_factor: r.u8("replication_factor")?,
+                        partitions: {
+                            let count = r.u32("partition_count")? as usize;
+                            r.list(count, 10, |r| {
+                                let leader = get_optional(r, "leader")?;
+                                let replica_count = r.u8("replica_count")? as usize;
+                                let replicas = r.list(replica_count, 8, |r| r.u64("replica"))?;
+                                Ok(PartitionMetadata { leader, replicas })
+                            })?
+                        },
+                    })
+                })?;
+                Response::Metadata { node_id, clustered, nodes, channels }
+            }
             0x90 if v2 => {
                 let count = r.u32("group_count")? as usize;
                 let groups = r.list(count, 22, |r| {

@@ -7,10 +7,10 @@ pub mod frame;
 pub mod wire;
 
 pub use frame::{
-    AUTH_TOKEN_BYTES_MAX, BackpressureReason, ChannelInfo, ChannelRetention, ChannelStats, ErrorCode,
-    FRAME_HEADER_BYTES, FrameHeader, FrameType, GROUP_NAME_BYTES_MAX, GroupInfo, GroupPartitionInfo, Limits, Notice,
-    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, PartitionInfo, ProducerSequence, Request, Response, StartPosition,
-    SubscriptionInfo, SubscriptionStats, deliver_head, fetch_result_head,
+    AUTH_TOKEN_BYTES_MAX, BackpressureReason, ChannelInfo, ChannelMetadata, ChannelRetention, ChannelStats, ErrorCode,
+    FRAME_HEADER_BYTES, FrameHeader, FrameType, GROUP_NAME_BYTES_MAX, GroupInfo, GroupPartitionInfo, Limits, NodeInfo,
+    Notice, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, PartitionInfo, PartitionMetadata, ProducerSequence, Request,
+    Response, StartPosition, SubscriptionInfo, SubscriptionStats, deliver_head, fetch_result_head,
 };
 pub use wire::{DecodeError, NameField};
 

@@ -92,6 +92,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Stats),
         (channel(), any::<u32>()).prop_map(|(channel, partitions)| Request::AlterChannel { channel, partitions }),
         prop_oneof![Just(String::new()), channel()].prop_map(|channel| Request::ListGroups { channel }),
+        prop_oneof![Just(String::new()), channel()].prop_map(|channel| Request::Metadata { channel }),
         (channel(), any::<bool>()).prop_map(|(channel, force)| Request::DeleteChannel { channel, force }),
     ]
 }
@@ -113,7 +114,10 @@ fn as_version_1(request: &Request) -> Option<Request> {
         }
         Request::Ack { partition, .. } | Request::Fetch { partition, .. } => *partition = 0,
         Request::CreateChannel { partitions, .. } => *partitions = None,
-        Request::AlterChannel { .. } | Request::ListGroups { .. } | Request::DeleteChannel { .. } => return None,
+        Request::AlterChannel { .. }
+        | Request::ListGroups { .. }
+        | Request::DeleteChannel { .. }
+        | Request::Metadata { .. } => return None,
         _ => {}
     }
     Some(request)
@@ -154,7 +158,9 @@ fn as_version_1_response(response: &Response) -> Option<Response> {
                 channel.subscriptions.retain(|s| s.partition == 0);
             }
         }
-        Response::ChannelAltered | Response::Groups { .. } | Response::ChannelDeleted => return None,
+        Response::ChannelAltered | Response::Groups { .. } | Response::ChannelDeleted | Response::Metadata { .. } => {
+            return None;
+        }
         _ => {}
     }
     Some(response)
@@ -280,6 +286,38 @@ fn response() -> impl Strategy<Value = Response> {
                 .collect()
         }),
         proptest::collection::vec(channel_info, 0..3).prop_map(|channels| Response::Channels { channels }),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            proptest::collection::vec((any::<u64>(), "[0-9.:]{1,21}"), 0..4),
+            proptest::collection::vec(
+                (
+                    channel(),
+                    any::<u8>(),
+                    proptest::collection::vec(
+                        (proptest::option::of(any::<u64>()), proptest::collection::vec(any::<u64>(), 0..6)),
+                        0..4
+                    )
+                ),
+                0..3
+            )
+        )
+            .prop_map(|(node_id, clustered, nodes, channels)| Response::Metadata {
+                node_id,
+                clustered,
+                nodes: nodes.into_iter().map(|(node_id, client_addr)| NodeInfo { node_id, client_addr }).collect(),
+                channels: channels
+                    .into_iter()
+                    .map(|(name, replication_factor, partitions)| ChannelMetadata {
+                        name,
+                        replication_factor,
+                        partitions: partitions
+                            .into_iter()
+                            .map(|(leader, replicas)| PartitionMetadata { leader, replicas })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
         (
             proptest::collection::vec(("[a-z_]{1,30}", any::<u64>()), 0..5),
             proptest::collection::vec(

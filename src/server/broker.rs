@@ -432,6 +432,51 @@ impl Broker {
         self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// The answer to METADATA: where each partition of `channel` (or of
+    /// every channel) is led and held, and the nodes' client addresses. A
+    /// single node names itself node 0 at `local_addr` (the address the
+    /// client reached it at) and leads everything; in cluster mode the
+    /// replicated channels come from the metadata group and this node's
+    /// own channels are listed as led by it alone.
+    pub fn metadata(&self, channel: Option<&ChannelName>, local_addr: &str) -> crate::protocol::Response {
+        use crate::protocol::{ChannelMetadata, NodeInfo, PartitionMetadata};
+        let own = |node_id: u64, partitions: usize| {
+            (0..partitions).map(|_| PartitionMetadata { leader: Some(node_id), replicas: vec![node_id] }).collect()
+        };
+        let wanted = |name: &str| channel.is_none_or(|wanted| wanted.as_str() == name);
+        let (node_id, clustered, mut nodes, mut channels) = match self.replicas() {
+            None => (0, false, vec![NodeInfo { node_id: 0, client_addr: local_addr.to_string() }], Vec::new()),
+            Some(replicas) => {
+                let cluster = replicas.metadata(channel.map(ChannelName::as_str));
+                let nodes =
+                    cluster.nodes.into_iter().map(|(node_id, client_addr)| NodeInfo { node_id, client_addr }).collect();
+                let channels = cluster
+                    .channels
+                    .into_iter()
+                    .map(|(name, replication_factor, partitions)| ChannelMetadata {
+                        name,
+                        replication_factor,
+                        partitions: partitions
+                            .into_iter()
+                            .map(|placed| PartitionMetadata { leader: placed.leader, replicas: placed.replicas })
+                            .collect(),
+                    })
+                    .collect();
+                (cluster.node_id, true, nodes, channels)
+            }
+        };
+        for local in self.store.channels() {
+            let name = local.name().as_str();
+            if wanted(name) && !channels.iter().any(|listed: &ChannelMetadata| listed.name == name) {
+                let partitions = own(node_id, local.partitions().len());
+                channels.push(ChannelMetadata { name: name.to_string(), replication_factor: 1, partitions });
+            }
+        }
+        channels.sort_by(|a, b| a.name.cmp(&b.name));
+        nodes.sort_by_key(|node| node.node_id);
+        crate::protocol::Response::Metadata { node_id, clustered, nodes, channels }
+    }
+
     /// Every channel, each partition's range, and every subscription's
     /// position per partition (live ones, and durable ones with nobody
     /// connected).

@@ -242,6 +242,9 @@ struct Connection {
     epoch: std::time::Instant,
     cancel: CancellationToken,
     peer: String,
+    /// The address the client reached this broker at: a single node's
+    /// METADATA answer names it.
+    local_addr: String,
     /// The subject common name of the client's verified certificate
     /// (mutual TLS).
     certificate_name: Option<String>,
@@ -267,6 +270,7 @@ pub(crate) async fn serve(
     _permit: OwnedSemaphorePermit,
 ) {
     let peer = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local_addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let (read_half, write_half, certificate_name) = match tls {
         None => {
             let (read_half, write_half) = tls::split_plain(socket);
@@ -320,6 +324,7 @@ pub(crate) async fn serve(
         epoch: std::time::Instant::now(),
         cancel: cancel.clone(),
         peer,
+        local_addr,
         certificate_name,
         principal: None,
         credential_reloads: Some(broker.auth.reloads()),
@@ -692,14 +697,7 @@ impl Connection {
                 }
             }
             Request::ListGroups { channel } => {
-                let channel = if channel.is_empty() {
-                    None
-                } else {
-                    match self.channel_name(correlation_id, &channel).await {
-                        Some(name) => Some(name),
-                        None => return Flow::Continue,
-                    }
-                };
+                let Some(channel) = self.channel_filter(correlation_id, &channel).await else { return Flow::Continue };
                 if let Some(name) = &channel
                     && !self
                         .permitted(correlation_id, Operation::Admin, name.as_str(), "list the groups of channel")
@@ -716,6 +714,17 @@ impl Connection {
                     .filter(|group| permissions.allows(Operation::Admin, &group.channel))
                     .collect();
                 self.respond(correlation_id, Response::Groups { groups }).await
+            }
+            Request::Metadata { channel } => {
+                let Some(channel) = self.channel_filter(correlation_id, &channel).await else { return Flow::Continue };
+                let mut metadata = self.broker.metadata(channel.as_ref(), &self.local_addr);
+                // Only the channels the principal has a permission on, as
+                // LIST_CHANNELS.
+                if let Response::Metadata { channels, .. } = &mut metadata {
+                    let permissions = &self.principal().permissions;
+                    channels.retain(|channel| permissions.sees(&channel.name));
+                }
+                self.respond(correlation_id, metadata).await
             }
             Request::ListChannels => {
                 // Only the channels the principal has a permission on: it
@@ -1436,6 +1445,16 @@ impl Connection {
 
     /// The channel `name`, auto-created only if the principal may create
     /// it.
+    /// A listing's channel: `Some(None)` for every channel (an empty
+    /// name), `Some(Some(name))` for one, `None` when the name was refused
+    /// (and answered so).
+    async fn channel_filter(&mut self, correlation_id: u32, channel: &str) -> Option<Option<ChannelName>> {
+        if channel.is_empty() {
+            return Some(None);
+        }
+        self.channel_name(correlation_id, channel).await.map(Some)
+    }
+
     /// Whether `name` is a replicated channel (cluster mode).
     fn is_replicated(&self, name: &ChannelName) -> bool {
         self.broker.replicas().is_some_and(|replicas| replicas.is_replicated(name.as_str()))
