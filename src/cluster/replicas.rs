@@ -320,12 +320,16 @@ impl Replicas {
         }
     }
 
-    /// For a partition this node does not host: its preferred leader's
-    /// client address (the node most likely to lead it).
+    /// For a partition this node does not host: the client address of its
+    /// leader as last reported to the metadata group, else of its
+    /// preferred leader (the node most likely to lead it).
     fn leader_elsewhere(&self, id: &GroupId) -> Option<String> {
-        let preferred =
-            self.channels.borrow().channels.get(&id.channel)?.replicas.get(id.partition as usize)?.first().copied()?;
-        self.client_addr(preferred)
+        let leader = {
+            let state = self.channels.borrow();
+            let preferred = state.channels.get(&id.channel)?.replicas.get(id.partition as usize)?.first().copied()?;
+            state.reported_leader(&id.channel, id.partition).map_or(preferred, |reported| reported.node)
+        };
+        self.client_addr(leader)
     }
 
     /// Each hosted partition's group as this node sees it, for `weir
