@@ -638,3 +638,109 @@ async fn metadata_names_every_partitions_leader_on_every_node() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The next message `subscriber` is sent (notices skipped): its offset and
+/// payload.
+async fn next_message(subscriber: &mut weir::client::Subscriber) -> (u64, String) {
+    loop {
+        let event = tokio::time::timeout(CONVERGE_LIMIT, subscriber.next())
+            .await
+            .expect("a delivery within the limit")
+            .expect("the subscription goes on")
+            .expect("no error");
+        if let weir::client::Event::Message { record, .. } = event {
+            return (record.offset, String::from_utf8(record.payload.to_vec()).unwrap());
+        }
+    }
+}
+
+/// A durable subscription and a consumer group of a replicated channel
+/// acknowledge on one node; their positions reach the metadata group, and
+/// once that node is killed, both resume on another node right after
+/// what they acknowledged (not from the start, not past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_and_group_positions_resume_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel(&nodes[0], 0).await;
+    partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
+    let publisher = weir::client::Publisher::connect(
+        &nodes[0].spec.client_addr,
+        CHANNEL,
+        weir::client::PublisherOptions::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..10 {
+        publisher.publish(Message::from_payload(format!("r{i}"))).await.unwrap();
+    }
+    publisher.close().await;
+
+    let (first, second) = (&nodes[1], &nodes[2]);
+    let durable = weir::client::SubscribeOptions {
+        partition: Some(0),
+        start: weir::protocol::StartPosition::Earliest,
+        durable_name: Some("billing".into()),
+        ..weir::client::SubscribeOptions::default()
+    };
+    let grouped = weir::client::SubscribeOptions {
+        group: Some("audit".into()),
+        start: weir::protocol::StartPosition::Earliest,
+        ..weir::client::SubscribeOptions::default()
+    };
+    {
+        let connection = Connection::connect(&first.spec.client_addr, "subscriber").await.unwrap();
+        for options in [durable.clone(), grouped.clone()] {
+            let mut subscriber = weir::client::Subscriber::subscribe(&connection, CHANNEL, options).await.unwrap();
+            for expected in 0..5 {
+                let (offset, payload) = next_message(&mut subscriber).await;
+                assert_eq!((offset, payload), (expected, format!("r{expected}")));
+                subscriber.ack_partition(0, offset).await.unwrap();
+            }
+        }
+        // Both positions reach the metadata group, as the second node sees
+        // them (LIST_CHANNELS lists a durable position with nobody
+        // connected; LIST_GROUPS a group's committed one).
+        let watcher = Connection::connect(&second.spec.client_addr, "watcher").await.unwrap();
+        let started = Instant::now();
+        loop {
+            let Response::Channels { channels } = watcher.request(Request::ListChannels).await.unwrap() else {
+                panic!("expected CHANNELS");
+            };
+            let durable_at = channels
+                .iter()
+                .filter(|channel| channel.name == CHANNEL)
+                .flat_map(|channel| &channel.subscriptions)
+                .find(|subscription| subscription.durable_name == "billing")
+                .map(|subscription| subscription.next_offset);
+            let Response::Groups { groups } =
+                watcher.request(Request::ListGroups { channel: CHANNEL.into() }).await.unwrap()
+            else {
+                panic!("expected GROUPS");
+            };
+            let group_at = groups
+                .iter()
+                .find(|group| group.name == "audit")
+                .and_then(|group| group.partitions.first())
+                .and_then(|partition| partition.committed);
+            if durable_at == Some(5) && group_at == Some(5) {
+                break;
+            }
+            assert!(
+                started.elapsed() < CONVERGE_LIMIT,
+                "positions not seen on another node: durable {durable_at:?}, group {group_at:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let index = nodes.iter().position(|node| node.spec.id == first.spec.id).unwrap();
+    nodes[index].kill();
+    let connection = Connection::connect(&nodes[2].spec.client_addr, "subscriber").await.unwrap();
+    for options in [durable, grouped] {
+        let mut subscriber = weir::client::Subscriber::subscribe(&connection, CHANNEL, options).await.unwrap();
+        assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
+    }
+}

@@ -21,7 +21,10 @@ use tokio_util::task::TaskTracker;
 use super::partition::{PartitionRaft, PartitionSnapshot};
 use super::replicas::{REPLICATED_PARTITIONS_MAX, Replicas};
 use super::transport::{self, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
-use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel, Snapshot, TypeConfig};
+use super::types::{
+    MetadataCommand, MetadataState, NodeAddrs, NodeId, POSITIONS_PER_COMMAND_MAX, Raft, ReplicatedChannel, Snapshot,
+    TypeConfig,
+};
 use super::{CLUSTER_CONNECTIONS_MAX, CLUSTER_HANDSHAKE_TIMEOUT};
 
 /// The replication factors a replicated channel may have.
@@ -217,7 +220,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             | NodeRequest::Vote(_)
             | NodeRequest::FullSnapshot { .. }
             | NodeRequest::Partition { .. }
-            | NodeRequest::ReportLeader { .. }
+            | NodeRequest::Propose { .. }
     );
     if raft_message && peer == Peer::Operator {
         return NodeReply::Error(
@@ -262,12 +265,22 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             }
             create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
         }
-        NodeRequest::ReportLeader { group, leader, term } => {
+        NodeRequest::Propose { command } => {
+            match &command {
+                MetadataCommand::CreateChannel { .. } => {
+                    return NodeReply::Error("a channel is created with CreateChannel, which places it".into());
+                }
+                MetadataCommand::CommitPositions { positions } if positions.len() > POSITIONS_PER_COMMAND_MAX => {
+                    return NodeReply::Error(format!(
+                        "{} positions in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",
+                        positions.len()
+                    ));
+                }
+                _ => {}
+            }
             if let Some(not_leader) = unless_leader(raft) {
                 return not_leader;
             }
-            let command =
-                MetadataCommand::PartitionLeader { channel: group.channel, partition: group.partition, leader, term };
             match raft.client_write(command).await {
                 Ok(_) => NodeReply::Recorded,
                 Err(error) => membership_error(&error),

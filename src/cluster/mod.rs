@@ -46,6 +46,7 @@ pub use transport::{
     ADMIN_TIMEOUT, CLUSTER_FRAME_BYTES_MAX, GroupId, NodeReply, NodeRequest, PeerClient, TransportError,
 };
 pub use types::{NodeAddrs, NodeId};
+pub use types::{POSITIONS_PER_COMMAND_MAX, REPLICATED_POSITIONS_MAX, ReplicatedPosition};
 
 use crate::config::ClusterConfig;
 use types::Raft;

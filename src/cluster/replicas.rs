@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{GroupId, NodeReply, NodeRequest, PartitionNetwork, PeerClient};
-use super::types::{MetadataState, NodeAddrs, NodeId, Raft};
+use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedPosition};
 use crate::storage::ChannelLog;
 
 /// Most replicated partitions one node hosts (a Raft group each, with its
@@ -55,7 +55,8 @@ const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_s
 /// them: how stale another node's METADATA answer can be, besides the
 /// report's commit.
 const LEADERSHIP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-/// How long one report may take.
+/// How long one proposal to the metadata group (a report, positions) may
+/// take.
 const LEADERSHIP_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the server gives a replicated partition: its local log, and a call
@@ -429,14 +430,50 @@ impl Replicas {
     /// Records this node as `group`'s leader in `term`, through the
     /// metadata leader.
     async fn report(&self, group: &GroupId, term: u64) -> Result<(), String> {
+        let command = MetadataCommand::PartitionLeader {
+            channel: group.channel.clone(),
+            partition: group.partition,
+            leader: self.node_id,
+            term,
+        };
+        self.propose(command).await
+    }
+
+    /// Records subscribers' positions in replicated partitions in the
+    /// metadata group (at most [`super::types::POSITIONS_PER_COMMAND_MAX`]), so that they
+    /// resume there on any node.
+    ///
+    /// # Errors
+    /// The metadata group could not be reached or did not commit it.
+    pub async fn commit_positions(&self, positions: Vec<ReplicatedPosition>) -> Result<(), String> {
+        self.propose(MetadataCommand::CommitPositions { positions }).await
+    }
+
+    /// Where a durable subscription (`group` false) or a consumer group of
+    /// a replicated channel resumes in `partition`, as the metadata group
+    /// holds it.
+    pub fn position(&self, channel: &str, name: &str, partition: u32, group: bool) -> Option<u64> {
+        let key = (channel.to_string(), name.to_string(), partition, group);
+        self.channels.borrow().positions.get(&key).copied()
+    }
+
+    /// Every durable (`group` false) or group position of `channel` the
+    /// metadata group holds, by name and partition.
+    pub fn positions(&self, channel: &str, group: bool) -> BTreeMap<(String, u32), u64> {
+        self.channels
+            .borrow()
+            .positions
+            .iter()
+            .filter(|((c, _, _, g), _)| c == channel && *g == group)
+            .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
+            .collect()
+    }
+
+    /// Proposes `command` to the metadata group: on this node when it
+    /// leads it, else through its leader.
+    async fn propose(&self, command: MetadataCommand) -> Result<(), String> {
         let metrics = self.metadata.metrics().borrow_watched().clone();
         if metrics.state == ServerState::Leader {
-            let command = super::types::MetadataCommand::PartitionLeader {
-                channel: group.channel.clone(),
-                partition: group.partition,
-                leader: self.node_id,
-                term,
-            };
             return tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, self.metadata.client_write(command))
                 .await
                 .map_err(|_| "timed out".to_string())?
@@ -450,7 +487,7 @@ impl Replicas {
             .get_node(&leader)
             .map(|addrs| addrs.cluster_addr.clone())
             .ok_or("the metadata leader is not a member")?;
-        let request = NodeRequest::ReportLeader { group: group.clone(), leader: self.node_id, term };
+        let request = NodeRequest::Propose { command };
         let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
         match client.call(&request, LEADERSHIP_REPORT_TIMEOUT).await.map_err(|error| error.to_string())? {
             NodeReply::Recorded => Ok(()),

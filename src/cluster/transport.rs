@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 
 use super::partition::{PartitionSnapshot, PartitionSnapshotMeta, PartitionTypes, PartitionVote, SnapshotPromise};
 use super::status::ClusterStatus;
-use super::types::{MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::record::Message;
 
 /// Largest node-to-node frame. The metadata group's appends carry at most
@@ -78,12 +78,12 @@ pub enum NodeRequest {
         partitions: u32,
         replication_factor: u8,
     },
-    /// A partition's new leader tells the metadata leader (node
-    /// certificates only).
-    ReportLeader {
-        group: GroupId,
-        leader: NodeId,
-        term: u64,
+    /// A node's proposal to the metadata group, sent to its leader (node
+    /// certificates only): a partition leader reporting itself, or its
+    /// subscribers' positions; never a channel's creation, which the
+    /// leader places itself.
+    Propose {
+        command: MetadataCommand,
     },
 }
 

@@ -31,7 +31,32 @@ pub enum MetadataCommand {
     /// leader, so that every node can answer METADATA for partitions it
     /// does not host.
     PartitionLeader { channel: String, partition: u32, leader: NodeId, term: u64 },
+    /// Durable subscriptions' and consumer groups' positions in replicated
+    /// partitions, as a node's subscribers acknowledged them (at most
+    /// [`POSITIONS_PER_COMMAND_MAX`]).
+    CommitPositions { positions: Vec<ReplicatedPosition> },
 }
+
+/// Most positions the metadata group holds: a commit of a new one past it
+/// is dropped (its subscriber resumes from its node's own position).
+pub const REPLICATED_POSITIONS_MAX: usize = 10_000;
+/// Most positions one [`MetadataCommand::CommitPositions`] carries.
+pub const POSITIONS_PER_COMMAND_MAX: usize = 1024;
+
+/// Where a durable subscription (or a consumer group) of a replicated
+/// channel resumes in one partition: one past its last acknowledged offset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedPosition {
+    pub channel: String,
+    /// The durable name, or the group's name when `group`.
+    pub name: String,
+    pub partition: u32,
+    pub group: bool,
+    pub offset: u64,
+}
+
+/// A position's key: channel, name, partition, whether a group's.
+pub type PositionKey = (String, String, u32, bool);
 
 impl fmt::Display for MetadataCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,6 +70,7 @@ impl fmt::Display for MetadataCommand {
             MetadataCommand::PartitionLeader { channel, partition, leader, term } => {
                 write!(f, "partition {partition} of {channel} led by node {leader} in term {term}")
             }
+            MetadataCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
         }
     }
 }
@@ -73,6 +99,8 @@ pub struct MetadataState {
     pub channels: std::collections::BTreeMap<String, ReplicatedChannel>,
     /// By channel, then partition: the leader of the highest term reported.
     pub leaders: std::collections::BTreeMap<String, std::collections::BTreeMap<u32, ReportedLeader>>,
+    /// Durable and group positions in replicated partitions (forward only).
+    pub positions: std::collections::BTreeMap<PositionKey, u64>,
 }
 
 impl MetadataState {
@@ -94,6 +122,21 @@ impl MetadataState {
                 let leaders = self.leaders.entry(channel.clone()).or_default();
                 if leaders.get(partition).is_none_or(|recorded| recorded.term < *term) {
                     leaders.insert(*partition, ReportedLeader { node: *leader, term: *term });
+                }
+            }
+            MetadataCommand::CommitPositions { positions } => {
+                for position in positions.iter().take(POSITIONS_PER_COMMAND_MAX) {
+                    let exists = self
+                        .channels
+                        .get(&position.channel)
+                        .is_some_and(|channel| (position.partition as usize) < channel.replicas.len());
+                    let key = (position.channel.clone(), position.name.clone(), position.partition, position.group);
+                    let known = self.positions.contains_key(&key);
+                    if !exists || (!known && self.positions.len() >= REPLICATED_POSITIONS_MAX) {
+                        continue;
+                    }
+                    let offset = self.positions.entry(key).or_insert(position.offset);
+                    *offset = (*offset).max(position.offset);
                 }
             }
         }
@@ -124,3 +167,59 @@ pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, MetadataState>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> MetadataState {
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3], vec![2, 3, 1]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel });
+        state
+    }
+
+    /// A report of a newer term replaces the leader; a late one of an
+    /// older term, one from a node that is no replica, and one for a
+    /// partition that does not exist change nothing.
+    #[test]
+    fn reported_leaders_keep_the_highest_term_of_a_replica() {
+        let mut state = state();
+        let report = |partition, leader, term| MetadataCommand::PartitionLeader {
+            channel: "orders".into(),
+            partition,
+            leader,
+            term,
+        };
+        state.apply(&report(0, 2, 5));
+        state.apply(&report(0, 1, 4));
+        state.apply(&report(0, 9, 6));
+        state.apply(&report(7, 1, 9));
+        assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 2, term: 5 }));
+        state.apply(&report(0, 3, 6));
+        assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 3, term: 6 }));
+        assert_eq!(state.reported_leader("orders", 7), None);
+    }
+
+    /// Positions only move forward, only for partitions of replicated
+    /// channels, and no new one is taken past `REPLICATED_POSITIONS_MAX`.
+    #[test]
+    fn positions_move_forward_within_their_bound() {
+        let mut state = state();
+        let commit = |channel: &str, name: String, partition, offset| MetadataCommand::CommitPositions {
+            positions: vec![ReplicatedPosition { channel: channel.into(), name, partition, group: false, offset }],
+        };
+        state.apply(&commit("orders", "billing".into(), 1, 10));
+        state.apply(&commit("orders", "billing".into(), 1, 7));
+        state.apply(&commit("elsewhere", "billing".into(), 0, 3));
+        state.apply(&commit("orders", "billing".into(), 2, 3));
+        assert_eq!(state.positions.len(), 1);
+        assert_eq!(state.positions.get(&("orders".into(), "billing".into(), 1, false)), Some(&10));
+        for i in 0..REPLICATED_POSITIONS_MAX {
+            state.apply(&commit("orders", format!("n{i}"), 0, 1));
+        }
+        assert_eq!(state.positions.len(), REPLICATED_POSITIONS_MAX);
+        state.apply(&commit("orders", "billing".into(), 1, 11));
+        assert_eq!(state.positions.get(&("orders".into(), "billing".into(), 1, false)), Some(&11));
+    }
+}

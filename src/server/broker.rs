@@ -617,6 +617,24 @@ fn replicated_settings(partitions: u32) -> ChannelSettings {
 /// replicated channel is a local channel whose partitions' logs the Raft
 /// groups' state machines append to, and which subscriptions read as any
 /// other.
+/// The positions of replicated channels as the metadata group holds them,
+/// for [`super::offsets::DurableOffsets`].
+pub(crate) struct ClusterPositions(pub Arc<crate::cluster::Replicas>);
+
+impl super::offsets::ReplicatedPositions for ClusterPositions {
+    fn is_replicated(&self, channel: &str) -> bool {
+        self.0.is_replicated(channel)
+    }
+
+    fn position(&self, owner: super::offsets::Owner, channel: &str, name: &str, partition: u32) -> Option<u64> {
+        self.0.position(channel, name, partition, owner == super::offsets::Owner::Group)
+    }
+
+    fn positions(&self, owner: super::offsets::Owner, channel: &str) -> std::collections::BTreeMap<(String, u32), u64> {
+        self.0.positions(channel, owner == super::offsets::Owner::Group)
+    }
+}
+
 pub(crate) struct BrokerHost(pub Arc<Broker>);
 
 impl crate::cluster::PartitionHost for BrokerHost {

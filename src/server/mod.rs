@@ -49,6 +49,12 @@ use crate::storage::{Maintenance, RecordSlices, StorageError, Store};
 use broker::Broker;
 use offsets::{DurableOffsets, OFFSET_COMMIT_INTERVAL};
 
+/// How often a node writes the positions its subscribers acknowledged in
+/// replicated channels to the metadata group: each write is a metadata
+/// entry, so at most one a second per node; a failover can cost the
+/// subscribers up to this much redelivery.
+pub const POSITION_REPLICATION_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Connections over `max_connections` told so at once; more are closed
 /// without a word.
 const REFUSALS_CONCURRENT_MAX: usize = 16;
@@ -279,6 +285,7 @@ pub async fn start_with_fs(config: Config, fs: Arc<dyn FileSystem>) -> Result<Se
     let broker = Arc::new(Broker::new(config, Arc::clone(&store), offsets, Arc::clone(&auth)));
     if let Some(cluster) = &cluster {
         broker.set_replicas(cluster.replicas());
+        broker.offsets.set_replicated(Arc::new(broker::ClusterPositions(cluster.replicas())));
         cluster.host_partitions(Arc::new(broker::BrokerHost(Arc::clone(&broker))));
     }
     let shutdown = CancellationToken::new();
@@ -299,6 +306,9 @@ async fn run(
 ) -> Result<(), ServerError> {
     let mut maintenance = Maintenance::start(Arc::clone(&broker.store));
     let committer = tokio::spawn(commit_offsets(Arc::clone(&broker), shutdown.clone()));
+    if let Some(replicas) = broker.replicas() {
+        tokio::spawn(replicate_positions(Arc::clone(&broker), replicas, shutdown.clone()));
+    }
     if !broker.config.metrics_addr.is_empty() {
         tokio::spawn(refresh_metrics(Arc::clone(&broker), shutdown.clone()));
     }
@@ -392,6 +402,43 @@ async fn commit_offsets(broker: Arc<Broker>, shutdown: CancellationToken) {
         let committed = tokio::task::spawn_blocking(move || committing.offsets.commit()).await;
         if let Ok(Err(error)) = committed {
             tracing::error!(%error, "could not store durable offsets; retrying");
+        }
+    }
+}
+
+/// Writes the positions of replicated channels that this node's
+/// subscribers acknowledged to the metadata group every
+/// [`POSITION_REPLICATION_INTERVAL`], so that they resume there on any node
+/// (docs/REPLICATION.md).
+async fn replicate_positions(
+    broker: Arc<Broker>,
+    replicas: Arc<crate::cluster::Replicas>,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(POSITION_REPLICATION_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let taken = broker.offsets.take_to_replicate(crate::cluster::POSITIONS_PER_COMMAND_MAX);
+        if taken.is_empty() {
+            continue;
+        }
+        let positions = taken
+            .iter()
+            .map(|((channel, name, partition, owner), offset)| crate::cluster::ReplicatedPosition {
+                channel: channel.clone(),
+                name: name.clone(),
+                partition: *partition,
+                group: *owner == offsets::Owner::Group,
+                offset: *offset,
+            })
+            .collect();
+        if let Err(error) = replicas.commit_positions(positions).await {
+            tracing::debug!(%error, "positions not written to the metadata group; retrying");
+            broker.offsets.return_to_replicate(taken.into_iter().map(|(key, _)| key));
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,7 +33,7 @@ const COMPACTION_RATIO: u64 = 4;
 
 /// (channel, durable name or group name, partition, whose). Durable
 /// subscriptions and consumer groups have separate name spaces.
-type Key = (String, String, u32, Owner);
+pub type Key = (String, String, u32, Owner);
 
 /// Whose position an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,6 +52,18 @@ const FORGET_HEADER: &[u8] = b"forget";
 pub struct DurableOffsets {
     log: Mutex<Arc<ChannelLog>>,
     state: Mutex<State>,
+    /// In cluster mode, the positions of replicated channels the metadata
+    /// group holds (written there from every node): a subscription resumes
+    /// from the later of its node's own position and that one.
+    replicated: OnceLock<Arc<dyn ReplicatedPositions>>,
+}
+
+/// The positions of replicated channels, as the cluster holds them.
+pub trait ReplicatedPositions: Send + Sync {
+    fn is_replicated(&self, channel: &str) -> bool;
+    fn position(&self, owner: Owner, channel: &str, name: &str, partition: u32) -> Option<u64>;
+    /// By name and partition.
+    fn positions(&self, owner: Owner, channel: &str) -> BTreeMap<(String, u32), u64>;
 }
 
 #[derive(Default)]
@@ -60,6 +72,9 @@ struct State {
     dirty: HashSet<Key>,
     /// Entries to forget at the next commit.
     forgotten: HashSet<Key>,
+    /// Positions of replicated channels changed since they were last
+    /// written to the metadata group.
+    to_replicate: HashSet<Key>,
 }
 
 /// A channel as a position is recorded for it: its name, and the token
@@ -148,7 +163,8 @@ impl DurableOffsets {
         tracing::info!(durable_subscriptions = offsets.len(), "durable offsets loaded");
         Ok(DurableOffsets {
             log: Mutex::new(Arc::new(log)),
-            state: Mutex::new(State { offsets, dirty: HashSet::new(), forgotten: HashSet::new() }),
+            state: Mutex::new(State { offsets, ..State::default() }),
+            replicated: OnceLock::new(),
         })
     }
 
@@ -203,8 +219,34 @@ impl DurableOffsets {
         self.record_position(Owner::Group, channel, group, partition, offset)
     }
 
+    /// Makes the positions of replicated channels count (cluster mode).
+    pub fn set_replicated(&self, replicated: Arc<dyn ReplicatedPositions>) {
+        let _ = self.replicated.set(replicated);
+    }
+
     fn position(&self, owner: Owner, channel: &str, name: &str, partition: u32) -> Option<u64> {
-        self.lock().offsets.get(&(channel.to_owned(), name.to_owned(), partition, owner)).copied()
+        let local = self.lock().offsets.get(&(channel.to_owned(), name.to_owned(), partition, owner)).copied();
+        let replicated =
+            self.replicated.get().and_then(|replicated| replicated.position(owner, channel, name, partition));
+        local.max(replicated)
+    }
+
+    /// Up to `max` positions of replicated channels changed since they were
+    /// last taken, to write to the metadata group.
+    pub fn take_to_replicate(&self, max: usize) -> Vec<(Key, u64)> {
+        let mut state = self.lock();
+        let keys: Vec<Key> = state.to_replicate.iter().take(max).cloned().collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                state.to_replicate.remove(&key);
+                state.offsets.get(&key).map(|&offset| (key, offset))
+            })
+            .collect()
+    }
+
+    /// Positions taken that could not be written: taken again next time.
+    pub fn return_to_replicate(&self, keys: impl IntoIterator<Item = Key>) {
+        self.lock().to_replicate.extend(keys);
     }
 
     fn record_position(
@@ -230,6 +272,9 @@ impl DurableOffsets {
         let entry = state.offsets.entry(key.clone()).or_insert(offset);
         if offset >= *entry {
             *entry = offset;
+            if self.replicated.get().is_some_and(|replicated| replicated.is_replicated(channel.name)) {
+                state.to_replicate.insert(key.clone());
+            }
             state.dirty.insert(key);
         }
         Ok(())
@@ -272,23 +317,32 @@ impl DurableOffsets {
 
     /// All durable positions of `channel`, by name and partition.
     pub fn for_channel(&self, channel: &str) -> BTreeMap<(String, u32), u64> {
-        self.lock()
-            .offsets
-            .iter()
-            .filter(|((c, _, _, owner), _)| c == channel && *owner == Owner::Durable)
-            .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
-            .collect()
+        self.positions_of(Owner::Durable, channel)
     }
 
     /// Every consumer group's committed positions on `channel`, by group
     /// and partition.
     pub fn groups_for_channel(&self, channel: &str) -> BTreeMap<(String, u32), u64> {
-        self.lock()
+        self.positions_of(Owner::Group, channel)
+    }
+
+    /// This node's positions of `channel`, and the cluster's when it is
+    /// replicated: the later of the two for each.
+    fn positions_of(&self, owner: Owner, channel: &str) -> BTreeMap<(String, u32), u64> {
+        let mut positions: BTreeMap<(String, u32), u64> = self
+            .lock()
             .offsets
             .iter()
-            .filter(|((c, _, _, owner), _)| c == channel && *owner == Owner::Group)
+            .filter(|((c, _, _, o), _)| c == channel && *o == owner)
             .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
-            .collect()
+            .collect();
+        if let Some(replicated) = self.replicated.get() {
+            for (key, offset) in replicated.positions(owner, channel) {
+                let position = positions.entry(key).or_insert(offset);
+                *position = (*position).max(offset);
+            }
+        }
+        positions
     }
 
     /// Appends every changed entry as one batch (and syncs it under the
