@@ -216,6 +216,83 @@ async fn publish_idempotently(addr: String, stop: Arc<tokio::sync::Notify>, seed
     (acknowledged, duplicates)
 }
 
+/// What the durable consumer saw.
+#[derive(Default)]
+struct Consumed {
+    /// Every delivery, in order: (node address, offset, payload).
+    deliveries: Vec<(String, u64, String)>,
+    /// Subscriptions it made (one per node it moved to).
+    sessions: usize,
+}
+
+/// Reads partition 0 as the durable subscription `checker` from any node,
+/// acknowledging every message at once, moving to the next node whenever
+/// its node fails, until it has been delivered offset `until - 1` (sent
+/// once publishing is over). Checks as it goes that it never skips: within
+/// a subscription offsets follow one another, and a new subscription
+/// starts at or before one past the last offset acknowledged.
+async fn consume_durably(addrs: Vec<String>, until: tokio::sync::oneshot::Receiver<u64>, seed: u64) -> Consumed {
+    let mut consumed = Consumed::default();
+    let mut until = until;
+    let mut end: Option<u64> = None;
+    let mut last_acked: Option<u64> = None;
+    let mut target = 0usize;
+    loop {
+        let addr = addrs[target].clone();
+        target = (target + 1) % addrs.len();
+        let Ok(Ok(connection)) =
+            tokio::time::timeout(Duration::from_secs(5), Connection::connect(&addr, "durable-consumer")).await
+        else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let options = weir::client::SubscribeOptions {
+            partition: Some(0),
+            start: weir::protocol::StartPosition::Earliest,
+            durable_name: Some("checker".into()),
+            max_inflight: 64,
+            ..weir::client::SubscribeOptions::default()
+        };
+        let subscribed =
+            tokio::time::timeout(Duration::from_secs(5), weir::client::Subscriber::subscribe(&connection, CHANNEL, options))
+                .await;
+        let Ok(Ok(mut subscriber)) = subscribed else { continue };
+        consumed.sessions += 1;
+        let mut previous: Option<u64> = None;
+        loop {
+            if end.is_none()
+                && let Ok(last) = until.try_recv()
+            {
+                end = Some(last);
+            }
+            if let (Some(end), Some(acked)) = (end, last_acked)
+                && acked + 1 >= end
+            {
+                return consumed;
+            }
+            // A paused node sends nothing: after a while, try another.
+            let Ok(Some(Ok(event))) = tokio::time::timeout(Duration::from_secs(5), subscriber.next()).await else {
+                break;
+            };
+            let weir::client::Event::Message { record, .. } = event else { continue };
+            let offset = record.offset;
+            match previous {
+                Some(previous) => assert_eq!(offset, previous + 1, "the consumer skipped within a subscription on {addr}; seed {seed}"),
+                None => assert!(
+                    offset <= last_acked.map_or(0, |acked| acked + 1),
+                    "the consumer resumed on {addr} at {offset}, past its last ack {last_acked:?}: skipped; seed {seed}"
+                ),
+            }
+            previous = Some(offset);
+            consumed.deliveries.push((addr.clone(), offset, String::from_utf8(record.payload.to_vec()).unwrap()));
+            if subscriber.ack_partition(0, offset).await.is_err() {
+                break;
+            }
+            last_acked = Some(last_acked.map_or(offset, |acked| acked.max(offset)));
+        }
+    }
+}
+
 /// Every record of the partition as `addr` holds it, in order: offset,
 /// timestamp, payload.
 async fn read_all(addr: &str) -> Vec<(u64, u64, String)> {
@@ -272,6 +349,8 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     let publisher = tokio::spawn(publish_until(Arc::clone(&ledger), addrs.clone(), Arc::clone(&stop)));
     let idempotent_stop = Arc::new(tokio::sync::Notify::new());
     let idempotent = tokio::spawn(publish_idempotently(addrs[2].clone(), Arc::clone(&idempotent_stop), seed));
+    let (consume_until, until) = tokio::sync::oneshot::channel();
+    let consumer = tokio::spawn(consume_durably(addrs.clone(), until, seed));
     let acked_count = |ledger: &Mutex<Ledger>| ledger.lock().unwrap().acked.len();
     let wait_for_acks = |at_least: usize, what: String| {
         let ledger = Arc::clone(&ledger);
@@ -374,6 +453,20 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     for addr in &addrs {
         replicas.push(read_all(addr).await);
     }
+    // The durable consumer reads to the end, then every record it was
+    // delivered is the record at that offset, and it saw every offset.
+    consume_until.send(replicas[0].len() as u64).unwrap();
+    let consumed = tokio::time::timeout(CONVERGE_LIMIT, consumer)
+        .await
+        .unwrap_or_else(|_| panic!("the durable consumer did not reach the end; seed {seed}"))
+        .unwrap();
+    let mut delivered = BTreeSet::new();
+    for (addr, offset, payload) in &consumed.deliveries {
+        let stored = &replicas[0][*offset as usize];
+        assert_eq!(&stored.2, payload, "{addr} delivered offset {offset} with another payload; seed {seed}");
+        delivered.insert(*offset);
+    }
+    assert_eq!(delivered.len(), replicas[0].len(), "the consumer missed records; seed {seed}");
     let ledger = ledger.lock().unwrap();
     for (index, records) in replicas.iter().enumerate() {
         assert_eq!(records, &replicas[0], "replica {} differs from replica 1; seed {seed}", index + 1);
@@ -418,11 +511,14 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
         );
     }
     println!(
-        "{} records, {} acknowledged, {} uncertain; idempotent publisher: {} acknowledged, each stored once, {duplicates} answered as retries",
+        "{} records, {} acknowledged, {} uncertain; idempotent publisher: {} acknowledged, each stored once, {duplicates} answered as retries; durable consumer: {} deliveries ({} redelivered) over {} subscriptions, never skipping",
         records.len(),
         ledger.acked.len(),
         ledger.uncertain.len(),
-        idempotent.len()
+        idempotent.len(),
+        consumed.deliveries.len(),
+        consumed.deliveries.len() - delivered.len(),
+        consumed.sessions
     );
     for (fault, times) in ["SIGKILL", "SIGSTOP"].iter().zip(&mut failovers) {
         times.sort();
