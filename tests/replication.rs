@@ -253,9 +253,11 @@ async fn consume_durably(addrs: Vec<String>, until: tokio::sync::oneshot::Receiv
             max_inflight: 64,
             ..weir::client::SubscribeOptions::default()
         };
-        let subscribed =
-            tokio::time::timeout(Duration::from_secs(5), weir::client::Subscriber::subscribe(&connection, CHANNEL, options))
-                .await;
+        let subscribed = tokio::time::timeout(
+            Duration::from_secs(5),
+            weir::client::Subscriber::subscribe(&connection, CHANNEL, options),
+        )
+        .await;
         let Ok(Ok(mut subscriber)) = subscribed else { continue };
         consumed.sessions += 1;
         let mut previous: Option<u64> = None;
@@ -277,7 +279,11 @@ async fn consume_durably(addrs: Vec<String>, until: tokio::sync::oneshot::Receiv
             let weir::client::Event::Message { record, .. } = event else { continue };
             let offset = record.offset;
             match previous {
-                Some(previous) => assert_eq!(offset, previous + 1, "the consumer skipped within a subscription on {addr}; seed {seed}"),
+                Some(previous) => assert_eq!(
+                    offset,
+                    previous + 1,
+                    "the consumer skipped within a subscription on {addr}; seed {seed}"
+                ),
                 None => assert!(
                     offset <= last_acked.map_or(0, |acked| acked + 1),
                     "the consumer resumed on {addr} at {offset}, past its last ack {last_acked:?}: skipped; seed {seed}"
@@ -661,7 +667,9 @@ async fn agreed_metadata(nodes: &[Node]) -> Vec<weir::client::Metadata> {
 /// (their leaders report themselves to the metadata group), with the
 /// replicas and every node's client address; a leader killed is replaced
 /// in every node's answer; a Publisher connected to a node that hosts
-/// nothing of its partition publishes there.
+/// nothing of its partition publishes there, and once another publisher
+/// has filled the partition's deduplication window it is answered
+/// `UnknownProducer` and goes on as a new producer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_names_every_partitions_leader_on_every_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -711,6 +719,31 @@ async fn metadata_names_every_partitions_leader_on_every_node() {
     let publisher = weir::client::Publisher::connect(&elsewhere.spec.client_addr, "spread", options).await.unwrap();
     let receipt = publisher.publish(Message::from_payload("routed")).await.unwrap();
     assert_eq!((receipt.partition, receipt.offset), (1, 0));
+    // Another publisher fills the partition's deduplication window: the
+    // first one, forgotten, is answered UnknownProducer for its next
+    // sequence and goes on as a new producer, stored once.
+    let leader_addr = answers[0].leader_addr("spread", 1).unwrap().to_string();
+    let filler = Connection::connect(&leader_addr, "filler").await.unwrap();
+    let window = weir::storage::REPLICATED_DEDUP_WINDOW_ENTRIES;
+    let mut answers_due = std::collections::VecDeque::new();
+    for i in 0..window {
+        let request = Request::Publish {
+            channel: "spread".into(),
+            partition: Some(1),
+            producer: None,
+            message: Message::from_payload(format!("filler {i}")),
+        };
+        answers_due.push_back(filler.send_request_pipelined(request).await.unwrap());
+        if answers_due.len() >= 64 {
+            let answer = answers_due.pop_front().unwrap().await.unwrap();
+            assert!(matches!(answer, Ok(Response::PublishAck { .. })), "{answer:?}");
+        }
+    }
+    for answer in answers_due {
+        assert!(matches!(answer.await.unwrap(), Ok(Response::PublishAck { .. })));
+    }
+    let receipt = publisher.publish(Message::from_payload("after the window")).await.unwrap();
+    assert_eq!((receipt.offset, receipt.duplicate), (window + 1, false));
     publisher.close().await;
 
     // The leader of events killed: every survivor names the new one.

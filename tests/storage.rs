@@ -281,6 +281,35 @@ fn retention_keeps_a_replicated_logs_dedup_window() {
     assert_eq!(visited, window);
 }
 
+/// The batches a replicated partition rebuilds its producers from are read
+/// with every CRC checked: a flipped byte in an old sealed segment (which
+/// recovery does not scan) is an error, not a silently different window.
+#[test]
+fn a_replicated_logs_window_with_a_flipped_byte_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = open(dir.path(), small_config());
+        for index in 1..=200 {
+            let messages = [Message::from_payload(vec![b'x'; 16])];
+            let raft = Some(weir::storage::RaftPosition { index, term: 1 });
+            let batch = weir::storage::NewBatch { messages: &messages, producer: Some((3, index)), raft };
+            log.append_batches_at(&[batch], now_us()).unwrap();
+        }
+        let mut visited = 0;
+        log.visit_batches_after(0, |_, _, _| visited += 1).unwrap();
+        assert_eq!(visited, 200);
+        log.close().unwrap();
+    }
+    let first = segment_logs(dir.path()).into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&first).unwrap();
+    assert!(segment_logs(dir.path()).len() > 2, "the first segment is sealed");
+    bytes[200] ^= 0x40;
+    std::fs::write(&first, bytes).unwrap();
+    let log = open(dir.path(), small_config());
+    let refused = log.visit_batches_after(0, |_, _, _| {});
+    assert!(matches!(refused, Err(StorageError::Corrupt { .. })), "{refused:?}");
+}
+
 #[test]
 fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
     let dir = tempfile::tempdir().unwrap();

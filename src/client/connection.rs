@@ -149,8 +149,11 @@ impl Connection {
     /// the broker refuses shows only once the handshake is over, as the
     /// connection closing during HELLO (`Disconnected` or `Io`).
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Connection, ClientError> {
-        let socket = TcpStream::connect(addr)
+        // Bounded: a host that drops packets would otherwise hold a caller
+        // (or a publisher trying its next node) for the system's timeout.
+        let socket = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
+            .map_err(|_| ClientError::Timeout("TCP connect"))?
             .map_err(|source| ClientError::Connect { addr: addr.to_owned(), source: Arc::new(source) })?;
         let _ = socket.set_nodelay(true);
         let (read_half, write_half) = match &options.tls {

@@ -8,11 +8,18 @@
 //! and answered with its original offsets instead of being stored twice.
 //! After any rejection the task stops sending, waits for every answer
 //! still due, renumbers what is left (rejected batches were not stored),
-//! and resends it in order: per-publisher order holds across retries.
+//! and resends it in order: per-publisher order holds across retries. A
+//! batch one of whose attempts may have been stored (no answer came) is
+//! only ever resent as the same producer with the same sequence; if it
+//! must be given up, it fails with `OutcomeUnknown` and the publisher goes
+//! on as a new producer, so that its sequences are never given to other
+//! messages.
 //!
-//! The broker anchors a producer it does not know (a new one, or any after
-//! a broker restart) at the sequence of its first publish that reaches the
-//! channel writer. If two batches were pipelined then and the first was
+//! A single node anchors a producer it does not know (a new one, or any
+//! after a broker restart) at the sequence of its first publish that
+//! reaches the channel writer; a replicated partition takes one it does
+//! not remember only at sequence 0, and answers `UnknownProducer` (nothing
+//! stored) otherwise, on which the publisher goes on as a new producer. If two batches were pipelined then and the first was
 //! turned away before the writer (BACKPRESSURE), the second would anchor
 //! the producer past the first, which could then never be stored. So after
 //! connecting and after every reconnect the publisher is *unanchored*: it
@@ -25,8 +32,9 @@
 //! node a moment later, and the batches are resent there. An
 //! `OutcomeUnknown` answer (proposed, then the leader was deposed) is
 //! handled as a lost connection: the batch is resent with the same
-//! sequences, and the partition's deduplication answers it with its
-//! original offsets if the new leader committed it after all.
+//! sequences (at most 100 times), and the partition's deduplication
+//! answers it with its original offsets if the new leader committed it
+//! after all.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -123,6 +131,9 @@ pub struct Receipt {
 const RESEQUENCE_ATTEMPTS_MAX: u32 = 100;
 /// Times one batch follows `NotLeader` before the publisher gives up on it.
 const REDIRECTS_MAX: u32 = 100;
+/// Times one batch is resent after a lost answer or `OutcomeUnknown`
+/// before it is failed as `OutcomeUnknown`.
+const UNCERTAIN_RESENDS_MAX: u32 = 100;
 /// Most node addresses a publisher remembers to fall back on.
 const KNOWN_NODES_MAX: usize = 16;
 /// The wait before asking the same node again when it knows no leader (an
@@ -155,7 +166,17 @@ impl Publisher {
         // In a cluster: every node's address to fall back on, and straight
         // to the partition's leader (a redirect saved). Anything amiss here
         // leaves it where it is, to be redirected on its first publish.
-        if let Ok(metadata) = super::Metadata::fetch(&connection, channel).await
+        let metadata = match super::Metadata::fetch(&connection, channel).await {
+            Ok(metadata) => Some(metadata),
+            // A broker that speaks version 2 but predates METADATA closes
+            // the connection on it.
+            Err(_) if connection.protocol_version() >= 2 => {
+                connection = Connection::connect_with(&addr, &options.connect_options()).await?;
+                None
+            }
+            Err(_) => None,
+        };
+        if let Some(metadata) = metadata
             && metadata.clustered
         {
             for node in &metadata.nodes {
@@ -259,6 +280,16 @@ struct Batch {
     resequenced: u32,
     /// Times the broker answered this batch `NotLeader`.
     redirected: u32,
+    /// Times this batch was resent because its answer was lost (the
+    /// connection died) or `OutcomeUnknown`.
+    uncertain: u32,
+    /// An attempt's outcome is unknown: the broker may have stored it, as
+    /// `sent_as` with this batch's sequence. It is then only ever resent
+    /// as that producer with that sequence (deduplicated if stored), or
+    /// failed as `OutcomeUnknown`.
+    maybe_stored: bool,
+    /// The producer id it was last sent as.
+    sent_as: Option<u64>,
     /// Sent on the current connection and not answered yet. A batch that
     /// is neither in flight nor settled waits to be sent (behind a batch
     /// resent alone while the publisher is unanchored).
@@ -281,6 +312,9 @@ enum Outcome {
         leader: Option<String>,
         error: ClientError,
     },
+    /// `UnknownProducer` (nothing stored): the partition forgot this
+    /// producer; go on as a new one.
+    NewProducer,
     Fail(ClientError),
 }
 
@@ -416,6 +450,9 @@ impl PublishTask {
             backpressured: 0,
             resequenced: 0,
             redirected: 0,
+            uncertain: 0,
+            maybe_stored: false,
+            sent_as: None,
             in_flight: false,
             outcome: None,
         };
@@ -425,6 +462,7 @@ impl PublishTask {
 
     async fn transmit(&mut self, id: u64, batch: &mut Batch) {
         batch.in_flight = true;
+        batch.sent_as = Some(self.producer_id);
         let producer = Some(ProducerSequence { producer_id: self.producer_id, sequence: batch.sequence });
         let channel = self.channel.clone();
         let partition = Some(self.options.partition);
@@ -466,6 +504,9 @@ impl PublishTask {
             }
             return;
         }
+        // No answer (the connection died) or `OutcomeUnknown`: it may be
+        // stored.
+        batch.maybe_stored |= matches!(outcome, Outcome::Reconnect);
         batch.outcome = Some(outcome);
     }
 
@@ -521,9 +562,19 @@ impl PublishTask {
             BackpressurePolicy::Retry { max_attempts } => max_attempts,
             BackpressurePolicy::Surface => 0,
         };
+        // The partition forgot this producer (replicated partitions, after
+        // a long silence): what follows goes as a new producer.
+        let mut switched = false;
+        if self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::NewProducer))) {
+            self.new_producer();
+            switched = true;
+        }
         // Never below what the broker acknowledged: a sequence there is
         // either stored already or remembered as another batch's.
         let mut cursor = self.pending.values().next().map_or(self.next_sequence, |b| b.sequence).max(self.acked_end);
+        if switched {
+            cursor = 0;
+        }
         let mut resend = true;
         // A batch rejected earlier in this round explains an
         // OutOfOrderSequence of the batches after it.
@@ -551,11 +602,31 @@ impl PublishTask {
                     batch.redirected += 1;
                     (batch.redirected > REDIRECTS_MAX).then(|| error.clone())
                 }
+                Some(Outcome::Reconnect) => {
+                    batch.uncertain += 1;
+                    (batch.uncertain > UNCERTAIN_RESENDS_MAX).then_some(ClientError::Disconnected)
+                }
                 _ => None,
             };
             rejected_before |= batch.outcome.is_some();
+            // Perhaps stored as another producer, or given up: its
+            // sequences must never be used for other messages, and it can
+            // only be failed as unknown. What follows goes as a new
+            // producer (the renumbering below starts it at 0).
+            if batch.maybe_stored && (give_up.is_some() || batch.sent_as != Some(self.producer_id)) {
+                let error = give_up.unwrap_or(ClientError::Disconnected);
+                fail(batch, &outcome_unknown(&error));
+                if !switched {
+                    self.new_producer();
+                    switched = true;
+                    cursor = 0;
+                    resend = true;
+                }
+                continue;
+            }
             if let Some(error) = give_up {
-                // Not stored: the batches after it move down into its
+                // Not stored (an earlier attempt that may have been is
+                // handled above): the batches after it move down into its
                 // sequence numbers.
                 fail(batch, &error);
                 continue;
@@ -612,6 +683,14 @@ fn batch_overhead_bytes(channel: &str) -> usize {
     1 + channel.len() + 1 + 16 + 4
 }
 
+/// The error of a batch given up after an attempt whose outcome is unknown.
+fn outcome_unknown(last: &ClientError) -> ClientError {
+    ClientError::Server {
+        code: ErrorCode::OutcomeUnknown as u16,
+        message: format!("not confirmed, and an earlier attempt may have been stored; last: {last}"),
+    }
+}
+
 fn fail(batch: Batch, error: &ClientError) {
     for reply in batch.replies {
         let _ = reply.send(Err(error.clone()));
@@ -642,9 +721,10 @@ fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -
             Some(ErrorCode::OutOfOrderSequence | ErrorCode::InflightLimitExceeded) => {
                 Outcome::Retry { after: Duration::ZERO }
             }
-            // Resent with the same sequences: stored at most once either way.
+            // Resent with the same sequences: deduplicated if it was stored.
             Some(ErrorCode::ShuttingDown | ErrorCode::OutcomeUnknown) => Outcome::Reconnect,
             Some(ErrorCode::NotLeader) => Outcome::Redirect { leader: named_leader(&error), error },
+            Some(ErrorCode::UnknownProducer) => Outcome::NewProducer,
             _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
             _ => Outcome::Fail(error),
         },

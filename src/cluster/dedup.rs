@@ -105,8 +105,19 @@ impl ProducerWindow {
     pub fn decide(&mut self, index: u64, producer_id: u64, sequence: u64, count: u64) -> Decision {
         self.expire(index);
         let Some(producer) = self.producers.get(&producer_id) else {
-            // New, or forgotten: it starts wherever it is.
-            return Decision::Append;
+            // New: it starts at 0. Forgotten (or new at another sequence):
+            // this may be a retry of a publish that left the window, which
+            // cannot be told from a new one; refused rather than perhaps
+            // stored twice.
+            if sequence == 0 {
+                return Decision::Append;
+            }
+            return Decision::Refuse {
+                code: ErrorCode::UnknownProducer,
+                message: format!(
+                    "producer {producer_id} has no publish among the last {REPLICATED_DEDUP_WINDOW_ENTRIES} entries of this partition, so sequence {sequence} may be a retry of a publish stored earlier: nothing stored; publish as a new producer from sequence 0"
+                ),
+            };
         };
         if sequence > producer.next_sequence {
             return Decision::Refuse {
@@ -195,9 +206,11 @@ mod tests {
         window.remember(10, 7, 0, 1, 0, 1);
         // Still in the window at 10 + W - 1: a retry is recognised.
         assert!(matches!(window.decide(10 + W - 1, 7, 0, 1), Decision::Duplicate { .. }));
-        // At 10 + W it is out: the producer is forgotten and anchors anew.
-        assert_eq!(window.decide(10 + W, 7, 0, 1), Decision::Append);
+        // At 10 + W it is out: the producer is forgotten; only a start from
+        // sequence 0 is taken (anything else may be an old retry).
+        assert!(matches!(window.decide(10 + W, 7, 1, 1), Decision::Refuse { code: ErrorCode::UnknownProducer, .. }));
         assert_eq!(window.producer_count(), 0);
+        assert_eq!(window.decide(10 + W, 7, 0, 1), Decision::Append);
     }
 
     #[test]

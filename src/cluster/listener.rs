@@ -270,6 +270,12 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 MetadataCommand::CreateChannel { .. } => {
                     return NodeReply::Error("a channel is created with CreateChannel, which places it".into());
                 }
+                MetadataCommand::PartitionLeaders { reports } if reports.len() > REPLICATED_PARTITIONS_MAX => {
+                    return NodeReply::Error(format!(
+                        "{} leader reports in one proposal; at most {REPLICATED_PARTITIONS_MAX}",
+                        reports.len()
+                    ));
+                }
                 MetadataCommand::CommitPositions { positions } if positions.len() > POSITIONS_PER_COMMAND_MAX => {
                     return NodeReply::Error(format!(
                         "{} positions in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",

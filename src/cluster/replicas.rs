@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{GroupId, NodeReply, NodeRequest, PartitionNetwork, PeerClient};
-use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedPosition};
+use super::types::{LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedPosition};
 use crate::storage::ChannelLog;
 
 /// Most replicated partitions one node hosts (a Raft group each, with its
@@ -372,17 +372,18 @@ impl Replicas {
                     .enumerate()
                     .map(|(partition, replicas)| {
                         let id = GroupId { channel: name.clone(), partition: partition as u32 };
-                        let hosted = self.group(&id).and_then(|group| {
+                        let hosted = self.group(&id).map(|group| {
                             let metrics = group.raft.metrics();
                             let metrics = metrics.borrow_watched();
-                            metrics.current_leader.map(|leader| (leader, metrics.current_term))
+                            (metrics.current_leader, metrics.current_term)
                         });
-                        let reported = state.reported_leader(name, partition as u32).map(|led| (led.node, led.term));
+                        let reported = state.reported_leader(name, partition as u32);
                         // The later term's view: a hosted group knows its own
-                        // elections first.
+                        // elections first (no leader, while one is held).
                         let leader = match (hosted, reported) {
-                            (Some(own), Some(other)) => Some(if own.1 >= other.1 { own.0 } else { other.0 }),
-                            (own, other) => own.or(other).map(|(node, _)| node),
+                            (Some((_, term)), Some(other)) if term < other.term => Some(other.node),
+                            (Some((own, _)), _) => own,
+                            (None, other) => other.map(|led| led.node),
                         };
                         PartitionPlacement { leader, replicas: replicas.clone() }
                     })
@@ -404,7 +405,7 @@ impl Replicas {
                 () = self.stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let led: Vec<(GroupId, u64)> = {
+            let led: Vec<LeaderReport> = {
                 let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
                 let state = self.channels.borrow();
                 groups
@@ -415,28 +416,23 @@ impl Replicas {
                         let term = metrics.current_term;
                         let recorded = state.reported_leader(&id.channel, id.partition);
                         (metrics.state == ServerState::Leader && recorded.is_none_or(|recorded| recorded.term < term))
-                            .then(|| (id.clone(), term))
+                            .then(|| LeaderReport {
+                                channel: id.channel.clone(),
+                                partition: id.partition,
+                                leader: self.node_id,
+                                term,
+                            })
                     })
                     .collect()
             };
-            for (group, term) in led {
-                if let Err(error) = self.report(&group, term).await {
-                    tracing::debug!(%group, term, %error, "leadership not recorded yet; reporting again");
-                }
+            // One proposal for all (a node hosts at most
+            // REPLICATED_PARTITIONS_MAX groups).
+            if !led.is_empty()
+                && let Err(error) = self.propose(MetadataCommand::PartitionLeaders { reports: led }).await
+            {
+                tracing::debug!(%error, "partition leadership not recorded yet; reporting again");
             }
         }
-    }
-
-    /// Records this node as `group`'s leader in `term`, through the
-    /// metadata leader.
-    async fn report(&self, group: &GroupId, term: u64) -> Result<(), String> {
-        let command = MetadataCommand::PartitionLeader {
-            channel: group.channel.clone(),
-            partition: group.partition,
-            leader: self.node_id,
-            term,
-        };
-        self.propose(command).await
     }
 
     /// Records subscribers' positions in replicated partitions in the

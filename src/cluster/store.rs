@@ -31,6 +31,13 @@ pub fn open(path: &Path) -> io::Result<(MetadataLogStore, MetadataStateMachine)>
     Ok((log, machine))
 }
 
+/// The metadata state as snapshots of the first replicated channels
+/// (before partition leaders and positions) hold it.
+#[derive(serde::Deserialize)]
+struct MetadataStateChannelsOnly {
+    channels: std::collections::BTreeMap<String, super::types::ReplicatedChannel>,
+}
+
 #[derive(Default)]
 struct Applied {
     last_applied: Option<LogId>,
@@ -53,7 +60,16 @@ pub struct MetadataStateMachine {
 impl MetadataStateMachine {
     fn open(db: Arc<Database>) -> io::Result<MetadataStateMachine> {
         let mut applied = Applied::default();
-        if let Some((meta, state)) = read_state::<(SnapshotMeta, MetadataState)>(&db, SNAPSHOT)? {
+        // A snapshot written before the state held leaders and positions
+        // (postcard is not self-describing: the old layout is read as such).
+        let snapshot = read_state::<(SnapshotMeta, MetadataState)>(&db, SNAPSHOT).or_else(|error| {
+            read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(&db, SNAPSHOT)
+                .map(|old| {
+                    old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() }))
+                })
+                .map_err(|_| error)
+        })?;
+        if let Some((meta, state)) = snapshot {
             applied = Applied { last_applied: meta.last_log_id, membership: meta.last_membership, state };
         }
         let changes = Arc::new(watch::Sender::new(applied.state.clone()));
@@ -209,5 +225,25 @@ mod tests {
         log.purge(log_id(0)).await.unwrap();
         let state = log.get_log_state().await.unwrap();
         assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(log_id(0)), Some(log_id(0))));
+    }
+
+    /// A snapshot of the first layout of the state (channels only) is still
+    /// read, its channels kept.
+    #[tokio::test]
+    async fn a_snapshot_of_the_first_layout_is_read() {
+        #[derive(serde::Serialize)]
+        struct FirstLayout {
+            channels: std::collections::BTreeMap<String, super::super::types::ReplicatedChannel>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.redb");
+        let channel = super::super::types::ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        {
+            let db = open_database(&path).unwrap();
+            let old = FirstLayout { channels: [("orders".to_string(), channel.clone())].into() };
+            super::super::raft_log::write_state(&db, SNAPSHOT, &(SnapshotMeta::default(), old)).await.unwrap();
+        }
+        let (_, machine) = open(&path).unwrap();
+        assert_eq!(machine.subscribe().borrow().channels.get("orders"), Some(&channel));
     }
 }

@@ -147,9 +147,10 @@ pub enum NodeReply {
     NotLeader {
         leader: Option<(NodeId, NodeAddrs)>,
     },
-    /// A report was committed.
-    Recorded,
     Error(String),
+    /// A proposal was committed. (New variants go last: postcard numbers
+    /// them in order.)
+    Recorded,
 }
 
 /// Why a request to another node got no answer.

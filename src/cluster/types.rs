@@ -27,14 +27,23 @@ pub enum MetadataCommand {
     /// Creates a replicated channel with its placement, chosen by the
     /// leader that proposed it (docs/REPLICATION.md, "What is replicated").
     CreateChannel { name: String, channel: ReplicatedChannel },
-    /// A partition's group elected `leader` in `term`: reported by that
-    /// leader, so that every node can answer METADATA for partitions it
-    /// does not host.
-    PartitionLeader { channel: String, partition: u32, leader: NodeId, term: u64 },
+    /// Partitions' groups elected these leaders: reported by each leader
+    /// (a node's reports of one moment in one command), so that every node
+    /// can answer METADATA for partitions it does not host.
+    PartitionLeaders { reports: Vec<LeaderReport> },
     /// Durable subscriptions' and consumer groups' positions in replicated
     /// partitions, as a node's subscribers acknowledged them (at most
     /// [`POSITIONS_PER_COMMAND_MAX`]).
     CommitPositions { positions: Vec<ReplicatedPosition> },
+}
+
+/// A partition's group elected `leader` in `term`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderReport {
+    pub channel: String,
+    pub partition: u32,
+    pub leader: NodeId,
+    pub term: u64,
 }
 
 /// Most positions the metadata group holds: a commit of a new one past it
@@ -67,9 +76,7 @@ impl fmt::Display for MetadataCommand {
                 channel.replicas.len(),
                 channel.replication_factor
             ),
-            MetadataCommand::PartitionLeader { channel, partition, leader, term } => {
-                write!(f, "partition {partition} of {channel} led by node {leader} in term {term}")
-            }
+            MetadataCommand::PartitionLeaders { reports } => write!(f, "{} partition leaders", reports.len()),
             MetadataCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
         }
     }
@@ -112,16 +119,18 @@ impl MetadataState {
             MetadataCommand::CreateChannel { name, channel } => {
                 self.channels.entry(name.clone()).or_insert_with(|| channel.clone());
             }
-            MetadataCommand::PartitionLeader { channel, partition, leader, term } => {
-                let placed = self.channels.get(channel).and_then(|placed| placed.replicas.get(*partition as usize));
-                // Only a replica of a partition that exists; a report of an
-                // older term than the one recorded arrived late.
-                if !placed.is_some_and(|replicas| replicas.contains(leader)) {
-                    return;
-                }
-                let leaders = self.leaders.entry(channel.clone()).or_default();
-                if leaders.get(partition).is_none_or(|recorded| recorded.term < *term) {
-                    leaders.insert(*partition, ReportedLeader { node: *leader, term: *term });
+            MetadataCommand::PartitionLeaders { reports } => {
+                for LeaderReport { channel, partition, leader, term } in reports {
+                    let placed = self.channels.get(channel).and_then(|placed| placed.replicas.get(*partition as usize));
+                    // Only a replica of a partition that exists; a report of
+                    // an older term than the one recorded arrived late.
+                    if !placed.is_some_and(|replicas| replicas.contains(leader)) {
+                        continue;
+                    }
+                    let leaders = self.leaders.entry(channel.clone()).or_default();
+                    if leaders.get(partition).is_none_or(|recorded| recorded.term < *term) {
+                        leaders.insert(*partition, ReportedLeader { node: *leader, term: *term });
+                    }
                 }
             }
             MetadataCommand::CommitPositions { positions } => {
@@ -185,11 +194,8 @@ mod tests {
     #[test]
     fn reported_leaders_keep_the_highest_term_of_a_replica() {
         let mut state = state();
-        let report = |partition, leader, term| MetadataCommand::PartitionLeader {
-            channel: "orders".into(),
-            partition,
-            leader,
-            term,
+        let report = |partition, leader, term| MetadataCommand::PartitionLeaders {
+            reports: vec![LeaderReport { channel: "orders".into(), partition, leader, term }],
         };
         state.apply(&report(0, 2, 5));
         state.apply(&report(0, 1, 4));

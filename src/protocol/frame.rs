@@ -175,12 +175,17 @@ pub enum ErrorCode {
     /// lost leadership (or its group stopped) before the publish was
     /// committed: it may or may not be stored (version 2 on).
     OutcomeUnknown = 29,
+    /// An idempotent publish to a replicated partition from a producer the
+    /// partition does not remember (none of its publishes in the window)
+    /// at a sequence above 0: it may be a retry of something stored long
+    /// ago, so nothing was stored; publish as a new producer (version 2 on).
+    UnknownProducer = 30,
 }
 
 impl ErrorCode {
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 29] = [
+        const ALL: [ErrorCode; 30] = [
             ProtocolError,
             UnsupportedVersion,
             Unauthorized,
@@ -210,6 +215,7 @@ impl ErrorCode {
             ChannelInUse,
             NotLeader,
             OutcomeUnknown,
+            UnknownProducer,
         ];
         ALL.into_iter().find(|code| *code as u16 == value)
     }

@@ -1443,8 +1443,6 @@ impl Connection {
         !would_create || self.permitted(correlation_id, Operation::Admin, name.as_str(), "create channel").await
     }
 
-    /// The channel `name`, auto-created only if the principal may create
-    /// it.
     /// A listing's channel: `Some(None)` for every channel (an empty
     /// name), `Some(Some(name))` for one, `None` when the name was refused
     /// (and answered so).

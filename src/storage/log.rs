@@ -790,10 +790,11 @@ impl ChannelLog {
     /// batch whose Raft index is above `after`, in order, across segments
     /// (a replicated partition rebuilds its idempotent producers from
     /// them). Reads the segments from the newest one whose first batch is
-    /// at or before `after + 1`.
+    /// at or before `after + 1`, checking every frame's CRC.
     ///
     /// # Errors
-    /// A segment could not be read.
+    /// A segment could not be read, or holds damage (kept by recovery, or
+    /// a frame that does not verify).
     pub fn visit_batches_after(
         &self,
         after: u64,
@@ -805,7 +806,7 @@ impl ChannelLog {
             .rposition(|segment| segment.first_raft_entry().is_some_and(|first| first.index <= after.saturating_add(1)))
             .unwrap_or(0);
         for segment in &segments[start..] {
-            segment.visit_batches(|first_offset, timestamp_us, header| {
+            segment.visit_batches_checked(|first_offset, timestamp_us, header| {
                 if header.raft_index > after {
                     visit(first_offset, timestamp_us, header);
                 }

@@ -667,6 +667,43 @@ impl Segment {
         Ok(())
     }
 
+    /// As [`Segment::visit_batches`], but every frame's CRC is checked, and
+    /// a segment that holds damage recovery kept, or a frame that does not
+    /// verify, is an error: for state every replica must rebuild alike
+    /// from its own copy (a replicated partition's producers).
+    ///
+    /// # Errors
+    /// The segment could not be read, or holds damage.
+    pub fn visit_batches_checked(&self, mut visit: impl FnMut(u64, u64, &BatchHeader)) -> Result<(), StorageError> {
+        if self.version == FORMAT_VERSION_1 {
+            return Ok(());
+        }
+        let start = FILE_HEADER_BYTES as u64;
+        let corrupt = |position: u64, reason: RecordError| StorageError::Corrupt {
+            path: self.log_path.clone(),
+            position,
+            reason,
+        };
+        if let Some(damage) = self.damage.first() {
+            let reason = RecordError::Malformed { reason: "damage kept by recovery" };
+            return Err(corrupt(damage.position, reason));
+        }
+        let visible_len = self.state().visible_len;
+        if visible_len <= start {
+            return Ok(());
+        }
+        let data = self.log.read_range(start, (visible_len - start) as usize).at(&self.log_path)?;
+        let mut position = 0usize;
+        while let Some(rest) = data.get(position..).filter(|rest| !rest.is_empty()) {
+            let meta = record::verify_frame(rest).map_err(|reason| corrupt(start + position as u64, reason))?;
+            if let Some(header) = &meta.batch {
+                visit(meta.offset, meta.timestamp_us, header);
+            }
+            position += meta.len;
+        }
+        Ok(())
+    }
+
     /// The first offset whose timestamp is at least `timestamp_us`, if this
     /// segment has one.
     ///
