@@ -600,3 +600,46 @@ async fn a_publisher_reconnecting_after_a_broker_restart_loses_nothing() {
     eprintln!("publishes refused with BACKPRESSURE after the restart: {}", backpressured(&server));
     stop(server).await;
 }
+
+/// A broker that answers HELLO and then falls silent (a stopped process,
+/// a network that drops packets): a request fails with `Disconnected` once
+/// nothing came for `SILENT_HEARTBEATS_MAX` heartbeats (at least
+/// `SILENCE_LIMIT_MIN`), instead of waiting forever; a broker that answers
+/// PING keeps an idle connection open past that.
+#[tokio::test]
+async fn a_silent_broker_is_taken_for_dead_and_an_idle_one_is_not() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heartbeat_ms = 1000;
+    tokio::spawn(async move {
+        for answers_pings in [false, true] {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (mut read_half, mut write_half) = socket.into_split();
+            tokio::spawn(async move {
+                while let Some((correlation_id, request)) = read_request(&mut read_half).await {
+                    let answer = match request {
+                        Request::Hello { .. } => Response::Welcome {
+                            version: PROTOCOL_VERSION,
+                            server_version: "fake".into(),
+                            limits: Limits { heartbeat_interval_ms: heartbeat_ms, ..limits() },
+                        },
+                        Request::Ping if answers_pings => Response::Pong,
+                        _ => continue,
+                    };
+                    if write_half.write_all(&answer.encode(correlation_id)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let silent = Connection::connect(&addr, "silent").await.unwrap();
+    let started = std::time::Instant::now();
+    let answer = within("the silent broker to be given up", silent.request(Request::Stats)).await;
+    assert!(matches!(answer, Err(ClientError::Disconnected)), "{answer:?}");
+    assert!(started.elapsed() >= weir::client::SILENCE_LIMIT_MIN);
+
+    let idle = Connection::connect(&addr, "idle").await.unwrap();
+    tokio::time::sleep(weir::client::SILENCE_LIMIT_MIN + std::time::Duration::from_secs(3)).await;
+    assert!(idle.send_request_pipelined(Request::Ping).await.is_ok(), "an idle connection to a live broker stays open");
+}

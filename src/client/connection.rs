@@ -217,8 +217,17 @@ impl Connection {
         let heartbeat = Duration::from_millis(limits.heartbeat_interval_ms.max(10) as u64);
         let closed = CancellationToken::new();
         let unsubscribes = commands.downgrade();
-        tokio::spawn(write_loop(writer, version, command_rx, Arc::clone(&pending), heartbeat, closed.clone()));
-        tokio::spawn(read_loop(reader, version, pending, Arc::clone(&routes), unsubscribes, closed));
+        let liveness = Arc::new(Liveness::new());
+        tokio::spawn(write_loop(
+            writer,
+            version,
+            command_rx,
+            Arc::clone(&pending),
+            (heartbeat, Arc::clone(&liveness)),
+            closed.clone(),
+        ));
+        let reading = Reading { version, pending, routes: Arc::clone(&routes), commands: unsubscribes, liveness };
+        tokio::spawn(read_loop(reader, reading, heartbeat, closed));
         Ok(Connection {
             commands,
             routes,
@@ -338,7 +347,7 @@ async fn write_loop(
     version: u16,
     mut commands: mpsc::Receiver<Command>,
     pending: Pending,
-    heartbeat: Duration,
+    (heartbeat, liveness): (Duration, Arc<Liveness>),
     closed: CancellationToken,
 ) {
     // HELLO took the first id.
@@ -347,7 +356,10 @@ async fn write_loop(
         let command = tokio::select! {
             () = closed.cancelled() => break,
             command = commands.recv() => command,
-            () = tokio::time::sleep(heartbeat) => Some(Command::Request { request: Request::Ping, reply: None }),
+            () = tokio::time::sleep(heartbeat) => {
+                liveness.expect_answer();
+                Some(Command::Request { request: Request::Ping, reply: None })
+            }
         };
         let Some(Command::Request { request, reply }) = command else { break };
         correlation_id = correlation_id.wrapping_add(1).max(1);
@@ -390,20 +402,95 @@ fn fail_pending(pending: &Pending) {
     }
 }
 
-async fn read_loop(
-    mut reader: BufReader<ReadHalf>,
+/// How many heartbeat intervals the broker may stay silent while this
+/// client waits for an answer (to a request, or to its PING) before the
+/// connection is taken for dead: a broker that stopped (SIGSTOP, a frozen
+/// machine, a network cut that loses packets silently) otherwise holds its
+/// callers forever.
+pub const SILENT_HEARTBEATS_MAX: u32 = 3;
+/// The least silence taken for a dead broker, whatever its heartbeat: a
+/// slow disk may hold an answer a few seconds.
+pub const SILENCE_LIMIT_MIN: Duration = Duration::from_secs(10);
+
+/// When the broker was last heard from, and since when an answer is
+/// expected (a PING sent), in milliseconds since the connection started.
+struct Liveness {
+    started: tokio::time::Instant,
+    last_received_ms: std::sync::atomic::AtomicU64,
+    /// 0: no PING unanswered.
+    ping_sent_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            started: tokio::time::Instant::now(),
+            last_received_ms: std::sync::atomic::AtomicU64::new(0),
+            ping_sent_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // At least 1, so that 0 keeps meaning "none".
+        (self.started.elapsed().as_millis() as u64).max(1)
+    }
+
+    fn expect_answer(&self) {
+        let now = self.now_ms();
+        let _ = self.ping_sent_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn heard(&self) {
+        self.last_received_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.ping_sent_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether an answer is overdue: one is expected (requests pending, or
+    /// a PING) and nothing came for `limit`.
+    fn overdue(&self, requests_pending: bool, limit: Duration) -> bool {
+        let expecting = requests_pending || self.ping_sent_ms.load(Ordering::Relaxed) != 0;
+        let silent_ms = self.now_ms().saturating_sub(self.last_received_ms.load(Ordering::Relaxed));
+        expecting && silent_ms > limit.as_millis() as u64
+    }
+}
+
+/// What the read loop shares with the rest of the connection.
+struct Reading {
     version: u16,
     pending: Pending,
     routes: Routes,
     commands: mpsc::WeakSender<Command>,
-    closed: CancellationToken,
-) {
+    liveness: Arc<Liveness>,
+}
+
+async fn read_loop(mut reader: BufReader<ReadHalf>, reading: Reading, heartbeat: Duration, closed: CancellationToken) {
+    let Reading { version, pending, routes, commands, liveness } = reading;
+    let silence_limit = (heartbeat * SILENT_HEARTBEATS_MAX).max(SILENCE_LIMIT_MIN);
+    let check_every = silence_limit / 4;
     let mut last_error: Option<ClientError> = None;
     let failure = loop {
-        let (correlation_id, response) = match read_response(&mut reader, version).await {
+        // The read is kept across the checks (dropping it inside a frame
+        // would lose the stream's place).
+        let read = read_response(&mut reader, version);
+        tokio::pin!(read);
+        let frame = loop {
+            tokio::select! {
+                frame = &mut read => break frame,
+                () = tokio::time::sleep(check_every) => {
+                    let requests_pending = !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                    if liveness.overdue(requests_pending, silence_limit) {
+                        break Err(ClientError::Timeout(
+                            "an answer from the broker (silent for 3 heartbeat intervals, at least 10 s)",
+                        ));
+                    }
+                }
+            }
+        };
+        let (correlation_id, response) = match frame {
             Ok(frame) => frame,
             Err(error) => break error,
         };
+        liveness.heard();
         let overflowed = match response {
             Response::Deliver { subscription_id, partition, count, records } => {
                 route(&routes, subscription_id, SubscriptionEvent::Records { partition, count, records })

@@ -33,7 +33,7 @@ mod subscriber;
 use std::sync::Arc;
 
 pub use crate::security::tls::ClientTlsOptions;
-pub use connection::{ConnectOptions, Connection};
+pub use connection::{ConnectOptions, Connection, SILENCE_LIMIT_MIN, SILENT_HEARTBEATS_MAX};
 pub use metadata::Metadata;
 pub use publisher::{BackpressurePolicy, PartitionedPublisher, Publisher, PublisherOptions, Receipt};
 pub use subscriber::{Event, SubscribeOptions, Subscriber};
