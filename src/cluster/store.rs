@@ -38,6 +38,16 @@ struct MetadataStateChannelsOnly {
     channels: std::collections::BTreeMap<String, super::types::ReplicatedChannel>,
 }
 
+/// The last snapshot. One written before the state held leaders and
+/// positions is read in its layout (postcard is not self-describing).
+fn read_snapshot(db: &Database) -> io::Result<Option<(SnapshotMeta, MetadataState)>> {
+    read_state::<(SnapshotMeta, MetadataState)>(db, SNAPSHOT).or_else(|error| {
+        read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(db, SNAPSHOT)
+            .map(|old| old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() })))
+            .map_err(|_| error)
+    })
+}
+
 #[derive(Default)]
 struct Applied {
     last_applied: Option<LogId>,
@@ -60,16 +70,7 @@ pub struct MetadataStateMachine {
 impl MetadataStateMachine {
     fn open(db: Arc<Database>) -> io::Result<MetadataStateMachine> {
         let mut applied = Applied::default();
-        // A snapshot written before the state held leaders and positions
-        // (postcard is not self-describing: the old layout is read as such).
-        let snapshot = read_state::<(SnapshotMeta, MetadataState)>(&db, SNAPSHOT).or_else(|error| {
-            read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(&db, SNAPSHOT)
-                .map(|old| {
-                    old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() }))
-                })
-                .map_err(|_| error)
-        })?;
-        if let Some((meta, state)) = snapshot {
+        if let Some((meta, state)) = read_snapshot(&db)? {
             applied = Applied { last_applied: meta.last_log_id, membership: meta.last_membership, state };
         }
         let changes = Arc::new(watch::Sender::new(applied.state.clone()));
@@ -151,8 +152,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(read_state::<(SnapshotMeta, MetadataState)>(&self.db, SNAPSHOT)?
-            .map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+        Ok(read_snapshot(&self.db)?.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 }
 
@@ -243,7 +243,10 @@ mod tests {
             let old = FirstLayout { channels: [("orders".to_string(), channel.clone())].into() };
             super::super::raft_log::write_state(&db, SNAPSHOT, &(SnapshotMeta::default(), old)).await.unwrap();
         }
-        let (_, machine) = open(&path).unwrap();
+        let (_, mut machine) = open(&path).unwrap();
         assert_eq!(machine.subscribe().borrow().channels.get("orders"), Some(&channel));
+        // openraft reads it too.
+        let snapshot = machine.get_current_snapshot().await.unwrap().expect("the snapshot");
+        assert_eq!(snapshot.snapshot.channels.get("orders"), Some(&channel));
     }
 }
