@@ -181,7 +181,7 @@ impl Connection {
         writer.write_all(&hello.encode(HELLO_CORRELATION_ID)).await.map_err(ClientError::io)?;
         writer.flush().await.map_err(ClientError::io)?;
         // WELCOME has the same layout in every version.
-        let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader, PROTOCOL_VERSION))
+        let (_, welcome) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_response(&mut reader, PROTOCOL_VERSION, None))
             .await
             .map_err(|_| ClientError::Timeout("handshake"))?
             .map_err(|error| match error {
@@ -317,7 +317,11 @@ impl Connection {
     }
 }
 
-async fn read_response(reader: &mut BufReader<ReadHalf>, version: u16) -> Result<(u32, Response), ClientError> {
+async fn read_response(
+    reader: &mut BufReader<ReadHalf>,
+    version: u16,
+    liveness: Option<&Liveness>,
+) -> Result<(u32, Response), ClientError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match reader.read_exact(&mut header).await {
         Ok(_) => {}
@@ -332,7 +336,17 @@ async fn read_response(reader: &mut BufReader<ReadHalf>, version: u16) -> Result
         )));
     }
     let mut body = vec![0u8; header.body_len as usize];
-    reader.read_exact(&mut body).await.map_err(ClientError::io)?;
+    // In pieces, each counted as a sign of life: a large frame on a slow
+    // link is not a silent broker.
+    let mut filled = 0;
+    while filled < body.len() {
+        let end = (filled + PROGRESS_CHUNK_BYTES).min(body.len());
+        reader.read_exact(&mut body[filled..end]).await.map_err(ClientError::io)?;
+        filled = end;
+        if let Some(liveness) = liveness {
+            liveness.progressed();
+        }
+    }
     let response = Response::decode_for(version, header.frame_type, Bytes::from(body))
         .map_err(|error| ClientError::Protocol(error.to_string()))?;
     Ok((header.correlation_id, response))
@@ -363,6 +377,9 @@ async fn write_loop(
         };
         let Some(Command::Request { request, reply }) = command else { break };
         correlation_id = correlation_id.wrapping_add(1).max(1);
+        if reply.is_some() {
+            liveness.expect_answer();
+        }
         if let Some(reply) = reply {
             pending.lock().unwrap_or_else(|p| p.into_inner()).insert(correlation_id, reply);
             // The reader cancels `closed` before it fails what is pending:
@@ -374,13 +391,27 @@ async fn write_loop(
         }
         let frame = request.encode_for(version, correlation_id);
         let written = async {
-            writer.write_all(&frame).await?;
+            // In pieces; each after the first is a sign of life (the
+            // broker reads a large frame). A small frame is not: the
+            // kernel takes it into its buffers from a stopped broker too.
+            for (index, piece) in frame.chunks(PROGRESS_CHUNK_BYTES).enumerate() {
+                writer.write_all(piece).await?;
+                if index > 0 {
+                    liveness.progressed();
+                }
+            }
             if commands.is_empty() {
                 writer.flush().await?;
             }
             std::io::Result::Ok(())
         };
-        if written.await.is_err() {
+        // A broker that stopped reading is given up by the reader: the
+        // write is not waited for past that.
+        let written = tokio::select! {
+            written = written => written.is_ok(),
+            () = closed.cancelled() => false,
+        };
+        if !written {
             break;
         }
     }
@@ -412,13 +443,16 @@ pub const SILENT_HEARTBEATS_MAX: u32 = 3;
 /// slow disk may hold an answer a few seconds.
 pub const SILENCE_LIMIT_MIN: Duration = Duration::from_secs(10);
 
-/// When the broker was last heard from, and since when an answer is
-/// expected (a PING sent), in milliseconds since the connection started.
+/// Bytes read or written between two signs of life.
+const PROGRESS_CHUNK_BYTES: usize = 64 * 1024;
+
+/// When the broker was last heard from (or took bytes), and since when an
+/// answer is expected, in milliseconds since the connection started.
 struct Liveness {
     started: tokio::time::Instant,
     last_received_ms: std::sync::atomic::AtomicU64,
-    /// 0: no PING unanswered.
-    ping_sent_ms: std::sync::atomic::AtomicU64,
+    /// 0: no answer awaited since the last frame received.
+    expecting_since_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Liveness {
@@ -426,7 +460,7 @@ impl Liveness {
         Liveness {
             started: tokio::time::Instant::now(),
             last_received_ms: std::sync::atomic::AtomicU64::new(0),
-            ping_sent_ms: std::sync::atomic::AtomicU64::new(0),
+            expecting_since_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -435,22 +469,34 @@ impl Liveness {
         (self.started.elapsed().as_millis() as u64).max(1)
     }
 
+    /// A request or PING was sent: its answer's clock starts now, unless
+    /// one already runs.
     fn expect_answer(&self) {
         let now = self.now_ms();
-        let _ = self.ping_sent_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.expecting_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    fn heard(&self) {
+    /// Bytes of a frame moved either way.
+    fn progressed(&self) {
         self.last_received_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.ping_sent_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// A whole frame arrived.
+    fn heard(&self) {
+        self.progressed();
+        self.expecting_since_ms.store(0, Ordering::Relaxed);
     }
 
     /// Whether an answer is overdue: one is expected (requests pending, or
-    /// a PING) and nothing came for `limit`.
+    /// a PING) and nothing moved for `limit` since it was (or since the
+    /// last sign of life, if later).
     fn overdue(&self, requests_pending: bool, limit: Duration) -> bool {
-        let expecting = requests_pending || self.ping_sent_ms.load(Ordering::Relaxed) != 0;
-        let silent_ms = self.now_ms().saturating_sub(self.last_received_ms.load(Ordering::Relaxed));
-        expecting && silent_ms > limit.as_millis() as u64
+        let expecting_since = self.expecting_since_ms.load(Ordering::Relaxed);
+        if !requests_pending && expecting_since == 0 {
+            return false;
+        }
+        let since = self.last_received_ms.load(Ordering::Relaxed).max(expecting_since);
+        self.now_ms().saturating_sub(since) > limit.as_millis() as u64
     }
 }
 
@@ -471,10 +517,13 @@ async fn read_loop(mut reader: BufReader<ReadHalf>, reading: Reading, heartbeat:
     let failure = loop {
         // The read is kept across the checks (dropping it inside a frame
         // would lose the stream's place).
-        let read = read_response(&mut reader, version);
+        let read = read_response(&mut reader, version, Some(&liveness));
         tokio::pin!(read);
         let frame = loop {
             tokio::select! {
+                // A frame already here counts before the clock does (after
+                // this process itself was held up).
+                biased;
                 frame = &mut read => break frame,
                 () = tokio::time::sleep(check_every) => {
                     let requests_pending = !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty();

@@ -300,6 +300,7 @@ struct Batch {
 enum Outcome {
     Acked {
         first_offset: u64,
+        count: u32,
         timestamp_us: u64,
         duplicate: bool,
     },
@@ -485,13 +486,28 @@ impl PublishTask {
     fn settle(&mut self, id: u64, outcome: Outcome) {
         let Some(batch) = self.pending.get_mut(&id) else { return };
         batch.in_flight = false;
-        if let Outcome::Acked { first_offset, timestamp_us, duplicate } = outcome
+        // An acknowledgement of another number of messages (or past the
+        // last offset) is not this batch's: failed, never taken for it.
+        let outcome = match outcome {
+            Outcome::Acked { first_offset, count, .. }
+                if count as usize != batch.messages.len() || first_offset.checked_add(u64::from(count)).is_none() =>
+            {
+                Outcome::Fail(ClientError::Unexpected(format!(
+                    "PUBLISH_ACK of {count} messages from offset {first_offset} for a batch of {}",
+                    batch.messages.len()
+                )))
+            }
+            outcome => outcome,
+        };
+        if let Outcome::Acked { first_offset, timestamp_us, duplicate, .. } = outcome
             && batch.outcome.is_none()
         {
             // The broker knows this producer now, and its next sequence is
             // at least the end of this batch.
-            self.anchored = true;
-            self.acked_end = self.acked_end.max(batch.sequence + batch.messages.len() as u64);
+            if batch.sent_as == Some(self.producer_id) {
+                self.anchored = true;
+                self.acked_end = self.acked_end.max(batch.sequence + batch.messages.len() as u64);
+            }
             let Some(batch) = self.pending.remove(&id) else { return };
             for (i, reply) in batch.replies.into_iter().enumerate() {
                 let receipt = Receipt {
@@ -537,6 +553,7 @@ impl PublishTask {
         }
         if reconnect && let Err(error) = self.reconnect().await {
             for (_, batch) in std::mem::take(&mut self.pending) {
+                let error = if batch.maybe_stored { outcome_unknown(&error) } else { error.clone() };
                 fail(batch, &error);
             }
             // Those batches may or may not have been stored: their
@@ -562,26 +579,22 @@ impl PublishTask {
             BackpressurePolicy::Retry { max_attempts } => max_attempts,
             BackpressurePolicy::Surface => 0,
         };
-        // The partition forgot this producer (replicated partitions, after
-        // a long silence): what follows goes as a new producer.
-        let mut switched = false;
-        if self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::NewProducer))) {
-            self.new_producer();
-            switched = true;
-        }
-        // Never below what the broker acknowledged: a sequence there is
-        // either stored already or remembered as another batch's.
-        let mut cursor = self.pending.values().next().map_or(self.next_sequence, |b| b.sequence).max(self.acked_end);
-        if switched {
-            cursor = 0;
-        }
-        let mut resend = true;
+        // First pass: what becomes of each batch, and whether this round
+        // must go on as a new producer. It must when the partition forgot
+        // this producer (`UnknownProducer`), or when a batch that may be
+        // stored can no longer be resent as itself: given up, sent as an
+        // earlier producer, or about to move to other sequence numbers
+        // (because a batch before it is given up). Such a batch's
+        // sequences must never carry other messages; it fails as
+        // `OutcomeUnknown`. Deciding before anything is sent keeps one
+        // producer per round.
+        let mut switch = self.pending.values().any(|b| matches!(b.outcome, Some(Outcome::NewProducer)));
         // A batch rejected earlier in this round explains an
         // OutOfOrderSequence of the batches after it.
         let mut rejected_before = false;
-        let ids: Vec<u64> = self.pending.keys().copied().collect();
-        for id in ids {
-            let Some(mut batch) = self.pending.remove(&id) else { continue };
+        let mut shifted = false;
+        let mut verdicts: Vec<(u64, Option<ClientError>)> = Vec::with_capacity(self.pending.len());
+        for (&id, batch) in &mut self.pending {
             let give_up = match &batch.outcome {
                 Some(Outcome::Fail(error)) => Some(error.clone()),
                 Some(Outcome::Retry { after }) => {
@@ -609,25 +622,32 @@ impl PublishTask {
                 _ => None,
             };
             rejected_before |= batch.outcome.is_some();
-            // Perhaps stored as another producer, or given up: its
-            // sequences must never be used for other messages, and it can
-            // only be failed as unknown. What follows goes as a new
-            // producer (the renumbering below starts it at 0).
-            if batch.maybe_stored && (give_up.is_some() || batch.sent_as != Some(self.producer_id)) {
+            if batch.maybe_stored && (give_up.is_some() || shifted || batch.sent_as != Some(self.producer_id)) {
+                switch = true;
+            }
+            shifted |= give_up.is_some();
+            verdicts.push((id, give_up));
+        }
+        // Never below what the broker acknowledged: a sequence there is
+        // either stored already or remembered as another batch's.
+        let mut cursor = self.pending.values().next().map_or(self.next_sequence, |b| b.sequence).max(self.acked_end);
+        if switch {
+            self.new_producer();
+            cursor = 0;
+        }
+        // Second pass: fail, renumber, resend in order (unanchored, only
+        // the first).
+        let mut resend = true;
+        for (id, give_up) in verdicts {
+            let Some(mut batch) = self.pending.remove(&id) else { continue };
+            if batch.maybe_stored && batch.sent_as != Some(self.producer_id) {
                 let error = give_up.unwrap_or(ClientError::Disconnected);
                 fail(batch, &outcome_unknown(&error));
-                if !switched {
-                    self.new_producer();
-                    switched = true;
-                    cursor = 0;
-                    resend = true;
-                }
                 continue;
             }
             if let Some(error) = give_up {
-                // Not stored (an earlier attempt that may have been is
-                // handled above): the batches after it move down into its
-                // sequence numbers.
+                // Not stored (one that may be was failed above): the
+                // batches after it move down into its sequence numbers.
                 fail(batch, &error);
                 continue;
             }
@@ -707,8 +727,8 @@ fn named_leader(error: &ClientError) -> Option<String> {
 
 fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -> Outcome {
     match result {
-        Ok(Response::PublishAck { first_offset, timestamp_us, duplicate, .. }) => {
-            Outcome::Acked { first_offset, timestamp_us, duplicate }
+        Ok(Response::PublishAck { first_offset, count, timestamp_us, duplicate, .. }) => {
+            Outcome::Acked { first_offset, count, timestamp_us, duplicate }
         }
         Ok(Response::Backpressure { channel, retry_after_ms, .. }) => match policy {
             BackpressurePolicy::Retry { .. } => {

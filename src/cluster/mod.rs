@@ -55,9 +55,13 @@ use types::Raft;
 pub const METADATA_APPEND_ENTRIES_MAX: u64 = 64;
 
 /// The metadata group snapshots itself every this many entries and keeps
-/// no entry a snapshot holds: its snapshot is a few hundred bytes (the
-/// membership), so a follower that fell behind gets it whole rather than
-/// the entries (and the snapshot path is exercised, not a rarity).
+/// no entry a snapshot holds: its snapshot is small (the membership, the
+/// replicated channels and their leaders: kilobytes; with positions, at
+/// most `REPLICATED_POSITIONS_MAX` of a few hundred bytes each, a few
+/// MB), so a follower that fell behind gets it whole rather than the
+/// entries (and the snapshot path is exercised, not a rarity). The cost:
+/// with positions written by every node once a second, a snapshot of up
+/// to that size every few seconds.
 pub const METADATA_SNAPSHOT_ENTRIES: u64 = 4;
 
 /// Entries one append to a partition's follower carries: as many
@@ -148,7 +152,9 @@ impl ClusterNode {
             election_timeout_min: settings.election_timeout_min_ms,
             election_timeout_max: settings.election_timeout_max_ms,
             // Bounds an append's frame: metadata entries are small (a
-            // membership of CLUSTER_NODES_MAX nodes is a few KiB).
+            // membership of CLUSTER_NODES_MAX nodes is a few KiB; positions,
+            // at most 1,024 of at most 530 bytes, under 600 KB): 64 of
+            // them fit CLUSTER_FRAME_BYTES_MAX.
             max_payload_entries: METADATA_APPEND_ENTRIES_MAX,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(METADATA_SNAPSHOT_ENTRIES),
             max_in_snapshot_log_to_keep: 0,

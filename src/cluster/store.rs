@@ -43,7 +43,9 @@ struct MetadataStateChannelsOnly {
 fn read_snapshot(db: &Database) -> io::Result<Option<(SnapshotMeta, MetadataState)>> {
     read_state::<(SnapshotMeta, MetadataState)>(db, SNAPSHOT).or_else(|error| {
         read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(db, SNAPSHOT)
-            .map(|old| old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() })))
+            .map(|old| {
+                old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() }))
+            })
             .map_err(|_| error)
     })
 }

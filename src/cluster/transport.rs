@@ -28,8 +28,8 @@ use super::types::{MetadataCommand, MetadataState, NodeAddrs, NodeId, Snapshot, 
 use crate::record::Message;
 
 /// Largest node-to-node frame. The metadata group's appends carry at most
-/// `METADATA_APPEND_ENTRIES_MAX` small entries and its snapshot is its
-/// membership; a partition group's append carries as many publishes as
+/// `METADATA_APPEND_ENTRIES_MAX` small entries (at most 1,024 positions
+/// each) and its snapshot is at most a few MB; a partition group's append carries as many publishes as
 /// fit (at least one: the broker refuses to start in cluster mode with a
 /// publish limit above this less `CLUSTER_FRAME_ROOM_BYTES`). Frames are
 /// read as they arrive, so the limit is not an allocation.

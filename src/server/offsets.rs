@@ -8,7 +8,7 @@
 //! appends the rest. A crash can therefore lose up to that interval of
 //! acks, which only means redelivery (at-least-once), never loss.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -73,8 +73,18 @@ struct State {
     /// Entries to forget at the next commit.
     forgotten: HashSet<Key>,
     /// Positions of replicated channels changed since they were last
-    /// written to the metadata group.
-    to_replicate: HashSet<Key>,
+    /// written to the metadata group, in the order they first changed (so
+    /// that none waits behind others for ever), each once.
+    to_replicate: VecDeque<Key>,
+    queued_to_replicate: HashSet<Key>,
+}
+
+impl State {
+    fn queue_to_replicate(&mut self, key: Key) {
+        if self.queued_to_replicate.insert(key.clone()) {
+            self.to_replicate.push_back(key);
+        }
+    }
 }
 
 /// A channel as a position is recorded for it: its name, and the token
@@ -235,18 +245,24 @@ impl DurableOffsets {
     /// last taken, to write to the metadata group.
     pub fn take_to_replicate(&self, max: usize) -> Vec<(Key, u64)> {
         let mut state = self.lock();
-        let keys: Vec<Key> = state.to_replicate.iter().take(max).cloned().collect();
-        keys.into_iter()
-            .filter_map(|key| {
-                state.to_replicate.remove(&key);
-                state.offsets.get(&key).map(|&offset| (key, offset))
-            })
-            .collect()
+        let mut taken = Vec::new();
+        while taken.len() < max
+            && let Some(key) = state.to_replicate.pop_front()
+        {
+            state.queued_to_replicate.remove(&key);
+            if let Some(&offset) = state.offsets.get(&key) {
+                taken.push((key, offset));
+            }
+        }
+        taken
     }
 
     /// Positions taken that could not be written: taken again next time.
     pub fn return_to_replicate(&self, keys: impl IntoIterator<Item = Key>) {
-        self.lock().to_replicate.extend(keys);
+        let mut state = self.lock();
+        for key in keys {
+            state.queue_to_replicate(key);
+        }
     }
 
     fn record_position(
@@ -273,7 +289,7 @@ impl DurableOffsets {
         if offset >= *entry {
             *entry = offset;
             if self.replicated.get().is_some_and(|replicated| replicated.is_replicated(channel.name)) {
-                state.to_replicate.insert(key.clone());
+                state.queue_to_replicate(key.clone());
             }
             state.dirty.insert(key);
         }
@@ -336,7 +352,7 @@ impl DurableOffsets {
             .filter(|((c, _, _, o), _)| c == channel && *o == owner)
             .map(|((_, name, partition, _), &offset)| ((name.clone(), *partition), offset))
             .collect();
-        if let Some(replicated) = self.replicated.get() {
+        if let Some(replicated) = self.replicated.get().filter(|replicated| replicated.is_replicated(channel)) {
             for (key, offset) in replicated.positions(owner, channel) {
                 let position = positions.entry(key).or_insert(offset);
                 *position = (*position).max(offset);
