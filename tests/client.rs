@@ -20,8 +20,8 @@ use weir::client::{
 };
 use weir::config::Config;
 use weir::protocol::{
-    ChannelInfo, FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, PartitionInfo, Request, Response,
-    StartPosition,
+    ChannelInfo, ErrorCode, FRAME_HEADER_BYTES, FrameHeader, Limits, Notice, PROTOCOL_VERSION, PartitionInfo, Request,
+    Response, StartPosition,
 };
 use weir::record::{Message, Record};
 use weir::server::{ServerHandle, Stats};
@@ -642,4 +642,121 @@ async fn a_silent_broker_is_taken_for_dead_and_an_idle_one_is_not() {
     let idle = Connection::connect(&addr, "idle").await.unwrap();
     tokio::time::sleep(weir::client::SILENCE_LIMIT_MIN + std::time::Duration::from_secs(3)).await;
     assert!(idle.send_request_pipelined(Request::Ping).await.is_ok(), "an idle connection to a live broker stays open");
+}
+
+/// A broker that answers HELLO, METADATA and PING itself on any number of
+/// connections, and hands every publish to the test to answer.
+struct PublishFake {
+    addr: String,
+    /// Each publish's producer sequence and message count, with the way to
+    /// answer it.
+    publishes: mpsc::UnboundedReceiver<(u64, usize, oneshot::Sender<Response>)>,
+}
+
+async fn publish_fake() -> PublishFake {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let addr = listener.local_addr().unwrap().to_string();
+    let (handed, publishes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (mut read_half, write_half) = socket.into_split();
+            let write_half = std::sync::Arc::new(tokio::sync::Mutex::new(write_half));
+            let handed = handed.clone();
+            tokio::spawn(async move {
+                while let Some((correlation_id, request)) = read_request(&mut read_half).await {
+                    let (answer, answered) = oneshot::channel();
+                    match request {
+                        Request::Hello { .. } => {
+                            let _ = answer.send(Response::Welcome {
+                                version: PROTOCOL_VERSION,
+                                server_version: "fake".into(),
+                                limits: limits(),
+                            });
+                        }
+                        Request::Metadata { .. } => {
+                            let _ = answer.send(Response::Metadata {
+                                node_id: 0,
+                                clustered: false,
+                                nodes: Vec::new(),
+                                channels: Vec::new(),
+                            });
+                        }
+                        Request::Ping => {
+                            let _ = answer.send(Response::Pong);
+                        }
+                        Request::Publish { producer: Some(producer), .. } => {
+                            let _ = handed.send((producer.sequence, 1, answer));
+                        }
+                        Request::PublishBatch { producer: Some(producer), messages, .. } => {
+                            let _ = handed.send((producer.sequence, messages.len(), answer));
+                        }
+                        other => panic!("the fake broker did not expect {other:?}"),
+                    }
+                    let write_half = std::sync::Arc::clone(&write_half);
+                    tokio::spawn(async move {
+                        if let Ok(response) = answered.await {
+                            let _ = write_half.lock().await.write_all(&response.encode(correlation_id)).await;
+                        }
+                    });
+                }
+            });
+        }
+    });
+    PublishFake { addr, publishes }
+}
+
+impl PublishFake {
+    async fn next_publish(&mut self) -> (u64, usize, oneshot::Sender<Response>) {
+        within("a publish", self.publishes.recv()).await.expect("the fake broker runs")
+    }
+}
+
+fn acked(first_offset: u64, duplicate: bool) -> Response {
+    Response::PublishAck { partition: 0, first_offset, count: 1, timestamp_us: 1, duplicate }
+}
+
+/// A batch answered `OutcomeUnknown` while the one after it was
+/// acknowledged: that acknowledgement proves the first was stored (its
+/// sequences came first), so the first is resent with its own sequence
+/// and answered as a duplicate, never renumbered past the acknowledged one
+/// (which would store it a second time).
+#[tokio::test]
+async fn a_batch_of_unknown_outcome_before_an_acknowledged_one_is_resent_as_itself() {
+    let mut broker = publish_fake().await;
+    let publisher = within("publisher", Publisher::connect(&broker.addr, "events", PublisherOptions::default()))
+        .await
+        .expect("connects");
+
+    let first = publisher.enqueue(Message::from_payload(b"0".to_vec())).await.unwrap();
+    let (sequence, count, answer) = broker.next_publish().await;
+    assert_eq!((sequence, count), (0, 1));
+    answer.send(acked(0, false)).unwrap();
+    assert_eq!(within("receipt 0", first).await.unwrap().unwrap().offset, 0);
+
+    // Anchored: the next two are pipelined, one batch each.
+    let uncertain = publisher.enqueue(Message::from_payload(b"1".to_vec())).await.unwrap();
+    let (sequence, _, answer_uncertain) = broker.next_publish().await;
+    assert_eq!(sequence, 1);
+    let later = publisher.enqueue(Message::from_payload(b"2".to_vec())).await.unwrap();
+    let (sequence, _, answer_later) = broker.next_publish().await;
+    assert_eq!(sequence, 2);
+    answer_uncertain
+        .send(Response::Error { code: ErrorCode::OutcomeUnknown as u16, message: "deposed".into() })
+        .unwrap();
+    answer_later.send(acked(2, false)).unwrap();
+    assert_eq!(within("receipt 2", later).await.unwrap().unwrap().offset, 2);
+
+    let (sequence, count, answer) = broker.next_publish().await;
+    assert_eq!((sequence, count), (1, 1), "resent as itself, not renumbered past the acknowledged batch");
+    answer.send(acked(1, true)).unwrap();
+    let receipt = within("receipt 1", uncertain).await.unwrap().unwrap();
+    assert_eq!((receipt.offset, receipt.duplicate), (1, true));
+
+    // And the sequence goes on past everything acknowledged.
+    let last = publisher.enqueue(Message::from_payload(b"3".to_vec())).await.unwrap();
+    let (sequence, _, answer) = broker.next_publish().await;
+    assert_eq!(sequence, 3);
+    answer.send(acked(3, false)).unwrap();
+    assert_eq!(within("receipt 3", last).await.unwrap().unwrap().offset, 3);
+    within("close", publisher.close()).await;
 }

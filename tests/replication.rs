@@ -45,6 +45,10 @@ use weir::record::{Message, RecordIter};
 
 const CHANNEL: &str = "events";
 
+/// How long filling a partition's deduplication window may take before
+/// the test fails (generous: a loaded machine, a debug build).
+const FILL_LIMIT: Duration = Duration::from_secs(300);
+
 /// The partition's group as `node` sees it, if it hosts it.
 async fn partition_status(node: &Node) -> Option<PartitionStatus> {
     let status = status(node).await?;
@@ -725,23 +729,28 @@ async fn metadata_names_every_partitions_leader_on_every_node() {
     let leader_addr = answers[0].leader_addr("spread", 1).unwrap().to_string();
     let filler = Connection::connect(&leader_addr, "filler").await.unwrap();
     let window = weir::storage::REPLICATED_DEDUP_WINDOW_ENTRIES;
-    let mut answers_due = std::collections::VecDeque::new();
-    for i in 0..window {
-        let request = Request::Publish {
-            channel: "spread".into(),
-            partition: Some(1),
-            producer: None,
-            message: Message::from_payload(format!("filler {i}")),
-        };
-        answers_due.push_back(filler.send_request_pipelined(request).await.unwrap());
-        if answers_due.len() >= 64 {
-            let answer = answers_due.pop_front().unwrap().await.unwrap();
-            assert!(matches!(answer, Ok(Response::PublishAck { .. })), "{answer:?}");
+    // Bounded so that a stall fails the test instead of hanging it (the
+    // window takes well under a minute here).
+    let fill = async {
+        let mut answers_due = std::collections::VecDeque::new();
+        for i in 0..window {
+            let request = Request::Publish {
+                channel: "spread".into(),
+                partition: Some(1),
+                producer: None,
+                message: Message::from_payload(format!("filler {i}")),
+            };
+            answers_due.push_back(filler.send_request_pipelined(request).await.unwrap());
+            if answers_due.len() >= 64 {
+                let answer = answers_due.pop_front().unwrap().await.unwrap();
+                assert!(matches!(answer, Ok(Response::PublishAck { .. })), "{answer:?}");
+            }
         }
-    }
-    for answer in answers_due {
-        assert!(matches!(answer.await.unwrap(), Ok(Response::PublishAck { .. })));
-    }
+        for answer in answers_due {
+            assert!(matches!(answer.await.unwrap(), Ok(Response::PublishAck { .. })));
+        }
+    };
+    tokio::time::timeout(FILL_LIMIT, fill).await.expect("the deduplication window filled within FILL_LIMIT");
     let receipt = publisher.publish(Message::from_payload("after the window")).await.unwrap();
     assert_eq!((receipt.offset, receipt.duplicate), (window + 1, false));
     publisher.close().await;

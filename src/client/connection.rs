@@ -513,6 +513,9 @@ async fn read_loop(mut reader: BufReader<ReadHalf>, reading: Reading, heartbeat:
     let Reading { version, pending, routes, commands, liveness } = reading;
     let silence_limit = (heartbeat * SILENT_HEARTBEATS_MAX).max(SILENCE_LIMIT_MIN);
     let check_every = silence_limit / 4;
+    // One timer for the connection's life, not one per frame.
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + check_every, check_every);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<ClientError> = None;
     let failure = loop {
         // The read is kept across the checks (dropping it inside a frame
@@ -525,7 +528,7 @@ async fn read_loop(mut reader: BufReader<ReadHalf>, reading: Reading, heartbeat:
                 // this process itself was held up).
                 biased;
                 frame = &mut read => break frame,
-                () = tokio::time::sleep(check_every) => {
+                _ = checks.tick() => {
                     let requests_pending = !pending.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
                     if liveness.overdue(requests_pending, silence_limit) {
                         break Err(ClientError::Timeout(

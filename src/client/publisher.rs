@@ -651,6 +651,19 @@ impl PublishTask {
                 fail(batch, &error);
                 continue;
             }
+            if batch.maybe_stored && batch.sequence < self.acked_end {
+                // A later batch of this producer was acknowledged, so this
+                // one's sequences were taken before it: stored. Resent as
+                // itself, it is answered as a duplicate with its offsets;
+                // renumbered past them, it would be stored twice.
+                batch.outcome = None;
+                if resend {
+                    self.transmit(id, &mut batch).await;
+                    resend = self.anchored;
+                }
+                self.pending.insert(id, batch);
+                continue;
+            }
             batch.sequence = cursor;
             cursor += batch.messages.len() as u64;
             batch.outcome = None;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::partition::{PartitionRaft, PartitionSnapshot};
-use super::replicas::{REPLICATED_PARTITIONS_MAX, Replicas};
+use super::replicas::{LEADERSHIP_REPORT_TIMEOUT, REPLICATED_PARTITIONS_MAX, Replicas};
 use super::transport::{self, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
 use super::types::{
     MetadataCommand, MetadataState, NodeAddrs, NodeId, POSITIONS_PER_COMMAND_MAX, Raft, ReplicatedChannel, Snapshot,
@@ -287,9 +287,12 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             if let Some(not_leader) = unless_leader(raft) {
                 return not_leader;
             }
-            match raft.client_write(command).await {
-                Ok(_) => NodeReply::Recorded,
-                Err(error) => membership_error(&error),
+            // The proposer gives up after this long: a handler left waiting
+            // on a leader that cannot commit would hold a connection.
+            match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.client_write(command)).await {
+                Ok(Ok(_)) => NodeReply::Recorded,
+                Ok(Err(error)) => membership_error(&error),
+                Err(_) => NodeReply::Error(format!("not committed within {LEADERSHIP_REPORT_TIMEOUT:?}")),
             }
         }
     }

@@ -52,8 +52,19 @@ pub(super) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     postcard::to_stdvec(value).map_err(io::Error::other)
 }
 
+/// Decodes a whole stored value. Bytes left over mean damage or another
+/// layout (postcard is not self-describing): refused, never ignored, so
+/// that a reader of an older layout cannot take a prefix of a newer one.
 pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(bytes).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+    let (value, rest) =
+        postcard::take_from_bytes(bytes).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+    if !rest.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} bytes left over after a value of {} bytes", rest.len(), bytes.len() - rest.len()),
+        ));
+    }
+    Ok(value)
 }
 
 /// Reads one value of the `state` table.

@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{GroupId, NodeReply, NodeRequest, PartitionNetwork, PeerClient};
-use super::types::{LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedPosition};
+use super::types::{
+    LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel, ReplicatedPosition,
+};
+use crate::protocol::{ChannelMetadata, NodeInfo, PartitionMetadata};
 use crate::storage::ChannelLog;
 
 /// Most replicated partitions one node hosts (a Raft group each, with its
@@ -57,7 +60,7 @@ const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_s
 const LEADERSHIP_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long one proposal to the metadata group (a report, positions) may
 /// take.
-const LEADERSHIP_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const LEADERSHIP_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the server gives a replicated partition: its local log, and a call
 /// that wakes the partition's readers after the state machine appended.
@@ -168,21 +171,15 @@ async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishA
     }
 }
 
-/// Where a replicated partition is, for METADATA.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartitionPlacement {
-    pub leader: Option<NodeId>,
-    pub replicas: Vec<NodeId>,
-}
-
-/// The cluster as one node sees it, for METADATA.
+/// The cluster as one node sees it, for METADATA: the wire's own types, so
+/// the broker only adds the channels that are not replicated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterMetadata {
     pub node_id: NodeId,
     /// Every member's id and client address.
-    pub nodes: Vec<(NodeId, String)>,
-    /// Each replicated channel's name, replication factor and partitions.
-    pub channels: Vec<(String, u8, Vec<PartitionPlacement>)>,
+    pub nodes: Vec<NodeInfo>,
+    /// The replicated channels, with each partition's leader and replicas.
+    pub channels: Vec<ChannelMetadata>,
 }
 
 /// The partitions this node hosts.
@@ -358,9 +355,13 @@ impl Replicas {
     /// leader last reported to the metadata group) and its replicas; and
     /// every node's id and client address. `channel` limits it to one.
     pub fn metadata(&self, channel: Option<&str>) -> ClusterMetadata {
-        let state = self.channels.borrow().clone();
+        let state = self.channels.borrow();
         let members = self.metadata.metrics().borrow_watched().membership_config.clone();
-        let nodes = members.membership().nodes().map(|(id, addrs)| (*id, addrs.client_addr.clone())).collect();
+        let nodes = members
+            .membership()
+            .nodes()
+            .map(|(id, addrs)| NodeInfo { node_id: *id, client_addr: addrs.client_addr.clone() })
+            .collect();
         let channels = state
             .channels
             .iter()
@@ -385,10 +386,10 @@ impl Replicas {
                             (Some((own, _)), _) => own,
                             (None, other) => other.map(|led| led.node),
                         };
-                        PartitionPlacement { leader, replicas: replicas.clone() }
+                        PartitionMetadata { leader, replicas: replicas.clone() }
                     })
                     .collect();
-                (name.clone(), placed.replication_factor, partitions)
+                ChannelMetadata { name: name.clone(), replication_factor: placed.replication_factor, partitions }
             })
             .collect();
         ClusterMetadata { node_id: self.node_id, nodes, channels }
@@ -497,8 +498,10 @@ impl Replicas {
         let stop = self.stop.clone();
         let mut channels = self.channels.clone();
         loop {
-            let state = channels.borrow_and_update().clone();
-            self.start_placed(&state, &host).await;
+            // The placements only: positions and leaders change often and
+            // are not needed here.
+            let placed = channels.borrow_and_update().channels.clone();
+            self.start_placed(&placed, &host).await;
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = channels.changed() => if changed.is_err() { return },
@@ -506,8 +509,8 @@ impl Replicas {
         }
     }
 
-    async fn start_placed(&self, state: &MetadataState, host: &Arc<dyn PartitionHost>) {
-        for (name, channel) in &state.channels {
+    async fn start_placed(&self, placed: &BTreeMap<String, ReplicatedChannel>, host: &Arc<dyn PartitionHost>) {
+        for (name, channel) in placed {
             let partitions = channel.replicas.len() as u32;
             for (partition, replicas) in channel.replicas.iter().enumerate() {
                 let id = GroupId { channel: name.clone(), partition: partition as u32 };

@@ -251,4 +251,34 @@ mod tests {
         let snapshot = machine.get_current_snapshot().await.unwrap().expect("the snapshot");
         assert_eq!(snapshot.snapshot.channels.get("orders"), Some(&channel));
     }
+
+    /// A snapshot of today's layout cut short must not be taken for one
+    /// of the first layout (which would read its channels and drop its
+    /// leaders and positions without a word): refused.
+    #[tokio::test]
+    async fn a_damaged_snapshot_is_refused_not_read_as_the_first_layout() {
+        use super::super::types::{LeaderReport, MetadataCommand, ReplicatedChannel};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.redb");
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel });
+        let reports = vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 2, term: 7 }];
+        state.apply(&MetadataCommand::PartitionLeaders { reports });
+        assert!(!state.leaders.is_empty(), "the state holds more than the first layout");
+        let mut bytes = super::super::raft_log::encode(&(SnapshotMeta::default(), state)).unwrap();
+        bytes.pop();
+        {
+            let db = open_database(&path).unwrap();
+            super::super::raft_log::write_txn(&db, move |txn| {
+                let mut table = txn.open_table(super::super::raft_log::STATE).map_err(io::Error::other)?;
+                table.insert(SNAPSHOT, bytes.as_slice()).map_err(io::Error::other)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        }
+        let opened = open(&path);
+        assert!(opened.is_err(), "a snapshot cut short was read");
+    }
 }

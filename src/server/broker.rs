@@ -448,21 +448,7 @@ impl Broker {
             None => (0, false, vec![NodeInfo { node_id: 0, client_addr: local_addr.to_string() }], Vec::new()),
             Some(replicas) => {
                 let cluster = replicas.metadata(channel.map(ChannelName::as_str));
-                let nodes =
-                    cluster.nodes.into_iter().map(|(node_id, client_addr)| NodeInfo { node_id, client_addr }).collect();
-                let channels = cluster
-                    .channels
-                    .into_iter()
-                    .map(|(name, replication_factor, partitions)| ChannelMetadata {
-                        name,
-                        replication_factor,
-                        partitions: partitions
-                            .into_iter()
-                            .map(|placed| PartitionMetadata { leader: placed.leader, replicas: placed.replicas })
-                            .collect(),
-                    })
-                    .collect();
-                (cluster.node_id, true, nodes, channels)
+                (cluster.node_id, true, cluster.nodes, cluster.channels)
             }
         };
         for local in self.store.channels() {

@@ -80,9 +80,11 @@ struct State {
 }
 
 impl State {
-    fn queue_to_replicate(&mut self, key: Key) {
-        if self.queued_to_replicate.insert(key.clone()) {
-            self.to_replicate.push_back(key);
+    fn queue_to_replicate(&mut self, key: &Key) {
+        // Checked first: on most acks the key is queued already.
+        if !self.queued_to_replicate.contains(key) {
+            self.queued_to_replicate.insert(key.clone());
+            self.to_replicate.push_back(key.clone());
         }
     }
 }
@@ -261,7 +263,7 @@ impl DurableOffsets {
     pub fn return_to_replicate(&self, keys: impl IntoIterator<Item = Key>) {
         let mut state = self.lock();
         for key in keys {
-            state.queue_to_replicate(key);
+            state.queue_to_replicate(&key);
         }
     }
 
@@ -289,7 +291,7 @@ impl DurableOffsets {
         if offset >= *entry {
             *entry = offset;
             if self.replicated.get().is_some_and(|replicated| replicated.is_replicated(channel.name)) {
-                state.queue_to_replicate(key.clone());
+                state.queue_to_replicate(&key);
             }
             state.dirty.insert(key);
         }

@@ -1088,6 +1088,13 @@ impl ChannelLog {
                     let state = oldest.state();
                     (state.visible_len, state.next_offset - oldest.base_offset, state.last_timestamp_us.unwrap_or(0))
                 };
+                let over_bytes = retention.max_bytes.is_some_and(|max| size_bytes - oldest_bytes >= max);
+                let over_messages = retention.max_messages.is_some_and(|max| message_count - oldest_count >= max);
+                let too_old =
+                    retention.max_age.is_some_and(|age| now_us.saturating_sub(oldest_last_us) > age.as_micros() as u64);
+                if !(over_bytes || over_messages || too_old) {
+                    break;
+                }
                 // A replicated partition keeps the batches of its last
                 // `REPLICATED_DEDUP_WINDOW_ENTRIES` Raft entries whatever its
                 // retention: its idempotent producers are rebuilt from them,
@@ -1098,13 +1105,6 @@ impl ChannelLog {
                     if next_first.is_none_or(|first| first.index > window_start) {
                         break;
                     }
-                }
-                let over_bytes = retention.max_bytes.is_some_and(|max| size_bytes - oldest_bytes >= max);
-                let over_messages = retention.max_messages.is_some_and(|max| message_count - oldest_count >= max);
-                let too_old =
-                    retention.max_age.is_some_and(|age| now_us.saturating_sub(oldest_last_us) > age.as_micros() as u64);
-                if !(over_bytes || over_messages || too_old) {
-                    break;
                 }
                 let Some((_, segment)) = segments.pop_first() else { break };
                 size_bytes -= oldest_bytes;
