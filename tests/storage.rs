@@ -310,6 +310,71 @@ fn a_replicated_logs_window_with_a_flipped_byte_is_refused() {
     assert!(matches!(refused, Err(StorageError::Corrupt { .. })), "{refused:?}");
 }
 
+/// Damage followed by valid records in a log's last segment (pages of an
+/// unsynced tail written back out of order, or a flipped byte): a single
+/// node keeps it (nothing after it is lost, its offsets are never reused);
+/// a replicated partition's log is cut there, the cut bytes set aside, so
+/// that its Raft group applies those entries again instead of leaving a
+/// hole. Damage in an older segment is kept in both.
+#[test]
+fn a_replicated_log_is_cut_at_damage_in_its_unsynced_end_and_a_single_nodes_keeps_it() {
+    for replicated in [false, true] {
+        let data_dir = tempfile::tempdir().unwrap();
+        let dir = data_dir.path().join("channels").join("test");
+        std::fs::create_dir_all(&dir).unwrap();
+        if replicated {
+            std::fs::write(dir.join("channel.toml"), "replicated = true\n").unwrap();
+        }
+        let config = LogConfig { segment_bytes: 64 * 1024, replicated, ..small_config() };
+        {
+            let log = open(&dir, config.clone());
+            for index in 1..=40 {
+                let messages = [message(index, 100), message(index, 100)];
+                let raft = Some(weir::storage::RaftPosition { index, term: 1 });
+                let batch = weir::storage::NewBatch { messages: &messages, producer: None, raft };
+                log.append_batches_at(&[batch], now_us()).unwrap();
+            }
+            log.close().unwrap();
+        }
+        let logs = segment_logs(&dir);
+        assert_eq!(logs.len(), 1, "one segment");
+        let mut bytes = std::fs::read(&logs[0]).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(&logs[0], bytes).unwrap();
+        // weir check says what the broker will do.
+        let policies = weir::storage::check::FsyncPolicies::all(FsyncPolicy::Never);
+        let report = weir::storage::check::check_data_dir(data_dir.path(), &policies).unwrap();
+        let (verdict, says) = if replicated {
+            (Verdict::Repairable, "the broker cuts the log here")
+        } else {
+            (Verdict::Corrupt, "the broker keeps the rest of the log")
+        };
+        assert_eq!(report.verdict(), verdict, "{:?}", report.problems);
+        assert!(report.problems.iter().any(|problem| problem.what.contains(says)), "{:?}", report.problems);
+
+        let log = open(&dir, config.clone());
+        let last = log.last_raft_entry().expect("batch headers").index;
+        let set_aside = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".torn"))
+            .count();
+        if replicated {
+            assert!(last < 40, "cut before the damage: last entry {last}");
+            assert_eq!(log.next_offset(), last * 2, "whole batches kept, nothing after the cut");
+            assert_eq!(read_all(&log, 0).len() as u64, last * 2, "every record before the cut reads");
+            assert_eq!(set_aside, 1, "the cut bytes are set aside");
+        } else {
+            assert_eq!((last, log.next_offset()), (40, 80), "kept: nothing cut");
+            assert_eq!(set_aside, 0);
+        }
+        drop(log);
+        // What one open leaves, the next accepts unchanged.
+        let again = open(&dir, config);
+        assert_eq!(again.last_raft_entry().map(|entry| entry.index), Some(last));
+    }
+}
+
 #[test]
 fn retention_by_age_deletes_segments_whose_newest_record_is_too_old() {
     let dir = tempfile::tempdir().unwrap();

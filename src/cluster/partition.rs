@@ -434,8 +434,13 @@ mod tests {
 
     fn open_in(dir: &Path) -> io::Result<(PartitionLogStore, PartitionStateMachine, Arc<ChannelLog>)> {
         let name = ChannelName::new("replicated").map_err(io::Error::other)?;
-        let log = ChannelLog::open(Arc::new(StdFileSystem), &dir.join("log"), name, LogConfig::default())
-            .map_err(io::Error::other)?;
+        let log = ChannelLog::open(
+            Arc::new(StdFileSystem),
+            &dir.join("log"),
+            name,
+            LogConfig { replicated: true, ..LogConfig::default() },
+        )
+        .map_err(io::Error::other)?;
         let log = Arc::new(log);
         let (store, machine) = open(&dir.join("raft.redb"), Arc::clone(&log))?;
         Ok((store, machine, log))

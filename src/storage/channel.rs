@@ -38,10 +38,10 @@ pub struct ChannelSettings {
     /// The partition count; absent means 1 (every v0.1 channel).
     pub partitions: Option<u32>,
     /// Set for the local copy of a replicated channel (cluster mode), whose
-    /// partitions' logs only their Raft groups append to. (Not a reason to
-    /// skip their syncs: under `never` a power loss can leave damage in
-    /// the middle of a log, which recovery keeps, and a replica would then
-    /// hold a hole where the other replicas hold acknowledged records.)
+    /// partitions' logs only their Raft groups append to, and whose
+    /// recovery cuts damage in the part a crash can leave unsynced instead
+    /// of keeping it ([`LogConfig::replicated`]): kept, it would leave a
+    /// hole where the other replicas hold acknowledged records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicated: Option<bool>,
 }
@@ -53,6 +53,7 @@ impl ChannelSettings {
         config.retention.max_bytes = self.retention_max_bytes.or(config.retention.max_bytes);
         config.retention.max_age = self.retention_max_age_secs.map(Duration::from_secs).or(config.retention.max_age);
         config.retention.max_messages = self.retention_max_messages.or(config.retention.max_messages);
+        config.replicated = self.replicated == Some(true);
         config
     }
 

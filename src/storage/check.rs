@@ -164,7 +164,7 @@ pub fn check_data_dir(data_dir: &Path, fsync: &FsyncPolicies) -> std::io::Result
     // same format.
     let offsets_dir = data_dir.join("system").join("offsets");
     if offsets_dir.is_dir() {
-        check_channel(&fs, "system/offsets", &offsets_dir, fsync.default, &mut report);
+        check_channel(&fs, "system/offsets", &offsets_dir, fsync.default, false, &mut report);
     }
     Ok(report)
 }
@@ -179,8 +179,8 @@ fn check_partitions(fs: &dyn FileSystem, name: &str, dir: &Path, fsync: FsyncPol
         position: None,
         what,
     };
-    let count = match read_settings(fs, dir) {
-        Ok(settings) => settings.partition_count(),
+    let (count, replicated) = match read_settings(fs, dir) {
+        Ok(settings) => (settings.partition_count(), settings.replicated == Some(true)),
         Err(error) => {
             report.problems.push(problem(Severity::Corrupt, &dir.join(CHANNEL_SETTINGS_FILE), error.to_string()));
             return;
@@ -192,12 +192,12 @@ fn check_partitions(fs: &dyn FileSystem, name: &str, dir: &Path, fsync: FsyncPol
         report.problems.push(problem(Severity::Corrupt, &dir.join(CHANNEL_SETTINGS_FILE), what));
         return;
     }
-    check_channel(fs, name, dir, fsync, report);
+    check_channel(fs, name, dir, fsync, replicated, report);
     for partition in 1..count {
         let partition_dir = partition_dir(dir, partition);
         let label = format!("{name} partition {partition}");
         if partition_dir.is_dir() {
-            check_channel(fs, &label, &partition_dir, fsync, report);
+            check_channel(fs, &label, &partition_dir, fsync, replicated, report);
         } else {
             report.problems.push(problem(
                 Severity::Repairable,
@@ -229,7 +229,16 @@ enum Place {
     Earlier,
 }
 
-fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPolicy, report: &mut CheckReport) {
+/// `replicated`: the local copy of a replicated channel, whose damage in
+/// the part a crash can leave unsynced the broker cuts (STORAGE.md).
+fn check_channel(
+    fs: &dyn FileSystem,
+    channel: &str,
+    dir: &Path,
+    fsync: FsyncPolicy,
+    replicated: bool,
+    report: &mut CheckReport,
+) {
     let problem = |severity: Severity, file: Option<PathBuf>, position: Option<u64>, what: String| Problem {
         severity,
         channel: channel.to_owned(),
@@ -303,7 +312,15 @@ fn check_channel(fs: &dyn FileSystem, channel: &str, dir: &Path, fsync: FsyncPol
             ));
         }
         let mut segment_check = SegmentCheck { problems: Vec::new(), index_targets: Vec::new(), records: 0 };
-        let scanned = check_segment_log(fs, &path, base, last_timestamp_us, place, fsync, &mut segment_check);
+        let scanned = check_segment_log(
+            fs,
+            &path,
+            base,
+            last_timestamp_us,
+            place,
+            Judged { fsync, replicated },
+            &mut segment_check,
+        );
         set_aside_next = scanned.torn_end_sets_aside_next;
         for (severity, position, what) in segment_check.problems.drain(..) {
             report.problems.push(problem(severity, Some(path.clone()), position, what));
@@ -383,13 +400,21 @@ struct Scanned {
     torn_end_sets_aside_next: bool,
 }
 
+/// How the broker would judge a log's bad bytes: by its fsync policy, and
+/// whether it is a replicated partition's copy.
+#[derive(Clone, Copy)]
+struct Judged {
+    fsync: FsyncPolicy,
+    replicated: bool,
+}
+
 fn check_segment_log(
     fs: &dyn FileSystem,
     path: &Path,
     base: u64,
     mut last_timestamp_us: Option<u64>,
     place: Place,
-    fsync: FsyncPolicy,
+    Judged { fsync, replicated }: Judged,
     out: &mut SegmentCheck,
 ) -> Scanned {
     let mut scanned = Scanned { bytes: 0, next_offset: base, last_timestamp_us: None, torn_end_sets_aside_next: false };
@@ -441,6 +466,22 @@ fn check_segment_log(
             Ok(meta) => meta,
             Err(reason) => {
                 match segment::find_next_record(version, &data, position, scanned.next_offset, last_timestamp_us) {
+                    Some((next_position, _))
+                        if replicated
+                            && (place == Place::Last
+                                || (place == Place::LastSealed && fsync != FsyncPolicy::Always)) =>
+                    {
+                        out.problems.push((
+                            Severity::Repairable,
+                            Some(position as u64),
+                            format!(
+                                "{reason}: {} damaged bytes followed by valid records in the unsynced end of a replicated partition's log (pages written back out of order by a power loss); the broker cuts the log here, sets what follows aside and applies those Raft entries again (a replica whose cut reaches below what it recorded as applied and synced refuses to start)",
+                                next_position - position
+                            ),
+                        ));
+                        bad_end = Some(Severity::Repairable);
+                        break;
+                    }
                     Some((next_position, next)) => {
                         if let Some(batch) = &mut batch {
                             batch.damaged = true;

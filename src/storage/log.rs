@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::channel_name::ChannelName;
 use super::error::{IoContext, StorageError};
-use super::fs::{BackgroundSync, FileSystem};
+use super::fs::{BackgroundSync, FileSystem, OpenMode};
 use super::index::{FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, IndexEntry};
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
 use crate::record::{self, BATCH_HEADER_BYTES, BatchHeader, EntryKind, Message, Record, RecordError, RecordIter};
@@ -60,6 +60,11 @@ pub struct LogConfig {
     /// [`FORMAT_VERSION_2`] (the default), or [`FORMAT_VERSION_1`] to
     /// produce the files of weir 0.1 (tests of upgrades).
     pub format_version: u16,
+    /// The local copy of a replicated partition (its Raft log holds every
+    /// entry after its last snapshot): damage in the part of the log a
+    /// crash can leave unsynced is cut, not kept, so that its entries are
+    /// applied again instead of leaving a hole (see `cut_replicated_damage`).
+    pub replicated: bool,
 }
 
 impl Default for LogConfig {
@@ -75,6 +80,7 @@ impl Default for LogConfig {
                 ..RetentionPolicy::default()
             },
             format_version: FORMAT_VERSION_2,
+            replicated: false,
         }
     }
 }
@@ -406,6 +412,16 @@ impl ChannelLog {
             }
             segments.insert(base_offset, Arc::new(segment));
             i += 1;
+        }
+        if config.replicated
+            && let Some((base_offset, position)) = crash_damage(&segments, config.fsync)
+        {
+            drop(segments);
+            cut_replicated_damage(&*fs, dir, &name, &base_offsets, base_offset, position)?;
+            // Recovery again on what is left: its end is now where the
+            // damage was, and the rules for an end apply (a last batch cut
+            // short is cut whole). Each round removes bytes, so this ends.
+            return ChannelLog::open_partition(fs, dir, name, partition, config);
         }
         let active = match segments.last_key_value() {
             Some((_, segment)) => {
@@ -1199,6 +1215,11 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
         };
         match segment::parse_file_name(name) {
             Some((base, extension)) if ours(extension) && logs.binary_search(&base).is_ok() => {}
+            Some((_, extension)) if extension.ends_with(CUTTING_SUFFIX) => {
+                let path = dir.join(name);
+                tracing::warn!(path = %path.display(), "removing a segment replacement a crash left unfinished");
+                fs.remove(&path).at(&path)?;
+            }
             Some((_, extension)) if extension.ends_with(TORN_SUFFIX) => {
                 tracing::warn!(path = %dir.join(name).display(), "a segment set aside by recovery is still here; remove it once inspected");
             }
@@ -1241,6 +1262,79 @@ const TORN_SUFFIX: &str = "torn";
 /// Sets a segment's files aside (renamed with a `.torn` suffix, no longer
 /// part of the log) rather than deleting them: if the repair was wrong, the
 /// operator still has the bytes.
+/// The first damage recovery kept in the part of a log a crash can leave
+/// unsynced: the last segment, and under `interval` and `never` the last
+/// sealed one (synced in the background after the roll). Its segment's
+/// base offset and the damage's byte position.
+fn crash_damage(segments: &BTreeMap<u64, Arc<Segment>>, fsync: FsyncPolicy) -> Option<(u64, u64)> {
+    let tearable = if fsync == FsyncPolicy::Always { 1 } else { 2 };
+    let mut last: Vec<_> = segments.iter().rev().take(tearable).collect();
+    last.reverse();
+    last.into_iter().find_map(|(&base, segment)| segment.first_damage_position().map(|position| (base, position)))
+}
+
+/// Cuts a replicated partition's log at the damage at `position` in the
+/// segment at `base_offset`: the segments after it are set aside
+/// (`*.torn`, kept for inspection), the bytes from the damage on are kept
+/// apart (`*.log.tail.torn`), and the segment is replaced by its bytes
+/// before the damage.
+///
+/// A single node keeps damage followed by valid records (its offsets are
+/// never reused, nothing after it is lost). A replica must not: under
+/// `interval` and `never` a power loss can write an unsynced tail's pages
+/// back out of order, and the batches after the hole would make the state
+/// machine take the entries in it for applied. Cut, they are applied
+/// again from the Raft log, which holds every entry after the last
+/// snapshot; a cut below what the state machine recorded as synced is
+/// refused when it opens (`cluster::partition`).
+///
+/// Crash-safe at every step: until the replacement's rename, the segment
+/// is whole and still ends in the damage, and the next open cuts again.
+fn cut_replicated_damage(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    name: &ChannelName,
+    base_offsets: &[u64],
+    base_offset: u64,
+    position: u64,
+) -> Result<(), StorageError> {
+    let log_path = dir.join(segment::file_name(base_offset, LOG_EXTENSION));
+    let (kept, tail) = {
+        let file = fs.open(&log_path, OpenMode::Existing).at(&log_path)?;
+        let position = position.min(file.len());
+        let kept = file.read_range(0, position as usize).at(&log_path)?;
+        let tail = file.read_range(position, (file.len() - position) as usize).at(&log_path)?;
+        (kept, tail)
+    };
+    let later: Vec<u64> = base_offsets.iter().copied().filter(|&base| base > base_offset).collect();
+    tracing::error!(
+        channel = %name, segment = %log_path.display(), position, segments_after = later.len(),
+        "recovery: damage in the unsynced end of a replicated partition's log; cutting the log there (what is cut is set aside as *.torn) so that its Raft entries are applied again"
+    );
+    // The last first: a crash in between leaves a log that still ends in
+    // the damage.
+    for &base in later.iter().rev() {
+        remove_segment_files(fs, dir, base)?;
+    }
+    let write_new = |path: &Path, bytes: &[u8]| -> Result<(), StorageError> {
+        if fs.exists(path).at(path)? {
+            fs.remove(path).at(path)?;
+        }
+        let file = fs.open(path, OpenMode::CreateNew).at(path)?;
+        file.append(bytes).at(path)?;
+        file.sync().at(path)
+    };
+    write_new(&dir.join(segment::file_name(base_offset, &format!("{LOG_EXTENSION}.tail.{TORN_SUFFIX}"))), &tail)?;
+    let replacement = dir.join(segment::file_name(base_offset, &format!("{LOG_EXTENSION}.{CUTTING_SUFFIX}")));
+    write_new(&replacement, &kept)?;
+    fs.rename(&replacement, &log_path).at(&log_path)?;
+    fs.sync_dir(dir).at(dir)
+}
+
+/// A segment's replacement being written by `cut_replicated_damage`: a
+/// leftover (a crash before its rename) is removed at the next open.
+const CUTTING_SUFFIX: &str = "cutting";
+
 fn remove_segment_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<(), StorageError> {
     for extension in [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
         let path = dir.join(segment::file_name(base_offset, extension));

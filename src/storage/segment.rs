@@ -594,6 +594,11 @@ impl Segment {
     }
 
     /// Whether damage recovery kept runs to the end of the segment.
+    /// Where the first damage recovery kept starts, if any.
+    pub(crate) fn first_damage_position(&self) -> Option<u64> {
+        self.damage.first().map(|damage| damage.position)
+    }
+
     pub fn ends_in_damage(&self) -> bool {
         let visible_len = self.state().visible_len;
         self.damage.last().is_some_and(|damage| damage.end_position >= visible_len)
