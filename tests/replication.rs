@@ -432,8 +432,8 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     assert!(leader_changes >= 1.0, "no change of leader counted; seed {seed}");
 
     // A majority crash: every node SIGKILLed at once, then started again.
-    // What was acknowledged was in the synced Raft logs of a majority; the
-    // partition logs may lose their unsynced tails and apply them again.
+    // Every replica recovers at once (a process crash keeps the page cache:
+    // a power loss is the simulator's, tests/power_loss.rs).
     let crashed_at = Instant::now();
     for node in &mut nodes {
         node.kill();

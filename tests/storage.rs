@@ -315,7 +315,7 @@ fn a_replicated_logs_window_with_a_flipped_byte_is_refused() {
 /// node keeps it (nothing after it is lost, its offsets are never reused);
 /// a replicated partition's log is cut there, the cut bytes set aside, so
 /// that its Raft group applies those entries again instead of leaving a
-/// hole. Damage in an older segment is kept in both.
+/// hole.
 #[test]
 fn a_replicated_log_is_cut_at_damage_in_its_unsynced_end_and_a_single_nodes_keeps_it() {
     for replicated in [false, true] {
@@ -346,7 +346,7 @@ fn a_replicated_log_is_cut_at_damage_in_its_unsynced_end_and_a_single_nodes_keep
         let policies = weir::storage::check::FsyncPolicies::all(FsyncPolicy::Never);
         let report = weir::storage::check::check_data_dir(data_dir.path(), &policies).unwrap();
         let (verdict, says) = if replicated {
-            (Verdict::Repairable, "the broker cuts the log here")
+            (Verdict::Repairable, "the broker cuts a replicated partition's log here")
         } else {
             (Verdict::Corrupt, "the broker keeps the rest of the log")
         };
@@ -373,6 +373,50 @@ fn a_replicated_log_is_cut_at_damage_in_its_unsynced_end_and_a_single_nodes_keep
         let again = open(&dir, config);
         assert_eq!(again.last_raft_entry().map(|entry| entry.index), Some(last));
     }
+}
+
+/// Damage in a replicated log's segment older than its last sealed one is
+/// kept, as on a single node: the cut is only for what a crash can leave
+/// unsynced, and a cut in the last sealed segment (which sets the last one
+/// aside) does not walk back into the segment before it on the next round.
+#[test]
+fn a_replicated_logs_cut_never_walks_back_into_older_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+    {
+        let log = open(dir.path(), config.clone());
+        for index in 1..=60 {
+            let messages = [message(index, 100)];
+            let raft = Some(weir::storage::RaftPosition { index, term: 1 });
+            log.append_batches_at(&[weir::storage::NewBatch { messages: &messages, producer: None, raft }], now_us())
+                .unwrap();
+        }
+        log.close().unwrap();
+    }
+    let logs = segment_logs(dir.path());
+    assert!(logs.len() >= 4, "{} segments", logs.len());
+    let base_of = |path: &Path| -> u64 { path.file_stem().unwrap().to_str().unwrap().parse().unwrap() };
+    // A flipped bit in the last record of the last sealed segment and of
+    // the one before it (after their last index entries: recovery reads
+    // them).
+    let (older, last_sealed) = (&logs[logs.len() - 3], &logs[logs.len() - 2]);
+    for path in [older, last_sealed] {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 0x40;
+        std::fs::write(path, bytes).unwrap();
+    }
+    let log = open(dir.path(), config);
+    let next = log.next_offset();
+    assert!(next > base_of(last_sealed) && next < 60, "cut in the last sealed segment: next offset {next}");
+    let set_aside: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".torn"))
+        .collect();
+    let older_stem = older.file_stem().unwrap().to_string_lossy().into_owned();
+    assert!(!set_aside.iter().any(|name| name.starts_with(&older_stem)), "the older segment was cut: {set_aside:?}");
+    assert!(older.exists(), "the older segment is still the log's");
 }
 
 #[test]

@@ -170,7 +170,7 @@ impl PartitionStateMachine {
         }
         if log.next_offset() < recorded {
             return Err(io::Error::other(format!(
-                "{}: the partition log ends at offset {} but offset {recorded} was recorded as applied and synced: records are missing; refusing to serve this replica",
+                "{}: the partition log ends at offset {} but offset {recorded} was recorded as applied and synced: records are missing; refusing to serve this replica (if recovery set files aside as *.torn in the partition's directory, it cut damage there: see docs/OPERATIONS.md, \"A replica that refuses to start\")",
                 log.label(),
                 log.next_offset()
             )));

@@ -400,6 +400,10 @@ struct Scanned {
     torn_end_sets_aside_next: bool,
 }
 
+/// What the broker does with damage in the last two segments of a
+/// replicated partition's copy (STORAGE.md, "Recovery").
+const REPLICATED_CUT: &str = "the broker cuts a replicated partition's log here, sets what follows aside (*.torn) and applies those Raft entries again; a replica whose cut reaches below what it recorded as applied and synced refuses to start (OPERATIONS.md, \"A replica that refuses to start\")";
+
 /// How the broker would judge a log's bad bytes: by its fsync policy, and
 /// whether it is a replicated partition's copy.
 #[derive(Clone, Copy)]
@@ -414,9 +418,10 @@ fn check_segment_log(
     base: u64,
     mut last_timestamp_us: Option<u64>,
     place: Place,
-    Judged { fsync, replicated }: Judged,
+    judged: Judged,
     out: &mut SegmentCheck,
 ) -> Scanned {
+    let Judged { fsync, replicated } = judged;
     let mut scanned = Scanned { bytes: 0, next_offset: base, last_timestamp_us: None, torn_end_sets_aside_next: false };
     let data = match fs.open(path, OpenMode::Existing).and_then(|file| file.read_range(0, file.len() as usize)) {
         Ok(data) => data,
@@ -466,19 +471,16 @@ fn check_segment_log(
             Ok(meta) => meta,
             Err(reason) => {
                 match segment::find_next_record(version, &data, position, scanned.next_offset, last_timestamp_us) {
-                    Some((next_position, _))
-                        if replicated
-                            && (place == Place::Last
-                                || (place == Place::LastSealed && fsync != FsyncPolicy::Always)) =>
-                    {
+                    Some((next_position, _)) if replicated && matches!(place, Place::Last | Place::LastSealed) => {
                         out.problems.push((
                             Severity::Repairable,
                             Some(position as u64),
                             format!(
-                                "{reason}: {} damaged bytes followed by valid records in the unsynced end of a replicated partition's log (pages written back out of order by a power loss); the broker cuts the log here, sets what follows aside and applies those Raft entries again (a replica whose cut reaches below what it recorded as applied and synced refuses to start)",
+                                "{reason}: {} damaged bytes followed by valid records (pages written back out of order by a power loss, or damage); {REPLICATED_CUT}",
                                 next_position - position
                             ),
                         ));
+                        scanned.torn_end_sets_aside_next = place == Place::LastSealed;
                         bad_end = Some(Severity::Repairable);
                         break;
                     }
@@ -503,7 +505,7 @@ fn check_segment_log(
                     None => {
                         let torn = segment::is_torn_end(&data[position..], &reason);
                         let unit = if version == FORMAT_VERSION_1 { "record" } else { "batch" };
-                        let mut verdict = torn_end_verdict(place, fsync, torn, data.len() - position, unit, &reason);
+                        let mut verdict = torn_end_verdict(place, judged, torn, data.len() - position, unit, &reason);
                         let mut cut_from = position;
                         // The broker cuts a torn end from the start of the batch
                         // it leaves short: a batch is kept whole or not at all.
@@ -511,7 +513,7 @@ fn check_segment_log(
                             && verdict.0 == Severity::Repairable
                         {
                             cut_from = short.position;
-                            verdict = torn_end_verdict(place, fsync, torn, data.len() - cut_from, unit, &reason);
+                            verdict = torn_end_verdict(place, judged, torn, data.len() - cut_from, unit, &reason);
                             batch = None;
                         }
                         let (severity, what) = verdict;
@@ -568,16 +570,25 @@ fn check_segment_log(
 }
 
 /// What bad bytes with no valid record after them mean, by where the
-/// segment stands and the fsync policy.
+/// segment stands, the fsync policy and whether the log is a replicated
+/// partition's copy.
 fn torn_end_verdict(
     place: Place,
-    fsync: FsyncPolicy,
+    Judged { fsync, replicated }: Judged,
     torn: bool,
     bytes: usize,
     unit: &str,
     reason: &RecordError,
 ) -> (Severity, String) {
     match (place, fsync) {
+        (Place::Last | Place::LastSealed, _)
+            if replicated && !(torn && (place == Place::Last || fsync != FsyncPolicy::Always)) =>
+        {
+            (
+                Severity::Repairable,
+                format!("{reason}: the last {bytes} bytes are damaged, not a torn write; {REPLICATED_CUT}"),
+            )
+        }
         (Place::Last, _) if !torn => (
             Severity::Corrupt,
             format!(

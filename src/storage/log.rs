@@ -343,6 +343,20 @@ impl ChannelLog {
         partition: u32,
         config: LogConfig,
     ) -> Result<ChannelLog, StorageError> {
+        ChannelLog::open_recovering(fs, dir, name, partition, config, None)
+    }
+
+    /// [`ChannelLog::open_partition`], with the floor of a replicated log's
+    /// cut fixed by an earlier round of the same open (see
+    /// `replicated_cut_floor`).
+    fn open_recovering(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        name: ChannelName,
+        partition: u32,
+        config: LogConfig,
+        cut_floor: Option<u64>,
+    ) -> Result<ChannelLog, StorageError> {
         // Durable before any record is: a power loss must not take the
         // directory back with the records synced into it.
         super::fs::create_dir_all_durable(&*fs, dir).at(dir)?;
@@ -354,6 +368,7 @@ impl ChannelLog {
             fs.sync_dir(parent).at(parent)?;
         }
         let base_offsets = list_segments(&*fs, dir)?;
+        let cut_floor = cut_floor.unwrap_or_else(|| replicated_cut_floor(&base_offsets));
         let mut segments = BTreeMap::new();
         let mut base_offsets = base_offsets;
         let mut i = 0;
@@ -391,6 +406,7 @@ impl ChannelLog {
                     // out of order. Nothing is cut: the bad bytes are kept
                     // as damage holding the offsets up to the next
                     // segment's base (see `SegmentRole::SealedDamagedEnd`).
+                    // (A replicated log cuts its last sealed one, below.)
                     tracing::error!(
                         channel = %name, %error,
                         "recovery: a sealed segment ends in bad bytes; keeping them as damage, reads of the offsets they held fail; run weir check"
@@ -414,14 +430,14 @@ impl ChannelLog {
             i += 1;
         }
         if config.replicated
-            && let Some((base_offset, position)) = crash_damage(&segments, config.fsync)
+            && let Some((base_offset, position)) = crash_damage(&segments, cut_floor)
         {
             drop(segments);
             cut_replicated_damage(&*fs, dir, &name, &base_offsets, base_offset, position)?;
             // Recovery again on what is left: its end is now where the
             // damage was, and the rules for an end apply (a last batch cut
             // short is cut whole). Each round removes bytes, so this ends.
-            return ChannelLog::open_partition(fs, dir, name, partition, config);
+            return ChannelLog::open_recovering(fs, dir, name, partition, config, Some(cut_floor));
         }
         let active = match segments.last_key_value() {
             Some((_, segment)) => {
@@ -1215,11 +1231,6 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
         };
         match segment::parse_file_name(name) {
             Some((base, extension)) if ours(extension) && logs.binary_search(&base).is_ok() => {}
-            Some((_, extension)) if extension.ends_with(CUTTING_SUFFIX) => {
-                let path = dir.join(name);
-                tracing::warn!(path = %path.display(), "removing a segment replacement a crash left unfinished");
-                fs.remove(&path).at(&path)?;
-            }
             Some((_, extension)) if extension.ends_with(TORN_SUFFIX) => {
                 tracing::warn!(path = %dir.join(name).display(), "a segment set aside by recovery is still here; remove it once inspected");
             }
@@ -1259,37 +1270,42 @@ fn is_torn_tail(fs: &dyn FileSystem, dir: &Path, base_offset: u64, error: &Stora
 /// Suffix of segment files recovery set aside instead of deleting.
 const TORN_SUFFIX: &str = "torn";
 
-/// Sets a segment's files aside (renamed with a `.torn` suffix, no longer
-/// part of the log) rather than deleting them: if the repair was wrong, the
-/// operator still has the bytes.
-/// The first damage recovery kept in the part of a log a crash can leave
-/// unsynced: the last segment, and under `interval` and `never` the last
-/// sealed one (synced in the background after the roll). Its segment's
-/// base offset and the damage's byte position.
-fn crash_damage(segments: &BTreeMap<u64, Arc<Segment>>, fsync: FsyncPolicy) -> Option<(u64, u64)> {
-    let tearable = if fsync == FsyncPolicy::Always { 1 } else { 2 };
-    let mut last: Vec<_> = segments.iter().rev().take(tearable).collect();
-    last.reverse();
-    last.into_iter().find_map(|(&base, segment)| segment.first_damage_position().map(|position| (base, position)))
+/// The lowest segment base a replicated log's recovery may cut from: its
+/// last sealed segment's, as the directory listed them before recovery
+/// (a crash can leave unsynced bytes there under `interval` and `never`,
+/// and the policy may have changed since they were written; under
+/// `always` cutting it too is safe, the state machine refusing a cut below
+/// what it synced). Fixed for the whole of one open, so that a cut never
+/// walks back into older, synced segments.
+fn replicated_cut_floor(base_offsets: &[u64]) -> u64 {
+    base_offsets.len().checked_sub(2).map_or(0, |at| base_offsets[at])
+}
+
+/// The first damage recovery kept in a segment at or after `floor`: its
+/// segment's base offset and the damage's byte position.
+fn crash_damage(segments: &BTreeMap<u64, Arc<Segment>>, floor: u64) -> Option<(u64, u64)> {
+    segments
+        .range(floor..)
+        .find_map(|(&base, segment)| segment.first_damage_position().map(|position| (base, position)))
 }
 
 /// Cuts a replicated partition's log at the damage at `position` in the
 /// segment at `base_offset`: the segments after it are set aside
-/// (`*.torn`, kept for inspection), the bytes from the damage on are kept
-/// apart (`*.log.tail.torn`), and the segment is replaced by its bytes
-/// before the damage.
+/// (`*.torn`), the bytes from the damage on are copied apart
+/// (`BASE.log.tail.torn`), and the segment is truncated at the damage.
 ///
-/// A single node keeps damage followed by valid records (its offsets are
-/// never reused, nothing after it is lost). A replica must not: under
-/// `interval` and `never` a power loss can write an unsynced tail's pages
-/// back out of order, and the batches after the hole would make the state
-/// machine take the entries in it for applied. Cut, they are applied
-/// again from the Raft log, which holds every entry after the last
-/// snapshot; a cut below what the state machine recorded as synced is
-/// refused when it opens (`cluster::partition`).
+/// A single node keeps damage (its offsets are never reused, nothing after
+/// it is lost). A replica must not: under `interval` and `never` a power
+/// loss can write an unsynced tail's pages back out of order, and the
+/// batches after the hole would make the state machine take the entries
+/// in it for applied. Cut, they are applied again from the Raft log,
+/// which holds every entry after the last snapshot; a cut below what the
+/// state machine recorded as synced is refused when it opens
+/// (`cluster::partition`), naming the files set aside.
 ///
-/// Crash-safe at every step: until the replacement's rename, the segment
-/// is whole and still ends in the damage, and the next open cuts again.
+/// Crash-safe at every step: until the truncation lands the segment still
+/// ends in the damage, and the next open cuts again. The truncation needs
+/// no free space beyond the tail's copy.
 fn cut_replicated_damage(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -1299,13 +1315,6 @@ fn cut_replicated_damage(
     position: u64,
 ) -> Result<(), StorageError> {
     let log_path = dir.join(segment::file_name(base_offset, LOG_EXTENSION));
-    let (kept, tail) = {
-        let file = fs.open(&log_path, OpenMode::Existing).at(&log_path)?;
-        let position = position.min(file.len());
-        let kept = file.read_range(0, position as usize).at(&log_path)?;
-        let tail = file.read_range(position, (file.len() - position) as usize).at(&log_path)?;
-        (kept, tail)
-    };
     let later: Vec<u64> = base_offsets.iter().copied().filter(|&base| base > base_offset).collect();
     tracing::error!(
         channel = %name, segment = %log_path.display(), position, segments_after = later.len(),
@@ -1316,29 +1325,49 @@ fn cut_replicated_damage(
     for &base in later.iter().rev() {
         remove_segment_files(fs, dir, base)?;
     }
-    let write_new = |path: &Path, bytes: &[u8]| -> Result<(), StorageError> {
-        if fs.exists(path).at(path)? {
-            fs.remove(path).at(path)?;
-        }
-        let file = fs.open(path, OpenMode::CreateNew).at(path)?;
-        file.append(bytes).at(path)?;
-        file.sync().at(path)
-    };
-    write_new(&dir.join(segment::file_name(base_offset, &format!("{LOG_EXTENSION}.tail.{TORN_SUFFIX}"))), &tail)?;
-    let replacement = dir.join(segment::file_name(base_offset, &format!("{LOG_EXTENSION}.{CUTTING_SUFFIX}")));
-    write_new(&replacement, &kept)?;
-    fs.rename(&replacement, &log_path).at(&log_path)?;
-    fs.sync_dir(dir).at(dir)
+    let file = fs.open(&log_path, OpenMode::Existing).at(&log_path)?;
+    let position = position.min(file.len());
+    {
+        let tail = file.read_range(position, (file.len() - position) as usize).at(&log_path)?;
+        let aside = aside_path(fs, dir, base_offset, &format!("{LOG_EXTENSION}.tail"))?;
+        let copy = fs.open(&aside, OpenMode::CreateNew).at(&aside)?;
+        copy.append(&tail).at(&aside)?;
+        copy.sync().at(&aside)?;
+        fs.sync_dir(dir).at(dir)?;
+        // `tail` (which may borrow the file's map) goes before the cut.
+    }
+    file.truncate(position).at(&log_path)?;
+    file.sync().at(&log_path)
 }
 
-/// A segment's replacement being written by `cut_replicated_damage`: a
-/// leftover (a crash before its rename) is removed at the next open.
-const CUTTING_SUFFIX: &str = "cutting";
+/// Most copies of one segment file recovery keeps set aside; past it the
+/// last is overwritten.
+const ASIDE_COPIES_MAX: u32 = 1000;
 
+/// Where to set the segment file `BASE.EXTENSION` aside: `BASE.EXTENSION.torn`,
+/// or with a number before `.torn` when that is taken (an earlier repair's,
+/// kept for inspection: never overwritten, up to [`ASIDE_COPIES_MAX`]).
+fn aside_path(fs: &dyn FileSystem, dir: &Path, base_offset: u64, extension: &str) -> Result<PathBuf, StorageError> {
+    let mut path = dir.join(segment::file_name(base_offset, &format!("{extension}.{TORN_SUFFIX}")));
+    for copy in 2..=ASIDE_COPIES_MAX {
+        if !fs.exists(&path).at(&path)? {
+            break;
+        }
+        path = dir.join(segment::file_name(base_offset, &format!("{extension}.{copy}.{TORN_SUFFIX}")));
+    }
+    Ok(path)
+}
+
+/// Sets a segment's files aside (renamed with a `.torn` suffix, no longer
+/// part of the log) rather than deleting them: if the repair was wrong, the
+/// operator still has the bytes.
 fn remove_segment_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<(), StorageError> {
     for extension in [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
         let path = dir.join(segment::file_name(base_offset, extension));
-        let aside = dir.join(segment::file_name(base_offset, &format!("{extension}.{TORN_SUFFIX}")));
+        if !fs.exists(&path).at(&path)? {
+            continue;
+        }
+        let aside = aside_path(fs, dir, base_offset, extension)?;
         match fs.rename(&path, &aside) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

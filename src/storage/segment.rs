@@ -593,12 +593,12 @@ impl Segment {
         Ok(SegmentRead { records: slices, first_offset: from, next_offset: from + count, count })
     }
 
-    /// Whether damage recovery kept runs to the end of the segment.
     /// Where the first damage recovery kept starts, if any.
     pub(crate) fn first_damage_position(&self) -> Option<u64> {
         self.damage.first().map(|damage| damage.position)
     }
 
+    /// Whether damage recovery kept runs to the end of the segment.
     pub fn ends_in_damage(&self) -> bool {
         let visible_len = self.state().visible_len;
         self.damage.last().is_some_and(|damage| damage.end_position >= visible_len)
