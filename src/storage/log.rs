@@ -1330,6 +1330,10 @@ fn cut_replicated_damage(
     {
         let tail = file.read_range(position, (file.len() - position) as usize).at(&log_path)?;
         let aside = aside_path(fs, dir, base_offset, &format!("{LOG_EXTENSION}.tail"))?;
+        // Only the last of `ASIDE_COPIES_MAX` copies can be there already.
+        if fs.exists(&aside).at(&aside)? {
+            fs.remove(&aside).at(&aside)?;
+        }
         let copy = fs.open(&aside, OpenMode::CreateNew).at(&aside)?;
         copy.append(&tail).at(&aside)?;
         copy.sync().at(&aside)?;
