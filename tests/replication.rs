@@ -311,28 +311,7 @@ async fn consume_durably(addrs: Vec<String>, until: tokio::sync::oneshot::Receiv
 /// Every record of the partition as `addr` holds it, in order: offset,
 /// timestamp, payload.
 async fn read_all(addr: &str) -> Vec<(u64, u64, String)> {
-    let conn = Connection::connect(addr, "checker").await.expect("connect to read");
-    let mut records = Vec::new();
-    let mut offset = 0;
-    loop {
-        let fetch =
-            Request::Fetch { channel: CHANNEL.into(), partition: 0, offset, max_messages: 1000, max_bytes: 1 << 20 };
-        match conn.request(fetch).await.expect("fetch") {
-            Response::FetchResult { next_offset, records: bytes, .. } => {
-                let before = records.len();
-                for record in RecordIter::new(bytes) {
-                    let record = record.expect("an intact record");
-                    let payload = String::from_utf8(record.payload.to_vec()).unwrap();
-                    records.push((record.offset, record.timestamp_us, payload));
-                }
-                if records.len() == before {
-                    return records;
-                }
-                offset = next_offset;
-            }
-            other => panic!("expected FETCH_RESULT, got {other:?}"),
-        }
-    }
+    read_from(addr, 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
