@@ -476,6 +476,20 @@ enum ClusterAction {
         #[arg(long, default_value_t = 3)]
         replication_factor: u8,
     },
+    /// Move a replicated partition's replica from one node to another: the
+    /// new one joins as a learner, catches up (by segment transfer when the
+    /// leader's Raft log no longer holds what it needs), then replaces the
+    /// old one among the voters. Run again to resume a move cut short.
+    MoveReplica {
+        channel: String,
+        partition: u32,
+        /// The node whose replica moves.
+        #[arg(long)]
+        from: u64,
+        /// The node it moves to (a member of the cluster).
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 /// What `weir credentials` does.
@@ -590,6 +604,9 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
             partitions: *partitions,
             replication_factor: *replication_factor,
         },
+        ClusterAction::MoveReplica { channel, partition, from, to } => {
+            NodeRequest::MoveReplica { channel: channel.clone(), partition: *partition, from: *from, to: *to }
+        }
     };
     let reply = weir::cluster::admin(&node, request, connector).await.with_context(|| format!("node {node}"))?;
     match reply {
@@ -609,7 +626,12 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
         }
         NodeReply::MembershipChanged { voters } => {
             let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
-            println!("membership changed; voters now: {}", voters.join(", "));
+            match &action {
+                ClusterAction::MoveReplica { channel, partition, .. } => {
+                    println!("replica moved; {channel} partition {partition} replicas now: {}", voters.join(", "));
+                }
+                _ => println!("membership changed; voters now: {}", voters.join(", ")),
+            }
         }
         NodeReply::NotLeader { leader: None } => {
             bail!("no leader is known to node {node} (an election may be under way): try again")

@@ -21,8 +21,8 @@ mod common;
 
 use common::authority::Authority;
 use common::cluster::{
-    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, cut_off, env_or, free_port, heal, spec, status,
-    three_proxied_nodes, weir_cluster, weir_cluster_fails,
+    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, NodeSpec, configure, cut_off, env_or, free_port, heal, spec, start_another,
+    status, three_proxied_nodes, weir_cluster, weir_cluster_fails,
 };
 use common::prometheus::{sample, scrape};
 use rand::rngs::StdRng;
@@ -190,13 +190,7 @@ async fn leaders_fail_over_minorities_never_elect_and_nodes_join_and_leave() {
 
     // A fourth node: not a member until added, then a voter that follows,
     // then removed. The command goes to a follower and is forwarded.
-    let mut fourth = configure(dir.path(), spec(4), &initial, "");
-    fourth.start();
-    let started = Instant::now();
-    while status(&fourth).await.is_none() {
-        assert!(started.elapsed() < CONVERGE_LIMIT, "node 4 did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut fourth = start_another(dir.path(), 4, &initial).await;
     let unjoined = status(&fourth).await.unwrap();
     assert!(unjoined.members.is_empty() && unjoined.leader.is_none(), "{unjoined:?}");
     let (leader, _) = agreed_leader(&nodes.iter().collect::<Vec<_>>(), &mut history, seed).await;

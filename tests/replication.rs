@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::cluster::{
-    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, cut_off, env_or, heal, status, three_nodes, three_proxied_nodes,
-    weir_cluster,
+    CONVERGE_LIMIT, ELECTION_MAX_MS, Node, cut_off, env_or, heal, start_another, status, three_nodes,
+    three_proxied_nodes, weir_cluster,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -1016,4 +1016,173 @@ async fn a_follower_down_past_retention_catches_up_from_the_raft_log() {
     for (offset, _, payload) in &on_follower {
         assert_eq!(*payload, format!("r{offset:06}"), "record {offset}");
     }
+}
+
+/// Adding a fourth node and moving the partition leader's replica to it
+/// under load loses nothing: first the leader's Raft log is made to purge
+/// its early entries (so the new replica can only catch up by segment
+/// transfer: the leader's segments copied to it whole), then a publisher
+/// publishes without pause while `weir cluster move-replica` (sent to a
+/// follower, which forwards to the partition's leader) moves the leader's
+/// replica to node 4. Checked: the command reports the new replicas, which
+/// every node's METADATA names; the old leader no longer hosts the
+/// partition; publishes are acknowledged after the move; node 4 installed
+/// a snapshot; and node 4 and the two replicas left hold the same records
+/// at the same offsets, dense from 0, every acknowledged publish exactly
+/// once at its offset, nothing that was never published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel(&nodes[0], 0).await;
+    let (leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
+    let leader_index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
+    let follower_index = (leader_index + 1) % nodes.len();
+
+    // Past two snapshots' worth of entries, so that the leader purges the
+    // start of its Raft log.
+    let fill = 3 * weir::cluster::PARTITION_SNAPSHOT_ENTRIES;
+    let connection = Connection::connect(&nodes[leader_index].spec.client_addr, "filler").await.unwrap();
+    publish_pipelined(&connection, CHANNEL, 0, (0..fill).map(|i| format!("f{i}"))).await;
+    drop(connection);
+    let started = Instant::now();
+    while partition_status(&nodes[leader_index]).await.and_then(|status| status.purged_index).is_none() {
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the leader did not purge its Raft log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let initial: Vec<&common::cluster::NodeSpec> = nodes.iter().map(|node| &node.spec).collect();
+    let fourth = start_another(dir.path(), 4, &initial).await;
+    let (cluster_addr, client_addr) = (fourth.spec.cluster_addr.clone(), fourth.spec.client_addr.clone());
+    let follower_cluster_addr = nodes[follower_index].spec.cluster_addr.clone();
+    let added = tokio::task::spawn_blocking(move || {
+        weir_cluster(&[
+            "add-node",
+            "4",
+            "--cluster-addr",
+            &cluster_addr,
+            "--client-addr",
+            &client_addr,
+            "--node",
+            &follower_cluster_addr,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(added.contains("voters now: 1, 2, 3, 4"), "{added}");
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let addrs: Vec<String> = nodes.iter().chain([&fourth]).map(|node| node.spec.client_addr.clone()).collect();
+    let publisher = tokio::spawn(publish_until(Arc::clone(&ledger), addrs.clone(), Arc::clone(&stop)));
+    let acked_at_least = |count: usize| {
+        let ledger = Arc::clone(&ledger);
+        async move {
+            let started = Instant::now();
+            while ledger.lock().unwrap().acked.len() < count {
+                assert!(started.elapsed() < CONVERGE_LIMIT, "fewer than {count} publishes acknowledged");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    acked_at_least(20).await;
+
+    let follower_cluster_addr = nodes[follower_index].spec.cluster_addr.clone();
+    let moved = tokio::task::spawn_blocking(move || {
+        weir_cluster(&[
+            "move-replica",
+            CHANNEL,
+            "0",
+            "--from",
+            &leader.to_string(),
+            "--to",
+            "4",
+            "--node",
+            &follower_cluster_addr,
+        ])
+    })
+    .await
+    .unwrap();
+    let mut expected: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != leader).chain([4]).collect();
+    expected.sort_unstable();
+    let expected_text: Vec<String> = expected.iter().map(u64::to_string).collect();
+    assert!(moved.contains(&format!("replicas now: {}", expected_text.join(", "))), "{moved}");
+    let after_move = ledger.lock().unwrap().acked.len();
+    acked_at_least(after_move + 50).await;
+    stop.notify_one();
+    publisher.await.unwrap();
+
+    // Every node names the new replicas; the old leader stops hosting.
+    let started = Instant::now();
+    loop {
+        let mut agreed = true;
+        for addr in &addrs {
+            let conn = Connection::connect(addr, "metadata").await.unwrap();
+            let metadata = weir::client::Metadata::fetch(&conn, CHANNEL).await.unwrap();
+            let mut replicas = metadata.channels[0].partitions[0].replicas.clone();
+            replicas.sort_unstable();
+            agreed &= replicas == expected;
+        }
+        if agreed && partition_status(&nodes[leader_index]).await.is_none() {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the placement did not settle on {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let holders: Vec<&Node> = nodes.iter().chain([&fourth]).filter(|node| expected.contains(&node.spec.id)).collect();
+    let (new_leader, _) = partition_leader(&holders, 0).await;
+    assert_ne!(new_leader, leader, "the moved replica no longer leads");
+    let moved_in = partition_status(&fourth).await.expect("node 4 hosts the partition");
+    assert!(moved_in.snapshot_index.is_some(), "node 4 caught up without a snapshot: {moved_in:?}");
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for node in &holders {
+            seen.push(partition_status(node).await.map(|status| (status.committed_index, status.applied_index)));
+        }
+        if seen.iter().all(|other| *other == seen[0] && other.is_some_and(|(c, a)| c.is_some() && c == a)) {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the replicas did not converge: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut replicas = Vec::new();
+    for node in &holders {
+        replicas.push(read_all(&node.spec.client_addr).await);
+    }
+    for (index, records) in replicas.iter().enumerate() {
+        assert_eq!(records, &replicas[0], "replica on node {} differs", holders[index].spec.id);
+    }
+    let records = &replicas[0];
+    let ledger = ledger.lock().unwrap();
+    let mut seen = BTreeSet::new();
+    for (position, (offset, _, payload)) in records.iter().enumerate() {
+        assert_eq!(*offset, position as u64, "offsets are not dense");
+        assert!(seen.insert(payload.clone()), "{payload} stored twice");
+        if payload.starts_with('f') {
+            assert_eq!(*payload, format!("f{offset}"), "the filler's record {offset}");
+            continue;
+        }
+        assert!(ledger.sent.contains(payload), "{payload} stored but never published");
+        match ledger.acked.get(offset) {
+            Some(acked) => assert_eq!(acked, payload, "offset {offset} holds another publish than was acknowledged"),
+            None => assert!(ledger.uncertain.contains(payload), "{payload} stored though refused"),
+        }
+    }
+    for (offset, payload) in &ledger.acked {
+        assert!(
+            records.get(*offset as usize).is_some_and(|(_, _, stored)| stored == payload),
+            "acknowledged {payload} at offset {offset} is missing"
+        );
+    }
+    println!(
+        "moved node {leader}'s replica to node 4 under load: {} records, {} acknowledged during the test, {} uncertain, {after_move} acknowledged before the move answered",
+        records.len(),
+        ledger.acked.len(),
+        ledger.uncertain.len()
+    );
 }

@@ -1871,3 +1871,130 @@ fn the_producers_of_the_active_segment_are_found_also_past_damage_recovery_kept(
     let expected: Vec<(u64, Option<(u64, u64)>)> = (0..10).map(|i| (i, Some((i % 2, 100 + i)))).collect();
     assert_eq!(seen, expected);
 }
+
+/// A replicated log of `entries` batches (one record each, Raft positions
+/// 1..=entries) in small segments, retention having removed its first
+/// segment: a source for segment transfer.
+fn replicated_source(dir: &Path, entries: u64) -> ChannelLog {
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+    let log = open(dir, config);
+    for index in 1..=entries {
+        let messages = [message(index, 40)];
+        let raft = Some(weir::storage::RaftPosition { index, term: 2 });
+        let batch = weir::storage::NewBatch { messages: &messages, producer: Some((9, index - 1)), raft };
+        log.append_batches_at(&[batch], now_us()).unwrap();
+    }
+    // Retention would keep the deduplication window: the first segment
+    // goes by hand, as retention past the window would take it.
+    let first = segment_logs(dir)[0].clone();
+    drop(log);
+    for extension in ["log", "index", "timeindex"] {
+        let _ = std::fs::remove_file(first.with_extension(extension));
+    }
+    open(dir, LogConfig { segment_bytes: 2048, replicated: true, ..small_config() })
+}
+
+/// Copies `source`'s segments into `target` in pieces of `chunk` bytes;
+/// `damage` flips a byte of the copy first.
+fn copy_segments(source: &ChannelLog, target: &ChannelLog, chunk: usize, damage: bool) -> Result<(), StorageError> {
+    let mut transfer = target.begin_transfer()?;
+    for copy in source.segments_to_copy().unwrap() {
+        let mut position = 0;
+        while position < copy.bytes {
+            let mut bytes = source.read_segment_bytes(copy.base_offset, position, chunk).unwrap().to_vec();
+            assert!(!bytes.is_empty());
+            if damage && position == 0 && copy.bytes > 200 {
+                bytes[150] ^= 0x40;
+            }
+            position += bytes.len() as u64;
+            transfer.append(copy.base_offset, &bytes)?;
+        }
+    }
+    target.adopt_transfer(transfer)
+}
+
+/// Segment transfer: a log that holds nothing takes a copy of another
+/// replica's segments, and then holds the same records at the same offsets
+/// (its start where the source's is, not 0), the same last Raft entry, and
+/// goes on from there; reopened, it is the same. A log with records
+/// refuses a copy, and a copy with a flipped byte is refused (the target
+/// still holds nothing).
+#[test]
+fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_such_a_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicated_source(&dir.path().join("source"), 200);
+    assert!(source.start_offset() > 0);
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+
+    let damaged_target = open(&dir.path().join("damaged"), config.clone());
+    assert!(copy_segments(&source, &damaged_target, 1000, true).is_err(), "a damaged copy was adopted");
+    assert_eq!((damaged_target.start_offset(), damaged_target.next_offset()), (0, 0));
+
+    let target_dir = dir.path().join("target");
+    let target = open(&target_dir, config.clone());
+    copy_segments(&source, &target, 1000, false).unwrap();
+    assert_eq!(target.start_offset(), source.start_offset());
+    assert_eq!(target.next_offset(), source.next_offset());
+    assert_eq!(target.last_raft_entry(), source.last_raft_entry());
+    assert_eq!(read_all(&target, target.start_offset()), read_all(&source, source.start_offset()));
+    assert!(!target_dir.join("segment-transfer").exists(), "the staging directory is left behind");
+    let next = target.next_offset();
+    let messages = [message(201, 40)];
+    let raft = Some(weir::storage::RaftPosition { index: 201, term: 2 });
+    let appended = target
+        .append_batches_at(&[weir::storage::NewBatch { messages: &messages, producer: None, raft }], now_us())
+        .unwrap();
+    assert_eq!(appended.first_offset, next);
+    let records = read_all(&target, target.start_offset());
+    drop(target);
+    let reopened = open(&target_dir, config.clone());
+    assert_eq!(read_all(&reopened, reopened.start_offset()), records);
+
+    let refused = copy_segments(&source, &reopened, 1000, false).unwrap_err();
+    assert!(refused.to_string().contains("holds records"), "{refused}");
+    assert_eq!(read_all(&reopened, reopened.start_offset()), records);
+}
+
+/// A copy a crash interrupted: without the marker that says it is whole,
+/// the next open removes it and the log holds nothing; with it, the next
+/// open finishes moving it in (whatever was moved already), and the log
+/// holds the copy.
+#[test]
+fn a_segment_copy_cut_short_is_removed_at_open_and_one_marked_whole_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicated_source(&dir.path().join("source"), 120);
+    let expected = read_all(&source, source.start_offset());
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+    let copies = source.segments_to_copy().unwrap();
+    assert!(copies.len() >= 3, "{copies:?}");
+    let stage = |target_dir: &Path| {
+        drop(open(target_dir, config.clone()));
+        let staging = target_dir.join("segment-transfer");
+        std::fs::create_dir(&staging).unwrap();
+        for copy in &copies {
+            let bytes = source.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
+            std::fs::write(staging.join(format!("{:020}.log", copy.base_offset)), bytes).unwrap();
+        }
+        staging
+    };
+
+    let cut_short = dir.path().join("cut-short");
+    stage(&cut_short);
+    let log = open(&cut_short, config.clone());
+    assert_eq!((log.start_offset(), log.next_offset()), (0, 0));
+    assert!(!cut_short.join("segment-transfer").exists());
+
+    let marked = dir.path().join("marked");
+    let staging = stage(&marked);
+    let list: String = copies.iter().map(|copy| format!("{}\n", copy.base_offset)).collect();
+    std::fs::write(staging.join("complete"), list).unwrap();
+    // The crash came after the target's empty segment was removed and the
+    // copy's first segment was moved in.
+    std::fs::remove_file(marked.join(format!("{:020}.log", 0))).unwrap();
+    let first = format!("{:020}.log", copies[0].base_offset);
+    std::fs::rename(staging.join(&first), marked.join(&first)).unwrap();
+    let log = open(&marked, config);
+    assert_eq!(log.start_offset(), source.start_offset());
+    assert_eq!(read_all(&log, log.start_offset()), expected);
+    assert!(!marked.join("segment-transfer").exists());
+}

@@ -257,13 +257,35 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
         NodeRequest::RemoveNode { id } => remove_node(raft, id).await,
         NodeRequest::Partition { group, request } => {
             let Some(raft) = served.replicas.raft(&group) else { return NodeReply::UnknownGroup };
-            partition_message(&raft, request).await
+            match request {
+                PartitionRequest::FullSnapshot { vote, meta, promise } => {
+                    let install = partition_message(
+                        &raft,
+                        PartitionRequest::FullSnapshot { vote, meta: meta.clone(), promise: promise.clone() },
+                    );
+                    served.replicas.copy_segments_for(&group, &vote, &meta, &promise, install).await
+                }
+                PartitionRequest::SegmentsToCopy => match served.replicas.segments_to_copy(&group).await {
+                    Ok(copies) => NodeReply::Partition(PartitionReply::SegmentsToCopy(copies)),
+                    Err(error) => NodeReply::Error(error),
+                },
+                PartitionRequest::ReadSegment { base_offset, position, len } => {
+                    match served.replicas.read_segment(&group, base_offset, position, len).await {
+                        Ok(bytes) => NodeReply::Partition(PartitionReply::SegmentBytes(bytes)),
+                        Err(error) => NodeReply::Error(error),
+                    }
+                }
+                request => partition_message(&raft, request).await,
+            }
         }
         NodeRequest::CreateChannel { name, partitions, replication_factor } => {
             if served.replicas.is_replicated(&name) {
                 return NodeReply::Error(format!("channel {name} already exists"));
             }
             create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
+        }
+        NodeRequest::MoveReplica { channel, partition, from, to } => {
+            served.replicas.move_replica(&channel, partition, from, to).await
         }
         NodeRequest::Propose { command } => {
             match &command {
@@ -315,6 +337,9 @@ async fn partition_message(raft: &PartitionRaft, request: PartitionRequest) -> N
             .await
             .map(PartitionReply::Snapshot)
             .map_err(|error| error.to_string()),
+        PartitionRequest::SegmentsToCopy | PartitionRequest::ReadSegment { .. } => {
+            Err("segment transfer requests are answered by the replicas, not openraft".to_string())
+        }
     };
     reply.map_or_else(NodeReply::Error, NodeReply::Partition)
 }

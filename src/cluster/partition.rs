@@ -337,6 +337,11 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         S: Stream<Item = Result<EntryResponder<PartitionTypes>, io::Error>> + Unpin + OptionalSend,
     {
         let mut save = false;
+        // A membership change (`add_learner`, `change_membership`) waits
+        // for its entry's answer: one of no records, at the next offset.
+        let no_records =
+            |next_offset| Ok(PublishApplied { first_offset: next_offset, count: 0, timestamp_us: 0, duplicate: false });
+        let mut blank_answers = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let id = entry.log_id();
             match entry.payload {
@@ -357,6 +362,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                 EntryPayload::Blank => {
                     self.lock().last_applied = Some(id);
                     save = true;
+                    blank_answers.extend(responder);
                 }
                 EntryPayload::Membership(membership) => {
                     {
@@ -368,11 +374,17 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
                     // point recovered from the log past it, and openraft
                     // looks for the membership only after that point.
                     self.save_applied().await?;
+                    if let Some(responder) = responder {
+                        responder.send(no_records(self.log.next_offset()));
+                    }
                 }
             }
         }
         if save {
             self.save_applied().await?;
+        }
+        for responder in blank_answers {
+            responder.send(no_records(self.log.next_offset()));
         }
         Ok(())
     }

@@ -11,26 +11,28 @@
 //! the state machine gave it; anywhere else it is answered `NotLeader`
 //! with the leader's client address when one is known.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::impls::ProgressResponder;
-use openraft::{ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
-use super::transport::{GroupId, NodeReply, NodeRequest, PartitionNetwork, PeerClient};
+use super::transport::{
+    GroupId, NodeReply, NodeRequest, PartitionNetwork, PartitionReply, PartitionRequest, PeerClient,
+};
 use super::types::{
     LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel, ReplicatedPosition,
 };
 use crate::protocol::{ChannelMetadata, NodeInfo, PartitionMetadata};
-use crate::storage::ChannelLog;
+use crate::storage::{ChannelLog, SegmentCopy, TRANSFER_SEGMENTS_MAX};
 
 /// Most replicated partitions one node hosts (a Raft group each, with its
 /// own connections to the other replicas and its own heartbeats).
@@ -51,6 +53,17 @@ pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
 /// its followers hold: the bound of its size in entries (each at most one
 /// publish).
 pub const PARTITION_RAFT_LOG_ENTRIES_MAX: u64 = 1 << 20;
+/// The most bytes of a segment one segment-transfer request carries.
+pub const TRANSFER_CHUNK_BYTES: usize = 4 << 20;
+/// How long one segment-transfer request may take.
+const TRANSFER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a leader waits for a follower to install a snapshot, a
+/// segment transfer included (openraft's `install_snapshot_timeout`).
+pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 600_000;
+/// How long `move-replica` waits for the new replica to catch up (within
+/// the CLI's own wait for an answer); it goes on catching up after that,
+/// and the move, run again, resumes.
+pub const MOVE_CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
 /// How often a partition group considers a snapshot.
 const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a node looks for partitions it leads whose leadership the
@@ -113,6 +126,11 @@ type Outcome = openraft::alias::OneshotReceiverOf<
 /// A started partition group.
 struct PartitionGroup {
     raft: PartitionRaft,
+    /// Its partition log (the state machine's), for segment transfer.
+    log: Arc<ChannelLog>,
+    /// Held while a segment copy is received, so that a snapshot sent
+    /// again meanwhile waits for it instead of copying twice.
+    transfer: tokio::sync::Mutex<()>,
     /// Proposals in order, for the answering task.
     answers: mpsc::UnboundedSender<(Outcome, PublishAnswer)>,
 }
@@ -216,6 +234,7 @@ impl Replicas {
             // Triggered by `snapshot_when_followers_hold`.
             snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: PARTITION_RAFT_LOG_KEPT,
+            install_snapshot_timeout: SNAPSHOT_INSTALL_TIMEOUT_MS,
             ..Default::default()
         }
         .validate()
@@ -241,6 +260,270 @@ impl Replicas {
     /// The Raft instance of a hosted partition, for the listener.
     pub(super) fn raft(&self, id: &GroupId) -> Option<PartitionRaft> {
         self.group(id).map(|group| group.raft.clone())
+    }
+
+    /// The segments a replica of `id` that holds nothing copies from this
+    /// one (segment transfer, the source's side).
+    pub(super) async fn segments_to_copy(&self, id: &GroupId) -> Result<Vec<SegmentCopy>, String> {
+        let log = self.group(id).map(|group| Arc::clone(&group.log)).ok_or("not hosted here")?;
+        tokio::task::spawn_blocking(move || log.segments_to_copy())
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())
+    }
+
+    /// Bytes of one of `id`'s segments for a replica copying them (at most
+    /// [`TRANSFER_CHUNK_BYTES`]).
+    pub(super) async fn read_segment(
+        &self,
+        id: &GroupId,
+        base_offset: u64,
+        position: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, String> {
+        let log = self.group(id).map(|group| Arc::clone(&group.log)).ok_or("not hosted here")?;
+        let len = (len as usize).min(TRANSFER_CHUNK_BYTES);
+        tokio::task::spawn_blocking(move || log.read_segment_bytes(base_offset, position, len))
+            .await
+            .map_err(|error| error.to_string())?
+            .map(|bytes| bytes.to_vec())
+            .map_err(|error| error.to_string())
+    }
+
+    /// Before a snapshot reaching past this replica's partition log is
+    /// installed: when the log holds nothing (a replica added by a move),
+    /// copies the segments of the snapshot's sender into it, so that the
+    /// snapshot can be installed (segment transfer, the receiver's side).
+    /// Otherwise does nothing: the install then refuses a snapshot past a
+    /// log that holds records (catching up a replica with records of its
+    /// own by segment transfer is not built).
+    pub(super) async fn copy_segments_for(
+        &self,
+        id: &GroupId,
+        vote: &super::partition::PartitionVote,
+        meta: &super::partition::PartitionSnapshotMeta,
+        promise: &super::partition::SnapshotPromise,
+        install: impl Future<Output = NodeReply>,
+    ) -> NodeReply {
+        let Some(group) = self.group(id) else { return NodeReply::UnknownGroup };
+        let _transfer = group.transfer.lock().await;
+        if group.log.next_offset() < promise.next_offset && group.log.next_offset() == 0 {
+            use openraft::vote::RaftLeaderId;
+            let source = *vote.leader_id().node_id();
+            let Some(addr) =
+                meta.last_membership.membership().get_node(&source).map(|addrs| addrs.cluster_addr.clone())
+            else {
+                return NodeReply::Error(format!("the snapshot's sender, node {source}, is not in its membership"));
+            };
+            tracing::info!(group = %id, source, up_to = promise.next_offset, "copying the partition's segments from the leader (segment transfer)");
+            if let Err(error) = self.copy_segments(id, &group.log, addr).await {
+                tracing::warn!(group = %id, %error, "segment transfer failed; the leader sends the snapshot again");
+                return NodeReply::Error(format!("segment transfer from node {source}: {error}"));
+            }
+        }
+        install.await
+    }
+
+    async fn copy_segments(&self, id: &GroupId, log: &Arc<ChannelLog>, addr: String) -> Result<(), String> {
+        let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
+        let mut call = async |request: PartitionRequest| {
+            let request = NodeRequest::Partition { group: id.clone(), request };
+            match client.call(&request, TRANSFER_CALL_TIMEOUT).await.map_err(|error| error.to_string())? {
+                NodeReply::Partition(reply) => Ok(reply),
+                NodeReply::Error(error) => Err(error),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        };
+        let copies = match call(PartitionRequest::SegmentsToCopy).await? {
+            PartitionReply::SegmentsToCopy(copies) if copies.len() <= TRANSFER_SEGMENTS_MAX => copies,
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        let begin = Arc::clone(log);
+        let mut transfer = tokio::task::spawn_blocking(move || begin.begin_transfer())
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+        let mut copied = 0u64;
+        for copy in &copies {
+            let mut position = 0;
+            while position < copy.bytes {
+                let len = (copy.bytes - position).min(TRANSFER_CHUNK_BYTES as u64) as u32;
+                let bytes = match call(PartitionRequest::ReadSegment { base_offset: copy.base_offset, position, len })
+                    .await?
+                {
+                    PartitionReply::SegmentBytes(bytes) if !bytes.is_empty() && bytes.len() <= len as usize => bytes,
+                    PartitionReply::SegmentBytes(bytes) => {
+                        return Err(format!(
+                            "segment {} answered {} bytes at {position} where 1 to {len} were asked for",
+                            copy.base_offset,
+                            bytes.len()
+                        ));
+                    }
+                    other => return Err(format!("unexpected answer {other:?}")),
+                };
+                position += bytes.len() as u64;
+                copied += bytes.len() as u64;
+                let base_offset = copy.base_offset;
+                transfer = tokio::task::spawn_blocking(move || transfer.append(base_offset, &bytes).map(|()| transfer))
+                    .await
+                    .map_err(|error| error.to_string())?
+                    .map_err(|error| error.to_string())?;
+            }
+        }
+        let adopt = Arc::clone(log);
+        tokio::task::spawn_blocking(move || adopt.adopt_transfer(transfer))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+        tracing::info!(group = %id, segments = copies.len(), bytes = copied, next_offset = log.next_offset(), "segment transfer done");
+        Ok(())
+    }
+
+    /// `weir cluster move-replica`: moves `from`'s replica of a partition to
+    /// `to`, on the partition's leader, in steps that each may be done
+    /// again (so a move cut short resumes when run again): `to` is added to
+    /// the placement (it starts the group, empty), added to the group as a
+    /// learner, which catches up (from the Raft log, or by segment
+    /// transfer), then the voters change from the old set to the new one
+    /// (openraft's joint consensus), then `from` is taken out of the
+    /// placement (it stops the group; its files stay).
+    pub(super) async fn move_replica(&self, channel: &str, partition: u32, from: NodeId, to: NodeId) -> NodeReply {
+        let id = GroupId { channel: channel.to_string(), partition };
+        let Some(placed) =
+            self.channels.borrow().channels.get(channel).and_then(|c| c.replicas.get(partition as usize).cloned())
+        else {
+            return NodeReply::Error(format!("{id} is not a partition of a replicated channel"));
+        };
+        let Some(group) = self.group(&id) else {
+            return NodeReply::NotLeader { leader: self.partition_leader_addrs(&id, None) };
+        };
+        let metrics = group.raft.metrics().borrow_watched().clone();
+        if metrics.state != ServerState::Leader {
+            return NodeReply::NotLeader { leader: self.partition_leader_addrs(&id, metrics.current_leader) };
+        }
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let target: BTreeSet<NodeId> = voters.iter().copied().filter(|&voter| voter != from).chain([to]).collect();
+        if from != to
+            && !placed.contains(&from)
+            && !voters.contains(&from)
+            && placed.contains(&to)
+            && voters.contains(&to)
+        {
+            return NodeReply::MembershipChanged { voters: voters.into_iter().collect() };
+        }
+        if from == to || (!placed.contains(&from) && !voters.contains(&from)) {
+            return NodeReply::Error(format!("node {from} holds no replica of {id} (replicas: {placed:?})"));
+        }
+        if placed.contains(&to) && voters.contains(&to) && !voters.contains(&from) {
+            // Done but for the last step.
+        } else if voters.contains(&to) {
+            return NodeReply::Error(format!("node {to} holds a replica of {id} already"));
+        }
+        let Some(to_addrs) =
+            self.metadata.metrics().borrow_watched().membership_config.membership().get_node(&to).cloned()
+        else {
+            return NodeReply::Error(format!("node {to} is not a member of the cluster (weir cluster add-node)"));
+        };
+        if !placed.contains(&to) && Replicas::placed_on(&self.channels.borrow(), to) >= REPLICATED_PARTITIONS_MAX {
+            return NodeReply::Error(format!(
+                "node {to} hosts REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX}) replicated partitions already"
+            ));
+        }
+        tracing::info!(group = %id, from, to, "moving a replica");
+        // 1. `to` in the placement: it starts the group (empty, not
+        // initialising it: it is not the first replica).
+        if !placed.contains(&to) {
+            let replicas: Vec<NodeId> = placed.iter().copied().chain([to]).collect();
+            if let Err(error) = self.place(&id, replicas).await {
+                return NodeReply::Error(format!("adding node {to} to the placement: {error}"));
+            }
+        }
+        // 2. A learner, caught up.
+        if !voters.contains(&to) {
+            let added = match metrics.membership_config.membership().get_node(&to) {
+                Some(_) => metrics.membership_config.log_id().map_or(0, |log_id| log_id.index),
+                None => match group.raft.add_learner(to, to_addrs, false).await {
+                    Ok(response) => response.log_id.index,
+                    Err(error) => return NodeReply::Error(format!("adding node {to} as a learner: {error}")),
+                },
+            };
+            let caught_up = group
+                .raft
+                .wait(Some(MOVE_CATCH_UP_TIMEOUT))
+                .metrics(
+                    |metrics| {
+                        let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&to));
+                        metrics.state != ServerState::Leader
+                            || matched.is_some_and(|matched| matched.is_some_and(|log_id| log_id.index >= added))
+                    },
+                    "the new replica caught up, or this node no longer leads",
+                )
+                .await;
+            if group.raft.metrics().borrow_watched().state != ServerState::Leader {
+                return NodeReply::Error(format!(
+                    "leadership of {id} moved while node {to} was catching up: run the move again to resume it"
+                ));
+            }
+            if caught_up.is_err() {
+                return NodeReply::Error(format!(
+                    "node {to} did not catch up within {MOVE_CATCH_UP_TIMEOUT:?}; it goes on catching up as a learner: run the move again to finish it"
+                ));
+            }
+        }
+        // 3. The voters: the old set and the new one through joint consensus.
+        if voters != target {
+            tracing::info!(group = %id, from, to, ?target, "changing the partition's voters");
+            if let Err(error) =
+                group.raft.change_membership(ChangeMembers::ReplaceAllVoters(target.clone()), false).await
+            {
+                return NodeReply::Error(format!("changing the voters of {id}: {error}"));
+            }
+        }
+        // 4. `from` out of the placement: it stops the group.
+        let replicas: Vec<NodeId> =
+            placed.iter().copied().filter(|&node| node != from).chain([to]).fold(Vec::new(), |mut replicas, node| {
+                if !replicas.contains(&node) {
+                    replicas.push(node);
+                }
+                replicas
+            });
+        if let Err(error) = self.place(&id, replicas).await {
+            return NodeReply::Error(format!(
+                "the voters of {id} changed, but taking node {from} out of the placement failed ({error}): run the move again to finish it"
+            ));
+        }
+        tracing::info!(group = %id, from, to, "replica moved");
+        NodeReply::MembershipChanged { voters: target.into_iter().collect() }
+    }
+
+    /// Commits a partition's new replicas to the metadata group, and waits
+    /// until this node applied it.
+    async fn place(&self, id: &GroupId, replicas: Vec<NodeId>) -> Result<(), String> {
+        let command = MetadataCommand::PlaceReplicas {
+            channel: id.channel.clone(),
+            partition: id.partition,
+            replicas: replicas.clone(),
+        };
+        self.propose(command).await?;
+        let mut channels = self.channels.clone();
+        let applied = channels.wait_for(|state| {
+            state.channels.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize))
+                == Some(&replicas)
+        });
+        match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, applied).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err("committed, but not applied on this node in time".into()),
+        }
+    }
+
+    /// A partition's leader and its addresses, for `NotLeader`: the one this
+    /// node's group knows, else the one reported to the metadata group.
+    fn partition_leader_addrs(&self, id: &GroupId, known: Option<NodeId>) -> Option<(NodeId, NodeAddrs)> {
+        let leader =
+            known.or_else(|| self.channels.borrow().reported_leader(&id.channel, id.partition).map(|l| l.node))?;
+        let addrs =
+            self.metadata.metrics().borrow_watched().membership_config.membership().get_node(&leader).cloned()?;
+        Some((leader, addrs))
     }
 
     /// Whether `channel` is a replicated channel (whether or not this node
@@ -510,6 +793,26 @@ impl Replicas {
     }
 
     async fn start_placed(&self, placed: &BTreeMap<String, ReplicatedChannel>, host: &Arc<dyn PartitionHost>) {
+        // A replica moved away: its group stops here (its files stay).
+        let moved_away: Vec<(GroupId, Arc<PartitionGroup>)> = {
+            let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<GroupId> = groups
+                .keys()
+                .filter(|id| {
+                    let replicas =
+                        placed.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize));
+                    replicas.is_some_and(|replicas| !replicas.contains(&self.node_id))
+                })
+                .cloned()
+                .collect();
+            gone.into_iter().filter_map(|id| groups.remove(&id).map(|group| (id, group))).collect()
+        };
+        for (id, group) in moved_away {
+            tracing::info!(group = %id, "this replica was moved to another node; its group stops here (its files stay)");
+            if let Err(error) = group.raft.shutdown().await {
+                tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
+            }
+        }
         for (name, channel) in placed {
             let partitions = channel.replicas.len() as u32;
             for (partition, replicas) in channel.replicas.iter().enumerate() {
@@ -549,12 +852,12 @@ impl Replicas {
         let dir = self.data_dir.join("cluster").join("partitions").join(&id.channel);
         let path = dir.join(format!("{}.redb", id.partition));
         let (host, channel, partition) = (Arc::clone(host), id.channel.clone(), id.partition);
-        let (store, machine) = tokio::task::spawn_blocking(move || {
+        let (store, machine, log) = tokio::task::spawn_blocking(move || {
             let hosted = host.open_partition(&channel, partitions, partition)?;
             std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-            let (store, machine) =
-                partition::open(&path, hosted.log).map_err(|error| format!("{}: {error}", path.display()))?;
-            Ok::<_, String>((store, machine.on_applied(hosted.appended)))
+            let (store, machine) = partition::open(&path, Arc::clone(&hosted.log))
+                .map_err(|error| format!("{}: {error}", path.display()))?;
+            Ok::<_, String>((store, machine.on_applied(hosted.appended), hosted.log))
         })
         .await
         .map_err(|error| error.to_string())??;
@@ -594,7 +897,7 @@ impl Replicas {
         tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.stop.clone()));
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
-        Ok(PartitionGroup { raft, answers })
+        Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), answers })
     }
 
     /// Stops every hosted group.

@@ -49,6 +49,10 @@ pub struct PartitionStatus {
     pub replicas: Vec<NodeId>,
     /// On the leader: entries each follower lacks.
     pub lag_entries: Vec<(NodeId, u64)>,
+    /// The last entry its last snapshot holds.
+    pub snapshot_index: Option<u64>,
+    /// The last entry purged from its Raft log.
+    pub purged_index: Option<u64>,
 }
 
 impl PartitionStatus {
@@ -74,6 +78,8 @@ impl PartitionStatus {
             applied_index: metrics.last_applied.map(|log_id| log_id.index),
             replicas: metrics.membership_config.membership().voter_ids().collect(),
             lag_entries,
+            snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+            purged_index: metrics.purged.map(|log_id| log_id.index),
         }
     }
 }

@@ -85,6 +85,14 @@ pub enum NodeRequest {
     Propose {
         command: MetadataCommand,
     },
+    /// `weir cluster move-replica`: moves a partition's replica from one
+    /// node to another, on the partition's leader.
+    MoveReplica {
+        channel: String,
+        partition: u32,
+        from: NodeId,
+        to: NodeId,
+    },
 }
 
 /// Names a replicated partition's Raft group.
@@ -112,6 +120,15 @@ pub enum PartitionRequest {
         meta: PartitionSnapshotMeta,
         promise: SnapshotPromise,
     },
+    /// Segment transfer: the segments a replica that holds nothing copies.
+    SegmentsToCopy,
+    /// Segment transfer: bytes of one segment's `.log` file (at most
+    /// `TRANSFER_CHUNK_BYTES`).
+    ReadSegment {
+        base_offset: u64,
+        position: u64,
+        len: u32,
+    },
 }
 
 /// The answer to a [`PartitionRequest`].
@@ -120,6 +137,8 @@ pub enum PartitionReply {
     AppendEntries(AppendEntriesResponse<PartitionTypes>),
     Vote(VoteResponse<PartitionTypes>),
     Snapshot(SnapshotResponse<PartitionTypes>),
+    SegmentsToCopy(Vec<crate::storage::SegmentCopy>),
+    SegmentBytes(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// The answer to a [`NodeRequest`].

@@ -35,7 +35,15 @@ pub enum MetadataCommand {
     /// partitions, as a node's subscribers acknowledged them (at most
     /// [`POSITIONS_PER_COMMAND_MAX`]).
     CommitPositions { positions: Vec<ReplicatedPosition> },
+    /// A partition's replicas changed (a replica move, proposed by the
+    /// partition's leader at each of its steps): first the new replica
+    /// added, then the old one taken out.
+    PlaceReplicas { channel: String, partition: u32, replicas: Vec<NodeId> },
 }
+
+/// Most replicas one partition lists: a replication factor of 5, plus the
+/// replica a move adds before it takes one out.
+pub const PARTITION_REPLICAS_MAX: usize = 6;
 
 /// A partition's group elected `leader` in `term`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +86,9 @@ impl fmt::Display for MetadataCommand {
             ),
             MetadataCommand::PartitionLeaders { reports } => write!(f, "{} partition leaders", reports.len()),
             MetadataCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
+            MetadataCommand::PlaceReplicas { channel, partition, replicas } => {
+                write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
+            }
         }
     }
 }
@@ -148,6 +159,24 @@ impl MetadataState {
                     *offset = (*offset).max(position.offset);
                 }
             }
+            MetadataCommand::PlaceReplicas { channel, partition, replicas } => {
+                let distinct = replicas.iter().collect::<std::collections::BTreeSet<_>>().len() == replicas.len();
+                if replicas.is_empty() || replicas.len() > PARTITION_REPLICAS_MAX || !distinct {
+                    return;
+                }
+                let Some(placed) =
+                    self.channels.get_mut(channel).and_then(|placed| placed.replicas.get_mut(*partition as usize))
+                else {
+                    return;
+                };
+                placed.clone_from(replicas);
+                // A reported leader that is no replica any more is stale.
+                if let Some(leaders) = self.leaders.get_mut(channel)
+                    && leaders.get(partition).is_some_and(|leader| !replicas.contains(&leader.node))
+                {
+                    leaders.remove(partition);
+                }
+            }
         }
     }
 
@@ -205,6 +234,35 @@ mod tests {
         state.apply(&report(0, 3, 6));
         assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 3, term: 6 }));
         assert_eq!(state.reported_leader("orders", 7), None);
+    }
+
+    /// A placement change replaces a partition's replicas and forgets a
+    /// reported leader that is no replica any more; one for a partition
+    /// that does not exist, an empty list, duplicates and too long a list
+    /// change nothing.
+    #[test]
+    fn placements_change_with_valid_replica_lists_only() {
+        let mut state = state();
+        let place = |partition, replicas: &[NodeId]| MetadataCommand::PlaceReplicas {
+            channel: "orders".into(),
+            partition,
+            replicas: replicas.to_vec(),
+        };
+        state.apply(&MetadataCommand::PartitionLeaders {
+            reports: vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 1, term: 3 }],
+        });
+        state.apply(&place(0, &[1, 2, 3, 4]));
+        assert_eq!(state.channels["orders"].replicas[0], vec![1, 2, 3, 4]);
+        assert_eq!(state.reported_leader("orders", 0).map(|leader| leader.node), Some(1));
+        state.apply(&place(0, &[2, 3, 4]));
+        assert_eq!(state.channels["orders"].replicas[0], vec![2, 3, 4]);
+        assert_eq!(state.reported_leader("orders", 0), None);
+        let before = state.clone();
+        state.apply(&place(5, &[1]));
+        state.apply(&place(1, &[]));
+        state.apply(&place(1, &[2, 2, 3]));
+        state.apply(&place(1, &[1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(state, before);
     }
 
     /// Positions only move forward, only for partitions of replicated

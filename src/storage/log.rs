@@ -15,6 +15,10 @@ use super::error::{IoContext, StorageError};
 use super::fs::{BackgroundSync, FileSystem, OpenMode};
 use super::index::{FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, IndexEntry};
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
+mod transfer;
+
+pub use transfer::{SegmentCopy, SegmentTransfer, TRANSFER_SEGMENTS_MAX};
+
 use crate::record::{self, BATCH_HEADER_BYTES, BatchHeader, EntryKind, Message, Record, RecordError, RecordIter};
 
 /// The most encoded bytes one append may write: the writer's buffer never
@@ -367,6 +371,7 @@ impl ChannelLog {
         if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             fs.sync_dir(parent).at(parent)?;
         }
+        transfer::finish_pending_transfer(&*fs, dir)?;
         let base_offsets = list_segments(&*fs, dir)?;
         let cut_floor = cut_floor.unwrap_or_else(|| replicated_cut_floor(&base_offsets));
         let mut segments = BTreeMap::new();
@@ -1242,7 +1247,7 @@ fn list_segments(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<u64>, StorageErr
                 fs.remove(&path).at(&path)?;
             }
             None if name.starts_with(super::channel::CHANNEL_SETTINGS_FILE) => {}
-            None if super::channel::parse_partition_dir(name).is_some() => {}
+            None if super::channel::parse_partition_dir(name).is_some() || name == transfer::TRANSFER_DIR => {}
             None => tracing::warn!(path = %dir.join(name).display(), "ignoring a file that is not a segment file"),
         }
     }

@@ -35,6 +35,6 @@ pub use error::StorageError;
 pub use log::{
     APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch,
     REPLICATED_DEDUP_WINDOW_ENTRIES, RaftPosition, ReadBatch, RecordSlices, RetentionOutcome, RetentionPolicy,
-    STORAGE_FULL_RETRY_INTERVAL, StartOffsetListener, now_us,
+    STORAGE_FULL_RETRY_INTERVAL, SegmentCopy, SegmentTransfer, StartOffsetListener, TRANSFER_SEGMENTS_MAX, now_us,
 };
 pub use store::{CHANNELS_DIR, Maintenance, Store, StoreConfig};

@@ -381,6 +381,14 @@ impl Segment {
         self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Reads up to `len` bytes of the log file from `position`, as they are
+    /// on disk: a copy for a replica that holds nothing (see
+    /// `ChannelLog::read_segment_bytes`).
+    pub fn read_log_bytes(&self, position: u64, len: usize) -> Result<Bytes, StorageError> {
+        let len = self.log.len().saturating_sub(position).min(len as u64) as usize;
+        self.log.read_range(position, len).at(&self.log_path)
+    }
+
     /// Bytes written to the log file, visible or not.
     pub fn written_len(&self) -> u64 {
         self.log.len()

@@ -76,7 +76,9 @@ impl Node {
         let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .args(["serve", "--config", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
+            // WEIR_TEST_NODE_LOG=info (a tracing filter): more of the
+            // nodes' logs, for debugging a failure.
+            .env("RUST_LOG", std::env::var("WEIR_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -164,6 +166,19 @@ pub async fn status(node: &Node) -> Option<ClusterStatus> {
         Ok(NodeReply::Status(status)) => Some(*status),
         _ => None,
     }
+}
+
+/// Configures and starts a node of id `id` (a cluster whose initial
+/// voters are `initial`), and waits until its cluster listener answers.
+pub async fn start_another(dir: &Path, id: u64, initial: &[&NodeSpec]) -> Node {
+    let mut node = configure(dir, spec(id), initial, "");
+    node.start();
+    let started = std::time::Instant::now();
+    while status(&node).await.is_none() {
+        assert!(started.elapsed() < CONVERGE_LIMIT, "node {id} did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node
 }
 
 /// Runs `weir cluster ARGS`, which must fail; returns its stderr.

@@ -1,0 +1,273 @@
+//! Segment transfer: a replicated partition's log copied whole to a
+//! replica that holds nothing of it (a replica added by a move), as the
+//! source's segment files (docs/REPLICATION.md, "Followers that fell
+//! behind retention: segment transfer").
+//!
+//! The source offers its segments up to what readers may see, and serves
+//! their `.log` bytes as they are on disk: records and batch headers carry
+//! their own CRCs, and the copy's indexes are rebuilt from them. The
+//! receiver writes them into a staging directory inside the partition's
+//! own, opens the copy there (recovery checks every record), and only then
+//! moves it into place, behind a marker that lists the copied segments: a
+//! crash before the marker leaves a staging directory the next open
+//! removes; one after it is finished by the next open. The receiving log
+//! must hold nothing, so no record of its own is ever replaced.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{ChannelLog, LogConfig, list_segments, remove_segment_files};
+use crate::storage::error::{IoContext, StorageError};
+use crate::storage::fs::{FileSystem, OpenMode, StorageFile};
+use crate::storage::segment::{self, LOG_EXTENSION};
+
+/// The staging directory of a transfer, inside the partition's directory.
+pub(crate) const TRANSFER_DIR: &str = "segment-transfer";
+/// Written into the staging directory once the copy is whole and checked:
+/// the base offsets of its segments, one per line.
+const TRANSFER_COMPLETE: &str = "complete";
+/// Most segments one transfer copies (a bound on the list a source sends,
+/// and on the marker read back at open).
+pub const TRANSFER_SEGMENTS_MAX: usize = 100_000;
+
+/// A segment a replica offers to one that holds nothing: its base offset
+/// and how many bytes of its `.log` file to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentCopy {
+    pub base_offset: u64,
+    pub bytes: u64,
+}
+
+/// A copy being received into a log's staging directory.
+pub struct SegmentTransfer {
+    fs: Arc<dyn FileSystem>,
+    dir: PathBuf,
+    /// The segment being written, and the bytes it holds.
+    current: Option<(u64, Box<dyn StorageFile>)>,
+    bases: Vec<u64>,
+}
+
+impl ChannelLog {
+    /// The segments a replica that holds nothing copies from this log: all
+    /// of them, each up to what readers may see now.
+    ///
+    /// # Errors
+    /// The log holds damage that recovery kept (a copy would spread it).
+    pub fn segments_to_copy(&self) -> Result<Vec<SegmentCopy>, StorageError> {
+        let segments = self.segments();
+        segments
+            .values()
+            .map(|segment| match segment.first_damage_position() {
+                Some(position) => Err(StorageError::InvalidFile {
+                    path: segment.log_path.clone(),
+                    problem: format!("holds damage at byte {position}; it is not copied to another replica"),
+                }),
+                None => Ok(SegmentCopy { base_offset: segment.base_offset, bytes: segment.state().visible_len }),
+            })
+            .collect()
+    }
+
+    /// Up to `len` bytes of the `.log` file of the segment at
+    /// `base_offset`, from `position`, as they are on disk.
+    ///
+    /// # Errors
+    /// No such segment (retention removed it), or the read failed.
+    pub fn read_segment_bytes(&self, base_offset: u64, position: u64, len: usize) -> Result<Bytes, StorageError> {
+        let segment = self.segments().get(&base_offset).cloned().ok_or_else(|| StorageError::InvalidFile {
+            path: self.dir.join(segment::file_name(base_offset, LOG_EXTENSION)),
+            problem: "no such segment (retention may have removed it)".into(),
+        })?;
+        segment.read_log_bytes(position, len)
+    }
+
+    /// Whether the log holds nothing and never did: one empty segment at
+    /// offset 0, no batch header.
+    fn holds_nothing(&self) -> bool {
+        let writer = self.lock_writer();
+        writer.next_offset == 0 && writer.last_raft_entry.is_none() && self.segments().len() == 1
+    }
+
+    /// Starts receiving a copy of another replica's segments, into a fresh
+    /// staging directory.
+    ///
+    /// # Errors
+    /// The log holds records (a copy never replaces them), or the staging
+    /// directory cannot be made.
+    pub fn begin_transfer(&self) -> Result<SegmentTransfer, StorageError> {
+        if !self.holds_nothing() {
+            return Err(StorageError::InvalidFile {
+                path: self.dir.clone(),
+                problem: "the log holds records: a segment copy is taken only by a replica that holds nothing".into(),
+            });
+        }
+        let dir = self.dir.join(TRANSFER_DIR);
+        if self.fs.exists(&dir).at(&dir)? {
+            self.fs.remove_dir_all(&dir).at(&dir)?;
+        }
+        super::super::fs::create_dir_all_durable(&*self.fs, &dir).at(&dir)?;
+        Ok(SegmentTransfer { fs: Arc::clone(&self.fs), dir, current: None, bases: Vec::new() })
+    }
+
+    /// Checks the copy (opening it runs recovery over every record and
+    /// builds its indexes), moves it into place and serves it from now on.
+    ///
+    /// # Errors
+    /// The copy is not a valid log, this log took records meanwhile, or a
+    /// file operation failed (the copy is then finished, or removed, by the
+    /// next open).
+    pub fn adopt_transfer(&self, mut transfer: SegmentTransfer) -> Result<(), StorageError> {
+        let staged = transfer.finish()?;
+        // Appends wait until the copy is in place.
+        let mut writer = self.lock_writer();
+        if writer.next_offset != 0 || writer.last_raft_entry.is_some() {
+            return Err(StorageError::InvalidFile {
+                path: self.dir.clone(),
+                problem: "the log took records while a segment copy was received; the copy is dropped".into(),
+            });
+        }
+        // Checked strictly: damage anywhere in a copy refuses it.
+        let strict = LogConfig { replicated: false, fsync: super::FsyncPolicy::Always, ..self.config.clone() };
+        let checked =
+            ChannelLog::open_partition(Arc::clone(&self.fs), &transfer.dir, self.name.clone(), self.partition, strict)?;
+        if checked.segments().values().any(|segment| segment.first_damage_position().is_some()) {
+            return Err(StorageError::InvalidFile {
+                path: transfer.dir.clone(),
+                problem: "the copied segments hold damage".into(),
+            });
+        }
+        checked.close()?;
+        drop(checked);
+        write_marker(&*self.fs, &transfer.dir, &staged)?;
+        finish_pending_transfer(&*self.fs, &self.dir)?;
+        let adopted = ChannelLog::open_recovering(
+            Arc::clone(&self.fs),
+            &self.dir,
+            self.name.clone(),
+            self.partition,
+            self.config.clone(),
+            None,
+        )?;
+        let mut adopted_writer = adopted.lock_writer();
+        std::mem::swap(&mut *writer, &mut *adopted_writer);
+        drop(adopted_writer);
+        std::mem::swap(&mut *self.segments_mut(), &mut *adopted.segments_mut());
+        self.visible_next_offset.store(writer.next_offset, std::sync::atomic::Ordering::Release);
+        drop(writer);
+        // `adopted` now holds the empty segment the copy replaced.
+        drop(adopted);
+        tracing::info!(partition = %self.label(), start = self.start_offset(), next = self.next_offset(), "segment copy adopted");
+        if let Some(listener) = &*self.start_offset_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            listener(self.start_offset());
+        }
+        Ok(())
+    }
+}
+
+impl SegmentTransfer {
+    /// Appends `bytes` to the copy of the segment at `base_offset`: a
+    /// segment's bytes in order, segments in increasing order.
+    ///
+    /// # Errors
+    /// A segment out of order, too many segments, or the failed write.
+    pub fn append(&mut self, base_offset: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let path = self.dir.join(segment::file_name(base_offset, LOG_EXTENSION));
+        if self.current.as_ref().is_none_or(|(current, _)| *current != base_offset) {
+            if self.bases.last().is_some_and(|&last| last >= base_offset) || self.bases.len() >= TRANSFER_SEGMENTS_MAX {
+                return Err(StorageError::InvalidFile {
+                    path,
+                    problem: "segments of a copy must come in increasing order, at most TRANSFER_SEGMENTS_MAX".into(),
+                });
+            }
+            self.sync_current()?;
+            let file = self.fs.open(&path, OpenMode::CreateNew).at(&path)?;
+            self.current = Some((base_offset, file));
+            self.bases.push(base_offset);
+        }
+        if let Some((_, file)) = &self.current {
+            file.append(bytes).at(&path)?;
+        }
+        Ok(())
+    }
+
+    fn sync_current(&mut self) -> Result<(), StorageError> {
+        if let Some((base_offset, file)) = self.current.take() {
+            file.sync().at(self.dir.join(segment::file_name(base_offset, LOG_EXTENSION)))?;
+        }
+        Ok(())
+    }
+
+    /// Syncs the copy; returns its segments' base offsets.
+    fn finish(&mut self) -> Result<Vec<u64>, StorageError> {
+        self.sync_current()?;
+        self.fs.sync_dir(&self.dir).at(&self.dir)?;
+        if self.bases.is_empty() {
+            return Err(StorageError::InvalidFile {
+                path: self.dir.clone(),
+                problem: "the copy holds no segment".into(),
+            });
+        }
+        Ok(self.bases.clone())
+    }
+}
+
+fn write_marker(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Result<(), StorageError> {
+    let path = dir.join(TRANSFER_COMPLETE);
+    let text: String = bases.iter().map(|base| format!("{base}\n")).collect();
+    let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
+    file.append(text.as_bytes()).at(&path)?;
+    file.sync().at(&path)?;
+    fs.sync_dir(dir).at(dir)
+}
+
+/// Finishes a transfer a crash interrupted, or removes one that was not
+/// whole (no marker): run before a log's segments are listed at open.
+/// With the marker, every segment file of `dir` that the copy does not
+/// list is removed (the receiving log's empty first segment), the copy's
+/// files are moved in, and the staging directory is removed: each step
+/// may be done again.
+pub(super) fn finish_pending_transfer(fs: &dyn FileSystem, dir: &Path) -> Result<(), StorageError> {
+    let staging = dir.join(TRANSFER_DIR);
+    if !fs.exists(&staging).at(&staging)? {
+        return Ok(());
+    }
+    let marker = staging.join(TRANSFER_COMPLETE);
+    if !fs.exists(&marker).at(&marker)? {
+        tracing::warn!(path = %staging.display(), "removing a segment copy that was cut short");
+        fs.remove_dir_all(&staging).at(&staging)?;
+        return fs.sync_dir(dir).at(dir);
+    }
+    let file = fs.open(&marker, OpenMode::Existing).at(&marker)?;
+    let bytes_max = TRANSFER_SEGMENTS_MAX as u64 * 21;
+    if file.len() > bytes_max {
+        return Err(StorageError::InvalidFile {
+            path: marker,
+            problem: "longer than TRANSFER_SEGMENTS_MAX lines".into(),
+        });
+    }
+    let text = file.read_range(0, file.len() as usize).at(&marker)?;
+    let bases: Vec<u64> = std::str::from_utf8(&text)
+        .ok()
+        .and_then(|text| text.lines().map(|line| line.parse().ok()).collect())
+        .ok_or_else(|| StorageError::InvalidFile {
+            path: marker.clone(),
+            problem: "not a list of base offsets".into(),
+        })?;
+    for base in list_segments(fs, dir)? {
+        if !bases.contains(&base) {
+            remove_segment_files(fs, dir, base)?;
+        }
+    }
+    for name in fs.list(&staging).at(&staging)? {
+        if segment::parse_file_name(&name).is_some() {
+            fs.rename(&staging.join(&name), &dir.join(&name)).at(staging.join(&name))?;
+        }
+    }
+    fs.sync_dir(dir).at(dir)?;
+    fs.remove_dir_all(&staging).at(&staging)?;
+    fs.sync_dir(dir).at(dir)?;
+    tracing::info!(path = %dir.display(), segments = bases.len(), "segment copy moved into place");
+    Ok(())
+}
