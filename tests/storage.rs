@@ -1978,8 +1978,14 @@ fn a_segment_copy_cut_short_is_removed_at_open_and_one_marked_whole_is_finished(
         staging
     };
 
-    let cut_short = dir.path().join("cut-short");
+    let data_dir = dir.path().join("data");
+    let cut_short = data_dir.join("channels").join("test");
     stage(&cut_short);
+    // weir check says what the broker will do.
+    let policies = weir::storage::check::FsyncPolicies::all(FsyncPolicy::Always);
+    let report = weir::storage::check::check_data_dir(&data_dir, &policies).unwrap();
+    assert_eq!(report.verdict(), Verdict::Repairable, "{:?}", report.problems);
+    assert!(report.problems.iter().any(|problem| problem.what.contains("segment copy")), "{:?}", report.problems);
     let log = open(&cut_short, config.clone());
     assert_eq!((log.start_offset(), log.next_offset()), (0, 0));
     assert!(!cut_short.join("segment-transfer").exists());

@@ -258,6 +258,14 @@ fn check_channel(
             return;
         }
     };
+    if names.iter().any(|name| name == super::log::TRANSFER_DIR) {
+        report.problems.push(problem(
+            Severity::Repairable,
+            Some(dir.join(super::log::TRANSFER_DIR)),
+            None,
+            "a segment copy from another replica that a crash interrupted; the broker finishes it (or, not whole, removes it) on start".into(),
+        ));
+    }
     let mut bases: Vec<u64> = names
         .iter()
         .filter_map(|name| segment::parse_file_name(name))

@@ -17,6 +17,7 @@ use super::index::{FILE_HEADER_BYTES, FORMAT_VERSION_1, FORMAT_VERSION_2, IndexE
 use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, WriteFailure};
 mod transfer;
 
+pub(crate) use transfer::TRANSFER_DIR;
 pub use transfer::{SegmentCopy, SegmentTransfer, TRANSFER_SEGMENTS_MAX};
 
 use crate::record::{self, BATCH_HEADER_BYTES, BatchHeader, EntryKind, Message, Record, RecordError, RecordIter};
