@@ -1029,7 +1029,8 @@ async fn a_follower_down_past_retention_catches_up_from_the_raft_log() {
 /// partition; publishes are acknowledged after the move; node 4 installed
 /// a snapshot; and node 4 and the two replicas left hold the same records
 /// at the same offsets, dense from 0, every acknowledged publish exactly
-/// once at its offset, nothing that was never published.
+/// once at its offset, nothing that was never published; the same after
+/// node 4 is killed and started again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -1055,7 +1056,7 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     }
 
     let initial: Vec<&common::cluster::NodeSpec> = nodes.iter().map(|node| &node.spec).collect();
-    let fourth = start_another(dir.path(), 4, &initial).await;
+    let mut fourth = start_another(dir.path(), 4, &initial).await;
     let (cluster_addr, client_addr) = (fourth.spec.cluster_addr.clone(), fourth.spec.client_addr.clone());
     let follower_cluster_addr = nodes[follower_index].spec.cluster_addr.clone();
     let added = tokio::task::spawn_blocking(move || {
@@ -1114,15 +1115,31 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     acked_at_least(after_move + 50).await;
     stop.notify_one();
     publisher.await.unwrap();
+    // Node 4 comes back from what it stored: the copy, the snapshot and
+    // the membership recorded with it, the entries after it.
+    fourth.kill();
+    fourth.start();
 
     // Every node names the new replicas; the old leader stops hosting.
     let started = Instant::now();
     loop {
         let mut agreed = true;
         for addr in &addrs {
-            let conn = Connection::connect(addr, "metadata").await.unwrap();
-            let metadata = weir::client::Metadata::fetch(&conn, CHANNEL).await.unwrap();
-            let mut replicas = metadata.channels[0].partitions[0].replicas.clone();
+            // Node 4 may still be starting.
+            let Ok(conn) = Connection::connect(addr, "metadata").await else {
+                agreed = false;
+                continue;
+            };
+            let Ok(metadata) = weir::client::Metadata::fetch(&conn, CHANNEL).await else {
+                agreed = false;
+                continue;
+            };
+            let mut replicas = metadata
+                .channels
+                .first()
+                .and_then(|channel| channel.partitions.first())
+                .map(|partition| partition.replicas.clone())
+                .unwrap_or_default();
             replicas.sort_unstable();
             agreed &= replicas == expected;
         }

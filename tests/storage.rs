@@ -1876,14 +1876,7 @@ fn the_producers_of_the_active_segment_are_found_also_past_damage_recovery_kept(
 /// 1..=entries) in small segments, retention having removed its first
 /// segment: a source for segment transfer.
 fn replicated_source(dir: &Path, entries: u64) -> ChannelLog {
-    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
-    let log = open(dir, config);
-    for index in 1..=entries {
-        let messages = [message(index, 40)];
-        let raft = Some(weir::storage::RaftPosition { index, term: 2 });
-        let batch = weir::storage::NewBatch { messages: &messages, producer: Some((9, index - 1)), raft };
-        log.append_batches_at(&[batch], now_us()).unwrap();
-    }
+    let log = replicated_source_from_0(dir, entries);
     // Retention would keep the deduplication window: the first segment
     // goes by hand, as retention past the window would take it.
     let first = segment_logs(dir)[0].clone();
@@ -1894,11 +1887,24 @@ fn replicated_source(dir: &Path, entries: u64) -> ChannelLog {
     open(dir, LogConfig { segment_bytes: 2048, replicated: true, ..small_config() })
 }
 
+/// As [`replicated_source`], starting at offset 0.
+fn replicated_source_from_0(dir: &Path, entries: u64) -> ChannelLog {
+    let log = open(dir, LogConfig { segment_bytes: 2048, replicated: true, ..small_config() });
+    for index in 1..=entries {
+        let messages = [message(index, 40)];
+        let raft = Some(weir::storage::RaftPosition { index, term: 2 });
+        let batch = weir::storage::NewBatch { messages: &messages, producer: Some((9, index - 1)), raft };
+        log.append_batches_at(&[batch], now_us()).unwrap();
+    }
+    log
+}
+
 /// Copies `source`'s segments into `target` in pieces of `chunk` bytes;
 /// `damage` flips a byte of the copy first.
 fn copy_segments(source: &ChannelLog, target: &ChannelLog, chunk: usize, damage: bool) -> Result<(), StorageError> {
     let mut transfer = target.begin_transfer()?;
-    for copy in source.segments_to_copy().unwrap() {
+    let copies = source.segments_to_copy(source.next_offset()).unwrap();
+    for &copy in &copies {
         let mut position = 0;
         while position < copy.bytes {
             let mut bytes = source.read_segment_bytes(copy.base_offset, position, chunk).unwrap().to_vec();
@@ -1910,6 +1916,8 @@ fn copy_segments(source: &ChannelLog, target: &ChannelLog, chunk: usize, damage:
             transfer.append(copy.base_offset, &bytes)?;
         }
     }
+    let end = target.check_transfer(&mut transfer, &copies)?;
+    assert_eq!((end.next_offset, end.last_raft_entry), (source.next_offset(), source.last_raft_entry()));
     target.adopt_transfer(transfer)
 }
 
@@ -1953,6 +1961,57 @@ fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_such_a_log() {
     let refused = copy_segments(&source, &reopened, 1000, false).unwrap_err();
     assert!(refused.to_string().contains("holds records"), "{refused}");
     assert_eq!(read_all(&reopened, reopened.start_offset()), records);
+
+    // A source that starts at 0: its first segment replaces the target's
+    // empty one, index files included.
+    let from_0 = replicated_source_from_0(&dir.path().join("source-0"), 100);
+    let target_0_dir = dir.path().join("target-0");
+    let target_0 = open(&target_0_dir, config.clone());
+    copy_segments(&from_0, &target_0, 700, false).unwrap();
+    let expected = read_all(&from_0, 0);
+    assert_eq!(read_all(&target_0, 0), expected);
+    drop(target_0);
+    assert_eq!(read_all(&open(&target_0_dir, config), 0), expected);
+}
+
+/// A copy up to an offset ends exactly there, at a batch inside a
+/// segment, with the batch header of the entry before it; an offset no
+/// batch starts at, or one outside the log, is refused.
+#[test]
+fn a_segment_copy_up_to_an_offset_ends_at_that_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicated_source(&dir.path().join("source"), 150);
+    let up_to = source.next_offset() - 7;
+    let copies = source.segments_to_copy(up_to).unwrap();
+    let target =
+        open(&dir.path().join("target"), LogConfig { segment_bytes: 2048, replicated: true, ..small_config() });
+    let mut transfer = target.begin_transfer().unwrap();
+    for copy in &copies {
+        let bytes = source.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
+        transfer.append(copy.base_offset, &bytes).unwrap();
+    }
+    let end = target.check_transfer(&mut transfer, &copies).unwrap();
+    assert_eq!(end.next_offset, up_to);
+    assert_eq!(
+        end.last_raft_entry.map(|entry| entry.index),
+        Some(up_to - source.start_offset() + first_index(&source) - 1)
+    );
+    target.adopt_transfer(transfer).unwrap();
+    let expected: Vec<Record> =
+        read_all(&source, source.start_offset()).into_iter().filter(|record| record.offset < up_to).collect();
+    assert_eq!(read_all(&target, target.start_offset()), expected);
+    assert!(source.segments_to_copy(source.next_offset() + 1).is_err());
+    assert!(source.segments_to_copy(source.start_offset()).is_err());
+}
+
+/// The Raft index of the first batch `log` holds.
+fn first_index(log: &ChannelLog) -> u64 {
+    let mut first = None;
+    log.visit_batches_after(0, |_, _, header| {
+        first.get_or_insert(header.raft_index);
+    })
+    .unwrap();
+    first.unwrap()
 }
 
 /// A copy a crash interrupted: without the marker that says it is whole,
@@ -1965,7 +2024,7 @@ fn a_segment_copy_cut_short_is_removed_at_open_and_one_marked_whole_is_finished(
     let source = replicated_source(&dir.path().join("source"), 120);
     let expected = read_all(&source, source.start_offset());
     let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
-    let copies = source.segments_to_copy().unwrap();
+    let copies = source.segments_to_copy(source.next_offset()).unwrap();
     assert!(copies.len() >= 3, "{copies:?}");
     let stage = |target_dir: &Path| {
         drop(open(target_dir, config.clone()));

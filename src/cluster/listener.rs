@@ -263,12 +263,14 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                         &raft,
                         PartitionRequest::FullSnapshot { vote, meta: meta.clone(), promise: promise.clone() },
                     );
-                    served.replicas.copy_segments_for(&group, &vote, &meta, &promise, install).await
+                    served.replicas.receive_snapshot(&group, &vote, &meta, &promise, install).await
                 }
-                PartitionRequest::SegmentsToCopy => match served.replicas.segments_to_copy(&group).await {
-                    Ok(copies) => NodeReply::Partition(PartitionReply::SegmentsToCopy(copies)),
-                    Err(error) => NodeReply::Error(error),
-                },
+                PartitionRequest::SegmentsToCopy { up_to } => {
+                    match served.replicas.segments_to_copy(&group, up_to).await {
+                        Ok(copies) => NodeReply::Partition(PartitionReply::SegmentsToCopy(copies)),
+                        Err(error) => NodeReply::Error(error),
+                    }
+                }
                 PartitionRequest::ReadSegment { base_offset, position, len } => {
                     match served.replicas.read_segment(&group, base_offset, position, len).await {
                         Ok(bytes) => NodeReply::Partition(PartitionReply::SegmentBytes(bytes)),
@@ -337,7 +339,7 @@ async fn partition_message(raft: &PartitionRaft, request: PartitionRequest) -> N
             .await
             .map(PartitionReply::Snapshot)
             .map_err(|error| error.to_string()),
-        PartitionRequest::SegmentsToCopy | PartitionRequest::ReadSegment { .. } => {
+        PartitionRequest::SegmentsToCopy { .. } | PartitionRequest::ReadSegment { .. } => {
             Err("segment transfer requests are answered by the replicas, not openraft".to_string())
         }
     };

@@ -31,7 +31,7 @@ use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{Decision, ProducerWindow};
-use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot, write_state};
+use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot, write_state, write_txn};
 use super::types::NodeAddrs;
 use crate::record::Message;
 use crate::storage::{ChannelLog, NewBatch, RaftPosition};
@@ -110,6 +110,21 @@ pub const APPLY_STORAGE_FULL_WAIT: std::time::Duration = std::time::Duration::fr
 /// Key of the state table: the last entry applied and the membership,
 /// written when a blank or membership entry is applied.
 const APPLIED: &str = "applied";
+/// Key of the state table, present while a segment copy is moved in: what
+/// was recorded with it (applied point, snapshot) holds only if the copy
+/// is in place at the next open (see [`PartitionStateMachine::open`]).
+const TRANSFER: &str = "transfer";
+
+/// A copy of another replica's segments, received and checked, waiting
+/// for the snapshot it was received for to be installed (segment
+/// transfer; `super::replicas` receives it).
+pub struct StagedCopy {
+    pub end: crate::storage::CopyEnd,
+    pub transfer: crate::storage::SegmentTransfer,
+}
+
+/// Where a group's received copy waits for its snapshot's install.
+pub type StagedCopySlot = Arc<Mutex<Option<StagedCopy>>>;
 
 /// What the state machine has applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,10 +161,30 @@ pub struct PartitionStateMachine {
     producers: Arc<Mutex<ProducerWindow>>,
     /// Called after each publish is appended: wakes the partition's readers.
     on_applied: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// A segment copy received for the snapshot being installed.
+    staged: Option<StagedCopySlot>,
 }
 
 impl PartitionStateMachine {
     fn open(db: Arc<Database>, log: Arc<ChannelLog>) -> io::Result<PartitionStateMachine> {
+        if read_state::<bool>(&db, TRANSFER)?.is_some() {
+            // A crash while a segment copy was moved in: the log's open
+            // finished the move (the copy was whole and marked so), and what
+            // was recorded with it holds; or the copy never got there, and
+            // the replica holds nothing, as before the copy.
+            let holds_nothing = log.next_offset() == 0 && log.last_raft_entry().is_none();
+            tracing::warn!(partition = %log.label(), kept = !holds_nothing, "a segment copy was cut short by a crash");
+            let txn = db.begin_write().map_err(io::Error::other)?;
+            {
+                let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+                table.remove(TRANSFER).map_err(io::Error::other)?;
+                if holds_nothing {
+                    table.remove(APPLIED).map_err(io::Error::other)?;
+                    table.remove(SNAPSHOT).map_err(io::Error::other)?;
+                }
+            }
+            txn.commit().map_err(io::Error::other)?;
+        }
         let mut applied = read_state::<Applied>(&db, APPLIED)?.unwrap_or_default();
         // What the database recorded as applied was synced first: a shorter
         // log lost records it must hold (files removed or restored from an
@@ -200,7 +235,57 @@ impl PartitionStateMachine {
             applied: Arc::new(Mutex::new(applied)),
             producers: Arc::new(Mutex::new(producers)),
             on_applied: None,
+            staged: None,
         })
+    }
+
+    /// Installs a snapshot past the log from the segment copy received for
+    /// it in `staged`.
+    #[must_use]
+    pub fn with_staged_copies(mut self, staged: StagedCopySlot) -> PartitionStateMachine {
+        self.staged = Some(staged);
+        self
+    }
+
+    /// Moves a copy that ends exactly where the snapshot does into the
+    /// log, which holds nothing; the snapshot and the applied point are
+    /// recorded first, with [`TRANSFER`] saying they hold only once the
+    /// copy is in place.
+    async fn adopt_copy(
+        &self,
+        meta: &PartitionSnapshotMeta,
+        promise: &SnapshotPromise,
+        transfer: crate::storage::SegmentTransfer,
+    ) -> io::Result<()> {
+        let applied = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            next_offset: promise.next_offset,
+        };
+        let (applied, snapshot, pending) = (
+            super::raft_log::encode(&applied)?,
+            super::raft_log::encode(&(meta, promise))?,
+            super::raft_log::encode(&true)?,
+        );
+        write_txn(&self.db, move |txn| {
+            let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+            table.insert(TRANSFER, pending.as_slice()).map_err(io::Error::other)?;
+            table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
+            table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await?;
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || log.adopt_transfer(transfer))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)?;
+        write_txn(&self.db, |txn| {
+            let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+            table.remove(TRANSFER).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Calls `on_applied` after each publish the state machine appends.
@@ -398,10 +483,20 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         meta: &PartitionSnapshotMeta,
         promise: SnapshotPromise,
     ) -> Result<(), io::Error> {
-        let held = self.log.next_offset();
+        let mut held = self.log.next_offset();
+        let staged = self.staged.as_ref().and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let fits = |staged: &StagedCopy| {
+            staged.end.next_offset == promise.next_offset && staged.end.last_raft_entry.map(log_id) == meta.last_log_id
+        };
+        if held < promise.next_offset
+            && let Some(staged) = staged.filter(fits)
+        {
+            self.adopt_copy(meta, &promise, staged.transfer).await?;
+            held = self.log.next_offset();
+        }
         if held < promise.next_offset {
             return Err(io::Error::other(format!(
-                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}; catching up by segment transfer is not built (docs/REPLICATION.md, step 5)",
+                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}; segment transfer reaches only a replica that holds nothing (docs/REPLICATION.md, \"Replica moves and segment transfer\"): move this replica to another node",
                 self.log.label(),
                 promise.next_offset
             )));

@@ -55,6 +55,9 @@ pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
 pub const PARTITION_RAFT_LOG_ENTRIES_MAX: u64 = 1 << 20;
 /// The most bytes of a segment one segment-transfer request carries.
 pub const TRANSFER_CHUNK_BYTES: usize = 4 << 20;
+/// The most bytes one segment of a copy may announce (a bound on what a
+/// peer makes this node write; segments are far smaller).
+pub const TRANSFER_SEGMENT_BYTES_MAX: u64 = 16 << 30;
 /// How long one segment-transfer request may take.
 const TRANSFER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a leader waits for a follower to install a snapshot, a
@@ -128,9 +131,11 @@ struct PartitionGroup {
     raft: PartitionRaft,
     /// Its partition log (the state machine's), for segment transfer.
     log: Arc<ChannelLog>,
-    /// Held while a segment copy is received, so that a snapshot sent
-    /// again meanwhile waits for it instead of copying twice.
+    /// Held while a snapshot is received (a segment copy with it), so that
+    /// one sent again meanwhile waits instead of copying twice.
     transfer: tokio::sync::Mutex<()>,
+    /// The received copy, for the state machine's install.
+    staged: partition::StagedCopySlot,
     /// Proposals in order, for the answering task.
     answers: mpsc::UnboundedSender<(Outcome, PublishAnswer)>,
 }
@@ -264,9 +269,9 @@ impl Replicas {
 
     /// The segments a replica of `id` that holds nothing copies from this
     /// one (segment transfer, the source's side).
-    pub(super) async fn segments_to_copy(&self, id: &GroupId) -> Result<Vec<SegmentCopy>, String> {
+    pub(super) async fn segments_to_copy(&self, id: &GroupId, up_to: u64) -> Result<Vec<SegmentCopy>, String> {
         let log = self.group(id).map(|group| Arc::clone(&group.log)).ok_or("not hosted here")?;
-        tokio::task::spawn_blocking(move || log.segments_to_copy())
+        tokio::task::spawn_blocking(move || log.segments_to_copy(up_to))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())
@@ -290,14 +295,14 @@ impl Replicas {
             .map_err(|error| error.to_string())
     }
 
-    /// Before a snapshot reaching past this replica's partition log is
-    /// installed: when the log holds nothing (a replica added by a move),
-    /// copies the segments of the snapshot's sender into it, so that the
-    /// snapshot can be installed (segment transfer, the receiver's side).
-    /// Otherwise does nothing: the install then refuses a snapshot past a
-    /// log that holds records (catching up a replica with records of its
-    /// own by segment transfer is not built).
-    pub(super) async fn copy_segments_for(
+    /// Receives a snapshot for `id` (`install`): when it reaches past this
+    /// replica's partition log and the log holds nothing (a replica added
+    /// by a move), first copies the snapshot sender's segments up to where
+    /// the snapshot ends, checked, for the state machine's install to move
+    /// in (segment transfer, the receiver's side). Otherwise the install
+    /// decides alone (it refuses a snapshot past a log that holds records:
+    /// catching up such a replica by segment transfer is not built).
+    pub(super) async fn receive_snapshot(
         &self,
         id: &GroupId,
         vote: &super::partition::PartitionVote,
@@ -306,25 +311,49 @@ impl Replicas {
         install: impl Future<Output = NodeReply>,
     ) -> NodeReply {
         let Some(group) = self.group(id) else { return NodeReply::UnknownGroup };
-        let _transfer = group.transfer.lock().await;
-        if group.log.next_offset() < promise.next_offset && group.log.next_offset() == 0 {
+        let _receiving = group.transfer.lock().await;
+        let holds_nothing = group.log.next_offset() == 0 && group.log.last_raft_entry().is_none();
+        // openraft refuses a snapshot whose vote is older than the group's
+        // own: a deposed leader's is not copied.
+        let current_vote = group.raft.metrics().borrow_watched().vote;
+        if holds_nothing && promise.next_offset > 0 && *vote >= current_vote {
             use openraft::vote::RaftLeaderId;
             let source = *vote.leader_id().node_id();
-            let Some(addr) =
-                meta.last_membership.membership().get_node(&source).map(|addrs| addrs.cluster_addr.clone())
-            else {
-                return NodeReply::Error(format!("the snapshot's sender, node {source}, is not in its membership"));
+            let addr = self
+                .metadata
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .get_node(&source)
+                .or_else(|| meta.last_membership.membership().get_node(&source))
+                .map(|addrs| addrs.cluster_addr.clone());
+            let Some(addr) = addr else {
+                return NodeReply::Error(format!("the snapshot's sender, node {source}, is not a member"));
             };
             tracing::info!(group = %id, source, up_to = promise.next_offset, "copying the partition's segments from the leader (segment transfer)");
-            if let Err(error) = self.copy_segments(id, &group.log, addr).await {
-                tracing::warn!(group = %id, %error, "segment transfer failed; the leader sends the snapshot again");
-                return NodeReply::Error(format!("segment transfer from node {source}: {error}"));
+            match self.copy_segments(id, &group.log, addr, promise.next_offset).await {
+                Ok(staged) => *group.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(staged),
+                Err(error) => {
+                    tracing::warn!(group = %id, %error, "segment transfer failed; the leader sends the snapshot again");
+                    return NodeReply::Error(format!("segment transfer from node {source}: {error}"));
+                }
             }
         }
-        install.await
+        let reply = install.await;
+        // A copy the install did not take (its vote was refused after all)
+        // is dropped; its staging directory goes with the next copy or open.
+        group.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+        reply
     }
 
-    async fn copy_segments(&self, id: &GroupId, log: &Arc<ChannelLog>, addr: String) -> Result<(), String> {
+    async fn copy_segments(
+        &self,
+        id: &GroupId,
+        log: &Arc<ChannelLog>,
+        addr: String,
+        up_to: u64,
+    ) -> Result<partition::StagedCopy, String> {
         let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
         let mut call = async |request: PartitionRequest| {
             let request = NodeRequest::Partition { group: id.clone(), request };
@@ -334,8 +363,18 @@ impl Replicas {
                 other => Err(format!("unexpected answer {other:?}")),
             }
         };
-        let copies = match call(PartitionRequest::SegmentsToCopy).await? {
-            PartitionReply::SegmentsToCopy(copies) if copies.len() <= TRANSFER_SEGMENTS_MAX => copies,
+        let copies = match call(PartitionRequest::SegmentsToCopy { up_to }).await? {
+            PartitionReply::SegmentsToCopy(copies)
+                if copies.len() <= TRANSFER_SEGMENTS_MAX
+                    && copies.iter().all(|copy| copy.bytes <= TRANSFER_SEGMENT_BYTES_MAX) =>
+            {
+                copies
+            }
+            PartitionReply::SegmentsToCopy(_) => {
+                return Err(format!(
+                    "more than TRANSFER_SEGMENTS_MAX ({TRANSFER_SEGMENTS_MAX}) segments, or one above TRANSFER_SEGMENT_BYTES_MAX ({TRANSFER_SEGMENT_BYTES_MAX} bytes)"
+                ));
+            }
             other => return Err(format!("unexpected answer {other:?}")),
         };
         let begin = Arc::clone(log);
@@ -370,13 +409,15 @@ impl Replicas {
                     .map_err(|error| error.to_string())?;
             }
         }
-        let adopt = Arc::clone(log);
-        tokio::task::spawn_blocking(move || adopt.adopt_transfer(transfer))
-            .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?;
-        tracing::info!(group = %id, segments = copies.len(), bytes = copied, next_offset = log.next_offset(), "segment transfer done");
-        Ok(())
+        let check = Arc::clone(log);
+        let (transfer, end) = tokio::task::spawn_blocking(move || {
+            check.check_transfer(&mut transfer, &copies).map(|end| (transfer, end))
+        })
+        .await
+        .map_err(|error| error.to_string())?
+        .map_err(|error| error.to_string())?;
+        tracing::info!(group = %id, bytes = copied, next_offset = end.next_offset, "segments copied and checked");
+        Ok(partition::StagedCopy { end, transfer })
     }
 
     /// `weir cluster move-replica`: moves `from`'s replica of a partition to
@@ -401,22 +442,18 @@ impl Replicas {
         if metrics.state != ServerState::Leader {
             return NodeReply::NotLeader { leader: self.partition_leader_addrs(&id, metrics.current_leader) };
         }
-        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        // The newest configuration: a change cut short by a change of leader
+        // leaves the group in a joint one (old and new voters), which only
+        // another change ends.
+        let configs = metrics.membership_config.membership().get_joint_config().clone();
+        let joint = configs.len() > 1;
+        let voters: BTreeSet<NodeId> = configs.last().cloned().unwrap_or_default();
         let target: BTreeSet<NodeId> = voters.iter().copied().filter(|&voter| voter != from).chain([to]).collect();
-        if from != to
-            && !placed.contains(&from)
-            && !voters.contains(&from)
-            && placed.contains(&to)
-            && voters.contains(&to)
-        {
-            return NodeReply::MembershipChanged { voters: voters.into_iter().collect() };
+        let voters_moved = from != to && !voters.contains(&from) && voters.contains(&to);
+        if from == to || (!voters_moved && !voters.contains(&from)) {
+            return NodeReply::Error(format!("node {from} is not a voter of {id} (voters: {voters:?})"));
         }
-        if from == to || (!placed.contains(&from) && !voters.contains(&from)) {
-            return NodeReply::Error(format!("node {from} holds no replica of {id} (replicas: {placed:?})"));
-        }
-        if placed.contains(&to) && voters.contains(&to) && !voters.contains(&from) {
-            // Done but for the last step.
-        } else if voters.contains(&to) {
+        if !voters_moved && voters.contains(&to) {
             return NodeReply::Error(format!("node {to} holds a replica of {id} already"));
         }
         let Some(to_addrs) =
@@ -439,7 +476,7 @@ impl Replicas {
             }
         }
         // 2. A learner, caught up.
-        if !voters.contains(&to) {
+        if !voters_moved {
             let added = match metrics.membership_config.membership().get_node(&to) {
                 Some(_) => metrics.membership_config.log_id().map_or(0, |log_id| log_id.index),
                 None => match group.raft.add_learner(to, to_addrs, false).await {
@@ -470,13 +507,19 @@ impl Replicas {
                 ));
             }
         }
-        // 3. The voters: the old set and the new one through joint consensus.
-        if voters != target {
+        // 3. The voters: the old set and the new one through joint consensus
+        // (or the end of a joint configuration a cut-short move left).
+        if !voters_moved || joint {
             tracing::info!(group = %id, from, to, ?target, "changing the partition's voters");
-            if let Err(error) =
-                group.raft.change_membership(ChangeMembers::ReplaceAllVoters(target.clone()), false).await
-            {
-                return NodeReply::Error(format!("changing the voters of {id}: {error}"));
+            let change = group.raft.change_membership(ChangeMembers::ReplaceAllVoters(target.clone()), false);
+            match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, change).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return NodeReply::Error(format!("changing the voters of {id}: {error}")),
+                Err(_) => {
+                    return NodeReply::Error(format!(
+                        "the voters of {id} did not change within {LEADERSHIP_REPORT_TIMEOUT:?}: run the move again to finish it"
+                    ));
+                }
             }
         }
         // 4. `from` out of the placement: it stops the group.
@@ -852,12 +895,15 @@ impl Replicas {
         let dir = self.data_dir.join("cluster").join("partitions").join(&id.channel);
         let path = dir.join(format!("{}.redb", id.partition));
         let (host, channel, partition) = (Arc::clone(host), id.channel.clone(), id.partition);
+        let staged = partition::StagedCopySlot::default();
+        let machine_staged = Arc::clone(&staged);
         let (store, machine, log) = tokio::task::spawn_blocking(move || {
             let hosted = host.open_partition(&channel, partitions, partition)?;
             std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
             let (store, machine) = partition::open(&path, Arc::clone(&hosted.log))
                 .map_err(|error| format!("{}: {error}", path.display()))?;
-            Ok::<_, String>((store, machine.on_applied(hosted.appended), hosted.log))
+            let machine = machine.on_applied(hosted.appended).with_staged_copies(machine_staged);
+            Ok::<_, String>((store, machine, hosted.log))
         })
         .await
         .map_err(|error| error.to_string())??;
@@ -897,7 +943,7 @@ impl Replicas {
         tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.stop.clone()));
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
-        Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), answers })
+        Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), staged, answers })
     }
 
     /// Stops every hosted group.

@@ -120,8 +120,11 @@ pub enum PartitionRequest {
         meta: PartitionSnapshotMeta,
         promise: SnapshotPromise,
     },
-    /// Segment transfer: the segments a replica that holds nothing copies.
-    SegmentsToCopy,
+    /// Segment transfer: the segments a replica that holds nothing copies
+    /// to hold the offsets before `up_to` (where the snapshot ends).
+    SegmentsToCopy {
+        up_to: u64,
+    },
     /// Segment transfer: bytes of one segment's `.log` file (at most
     /// `TRANSFER_CHUNK_BYTES`).
     ReadSegment {

@@ -18,7 +18,7 @@ use super::segment::{self, LOG_EXTENSION, RecoveryReport, Segment, SegmentRole, 
 mod transfer;
 
 pub(crate) use transfer::TRANSFER_DIR;
-pub use transfer::{SegmentCopy, SegmentTransfer, TRANSFER_SEGMENTS_MAX};
+pub use transfer::{CopyEnd, SegmentCopy, SegmentTransfer, TRANSFER_SEGMENTS_MAX};
 
 use crate::record::{self, BATCH_HEADER_BYTES, BatchHeader, EntryKind, Message, Record, RecordError, RecordIter};
 

@@ -33,7 +33,7 @@ pub use channel::{CHANNEL_SETTINGS_FILE, Channel, ChannelSettings, PARTITIONS_LI
 pub use channel_name::{ChannelName, ChannelNameError};
 pub use error::StorageError;
 pub use log::{
-    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch,
+    APPEND_BATCH_BYTES_MAX, Appended, ChannelLog, CopyEnd, FsyncPolicy, LogConfig, LogCounters, LogStats, NewBatch,
     REPLICATED_DEDUP_WINDOW_ENTRIES, RaftPosition, ReadBatch, RecordSlices, RetentionOutcome, RetentionPolicy,
     STORAGE_FULL_RETRY_INTERVAL, SegmentCopy, SegmentTransfer, StartOffsetListener, TRANSFER_SEGMENTS_MAX, now_us,
 };

@@ -680,6 +680,30 @@ impl Segment {
         Ok(())
     }
 
+    /// Calls `visit` with the first offset and the byte position of every
+    /// batch header (format version 2), in order, from what recovery or an
+    /// append verified: where a segment copy may be cut (segment transfer).
+    /// A segment holding kept damage visits nothing.
+    ///
+    /// # Errors
+    /// The segment could not be read.
+    pub fn visit_batches_at(&self, mut visit: impl FnMut(u64, u64)) -> Result<(), StorageError> {
+        let visible_len = self.state().visible_len;
+        let start = FILE_HEADER_BYTES as u64;
+        if self.version == FORMAT_VERSION_1 || visible_len <= start || !self.damage.is_empty() {
+            return Ok(());
+        }
+        let data = self.log.read_range(start, (visible_len - start) as usize).at(&self.log_path)?;
+        let mut position = 0usize;
+        while let Some(meta) = data.get(position..).and_then(record::verified_frame_meta) {
+            if meta.batch.is_some() {
+                visit(meta.offset, start + position as u64);
+            }
+            position += meta.len;
+        }
+        Ok(())
+    }
+
     /// As [`Segment::visit_batches`], but every frame's CRC is checked, and
     /// a segment that holds damage recovery kept, or a frame that does not
     /// verify, is an error: for state every replica must rebuild alike

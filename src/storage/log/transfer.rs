@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{ChannelLog, LogConfig, list_segments, remove_segment_files};
 use crate::storage::error::{IoContext, StorageError};
 use crate::storage::fs::{FileSystem, OpenMode, StorageFile};
-use crate::storage::segment::{self, LOG_EXTENSION};
+use crate::storage::segment::{self, LOG_EXTENSION, Segment};
 
 /// The staging directory of a transfer, inside the partition's directory.
 pub(crate) const TRANSFER_DIR: &str = "segment-transfer";
@@ -48,26 +48,63 @@ pub struct SegmentTransfer {
     /// The segment being written, and the bytes it holds.
     current: Option<(u64, Box<dyn StorageFile>)>,
     bases: Vec<u64>,
+    /// Set by [`ChannelLog::check_transfer`]: where the checked copy ends.
+    checked: Option<CopyEnd>,
+}
+
+/// Where a checked copy ends: its next offset and last batch header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyEnd {
+    pub next_offset: u64,
+    pub last_raft_entry: Option<super::RaftPosition>,
 }
 
 impl ChannelLog {
-    /// The segments a replica that holds nothing copies from this log: all
-    /// of them, each up to what readers may see now.
+    /// The segments a replica that holds nothing copies from this log to
+    /// hold offsets up to `up_to` (exclusive), the last one cut where the
+    /// batch at `up_to` starts (or whole, when it ends there).
     ///
     /// # Errors
-    /// The log holds damage that recovery kept (a copy would spread it).
-    pub fn segments_to_copy(&self) -> Result<Vec<SegmentCopy>, StorageError> {
-        let segments = self.segments();
-        segments
-            .values()
-            .map(|segment| match segment.first_damage_position() {
-                Some(position) => Err(StorageError::InvalidFile {
+    /// The log holds damage that recovery kept (a copy would spread it),
+    /// does not reach `up_to`, starts after it (retention), or no batch
+    /// starts at `up_to`.
+    pub fn segments_to_copy(&self, up_to: u64) -> Result<Vec<SegmentCopy>, StorageError> {
+        let invalid = |problem: String| StorageError::InvalidFile { path: self.dir.clone(), problem };
+        if up_to == 0 || up_to > self.next_offset() || up_to <= self.start_offset() {
+            return Err(invalid(format!(
+                "a copy up to offset {up_to} was asked for, and this log holds offsets {}..{}",
+                self.start_offset(),
+                self.next_offset()
+            )));
+        }
+        let segments: Vec<Arc<Segment>> =
+            self.segments().range(..up_to).map(|(_, segment)| Arc::clone(segment)).collect();
+        let mut copies = Vec::with_capacity(segments.len());
+        for segment in segments {
+            if let Some(position) = segment.first_damage_position() {
+                return Err(StorageError::InvalidFile {
                     path: segment.log_path.clone(),
                     problem: format!("holds damage at byte {position}; it is not copied to another replica"),
-                }),
-                None => Ok(SegmentCopy { base_offset: segment.base_offset, bytes: segment.state().visible_len }),
-            })
-            .collect()
+                });
+            }
+            let (visible_len, next_offset) = {
+                let state = segment.state();
+                (state.visible_len, state.next_offset)
+            };
+            let bytes = if next_offset <= up_to {
+                visible_len
+            } else {
+                let mut cut = None;
+                segment.visit_batches_at(|offset, position| {
+                    if offset == up_to {
+                        cut.get_or_insert(position);
+                    }
+                })?;
+                cut.ok_or_else(|| invalid(format!("no batch starts at offset {up_to}")))?
+            };
+            copies.push(SegmentCopy { base_offset: segment.base_offset, bytes });
+        }
+        Ok(copies)
     }
 
     /// Up to `len` bytes of the `.log` file of the segment at
@@ -94,7 +131,8 @@ impl ChannelLog {
     /// staging directory.
     ///
     /// # Errors
-    /// The log holds records (a copy never replaces them), or the staging
+    /// The log holds records (a copy never replaces them), a copy that
+    /// failed while it was moved in waits for the next open, or the staging
     /// directory cannot be made.
     pub fn begin_transfer(&self) -> Result<SegmentTransfer, StorageError> {
         if !self.holds_nothing() {
@@ -104,22 +142,76 @@ impl ChannelLog {
             });
         }
         let dir = self.dir.join(TRANSFER_DIR);
+        if self.fs.exists(&dir.join(TRANSFER_COMPLETE)).at(&dir)? {
+            return Err(StorageError::InvalidFile {
+                path: dir,
+                problem: "a segment copy failed while it was moved in; restart the broker to finish it".into(),
+            });
+        }
         if self.fs.exists(&dir).at(&dir)? {
             self.fs.remove_dir_all(&dir).at(&dir)?;
         }
         super::super::fs::create_dir_all_durable(&*self.fs, &dir).at(&dir)?;
-        Ok(SegmentTransfer { fs: Arc::clone(&self.fs), dir, current: None, bases: Vec::new() })
+        Ok(SegmentTransfer { fs: Arc::clone(&self.fs), dir, current: None, bases: Vec::new(), checked: None })
     }
 
-    /// Checks the copy (opening it runs recovery over every record and
-    /// builds its indexes), moves it into place and serves it from now on.
+    /// Syncs the copy and checks it, without holding up this log: the
+    /// segments announced (`copies`), each of its announced length, and
+    /// opening them runs recovery over every record (CRCs checked, indexes
+    /// built) and finds no damage and nothing to cut.
     ///
     /// # Errors
-    /// The copy is not a valid log, this log took records meanwhile, or a
-    /// file operation failed (the copy is then finished, or removed, by the
-    /// next open).
-    pub fn adopt_transfer(&self, mut transfer: SegmentTransfer) -> Result<(), StorageError> {
+    /// The copy is not that whole, valid log.
+    pub fn check_transfer(
+        &self,
+        transfer: &mut SegmentTransfer,
+        copies: &[SegmentCopy],
+    ) -> Result<CopyEnd, StorageError> {
         let staged = transfer.finish()?;
+        let invalid = |problem: String| StorageError::InvalidFile { path: transfer.dir.clone(), problem };
+        if staged != copies.iter().map(|copy| copy.base_offset).collect::<Vec<_>>() {
+            return Err(invalid(format!("the copy holds segments {staged:?}, not those announced")));
+        }
+        for copy in copies {
+            let path = transfer.dir.join(segment::file_name(copy.base_offset, LOG_EXTENSION));
+            let len = self.fs.open(&path, OpenMode::Existing).at(&path)?.len();
+            if len != copy.bytes {
+                return Err(invalid(format!("{} holds {len} bytes, {} were announced", path.display(), copy.bytes)));
+            }
+        }
+        // Checked strictly: damage anywhere in a copy refuses it.
+        let strict = LogConfig { replicated: false, fsync: super::FsyncPolicy::Always, ..self.config.clone() };
+        let checked =
+            ChannelLog::open_partition(Arc::clone(&self.fs), &transfer.dir, self.name.clone(), self.partition, strict)?;
+        if checked.segments().values().any(|segment| segment.first_damage_position().is_some()) {
+            return Err(invalid("the copied segments hold damage".into()));
+        }
+        let copied: u64 = copies.iter().map(|copy| copy.bytes).sum();
+        let opened: u64 = checked.segments().values().map(|segment| segment.written_len()).sum();
+        if opened != copied {
+            return Err(invalid(format!("recovery cut the copy from {copied} to {opened} bytes: it is not whole")));
+        }
+        let end = CopyEnd { next_offset: checked.next_offset(), last_raft_entry: checked.last_raft_entry() };
+        checked.close()?;
+        drop(checked);
+        transfer.checked = Some(end);
+        Ok(end)
+    }
+
+    /// Moves a checked copy into place and serves it from now on. After its
+    /// marker is written, a failure leaves this log refusing appends until
+    /// a restart, whose open finishes the move.
+    ///
+    /// # Errors
+    /// The copy was not checked, this log took records meanwhile, or a
+    /// file operation failed.
+    pub fn adopt_transfer(&self, transfer: SegmentTransfer) -> Result<(), StorageError> {
+        if transfer.checked.is_none() {
+            return Err(StorageError::InvalidFile {
+                path: transfer.dir.clone(),
+                problem: "a segment copy is adopted only once checked".into(),
+            });
+        }
         // Appends wait until the copy is in place.
         let mut writer = self.lock_writer();
         if writer.next_offset != 0 || writer.last_raft_entry.is_some() {
@@ -128,28 +220,27 @@ impl ChannelLog {
                 problem: "the log took records while a segment copy was received; the copy is dropped".into(),
             });
         }
-        // Checked strictly: damage anywhere in a copy refuses it.
-        let strict = LogConfig { replicated: false, fsync: super::FsyncPolicy::Always, ..self.config.clone() };
-        let checked =
-            ChannelLog::open_partition(Arc::clone(&self.fs), &transfer.dir, self.name.clone(), self.partition, strict)?;
-        if checked.segments().values().any(|segment| segment.first_damage_position().is_some()) {
-            return Err(StorageError::InvalidFile {
-                path: transfer.dir.clone(),
-                problem: "the copied segments hold damage".into(),
+        let moved = write_marker(&*self.fs, &transfer.dir, &transfer.bases)
+            .and_then(|()| finish_pending_transfer(&*self.fs, &self.dir))
+            .and_then(|()| {
+                ChannelLog::open_recovering(
+                    Arc::clone(&self.fs),
+                    &self.dir,
+                    self.name.clone(),
+                    self.partition,
+                    self.config.clone(),
+                    None,
+                )
             });
-        }
-        checked.close()?;
-        drop(checked);
-        write_marker(&*self.fs, &transfer.dir, &staged)?;
-        finish_pending_transfer(&*self.fs, &self.dir)?;
-        let adopted = ChannelLog::open_recovering(
-            Arc::clone(&self.fs),
-            &self.dir,
-            self.name.clone(),
-            self.partition,
-            self.config.clone(),
-            None,
-        )?;
+        let adopted = match moved {
+            Ok(adopted) => adopted,
+            Err(error) => {
+                // The files may be half moved: nothing more is written here
+                // until the next open finishes the move.
+                writer.failure = Some(format!("a segment copy failed while it was moved in: {error}"));
+                return Err(error);
+            }
+        };
         let mut adopted_writer = adopted.lock_writer();
         std::mem::swap(&mut *writer, &mut *adopted_writer);
         drop(adopted_writer);
@@ -201,6 +292,9 @@ impl SegmentTransfer {
 
     /// Syncs the copy; returns its segments' base offsets.
     fn finish(&mut self) -> Result<Vec<u64>, StorageError> {
+        if self.checked.is_some() {
+            return Ok(self.bases.clone());
+        }
         self.sync_current()?;
         self.fs.sync_dir(&self.dir).at(&self.dir)?;
         if self.bases.is_empty() {
@@ -260,7 +354,10 @@ pub(super) fn finish_pending_transfer(fs: &dyn FileSystem, dir: &Path) -> Result
             remove_segment_files(fs, dir, base)?;
         }
     }
-    for name in fs.list(&staging).at(&staging)? {
+    let mut names = fs.list(&staging).at(&staging)?;
+    // In order: a crash midway leaves the oldest segments moved in.
+    names.sort();
+    for name in names {
         if segment::parse_file_name(&name).is_some() {
             fs.rename(&staging.join(&name), &dir.join(&name)).at(staging.join(&name))?;
         }
