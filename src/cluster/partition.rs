@@ -779,4 +779,73 @@ mod tests {
         machine.install_snapshot(&meta, SnapshotPromise { next_offset: 0 }).await.unwrap();
         assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 9)));
     }
+
+    /// Segment transfer: a snapshot past a log that holds nothing is
+    /// installed from the copy received for it (the same records, applied
+    /// up to the snapshot, the same after reopening); a copy that does not
+    /// end where the snapshot does is not used. A crash after the snapshot
+    /// was recorded with a copy and before the copy was moved in leaves,
+    /// at the next open, a replica that holds nothing (not one refusing to
+    /// start for records it never had).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_past_an_empty_log_is_installed_from_its_copy_and_a_crash_midway_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut source, source_log) = open_in(&dir.path().join("source")).unwrap();
+        let entries = (1..=9).map(|index| publish_entry(1, index, &["a", "b"], 1_000 + index)).collect();
+        apply(&mut source, entries).await.unwrap();
+        let up_to = source_log.next_offset();
+        let stage = |log: &Arc<ChannelLog>, up_to: u64| {
+            let copies = source_log.segments_to_copy(up_to).unwrap();
+            let mut transfer = log.begin_transfer().unwrap();
+            for copy in &copies {
+                let bytes = source_log.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
+                transfer.append(copy.base_offset, &bytes).unwrap();
+            }
+            let end = log.check_transfer(&mut transfer, &copies).unwrap();
+            StagedCopy { end, transfer }
+        };
+        let meta =
+            PartitionSnapshotMeta { last_log_id: Some(id(1, 9)), last_membership: PartitionMembership::default() };
+        let promise = SnapshotPromise { next_offset: up_to };
+
+        let target_dir = dir.path().join("target");
+        let (_, machine, log) = open_in(&target_dir).unwrap();
+        let slot = StagedCopySlot::default();
+        let mut machine = machine.with_staged_copies(Arc::clone(&slot));
+        // A copy that ends before the snapshot is not used.
+        *slot.lock().unwrap() = Some(stage(&log, up_to - 2));
+        assert!(machine.install_snapshot(&meta, promise.clone()).await.is_err());
+        assert_eq!(log.next_offset(), 0);
+        *slot.lock().unwrap() = Some(stage(&log, up_to));
+        machine.install_snapshot(&meta, promise.clone()).await.unwrap();
+        assert_eq!(log.next_offset(), up_to);
+        assert_eq!(log.last_raft_entry(), source_log.last_raft_entry());
+        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 9)));
+        drop((machine, log));
+        let (_, mut reopened, log) = open_in(&target_dir).unwrap();
+        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 9)));
+        assert_eq!(log.next_offset(), up_to);
+
+        let crashed_dir = dir.path().join("crashed");
+        let (_, machine, _) = open_in(&crashed_dir).unwrap();
+        let applied =
+            Applied { last_applied: Some(id(1, 9)), membership: PartitionMembership::default(), next_offset: up_to };
+        let (applied, snapshot) = (
+            super::super::raft_log::encode(&applied).unwrap(),
+            super::super::raft_log::encode(&(&meta, &promise)).unwrap(),
+        );
+        write_txn(&machine.db, move |txn| {
+            let mut table = txn.open_table(super::super::raft_log::STATE).map_err(io::Error::other)?;
+            table.insert(TRANSFER, super::super::raft_log::encode(&true)?.as_slice()).map_err(io::Error::other)?;
+            table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
+            table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        drop(machine);
+        let (_, mut reopened, log) = open_in(&crashed_dir).expect("a replica whose copy never got there starts");
+        assert_eq!(reopened.applied_state().await.unwrap().0, None);
+        assert_eq!(log.next_offset(), 0);
+    }
 }

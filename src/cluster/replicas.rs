@@ -67,6 +67,10 @@ pub const SNAPSHOT_INSTALL_TIMEOUT_MS: u64 = 600_000;
 /// the CLI's own wait for an answer); it goes on catching up after that,
 /// and the move, run again, resumes.
 pub const MOVE_CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+/// A new replica counts as caught up once it holds the entry that added
+/// it and lags the leader by at most this many entries: under load, the
+/// new voters then include it nearly up to date.
+pub const MOVE_CATCH_UP_LAG_ENTRIES: u64 = 1000;
 /// How often a partition group considers a snapshot.
 const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often a node looks for partitions it leads whose leadership the
@@ -218,6 +222,8 @@ pub struct Replicas {
     channels: watch::Receiver<MetadataState>,
     /// Cancelled when the node stops.
     stop: CancellationToken,
+    /// Held by a replica move.
+    moves: tokio::sync::Mutex<()>,
 }
 
 impl Replicas {
@@ -255,6 +261,7 @@ impl Replicas {
             groups: RwLock::new(HashMap::new()),
             channels,
             stop,
+            moves: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -429,6 +436,10 @@ impl Replicas {
     /// (openraft's joint consensus), then `from` is taken out of the
     /// placement (it stops the group; its files stay).
     pub(super) async fn move_replica(&self, channel: &str, partition: u32, from: NodeId, to: NodeId) -> NodeReply {
+        // One move at a time on this node: each reads the placement it
+        // changes (the metadata group also refuses a step made from an
+        // older view).
+        let _moving = self.moves.lock().await;
         let id = GroupId { channel: channel.to_string(), partition };
         let Some(placed) =
             self.channels.borrow().channels.get(channel).and_then(|c| c.replicas.get(partition as usize).cloned())
@@ -471,7 +482,7 @@ impl Replicas {
         // initialising it: it is not the first replica).
         if !placed.contains(&to) {
             let replicas: Vec<NodeId> = placed.iter().copied().chain([to]).collect();
-            if let Err(error) = self.place(&id, replicas).await {
+            if let Err(error) = self.place(&id, placed.clone(), replicas).await {
                 return NodeReply::Error(format!("adding node {to} to the placement: {error}"));
             }
         }
@@ -490,8 +501,13 @@ impl Replicas {
                 .metrics(
                     |metrics| {
                         let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&to));
+                        let last = metrics.last_log_index.unwrap_or(0);
                         metrics.state != ServerState::Leader
-                            || matched.is_some_and(|matched| matched.is_some_and(|log_id| log_id.index >= added))
+                            || matched.is_some_and(|matched| {
+                                matched.is_some_and(|log_id| {
+                                    log_id.index >= added && log_id.index + MOVE_CATCH_UP_LAG_ENTRIES >= last
+                                })
+                            })
                     },
                     "the new replica caught up, or this node no longer leads",
                 )
@@ -523,6 +539,7 @@ impl Replicas {
             }
         }
         // 4. `from` out of the placement: it stops the group.
+        let placed = self.placed(&id).unwrap_or_default();
         let replicas: Vec<NodeId> =
             placed.iter().copied().filter(|&node| node != from).chain([to]).fold(Vec::new(), |mut replicas, node| {
                 if !replicas.contains(&node) {
@@ -530,7 +547,9 @@ impl Replicas {
                 }
                 replicas
             });
-        if let Err(error) = self.place(&id, replicas).await {
+        if replicas != placed
+            && let Err(error) = self.place(&id, placed.clone(), replicas).await
+        {
             return NodeReply::Error(format!(
                 "the voters of {id} changed, but taking node {from} out of the placement failed ({error}): run the move again to finish it"
             ));
@@ -541,22 +560,37 @@ impl Replicas {
 
     /// Commits a partition's new replicas to the metadata group, and waits
     /// until this node applied it.
-    async fn place(&self, id: &GroupId, replicas: Vec<NodeId>) -> Result<(), String> {
+    async fn place(&self, id: &GroupId, expected: Vec<NodeId>, replicas: Vec<NodeId>) -> Result<(), String> {
         let command = MetadataCommand::PlaceReplicas {
             channel: id.channel.clone(),
             partition: id.partition,
+            expected: expected.clone(),
             replicas: replicas.clone(),
         };
         self.propose(command).await?;
+        let placed = |state: &MetadataState| {
+            state.channels.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize)).cloned()
+        };
         let mut channels = self.channels.clone();
-        let applied = channels.wait_for(|state| {
-            state.channels.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize))
-                == Some(&replicas)
-        });
+        let applied = channels.wait_for(|state| placed(state).is_none_or(|now| now != expected));
         match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, applied).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(state)) if placed(&state).as_ref() == Some(&replicas) => Ok(()),
+            Ok(Ok(state)) => Err(format!(
+                "the placement changed meanwhile (another move?): now {:?}",
+                placed(&state).unwrap_or_default()
+            )),
             _ => Err("committed, but not applied on this node in time".into()),
         }
+    }
+
+    /// The replicas the metadata group places `id` on, as this node last
+    /// applied it.
+    fn placed(&self, id: &GroupId) -> Option<Vec<NodeId>> {
+        self.channels
+            .borrow()
+            .channels
+            .get(&id.channel)
+            .and_then(|channel| channel.replicas.get(id.partition as usize).cloned())
     }
 
     /// A partition's leader and its addresses, for `NotLeader`: the one this

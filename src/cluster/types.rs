@@ -35,10 +35,12 @@ pub enum MetadataCommand {
     /// partitions, as a node's subscribers acknowledged them (at most
     /// [`POSITIONS_PER_COMMAND_MAX`]).
     CommitPositions { positions: Vec<ReplicatedPosition> },
-    /// A partition's replicas changed (a replica move, proposed by the
-    /// partition's leader at each of its steps): first the new replica
-    /// added, then the old one taken out.
-    PlaceReplicas { channel: String, partition: u32, replicas: Vec<NodeId> },
+    /// A partition's replicas changed from `expected` (a replica move,
+    /// proposed by the partition's leader at each of its steps: first the
+    /// new replica added, then the old one taken out); applied only if the
+    /// partition's replicas are still `expected`, so that two moves never
+    /// overwrite each other's steps.
+    PlaceReplicas { channel: String, partition: u32, expected: Vec<NodeId>, replicas: Vec<NodeId> },
 }
 
 /// Most replicas one partition lists: a replication factor of 5, plus the
@@ -86,7 +88,7 @@ impl fmt::Display for MetadataCommand {
             ),
             MetadataCommand::PartitionLeaders { reports } => write!(f, "{} partition leaders", reports.len()),
             MetadataCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
-            MetadataCommand::PlaceReplicas { channel, partition, replicas } => {
+            MetadataCommand::PlaceReplicas { channel, partition, replicas, .. } => {
                 write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
             }
         }
@@ -159,7 +161,7 @@ impl MetadataState {
                     *offset = (*offset).max(position.offset);
                 }
             }
-            MetadataCommand::PlaceReplicas { channel, partition, replicas } => {
+            MetadataCommand::PlaceReplicas { channel, partition, expected, replicas } => {
                 let distinct = replicas.iter().collect::<std::collections::BTreeSet<_>>().len() == replicas.len();
                 if replicas.is_empty() || replicas.len() > PARTITION_REPLICAS_MAX || !distinct {
                     return;
@@ -169,6 +171,9 @@ impl MetadataState {
                 else {
                     return;
                 };
+                if placed != expected {
+                    return;
+                }
                 placed.clone_from(replicas);
                 // A reported leader that is no replica any more is stale.
                 if let Some(leaders) = self.leaders.get_mut(channel)
@@ -238,30 +243,34 @@ mod tests {
 
     /// A placement change replaces a partition's replicas and forgets a
     /// reported leader that is no replica any more; one for a partition
-    /// that does not exist, an empty list, duplicates and too long a list
-    /// change nothing.
+    /// that does not exist, an empty list, duplicates, too long a list, and
+    /// one that expected other replicas than the partition has change
+    /// nothing.
     #[test]
     fn placements_change_with_valid_replica_lists_only() {
         let mut state = state();
-        let place = |partition, replicas: &[NodeId]| MetadataCommand::PlaceReplicas {
+        let place = |partition, expected: &[NodeId], replicas: &[NodeId]| MetadataCommand::PlaceReplicas {
             channel: "orders".into(),
             partition,
+            expected: expected.to_vec(),
             replicas: replicas.to_vec(),
         };
         state.apply(&MetadataCommand::PartitionLeaders {
             reports: vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 1, term: 3 }],
         });
-        state.apply(&place(0, &[1, 2, 3, 4]));
+        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 4]));
         assert_eq!(state.channels["orders"].replicas[0], vec![1, 2, 3, 4]);
         assert_eq!(state.reported_leader("orders", 0).map(|leader| leader.node), Some(1));
-        state.apply(&place(0, &[2, 3, 4]));
+        state.apply(&place(0, &[1, 2, 3, 4], &[2, 3, 4]));
         assert_eq!(state.channels["orders"].replicas[0], vec![2, 3, 4]);
         assert_eq!(state.reported_leader("orders", 0), None);
         let before = state.clone();
-        state.apply(&place(5, &[1]));
-        state.apply(&place(1, &[]));
-        state.apply(&place(1, &[2, 2, 3]));
-        state.apply(&place(1, &[1, 2, 3, 4, 5, 6, 7]));
+        state.apply(&place(5, &[1], &[1]));
+        state.apply(&place(1, &[2, 3, 1], &[]));
+        state.apply(&place(1, &[2, 3, 1], &[2, 2, 3]));
+        state.apply(&place(1, &[2, 3, 1], &[1, 2, 3, 4, 5, 6, 7]));
+        // Another move's step, made from an older view: not applied.
+        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 5]));
         assert_eq!(state, before);
     }
 
