@@ -1079,6 +1079,15 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     let stop = Arc::new(tokio::sync::Notify::new());
     let addrs: Vec<String> = nodes.iter().chain([&fourth]).map(|node| node.spec.client_addr.clone()).collect();
     let publisher = tokio::spawn(publish_until(Arc::clone(&ledger), addrs.clone(), Arc::clone(&stop)));
+    // And the Rust `Publisher`, idempotent, following the leader through
+    // the move (its retries deduplicated by node 4 too, from the window it
+    // rebuilt from its copy).
+    let idempotent_stop = Arc::new(tokio::sync::Notify::new());
+    let idempotent = tokio::spawn(publish_idempotently(
+        nodes[follower_index].spec.client_addr.clone(),
+        Arc::clone(&idempotent_stop),
+        0,
+    ));
     let acked_at_least = |count: usize| {
         let ledger = Arc::clone(&ledger);
         async move {
@@ -1115,6 +1124,9 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     acked_at_least(after_move + 50).await;
     stop.notify_one();
     publisher.await.unwrap();
+    idempotent_stop.notify_one();
+    let (idempotent, duplicates) = idempotent.await.unwrap();
+    let idempotent: BTreeMap<String, u64> = idempotent.into_iter().collect();
     // Node 4 comes back from what it stored: the copy, the snapshot and
     // the membership recorded with it, the entries after it.
     fourth.kill();
@@ -1184,6 +1196,10 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
             assert_eq!(*payload, format!("f{offset}"), "the filler's record {offset}");
             continue;
         }
+        if payload.starts_with('p') {
+            assert_eq!(idempotent.get(payload), Some(offset), "idempotent {payload} stored but not acknowledged there");
+            continue;
+        }
         assert!(ledger.sent.contains(payload), "{payload} stored but never published");
         match ledger.acked.get(offset) {
             Some(acked) => assert_eq!(acked, payload, "offset {offset} holds another publish than was acknowledged"),
@@ -1196,10 +1212,17 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
             "acknowledged {payload} at offset {offset} is missing"
         );
     }
+    for (payload, offset) in &idempotent {
+        assert!(
+            records.get(*offset as usize).is_some_and(|(_, _, stored)| stored == payload),
+            "idempotent {payload} acknowledged at offset {offset} is missing"
+        );
+    }
     println!(
-        "moved node {leader}'s replica to node 4 under load: {} records, {} acknowledged during the test, {} uncertain, {after_move} acknowledged before the move answered",
+        "moved node {leader}'s replica to node 4 under load: {} records, {} acknowledged during the test, {} uncertain, {after_move} acknowledged before the move answered; idempotent publisher: {} acknowledged, each stored once, {duplicates} answered as retries",
         records.len(),
         ledger.acked.len(),
-        ledger.uncertain.len()
+        ledger.uncertain.len(),
+        idempotent.len()
     );
 }

@@ -537,8 +537,16 @@ impl PublishTask {
             Some(Outcome::Redirect { leader, .. }) => Some(leader.clone()),
             _ => None,
         });
+        // Followed at once the first time; after that, nodes may be sending
+        // it round in a circle on stale views while an election runs (a
+        // follower naming the deposed leader, which names the follower):
+        // each further redirect waits as for no leader.
+        let redirected_before = self.pending.values().any(|b| b.redirected > 0);
         match redirect {
             Some(Some(leader)) => {
+                if redirected_before || leader == self.addr {
+                    tokio::time::sleep(LEADER_UNKNOWN_WAIT).await;
+                }
                 if !self.known_addrs.contains(&leader) && self.known_addrs.len() < KNOWN_NODES_MAX {
                     self.known_addrs.push(leader.clone());
                 }

@@ -632,7 +632,14 @@ impl Replicas {
             (metrics.state, metrics.current_leader)
         };
         if state != ServerState::Leader {
-            let leader = current_leader.and_then(|leader| self.client_addr(leader));
+            // A group that names this node while it does not lead knows of no
+            // leader (it stepped down, or moved its replica away and hears
+            // from no one): the metadata group's report then, never itself,
+            // or a client would be sent back here at once, again and again.
+            let leader = match current_leader.filter(|&leader| leader != self.node_id) {
+                Some(leader) => self.client_addr(leader),
+                None => self.reported_leader_elsewhere(id),
+            };
             return answer(Err(ReplicatedPublishError::NotLeader { leader }));
         }
         let (responder, outcome) = ProgressResponder::complete_only();
@@ -688,6 +695,13 @@ impl Replicas {
             state.reported_leader(&id.channel, id.partition).map_or(preferred, |reported| reported.node)
         };
         self.client_addr(leader)
+    }
+
+    /// The client address of the leader last reported to the metadata
+    /// group for `id`, unless that is this node.
+    fn reported_leader_elsewhere(&self, id: &GroupId) -> Option<String> {
+        let reported = self.channels.borrow().reported_leader(&id.channel, id.partition)?.node;
+        (reported != self.node_id).then(|| self.client_addr(reported)).flatten()
     }
 
     /// Each hosted partition's group as this node sees it, for `weir
