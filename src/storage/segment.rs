@@ -799,7 +799,12 @@ fn open_index(
     let file = match fs.open(&path, OpenMode::Existing) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(path = %path.display(), "index file missing; rebuilding it from the log");
+            // A segment copy from another replica comes without indexes.
+            if dir.file_name().is_some_and(|name| name == super::log::TRANSFER_DIR) {
+                tracing::debug!(path = %path.display(), "building the index of a copied segment");
+            } else {
+                tracing::warn!(path = %path.display(), "index file missing; rebuilding it from the log");
+            }
             return Ok((fs.open(&path, OpenMode::CreateNew).at(&path)?, None));
         }
         Err(error) => return Err(StorageError::Io { path, source: error }),
