@@ -485,10 +485,17 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
     ) -> Result<(), io::Error> {
         let mut held = self.log.next_offset();
         let staged = self.staged.as_ref().and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+        // The copy holds the snapshot's records, exactly: its last batch is
+        // the snapshot's last publish, which may come before the snapshot's
+        // last entry (a blank or membership entry takes no offset).
         let fits = |staged: &StagedCopy| {
-            staged.end.next_offset == promise.next_offset && staged.end.last_raft_entry.map(log_id) == meta.last_log_id
+            staged.end.next_offset == promise.next_offset && staged.end.last_raft_entry.map(log_id) <= meta.last_log_id
         };
-        if held < promise.next_offset
+        // Only into a log that holds nothing (this worker is its only
+        // writer, so it stays so until the copy is in).
+        let holds_nothing = held == 0 && self.log.last_raft_entry().is_none();
+        if holds_nothing
+            && promise.next_offset > 0
             && let Some(staged) = staged.filter(fits)
         {
             self.adopt_copy(meta, &promise, staged.transfer).await?;
@@ -791,7 +798,11 @@ mod tests {
     async fn a_snapshot_past_an_empty_log_is_installed_from_its_copy_and_a_crash_midway_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (_, mut source, source_log) = open_in(&dir.path().join("source")).unwrap();
-        let entries = (1..=9).map(|index| publish_entry(1, index, &["a", "b"], 1_000 + index)).collect();
+        let mut entries: Vec<PartitionEntry> =
+            (1..=9).map(|index| publish_entry(1, index, &["a", "b"], 1_000 + index)).collect();
+        // The snapshot ends on an entry that takes no offset: the copy's
+        // last batch is the entry before it.
+        entries.push(PartitionEntry { log_id: id(1, 10), payload: EntryPayload::Blank });
         apply(&mut source, entries).await.unwrap();
         let up_to = source_log.next_offset();
         let stage = |log: &Arc<ChannelLog>, up_to: u64| {
@@ -805,7 +816,7 @@ mod tests {
             StagedCopy { end, transfer }
         };
         let meta =
-            PartitionSnapshotMeta { last_log_id: Some(id(1, 9)), last_membership: PartitionMembership::default() };
+            PartitionSnapshotMeta { last_log_id: Some(id(1, 10)), last_membership: PartitionMembership::default() };
         let promise = SnapshotPromise { next_offset: up_to };
 
         let target_dir = dir.path().join("target");
@@ -820,16 +831,16 @@ mod tests {
         machine.install_snapshot(&meta, promise.clone()).await.unwrap();
         assert_eq!(log.next_offset(), up_to);
         assert_eq!(log.last_raft_entry(), source_log.last_raft_entry());
-        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 9)));
+        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 10)));
         drop((machine, log));
         let (_, mut reopened, log) = open_in(&target_dir).unwrap();
-        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 9)));
+        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 10)));
         assert_eq!(log.next_offset(), up_to);
 
         let crashed_dir = dir.path().join("crashed");
         let (_, machine, _) = open_in(&crashed_dir).unwrap();
         let applied =
-            Applied { last_applied: Some(id(1, 9)), membership: PartitionMembership::default(), next_offset: up_to };
+            Applied { last_applied: Some(id(1, 10)), membership: PartitionMembership::default(), next_offset: up_to };
         let (applied, snapshot) = (
             super::super::raft_log::encode(&applied).unwrap(),
             super::super::raft_log::encode(&(&meta, &promise)).unwrap(),
