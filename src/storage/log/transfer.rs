@@ -307,12 +307,18 @@ impl SegmentTransfer {
     }
 }
 
+/// Writes the marker whole or not at all: into a temporary file, synced,
+/// then renamed (a power loss mid-write leaves no marker, and the copy is
+/// removed at the next open).
 fn write_marker(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Result<(), StorageError> {
     let path = dir.join(TRANSFER_COMPLETE);
+    let temporary = dir.join(format!("{TRANSFER_COMPLETE}.tmp"));
     let text: String = bases.iter().map(|base| format!("{base}\n")).collect();
-    let file = fs.open(&path, OpenMode::CreateNew).at(&path)?;
-    file.append(text.as_bytes()).at(&path)?;
-    file.sync().at(&path)?;
+    let file = fs.open(&temporary, OpenMode::CreateNew).at(&temporary)?;
+    file.append(text.as_bytes()).at(&temporary)?;
+    file.sync().at(&temporary)?;
+    drop(file);
+    fs.rename(&temporary, &path).at(&path)?;
     fs.sync_dir(dir).at(dir)
 }
 
