@@ -193,6 +193,7 @@ impl ClusterNode {
         let raft = Raft::new(node_id, Arc::new(raft_config), network, log_store, state_machine)
             .await
             .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        status::metrics_loaded::<types::TypeConfig>(raft.metrics()).await;
         let replicas = Arc::new(Replicas::new(
             data_dir.to_path_buf(),
             settings,

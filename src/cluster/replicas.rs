@@ -959,6 +959,7 @@ impl Replicas {
         let raft = PartitionRaft::new(self.node_id, Arc::clone(&self.raft_config), network, store, machine)
             .await
             .map_err(|error| error.to_string())?;
+        super::status::metrics_loaded::<partition::PartitionTypes>(raft.metrics()).await;
         // The first replica initialises the group, once: later starts find
         // its log not empty and are refused harmlessly.
         if replicas.first() == Some(&self.node_id) && !raft.is_initialized().await.map_err(|error| error.to_string())? {

@@ -96,6 +96,21 @@ pub struct MemberStatus {
     pub lag_entries: Option<u64>,
 }
 
+/// How long a node waits, at start, for a group's first real metrics.
+const METRICS_LOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until openraft reported a group's metrics once: until then they
+/// are a placeholder (term 0, no log), not what the group stored, and a
+/// restarted node's `weir cluster status` or gauges would show its term
+/// going back to 0 (seen by the metadata failover test). Gives up after
+/// [`METRICS_LOAD_TIMEOUT`].
+pub(crate) async fn metrics_loaded<C: openraft::RaftTypeConfig>(
+    mut metrics: openraft::alias::WatchReceiverOf<C, RaftMetrics<C>>,
+) {
+    use openraft::async_runtime::watch::WatchReceiver;
+    let _ = tokio::time::timeout(METRICS_LOAD_TIMEOUT, metrics.changed()).await;
+}
+
 pub(crate) fn role_name(state: ServerState) -> &'static str {
     match state {
         ServerState::Leader => "leader",
