@@ -172,7 +172,7 @@ impl PartitionStateMachine {
             // finished the move (the copy was whole and marked so), and what
             // was recorded with it holds; or the copy never got there, and
             // the replica holds nothing, as before the copy.
-            let holds_nothing = log.next_offset() == 0 && log.last_raft_entry().is_none();
+            let holds_nothing = log.holds_nothing();
             tracing::warn!(partition = %log.label(), kept = !holds_nothing, "a segment copy was cut short by a crash");
             let txn = db.begin_write().map_err(io::Error::other)?;
             {
@@ -493,8 +493,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         };
         // Only into a log that holds nothing (this worker is its only
         // writer, so it stays so until the copy is in).
-        let holds_nothing = held == 0 && self.log.last_raft_entry().is_none();
-        if holds_nothing
+        if self.log.holds_nothing()
             && promise.next_offset > 0
             && let Some(staged) = staged.filter(fits)
         {

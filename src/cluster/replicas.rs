@@ -319,7 +319,7 @@ impl Replicas {
     ) -> NodeReply {
         let Some(group) = self.group(id) else { return NodeReply::UnknownGroup };
         let _receiving = group.transfer.lock().await;
-        let holds_nothing = group.log.next_offset() == 0 && group.log.last_raft_entry().is_none();
+        let holds_nothing = group.log.holds_nothing();
         // openraft refuses a snapshot whose vote is older than the group's
         // own: a deposed leader's is not copied.
         let current_vote = group.raft.metrics().borrow_watched().vote;
@@ -441,9 +441,7 @@ impl Replicas {
         // older view).
         let _moving = self.moves.lock().await;
         let id = GroupId { channel: channel.to_string(), partition };
-        let Some(placed) =
-            self.channels.borrow().channels.get(channel).and_then(|c| c.replicas.get(partition as usize).cloned())
-        else {
+        let Some(placed) = self.placed(&id) else {
             return NodeReply::Error(format!("{id} is not a partition of a replicated channel"));
         };
         let Some(group) = self.group(&id) else {

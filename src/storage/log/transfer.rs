@@ -121,8 +121,8 @@ impl ChannelLog {
     }
 
     /// Whether the log holds nothing and never did: one empty segment at
-    /// offset 0, no batch header.
-    fn holds_nothing(&self) -> bool {
+    /// offset 0, no batch header (the only log a segment copy goes into).
+    pub fn holds_nothing(&self) -> bool {
         let writer = self.lock_writer();
         writer.next_offset == 0 && writer.last_raft_entry.is_none() && self.segments().len() == 1
     }
