@@ -77,6 +77,10 @@ pub const NODE_ID_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
 /// Allowed range of `[cluster] heartbeat_interval_ms` and the election
 /// timeouts.
 pub const CLUSTER_TIMEOUT_MS_RANGE: RangeInclusive<u64> = 10..=600_000;
+/// Allowed range of `[cluster] raft_log_entries_max`: at least one
+/// snapshot's worth of entries (`PARTITION_SNAPSHOT_ENTRIES`).
+pub const RAFT_LOG_ENTRIES_MAX_RANGE: RangeInclusive<u64> = 4096..=1 << 24;
+const _: () = assert!(*RAFT_LOG_ENTRIES_MAX_RANGE.start() >= crate::cluster::PARTITION_SNAPSHOT_ENTRIES);
 /// Most nodes `[cluster] nodes` may list.
 pub const CLUSTER_NODES_MAX: usize = 64;
 
@@ -154,6 +158,11 @@ pub struct ClusterConfig {
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_timeout_max_ms")]
     pub election_timeout_max_ms: u64,
+    /// A partition's Raft log snapshots itself (and purges its older
+    /// entries) past this many entries, even while a follower is down; a
+    /// follower further behind catches up by segment transfer.
+    #[serde(default = "default_raft_log_entries_max")]
+    pub raft_log_entries_max: u64,
     /// Mutual TLS on the cluster listener and to the other nodes: this
     /// node's certificate chain and key (PEM), used as server and as
     /// client, and the CA that signs every node's certificate (and the
@@ -194,6 +203,10 @@ fn default_election_timeout_max_ms() -> u64 {
     2000
 }
 
+fn default_raft_log_entries_max() -> u64 {
+    1 << 20
+}
+
 impl ClusterConfig {
     /// The cluster listener's TLS files, when set: certificate, key, CA.
     pub fn tls_files(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
@@ -206,6 +219,7 @@ impl ClusterConfig {
         check_range("cluster.heartbeat_interval_ms", self.heartbeat_interval_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
         check_range("cluster.election_timeout_min_ms", self.election_timeout_min_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
         check_range("cluster.election_timeout_max_ms", self.election_timeout_max_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
+        check_range("cluster.raft_log_entries_max", self.raft_log_entries_max, RAFT_LOG_ENTRIES_MAX_RANGE)?;
         if self.heartbeat_interval_ms >= self.election_timeout_min_ms
             || self.election_timeout_min_ms >= self.election_timeout_max_ms
         {

@@ -1921,14 +1921,27 @@ fn copy_segments(source: &ChannelLog, target: &ChannelLog, chunk: usize, damage:
     target.adopt_transfer(transfer)
 }
 
+/// Copies `source`'s segments up to `up_to` into `target` whole.
+fn copy_up_to(source: &ChannelLog, target: &ChannelLog, up_to: u64) {
+    let copies = source.segments_to_copy(up_to).unwrap();
+    let mut transfer = target.begin_transfer().unwrap();
+    for copy in &copies {
+        transfer
+            .append(copy.base_offset, &source.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap())
+            .unwrap();
+    }
+    target.check_transfer(&mut transfer, &copies).unwrap();
+    target.adopt_transfer(transfer).unwrap();
+}
+
 /// Segment transfer: a log that holds nothing takes a copy of another
 /// replica's segments, and then holds the same records at the same offsets
 /// (its start where the source's is, not 0), the same last Raft entry, and
-/// goes on from there; reopened, it is the same. A log with records
-/// refuses a copy, and a copy with a flipped byte is refused (the target
-/// still holds nothing).
+/// goes on from there; reopened, it is the same. A copy that does not
+/// reach past a log is refused, and so is a copy with a flipped byte (the
+/// target still holds nothing).
 #[test]
-fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_such_a_log() {
+fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_when_it_reaches_past_it() {
     let dir = tempfile::tempdir().unwrap();
     let source = replicated_source(&dir.path().join("source"), 200);
     assert!(source.start_offset() > 0);
@@ -1959,7 +1972,7 @@ fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_such_a_log() {
     assert_eq!(read_all(&reopened, reopened.start_offset()), records);
 
     let refused = copy_segments(&source, &reopened, 1000, false).unwrap_err();
-    assert!(refused.to_string().contains("holds records"), "{refused}");
+    assert!(refused.to_string().contains("does not reach past"), "{refused}");
     assert_eq!(read_all(&reopened, reopened.start_offset()), records);
 
     // A source that starts at 0: its first segment replaces the target's
@@ -1972,6 +1985,62 @@ fn a_segment_copy_fills_a_log_that_holds_nothing_and_only_such_a_log() {
     assert_eq!(read_all(&target_0, 0), expected);
     drop(target_0);
     assert_eq!(read_all(&open(&target_0_dir, config), 0), expected);
+}
+
+/// Segment transfer to a replica that holds records but fell behind: the
+/// copy replaces its log whole. A log holding a prefix of the source (the
+/// same segments, the last one shorter) ends up with the source's
+/// segments, indexes included (reads by offset and by time agree); a log
+/// whose records all come before the source's start (retention on the
+/// source removed what lay between) ends up starting where the source
+/// does. Reopened, both are the same; nothing of the replaced segments is
+/// left in the directory.
+#[test]
+fn a_segment_copy_replaces_a_log_that_fell_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicated_source(&dir.path().join("source"), 300);
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+    let expected = read_all(&source, source.start_offset());
+
+    // A prefix: the first copy ends mid-segment, 40 offsets before the
+    // source's end.
+    let prefix_dir = dir.path().join("prefix");
+    let prefix = open(&prefix_dir, config.clone());
+    let up_to = source.next_offset() - 40;
+    copy_up_to(&source, &prefix, up_to);
+    assert_eq!(prefix.next_offset(), up_to);
+    copy_segments(&source, &prefix, 900, false).unwrap();
+    assert_eq!((prefix.start_offset(), prefix.next_offset()), (source.start_offset(), source.next_offset()));
+    assert_eq!(prefix.last_raft_entry(), source.last_raft_entry());
+    assert_eq!(read_all(&prefix, prefix.start_offset()), expected);
+    let middle = source.start_offset() + (source.next_offset() - source.start_offset()) / 2;
+    assert_eq!(read_all(&prefix, middle), read_all(&source, middle));
+    let middle_time = read_all(&source, middle)[0].timestamp_us;
+    assert_eq!(prefix.offset_for_time(middle_time).unwrap(), source.offset_for_time(middle_time).unwrap());
+    drop(prefix);
+    let reopened = open(&prefix_dir, config.clone());
+    assert_eq!(read_all(&reopened, reopened.start_offset()), expected);
+    assert_eq!(segment_logs(&prefix_dir).len(), source.stats().segment_count as usize);
+
+    // Behind the source's start: none of its own records is kept.
+    let behind_dir = dir.path().join("behind");
+    let behind = replicated_source_from_0(&behind_dir, 5);
+    assert!(behind.next_offset() < source.start_offset());
+    copy_segments(&source, &behind, 4096, false).unwrap();
+    assert_eq!((behind.start_offset(), behind.next_offset()), (source.start_offset(), source.next_offset()));
+    assert_eq!(read_all(&behind, behind.start_offset()), expected);
+    drop(behind);
+    let reopened = open(&behind_dir, config);
+    assert_eq!(read_all(&reopened, reopened.start_offset()), expected);
+    let names: Vec<String> = std::fs::read_dir(&behind_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|name| name.starts_with(&format!("{:020}.", 0))),
+        "a replaced segment is left: {names:?}"
+    );
+    assert!(!names.iter().any(|name| name.contains("torn")), "a replaced segment was set aside: {names:?}");
 }
 
 /// A copy up to an offset ends exactly there, at a batch inside a
@@ -2062,5 +2131,65 @@ fn a_segment_copy_cut_short_is_removed_at_open_and_one_marked_whole_is_finished(
     let log = open(&marked, config);
     assert_eq!(log.start_offset(), source.start_offset());
     assert_eq!(read_all(&log, log.start_offset()), expected);
+    assert!(!marked.join("segment-transfer").exists());
+}
+
+/// A copy replacing a log that fell behind, interrupted by a crash:
+/// without its marker, the next open removes the copy and the log is as it
+/// was; with it, whatever step the crash came after (replaced segments
+/// removed, a segment's log moved in but not its indexes), the next open
+/// finishes the move and the log is the copy, its indexes the copy's.
+#[test]
+fn a_copy_replacing_a_log_is_undone_or_finished_at_open_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = replicated_source(&dir.path().join("source"), 200);
+    let expected = read_all(&source, source.start_offset());
+    let config = LogConfig { segment_bytes: 2048, replicated: true, ..small_config() };
+    let copies = source.segments_to_copy(source.next_offset()).unwrap();
+    assert!(copies.len() >= 3, "{copies:?}");
+    // A log holding the source's first two segments, then the copy staged.
+    let behind = |target_dir: &Path| {
+        let log = open(target_dir, config.clone());
+        copy_up_to(&source, &log, copies[2].base_offset);
+        let held = read_all(&log, log.start_offset());
+        drop(log);
+        let staging = target_dir.join("segment-transfer");
+        std::fs::create_dir(&staging).unwrap();
+        for copy in &copies {
+            let bytes = source.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
+            std::fs::write(staging.join(format!("{:020}.log", copy.base_offset)), bytes).unwrap();
+            // Indexes as the copy's check leaves them: empty ones, which
+            // the open rebuilds; an index of the replaced log would not be.
+            for extension in ["index", "timeindex"] {
+                std::fs::write(staging.join(format!("{:020}.{extension}", copy.base_offset)), []).unwrap();
+            }
+        }
+        (held, staging)
+    };
+
+    let unmarked = dir.path().join("unmarked");
+    let (held, _) = behind(&unmarked);
+    assert_eq!(held.last().unwrap().offset + 1, copies[2].base_offset);
+    let log = open(&unmarked, config.clone());
+    assert_eq!(read_all(&log, log.start_offset()), held);
+    assert!(!unmarked.join("segment-transfer").exists());
+    drop(log);
+
+    let marked = dir.path().join("marked");
+    let (_, staging) = behind(&marked);
+    let list: String = copies.iter().map(|copy| format!("{}\n", copy.base_offset)).collect();
+    std::fs::write(staging.join("complete"), list).unwrap();
+    // The crash came after the first segment's log was moved in over the
+    // replaced one (whose indexes were removed), before its indexes.
+    let first = |extension: &str| format!("{:020}.{extension}", copies[0].base_offset);
+    for extension in ["index", "timeindex"] {
+        std::fs::remove_file(marked.join(first(extension))).unwrap();
+    }
+    std::fs::rename(staging.join(first("log")), marked.join(first("log"))).unwrap();
+    let log = open(&marked, config);
+    assert_eq!((log.start_offset(), log.next_offset()), (source.start_offset(), source.next_offset()));
+    assert_eq!(read_all(&log, log.start_offset()), expected);
+    let middle = copies[1].base_offset + 3;
+    assert_eq!(read_all(&log, middle), read_all(&source, middle));
     assert!(!marked.join("segment-transfer").exists());
 }

@@ -13,9 +13,10 @@
 //! gives a publish the same offsets, and the publish's timestamp comes
 //! from the leader, so every replica stores the same records.
 //!
-//! A snapshot is a promise, not data, until segment transfer is built
-//! (step 5): it records how far the partition log reached, and a replica
-//! installs one only if its own partition log already reaches that far.
+//! A snapshot is a promise, not data: it records how far the partition
+//! log reached. A replica whose own partition log does not reach that far
+//! installs it from a copy of the sender's segments, received before the
+//! install (segment transfer, `super::replicas`), which replaces its log.
 
 use std::fmt;
 use std::io;
@@ -31,7 +32,9 @@ use redb::Database;
 use serde::{Deserialize, Serialize};
 
 use super::dedup::{Decision, ProducerWindow};
-use super::raft_log::{RaftLogStore, SNAPSHOT, open_database, read_state, write_snapshot, write_state, write_txn};
+use super::raft_log::{
+    RaftLogStore, SNAPSHOT, open_database, read_raw_state, read_state, write_snapshot, write_state, write_txn,
+};
 use super::types::NodeAddrs;
 use crate::record::Message;
 use crate::storage::{ChannelLog, NewBatch, RaftPosition};
@@ -112,8 +115,17 @@ pub const APPLY_STORAGE_FULL_WAIT: std::time::Duration = std::time::Duration::fr
 const APPLIED: &str = "applied";
 /// Key of the state table, present while a segment copy is moved in: what
 /// was recorded with it (applied point, snapshot) holds only if the copy
-/// is in place at the next open (see [`PartitionStateMachine::open`]).
+/// is in place at the next open (see [`PartitionStateMachine::open`]);
+/// its value is a [`PendingTransfer`].
 const TRANSFER: &str = "transfer";
+
+/// What the state table held before a segment copy was recorded, restored
+/// at open if the copy never got in place (the log is then as it was).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PendingTransfer {
+    applied: Option<Vec<u8>>,
+    snapshot: Option<Vec<u8>>,
+}
 
 /// A copy of another replica's segments, received and checked, waiting
 /// for the snapshot it was received for to be installed (segment
@@ -167,20 +179,31 @@ pub struct PartitionStateMachine {
 
 impl PartitionStateMachine {
     fn open(db: Arc<Database>, log: Arc<ChannelLog>) -> io::Result<PartitionStateMachine> {
-        if read_state::<bool>(&db, TRANSFER)?.is_some() {
+        if let Some(pending) = read_raw_state(&db, TRANSFER)? {
             // A crash while a segment copy was moved in: the log's open
             // finished the move (the copy was whole and marked so), and what
             // was recorded with it holds; or the copy never got there, and
-            // the replica holds nothing, as before the copy.
-            let holds_nothing = log.holds_nothing();
-            tracing::warn!(partition = %log.label(), kept = !holds_nothing, "a segment copy was cut short by a crash");
+            // the log is as it was before the copy, and so is the record of
+            // what it applied. A copy always reaches past the log it
+            // replaces, so the log's end tells which.
+            let recorded = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
+                .map_or(0, |(_, promise)| promise.next_offset);
+            let in_place = recorded > 0 && log.next_offset() >= recorded;
+            // Written by an earlier build as `true`: the log then held
+            // nothing before the copy, and nothing was recorded.
+            let previous = super::raft_log::decode::<PendingTransfer>(&pending).unwrap_or_default();
+            tracing::warn!(partition = %log.label(), kept = in_place, "a segment copy was cut short by a crash");
             let txn = db.begin_write().map_err(io::Error::other)?;
             {
                 let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
                 table.remove(TRANSFER).map_err(io::Error::other)?;
-                if holds_nothing {
-                    table.remove(APPLIED).map_err(io::Error::other)?;
-                    table.remove(SNAPSHOT).map_err(io::Error::other)?;
+                if !in_place {
+                    for (key, value) in [(APPLIED, &previous.applied), (SNAPSHOT, &previous.snapshot)] {
+                        match value {
+                            Some(value) => table.insert(key, value.as_slice()).map_err(io::Error::other)?,
+                            None => table.remove(key).map_err(io::Error::other)?,
+                        };
+                    }
                 }
             }
             txn.commit().map_err(io::Error::other)?;
@@ -248,9 +271,9 @@ impl PartitionStateMachine {
     }
 
     /// Moves a copy that ends exactly where the snapshot does into the
-    /// log, which holds nothing; the snapshot and the applied point are
-    /// recorded first, with [`TRANSFER`] saying they hold only once the
-    /// copy is in place.
+    /// log, replacing it; the snapshot and the applied point are recorded
+    /// first, with [`TRANSFER`] saying they hold only once the copy is in
+    /// place (and what they replaced, restored otherwise).
     async fn adopt_copy(
         &self,
         meta: &PartitionSnapshotMeta,
@@ -262,10 +285,14 @@ impl PartitionStateMachine {
             membership: meta.last_membership.clone(),
             next_offset: promise.next_offset,
         };
+        let previous = PendingTransfer {
+            applied: read_raw_state(&self.db, APPLIED)?,
+            snapshot: read_raw_state(&self.db, SNAPSHOT)?,
+        };
         let (applied, snapshot, pending) = (
             super::raft_log::encode(&applied)?,
             super::raft_log::encode(&(meta, promise))?,
-            super::raft_log::encode(&true)?,
+            super::raft_log::encode(&previous)?,
         );
         write_txn(&self.db, move |txn| {
             let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
@@ -491,10 +518,9 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         let fits = |staged: &StagedCopy| {
             staged.end.next_offset == promise.next_offset && staged.end.last_raft_entry.map(log_id) <= meta.last_log_id
         };
-        // Only into a log that holds nothing (this worker is its only
-        // writer, so it stays so until the copy is in).
-        if self.log.holds_nothing()
-            && promise.next_offset > 0
+        // Only past the log's end (this worker is the log's only writer, so
+        // the log stays as it is until the copy is in).
+        if held < promise.next_offset
             && let Some(staged) = staged.filter(fits)
         {
             self.adopt_copy(meta, &promise, staged.transfer).await?;
@@ -502,7 +528,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         }
         if held < promise.next_offset {
             return Err(io::Error::other(format!(
-                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}; segment transfer reaches only a replica that holds nothing (docs/REPLICATION.md, \"Replica moves and segment transfer\"): move this replica to another node",
+                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}, with no segment copy received for it (docs/REPLICATION.md, \"Segment transfer\"): this replica's group stops until the node restarts",
                 self.log.label(),
                 promise.next_offset
             )));
@@ -771,8 +797,9 @@ mod tests {
         assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(id(4, 0)));
     }
 
-    /// A snapshot reaching past this replica's partition log is refused
-    /// (segment transfer is not built) instead of being taken for data.
+    /// A snapshot reaching past this replica's partition log, with no
+    /// segment copy received for it, is refused instead of being taken for
+    /// data.
     #[tokio::test]
     async fn a_snapshot_past_the_partition_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -780,10 +807,23 @@ mod tests {
         let meta =
             PartitionSnapshotMeta { last_log_id: Some(id(1, 9)), last_membership: PartitionMembership::default() };
         let refused = machine.install_snapshot(&meta, SnapshotPromise { next_offset: 5 }).await;
-        assert!(refused.unwrap_err().to_string().contains("segment transfer"));
+        assert!(refused.unwrap_err().to_string().contains("no segment copy"));
         assert_eq!(machine.applied_state().await.unwrap().0, None);
         machine.install_snapshot(&meta, SnapshotPromise { next_offset: 0 }).await.unwrap();
         assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 9)));
+    }
+
+    /// `source`'s segments up to `up_to`, copied into `log`'s staging
+    /// directory and checked.
+    fn stage_copy(source: &ChannelLog, log: &ChannelLog, up_to: u64) -> StagedCopy {
+        let copies = source.segments_to_copy(up_to).unwrap();
+        let mut transfer = log.begin_transfer().unwrap();
+        for copy in &copies {
+            let bytes = source.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
+            transfer.append(copy.base_offset, &bytes).unwrap();
+        }
+        let end = log.check_transfer(&mut transfer, &copies).unwrap();
+        StagedCopy { end, transfer }
     }
 
     /// Segment transfer: a snapshot past a log that holds nothing is
@@ -804,16 +844,7 @@ mod tests {
         entries.push(PartitionEntry { log_id: id(1, 10), payload: EntryPayload::Blank });
         apply(&mut source, entries).await.unwrap();
         let up_to = source_log.next_offset();
-        let stage = |log: &Arc<ChannelLog>, up_to: u64| {
-            let copies = source_log.segments_to_copy(up_to).unwrap();
-            let mut transfer = log.begin_transfer().unwrap();
-            for copy in &copies {
-                let bytes = source_log.read_segment_bytes(copy.base_offset, 0, copy.bytes as usize).unwrap();
-                transfer.append(copy.base_offset, &bytes).unwrap();
-            }
-            let end = log.check_transfer(&mut transfer, &copies).unwrap();
-            StagedCopy { end, transfer }
-        };
+        let stage = |log: &Arc<ChannelLog>, up_to: u64| stage_copy(&source_log, log, up_to);
         let meta =
             PartitionSnapshotMeta { last_log_id: Some(id(1, 10)), last_membership: PartitionMembership::default() };
         let promise = SnapshotPromise { next_offset: up_to };
@@ -857,5 +888,83 @@ mod tests {
         let (_, mut reopened, log) = open_in(&crashed_dir).expect("a replica whose copy never got there starts");
         assert_eq!(reopened.applied_state().await.unwrap().0, None);
         assert_eq!(log.next_offset(), 0);
+    }
+
+    /// Segment transfer to a replica that fell behind: a snapshot past a
+    /// log holding the first entries is installed from the copy, which
+    /// replaces the log (the source's records, applied up to the snapshot,
+    /// the same after reopening). A crash after the snapshot was recorded
+    /// with a copy and before the copy was moved in leaves, at the next
+    /// open, the log as it was and the record of what it applied as it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_past_a_log_behind_is_installed_from_its_copy_and_a_crash_midway_keeps_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<PartitionEntry> =
+            (1..=12).map(|index| publish_entry(1, index, &["a", "b", "c"], 1_000 + index)).collect();
+        let (_, mut source, source_log) = open_in(&dir.path().join("source")).unwrap();
+        apply(&mut source, entries.clone()).await.unwrap();
+        let expected = source_log.read(0, 1 << 20).unwrap().iter().collect::<Result<Vec<_>, _>>().unwrap();
+        let meta =
+            PartitionSnapshotMeta { last_log_id: Some(id(1, 12)), last_membership: PartitionMembership::default() };
+        let promise = SnapshotPromise { next_offset: source_log.next_offset() };
+        let stage = |log: &Arc<ChannelLog>| stage_copy(&source_log, log, source_log.next_offset());
+        // The first four publishes, and a blank entry recorded as applied.
+        let behind = |dir: &Path| {
+            let dir = dir.to_path_buf();
+            let mut first: Vec<PartitionEntry> = entries[..4].to_vec();
+            first.push(PartitionEntry { log_id: id(1, 5), payload: EntryPayload::Blank });
+            async move {
+                let (_, mut machine, log) = open_in(&dir).unwrap();
+                apply(&mut machine, first).await.unwrap();
+                assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 5)));
+                (machine, log)
+            }
+        };
+
+        let target_dir = dir.path().join("target");
+        let (machine, log) = behind(&target_dir).await;
+        let slot = StagedCopySlot::default();
+        let mut machine = machine.with_staged_copies(Arc::clone(&slot));
+        *slot.lock().unwrap() = Some(stage(&log));
+        machine.install_snapshot(&meta, promise.clone()).await.unwrap();
+        let read = |log: &ChannelLog| log.read(0, 1 << 20).unwrap().iter().collect::<Result<Vec<_>, _>>().unwrap();
+        assert_eq!(read(&log), expected);
+        assert_eq!(machine.applied_state().await.unwrap().0, Some(id(1, 12)));
+        drop((machine, log));
+        let (_, mut reopened, log) = open_in(&target_dir).unwrap();
+        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 12)));
+        assert_eq!(read(&log), expected);
+
+        let crashed_dir = dir.path().join("crashed");
+        let (machine, log) = behind(&crashed_dir).await;
+        let held = read(&log);
+        let applied = Applied {
+            last_applied: Some(id(1, 12)),
+            membership: PartitionMembership::default(),
+            next_offset: promise.next_offset,
+        };
+        let previous = PendingTransfer {
+            applied: read_raw_state(&machine.db, APPLIED).unwrap(),
+            snapshot: read_raw_state(&machine.db, SNAPSHOT).unwrap(),
+        };
+        let (applied, snapshot, pending) = (
+            super::super::raft_log::encode(&applied).unwrap(),
+            super::super::raft_log::encode(&(&meta, &promise)).unwrap(),
+            super::super::raft_log::encode(&previous).unwrap(),
+        );
+        write_txn(&machine.db, move |txn| {
+            let mut table = txn.open_table(super::super::raft_log::STATE).map_err(io::Error::other)?;
+            table.insert(TRANSFER, pending.as_slice()).map_err(io::Error::other)?;
+            table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
+            table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        drop((machine, log));
+        let (_, mut reopened, log) = open_in(&crashed_dir).expect("a replica whose copy never got there starts");
+        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 5)));
+        assert!(reopened.get_current_snapshot().await.unwrap().is_none());
+        assert_eq!(read(&log), held);
     }
 }

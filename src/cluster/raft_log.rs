@@ -67,6 +67,13 @@ pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     Ok(value)
 }
 
+/// Reads one value of the `state` table as stored.
+pub(super) fn read_raw_state(db: &Database, key: &str) -> io::Result<Option<Vec<u8>>> {
+    let txn = db.begin_read().map_err(io::Error::other)?;
+    let table = txn.open_table(STATE).map_err(io::Error::other)?;
+    Ok(table.get(key).map_err(io::Error::other)?.map(|value| value.value().to_vec()))
+}
+
 /// Reads one value of the `state` table.
 pub(super) fn read_state<T: DeserializeOwned>(db: &Database, key: &str) -> io::Result<Option<T>> {
     let txn = db.begin_read().map_err(io::Error::other)?;

@@ -42,17 +42,14 @@ pub const REPLICATED_PARTITIONS_MAX: usize = 64;
 /// once it applied this many entries since its last snapshot, and then
 /// only when every follower holds all but `PARTITION_RAFT_LOG_KEPT` of them
 /// (on the leader; a follower, not knowing the others, waits for
-/// `PARTITION_RAFT_LOG_ENTRIES_MAX`); openraft then purges the Raft log up
-/// to `PARTITION_RAFT_LOG_KEPT` entries before the snapshot. So no follower
-/// needs a snapshot (segment transfer is not built) unless it fell
-/// `PARTITION_RAFT_LOG_ENTRIES_MAX` entries behind.
+/// `[cluster] raft_log_entries_max`); openraft then purges the Raft log up
+/// to `PARTITION_RAFT_LOG_KEPT` entries before the snapshot. So a follower
+/// catches up from the Raft log unless it fell `raft_log_entries_max`
+/// entries behind; further behind, it is sent a snapshot and copies the
+/// leader's segments (segment transfer).
 pub const PARTITION_SNAPSHOT_ENTRIES: u64 = 4096;
 /// Entries a partition's Raft log keeps before its last snapshot.
 pub const PARTITION_RAFT_LOG_KEPT: u64 = 4096;
-/// A partition's Raft log snapshots itself past this many entries whatever
-/// its followers hold: the bound of its size in entries (each at most one
-/// publish).
-pub const PARTITION_RAFT_LOG_ENTRIES_MAX: u64 = 1 << 20;
 /// The most bytes of a segment one segment-transfer request carries.
 pub const TRANSFER_CHUNK_BYTES: usize = 4 << 20;
 /// The most bytes one segment of a copy may announce (a bound on what a
@@ -146,8 +143,9 @@ struct PartitionGroup {
 
 /// Snapshots the group (which lets openraft purge its Raft log) when it is
 /// due by [`PARTITION_SNAPSHOT_ENTRIES`] and no follower would need the
-/// purged entries, or when the log reached [`PARTITION_RAFT_LOG_ENTRIES_MAX`].
-async fn snapshot_when_followers_hold(raft: PartitionRaft, stop: CancellationToken) {
+/// purged entries, or when the log reached `entries_max` entries
+/// (`[cluster] raft_log_entries_max`) whatever its followers hold.
+async fn snapshot_when_followers_hold(raft: PartitionRaft, entries_max: u64, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(SNAPSHOT_CHECK_INTERVAL);
     loop {
         tokio::select! {
@@ -171,7 +169,7 @@ async fn snapshot_when_followers_hold(raft: PartitionRaft, stop: CancellationTok
                 .all(|matched| matched.is_some_and(|log_id| log_id.index + PARTITION_RAFT_LOG_KEPT / 2 >= applied)),
             _ => false,
         };
-        if (followers_hold || since >= PARTITION_RAFT_LOG_ENTRIES_MAX) && raft.trigger().snapshot().await.is_err() {
+        if (followers_hold || since >= entries_max) && raft.trigger().snapshot().await.is_err() {
             return;
         }
     }
@@ -214,6 +212,8 @@ pub struct Replicas {
     node_id: NodeId,
     data_dir: PathBuf,
     raft_config: Arc<openraft::Config>,
+    /// `[cluster] raft_log_entries_max`.
+    raft_log_entries_max: u64,
     tls: Option<TlsConnector>,
     source_ip: Option<std::net::IpAddr>,
     metadata: Raft,
@@ -255,6 +255,7 @@ impl Replicas {
             node_id: settings.node_id,
             data_dir,
             raft_config: Arc::new(raft_config),
+            raft_log_entries_max: settings.raft_log_entries_max,
             tls,
             source_ip,
             metadata,
@@ -274,8 +275,8 @@ impl Replicas {
         self.group(id).map(|group| group.raft.clone())
     }
 
-    /// The segments a replica of `id` that holds nothing copies from this
-    /// one (segment transfer, the source's side).
+    /// The segments a replica of `id` copies from this one (segment
+    /// transfer, the source's side).
     pub(super) async fn segments_to_copy(&self, id: &GroupId, up_to: u64) -> Result<Vec<SegmentCopy>, String> {
         let log = self.group(id).map(|group| Arc::clone(&group.log)).ok_or("not hosted here")?;
         tokio::task::spawn_blocking(move || log.segments_to_copy(up_to))
@@ -303,12 +304,11 @@ impl Replicas {
     }
 
     /// Receives a snapshot for `id` (`install`): when it reaches past this
-    /// replica's partition log and the log holds nothing (a replica added
-    /// by a move), first copies the snapshot sender's segments up to where
-    /// the snapshot ends, checked, for the state machine's install to move
-    /// in (segment transfer, the receiver's side). Otherwise the install
-    /// decides alone (it refuses a snapshot past a log that holds records:
-    /// catching up such a replica by segment transfer is not built).
+    /// replica's partition log (a replica added by a move, or one that fell
+    /// behind the entries the leader's Raft log still holds), first copies
+    /// the snapshot sender's segments up to where the snapshot ends,
+    /// checked, for the state machine's install to move in, replacing the
+    /// log (segment transfer, the receiver's side).
     pub(super) async fn receive_snapshot(
         &self,
         id: &GroupId,
@@ -319,11 +319,11 @@ impl Replicas {
     ) -> NodeReply {
         let Some(group) = self.group(id) else { return NodeReply::UnknownGroup };
         let _receiving = group.transfer.lock().await;
-        let holds_nothing = group.log.holds_nothing();
+        let held = group.log.next_offset();
         // openraft refuses a snapshot whose vote is older than the group's
         // own: a deposed leader's is not copied.
         let current_vote = group.raft.metrics().borrow_watched().vote;
-        if holds_nothing && promise.next_offset > 0 && *vote >= current_vote {
+        if promise.next_offset > held && *vote >= current_vote {
             use openraft::vote::RaftLeaderId;
             let source = *vote.leader_id().node_id();
             let addr = self
@@ -338,7 +338,7 @@ impl Replicas {
             let Some(addr) = addr else {
                 return NodeReply::Error(format!("the snapshot's sender, node {source}, is not a member"));
             };
-            tracing::info!(group = %id, source, up_to = promise.next_offset, "copying the partition's segments from the leader (segment transfer)");
+            tracing::info!(group = %id, source, held, up_to = promise.next_offset, "copying the partition's segments from the leader (segment transfer)");
             match self.copy_segments(id, &group.log, addr, promise.next_offset).await {
                 Ok(staged) => *group.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(staged),
                 Err(error) => {
@@ -987,7 +987,7 @@ impl Replicas {
             labels,
             self.stop.clone(),
         ));
-        tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.stop.clone()));
+        tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.raft_log_entries_max, self.stop.clone()));
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
         Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), staged, answers })

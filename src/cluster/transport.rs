@@ -120,8 +120,8 @@ pub enum PartitionRequest {
         meta: PartitionSnapshotMeta,
         promise: SnapshotPromise,
     },
-    /// Segment transfer: the segments a replica that holds nothing copies
-    /// to hold the offsets before `up_to` (where the snapshot ends).
+    /// Segment transfer: the segments a replica copies to hold the offsets
+    /// before `up_to` (where the snapshot ends).
     SegmentsToCopy {
         up_to: u64,
     },

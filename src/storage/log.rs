@@ -282,6 +282,10 @@ pub struct ChannelLog {
     /// that a roll can neither create the next segment nor start the next
     /// seal before that one is durable.
     seal_order: Mutex<()>,
+    /// Held by retention while it removes segments, and by a segment copy
+    /// while it replaces them (taken after the writer lock, before the
+    /// segment map's), so that neither removes a file the other put there.
+    segment_files: Mutex<()>,
     /// Told the new start offset whenever retention moves it, so that the
     /// server can notify subscribers that fell behind without polling.
     start_offset_listener: Mutex<Option<StartOffsetListener>>,
@@ -501,6 +505,7 @@ impl ChannelLog {
             visible_next_offset: AtomicU64::new(next_offset),
             counters: Mutex::new(LogCounters::default()),
             seal_order: Mutex::new(()),
+            segment_files: Mutex::new(()),
             start_offset_listener: Mutex::new(None),
             storage_full: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
@@ -1115,6 +1120,7 @@ impl ChannelLog {
             .last_raft_entry()
             .filter(|last| last.term > 0)
             .map(|last| last.index.saturating_sub(REPLICATED_DEDUP_WINDOW_ENTRIES) + 1);
+        let _files = self.lock_segment_files();
         let removed = {
             let mut segments = self.segments_mut();
             let mut size_bytes: u64 = segments.values().map(|s| s.state().visible_len).sum();
@@ -1209,6 +1215,10 @@ impl ChannelLog {
 
     fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_segment_files(&self) -> MutexGuard<'_, ()> {
+        self.segment_files.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn segments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Segment>>> {

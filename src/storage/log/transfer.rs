@@ -1,17 +1,19 @@
-//! Segment transfer: a replicated partition's log copied whole to a
-//! replica that holds nothing of it (a replica added by a move), as the
-//! source's segment files (docs/REPLICATION.md, "Followers that fell
-//! behind retention: segment transfer").
+//! Segment transfer: a replicated partition's log copied to a replica that
+//! lacks what the source's Raft log no longer holds (a replica added by a
+//! move, or one that was down past the source's purged entries), as the
+//! source's segment files (docs/REPLICATION.md, "Segment transfer").
 //!
 //! The source offers its segments up to what readers may see, and serves
 //! their `.log` bytes as they are on disk: records and batch headers carry
 //! their own CRCs, and the copy's indexes are rebuilt from them. The
 //! receiver writes them into a staging directory inside the partition's
 //! own, opens the copy there (recovery checks every record), and only then
-//! moves it into place, behind a marker that lists the copied segments: a
-//! crash before the marker leaves a staging directory the next open
-//! removes; one after it is finished by the next open. The receiving log
-//! must hold nothing, so no record of its own is ever replaced.
+//! moves it into place, replacing the receiving log whole, behind a marker
+//! that lists the copied segments: a crash before the marker leaves a
+//! staging directory the next open removes (and the receiving log as it
+//! was); one after it is finished by the next open. A copy is taken only
+//! when it reaches past the receiving log: what it replaces is a prefix of
+//! it, or records the source's retention already removed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{ChannelLog, LogConfig, list_segments, remove_segment_files};
+use super::{ChannelLog, LogConfig, list_segments};
 use crate::storage::error::{IoContext, StorageError};
 use crate::storage::fs::{FileSystem, OpenMode, StorageFile};
 use crate::storage::segment::{self, LOG_EXTENSION, Segment};
@@ -33,7 +35,7 @@ const TRANSFER_COMPLETE: &str = "complete";
 /// and on the marker read back at open).
 pub const TRANSFER_SEGMENTS_MAX: usize = 100_000;
 
-/// A segment a replica offers to one that holds nothing: its base offset
+/// A segment a replica offers to one that copies its log: its base offset
 /// and how many bytes of its `.log` file to copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentCopy {
@@ -60,8 +62,8 @@ pub struct CopyEnd {
 }
 
 impl ChannelLog {
-    /// The segments a replica that holds nothing copies from this log to
-    /// hold offsets up to `up_to` (exclusive), the last one cut where the
+    /// The segments a replica copies from this log to hold offsets up to
+    /// `up_to` (exclusive), the last one cut where the
     /// batch at `up_to` starts (or whole, when it ends there).
     ///
     /// # Errors
@@ -121,7 +123,7 @@ impl ChannelLog {
     }
 
     /// Whether the log holds nothing and never did: one empty segment at
-    /// offset 0, no batch header (the only log a segment copy goes into).
+    /// offset 0, no batch header.
     pub fn holds_nothing(&self) -> bool {
         let writer = self.lock_writer();
         writer.next_offset == 0 && writer.last_raft_entry.is_none() && self.segments().len() == 1
@@ -131,16 +133,9 @@ impl ChannelLog {
     /// staging directory.
     ///
     /// # Errors
-    /// The log holds records (a copy never replaces them), a copy that
-    /// failed while it was moved in waits for the next open, or the staging
-    /// directory cannot be made.
+    /// A copy that failed while it was moved in waits for the next open, or
+    /// the staging directory cannot be made.
     pub fn begin_transfer(&self) -> Result<SegmentTransfer, StorageError> {
-        if !self.holds_nothing() {
-            return Err(StorageError::InvalidFile {
-                path: self.dir.clone(),
-                problem: "the log holds records: a segment copy is taken only by a replica that holds nothing".into(),
-            });
-        }
         let dir = self.dir.join(TRANSFER_DIR);
         if self.fs.exists(&dir.join(TRANSFER_COMPLETE)).at(&dir)? {
             return Err(StorageError::InvalidFile {
@@ -198,28 +193,42 @@ impl ChannelLog {
         Ok(end)
     }
 
-    /// Moves a checked copy into place and serves it from now on. After its
-    /// marker is written, a failure leaves this log refusing appends until
-    /// a restart, whose open finishes the move.
+    /// Moves a checked copy into place, replacing this log's segments, and
+    /// serves it from now on. After its marker is written, a failure leaves
+    /// this log refusing appends until a restart, whose open finishes the
+    /// move.
     ///
     /// # Errors
-    /// The copy was not checked, this log took records meanwhile, or a
-    /// file operation failed.
+    /// The copy was not checked, does not reach past this log (its next
+    /// offset, its last Raft entry), or a file operation failed.
     pub fn adopt_transfer(&self, transfer: SegmentTransfer) -> Result<(), StorageError> {
-        if transfer.checked.is_none() {
+        let Some(end) = transfer.checked else {
             return Err(StorageError::InvalidFile {
                 path: transfer.dir.clone(),
                 problem: "a segment copy is adopted only once checked".into(),
             });
-        }
+        };
         // Appends wait until the copy is in place.
         let mut writer = self.lock_writer();
-        if writer.next_offset != 0 || writer.last_raft_entry.is_some() {
+        let index = |entry: Option<super::RaftPosition>| entry.map(|entry| entry.index);
+        if writer.next_offset >= end.next_offset || index(writer.last_raft_entry) > index(end.last_raft_entry) {
             return Err(StorageError::InvalidFile {
                 path: self.dir.clone(),
-                problem: "the log took records while a segment copy was received; the copy is dropped".into(),
+                problem: format!(
+                    "a segment copy up to offset {} does not reach past this log (up to offset {}): the copy is dropped",
+                    end.next_offset, writer.next_offset
+                ),
             });
         }
+        // Nothing else touches the segment files while they are replaced:
+        // the background sync of the last sealed segment is waited for, and
+        // retention waits.
+        let seal_order = self.seal_order.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(error) = self.finish_seal(&mut writer) {
+            tracing::warn!(partition = %self.label(), %error, "the sync of a segment the copy replaces failed; it is replaced anyway");
+        }
+        drop(seal_order);
+        let _files = self.lock_segment_files();
         let moved = write_marker(&*self.fs, &transfer.dir, &transfer.bases)
             .and_then(|()| finish_pending_transfer(&*self.fs, &self.dir))
             .and_then(|()| {
@@ -247,7 +256,8 @@ impl ChannelLog {
         std::mem::swap(&mut *self.segments_mut(), &mut *adopted.segments_mut());
         self.visible_next_offset.store(writer.next_offset, std::sync::atomic::Ordering::Release);
         drop(writer);
-        // `adopted` now holds the empty segment the copy replaced.
+        // `adopted` now holds the segments the copy replaced (their files
+        // are gone; readers holding one keep reading it).
         drop(adopted);
         tracing::info!(partition = %self.label(), start = self.start_offset(), next = self.next_offset(), "segment copy adopted");
         if let Some(listener) = &*self.start_offset_listener.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
@@ -324,9 +334,11 @@ fn write_marker(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Result<(), St
 
 /// Finishes a transfer a crash interrupted, or removes one that was not
 /// whole (no marker): run before a log's segments are listed at open.
-/// With the marker, every segment file of `dir` that the copy does not
-/// list is removed (the receiving log's empty first segment), the copy's
-/// files are moved in, and the staging directory is removed: each step
+/// With the marker, every segment of `dir` that the copy does not list is
+/// removed (the segments it replaces), the copy's files are moved in (for
+/// each segment, a replaced segment of the same base removed first, then
+/// the `.log`, then its indexes, so that no index is ever left beside
+/// another segment's log), and the staging directory is removed: each step
 /// may be done again.
 pub(super) fn finish_pending_transfer(fs: &dyn FileSystem, dir: &Path) -> Result<(), StorageError> {
     let staging = dir.join(TRANSFER_DIR);
@@ -357,20 +369,41 @@ pub(super) fn finish_pending_transfer(fs: &dyn FileSystem, dir: &Path) -> Result
         })?;
     for base in list_segments(fs, dir)? {
         if !bases.contains(&base) {
-            remove_segment_files(fs, dir, base)?;
+            delete_segment_files(fs, dir, base)?;
         }
     }
-    let mut names = fs.list(&staging).at(&staging)?;
     // In order: a crash midway leaves the oldest segments moved in.
-    names.sort();
-    for name in names {
-        if segment::parse_file_name(&name).is_some() {
-            fs.rename(&staging.join(&name), &dir.join(&name)).at(staging.join(&name))?;
+    for &base in &bases {
+        let staged_log = staging.join(segment::file_name(base, LOG_EXTENSION));
+        if fs.exists(&staged_log).at(&staged_log)? {
+            delete_segment_files(fs, dir, base)?;
+            fs.rename(&staged_log, &dir.join(segment::file_name(base, LOG_EXTENSION))).at(&staged_log)?;
+        }
+        for extension in [segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
+            let staged_index = staging.join(segment::file_name(base, extension));
+            if fs.exists(&staged_index).at(&staged_index)? {
+                fs.rename(&staged_index, &dir.join(segment::file_name(base, extension))).at(&staged_index)?;
+            }
         }
     }
     fs.sync_dir(dir).at(dir)?;
     fs.remove_dir_all(&staging).at(&staging)?;
     fs.sync_dir(dir).at(dir)?;
     tracing::info!(path = %dir.display(), segments = bases.len(), "segment copy moved into place");
+    Ok(())
+}
+
+/// Deletes a segment the copy replaces: the copy holds its records, or
+/// the source's retention removed them (unlike recovery's cuts, nothing is
+/// set aside).
+fn delete_segment_files(fs: &dyn FileSystem, dir: &Path, base_offset: u64) -> Result<(), StorageError> {
+    for extension in [LOG_EXTENSION, segment::OFFSET_INDEX_EXTENSION, segment::TIME_INDEX_EXTENSION] {
+        let path = dir.join(segment::file_name(base_offset, extension));
+        match fs.remove(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::Io { path, source }),
+        }
+    }
     Ok(())
 }
