@@ -67,6 +67,14 @@ fn describe() {
     describe_gauge!("weir_raft_commit_index", "The Raft group's commit index on this node, by group.");
     describe_gauge!("weir_raft_replica_lag_entries", "On the leader: entries a member lacks, by group and follower.");
     describe_counter!("weir_raft_leader_changes_total", "Leader changes this node saw, by group.");
+    describe_counter!(
+        "weir_segment_transfers_total",
+        "Segment copies this replica received, by channel, partition and outcome (installed, dropped, failed)."
+    );
+    describe_counter!(
+        "weir_segment_transfer_bytes_total",
+        "Segment bytes this replica received by segment transfer, by channel and partition."
+    );
     describe_counter!("weir_messages_appended_total", "Messages stored, by channel.");
     describe_counter!("weir_bytes_appended_total", "Message bytes (key + headers + payload) stored, by channel.");
     describe_counter!("weir_publishes_rejected_total", "Publish frames refused, by reason.");

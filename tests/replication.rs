@@ -942,17 +942,44 @@ async fn read_from(addr: &str, from: u64) -> Vec<(u64, u64, String)> {
 
 /// A follower down while the leader's retention deleted the records it
 /// lacks catches up from the Raft log, which the leader keeps for a
-/// follower that does not hold its entries yet (up to 2^20 entries:
-/// further behind, segment transfer would be needed, and is not built):
-/// afterwards it holds every record the leader holds, the same at the
-/// same offsets, and the same end.
+/// follower that does not hold its entries yet (up to `[cluster]
+/// raft_log_entries_max` entries): afterwards it holds every record the
+/// leader holds, the same at the same offsets, and the same end; it never
+/// needed a segment copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_down_past_retention_catches_up_from_the_raft_log() {
+    let transfers = follower_down_past_retention(None).await;
+    assert_eq!(transfers, 0.0, "the follower caught up by segment transfer, not from the Raft log");
+}
+
+/// A follower down past retention and past what the leader's Raft log
+/// keeps (`raft_log_entries_max` lowered to 4096: the leader snapshots and
+/// purges its Raft log while the follower is down) catches up by segment
+/// transfer: it is sent a snapshot, copies the leader's segments, which
+/// replace its log, then goes on from the Raft log. Afterwards, and again
+/// after it is killed and restarted, it holds every record the leader
+/// holds, the same at the same offsets, and the same end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_down_past_the_leaders_raft_log_catches_up_by_segment_transfer() {
+    let transfers = follower_down_past_retention(Some(4096)).await;
+    assert!(transfers >= 1.0, "the follower installed no segment copy");
+}
+
+/// Kills a follower of a three-node cluster after 100 publishes, publishes
+/// `REPLICATED_DEDUP_WINDOW_ENTRIES + 4000` more (retention, 1,000
+/// messages in 16 KiB segments, moves the leader's start past 100), starts
+/// the follower again and checks that it catches up; with
+/// `raft_log_entries_max`, then kills and starts it once more and checks
+/// again. Returns the segment copies the follower installed.
+async fn follower_down_past_retention(raft_log_entries_max: Option<u64>) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(dir.path(), false);
+    let mut nodes = three_nodes(dir.path(), true);
     // Small segments and a short retention for the channel, checked often.
     for node in &nodes {
-        let text = std::fs::read_to_string(&node.config).unwrap();
+        let mut text = std::fs::read_to_string(&node.config).unwrap();
+        if let Some(entries_max) = raft_log_entries_max {
+            text = text.replace("[cluster]\n", &format!("[cluster]\nraft_log_entries_max = {entries_max}\n"));
+        }
         let text = format!(
             "retention_check_interval_ms = 100\n{text}[channels.{CHANNEL}]\nsegment_bytes = 16384\nretention_max_messages = 1000\n"
         );
@@ -985,37 +1012,68 @@ async fn a_follower_down_past_retention_catches_up_from_the_raft_log() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(leader_end, total);
-
-    nodes[follower_index].start();
-    let follower = &nodes[follower_index];
-    let started = Instant::now();
-    loop {
-        let leader_status = partition_status(&nodes[leader_index]).await;
-        let follower_status = partition_status(follower).await;
-        if let (Some(leader_status), Some(follower_status)) = (leader_status, follower_status)
-            && leader_status.committed_index.is_some()
-            && follower_status.applied_index == leader_status.committed_index
+    if raft_log_entries_max.is_some() {
+        // The leader's Raft log no longer holds what the follower lacks.
+        let started = Instant::now();
+        while partition_status(&nodes[leader_index])
+            .await
+            .and_then(|status| status.purged_index)
+            .is_none_or(|purged| purged < 1000)
         {
-            break;
+            assert!(started.elapsed() < CONVERGE_LIMIT, "the leader did not purge its Raft log past the follower");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(started.elapsed() < CONVERGE_LIMIT, "the follower did not catch up within {CONVERGE_LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let follower_addr = follower.spec.client_addr.clone();
-    let (_, follower_end) = partition_range(&follower_addr).await;
-    assert_eq!(follower_end, total, "the follower's log ends where the leader's does");
-    // Compared over the part retention keeps on both (it keeps the last
-    // REPLICATED_DEDUP_WINDOW_ENTRIES Raft entries, and may still be
-    // moving the starts up to there).
-    let from = total - 16_000;
-    assert!(leader_start < from, "{leader_start}");
-    let on_leader = read_from(&leader_addr, from).await;
-    let on_follower = read_from(&follower_addr, from).await;
-    assert_eq!(on_follower.len() as u64, total - from, "the follower holds every record from {from} on");
-    assert_eq!(on_leader, on_follower, "the same records (payload and timestamp) at the same offsets");
-    for (offset, _, payload) in &on_follower {
-        assert_eq!(*payload, format!("r{offset:06}"), "record {offset}");
+
+    let restarts = if raft_log_entries_max.is_some() { 2 } else { 1 };
+    let mut transfers = 0.0;
+    for restart in 0..restarts {
+        if restart > 0 {
+            nodes[follower_index].kill();
+        }
+        nodes[follower_index].start();
+        let follower = &nodes[follower_index];
+        let started = Instant::now();
+        loop {
+            let leader_status = partition_status(&nodes[leader_index]).await;
+            let follower_status = partition_status(follower).await;
+            if let (Some(leader_status), Some(follower_status)) = (leader_status, follower_status)
+                && leader_status.committed_index.is_some()
+                && follower_status.applied_index == leader_status.committed_index
+            {
+                break;
+            }
+            assert!(started.elapsed() < CONVERGE_LIMIT, "the follower did not catch up within {CONVERGE_LIMIT:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let follower_addr = follower.spec.client_addr.clone();
+        let (_, follower_end) = partition_range(&follower_addr).await;
+        assert_eq!(follower_end, total, "the follower's log ends where the leader's does");
+        // Compared over the part retention keeps on both (it keeps the last
+        // REPLICATED_DEDUP_WINDOW_ENTRIES Raft entries, and may still be
+        // moving the starts up to there).
+        let from = total - 16_000;
+        assert!(leader_start < from, "{leader_start}");
+        let on_leader = read_from(&leader_addr, from).await;
+        let on_follower = read_from(&follower_addr, from).await;
+        assert_eq!(on_follower.len() as u64, total - from, "the follower holds every record from {from} on");
+        assert_eq!(on_leader, on_follower, "the same records (payload and timestamp) at the same offsets");
+        for (offset, _, payload) in &on_follower {
+            assert_eq!(*payload, format!("r{offset:06}"), "record {offset}");
+        }
+        if restart == 0 {
+            // Counted since the follower's start.
+            let page = common::prometheus::scrape(&follower.spec.metrics_addr).await;
+            transfers = page
+                .lines()
+                .filter(|line| {
+                    line.starts_with("weir_segment_transfers_total{") && line.contains("outcome=\"installed\"")
+                })
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+        }
     }
+    transfers
 }
 
 /// Adding a fourth node and moving the partition leader's replica to it

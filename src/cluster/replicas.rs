@@ -175,6 +175,20 @@ async fn snapshot_when_followers_hold(raft: PartitionRaft, entries_max: u64, sto
     }
 }
 
+/// The labels of a partition's segment-transfer metrics.
+fn transfer_labels(id: &GroupId) -> Vec<metrics::Label> {
+    vec![metrics::Label::new("channel", id.channel.clone()), metrics::Label::new("partition", id.partition.to_string())]
+}
+
+/// Counts a segment copy this node received: `installed` (moved into the
+/// log with its snapshot), `dropped` (the install did not take it), or
+/// `failed` (the copy or its check failed).
+fn count_transfer(id: &GroupId, outcome: &'static str) {
+    let mut labels = transfer_labels(id);
+    labels.push(metrics::Label::new("outcome", outcome));
+    metrics::counter!("weir_segment_transfers_total", labels).increment(1);
+}
+
 /// Answers the group's proposals in the order they were made.
 async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishAnswer)>) {
     while let Some((outcome, answer)) = answers.recv().await {
@@ -343,14 +357,20 @@ impl Replicas {
                 Ok(staged) => *group.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(staged),
                 Err(error) => {
                     tracing::warn!(group = %id, %error, "segment transfer failed; the leader sends the snapshot again");
+                    count_transfer(id, "failed");
                     return NodeReply::Error(format!("segment transfer from node {source}: {error}"));
                 }
             }
         }
+        let copied = group.staged.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         let reply = install.await;
         // A copy the install did not take (its vote was refused after all)
         // is dropped; its staging directory goes with the next copy or open.
-        group.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let left = group.staged.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if copied {
+            let installed = left.is_none() && matches!(reply, NodeReply::Partition(PartitionReply::Snapshot(_)));
+            count_transfer(id, if installed { "installed" } else { "dropped" });
+        }
         reply
     }
 
@@ -409,6 +429,8 @@ impl Replicas {
                 };
                 position += bytes.len() as u64;
                 copied += bytes.len() as u64;
+                metrics::counter!("weir_segment_transfer_bytes_total", transfer_labels(id))
+                    .increment(bytes.len() as u64);
                 let base_offset = copy.base_offset;
                 transfer = tokio::task::spawn_blocking(move || transfer.append(base_offset, &bytes).map(|()| transfer))
                     .await
