@@ -99,8 +99,8 @@ pub type PartitionLogStore = RaftLogStore<PartitionTypes>;
 pub type PartitionVote = openraft::alias::VoteOf<PartitionTypes>;
 pub type PartitionRaft = openraft::Raft<PartitionTypes, PartitionStateMachine>;
 
-/// What a partition snapshot holds until segment transfer exists: where
-/// the partition log reached when it was taken.
+/// What a partition snapshot holds: where the partition log reached when
+/// it was taken (the records themselves are sent by segment transfer).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotPromise {
     pub next_offset: u64,
@@ -163,6 +163,52 @@ pub fn open(path: &Path, log: Arc<ChannelLog>) -> io::Result<(PartitionLogStore,
     Ok((store, machine))
 }
 
+/// Settles a segment copy whose move into `log` did not finish (a crash,
+/// or a failure before its marker): the log's open finished the move (the
+/// copy was whole and marked so), and what was recorded with it holds; or
+/// the copy never got there, and the log is as it was before the copy, and
+/// so must be the record of what it applied, kept in the [`TRANSFER`] mark.
+/// A copy always reaches past the log it replaces, so the log's end tells
+/// which.
+///
+/// # Errors
+/// The copy is still being moved in (the next open finishes it), or the
+/// database cannot be read or written.
+fn resolve_pending_copy(db: &Database, log: &ChannelLog) -> io::Result<()> {
+    let Some(pending) = read_raw_state(db, TRANSFER)? else { return Ok(()) };
+    if log.segment_copy_pending().map_err(io::Error::other)? {
+        return Err(io::Error::other(format!(
+            "{}: a segment copy is being moved in; the next start of the node finishes it",
+            log.label()
+        )));
+    }
+    let recorded = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(db, SNAPSHOT)?
+        .map_or(0, |(_, promise)| promise.next_offset);
+    let in_place = recorded > 0 && log.next_offset() >= recorded;
+    // Written by an earlier build as `true`: the log then held nothing
+    // before the copy, and nothing was recorded.
+    let previous = if pending == super::raft_log::encode(&true)? {
+        PendingTransfer::default()
+    } else {
+        super::raft_log::decode::<PendingTransfer>(&pending)?
+    };
+    tracing::warn!(partition = %log.label(), kept = in_place, "a segment copy was cut short");
+    let txn = db.begin_write().map_err(io::Error::other)?;
+    {
+        let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+        table.remove(TRANSFER).map_err(io::Error::other)?;
+        if !in_place {
+            for (key, value) in [(APPLIED, &previous.applied), (SNAPSHOT, &previous.snapshot)] {
+                match value {
+                    Some(value) => table.insert(key, value.as_slice()).map_err(io::Error::other)?,
+                    None => table.remove(key).map_err(io::Error::other)?,
+                };
+            }
+        }
+    }
+    txn.commit().map_err(io::Error::other)
+}
+
 /// A replicated partition's state machine: its segmented log.
 #[derive(Clone)]
 pub struct PartitionStateMachine {
@@ -179,35 +225,7 @@ pub struct PartitionStateMachine {
 
 impl PartitionStateMachine {
     fn open(db: Arc<Database>, log: Arc<ChannelLog>) -> io::Result<PartitionStateMachine> {
-        if let Some(pending) = read_raw_state(&db, TRANSFER)? {
-            // A crash while a segment copy was moved in: the log's open
-            // finished the move (the copy was whole and marked so), and what
-            // was recorded with it holds; or the copy never got there, and
-            // the log is as it was before the copy, and so is the record of
-            // what it applied. A copy always reaches past the log it
-            // replaces, so the log's end tells which.
-            let recorded = read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&db, SNAPSHOT)?
-                .map_or(0, |(_, promise)| promise.next_offset);
-            let in_place = recorded > 0 && log.next_offset() >= recorded;
-            // Written by an earlier build as `true`: the log then held
-            // nothing before the copy, and nothing was recorded.
-            let previous = super::raft_log::decode::<PendingTransfer>(&pending).unwrap_or_default();
-            tracing::warn!(partition = %log.label(), kept = in_place, "a segment copy was cut short by a crash");
-            let txn = db.begin_write().map_err(io::Error::other)?;
-            {
-                let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
-                table.remove(TRANSFER).map_err(io::Error::other)?;
-                if !in_place {
-                    for (key, value) in [(APPLIED, &previous.applied), (SNAPSHOT, &previous.snapshot)] {
-                        match value {
-                            Some(value) => table.insert(key, value.as_slice()).map_err(io::Error::other)?,
-                            None => table.remove(key).map_err(io::Error::other)?,
-                        };
-                    }
-                }
-            }
-            txn.commit().map_err(io::Error::other)?;
-        }
+        resolve_pending_copy(&db, &log)?;
         let mut applied = read_state::<Applied>(&db, APPLIED)?.unwrap_or_default();
         // What the database recorded as applied was synced first: a shorter
         // log lost records it must hold (files removed or restored from an
@@ -273,43 +291,56 @@ impl PartitionStateMachine {
     /// Moves a copy that ends exactly where the snapshot does into the
     /// log, replacing it; the snapshot and the applied point are recorded
     /// first, with [`TRANSFER`] saying they hold only once the copy is in
-    /// place (and what they replaced, restored otherwise).
+    /// place (and what they replaced, restored otherwise: at once when the
+    /// move fails before the copy's marker, else at the next open).
     async fn adopt_copy(
         &self,
         meta: &PartitionSnapshotMeta,
         promise: &SnapshotPromise,
         transfer: crate::storage::SegmentTransfer,
     ) -> io::Result<()> {
+        self.record_pending_copy(meta, promise).await?;
+        let log = Arc::clone(&self.log);
+        let adopted =
+            tokio::task::spawn_blocking(move || log.adopt_transfer(transfer)).await.map_err(io::Error::other)?;
+        if let Err(error) = adopted {
+            let (db, log) = (Arc::clone(&self.db), Arc::clone(&self.log));
+            if let Err(pending) =
+                tokio::task::spawn_blocking(move || resolve_pending_copy(&db, &log)).await.map_err(io::Error::other)?
+            {
+                tracing::error!(partition = %self.log.label(), error = %pending, "a failed segment copy is settled at the next start");
+            }
+            return Err(io::Error::other(error));
+        }
+        write_txn(&self.db, |txn| {
+            let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+            table.remove(TRANSFER).map_err(io::Error::other)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records the snapshot and the applied point a copy brings, with the
+    /// [`TRANSFER`] mark keeping what they replace (read in the same
+    /// transaction, so that a snapshot built meanwhile is not lost).
+    async fn record_pending_copy(&self, meta: &PartitionSnapshotMeta, promise: &SnapshotPromise) -> io::Result<()> {
         let applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             next_offset: promise.next_offset,
         };
-        let previous = PendingTransfer {
-            applied: read_raw_state(&self.db, APPLIED)?,
-            snapshot: read_raw_state(&self.db, SNAPSHOT)?,
-        };
-        let (applied, snapshot, pending) = (
-            super::raft_log::encode(&applied)?,
-            super::raft_log::encode(&(meta, promise))?,
-            super::raft_log::encode(&previous)?,
-        );
+        let (applied, snapshot) = (super::raft_log::encode(&applied)?, super::raft_log::encode(&(meta, promise))?);
         write_txn(&self.db, move |txn| {
             let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
+            let raw = |key: &str| -> io::Result<Option<Vec<u8>>> {
+                use redb::ReadableTable;
+                Ok(table.get(key).map_err(io::Error::other)?.map(|value| value.value().to_vec()))
+            };
+            let previous = PendingTransfer { applied: raw(APPLIED)?, snapshot: raw(SNAPSHOT)? };
+            let pending = super::raft_log::encode(&previous)?;
             table.insert(TRANSFER, pending.as_slice()).map_err(io::Error::other)?;
             table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
             table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await?;
-        let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || log.adopt_transfer(transfer))
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
-        write_txn(&self.db, |txn| {
-            let mut table = txn.open_table(super::raft_log::STATE).map_err(io::Error::other)?;
-            table.remove(TRANSFER).map_err(io::Error::other)?;
             Ok(())
         })
         .await
@@ -511,7 +542,12 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         promise: SnapshotPromise,
     ) -> Result<(), io::Error> {
         let mut held = self.log.next_offset();
-        let staged = self.staged.as_ref().and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take());
+        // Taken only when needed: one left in its slot is counted as dropped.
+        let staged = self
+            .staged
+            .as_ref()
+            .filter(|_| held < promise.next_offset)
+            .and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).take());
         // The copy holds the snapshot's records, exactly: its last batch is
         // the snapshot's last publish, which may come before the snapshot's
         // last entry (a blank or membership entry takes no offset).
@@ -528,7 +564,7 @@ impl RaftStateMachine<PartitionTypes> for PartitionStateMachine {
         }
         if held < promise.next_offset {
             return Err(io::Error::other(format!(
-                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}, with no segment copy received for it (docs/REPLICATION.md, \"Segment transfer\"): this replica's group stops until the node restarts",
+                "{}: the leader sent a snapshot up to offset {} and this replica holds up to {held}, with no segment copy received for it (docs/REPLICATION.md, \"Replica moves and segment transfer\"): this replica's group stops until the node restarts",
                 self.log.label(),
                 promise.next_offset
             )));
@@ -877,6 +913,7 @@ mod tests {
         );
         write_txn(&machine.db, move |txn| {
             let mut table = txn.open_table(super::super::raft_log::STATE).map_err(io::Error::other)?;
+            // The mark as an earlier build wrote it (it kept nothing).
             table.insert(TRANSFER, super::super::raft_log::encode(&true)?.as_slice()).map_err(io::Error::other)?;
             table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
             table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
@@ -935,36 +972,40 @@ mod tests {
         assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 12)));
         assert_eq!(read(&log), expected);
 
+        // A crash after the record, before the move.
         let crashed_dir = dir.path().join("crashed");
         let (machine, log) = behind(&crashed_dir).await;
         let held = read(&log);
-        let applied = Applied {
-            last_applied: Some(id(1, 12)),
-            membership: PartitionMembership::default(),
-            next_offset: promise.next_offset,
-        };
-        let previous = PendingTransfer {
-            applied: read_raw_state(&machine.db, APPLIED).unwrap(),
-            snapshot: read_raw_state(&machine.db, SNAPSHOT).unwrap(),
-        };
-        let (applied, snapshot, pending) = (
-            super::super::raft_log::encode(&applied).unwrap(),
-            super::super::raft_log::encode(&(&meta, &promise)).unwrap(),
-            super::super::raft_log::encode(&previous).unwrap(),
-        );
-        write_txn(&machine.db, move |txn| {
-            let mut table = txn.open_table(super::super::raft_log::STATE).map_err(io::Error::other)?;
-            table.insert(TRANSFER, pending.as_slice()).map_err(io::Error::other)?;
-            table.insert(APPLIED, applied.as_slice()).map_err(io::Error::other)?;
-            table.insert(SNAPSHOT, snapshot.as_slice()).map_err(io::Error::other)?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+        machine.record_pending_copy(&meta, &promise).await.unwrap();
         drop((machine, log));
         let (_, mut reopened, log) = open_in(&crashed_dir).expect("a replica whose copy never got there starts");
         assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 5)));
         assert!(reopened.get_current_snapshot().await.unwrap().is_none());
         assert_eq!(read(&log), held);
+        drop((reopened, log));
+
+        // A crash after the copy was moved in, before the mark was cleared:
+        // what was recorded holds.
+        let (_, machine, log) = open_in(&crashed_dir).unwrap();
+        machine.record_pending_copy(&meta, &promise).await.unwrap();
+        log.adopt_transfer(stage(&log).transfer).unwrap();
+        drop((machine, log));
+        let (_, mut reopened, log) = open_in(&crashed_dir).unwrap();
+        assert_eq!(reopened.applied_state().await.unwrap().0, Some(id(1, 12)));
+        assert!(reopened.get_current_snapshot().await.unwrap().is_some());
+        assert_eq!(read(&log), expected);
+        assert!(read_raw_state(&reopened.db, TRANSFER).unwrap().is_none());
+
+        // A move refused before its marker (the copy does not reach past
+        // the log) restores the record at once.
+        let refused_dir = dir.path().join("refused");
+        let (machine, log) = behind(&refused_dir).await;
+        let short = stage_copy(&source_log, &log, 6);
+        let refused = machine.adopt_copy(&meta, &promise, short.transfer).await;
+        assert!(refused.unwrap_err().to_string().contains("does not reach past"));
+        assert!(read_raw_state(&machine.db, TRANSFER).unwrap().is_none());
+        assert_eq!(read_state::<Applied>(&machine.db, APPLIED).unwrap().unwrap().last_applied, Some(id(1, 5)));
+        assert!(read_state::<(PartitionSnapshotMeta, SnapshotPromise)>(&machine.db, SNAPSHOT).unwrap().is_none());
+        assert_eq!(log.next_offset(), 12, "the log is as it was: four publishes of three messages");
     }
 }

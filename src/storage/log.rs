@@ -286,6 +286,9 @@ pub struct ChannelLog {
     /// while it replaces them (taken after the writer lock, before the
     /// segment map's), so that neither removes a file the other put there.
     segment_files: Mutex<()>,
+    /// Set when a segment copy failed after its marker was written: the
+    /// files may be half moved until the next open finishes the move.
+    copy_interrupted: AtomicBool,
     /// Told the new start offset whenever retention moves it, so that the
     /// server can notify subscribers that fell behind without polling.
     start_offset_listener: Mutex<Option<StartOffsetListener>>,
@@ -506,6 +509,7 @@ impl ChannelLog {
             counters: Mutex::new(LogCounters::default()),
             seal_order: Mutex::new(()),
             segment_files: Mutex::new(()),
+            copy_interrupted: AtomicBool::new(false),
             start_offset_listener: Mutex::new(None),
             storage_full: AtomicBool::new(false),
             deleted: AtomicBool::new(false),

@@ -382,7 +382,7 @@ impl Segment {
     }
 
     /// Reads up to `len` bytes of the log file from `position`, as they are
-    /// on disk: a copy for a replica that holds nothing (see
+    /// on disk: a copy for another replica (see
     /// `ChannelLog::read_segment_bytes`).
     pub fn read_log_bytes(&self, position: u64, len: usize) -> Result<Bytes, StorageError> {
         let len = self.log.len().saturating_sub(position).min(len as u64) as usize;

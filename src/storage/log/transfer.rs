@@ -1,7 +1,8 @@
 //! Segment transfer: a replicated partition's log copied to a replica that
 //! lacks what the source's Raft log no longer holds (a replica added by a
 //! move, or one that was down past the source's purged entries), as the
-//! source's segment files (docs/REPLICATION.md, "Segment transfer").
+//! source's segment files (docs/REPLICATION.md, "Replica moves and segment
+//! transfer").
 //!
 //! The source offers its segments up to what readers may see, and serves
 //! their `.log` bytes as they are on disk: records and batch headers carry
@@ -122,11 +123,17 @@ impl ChannelLog {
         segment.read_log_bytes(position, len)
     }
 
-    /// Whether the log holds nothing and never did: one empty segment at
-    /// offset 0, no batch header.
-    pub fn holds_nothing(&self) -> bool {
-        let writer = self.lock_writer();
-        writer.next_offset == 0 && writer.last_raft_entry.is_none() && self.segments().len() == 1
+    /// Whether a copy is being moved into this log: its marker is written
+    /// and the move has not finished (the next open finishes it).
+    ///
+    /// # Errors
+    /// The staging directory cannot be looked at.
+    pub fn segment_copy_pending(&self) -> Result<bool, StorageError> {
+        if self.copy_interrupted.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(true);
+        }
+        let marker = self.dir.join(TRANSFER_DIR).join(TRANSFER_COMPLETE);
+        self.fs.exists(&marker).at(&marker)
     }
 
     /// Starts receiving a copy of another replica's segments, into a fresh
@@ -247,6 +254,7 @@ impl ChannelLog {
                 // The files may be half moved: nothing more is written here
                 // until the next open finishes the move.
                 writer.failure = Some(format!("a segment copy failed while it was moved in: {error}"));
+                self.copy_interrupted.store(true, std::sync::atomic::Ordering::Release);
                 return Err(error);
             }
         };
