@@ -77,6 +77,8 @@ pub const NODE_ID_RANGE: RangeInclusive<u64> = 1..=u64::MAX / 2;
 /// Allowed range of `[cluster] heartbeat_interval_ms` and the election
 /// timeouts.
 pub const CLUSTER_TIMEOUT_MS_RANGE: RangeInclusive<u64> = 10..=600_000;
+/// Allowed range of `[cluster] max_segment_transfer_bytes_per_sec`.
+pub const SEGMENT_TRANSFER_BYTES_PER_SEC_RANGE: RangeInclusive<u64> = MIB..=64 * GIB;
 /// Allowed range of `[cluster] raft_log_entries_max`: at least one
 /// snapshot's worth of entries (`PARTITION_SNAPSHOT_ENTRIES`).
 pub const RAFT_LOG_ENTRIES_MAX_RANGE: RangeInclusive<u64> = 4096..=1 << 24;
@@ -163,6 +165,10 @@ pub struct ClusterConfig {
     /// follower further behind catches up by segment transfer.
     #[serde(default = "default_raft_log_entries_max")]
     pub raft_log_entries_max: u64,
+    /// The most bytes a second this node receives by segment transfer, all
+    /// partitions together; absent: no limit.
+    #[serde(default)]
+    pub max_segment_transfer_bytes_per_sec: Option<u64>,
     /// Mutual TLS on the cluster listener and to the other nodes: this
     /// node's certificate chain and key (PEM), used as server and as
     /// client, and the CA that signs every node's certificate (and the
@@ -220,6 +226,9 @@ impl ClusterConfig {
         check_range("cluster.election_timeout_min_ms", self.election_timeout_min_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
         check_range("cluster.election_timeout_max_ms", self.election_timeout_max_ms, CLUSTER_TIMEOUT_MS_RANGE)?;
         check_range("cluster.raft_log_entries_max", self.raft_log_entries_max, RAFT_LOG_ENTRIES_MAX_RANGE)?;
+        if let Some(rate) = self.max_segment_transfer_bytes_per_sec {
+            check_range("cluster.max_segment_transfer_bytes_per_sec", rate, SEGMENT_TRANSFER_BYTES_PER_SEC_RANGE)?;
+        }
         if self.heartbeat_interval_ms >= self.election_timeout_min_ms
             || self.election_timeout_min_ms >= self.election_timeout_max_ms
         {
@@ -756,7 +765,16 @@ mod tests {
         let config = Config::parse(&format!("{base}{}{}", node(1), node(2))).unwrap();
         let cluster = config.cluster.unwrap();
         assert_eq!((cluster.heartbeat_interval_ms, cluster.election_timeout_min_ms), (250, 1000));
+        assert_eq!((cluster.raft_log_entries_max, cluster.max_segment_transfer_bytes_per_sec), (1 << 20, None));
         assert_eq!(cluster.nodes.len(), 2);
+        let limited = Config::parse(&format!(
+            "{base}raft_log_entries_max = 4096\nmax_segment_transfer_bytes_per_sec = 1048576\n{}",
+            node(1)
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((limited.raft_log_entries_max, limited.max_segment_transfer_bytes_per_sec), (4096, Some(1 << 20)));
         for (text, key) in [
             (format!("{base}{}{}", node(2), node(2)), "listed twice"),
             ("[cluster]\nnode_id = 0\nlisten_addr = \"127.0.0.1:7451\"".to_string(), "cluster.node_id"),
@@ -766,6 +784,11 @@ mod tests {
             (format!("{base}{}", node(1).replace("7450", "x")), "cluster.nodes.client_addr"),
             (format!("{base}peers = 3"), "unknown key `peers`"),
             (format!("{base}tls_cert = \"node.pem\""), "set together"),
+            (format!("{base}raft_log_entries_max = 4095"), "cluster.raft_log_entries_max"),
+            (
+                format!("{base}max_segment_transfer_bytes_per_sec = 1048575"),
+                "cluster.max_segment_transfer_bytes_per_sec",
+            ),
         ] {
             let error = Config::parse(&text).unwrap_err().to_string();
             assert!(error.contains(key), "{text:?}: {error}");

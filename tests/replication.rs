@@ -87,7 +87,7 @@ async fn partition_leader(nodes: &[&Node], seed: u64) -> (u64, u64) {
 }
 
 /// What the publisher knows.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Ledger {
     /// Acknowledged: offset -> payload.
     acked: BTreeMap<u64, String>,
@@ -1245,7 +1245,7 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
         assert_eq!(records, &replicas[0], "replica on node {} differs", holders[index].spec.id);
     }
     let records = &replicas[0];
-    let ledger = ledger.lock().unwrap();
+    let ledger = ledger.lock().unwrap().clone();
     let mut seen = BTreeSet::new();
     for (position, (offset, _, payload)) in records.iter().enumerate() {
         assert_eq!(*offset, position as u64, "offsets are not dense");
@@ -1283,4 +1283,42 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
         ledger.uncertain.len(),
         idempotent.len()
     );
+
+    // And back: the old leader's node still holds its old copy (its log,
+    // and the Raft state of the group's earlier membership); it catches up
+    // as a follower that was down would, and ends with the same records.
+    let fourth_cluster_addr = fourth.spec.cluster_addr.clone();
+    let moved_back = tokio::task::spawn_blocking(move || {
+        weir_cluster(&[
+            "move-replica",
+            CHANNEL,
+            "0",
+            "--from",
+            "4",
+            "--to",
+            &leader.to_string(),
+            "--node",
+            &fourth_cluster_addr,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(moved_back.contains("replicas now: 1, 2, 3"), "{moved_back}");
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for node in &nodes {
+            seen.push(partition_status(node).await.map(|status| (status.committed_index, status.applied_index)));
+        }
+        if seen.iter().all(|other| *other == seen[0] && other.is_some_and(|(c, a)| c.is_some() && c == a))
+            && partition_status(&fourth).await.is_none()
+        {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the replicas did not converge after the move back: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &nodes {
+        assert_eq!(&read_all(&node.spec.client_addr).await, records, "node {} after the move back", node.spec.id);
+    }
 }

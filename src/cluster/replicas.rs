@@ -12,6 +12,7 @@
 //! with the leader's client address when one is known.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -175,6 +176,14 @@ async fn snapshot_when_followers_hold(raft: PartitionRaft, entries_max: u64, sto
     }
 }
 
+/// A rate limiter of `bytes_per_sec` in KiB, whose bucket holds one
+/// second of it and at least one segment-transfer request.
+fn transfer_limiter(bytes_per_sec: u64) -> Option<governor::DefaultDirectRateLimiter> {
+    let per_second = NonZeroU32::new(u32::try_from(bytes_per_sec / 1024).ok()?)?;
+    let burst = per_second.max(NonZeroU32::new((TRANSFER_CHUNK_BYTES / 1024) as u32)?);
+    Some(governor::RateLimiter::direct(governor::Quota::per_second(per_second).allow_burst(burst)))
+}
+
 /// The labels of a partition's segment-transfer metrics.
 fn transfer_labels(id: &GroupId) -> Vec<metrics::Label> {
     vec![metrics::Label::new("channel", id.channel.clone()), metrics::Label::new("partition", id.partition.to_string())]
@@ -228,6 +237,9 @@ pub struct Replicas {
     raft_config: Arc<openraft::Config>,
     /// `[cluster] raft_log_entries_max`.
     raft_log_entries_max: u64,
+    /// `[cluster] max_segment_transfer_bytes_per_sec`, in KiB, shared by
+    /// every copy this node receives.
+    transfer_limiter: Option<governor::DefaultDirectRateLimiter>,
     tls: Option<TlsConnector>,
     source_ip: Option<std::net::IpAddr>,
     metadata: Raft,
@@ -270,6 +282,7 @@ impl Replicas {
             data_dir,
             raft_config: Arc::new(raft_config),
             raft_log_entries_max: settings.raft_log_entries_max,
+            transfer_limiter: settings.max_segment_transfer_bytes_per_sec.and_then(transfer_limiter),
             tls,
             source_ip,
             metadata,
@@ -414,6 +427,13 @@ impl Replicas {
             let mut position = 0;
             while position < copy.bytes {
                 let len = (copy.bytes - position).min(TRANSFER_CHUNK_BYTES as u64) as u32;
+                if let Some(limiter) = &self.transfer_limiter {
+                    let kib = NonZeroU32::new(len.div_ceil(1024)).unwrap_or(NonZeroU32::MIN);
+                    // The bucket holds at least one request's worth.
+                    if limiter.until_n_ready(kib).await.is_err() {
+                        return Err("a segment-transfer request larger than the rate limiter's bucket".into());
+                    }
+                }
                 let bytes = match call(PartitionRequest::ReadSegment { base_offset: copy.base_offset, position, len })
                     .await?
                 {
@@ -1023,6 +1043,24 @@ impl Replicas {
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request of a copy fits the rate limiter's bucket (a request
+    /// larger than the bucket would never be let through), at the lowest,
+    /// a middle and the highest rate allowed.
+    #[test]
+    fn a_segment_transfer_request_always_fits_the_rate_limiters_bucket() {
+        let range = crate::config::SEGMENT_TRANSFER_BYTES_PER_SEC_RANGE;
+        let request = NonZeroU32::new((TRANSFER_CHUNK_BYTES / 1024) as u32).unwrap();
+        for rate in [*range.start(), 100 << 20, *range.end()] {
+            let limiter = transfer_limiter(rate).expect("a limiter for every rate allowed");
+            assert!(limiter.check_n(request).is_ok(), "a request does not fit the bucket at {rate} bytes a second");
         }
     }
 }
