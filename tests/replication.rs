@@ -1088,7 +1088,9 @@ async fn follower_down_past_retention(raft_log_entries_max: Option<u64>) -> f64 
 /// a snapshot; and node 4 and the two replicas left hold the same records
 /// at the same offsets, dense from 0, every acknowledged publish exactly
 /// once at its offset, nothing that was never published; the same after
-/// node 4 is killed and started again.
+/// node 4 is killed and started again. Then the replica is moved back to
+/// the old leader's node, which still holds its old copy: the three
+/// replicas end with the same records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
