@@ -8,7 +8,8 @@
 # transfer metrics of the follower. MODE=copy sets raft_log_entries_max =
 # 4096 (the leader purges its Raft log past the follower, which catches up
 # by segment transfer); MODE=raftlog keeps the default (it catches up from
-# the Raft log). Needs `cargo build --release`, curl, bc, and ports
+# the Raft log). RATE=BYTES sets max_segment_transfer_bytes_per_sec on
+# every node. Needs `cargo build --release`, curl, bc, and ports
 # 7510-7532 free.
 # Usage: MODE=copy MESSAGES=2097152 benches/follower_catch_up.sh
 set -u
@@ -19,6 +20,8 @@ trap 'pkill -f "weir serve --config $D" ; rm -rf "$D"' EXIT
 for n in 1 2 3; do
   extra=""
   [ "$MODE" = copy ] && extra="raft_log_entries_max = 4096"
+  [ -n "${RATE:-}" ] && extra="$extra
+max_segment_transfer_bytes_per_sec = $RATE"
   cat > $D/node$n.toml <<T
 listen_addr = "127.0.0.1:75${n}0"
 data_dir = "$D/data/node$n"
@@ -43,7 +46,7 @@ F=$(( L % 3 + 1 ))
 next_offset() { $W channels --addr 127.0.0.1:75${1}0 2>/dev/null | awk -v ch="$CH" '$1==ch{print $4}'; }
 until [ "$(next_offset $F)" -ge $((N / 5)) ] 2>/dev/null; do sleep 0.05; done
 kill -9 $(cat $D/node$F.pid)
-echo "mode $MODE: follower node $F killed at offset $(next_offset $L) on the leader (node $L)"
+echo "mode $MODE${RATE:+, rate $RATE B/s}: follower node $F killed at offset $(next_offset $L) on the leader (node $L)"
 wait $BENCH; grep -A1 '^size' $D/bench.out
 echo "follower's partition on disk before its restart: $(du -sb $D/data/node$F/channels | cut -f1) bytes"
 sleep 3
