@@ -43,7 +43,7 @@ use common::cluster::{
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use weir::client::{ClientError, Connection};
+use weir::client::{ClientError, Connection, SubscribeOptions, Subscriber};
 use weir::cluster::PartitionStatus;
 use weir::protocol::{ErrorCode, Request, Response};
 use weir::record::{Message, RecordIter};
@@ -1224,6 +1224,18 @@ async fn a_replica_moved_to_a_fourth_node_under_load_loses_nothing() {
     let holders: Vec<&Node> = nodes.iter().chain([&fourth]).filter(|node| expected.contains(&node.spec.id)).collect();
     let (new_leader, _) = partition_leader(&holders, 0).await;
     assert_ne!(new_leader, leader, "the moved replica no longer leads");
+    // The old leader's node hosts no replica now: reads there, a consumer
+    // group's included, are sent elsewhere.
+    let old_leader = Connection::connect(&nodes[leader_index].spec.client_addr, "reader").await.unwrap();
+    for group in [None, Some("readers".to_string())] {
+        let options =
+            SubscribeOptions { start: weir::protocol::StartPosition::Earliest, group, ..SubscribeOptions::default() };
+        let Err(refused) = Subscriber::subscribe(&old_leader, CHANNEL, options).await else {
+            panic!("a node that hosts no replica took a subscription");
+        };
+        assert_eq!(refused.code(), Some(ErrorCode::NotLeader), "{refused}");
+    }
+    drop(old_leader);
     let moved_in = partition_status(&fourth).await.expect("node 4 hosts the partition");
     assert!(moved_in.snapshot_index.is_some(), "node 4 caught up without a snapshot: {moved_in:?}");
     let started = Instant::now();

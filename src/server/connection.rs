@@ -1248,6 +1248,11 @@ impl Connection {
         if let Some(message) = refusal {
             return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
         }
+        // A member may be assigned any partition: its node must hold a
+        // replica of each.
+        if let Some(refused) = self.unhosted_replicated(&name, None) {
+            return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
+        }
         let handle = match self.open_channel(&name) {
             Ok(handle) => handle,
             Err(error) => return self.channel_error(correlation_id, &name, error).await,
