@@ -14,6 +14,9 @@
 # Usage: MODE=copy MESSAGES=2097152 benches/follower_catch_up.sh
 set -u
 MODE=${MODE:-copy}; N=${MESSAGES:-2097152}
+# Every wait below gives up after this many seconds.
+LIMIT=${LIMIT:-1200}
+waited() { [ $SECONDS -lt $LIMIT ] || { echo "gave up after $LIMIT s" >&2; exit 1; }; sleep ${1:-0.1}; }
 W=${W:-$(dirname "$0")/../target/release/weir}
 D=$(mktemp -d)
 trap 'pkill -f "weir serve --config $D" ; rm -rf "$D"' EXIT
@@ -36,22 +39,23 @@ T
 done
 start() { RUST_LOG=info,openraft=warn setsid $W serve --config $D/node$1.toml >> $D/node$1.log 2>&1 & echo $! > $D/node$1.pid; }
 for n in 1 2 3; do start $n; done
-until $W cluster status --node 127.0.0.1:7511 2>/dev/null | grep -q leader; do sleep 0.5; done
+until $W cluster status --node 127.0.0.1:7511 2>/dev/null | grep -q leader; do waited 0.5; done
 $W bench throughput --addr 127.0.0.1:7510 --cluster 127.0.0.1:7511 --replication-factor 3 \
   --sizes 1024 --messages $N --bytes-max $((N * 1024)) > $D/bench.out 2>&1 &
 BENCH=$!
-until CH=$($W metadata --addr 127.0.0.1:7510 2>/dev/null | awk '/^bench-/{print $1; exit}') && [ -n "$CH" ]; do sleep 0.1; done
-L=$($W metadata $CH --addr 127.0.0.1:7510 | awk -v ch="$CH" '$1==ch{print $4}')
+until CH=$($W metadata --addr 127.0.0.1:7510 2>/dev/null | awk '/^bench-/{print $1; exit}') && [ -n "$CH" ]; do waited; done
+# The leader column reads "-" until the partition's group has elected.
+until L=$($W metadata $CH --addr 127.0.0.1:7510 | awk -v ch="$CH" '$1==ch{print $4}') && [[ $L =~ ^[0-9]+$ ]]; do waited; done
 F=$(( L % 3 + 1 ))
 next_offset() { $W channels --addr 127.0.0.1:75${1}0 2>/dev/null | awk -v ch="$CH" '$1==ch{print $4}'; }
-until [ "$(next_offset $F)" -ge $((N / 5)) ] 2>/dev/null; do sleep 0.05; done
+until [ "$(next_offset $F)" -ge $((N / 5)) ] 2>/dev/null; do waited 0.05; done
 kill -9 $(cat $D/node$F.pid)
 echo "mode $MODE${RATE:+, rate $RATE B/s}: follower node $F killed at offset $(next_offset $L) on the leader (node $L)"
 wait $BENCH; grep -A1 '^size' $D/bench.out
 echo "follower's partition on disk before its restart: $(du -sb $D/data/node$F/channels | cut -f1) bytes"
 sleep 3
 T0=$(date +%s.%N); start $F
-until [ "$($W channels --addr 127.0.0.1:75${F}0 2>/dev/null | grep $CH)" = "$($W channels --addr 127.0.0.1:75${L}0 | grep $CH)" ]; do sleep 0.1; done
+until [ "$($W channels --addr 127.0.0.1:75${F}0 2>/dev/null | grep $CH)" = "$($W channels --addr 127.0.0.1:75${L}0 | grep $CH)" ]; do waited; done
 T1=$(date +%s.%N)
 echo "follower caught up in $(echo "$T1 - $T0" | bc) s from its start"
 $W channels --addr 127.0.0.1:75${F}0 | grep $CH

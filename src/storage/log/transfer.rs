@@ -236,18 +236,28 @@ impl ChannelLog {
         }
         drop(seal_order);
         let _files = self.lock_segment_files();
-        let moved = write_marker(&*self.fs, &transfer.dir, &transfer.bases)
-            .and_then(|()| finish_pending_transfer(&*self.fs, &self.dir))
-            .and_then(|()| {
-                ChannelLog::open_recovering(
-                    Arc::clone(&self.fs),
-                    &self.dir,
-                    self.name.clone(),
-                    self.partition,
-                    self.config.clone(),
-                    None,
-                )
-            });
+        if let Err(error) = write_marker(&*self.fs, &transfer.dir, &transfer.bases) {
+            // Before the marker's rename nothing was moved, and the log goes
+            // on as it was; after it (its directory's sync failed), the
+            // next open would move the copy in.
+            let marker = transfer.dir.join(TRANSFER_COMPLETE);
+            if !self.fs.exists(&marker).unwrap_or(true) {
+                return Err(error);
+            }
+            writer.failure = Some(format!("a segment copy failed while it was moved in: {error}"));
+            self.copy_interrupted.store(true, std::sync::atomic::Ordering::Release);
+            return Err(error);
+        }
+        let moved = finish_pending_transfer(&*self.fs, &self.dir).and_then(|()| {
+            ChannelLog::open_recovering(
+                Arc::clone(&self.fs),
+                &self.dir,
+                self.name.clone(),
+                self.partition,
+                self.config.clone(),
+                None,
+            )
+        });
         let adopted = match moved {
             Ok(adopted) => adopted,
             Err(error) => {
