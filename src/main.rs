@@ -883,6 +883,10 @@ fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
     Ok(StartPosition::TimeUs(micros))
 }
 
+/// Redirects to a consumer group's coordinator `weir subscribe` follows
+/// in a row without a record in between.
+const GROUP_REDIRECTS_MAX: u32 = 10;
+
 /// What `weir subscribe` was asked for.
 struct SubscribeArgs {
     partition: Option<u32>,
@@ -894,65 +898,107 @@ struct SubscribeArgs {
 
 async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     let SubscribeArgs { partition, from, durable, group, count } = args;
-    let several = partition.is_none();
     let start = parse_start(&from)?;
-    let connection = broker.connect().await?;
-    let options = SubscribeOptions { partition, start, durable_name: durable, group, ..SubscribeOptions::default() };
-    let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
-    let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
+    // A consumer group of a replicated channel is served by one node, its
+    // coordinator: a member sent there (`NotLeader`) follows, also when
+    // the coordinator moves while it reads.
+    let mut addr = broker.addr.clone();
+    let mut redirects = 0u32;
     let mut received = 0u64;
-    if count == Some(0) {
-        return Ok(ExitCode::SUCCESS);
-    }
-    while let Some(event) = subscriber.next().await {
-        match event? {
-            Event::Message { partition, record } => {
-                let time = humantime::format_rfc3339_micros(
-                    SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us),
-                );
-                if several {
-                    print!("{partition}\t");
+    let follow = |error: &weir::client::ClientError, redirects: &mut u32| {
+        let next = error.redirect().filter(|_| group.is_some() && *redirects < GROUP_REDIRECTS_MAX)?;
+        *redirects += 1;
+        eprintln!("notice: the group's coordinator is {next}; subscribing there");
+        Some(next)
+    };
+    'connections: loop {
+        if redirects > 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let connection = Connection::connect_with(&addr, &broker.options("weir-cli")).await?;
+        let several = partition.is_none();
+        let options = SubscribeOptions {
+            partition,
+            start,
+            durable_name: durable.clone(),
+            group: group.clone(),
+            ..SubscribeOptions::default()
+        };
+        let mut subscriber = match Subscriber::subscribe(&connection, &channel, options).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => match follow(&error, &mut redirects) {
+                Some(next) => {
+                    addr = next;
+                    continue 'connections;
                 }
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    record.offset,
-                    time,
-                    String::from_utf8_lossy(&record.key),
-                    String::from_utf8_lossy(&record.payload)
-                );
-                subscriber.ack_partition(partition, record.offset).await?;
-                received += 1;
-                if count.is_some_and(|count| received >= count) {
-                    break;
+                None => return Err(error.into()),
+            },
+        };
+        let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
+        if count == Some(0) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        while let Some(event) = subscriber.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(error) => match follow(&error, &mut redirects) {
+                    Some(next) => {
+                        addr = next;
+                        continue 'connections;
+                    }
+                    None => return Err(error.into()),
+                },
+            };
+            match event {
+                Event::Message { partition, record } => {
+                    let time = humantime::format_rfc3339_micros(
+                        SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us),
+                    );
+                    if several {
+                        print!("{partition}\t");
+                    }
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        record.offset,
+                        time,
+                        String::from_utf8_lossy(&record.key),
+                        String::from_utf8_lossy(&record.payload)
+                    );
+                    subscriber.ack_partition(partition, record.offset).await?;
+                    received += 1;
+                    redirects = 0;
+                    if count.is_some_and(|count| received >= count) {
+                        break;
+                    }
                 }
-            }
-            Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
-                eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");
-            }
-            Event::Notice { partition, notice: Notice::Skipped { skipped, resume_offset } } => {
-                eprintln!(
-                    "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
-                );
-            }
-            // Generation 0: outside a group, a partition added to the channel.
-            Event::Notice { partition, notice: Notice::Assigned { generation: 0, first_offset } } => {
-                eprintln!(
-                    "notice: partition {partition} was added to the channel; reading it from offset {first_offset}"
-                );
-            }
-            Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
-                eprintln!(
-                    "notice: partition {partition} assigned (generation {generation}), from offset {first_offset}"
-                );
-            }
-            Event::Notice { partition, notice: Notice::Revoked { generation } } => {
-                eprintln!("notice: partition {partition} revoked (generation {generation})");
+                Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
+                    eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");
+                }
+                Event::Notice { partition, notice: Notice::Skipped { skipped, resume_offset } } => {
+                    eprintln!(
+                        "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
+                    );
+                }
+                // Generation 0: outside a group, a partition added to the channel.
+                Event::Notice { partition, notice: Notice::Assigned { generation: 0, first_offset } } => {
+                    eprintln!(
+                        "notice: partition {partition} was added to the channel; reading it from offset {first_offset}"
+                    );
+                }
+                Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
+                    eprintln!(
+                        "notice: partition {partition} assigned (generation {generation}), from offset {first_offset}"
+                    );
+                }
+                Event::Notice { partition, notice: Notice::Revoked { generation } } => {
+                    eprintln!("notice: partition {partition} revoked (generation {generation})");
+                }
             }
         }
+        // Let the last ack reach the broker before the connection closes.
+        let _ = connection.request(Request::Ping).await;
+        return Ok(ExitCode::SUCCESS);
     }
-    // Let the last ack reach the broker before the connection closes.
-    let _ = connection.request(Request::Ping).await;
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn channels_admin(broker: BrokerArgs, action: ChannelsAction) -> anyhow::Result<ExitCode> {

@@ -1378,3 +1378,247 @@ async fn converge_on(nodes: &[Node], fourth: &Node, expected: &[String]) {
         assert!(records.iter().enumerate().all(|(position, (offset, _, _))| *offset == position as u64));
     }
 }
+
+/// The channel of the consumer group test.
+const GROUPED: &str = "grouped";
+
+/// Publishes each payload to `partition` of [`GROUPED`] at its leader as
+/// METADATA from `addrs` names it, one at a time, asking again (and
+/// resending) after a refusal or a silent node: a payload may be stored
+/// twice, never lost.
+async fn publish_at_leader(addrs: &[String], partition: u32, payloads: impl Iterator<Item = String>) {
+    let started = Instant::now();
+    let mut leader: Option<Connection> = None;
+    for payload in payloads {
+        loop {
+            assert!(started.elapsed() < CONVERGE_LIMIT, "partition {partition} took no publish");
+            if leader.is_none() {
+                for addr in addrs {
+                    let found = async {
+                        let connection = Connection::connect(addr, "metadata").await.ok()?;
+                        let metadata = weir::client::Metadata::fetch(&connection, GROUPED).await.ok()?;
+                        let leader = metadata.leader_addr(GROUPED, partition)?.to_string();
+                        Connection::connect(&leader, "publisher").await.ok()
+                    };
+                    if let Ok(Some(connection)) = tokio::time::timeout(Duration::from_secs(2), found).await {
+                        leader = Some(connection);
+                        break;
+                    }
+                }
+            }
+            let Some(connection) = &leader else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let request = Request::Publish {
+                channel: GROUPED.into(),
+                partition: Some(partition),
+                producer: None,
+                message: Message::from_payload(payload.clone()),
+            };
+            match tokio::time::timeout(Duration::from_secs(2), connection.request(request)).await {
+                Ok(Ok(Response::PublishAck { .. })) => break,
+                _ => {
+                    leader = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A member of `group` of [`GROUPED`]: subscribes at the first of `addrs`
+/// that answers, following `NotLeader` to the group's coordinator (each
+/// attempt bounded: a paused node takes a connection and never answers).
+/// Returns the subscription and the address that took it.
+async fn join_following(addrs: &[String], group: &str) -> (Connection, Subscriber, String) {
+    let started = Instant::now();
+    let mut next: Vec<String> = Vec::new();
+    loop {
+        assert!(started.elapsed() < CONVERGE_LIMIT, "no node took a member of group {group}");
+        let Some(addr) = next.pop() else {
+            next = addrs.iter().rev().cloned().collect();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let attempt = async {
+            let connection = Connection::connect(&addr, "member").await?;
+            let options = SubscribeOptions {
+                group: Some(group.into()),
+                start: weir::protocol::StartPosition::Earliest,
+                max_inflight: 64,
+                ..SubscribeOptions::default()
+            };
+            let subscriber = Subscriber::subscribe(&connection, GROUPED, options).await?;
+            Ok::<_, ClientError>((connection, subscriber))
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok((connection, subscriber))) => return (connection, subscriber, addr),
+            Ok(Err(error)) => {
+                if let Some(coordinator) = error.redirect() {
+                    next.push(coordinator);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// What the members of the group test saw.
+#[derive(Default)]
+struct GroupSeen {
+    /// Every delivery: (member, partition, payload).
+    deliveries: Vec<(usize, u32, String)>,
+    /// Each member's partitions now.
+    assigned: BTreeMap<usize, BTreeSet<u32>>,
+}
+
+/// Reads `member`'s events, acknowledging every record, until its
+/// subscription ends; returns why.
+async fn consume_member(member: usize, mut subscriber: Subscriber, seen: Arc<Mutex<GroupSeen>>) -> Option<ClientError> {
+    while let Some(event) = subscriber.next().await {
+        match event {
+            Ok(weir::client::Event::Message { partition, record }) => {
+                let payload = String::from_utf8_lossy(&record.payload).into_owned();
+                seen.lock().unwrap().deliveries.push((member, partition, payload));
+                if subscriber.ack_partition(partition, record.offset).await.is_err() {
+                    return None;
+                }
+            }
+            Ok(weir::client::Event::Notice { partition, notice: weir::protocol::Notice::Assigned { .. } }) => {
+                seen.lock().unwrap().assigned.entry(member).or_default().insert(partition);
+            }
+            Ok(weir::client::Event::Notice { partition, notice: weir::protocol::Notice::Revoked { .. } }) => {
+                seen.lock().unwrap().assigned.entry(member).or_default().remove(&partition);
+            }
+            Ok(_) => {}
+            Err(error) => return Some(error),
+        }
+    }
+    None
+}
+
+/// Waits until the members saw every payload of `expected`.
+async fn delivered_all(seen: &Arc<Mutex<GroupSeen>>, expected: &BTreeSet<String>) {
+    let started = Instant::now();
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap();
+            let delivered: BTreeSet<&String> = seen.deliveries.iter().map(|(_, _, payload)| payload).collect();
+            expected.iter().filter(|payload| !delivered.contains(payload)).count()
+        };
+        if missing == 0 {
+            return;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "{missing} records never delivered to the group");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Consumer groups across nodes (docs/REPLICATION.md, "Consumer groups
+/// across nodes"): two members of one group, connecting to different
+/// nodes, are sent to the group's coordinator and share the channel's
+/// four partitions there (disjoint, together all four), and read every
+/// record. Then the coordinator is paused: a member that subscribes again
+/// is sent to the new coordinator (the leader of the group's partition
+/// moved), and when the old one resumes it ends its remaining member with
+/// `NotLeader` naming the new coordinator, which that member follows.
+/// Every record published meanwhile is delivered, and none of those
+/// acknowledged before the move is delivered again (the new coordinator
+/// starts from the group's positions in the metadata group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel_with(&nodes[0], GROUPED, 4, 3, 0).await;
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    let mut expected = BTreeSet::new();
+    for partition in 0..4 {
+        let payloads: Vec<String> = (0..25).map(|i| format!("a-{partition}-{i}")).collect();
+        expected.extend(payloads.iter().cloned());
+        publish_at_leader(&addrs, partition, payloads.into_iter()).await;
+    }
+
+    let seen = Arc::new(Mutex::new(GroupSeen::default()));
+    let (first_connection, first, first_addr) = join_following(&addrs, "billing").await;
+    let (second_connection, second, second_addr) =
+        join_following(&[addrs[1].clone(), addrs[2].clone(), addrs[0].clone()], "billing").await;
+    assert_eq!(first_addr, second_addr, "the members are at two nodes");
+    let coordinator = addrs.iter().position(|addr| *addr == first_addr).unwrap();
+    let first_task = tokio::spawn(consume_member(0, first, Arc::clone(&seen)));
+    let second_task = tokio::spawn(consume_member(1, second, Arc::clone(&seen)));
+    delivered_all(&seen, &expected).await;
+    let started = Instant::now();
+    loop {
+        let (first, second) = {
+            let seen = seen.lock().unwrap();
+            (seen.assigned.get(&0).cloned().unwrap_or_default(), seen.assigned.get(&1).cloned().unwrap_or_default())
+        };
+        if first.len() == 2 && second.len() == 2 {
+            assert!(first.is_disjoint(&second), "a partition read by both members: {first:?} {second:?}");
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the partitions were not shared: {first:?} {second:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The group's positions reached the metadata group: another node
+    // lists them.
+    let other = &addrs[(coordinator + 1) % 3];
+    let started = Instant::now();
+    loop {
+        let connection = Connection::connect(other, "lister").await.unwrap();
+        let listed = connection.request(Request::ListGroups { channel: GROUPED.into() }).await.unwrap();
+        let Response::Groups { groups } = listed else { panic!("expected GROUPS: {listed:?}") };
+        let committed: u64 = groups
+            .iter()
+            .filter(|group| group.name == "billing")
+            .flat_map(|group| &group.partitions)
+            .filter_map(|partition| partition.committed)
+            .sum();
+        if committed == 100 {
+            break;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the group's positions did not reach the others: {committed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before_move = seen.lock().unwrap().deliveries.len();
+
+    // The coordinator paused: its partitions' leadership moves, and with
+    // it the coordinator.
+    nodes[coordinator].signal("STOP");
+    let others: Vec<String> =
+        addrs.iter().enumerate().filter(|(i, _)| *i != coordinator).map(|(_, a)| a.clone()).collect();
+    second_task.abort();
+    drop(second_connection);
+    let mut later = BTreeSet::new();
+    for partition in 0..4 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("b-{partition}-{i}")).collect();
+        later.extend(payloads.iter().cloned());
+        publish_at_leader(&others, partition, payloads.into_iter()).await;
+    }
+    let (_second_connection, second, second_addr) = join_following(&others, "billing").await;
+    assert_ne!(second_addr, first_addr, "the coordinator did not move");
+    let second_task = tokio::spawn(consume_member(1, second, Arc::clone(&seen)));
+    nodes[coordinator].signal("CONT");
+    let ended = tokio::time::timeout(CONVERGE_LIMIT, first_task).await.expect("the first member was not sent on");
+    let ended = ended.unwrap().expect("the first member's subscription ended without a reason");
+    assert_eq!(ended.code(), Some(ErrorCode::NotLeader), "{ended}");
+    assert_eq!(ended.redirect().as_deref(), Some(second_addr.as_str()), "{ended}");
+    drop(first_connection);
+    let (_first_connection, first, first_again) = join_following(&[ended.redirect().unwrap()], "billing").await;
+    assert_eq!(first_again, second_addr);
+    let first_task = tokio::spawn(consume_member(0, first, Arc::clone(&seen)));
+    delivered_all(&seen, &later).await;
+    let again: Vec<String> = seen.lock().unwrap().deliveries[before_move..]
+        .iter()
+        .map(|(_, _, payload)| payload.clone())
+        .filter(|payload| expected.contains(payload))
+        .collect();
+    assert!(again.is_empty(), "records acknowledged before the move were delivered again: {again:?}");
+    first_task.abort();
+    second_task.abort();
+}

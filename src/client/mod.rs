@@ -98,6 +98,18 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The client address a `NotLeader` error names (`...; leader:
+    /// HOST:PORT`): the partition's leader, or a consumer group's
+    /// coordinator. `None` for any other error, or when none is known.
+    pub fn redirect(&self) -> Option<String> {
+        let ClientError::Server { message, .. } = self else { return None };
+        if self.code() != Some(ErrorCode::NotLeader) {
+            return None;
+        }
+        let leader = message.rsplit_once("leader: ")?.1.trim();
+        (!leader.is_empty() && leader != "unknown").then(|| leader.to_owned())
+    }
 }
 
 fn error_name(code: u16) -> String {

@@ -738,14 +738,6 @@ fn fail(batch: Batch, error: &ClientError) {
     }
 }
 
-/// The leader a `NotLeader` error names (`...; leader: HOST:PORT`), if
-/// known.
-fn named_leader(error: &ClientError) -> Option<String> {
-    let ClientError::Server { message, .. } = error else { return None };
-    let leader = message.rsplit_once("leader: ")?.1.trim();
-    (!leader.is_empty() && leader != "unknown").then(|| leader.to_owned())
-}
-
 fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -> Outcome {
     match result {
         Ok(Response::PublishAck { first_offset, count, timestamp_us, duplicate, .. }) => {
@@ -764,7 +756,7 @@ fn classify(result: Result<Response, ClientError>, policy: BackpressurePolicy) -
             }
             // Resent with the same sequences: deduplicated if it was stored.
             Some(ErrorCode::ShuttingDown | ErrorCode::OutcomeUnknown) => Outcome::Reconnect,
-            Some(ErrorCode::NotLeader) => Outcome::Redirect { leader: named_leader(&error), error },
+            Some(ErrorCode::NotLeader) => Outcome::Redirect { leader: error.redirect(), error },
             Some(ErrorCode::UnknownProducer) => Outcome::NewProducer,
             _ if matches!(error, ClientError::Disconnected | ClientError::Io(_)) => Outcome::Reconnect,
             _ => Outcome::Fail(error),

@@ -717,6 +717,73 @@ impl Replicas {
         self.channels.borrow().channels.get(channel).map(|channel| channel.replicas.len() as u32)
     }
 
+    /// The node that coordinates consumer group `group` of replicated
+    /// channel `channel` (docs/REPLICATION.md, "Consumer groups across
+    /// nodes"): the leader last reported for partition `murmur2(group) mod
+    /// P`, if it holds a replica of every partition, else the first replica
+    /// of that partition that does.
+    ///
+    /// # Errors
+    /// No such channel, or no node holds a replica of every partition.
+    pub(super) fn coordinator_of(state: &MetadataState, channel: &str, group: &str) -> Result<NodeId, String> {
+        let placed = state.channels.get(channel).ok_or_else(|| format!("{channel} is not a replicated channel"))?;
+        let holds_every = |node: &NodeId| placed.replicas.iter().all(|replicas| replicas.contains(node));
+        let partitions = placed.replicas.len() as u32;
+        if partitions == 0 {
+            return Err(format!("channel {channel} has no partition"));
+        }
+        let partition = crate::partitioner::partition_for_key(group.as_bytes(), partitions);
+        let reported = state.reported_leader(channel, partition).map(|leader| leader.node).filter(holds_every);
+        let first = placed.replicas[partition as usize].iter().copied().find(holds_every);
+        reported.or(first).ok_or_else(|| {
+            format!(
+                "no node holds a replica of every partition of channel {channel}, so no node can serve a consumer group of it (reading partitions from other nodes is not built)"
+            )
+        })
+    }
+
+    /// For a member of consumer group `group` of replicated channel
+    /// `channel`: `None` when this node coordinates the group, else
+    /// `NotLeader` naming the coordinator's client address.
+    ///
+    /// # Errors
+    /// No node can coordinate the group.
+    pub fn group_coordinator_elsewhere(
+        &self,
+        channel: &str,
+        group: &str,
+    ) -> Result<Option<ReplicatedPublishError>, String> {
+        let coordinator = Replicas::coordinator_of(&self.channels.borrow(), channel, group)?;
+        Ok((coordinator != self.node_id)
+            .then(|| ReplicatedPublishError::NotLeader { leader: self.client_addr(coordinator) }))
+    }
+
+    /// Resolves once this node no longer coordinates group `group` of
+    /// `channel` (by the metadata it applied): `Ok` with the `NotLeader`
+    /// message naming the new coordinator, `Err` with why no node can
+    /// coordinate it now. Never while this node coordinates it, nor once
+    /// the node stops.
+    pub fn coordinator_moved(
+        self: &Arc<Self>,
+        channel: String,
+        group: String,
+    ) -> impl Future<Output = Result<String, String>> + Send + 'static {
+        let replicas = Arc::clone(self);
+        let mut changes = self.channels.clone();
+        async move {
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                match replicas.group_coordinator_elsewhere(&channel, &group) {
+                    Ok(None) => {}
+                    Ok(Some(elsewhere)) => return Ok(elsewhere.to_string()),
+                    Err(message) => return Err(message),
+                }
+            }
+        }
+    }
+
     /// Where to read a partition of a replicated channel this node hosts no
     /// replica of: `NotLeader` naming the partition's first replica.
     pub fn hosting_elsewhere(&self, channel: &str, partition: u32) -> ReplicatedPublishError {
@@ -1050,6 +1117,47 @@ impl Replicas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn orders(replicas: Vec<Vec<NodeId>>) -> MetadataState {
+        let mut state = MetadataState::default();
+        state.channels.insert("orders".into(), ReplicatedChannel { replication_factor: 3, replicas });
+        state
+    }
+
+    /// A group's coordinator: the first replica of partition
+    /// `murmur2(group) mod P` until a leader is reported for it, then that
+    /// leader; groups spread over several nodes; a node lacking a replica
+    /// of some partition never coordinates; with no node holding every
+    /// partition, no group can be served.
+    #[test]
+    fn a_group_is_coordinated_by_its_partitions_leader_if_it_holds_every_partition() {
+        let placement = vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]];
+        let mut state = orders(placement.clone());
+        let partition = crate::partitioner::partition_for_key(b"billing", 4);
+        let first = placement[partition as usize][0];
+        assert_eq!(Replicas::coordinator_of(&state, "orders", "billing"), Ok(first));
+        let other = placement[partition as usize][1];
+        let report = LeaderReport { channel: "orders".into(), partition, leader: other, term: 5 };
+        state.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] });
+        assert_eq!(Replicas::coordinator_of(&state, "orders", "billing"), Ok(other));
+        let coordinators: BTreeSet<NodeId> = (0..40)
+            .map(|group| Replicas::coordinator_of(&state, "orders", &format!("group-{group}")).unwrap())
+            .collect();
+        assert!(coordinators.len() > 1, "every group on one node: {coordinators:?}");
+
+        // Node 3 lacks partition 1; node 2 lacks partition 3.
+        let mut uneven = orders(vec![vec![3, 1, 2], vec![1, 2, 4], vec![2, 3, 1], vec![3, 1, 4]]);
+        for group in 0..40 {
+            let group = format!("group-{group}");
+            assert_eq!(Replicas::coordinator_of(&uneven, "orders", &group), Ok(1), "{group}");
+        }
+        let report = LeaderReport { channel: "orders".into(), partition: 0, leader: 3, term: 2 };
+        uneven.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] });
+        assert!((0..40).all(|group| Replicas::coordinator_of(&uneven, "orders", &format!("g{group}")) == Ok(1)));
+        let none = orders(vec![vec![1, 2, 3], vec![4, 5, 6]]);
+        assert!(Replicas::coordinator_of(&none, "orders", "billing").unwrap_err().contains("no node holds"));
+        assert!(Replicas::coordinator_of(&none, "payments", "billing").is_err());
+    }
 
     /// Every request of a copy fits the rate limiter's bucket (a request
     /// larger than the bucket would never be let through), at the lowest,

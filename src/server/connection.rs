@@ -1248,8 +1248,25 @@ impl Connection {
         if let Some(message) = refusal {
             return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
         }
+        // One node coordinates a replicated channel's group: the others
+        // send its members there (docs/REPLICATION.md, "Consumer groups
+        // across nodes").
+        let mut coordinator_moved = None;
+        if let Some(replicas) = self.broker.replicas().filter(|replicas| replicas.is_replicated(name.as_str())) {
+            match replicas.group_coordinator_elsewhere(name.as_str(), &group) {
+                Ok(None) => {
+                    let moved = replicas.coordinator_moved(name.as_str().to_string(), group.clone());
+                    coordinator_moved = Some(Box::pin(moved) as super::member::CoordinatorMoved);
+                }
+                Ok(Some(elsewhere)) => {
+                    return self.error(correlation_id, ErrorCode::NotLeader, elsewhere.to_string()).await;
+                }
+                Err(message) => return self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
+            }
+        }
         // A member may be assigned any partition: its node must hold a
-        // replica of each.
+        // replica of each (the coordinator's placement does; its groups may
+        // still be starting).
         if let Some(refused) = self.unhosted_replicated(&name, None) {
             return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
         }
@@ -1282,7 +1299,7 @@ impl Connection {
             epoch: self.epoch,
             cancel: cancel.clone(),
         };
-        tokio::spawn(task.run());
+        tokio::spawn(task.run(coordinator_moved));
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions: cursors });
         Flow::Continue
     }

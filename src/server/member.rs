@@ -37,11 +37,19 @@ pub(crate) struct MemberTask {
     pub cancel: CancellationToken,
 }
 
+/// For a replicated channel's group: resolves when this node no longer
+/// coordinates the group (`Ok`: the `NotLeader` message naming the new
+/// coordinator; `Err`: why no node can), which ends the member.
+pub(crate) type CoordinatorMoved = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+
 impl MemberTask {
-    pub async fn run(mut self) {
+    /// Runs the member until it leaves; `coordinator_moved` (see
+    /// [`CoordinatorMoved`]) ends it when its node stops coordinating.
+    pub async fn run(mut self, coordinator_moved: Option<CoordinatorMoved>) {
         // Partitions revoked and not yet let go, with when.
         let mut draining: HashMap<u32, Instant> = HashMap::new();
         let session_check = (self.session_timeout / 4).max(Duration::from_millis(10));
+        let mut coordinator_moved = coordinator_moved;
         loop {
             self.follow_assignment(&mut draining).await;
             self.release_drained(&mut draining);
@@ -58,6 +66,22 @@ impl MemberTask {
                 }
                 () = tokio::time::sleep(poll) => {}
                 () = self.cancel.cancelled() => break,
+                moved = async {
+                    match coordinator_moved.as_mut() {
+                        Some(moved) => moved.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // The members subscribe again at the new coordinator, which
+                    // starts from the group's positions in the metadata group.
+                    let group = self.member.group();
+                    tracing::info!(channel = %group.channel(), group = group.name(), member = self.member.id, "this node no longer coordinates the group: its member is sent on");
+                    match moved {
+                        Ok(message) => self.end_subscription(ErrorCode::NotLeader, message).await,
+                        Err(message) => self.end_subscription(ErrorCode::InvalidRequest, message).await,
+                    }
+                    break;
+                }
                 () = self.channel.deleted.cancelled() => {
                     let message = format!(
                         "subscription {} stopped: channel {} was deleted",
