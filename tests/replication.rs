@@ -793,7 +793,7 @@ async fn durable_and_group_positions_resume_on_another_node() {
         node.start();
     }
     create_channel(&nodes[0], 0).await;
-    partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
+    let (leader, _) = partition_leader(&nodes.iter().collect::<Vec<_>>(), 0).await;
     let publisher = weir::client::Publisher::connect(
         &nodes[0].spec.client_addr,
         CHANNEL,
@@ -806,22 +806,24 @@ async fn durable_and_group_positions_resume_on_another_node() {
     }
     publisher.close().await;
 
-    let (first, second) = (&nodes[1], &nodes[2]);
+    // The first node leads the partition, and so coordinates the group
+    // (the only partition's leader); it is killed below.
+    let first_index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
+    let (first, second) = (&nodes[first_index], &nodes[(first_index + 1) % 3]);
     let durable = weir::client::SubscribeOptions {
         partition: Some(0),
         start: weir::protocol::StartPosition::Earliest,
         durable_name: Some("billing".into()),
         ..weir::client::SubscribeOptions::default()
     };
-    let grouped = weir::client::SubscribeOptions {
-        group: Some("audit".into()),
-        start: weir::protocol::StartPosition::Earliest,
-        ..weir::client::SubscribeOptions::default()
-    };
     {
         let connection = Connection::connect(&first.spec.client_addr, "subscriber").await.unwrap();
-        for options in [durable.clone(), grouped.clone()] {
-            let mut subscriber = weir::client::Subscriber::subscribe(&connection, CHANNEL, options).await.unwrap();
+        let subscribed = weir::client::Subscriber::subscribe(&connection, CHANNEL, durable.clone()).await.unwrap();
+        // A group member is sent to the group's coordinator, should the
+        // metadata group not know the leader yet.
+        let (_group_connection, member, _) =
+            join_following(std::slice::from_ref(&first.spec.client_addr), CHANNEL, "audit").await;
+        for mut subscriber in [subscribed, member] {
             for expected in 0..5 {
                 let (offset, payload) = next_message(&mut subscriber).await;
                 assert_eq!((offset, payload), (expected, format!("r{expected}")));
@@ -863,13 +865,16 @@ async fn durable_and_group_positions_resume_on_another_node() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let index = nodes.iter().position(|node| node.spec.id == first.spec.id).unwrap();
-    nodes[index].kill();
-    let connection = Connection::connect(&nodes[2].spec.client_addr, "subscriber").await.unwrap();
-    for options in [durable, grouped] {
-        let mut subscriber = weir::client::Subscriber::subscribe(&connection, CHANNEL, options).await.unwrap();
-        assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
-    }
+    let second_addr = second.spec.client_addr.clone();
+    let others: Vec<String> =
+        nodes.iter().filter(|node| node.spec.id != leader).map(|node| node.spec.client_addr.clone()).collect();
+    nodes[first_index].kill();
+    let connection = Connection::connect(&second_addr, "subscriber").await.unwrap();
+    let mut subscriber = weir::client::Subscriber::subscribe(&connection, CHANNEL, durable).await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
+    // The group, at its new coordinator (the partition's new leader).
+    let (_connection, mut member, _) = join_following(&others, CHANNEL, "audit").await;
+    assert_eq!(next_message(&mut member).await, (5, "r5".to_string()), "the group resumes after its last ack");
 }
 
 /// The partition's start and next offsets on the node at `addr`.
@@ -1427,11 +1432,11 @@ async fn publish_at_leader(addrs: &[String], partition: u32, payloads: impl Iter
     }
 }
 
-/// A member of `group` of [`GROUPED`]: subscribes at the first of `addrs`
+/// A member of `group` of `channel`: subscribes at the first of `addrs`
 /// that answers, following `NotLeader` to the group's coordinator (each
 /// attempt bounded: a paused node takes a connection and never answers).
 /// Returns the subscription and the address that took it.
-async fn join_following(addrs: &[String], group: &str) -> (Connection, Subscriber, String) {
+async fn join_following(addrs: &[String], channel: &str, group: &str) -> (Connection, Subscriber, String) {
     let started = Instant::now();
     let mut next: Vec<String> = Vec::new();
     loop {
@@ -1449,7 +1454,7 @@ async fn join_following(addrs: &[String], group: &str) -> (Connection, Subscribe
                 max_inflight: 64,
                 ..SubscribeOptions::default()
             };
-            let subscriber = Subscriber::subscribe(&connection, GROUPED, options).await?;
+            let subscriber = Subscriber::subscribe(&connection, channel, options).await?;
             Ok::<_, ClientError>((connection, subscriber))
         };
         match tokio::time::timeout(Duration::from_secs(3), attempt).await {
@@ -1544,9 +1549,9 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
     }
 
     let seen = Arc::new(Mutex::new(GroupSeen::default()));
-    let (first_connection, first, first_addr) = join_following(&addrs, "billing").await;
+    let (first_connection, first, first_addr) = join_following(&addrs, GROUPED, "billing").await;
     let (second_connection, second, second_addr) =
-        join_following(&[addrs[1].clone(), addrs[2].clone(), addrs[0].clone()], "billing").await;
+        join_following(&[addrs[1].clone(), addrs[2].clone(), addrs[0].clone()], GROUPED, "billing").await;
     assert_eq!(first_addr, second_addr, "the members are at two nodes");
     let coordinator = addrs.iter().position(|addr| *addr == first_addr).unwrap();
     let first_task = tokio::spawn(consume_member(0, first, Arc::clone(&seen)));
@@ -1600,7 +1605,7 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
         later.extend(payloads.iter().cloned());
         publish_at_leader(&others, partition, payloads.into_iter()).await;
     }
-    let (_second_connection, second, second_addr) = join_following(&others, "billing").await;
+    let (_second_connection, second, second_addr) = join_following(&others, GROUPED, "billing").await;
     assert_ne!(second_addr, first_addr, "the coordinator did not move");
     let second_task = tokio::spawn(consume_member(1, second, Arc::clone(&seen)));
     nodes[coordinator].signal("CONT");
@@ -1609,7 +1614,8 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
     assert_eq!(ended.code(), Some(ErrorCode::NotLeader), "{ended}");
     assert_eq!(ended.redirect().as_deref(), Some(second_addr.as_str()), "{ended}");
     drop(first_connection);
-    let (_first_connection, first, first_again) = join_following(&[ended.redirect().unwrap()], "billing").await;
+    let (_first_connection, first, first_again) =
+        join_following(&[ended.redirect().unwrap()], GROUPED, "billing").await;
     assert_eq!(first_again, second_addr);
     let first_task = tokio::spawn(consume_member(0, first, Arc::clone(&seen)));
     delivered_all(&seen, &later).await;

@@ -385,11 +385,29 @@ impl Driver for WeirTarget {
                 StartAt::Start => StartPosition::Earliest,
                 StartAt::End => StartPosition::Latest,
             };
-            let connection = self.connection_to(&self.topic_addr(topic), "weir-bench-subscriber").await?;
-            let window = options.window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
-            let subscribe =
-                SubscribeOptions { start, max_inflight: window, group: options.group, ..SubscribeOptions::default() };
-            let subscriber = Subscriber::subscribe(&connection, topic, subscribe).await?;
+            // A replicated topic's consumer group is served by its
+            // coordinator: a node that is not it names it (`NotLeader`).
+            let mut addr = self.topic_addr(topic);
+            let mut redirects = 0;
+            let (connection, subscriber, window) = loop {
+                let connection = self.connection_to(&addr, "weir-bench-subscriber").await?;
+                let window = options.window.clamp(1, connection.limits().max_inflight_deliveries.max(1));
+                let subscribe = SubscribeOptions {
+                    start,
+                    max_inflight: window,
+                    group: options.group.clone(),
+                    ..SubscribeOptions::default()
+                };
+                match Subscriber::subscribe(&connection, topic, subscribe).await {
+                    Ok(subscriber) => break (connection, subscriber, window),
+                    Err(error) if redirects < COORDINATOR_REDIRECTS_MAX && error.redirect().is_some() => {
+                        redirects += 1;
+                        addr = error.redirect().unwrap_or(addr);
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            };
             // Half the window the broker granted: acknowledging later than
             // the window would stall the partition.
             let ack_every = u64::from(window / 2).max(1);
@@ -408,6 +426,10 @@ impl Driver for WeirTarget {
         Box::pin(WeirTarget::stop(*self))
     }
 }
+
+/// Redirects to a consumer group's coordinator a bench consumer follows
+/// before it gives up.
+const COORDINATOR_REDIRECTS_MAX: u32 = 5;
 
 impl Producer for PartitionedPublisher {
     fn send(&self, key: Option<Bytes>, payload: Bytes) -> BoxFuture<'_, Result<Ack, BenchError>> {
