@@ -4,7 +4,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -883,9 +883,11 @@ fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
     Ok(StartPosition::TimeUs(micros))
 }
 
-/// Redirects to a consumer group's coordinator `weir subscribe` follows
-/// in a row without a record in between.
-const GROUP_REDIRECTS_MAX: u32 = 10;
+/// How long `weir subscribe --group` goes on following its group's
+/// coordinator (and subscribing again after losing it) without a record.
+const GROUP_FOLLOW_LIMIT: Duration = Duration::from_secs(60);
+/// The pause before each such new subscription but the first.
+const GROUP_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// What `weir subscribe` was asked for.
 struct SubscribeArgs {
@@ -901,21 +903,59 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
     let start = parse_start(&from)?;
     // A consumer group of a replicated channel is served by one node, its
     // coordinator: a member sent there (`NotLeader`) follows, also when
-    // the coordinator moves while it reads.
+    // the coordinator moves while it reads; one that loses its coordinator
+    // (its node failed) subscribes again at the cluster's nodes in turn
+    // (those METADATA named). Bounded: at most GROUP_FOLLOW_LIMIT without
+    // a record.
     let mut addr = broker.addr.clone();
-    let mut redirects = 0u32;
+    let mut nodes: Vec<String> = vec![broker.addr.clone()];
+    let mut retries = 0u32;
+    let mut progress = Instant::now();
     let mut received = 0u64;
-    let follow = |error: &weir::client::ClientError, redirects: &mut u32| {
-        let next = error.redirect().filter(|_| group.is_some() && *redirects < GROUP_REDIRECTS_MAX)?;
-        *redirects += 1;
-        eprintln!("notice: the group's coordinator is {next}; subscribing there");
+    let mut last_notice = String::new();
+    let mut follow = |error: &weir::client::ClientError, progress: Instant, nodes: &[String], retries: u32| {
+        if group.is_none() || progress.elapsed() > GROUP_FOLLOW_LIMIT {
+            return None;
+        }
+        let (next, notice) = match error.redirect() {
+            Some(next) => (next.clone(), format!("the group's coordinator is {next}; subscribing there")),
+            None if error.code().is_none_or(|code| code == weir::protocol::ErrorCode::GroupSessionExpired) => {
+                let next = nodes[retries as usize % nodes.len()].clone();
+                (next.clone(), format!("{error}; subscribing again at {next}"))
+            }
+            None => return None,
+        };
+        if notice != last_notice {
+            eprintln!("notice: {notice}");
+            last_notice = notice;
+        }
         Some(next)
     };
     'connections: loop {
-        if redirects > 1 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if retries > 0 {
+            tokio::time::sleep(GROUP_RETRY_PAUSE).await;
         }
-        let connection = Connection::connect_with(&addr, &broker.options("weir-cli")).await?;
+        retries += 1;
+        let connection = match Connection::connect_with(&addr, &broker.options("weir-cli")).await {
+            Ok(connection) => connection,
+            Err(error) => match follow(&error, progress, &nodes, retries) {
+                Some(next) => {
+                    addr = next;
+                    continue 'connections;
+                }
+                None => return Err(error.into()),
+            },
+        };
+        if group.is_some()
+            && let Ok(metadata) = weir::client::Metadata::fetch(&connection, &channel).await
+            && metadata.clustered
+        {
+            nodes = metadata.nodes.iter().map(|node| node.client_addr.clone()).collect();
+            nodes.retain(|node| !node.is_empty());
+            if nodes.is_empty() {
+                nodes.push(broker.addr.clone());
+            }
+        }
         let several = partition.is_none();
         let options = SubscribeOptions {
             partition,
@@ -926,7 +966,7 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         };
         let mut subscriber = match Subscriber::subscribe(&connection, &channel, options).await {
             Ok(subscriber) => subscriber,
-            Err(error) => match follow(&error, &mut redirects) {
+            Err(error) => match follow(&error, progress, &nodes, retries) {
                 Some(next) => {
                     addr = next;
                     continue 'connections;
@@ -941,7 +981,7 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         while let Some(event) = subscriber.next().await {
             let event = match event {
                 Ok(event) => event,
-                Err(error) => match follow(&error, &mut redirects) {
+                Err(error) => match follow(&error, progress, &nodes, retries) {
                     Some(next) => {
                         addr = next;
                         continue 'connections;
@@ -966,7 +1006,8 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
                     );
                     subscriber.ack_partition(partition, record.offset).await?;
                     received += 1;
-                    redirects = 0;
+                    retries = 0;
+                    progress = Instant::now();
                     if count.is_some_and(|count| received >= count) {
                         break;
                     }

@@ -1470,6 +1470,28 @@ async fn join_following(addrs: &[String], channel: &str, group: &str) -> (Connec
     }
 }
 
+/// Waits until every node of `addrs` names a leader for each of the
+/// `partitions` of [`GROUPED`], the same ones.
+async fn leaders_agreed(addrs: &[String], partitions: u32) {
+    let started = Instant::now();
+    loop {
+        let mut views: Vec<Option<Vec<String>>> = Vec::new();
+        for addr in addrs {
+            let view = async {
+                let connection = Connection::connect(addr, "metadata").await.ok()?;
+                let metadata = weir::client::Metadata::fetch(&connection, GROUPED).await.ok()?;
+                (0..partitions).map(|partition| metadata.leader_addr(GROUPED, partition).map(str::to_owned)).collect()
+            };
+            views.push(view.await);
+        }
+        if views.iter().all(|view| view.is_some() && *view == views[0]) {
+            return;
+        }
+        assert!(started.elapsed() < CONVERGE_LIMIT, "the nodes do not name the same leaders: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What the members of the group test saw.
 #[derive(Default)]
 struct GroupSeen {
@@ -1529,7 +1551,7 @@ async fn delivered_all(seen: &Arc<Mutex<GroupSeen>>, expected: &BTreeSet<String>
 /// is sent to the new coordinator (the leader of the group's partition
 /// moved), and when the old one resumes it ends its remaining member with
 /// `NotLeader` naming the new coordinator, which that member follows.
-/// Every record published meanwhile is delivered, and none of those
+/// Every record published afterwards is delivered, and none of those
 /// acknowledged before the move is delivered again (the new coordinator
 /// starts from the group's positions in the metadata group).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1537,10 +1559,15 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = three_nodes(dir.path(), false);
     for node in &mut nodes {
+        // Generous: the member on the paused node must outlive the pause.
+        let text = std::fs::read_to_string(&node.config).unwrap();
+        std::fs::write(&node.config, format!("group_session_timeout_ms = 120000\n{text}")).unwrap();
         node.start();
     }
     create_channel_with(&nodes[0], GROUPED, 4, 3, 0).await;
     let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    // Every node names the same leaders, so the same coordinator.
+    leaders_agreed(&addrs, 4).await;
     let mut expected = BTreeSet::new();
     for partition in 0..4 {
         let payloads: Vec<String> = (0..25).map(|i| format!("a-{partition}-{i}")).collect();
@@ -1599,16 +1626,16 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
         addrs.iter().enumerate().filter(|(i, _)| *i != coordinator).map(|(_, a)| a.clone()).collect();
     second_task.abort();
     drop(second_connection);
-    let mut later = BTreeSet::new();
-    for partition in 0..4 {
-        let payloads: Vec<String> = (0..10).map(|i| format!("b-{partition}-{i}")).collect();
-        later.extend(payloads.iter().cloned());
-        publish_at_leader(&others, partition, payloads.into_iter()).await;
-    }
     let (_second_connection, second, second_addr) = join_following(&others, GROUPED, "billing").await;
     assert_ne!(second_addr, first_addr, "the coordinator did not move");
     let second_task = tokio::spawn(consume_member(1, second, Arc::clone(&seen)));
     nodes[coordinator].signal("CONT");
+    let mut later = BTreeSet::new();
+    for partition in 0..4 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("b-{partition}-{i}")).collect();
+        later.extend(payloads.iter().cloned());
+        publish_at_leader(&addrs, partition, payloads.into_iter()).await;
+    }
     let ended = tokio::time::timeout(CONVERGE_LIMIT, first_task).await.expect("the first member was not sent on");
     let ended = ended.unwrap().expect("the first member's subscription ended without a reason");
     assert_eq!(ended.code(), Some(ErrorCode::NotLeader), "{ended}");

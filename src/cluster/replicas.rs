@@ -758,6 +758,12 @@ impl Replicas {
             .then(|| ReplicatedPublishError::NotLeader { leader: self.client_addr(coordinator) }))
     }
 
+    /// `NotLeader` naming this node: the answer of a group's coordinator
+    /// whose partitions' groups are still starting (come back later).
+    pub fn this_node_elsewhere(&self) -> ReplicatedPublishError {
+        ReplicatedPublishError::NotLeader { leader: self.client_addr(self.node_id) }
+    }
+
     /// Resolves once this node no longer coordinates group `group` of
     /// `channel` (by the metadata it applied): `Ok` with the `NotLeader`
     /// message naming the new coordinator, `Err` with why no node can
@@ -772,13 +778,15 @@ impl Replicas {
         let mut changes = self.channels.clone();
         async move {
             loop {
-                if changes.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
+                // Checked before each wait: a change applied since the
+                // member joined counts too.
                 match replicas.group_coordinator_elsewhere(&channel, &group) {
                     Ok(None) => {}
                     Ok(Some(elsewhere)) => return Ok(elsewhere.to_string()),
                     Err(message) => return Err(message),
+                }
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
                 }
             }
         }

@@ -1265,9 +1265,14 @@ impl Connection {
             }
         }
         // A member may be assigned any partition: its node must hold a
-        // replica of each (the coordinator's placement does; its groups may
-        // still be starting).
+        // replica of each. The coordinator's placement does, but its
+        // partitions' groups may still be starting: it names itself, for
+        // the member to come back after a pause.
         if let Some(refused) = self.unhosted_replicated(&name, None) {
+            let refused = match (&coordinator_moved, self.broker.replicas()) {
+                (Some(_), Some(replicas)) => replicas.this_node_elsewhere().to_string(),
+                _ => refused,
+            };
             return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
         }
         let handle = match self.open_channel(&name) {
