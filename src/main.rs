@@ -938,13 +938,11 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         retries += 1;
         let connection = match Connection::connect_with(&addr, &broker.options("weir-cli")).await {
             Ok(connection) => connection,
-            Err(error) => match follow(&error, progress, &nodes, retries) {
-                Some(next) => {
-                    addr = next;
-                    continue 'connections;
-                }
-                None => return Err(error.into()),
-            },
+            Err(error) => {
+                // Followed, or the error is the answer.
+                addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
+                continue 'connections;
+            }
         };
         if group.is_some()
             && let Ok(metadata) = weir::client::Metadata::fetch(&connection, &channel).await
@@ -966,13 +964,11 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         };
         let mut subscriber = match Subscriber::subscribe(&connection, &channel, options).await {
             Ok(subscriber) => subscriber,
-            Err(error) => match follow(&error, progress, &nodes, retries) {
-                Some(next) => {
-                    addr = next;
-                    continue 'connections;
-                }
-                None => return Err(error.into()),
-            },
+            Err(error) => {
+                // Followed, or the error is the answer.
+                addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
+                continue 'connections;
+            }
         };
         let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
         if count == Some(0) {
@@ -981,13 +977,11 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         while let Some(event) = subscriber.next().await {
             let event = match event {
                 Ok(event) => event,
-                Err(error) => match follow(&error, progress, &nodes, retries) {
-                    Some(next) => {
-                        addr = next;
-                        continue 'connections;
-                    }
-                    None => return Err(error.into()),
-                },
+                Err(error) => {
+                    // Followed, or the error is the answer.
+                    addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
+                    continue 'connections;
+                }
             };
             match event {
                 Event::Message { partition, record } => {

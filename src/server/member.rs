@@ -45,11 +45,10 @@ pub(crate) type CoordinatorMoved = std::pin::Pin<Box<dyn std::future::Future<Out
 impl MemberTask {
     /// Runs the member until it leaves; `coordinator_moved` (see
     /// [`CoordinatorMoved`]) ends it when its node stops coordinating.
-    pub async fn run(mut self, coordinator_moved: Option<CoordinatorMoved>) {
+    pub async fn run(mut self, mut coordinator_moved: Option<CoordinatorMoved>) {
         // Partitions revoked and not yet let go, with when.
         let mut draining: HashMap<u32, Instant> = HashMap::new();
         let session_check = (self.session_timeout / 4).max(Duration::from_millis(10));
-        let mut coordinator_moved = coordinator_moved;
         loop {
             self.follow_assignment(&mut draining).await;
             self.release_drained(&mut draining);
