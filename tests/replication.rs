@@ -2,8 +2,9 @@
 //! serve` processes on 127.0.0.1: a channel of replication factor 3 is
 //! created with `weir cluster create-channel`, a publisher publishes to it
 //! without pause, following `NotLeader` answers, while the partition's
-//! leader is killed with SIGKILL (one round in three paused with SIGSTOP)
-//! at seeded moments and brought back; then every node is killed at once
+//! leader is killed with SIGKILL (one round in three paused with SIGSTOP,
+//! one in six stopped gracefully with SIGTERM, which hands its leadership
+//! over first) at seeded moments and brought back; then every node is killed at once
 //! (a majority crash) and started again.
 //!
 //! Checker, after the faults: every replica holds the same records (payload
@@ -39,7 +40,7 @@ mod common;
 
 use common::cluster::{
     CONVERGE_LIMIT, ELECTION_MAX_MS, Node, cut_off, env_or, heal, start_another, status, three_nodes,
-    three_proxied_nodes, weir_cluster,
+    three_nodes_timed, three_proxied_nodes, weir_cluster,
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -361,16 +362,22 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
     // From the fault to the first acknowledged publish after it, for kills
     // and pauses apart: a publish in flight to a paused leader waits for
     // the publisher's own timeout (10 s) before it tries elsewhere.
-    let mut failovers: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    // A graceful stop (SIGTERM) hands the leadership over first.
+    let mut failovers: [Vec<Duration>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for round in 0..faults {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..ELECTION_MAX_MS))).await;
         let index = nodes.iter().position(|node| node.spec.id == leader).unwrap();
-        let pause = rng.random_range(0..3) == 0;
+        // 0: SIGKILL, 1: SIGSTOP, 2: SIGTERM.
+        let fault = match rng.random_range(0..6) {
+            0 | 1 => 1,
+            2 => 2,
+            _ => 0,
+        };
         let faulted_at = Instant::now();
-        if pause {
-            nodes[index].signal("STOP");
-        } else {
-            nodes[index].kill();
+        match fault {
+            1 => nodes[index].signal("STOP"),
+            2 => assert!(nodes[index].stop_gracefully().await, "a graceful stop failed; seed {seed}"),
+            _ => nodes[index].kill(),
         }
         let others: Vec<&Node> = nodes.iter().enumerate().filter(|&(i, _)| i != index).map(|(_, node)| node).collect();
         let (new_leader, _) = partition_leader(&others, seed).await;
@@ -392,8 +399,8 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
             assert!(faulted_at.elapsed() < CONVERGE_LIMIT, "no publish acknowledged after fault {round}; seed {seed}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        failovers[usize::from(pause)].push(first_ack - faulted_at);
-        if pause {
+        failovers[fault].push(first_ack - faulted_at);
+        if fault == 1 {
             nodes[index].signal("CONT");
         } else {
             nodes[index].start();
@@ -539,7 +546,7 @@ async fn acknowledged_publishes_survive_leader_kills_on_every_replica() {
         consumed.deliveries.len() - delivered.len(),
         consumed.sessions
     );
-    for (fault, times) in ["SIGKILL", "SIGSTOP"].iter().zip(&mut failovers) {
+    for (fault, times) in ["SIGKILL", "SIGSTOP", "SIGTERM"].iter().zip(&mut failovers) {
         times.sort();
         println!(
             "{fault} of the leader to the first acknowledged publish, {} faults: {:?}",
@@ -1654,4 +1661,88 @@ async fn a_groups_members_on_different_nodes_share_its_partitions_at_one_coordin
     assert!(again.is_empty(), "records acknowledged before the move were delivered again: {again:?}");
     first_task.abort();
     second_task.abort();
+}
+
+/// A node stopped with SIGTERM first hands the leadership of every group
+/// it leads (here the metadata group's and a partition's) to another node:
+/// the others name new leaders the moment it has exited, although their
+/// leader lease (`election_timeout_max_ms`, 4 s here) keeps them from
+/// electing any for seconds after they last heard from it. A durable
+/// subscriber's acknowledgements, made just before the stop, are written
+/// to the metadata group as the node stops: it resumes on another node
+/// right after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_gracefully_hands_its_groups_over_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    // A failover takes at least election_timeout_max + min (7 s) after the
+    // last heartbeat; the stop takes milliseconds.
+    let mut nodes = three_nodes_timed(dir.path(), (200, 3000, 4000));
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel_with(&nodes[0], GROUPED, 3, 3, 0).await;
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    leaders_agreed(&addrs, 3).await;
+    // The node leading the metadata group, and a partition it leads (each
+    // node leads one: the first replica starts the group).
+    let (victim, metadata_term) = {
+        let status = status(&nodes[0]).await.expect("node 1 answers");
+        (status.leader.expect("a metadata leader"), status.term)
+    };
+    let victim_index = nodes.iter().position(|node| node.spec.id == victim).unwrap();
+    let led = status(&nodes[victim_index])
+        .await
+        .unwrap()
+        .partitions
+        .into_iter()
+        .find(|partition| partition.channel == GROUPED && partition.role == "leader")
+        .expect("the metadata leader leads a partition");
+    publish_at_leader(&addrs, led.partition, (0..10).map(|i| format!("r{i}"))).await;
+
+    let durable = SubscribeOptions {
+        partition: Some(led.partition),
+        start: weir::protocol::StartPosition::Earliest,
+        durable_name: Some("billing".into()),
+        ..SubscribeOptions::default()
+    };
+    {
+        let connection = Connection::connect(&addrs[victim_index], "subscriber").await.unwrap();
+        let mut subscriber = Subscriber::subscribe(&connection, GROUPED, durable.clone()).await.unwrap();
+        for expected in 0..5 {
+            let (offset, payload) = next_message(&mut subscriber).await;
+            assert_eq!((offset, payload), (expected, format!("r{expected}")));
+            subscriber.ack_partition(led.partition, offset).await.unwrap();
+        }
+        // Answered after the acknowledgements, which the node reads first
+        // on the same connection.
+        connection.request(Request::ListGroups { channel: GROUPED.into() }).await.unwrap();
+    }
+    assert!(nodes[victim_index].stop_gracefully().await, "node {victim} stopped with an error");
+
+    // Once it has exited: new leaders, already.
+    let survivors: Vec<&Node> = nodes.iter().filter(|node| node.spec.id != victim).collect();
+    let mut views = Vec::new();
+    for node in &survivors {
+        views.push(status(node).await.expect("a survivor answers"));
+    }
+    assert!(
+        views.iter().any(|view| view.role == "leader" && view.term > metadata_term),
+        "no survivor leads the metadata group as node {victim} exits: {views:#?}"
+    );
+    let partition_views: Vec<&PartitionStatus> = views
+        .iter()
+        .flat_map(|view| &view.partitions)
+        .filter(|partition| partition.channel == GROUPED && partition.partition == led.partition)
+        .collect();
+    assert!(
+        partition_views.iter().any(|partition| partition.role == "leader" && partition.term > led.term),
+        "no survivor leads partition {} as node {victim} exits: {partition_views:#?}",
+        led.partition
+    );
+
+    let survivor_addrs: Vec<String> = survivors.iter().map(|node| node.spec.client_addr.clone()).collect();
+    publish_at_leader(&survivor_addrs, led.partition, std::iter::once("after".to_string())).await;
+    let connection = Connection::connect(&survivor_addrs[0], "subscriber").await.unwrap();
+    let mut subscriber = Subscriber::subscribe(&connection, GROUPED, durable).await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
 }

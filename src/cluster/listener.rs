@@ -221,6 +221,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             | NodeRequest::FullSnapshot { .. }
             | NodeRequest::Partition { .. }
             | NodeRequest::Propose { .. }
+            | NodeRequest::TransferLeader(_)
     );
     if raft_message && peer == Peer::Operator {
         return NodeReply::Error(
@@ -240,6 +241,10 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
         }
         NodeRequest::Vote(rpc) => match raft.vote(rpc).await {
             Ok(response) => NodeReply::Vote(response),
+            Err(error) => NodeReply::Error(error.to_string()),
+        },
+        NodeRequest::TransferLeader(request) => match raft.handle_transfer_leader(request).await {
+            Ok(response) => NodeReply::TransferLeader(response),
             Err(error) => NodeReply::Error(error.to_string()),
         },
         NodeRequest::FullSnapshot { vote, meta, state } => {
@@ -334,6 +339,11 @@ async fn partition_message(raft: &PartitionRaft, request: PartitionRequest) -> N
         PartitionRequest::Vote(rpc) => {
             raft.vote(rpc).await.map(PartitionReply::Vote).map_err(|error| error.to_string())
         }
+        PartitionRequest::TransferLeader(request) => raft
+            .handle_transfer_leader(request)
+            .await
+            .map(PartitionReply::TransferLeader)
+            .map_err(|error| error.to_string()),
         PartitionRequest::FullSnapshot { vote, meta, promise } => raft
             .install_full_snapshot(vote, PartitionSnapshot { meta, snapshot: promise })
             .await

@@ -14,6 +14,7 @@
 //! between pinned versions touch nothing else.
 
 mod dedup;
+mod handover;
 mod listener;
 pub mod partition;
 mod raft_log;
@@ -115,6 +116,8 @@ pub struct ClusterNode {
     replicas: Arc<Replicas>,
     node_id: NodeId,
     listen_addr: SocketAddr,
+    /// A leadership hand-over's round and limit (`hand_over_leadership`).
+    handover_timing: (Duration, Duration),
     connections: TaskTracker,
     stop: CancellationToken,
 }
@@ -203,7 +206,19 @@ impl ClusterNode {
             partition_append_entries_max(max_publish_bytes),
             stop.clone(),
         )?);
-        let node = ClusterNode { raft, replicas, node_id, listen_addr, connections: TaskTracker::new(), stop };
+        let handover_timing = (
+            Duration::from_millis(settings.heartbeat_interval_ms),
+            Duration::from_millis(settings.election_timeout_max_ms),
+        );
+        let node = ClusterNode {
+            raft,
+            replicas,
+            node_id,
+            listen_addr,
+            handover_timing,
+            connections: TaskTracker::new(),
+            stop,
+        };
         let served = listener::Served {
             raft: node.raft.clone(),
             replicas: Arc::clone(&node.replicas),
@@ -281,6 +296,20 @@ impl ClusterNode {
     pub fn host_partitions(&self, host: Arc<dyn PartitionHost>) {
         tokio::spawn(Arc::clone(&self.replicas).follow(host));
         tokio::spawn(Arc::clone(&self.replicas).report_leadership());
+    }
+
+    /// Hands the leadership of every group this node leads (the metadata
+    /// group's and its partitions') to another voter, before a graceful
+    /// stop: clients then wait for one vote, not for a failover. Bounded
+    /// by `election_timeout_max_ms`; asks again every
+    /// `heartbeat_interval_ms` while a target catches up.
+    pub async fn hand_over_leadership(&self) {
+        let (round, limit) = self.handover_timing;
+        let metadata = async {
+            let outcome = handover::hand_over(&self.raft, self.node_id, round, limit).await;
+            handover::log_outcome("metadata", outcome);
+        };
+        tokio::join!(metadata, self.replicas.hand_over_leadership(round, limit));
     }
 
     /// Stops serving other nodes and leaves the group (without a

@@ -203,9 +203,14 @@ async fn answer_in_order(mut answers: mpsc::UnboundedReceiver<(Outcome, PublishA
     while let Some((outcome, answer)) = answers.recv().await {
         answer(match outcome.await {
             Ok(Ok(response)) => response.data.map_err(ReplicatedPublishError::Refused),
+            // Refused before it was appended (not leading, or handing the
+            // leadership over): nothing is stored.
+            Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(ReplicatedPublishError::NotLeader { leader: forward.leader_node.map(|node| node.client_addr) })
+            }
             // Proposed, then deposed: the entry may be in the log that the
             // next leader commits.
-            Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+            Ok(Err(ClientWriteError::LogEntryDiscarded(forward))) => {
                 Err(ReplicatedPublishError::OutcomeUnknown(format!(
                     "leadership moved before the publish was committed (leader now: {})",
                     forward.leader_node.map_or_else(|| "unknown".to_string(), |node: NodeAddrs| node.client_addr)
@@ -819,16 +824,16 @@ impl Replicas {
         (reported != self.node_id).then(|| self.client_addr(reported)).flatten()
     }
 
+    /// The groups this node runs now.
+    fn hosted_groups(&self) -> Vec<(GroupId, Arc<PartitionGroup>)> {
+        let groups = self.groups.read().unwrap_or_else(|p| p.into_inner());
+        groups.iter().map(|(id, group)| (id.clone(), Arc::clone(group))).collect()
+    }
+
     /// Each hosted partition's group as this node sees it, for `weir
     /// cluster status`.
     pub fn statuses(&self) -> Vec<super::status::PartitionStatus> {
-        let groups: Vec<(GroupId, Arc<PartitionGroup>)> = self
-            .groups
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(id, group)| (id.clone(), Arc::clone(group)))
-            .collect();
+        let groups = self.hosted_groups();
         let mut statuses: Vec<_> = groups
             .into_iter()
             .map(|(id, group)| {
@@ -1108,6 +1113,18 @@ impl Replicas {
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
         Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), staged, answers })
+    }
+
+    /// Hands the leadership of every group this node leads to another of
+    /// its voters, all groups at once (see `super::handover`); logs each
+    /// outcome.
+    pub(super) async fn hand_over_leadership(&self, round: std::time::Duration, limit: std::time::Duration) {
+        let groups = self.hosted_groups();
+        let handovers = groups.iter().map(|(id, group)| async move {
+            let outcome = super::handover::hand_over(&group.raft, self.node_id, round, limit).await;
+            super::handover::log_outcome(&id.to_string(), outcome);
+        });
+        futures_util::future::join_all(handovers).await;
     }
 
     /// Stops every hosted group.

@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::{AnyError, OptionalSend, RaftNetworkFactory, RaftNetworkV2, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -93,6 +96,10 @@ pub enum NodeRequest {
         from: NodeId,
         to: NodeId,
     },
+    /// The metadata group's leader hands its leadership to this node's
+    /// replica (a graceful shutdown: docs/REPLICATION.md, "Leadership
+    /// hand-over"). New variants go last: postcard numbers them in order.
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
 }
 
 /// Names a replicated partition's Raft group.
@@ -132,6 +139,8 @@ pub enum PartitionRequest {
         position: u64,
         len: u32,
     },
+    /// The group's leader hands its leadership over (a graceful shutdown).
+    TransferLeader(TransferLeaderRequest<PartitionTypes>),
 }
 
 /// The answer to a [`PartitionRequest`].
@@ -142,6 +151,7 @@ pub enum PartitionReply {
     Snapshot(SnapshotResponse<PartitionTypes>),
     SegmentsToCopy(Vec<crate::storage::SegmentCopy>),
     SegmentBytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    TransferLeader(TransferLeaderResponse<PartitionTypes>),
 }
 
 /// The answer to a [`NodeRequest`].
@@ -173,6 +183,7 @@ pub enum NodeReply {
     /// A proposal was committed. (New variants go last: postcard numbers
     /// them in order.)
     Recorded,
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
 }
 
 /// Why a request to another node got no answer.
@@ -449,6 +460,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&NodeRequest::TransferLeader(request), option.hard_ttl()).await {
+            Ok(NodeReply::TransferLeader(response)) => Ok(response),
+            Ok(other) => Err(RPCError::Network(unexpected(other))),
+            Err(error) => Err(rpc_error(error)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -550,6 +573,17 @@ impl RaftNetworkV2<PartitionTypes> for PartitionPeer {
     ) -> Result<VoteResponse<PartitionTypes>, RPCError<PartitionTypes>> {
         match self.call(PartitionRequest::Vote(rpc), option.hard_ttl()).await? {
             PartitionReply::Vote(response) => Ok(response),
+            other => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("unexpected reply {other:?}"))))),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<PartitionTypes>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<PartitionTypes>, RPCError<PartitionTypes>> {
+        match self.call(PartitionRequest::TransferLeader(request), option.hard_ttl()).await? {
+            PartitionReply::TransferLeader(response) => Ok(response),
             other => Err(RPCError::Network(NetworkError::new(&AnyError::error(format!("unexpected reply {other:?}"))))),
         }
     }

@@ -55,6 +55,11 @@ use offsets::{DurableOffsets, OFFSET_COMMIT_INTERVAL};
 /// subscribers up to this much redelivery.
 pub const POSITION_REPLICATION_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a graceful stop spends writing the last positions to the
+/// metadata group (a commit there takes milliseconds; a cluster without a
+/// metadata leader would never commit them).
+const POSITIONS_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connections over `max_connections` told so at once; more are closed
 /// without a word.
 const REFUSALS_CONCURRENT_MAX: usize = 16;
@@ -359,6 +364,12 @@ async fn run(
         }
     }
     drop(listener);
+    if let Some(cluster) = &cluster {
+        // Before the in-flight requests are answered: publishes proposed
+        // meanwhile are committed by the next leader and answered here.
+        tracing::info!("shutting down: handing over the leadership of the groups this node leads");
+        cluster.hand_over_leadership().await;
+    }
     tracing::info!("shutting down: no new connections; answering in-flight requests");
     connections.close();
     let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
@@ -367,6 +378,9 @@ async fn run(
             remaining = connections.len(),
             "connections still open after shutdown_timeout_ms; closing anyway"
         );
+    }
+    if let Some(replicas) = broker.replicas() {
+        flush_positions(&broker, &replicas).await;
     }
     broker.stop_writers().await;
     if let Some(cluster) = cluster {
@@ -422,24 +436,55 @@ async fn replicate_positions(
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let taken = broker.offsets.take_to_replicate(crate::cluster::POSITIONS_PER_COMMAND_MAX);
-        if taken.is_empty() {
-            continue;
-        }
-        let positions = taken
-            .iter()
-            .map(|((channel, name, partition, owner), offset)| crate::cluster::ReplicatedPosition {
-                channel: channel.clone(),
-                name: name.clone(),
-                partition: *partition,
-                group: *owner == offsets::Owner::Group,
-                offset: *offset,
-            })
-            .collect();
-        if let Err(error) = replicas.commit_positions(positions).await {
+        if let Err(error) = replicate_positions_once(&broker, &replicas).await {
             tracing::debug!(%error, "positions not written to the metadata group; retrying");
-            broker.offsets.return_to_replicate(taken.into_iter().map(|(key, _)| key));
         }
+    }
+}
+
+/// Writes the positions acknowledged since the last write (at most
+/// `POSITIONS_PER_COMMAND_MAX` of them) to the metadata group; on failure
+/// they are kept for the next.
+async fn replicate_positions_once(broker: &Broker, replicas: &crate::cluster::Replicas) -> Result<(), String> {
+    let taken = broker.offsets.take_to_replicate(crate::cluster::POSITIONS_PER_COMMAND_MAX);
+    if taken.is_empty() {
+        return Ok(());
+    }
+    let positions = taken
+        .iter()
+        .map(|((channel, name, partition, owner), offset)| crate::cluster::ReplicatedPosition {
+            channel: channel.clone(),
+            name: name.clone(),
+            partition: *partition,
+            group: *owner == offsets::Owner::Group,
+            offset: *offset,
+        })
+        .collect();
+    replicas.commit_positions(positions).await.inspect_err(|_| {
+        broker.offsets.return_to_replicate(taken.into_iter().map(|(key, _)| key));
+    })
+}
+
+/// At a graceful stop, writes every position acknowledged since the last
+/// write to the metadata group (commands of `POSITIONS_PER_COMMAND_MAX`),
+/// for at most [`POSITIONS_FLUSH_TIMEOUT`], so that subscribers resume
+/// elsewhere where they stopped instead of up to a second earlier.
+async fn flush_positions(broker: &Broker, replicas: &crate::cluster::Replicas) {
+    let flushed = tokio::time::timeout(POSITIONS_FLUSH_TIMEOUT, async {
+        while broker.offsets.has_to_replicate() {
+            replicate_positions_once(broker, replicas).await?;
+        }
+        Ok::<(), String>(())
+    })
+    .await;
+    match flushed {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "positions acknowledged in the last second not written to the metadata group")
+        }
+        Err(_) => tracing::warn!(
+            "positions acknowledged in the last second not written to the metadata group within {POSITIONS_FLUSH_TIMEOUT:?}"
+        ),
     }
 }
 

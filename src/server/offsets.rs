@@ -259,6 +259,12 @@ impl DurableOffsets {
         taken
     }
 
+    /// Whether positions of replicated channels changed since they were
+    /// last taken.
+    pub fn has_to_replicate(&self) -> bool {
+        !self.lock().to_replicate.is_empty()
+    }
+
     /// Positions taken that could not be written: taken again next time.
     pub fn return_to_replicate(&self, keys: impl IntoIterator<Item = Key>) {
         let mut state = self.lock();

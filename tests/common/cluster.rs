@@ -101,6 +101,21 @@ impl Node {
         assert!(sent.success(), "kill -{name} {pid} failed");
     }
 
+    /// SIGTERM, then waits for the process to exit (at most
+    /// [`CONVERGE_LIMIT`]); returns whether it exited with success.
+    pub async fn stop_gracefully(&mut self) -> bool {
+        self.signal("TERM");
+        let mut child = self.process.take().unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(started.elapsed() < CONVERGE_LIMIT, "node {} did not stop after SIGTERM", self.spec.id);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.process.take() {
             let _ = child.kill();
@@ -121,13 +136,28 @@ pub fn configure(dir: &Path, spec: NodeSpec, initial: &[&NodeSpec], extra: &str)
     // WEIR_CLUSTER_DEFAULT_TIMEOUTS=1: broker.toml's defaults instead (a
     // failover measured as a user would see it; tests then take longer).
     let timing = if std::env::var_os("WEIR_CLUSTER_DEFAULT_TIMEOUTS").is_some() {
-        String::new()
+        None
     } else {
-        format!(
-            "heartbeat_interval_ms = {HEARTBEAT_MS}\nelection_timeout_min_ms = {ELECTION_MIN_MS}\n\
-             election_timeout_max_ms = {ELECTION_MAX_MS}\n"
-        )
+        Some((HEARTBEAT_MS, ELECTION_MIN_MS, ELECTION_MAX_MS))
     };
+    configure_timed(dir, spec, initial, extra, timing)
+}
+
+/// [`configure`] with `timing` (heartbeat, least and greatest election
+/// timeout, in ms), or broker.toml's defaults for `None`.
+pub fn configure_timed(
+    dir: &Path,
+    spec: NodeSpec,
+    initial: &[&NodeSpec],
+    extra: &str,
+    timing: Option<(u64, u64, u64)>,
+) -> Node {
+    let timing = timing.map_or_else(String::new, |(heartbeat, least, greatest)| {
+        format!(
+            "heartbeat_interval_ms = {heartbeat}\nelection_timeout_min_ms = {least}\n\
+             election_timeout_max_ms = {greatest}\n"
+        )
+    });
     let mut text = format!(
         "listen_addr = \"{}\"\nmetrics_addr = \"{}\"\ndata_dir = \"{}\"\n[cluster]\nnode_id = {}\nlisten_addr = \"{}\"\n\
          {timing}{extra}",
@@ -197,6 +227,14 @@ pub fn weir_cluster(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Three nodes as [`three_nodes`] makes them, with Raft `timing`
+/// (heartbeat, least and greatest election timeout, in ms).
+pub fn three_nodes_timed(dir: &Path, timing: (u64, u64, u64)) -> Vec<Node> {
+    let specs = [spec(1), spec(2), spec(3)];
+    let initial: Vec<&NodeSpec> = specs.iter().collect();
+    specs.iter().map(|s| configure_timed(dir, s.clone(), &initial, "", Some(timing))).collect()
 }
 
 /// Three nodes, configured in `dir` as the initial voters of one cluster
