@@ -4,13 +4,14 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use weir::client::{
-    ClientTlsOptions, ConnectOptions, Connection, Event, Publisher, PublisherOptions, SubscribeOptions, Subscriber,
+    ClientTlsOptions, ConnectOptions, Connection, Event, FollowOptions, Followed, FollowingSubscriber, Publisher,
+    PublisherOptions, SubscribeOptions, Subscriber,
 };
 use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
@@ -883,8 +884,9 @@ fn parse_start(from: &str) -> anyhow::Result<StartPosition> {
     Ok(StartPosition::TimeUs(micros))
 }
 
-/// How long `weir subscribe --group` goes on following its group's
-/// coordinator (and subscribing again after losing it) without a record.
+/// How long `weir subscribe` (durable, a group member, or one partition)
+/// goes on subscribing again after losing its node, or following a
+/// group's coordinator, without a record.
 const GROUP_FOLLOW_LIMIT: Duration = Duration::from_secs(60);
 /// The pause before each such new subscription but the first.
 const GROUP_RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -901,139 +903,93 @@ struct SubscribeArgs {
 async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     let SubscribeArgs { partition, from, durable, group, count } = args;
     let start = parse_start(&from)?;
-    // A consumer group of a replicated channel is served by one node, its
-    // coordinator: a member sent there (`NotLeader`) follows, also when
-    // the coordinator moves while it reads; one that loses its coordinator
-    // (its node failed) subscribes again at the cluster's nodes in turn
-    // (those METADATA named). Bounded: at most GROUP_FOLLOW_LIMIT without
-    // a record.
-    let mut addr = broker.addr.clone();
-    let mut nodes: Vec<String> = vec![broker.addr.clone()];
-    let mut retries = 0u32;
-    let mut progress = Instant::now();
+    let options = SubscribeOptions { partition, start, durable_name: durable, group, ..SubscribeOptions::default() };
+    let resumable = options.partition.is_some() || options.durable_name.is_some() || options.group.is_some();
     let mut received = 0u64;
-    let mut last_notice = String::new();
-    let mut follow = |error: &weir::client::ClientError, progress: Instant, nodes: &[String], retries: u32| {
-        if group.is_none() || progress.elapsed() > GROUP_FOLLOW_LIMIT {
-            return None;
-        }
-        let (next, notice) = match error.redirect() {
-            Some(next) => (next.clone(), format!("the group's coordinator is {next}; subscribing there")),
-            None if error.code().is_none_or(|code| code == weir::protocol::ErrorCode::GroupSessionExpired) => {
-                let next = nodes[retries as usize % nodes.len()].clone();
-                (next.clone(), format!("{error}; subscribing again at {next}"))
-            }
-            None => return None,
-        };
-        if notice != last_notice {
-            eprintln!("notice: {notice}");
-            last_notice = notice;
-        }
-        Some(next)
-    };
-    'connections: loop {
-        if retries > 0 {
-            tokio::time::sleep(GROUP_RETRY_PAUSE).await;
-        }
-        retries += 1;
-        let connection = match Connection::connect_with(&addr, &broker.options("weir-cli")).await {
-            Ok(connection) => connection,
-            Err(error) => {
-                // Followed, or the error is the answer.
-                addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
-                continue 'connections;
-            }
-        };
-        if group.is_some()
-            && let Ok(metadata) = weir::client::Metadata::fetch(&connection, &channel).await
-            && metadata.clustered
+    if !resumable {
+        // Every partition from a start position: nothing to resume from
+        // elsewhere, so the subscription ends with its connection.
+        let connection = broker.connect().await?;
+        let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
+        let several = subscriber.partitions().len() != 1;
+        while count.is_none_or(|count| received < count)
+            && let Some(event) = subscriber.next().await
         {
-            nodes = metadata.nodes.iter().map(|node| node.client_addr.clone()).collect();
-            nodes.retain(|node| !node.is_empty());
-            if nodes.is_empty() {
-                nodes.push(broker.addr.clone());
-            }
-        }
-        let several = partition.is_none();
-        let options = SubscribeOptions {
-            partition,
-            start,
-            durable_name: durable.clone(),
-            group: group.clone(),
-            ..SubscribeOptions::default()
-        };
-        let mut subscriber = match Subscriber::subscribe(&connection, &channel, options).await {
-            Ok(subscriber) => subscriber,
-            Err(error) => {
-                // Followed, or the error is the answer.
-                addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
-                continue 'connections;
-            }
-        };
-        let several = several && (subscriber.partitions().len() > 1 || subscriber.partitions().is_empty());
-        if count == Some(0) {
-            return Ok(ExitCode::SUCCESS);
-        }
-        while let Some(event) = subscriber.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(error) => {
-                    // Followed, or the error is the answer.
-                    addr = follow(&error, progress, &nodes, retries).ok_or(error)?;
-                    continue 'connections;
-                }
-            };
-            match event {
-                Event::Message { partition, record } => {
-                    let time = humantime::format_rfc3339_micros(
-                        SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us),
-                    );
-                    if several {
-                        print!("{partition}\t");
-                    }
-                    println!(
-                        "{}\t{}\t{}\t{}",
-                        record.offset,
-                        time,
-                        String::from_utf8_lossy(&record.key),
-                        String::from_utf8_lossy(&record.payload)
-                    );
-                    subscriber.ack_partition(partition, record.offset).await?;
-                    received += 1;
-                    retries = 0;
-                    progress = Instant::now();
-                    if count.is_some_and(|count| received >= count) {
-                        break;
-                    }
-                }
-                Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
-                    eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");
-                }
-                Event::Notice { partition, notice: Notice::Skipped { skipped, resume_offset } } => {
-                    eprintln!(
-                        "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
-                    );
-                }
-                // Generation 0: outside a group, a partition added to the channel.
-                Event::Notice { partition, notice: Notice::Assigned { generation: 0, first_offset } } => {
-                    eprintln!(
-                        "notice: partition {partition} was added to the channel; reading it from offset {first_offset}"
-                    );
-                }
-                Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
-                    eprintln!(
-                        "notice: partition {partition} assigned (generation {generation}), from offset {first_offset}"
-                    );
-                }
-                Event::Notice { partition, notice: Notice::Revoked { generation } } => {
-                    eprintln!("notice: partition {partition} revoked (generation {generation})");
-                }
+            if let Some((partition, offset)) = show_event(event?, several) {
+                subscriber.ack_partition(partition, offset).await?;
+                received += 1;
             }
         }
         // Let the last ack reach the broker before the connection closes.
         let _ = connection.request(Request::Ping).await;
         return Ok(ExitCode::SUCCESS);
     }
+    // A durable subscription, a group member, or one partition: subscribed
+    // again where its errors say, or at the cluster's nodes in turn, when
+    // it ends for a reason another node can mend (a group's coordinator in
+    // cluster mode, a node lost); at most GROUP_FOLLOW_LIMIT without a
+    // record.
+    let follow = FollowOptions { follow_limit: GROUP_FOLLOW_LIMIT, retry_pause: GROUP_RETRY_PAUSE };
+    let mut subscriber =
+        FollowingSubscriber::subscribe(&broker.addr, broker.options("weir-cli"), &channel, options, follow).await?;
+    let several = partition.is_none() && subscriber.partitions().len() != 1;
+    while count.is_none_or(|count| received < count)
+        && let Some(followed) = subscriber.next().await
+    {
+        match followed? {
+            Followed::Moved { to, reason } => eprintln!("notice: {reason}; subscribed at {to}"),
+            Followed::Event(event) => {
+                if let Some((partition, offset)) = show_event(event, several) {
+                    subscriber.ack_partition(partition, offset).await?;
+                    received += 1;
+                }
+            }
+        }
+    }
+    let _ = subscriber.sync().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a subscription's event (records on stdout, the partition first
+/// when it reads `several`; notices on stderr); returns the partition and
+/// offset to acknowledge for a record.
+fn show_event(event: Event, several: bool) -> Option<(u32, u64)> {
+    match event {
+        Event::Message { partition, record } => {
+            let time =
+                humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us));
+            if several {
+                print!("{partition}\t");
+            }
+            println!(
+                "{}\t{}\t{}\t{}",
+                record.offset,
+                time,
+                String::from_utf8_lossy(&record.key),
+                String::from_utf8_lossy(&record.payload)
+            );
+            return Some((partition, record.offset));
+        }
+        Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
+            eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");
+        }
+        Event::Notice { partition, notice: Notice::Skipped { skipped, resume_offset } } => {
+            eprintln!(
+                "notice: partition {partition}: retention deleted {skipped} unread messages; resuming at {resume_offset}"
+            );
+        }
+        // Generation 0: outside a group, a partition added to the channel.
+        Event::Notice { partition, notice: Notice::Assigned { generation: 0, first_offset } } => {
+            eprintln!("notice: partition {partition} was added to the channel; reading it from offset {first_offset}");
+        }
+        Event::Notice { partition, notice: Notice::Assigned { generation, first_offset } } => {
+            eprintln!("notice: partition {partition} assigned (generation {generation}), from offset {first_offset}");
+        }
+        Event::Notice { partition, notice: Notice::Revoked { generation } } => {
+            eprintln!("notice: partition {partition} revoked (generation {generation})");
+        }
+    }
+    None
 }
 
 async fn channels_admin(broker: BrokerArgs, action: ChannelsAction) -> anyhow::Result<ExitCode> {

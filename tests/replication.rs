@@ -44,7 +44,9 @@ use common::cluster::{
 };
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use weir::client::{ClientError, Connection, SubscribeOptions, Subscriber};
+use weir::client::{
+    ClientError, Connection, FollowOptions, Followed, FollowingSubscriber, SubscribeOptions, Subscriber,
+};
 use weir::cluster::PartitionStatus;
 use weir::protocol::{ErrorCode, Request, Response};
 use weir::record::{Message, RecordIter};
@@ -1742,7 +1744,103 @@ async fn a_leader_stopped_gracefully_hands_its_groups_over_before_it_exits() {
 
     let survivor_addrs: Vec<String> = survivors.iter().map(|node| node.spec.client_addr.clone()).collect();
     publish_at_leader(&survivor_addrs, led.partition, std::iter::once("after".to_string())).await;
-    let connection = Connection::connect(&survivor_addrs[0], "subscriber").await.unwrap();
+    // At the metadata group's new leader, which applied the positions the
+    // stopping node wrote before it answered them.
+    let metadata_leader = views.iter().position(|view| view.role == "leader").unwrap();
+    let connection = Connection::connect(&survivor_addrs[metadata_leader], "subscriber").await.unwrap();
     let mut subscriber = Subscriber::subscribe(&connection, GROUPED, durable).await.unwrap();
     assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
+}
+
+/// The library's `FollowingSubscriber`, a consumer group member: sent on
+/// to the group's coordinator when it subscribes elsewhere, and once the
+/// coordinator's node is killed, it subscribes again by itself at the
+/// coordinator that takes over (announcing the move) and delivers every
+/// record published after the kill, resuming from the group's positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_following_subscriber_moves_on_by_itself_when_its_node_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel_with(&nodes[0], GROUPED, 2, 3, 0).await;
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    leaders_agreed(&addrs, 2).await;
+    let mut before = BTreeSet::new();
+    for partition in 0..2 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("before-{partition}-{i}")).collect();
+        before.extend(payloads.iter().cloned());
+        publish_at_leader(&addrs, partition, payloads.into_iter()).await;
+    }
+
+    let options = SubscribeOptions {
+        group: Some("billing".into()),
+        start: weir::protocol::StartPosition::Earliest,
+        ..SubscribeOptions::default()
+    };
+    let connect = weir::client::ConnectOptions { client_name: "member".into(), ..Default::default() };
+    // Asked at every node in turn, it ends at the coordinator each time.
+    let mut coordinator = None;
+    for addr in &addrs {
+        let member = tokio::time::timeout(
+            CONVERGE_LIMIT,
+            FollowingSubscriber::subscribe(addr, connect.clone(), GROUPED, options.clone(), FollowOptions::default()),
+        )
+        .await
+        .expect("subscribed within the limit")
+        .unwrap();
+        assert!(coordinator.is_none_or(|at: String| at == member.addr()), "two coordinators");
+        coordinator = Some(member.addr().to_string());
+        member.unsubscribe().await.unwrap();
+    }
+    let coordinator = coordinator.unwrap();
+    let mut member = FollowingSubscriber::subscribe(&coordinator, connect, GROUPED, options, FollowOptions::default())
+        .await
+        .unwrap();
+
+    let mut seen = BTreeSet::new();
+    let mut moves = Vec::new();
+    while !before.is_subset(&seen) {
+        seen.insert(next_followed(&mut member, &mut moves).await);
+    }
+    member.sync().await.unwrap();
+
+    let killed = nodes.iter().position(|node| node.spec.client_addr == coordinator).unwrap();
+    nodes[killed].kill();
+    let survivors: Vec<String> = addrs.iter().filter(|addr| **addr != coordinator).cloned().collect();
+    let mut after = BTreeSet::new();
+    for partition in 0..2 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("after-{partition}-{i}")).collect();
+        after.extend(payloads.iter().cloned());
+        publish_at_leader(&survivors, partition, payloads.into_iter()).await;
+    }
+    let mut seen_after = BTreeSet::new();
+    while !after.is_subset(&seen_after) {
+        let payload = next_followed(&mut member, &mut moves).await;
+        assert!(before.contains(&payload) || after.contains(&payload), "never published: {payload}");
+        seen_after.insert(payload);
+    }
+    assert_ne!(member.addr(), coordinator, "still at the killed node");
+    assert!(!moves.is_empty(), "the move was not announced");
+}
+
+/// The next record's payload a `FollowingSubscriber` delivers, acknowledged;
+/// moves on the way are noted in `moves`.
+async fn next_followed(member: &mut FollowingSubscriber, moves: &mut Vec<String>) -> String {
+    loop {
+        let followed = tokio::time::timeout(CONVERGE_LIMIT, member.next())
+            .await
+            .expect("an event within the limit")
+            .expect("the subscription goes on")
+            .expect("no error it could not follow");
+        match followed {
+            Followed::Moved { to, reason } => moves.push(format!("{reason} -> {to}")),
+            Followed::Event(weir::client::Event::Message { partition, record }) => {
+                member.ack_partition(partition, record.offset).await.unwrap();
+                return String::from_utf8(record.payload.to_vec()).unwrap();
+            }
+            Followed::Event(_) => {}
+        }
+    }
 }

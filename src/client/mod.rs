@@ -1,8 +1,11 @@
 //! The Rust client: an async [`Connection`], a [`Publisher`] that batches
 //! and pipelines with idempotent retries into one partition, a
 //! [`PartitionedPublisher`] that routes messages over every partition of a
-//! channel by key, and a [`Subscriber`] that yields messages (of one
-//! partition, every partition, or a consumer group's share) as a stream.
+//! channel by key, a [`Subscriber`] that yields messages (of one
+//! partition, every partition, or a consumer group's share) as a stream,
+//! and a [`FollowingSubscriber`] that subscribes again elsewhere when its
+//! node sends it on or fails (a consumer group's coordinator in cluster
+//! mode, a node lost).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), weir::client::ClientError> {
@@ -26,6 +29,7 @@
 //! ```
 
 mod connection;
+mod following;
 mod metadata;
 mod publisher;
 mod subscriber;
@@ -34,6 +38,7 @@ use std::sync::Arc;
 
 pub use crate::security::tls::ClientTlsOptions;
 pub use connection::{ConnectOptions, Connection, SILENCE_LIMIT_MIN, SILENT_HEARTBEATS_MAX};
+pub use following::{FollowOptions, Followed, FollowingSubscriber};
 pub use metadata::Metadata;
 pub use publisher::{BackpressurePolicy, PartitionedPublisher, Publisher, PublisherOptions, Receipt};
 pub use subscriber::{Event, SubscribeOptions, Subscriber};

@@ -207,7 +207,7 @@ impl ClusterNode {
             stop.clone(),
         )?);
         let handover_timing = (
-            Duration::from_millis(settings.heartbeat_interval_ms),
+            Duration::from_millis(settings.election_timeout_min_ms),
             Duration::from_millis(settings.election_timeout_max_ms),
         );
         let node = ClusterNode {
@@ -302,14 +302,20 @@ impl ClusterNode {
     /// group's and its partitions') to another voter, before a graceful
     /// stop: clients then wait for one vote, not for a failover. Bounded
     /// by `election_timeout_max_ms`; asks again every
-    /// `heartbeat_interval_ms` while a target catches up.
-    pub async fn hand_over_leadership(&self) {
+    /// `election_timeout_min_ms` while a target catches up. Then no group
+    /// of this node campaigns any more. Returns whether another node may
+    /// take metadata writes (this node did not keep the metadata group's
+    /// leadership, which refuses them while it hands it over).
+    pub async fn hand_over_leadership(&self) -> bool {
         let (round, limit) = self.handover_timing;
         let metadata = async {
             let outcome = handover::hand_over(&self.raft, self.node_id, round, limit).await;
             handover::log_outcome("metadata", outcome);
+            self.raft.runtime_config().elect(false);
+            outcome != handover::HandOver::TimedOut
         };
-        tokio::join!(metadata, self.replicas.hand_over_leadership(round, limit));
+        let (writable, ()) = tokio::join!(metadata, self.replicas.hand_over_leadership(round, limit));
+        writable
     }
 
     /// Stops serving other nodes and leaves the group (without a

@@ -1116,13 +1116,15 @@ impl Replicas {
     }
 
     /// Hands the leadership of every group this node leads to another of
-    /// its voters, all groups at once (see `super::handover`); logs each
-    /// outcome.
+    /// its voters, all groups at once (see `super::handover`), logs each
+    /// outcome, and stops every group campaigning.
     pub(super) async fn hand_over_leadership(&self, round: std::time::Duration, limit: std::time::Duration) {
         let groups = self.hosted_groups();
         let handovers = groups.iter().map(|(id, group)| async move {
             let outcome = super::handover::hand_over(&group.raft, self.node_id, round, limit).await;
             super::handover::log_outcome(&id.to_string(), outcome);
+            // Not elected again while the node drains its connections.
+            group.raft.runtime_config().elect(false);
         });
         futures_util::future::join_all(handovers).await;
     }

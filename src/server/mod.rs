@@ -59,6 +59,8 @@ pub const POSITION_REPLICATION_INTERVAL: Duration = Duration::from_secs(1);
 /// metadata group (a commit there takes milliseconds; a cluster without a
 /// metadata leader would never commit them).
 const POSITIONS_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause before writing them again after a refusal.
+const POSITIONS_FLUSH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Connections over `max_connections` told so at once; more are closed
 /// without a word.
@@ -364,11 +366,13 @@ async fn run(
         }
     }
     drop(listener);
+    let mut metadata_writable = true;
     if let Some(cluster) = &cluster {
-        // Before the in-flight requests are answered: publishes proposed
-        // meanwhile are committed by the next leader and answered here.
+        // Before the in-flight requests are answered: publishes appended
+        // before the hand-over are committed by the next leader and
+        // answered here; later ones are answered NotLeader.
         tracing::info!("shutting down: handing over the leadership of the groups this node leads");
-        cluster.hand_over_leadership().await;
+        metadata_writable = cluster.hand_over_leadership().await;
     }
     tracing::info!("shutting down: no new connections; answering in-flight requests");
     connections.close();
@@ -379,7 +383,9 @@ async fn run(
             "connections still open after shutdown_timeout_ms; closing anyway"
         );
     }
-    if let Some(replicas) = broker.replicas() {
+    if let Some(replicas) = broker.replicas()
+        && metadata_writable
+    {
         flush_positions(&broker, &replicas).await;
     }
     broker.stop_writers().await;
@@ -467,24 +473,25 @@ async fn replicate_positions_once(broker: &Broker, replicas: &crate::cluster::Re
 
 /// At a graceful stop, writes every position acknowledged since the last
 /// write to the metadata group (commands of `POSITIONS_PER_COMMAND_MAX`),
-/// for at most [`POSITIONS_FLUSH_TIMEOUT`], so that subscribers resume
+/// retrying for at most [`POSITIONS_FLUSH_TIMEOUT`], so that subscribers resume
 /// elsewhere where they stopped instead of up to a second earlier.
 async fn flush_positions(broker: &Broker, replicas: &crate::cluster::Replicas) {
+    let mut last_error = String::new();
     let flushed = tokio::time::timeout(POSITIONS_FLUSH_TIMEOUT, async {
         while broker.offsets.has_to_replicate() {
-            replicate_positions_once(broker, replicas).await?;
+            // A new metadata leader may refuse writes for a moment.
+            if let Err(error) = replicate_positions_once(broker, replicas).await {
+                last_error = error;
+                tokio::time::sleep(POSITIONS_FLUSH_RETRY_PAUSE).await;
+            }
         }
-        Ok::<(), String>(())
     })
     .await;
-    match flushed {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "positions acknowledged in the last second not written to the metadata group")
-        }
-        Err(_) => tracing::warn!(
+    if flushed.is_err() {
+        tracing::warn!(
+            error = %last_error,
             "positions acknowledged in the last second not written to the metadata group within {POSITIONS_FLUSH_TIMEOUT:?}"
-        ),
+        );
     }
 }
 

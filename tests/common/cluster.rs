@@ -111,7 +111,11 @@ impl Node {
             if let Some(status) = child.try_wait().unwrap() {
                 return status.success();
             }
-            assert!(started.elapsed() < CONVERGE_LIMIT, "node {} did not stop after SIGTERM", self.spec.id);
+            if started.elapsed() > CONVERGE_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {} did not stop after SIGTERM", self.spec.id);
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
