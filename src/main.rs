@@ -477,6 +477,9 @@ enum ClusterAction {
         #[arg(long, default_value_t = 3)]
         replication_factor: u8,
     },
+    /// Delete a replicated channel on every node: its subscriptions end
+    /// and each node removes its files as it applies the deletion.
+    DeleteChannel { name: String },
     /// Move a replicated partition's replica from one node to another: the
     /// new one joins as a learner, catches up (by segment transfer when the
     /// leader's Raft log no longer holds what it needs), then replaces the
@@ -605,6 +608,7 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
             partitions: *partitions,
             replication_factor: *replication_factor,
         },
+        ClusterAction::DeleteChannel { name } => NodeRequest::DeleteChannel { name: name.clone() },
         ClusterAction::MoveReplica { channel, partition, from, to } => {
             NodeRequest::MoveReplica { channel: channel.clone(), partition: *partition, from: *from, to: *to }
         }
@@ -624,6 +628,9 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
                 let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
                 println!("  partition {partition}: nodes {}", nodes.join(", "));
             }
+        }
+        NodeReply::ChannelDeleted => {
+            println!("replicated channel deleted; each node removes its files as it applies the deletion");
         }
         NodeReply::MembershipChanged { voters } => {
             let voters: Vec<String> = voters.iter().map(u64::to_string).collect();

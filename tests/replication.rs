@@ -1752,6 +1752,20 @@ async fn a_leader_stopped_gracefully_hands_its_groups_over_before_it_exits() {
     assert_eq!(next_message(&mut subscriber).await, (5, "r5".to_string()), "resumes after its last ack");
 }
 
+/// Three nodes started in `dir`, with [`GROUPED`] created of `partitions`
+/// partitions of replication factor 3 and their leaders agreed; and the
+/// nodes' client addresses.
+async fn three_nodes_with_grouped(dir: &std::path::Path, partitions: u32) -> (Vec<Node>, Vec<String>) {
+    let mut nodes = three_nodes(dir, false);
+    for node in &mut nodes {
+        node.start();
+    }
+    create_channel_with(&nodes[0], GROUPED, partitions, 3, 0).await;
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    leaders_agreed(&addrs, partitions).await;
+    (nodes, addrs)
+}
+
 /// The library's `FollowingSubscriber`, a consumer group member: sent on
 /// to the group's coordinator when it subscribes elsewhere, and once the
 /// coordinator's node is killed, it subscribes again by itself at the
@@ -1760,13 +1774,7 @@ async fn a_leader_stopped_gracefully_hands_its_groups_over_before_it_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_following_subscriber_moves_on_by_itself_when_its_node_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = three_nodes(dir.path(), false);
-    for node in &mut nodes {
-        node.start();
-    }
-    create_channel_with(&nodes[0], GROUPED, 2, 3, 0).await;
-    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
-    leaders_agreed(&addrs, 2).await;
+    let (mut nodes, addrs) = three_nodes_with_grouped(dir.path(), 2).await;
     let mut before = BTreeSet::new();
     for partition in 0..2 {
         let payloads: Vec<String> = (0..10).map(|i| format!("before-{partition}-{i}")).collect();
@@ -1843,4 +1851,110 @@ async fn next_followed(member: &mut FollowingSubscriber, moves: &mut Vec<String>
             Followed::Event(_) => {}
         }
     }
+}
+
+/// Every record of `partition` of `channel` on the node at `addr`, as
+/// (offset, payload); an unknown channel holds none.
+async fn fetch_all(addr: &str, channel: &str, partition: u32) -> Vec<(u64, String)> {
+    let Ok(conn) = Connection::connect(addr, "checker").await else { return Vec::new() };
+    let mut records = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetch =
+            Request::Fetch { channel: channel.into(), partition, offset, max_messages: 1000, max_bytes: 1 << 20 };
+        let Ok(Response::FetchResult { next_offset, records: bytes, .. }) = conn.request(fetch).await else {
+            return records;
+        };
+        let before = records.len();
+        for record in RecordIter::new(bytes) {
+            let record = record.expect("an intact record");
+            records.push((record.offset, String::from_utf8(record.payload.to_vec()).unwrap()));
+        }
+        if records.len() == before {
+            return records;
+        }
+        offset = next_offset;
+    }
+}
+
+/// A replicated channel deleted through one node (DELETE_CHANNEL, which
+/// without `force` is refused) is gone from every node: METADATA no longer
+/// lists it, a live subscription to it ends, and each node's files of it
+/// (the local copy and the Raft stores) are removed. Created again under
+/// the same name, it starts empty; and after every node restarts (applying
+/// again the metadata entries after its last snapshot), each still holds
+/// the new channel's records: a deletion applied again never removes a
+/// later incarnation's files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_used_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = three_nodes_with_grouped(dir.path(), 2).await;
+    for partition in 0..2 {
+        publish_at_leader(&addrs, partition, (0..5).map(|i| format!("old-{partition}-{i}"))).await;
+    }
+    let files = |id: u64| {
+        let node = dir.path().join(format!("node{id}"));
+        [node.join("channels").join(GROUPED), node.join("cluster").join("partitions").join(GROUPED)]
+    };
+    for node in &nodes {
+        assert!(files(node.spec.id).iter().all(|path| path.exists()), "node {} holds the channel", node.spec.id);
+    }
+    let reader = Connection::connect(&addrs[1], "reader").await.unwrap();
+    let options = SubscribeOptions { partition: Some(0), ..SubscribeOptions::default() };
+    let mut subscriber = Subscriber::subscribe(&reader, GROUPED, options).await.unwrap();
+    assert_eq!(next_message(&mut subscriber).await, (0, "old-0-0".to_string()));
+
+    let admin = Connection::connect(&addrs[2], "admin").await.unwrap();
+    let refused = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: false }).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::ChannelInUse), "{refused}");
+    let deleted = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: true }).await.unwrap();
+    assert_eq!(deleted, Response::ChannelDeleted);
+
+    // The subscription ends (after the records it had been sent).
+    tokio::time::timeout(CONVERGE_LIMIT, async { while let Some(Ok(_)) = subscriber.next().await {} })
+        .await
+        .expect("the subscription to the deleted channel ended");
+    let started = Instant::now();
+    for node in &nodes {
+        loop {
+            let listed = async {
+                let connection = Connection::connect(&node.spec.client_addr, "metadata").await.ok()?;
+                let metadata = weir::client::Metadata::fetch(&connection, GROUPED).await.ok()?;
+                Some(metadata.channels.iter().any(|channel| channel.name == GROUPED))
+            };
+            let gone = files(node.spec.id).iter().all(|path| !path.exists());
+            if listed.await == Some(false) && gone {
+                break;
+            }
+            assert!(started.elapsed() < CONVERGE_LIMIT, "node {} still has the deleted channel", node.spec.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    create_channel_with(&nodes[1], GROUPED, 1, 3, 0).await;
+    leaders_agreed(&addrs, 1).await;
+    publish_at_leader(&addrs, 0, (0..3).map(|i| format!("new-{i}"))).await;
+    let expected: Vec<(u64, String)> = (0..3).map(|i| (i, format!("new-{i}"))).collect();
+    let converged = async |nodes: &[Node]| {
+        let started = Instant::now();
+        for node in nodes {
+            loop {
+                let held = fetch_all(&node.spec.client_addr, GROUPED, 0).await;
+                if held == expected {
+                    break;
+                }
+                assert!(started.elapsed() < CONVERGE_LIMIT, "node {} holds {held:?}", node.spec.id);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    converged(&nodes).await;
+    for node in &mut nodes {
+        node.kill();
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    leaders_agreed(&addrs, 1).await;
+    converged(&nodes).await;
 }

@@ -200,8 +200,7 @@ impl WeirTarget {
     /// created with `weir cluster create-channel` semantics through the
     /// cluster listener at `cluster_addr`, with `replication_factor`, and
     /// the benchmark connects to its partition 0's leader (so use one
-    /// partition). Replicated channels cannot be deleted yet: they are
-    /// left in place.
+    /// partition); it is deleted the same way after the run.
     pub fn replicated(mut self, cluster_addr: &str, replication_factor: u8) -> WeirTarget {
         self.description.push_str(&format!(", replicated channels (replication factor {replication_factor})"));
         self.replicated = Some((cluster_addr.to_owned(), replication_factor));
@@ -352,8 +351,14 @@ impl Driver for WeirTarget {
 
     fn delete<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<(), BenchError>> {
         Box::pin(async move {
-            if self.replicated.is_some() {
-                return Ok(());
+            if let Some((cluster_addr, _)) = &self.replicated {
+                use crate::cluster::{NodeReply, NodeRequest};
+                let delete = NodeRequest::DeleteChannel { name: topic.to_owned() };
+                return match crate::cluster::admin(cluster_addr, delete, None).await {
+                    Ok(NodeReply::ChannelDeleted) => Ok(()),
+                    Ok(other) => Err(BenchError::Target(format!("delete-channel {topic}: {other:?}"))),
+                    Err(error) => Err(BenchError::Target(format!("delete-channel {topic}: {error}"))),
+                };
             }
             let connection = self.connection("weir-bench").await?;
             // Forced: the run's own consumers may still be ending.

@@ -61,6 +61,11 @@ pub(super) struct Served {
     /// KiB of frames the connections may hold at once, being read or
     /// handled: [`CLUSTER_FRAME_BUDGET_BYTES`].
     pub frame_budget: Arc<tokio::sync::Semaphore>,
+    /// Held while a channel's creation or deletion is checked and
+    /// proposed, so that each is checked against the state the previous
+    /// one left (a deletion never takes a channel created after it was
+    /// asked for, on one leader).
+    pub admin: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Bytes of node-to-node frames above `FRAME_BUDGET_FREE_BYTES` that the
@@ -286,10 +291,25 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             }
         }
         NodeRequest::CreateChannel { name, partitions, replication_factor } => {
+            let _admin = served.admin.lock().await;
             if served.replicas.is_replicated(&name) {
                 return NodeReply::Error(format!("channel {name} already exists"));
             }
             create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
+        }
+        NodeRequest::DeleteChannel { name } => {
+            let _admin = served.admin.lock().await;
+            if let Some(not_leader) = unless_leader(raft) {
+                return not_leader;
+            }
+            if !served.replicas.is_replicated(&name) {
+                return NodeReply::Error(format!("channel {name} is not a replicated channel"));
+            }
+            tracing::info!(channel = %name, "deleting a replicated channel");
+            match raft.client_write(MetadataCommand::DeleteChannel { name }).await {
+                Ok(_) => NodeReply::ChannelDeleted,
+                Err(error) => membership_error(&error),
+            }
         }
         NodeRequest::MoveReplica { channel, partition, from, to } => {
             served.replicas.move_replica(&channel, partition, from, to).await
@@ -298,6 +318,9 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             match &command {
                 MetadataCommand::CreateChannel { .. } => {
                     return NodeReply::Error("a channel is created with CreateChannel, which places it".into());
+                }
+                MetadataCommand::DeleteChannel { .. } => {
+                    return NodeReply::Error("a channel is deleted with DeleteChannel, which checks it".into());
                 }
                 MetadataCommand::PartitionLeaders { reports } if reports.len() > REPLICATED_PARTITIONS_MAX => {
                     return NodeReply::Error(format!(

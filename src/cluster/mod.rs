@@ -15,6 +15,7 @@
 
 mod dedup;
 mod handover;
+mod incarnation;
 mod listener;
 pub mod partition;
 mod raft_log;
@@ -223,6 +224,7 @@ impl ClusterNode {
             raft: node.raft.clone(),
             replicas: Arc::clone(&node.replicas),
             frame_budget: Arc::new(tokio::sync::Semaphore::new(listener::CLUSTER_FRAME_BUDGET_BYTES / 1024)),
+            admin: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(listener::accept(listener, acceptor, served, node.connections.clone(), node.stop.clone()));
         let labels = vec![metrics::Label::new("group", "metadata")];

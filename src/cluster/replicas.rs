@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+use super::incarnation::Verdict;
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{
@@ -71,6 +72,9 @@ pub const MOVE_CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from
 pub const MOVE_CATCH_UP_LAG_ENTRIES: u64 = 1000;
 /// How often a partition group considers a snapshot.
 const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many `NotLeader` answers a channel's deletion follows to the
+/// metadata group's leader.
+const DELETE_REDIRECTS_MAX: usize = 3;
 /// How often a node looks for partitions it leads whose leadership the
 /// metadata group has not recorded yet (after an election), and reports
 /// them: how stale another node's METADATA answer can be, besides the
@@ -96,6 +100,14 @@ pub trait PartitionHost: Send + Sync + 'static {
     /// The channel cannot be opened or created, or exists with other
     /// settings or with records of its own.
     fn open_partition(&self, channel: &str, partitions: u32, partition: u32) -> Result<HostedPartition, String>;
+
+    /// Removes the local channel `channel` (a deleted replicated channel's
+    /// copy): its subscriptions end, its files go. Nothing to remove is no
+    /// error.
+    ///
+    /// # Errors
+    /// Its files could not be removed, or the broker is stopping.
+    fn remove_channel(&self, channel: &str) -> Result<(), String>;
 }
 
 /// Why a publish to a replicated partition was not stored.
@@ -255,6 +267,12 @@ pub struct Replicas {
     stop: CancellationToken,
     /// Held by a replica move.
     moves: tokio::sync::Mutex<()>,
+    /// The incarnation whose files this process hosts, per channel (its
+    /// marker, once read or written).
+    hosted_incarnations: std::sync::Mutex<HashMap<String, u64>>,
+    /// The deletions whose files this process has removed (or found none
+    /// of), with the incarnation deleted: not looked at again.
+    handled_deletions: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Replicas {
@@ -295,6 +313,8 @@ impl Replicas {
             channels,
             stop,
             moves: tokio::sync::Mutex::new(()),
+            hosted_incarnations: std::sync::Mutex::new(HashMap::new()),
+            handled_deletions: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -960,6 +980,49 @@ impl Replicas {
             .collect()
     }
 
+    /// Deletes the replicated channel `name` (DELETE_CHANNEL with `force`):
+    /// asks the metadata group's leader, which checks and proposes it (this
+    /// node's own cluster listener when it leads), following `NotLeader` a
+    /// few times while leadership moves. Returns once the deletion is
+    /// committed; each node removes its files as it applies it.
+    ///
+    /// # Errors
+    /// The channel is not replicated, or no leader committed the deletion
+    /// (it may or may not have been, after a timeout).
+    pub async fn delete_channel(&self, name: &str) -> Result<(), String> {
+        let mut leader = None;
+        for _ in 0..DELETE_REDIRECTS_MAX {
+            let addr = match leader.take() {
+                Some(addr) => addr,
+                None => {
+                    let metrics = self.metadata.metrics().borrow_watched().clone();
+                    let leader = metrics.current_leader.ok_or("the metadata group has no leader; try again")?;
+                    metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .map(|addrs| addrs.cluster_addr.clone())
+                        .ok_or("the metadata leader is not a member")?
+                }
+            };
+            let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
+            let request = NodeRequest::DeleteChannel { name: name.to_string() };
+            match client.call(&request, LEADERSHIP_REPORT_TIMEOUT).await {
+                Ok(NodeReply::ChannelDeleted) => return Ok(()),
+                Ok(NodeReply::NotLeader { leader: Some((_, addrs)) }) => leader = Some(addrs.cluster_addr),
+                Ok(NodeReply::NotLeader { leader: None }) => {
+                    return Err("the metadata group has no leader; try again".into());
+                }
+                Ok(NodeReply::Error(message)) => return Err(message),
+                Ok(other) => return Err(format!("unexpected reply {other:?}")),
+                Err(error) => {
+                    return Err(format!("{error}: the channel may or may not have been deleted; list the channels"));
+                }
+            }
+        }
+        Err("the metadata group's leadership kept moving; try again".into())
+    }
+
     /// Proposes `command` to the metadata group: on this node when it
     /// leads it, else through its leader.
     async fn propose(&self, command: MetadataCommand) -> Result<(), String> {
@@ -987,15 +1050,20 @@ impl Replicas {
     }
 
     /// Starts the groups of every replicated partition placed on this node,
-    /// now and whenever the metadata group creates more, until `stop`.
+    /// now and whenever the metadata group creates more, and removes the
+    /// files of deleted channels, until `stop`.
     pub(super) async fn follow(self: Arc<Self>, host: Arc<dyn PartitionHost>) {
         let stop = self.stop.clone();
         let mut channels = self.channels.clone();
         loop {
-            // The placements only: positions and leaders change often and
-            // are not needed here.
-            let placed = channels.borrow_and_update().channels.clone();
-            self.start_placed(&placed, &host).await;
+            // The placements, incarnations and deletions only: positions
+            // and leaders change often and are not needed here.
+            let (placed, incarnations, deleted) = {
+                let state = channels.borrow_and_update();
+                (state.channels.clone(), state.incarnations.clone(), state.deleted.clone())
+            };
+            let waiting = self.reconcile_files(&placed, &incarnations, &deleted, &host).await;
+            self.start_placed(&placed, &incarnations, &waiting, &host).await;
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = channels.changed() => if changed.is_err() { return },
@@ -1003,7 +1071,132 @@ impl Replicas {
         }
     }
 
-    async fn start_placed(&self, placed: &BTreeMap<String, ReplicatedChannel>, host: &Arc<dyn PartitionHost>) {
+    /// Removes this node's files of deleted incarnations of replicated
+    /// channels (stopping their groups first), by the marker each channel's
+    /// files carry against the state (`super::incarnation::verdict`).
+    /// Returns the channels whose files are a later incarnation's than the
+    /// state has reached, or whose marker cannot be read: not hosted yet.
+    async fn reconcile_files(
+        &self,
+        placed: &BTreeMap<String, ReplicatedChannel>,
+        incarnations: &BTreeMap<String, u64>,
+        deleted: &BTreeMap<String, u64>,
+        host: &Arc<dyn PartitionHost>,
+    ) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self.hosted_groups().into_iter().map(|(id, _)| id.channel).collect();
+        names.extend(
+            placed
+                .iter()
+                .filter(|(_, channel)| channel.replicas.iter().any(|replicas| replicas.contains(&self.node_id)))
+                .map(|(name, _)| name.clone()),
+        );
+        {
+            let handled = self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner());
+            names.extend(
+                deleted.iter().filter(|(name, at)| handled.get(*name) != Some(*at)).map(|(name, _)| name.clone()),
+            );
+        }
+        let mut waiting = BTreeSet::new();
+        for name in names {
+            let marker = match self.marker_of(&name) {
+                Ok(marker) => marker,
+                Err(error) => {
+                    tracing::error!(channel = %name, %error, "cannot read a replicated channel's incarnation marker; not hosting it");
+                    waiting.insert(name);
+                    continue;
+                }
+            };
+            let incarnation = placed.contains_key(&name).then(|| incarnations.get(&name).copied().unwrap_or(0));
+            let deleted_at = deleted.get(&name).copied();
+            let verdict = super::incarnation::verdict(marker, incarnation, deleted_at);
+            match verdict {
+                Verdict::Host | Verdict::Leave => {}
+                Verdict::Wait => {
+                    tracing::info!(channel = %name, ?marker, ?incarnation, ?deleted_at, "this node's files of the channel are a later incarnation's than the metadata applied so far; waiting");
+                    waiting.insert(name);
+                    continue;
+                }
+                Verdict::Remove | Verdict::RemoveThenHost => {
+                    if let Err(error) = self.remove_replica_files(&name, host).await {
+                        tracing::error!(channel = %name, %error, "cannot remove a deleted replicated channel's files; trying again at the next change");
+                        waiting.insert(name);
+                        continue;
+                    }
+                    if marker.is_some() {
+                        tracing::info!(channel = %name, ?marker, ?incarnation, ?deleted_at, "removed this node's files of a deleted incarnation of the channel");
+                    }
+                }
+            }
+            if incarnation.is_none()
+                && let Some(at) = deleted_at
+            {
+                self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner()).insert(name, at);
+            }
+        }
+        waiting
+    }
+
+    /// The incarnation marker of this node's files of `channel`: the one
+    /// this process hosts, or the one on disk.
+    fn marker_of(&self, channel: &str) -> std::io::Result<Option<u64>> {
+        if let Some(&hosted) = self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).get(channel) {
+            return Ok(Some(hosted));
+        }
+        super::incarnation::read_marker(&super::incarnation::channel_dir(&self.data_dir, channel))
+    }
+
+    /// Stops the groups of `channel` on this node, then removes its local
+    /// copy (ending its subscriptions) and its Raft stores, the marker
+    /// last.
+    async fn remove_replica_files(&self, channel: &str, host: &Arc<dyn PartitionHost>) -> Result<(), String> {
+        let stopped: Vec<(GroupId, Arc<PartitionGroup>)> = {
+            let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<GroupId> = groups.keys().filter(|id| id.channel == channel).cloned().collect();
+            ids.into_iter().filter_map(|id| groups.remove(&id).map(|group| (id, group))).collect()
+        };
+        for (id, group) in stopped {
+            if let Err(error) = group.raft.shutdown().await {
+                tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
+            }
+        }
+        self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).remove(channel);
+        let (host, name) = (Arc::clone(host), channel.to_string());
+        let dir = super::incarnation::channel_dir(&self.data_dir, channel);
+        tokio::task::spawn_blocking(move || {
+            host.remove_channel(&name)?;
+            super::incarnation::remove_channel_dir(&dir).map_err(|error| format!("{}: {error}", dir.display()))
+        })
+        .await
+        .map_err(|error| error.to_string())?
+    }
+
+    /// Writes the marker of `channel`'s files before its first group here
+    /// starts, unless it already says `incarnation` (or the state's is
+    /// unknown, 0, and a marker exists).
+    async fn mark_incarnation(&self, channel: &str, incarnation: u64) -> Result<(), String> {
+        let marker = self.marker_of(channel).map_err(|error| error.to_string())?;
+        let hosted = match marker {
+            Some(marker) if marker == incarnation || incarnation == 0 => marker,
+            _ => {
+                let dir = super::incarnation::channel_dir(&self.data_dir, channel);
+                tokio::task::spawn_blocking(move || super::incarnation::write_marker(&dir, incarnation))
+                    .await
+                    .map_err(|error| error.to_string())?
+                    .map_err(|error| error.to_string())?;
+                incarnation
+            }
+        };
+        self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).insert(channel.to_string(), hosted);
+        Ok(())
+    }
+
+    async fn start_placed(
+        &self,
+        placed: &BTreeMap<String, ReplicatedChannel>,
+        incarnations: &BTreeMap<String, u64>,
+        waiting: &BTreeSet<String>,
+        host: &Arc<dyn PartitionHost>,
+    ) {
         // A replica moved away: its group stops here (its files stay).
         let moved_away: Vec<(GroupId, Arc<PartitionGroup>)> = {
             let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
@@ -1025,11 +1218,19 @@ impl Replicas {
             }
         }
         for (name, channel) in placed {
+            if waiting.contains(name) {
+                continue;
+            }
             let partitions = channel.replicas.len() as u32;
             for (partition, replicas) in channel.replicas.iter().enumerate() {
                 let id = GroupId { channel: name.clone(), partition: partition as u32 };
                 if !replicas.contains(&self.node_id) || self.group(&id).is_some() {
                     continue;
+                }
+                let incarnation = incarnations.get(name).copied().unwrap_or(0);
+                if let Err(error) = self.mark_incarnation(name, incarnation).await {
+                    tracing::error!(group = %id, %error, "cannot write a replicated channel's incarnation marker; not hosting it");
+                    break;
                 }
                 if self.groups.read().unwrap_or_else(|p| p.into_inner()).len() >= REPLICATED_PARTITIONS_MAX {
                     tracing::error!(group = %id, "not hosting a replicated partition: this node hosts REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX}) already");
@@ -1165,7 +1366,7 @@ mod tests {
         assert_eq!(Replicas::coordinator_of(&state, "orders", "billing"), Ok(first));
         let other = placement[partition as usize][1];
         let report = LeaderReport { channel: "orders".into(), partition, leader: other, term: 5 };
-        state.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] });
+        state.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] }, 2);
         assert_eq!(Replicas::coordinator_of(&state, "orders", "billing"), Ok(other));
         let coordinators: BTreeSet<NodeId> = (0..40)
             .map(|group| Replicas::coordinator_of(&state, "orders", &format!("group-{group}")).unwrap())
@@ -1179,7 +1380,7 @@ mod tests {
             assert_eq!(Replicas::coordinator_of(&uneven, "orders", &group), Ok(1), "{group}");
         }
         let report = LeaderReport { channel: "orders".into(), partition: 0, leader: 3, term: 2 };
-        uneven.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] });
+        uneven.apply(&MetadataCommand::PartitionLeaders { reports: vec![report] }, 2);
         assert!((0..40).all(|group| Replicas::coordinator_of(&uneven, "orders", &format!("g{group}")) == Ok(1)));
         let none = orders(vec![vec![1, 2, 3], vec![4, 5, 6]]);
         assert!(Replicas::coordinator_of(&none, "orders", "billing").unwrap_err().contains("no node holds"));

@@ -38,13 +38,42 @@ struct MetadataStateChannelsOnly {
     channels: std::collections::BTreeMap<String, super::types::ReplicatedChannel>,
 }
 
-/// The last snapshot. One written before the state held leaders and
-/// positions is read in its layout (postcard is not self-describing).
+/// The metadata state as snapshots before incarnations and deleted
+/// channels hold it.
+#[derive(serde::Deserialize)]
+struct MetadataStateBeforeIncarnations {
+    channels: std::collections::BTreeMap<String, super::types::ReplicatedChannel>,
+    leaders: std::collections::BTreeMap<String, std::collections::BTreeMap<u32, super::types::ReportedLeader>>,
+    positions: std::collections::BTreeMap<super::types::PositionKey, u64>,
+}
+
+/// The last snapshot. One written in an earlier layout (before the state
+/// held leaders and positions, or incarnations) is read in its layout
+/// (postcard is not self-describing); its channels' incarnations are 0,
+/// unknown.
 fn read_snapshot(db: &Database) -> io::Result<Option<(SnapshotMeta, MetadataState)>> {
     read_state::<(SnapshotMeta, MetadataState)>(db, SNAPSHOT).or_else(|error| {
-        read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(db, SNAPSHOT)
-            .map(|old| {
-                old.map(|(meta, old)| (meta, MetadataState { channels: old.channels, ..MetadataState::default() }))
+        let before = read_state::<(SnapshotMeta, MetadataStateBeforeIncarnations)>(db, SNAPSHOT).map(|old| {
+            old.map(|(meta, old)| {
+                let incarnations = old.channels.keys().map(|name| (name.clone(), 0)).collect();
+                let state = MetadataState {
+                    channels: old.channels,
+                    leaders: old.leaders,
+                    positions: old.positions,
+                    incarnations,
+                    ..MetadataState::default()
+                };
+                (meta, state)
+            })
+        });
+        before
+            .or_else(|_| {
+                read_state::<(SnapshotMeta, MetadataStateChannelsOnly)>(db, SNAPSHOT).map(|old| {
+                    old.map(|(meta, old)| {
+                        let incarnations = old.channels.keys().map(|name| (name.clone(), 0)).collect();
+                        (meta, MetadataState { channels: old.channels, incarnations, ..MetadataState::default() })
+                    })
+                })
             })
             .map_err(|_| error)
     })
@@ -127,7 +156,7 @@ impl RaftStateMachine<TypeConfig> for MetadataStateMachine {
                         applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                     }
                     EntryPayload::Normal(command) => {
-                        applied.state.apply(&command);
+                        applied.state.apply(&command, entry.log_id.index);
                         self.changes.send_replace(applied.state.clone());
                     }
                     EntryPayload::Blank => {}
@@ -252,6 +281,43 @@ mod tests {
         assert_eq!(snapshot.snapshot.channels.get("orders"), Some(&channel));
     }
 
+    /// A snapshot of the layout before incarnations is still read, with
+    /// everything it held; its channels' incarnations are unknown (0).
+    #[tokio::test]
+    async fn a_snapshot_from_before_incarnations_is_read_with_unknown_incarnations() {
+        use super::super::types::{LeaderReport, MetadataCommand, ReplicatedChannel};
+        #[derive(serde::Serialize)]
+        struct BeforeIncarnations {
+            channels: std::collections::BTreeMap<String, ReplicatedChannel>,
+            leaders: std::collections::BTreeMap<
+                String,
+                std::collections::BTreeMap<u32, super::super::types::ReportedLeader>,
+            >,
+            positions: std::collections::BTreeMap<super::super::types::PositionKey, u64>,
+        }
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 1);
+        let reports = vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 2, term: 7 }];
+        state.apply(&MetadataCommand::PartitionLeaders { reports }, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.redb");
+        {
+            let db = open_database(&path).unwrap();
+            let old = BeforeIncarnations {
+                channels: state.channels.clone(),
+                leaders: state.leaders.clone(),
+                positions: state.positions.clone(),
+            };
+            super::super::raft_log::write_state(&db, SNAPSHOT, &(SnapshotMeta::default(), old)).await.unwrap();
+        }
+        let (_, machine) = open(&path).unwrap();
+        let read = machine.subscribe().borrow().clone();
+        assert_eq!((&read.channels, &read.leaders), (&state.channels, &state.leaders));
+        assert_eq!(read.incarnations.get("orders"), Some(&0));
+        assert!(read.deleted.is_empty());
+    }
+
     /// A snapshot of today's layout cut short must not be taken for one
     /// of the first layout (which would read its channels and drop its
     /// leaders and positions without a word): refused.
@@ -262,9 +328,9 @@ mod tests {
         let path = dir.path().join("metadata.redb");
         let mut state = MetadataState::default();
         let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
-        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel });
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 1);
         let reports = vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 2, term: 7 }];
-        state.apply(&MetadataCommand::PartitionLeaders { reports });
+        state.apply(&MetadataCommand::PartitionLeaders { reports }, 2);
         assert!(!state.leaders.is_empty(), "the state holds more than the first layout");
         let mut bytes = super::super::raft_log::encode(&(SnapshotMeta::default(), state)).unwrap();
         bytes.pop();

@@ -100,6 +100,11 @@ pub enum NodeRequest {
     /// replica (a graceful shutdown: docs/REPLICATION.md, "Leadership
     /// hand-over"). New variants go last: postcard numbers them in order.
     TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// `weir cluster delete-channel`, and a node's DELETE_CHANNEL with
+    /// `force`: deletes a replicated channel, on the metadata leader.
+    DeleteChannel {
+        name: String,
+    },
 }
 
 /// Names a replicated partition's Raft group.
@@ -184,6 +189,9 @@ pub enum NodeReply {
     /// them in order.)
     Recorded,
     TransferLeader(TransferLeaderResponse<TypeConfig>),
+    /// A replicated channel's deletion was committed (each node removes
+    /// its files as it applies it).
+    ChannelDeleted,
 }
 
 /// Why a request to another node got no answer.

@@ -41,7 +41,17 @@ pub enum MetadataCommand {
     /// partition's replicas are still `expected`, so that two moves never
     /// overwrite each other's steps.
     PlaceReplicas { channel: String, partition: u32, expected: Vec<NodeId>, replicas: Vec<NodeId> },
+    /// Deletes a replicated channel: its placement, reported leaders and
+    /// positions; each node then removes its replicas' files (see
+    /// `MetadataState::deleted`). New variants go last: postcard numbers
+    /// them in order.
+    DeleteChannel { name: String },
 }
+
+/// Most deleted channels' names the metadata state remembers (with the
+/// incarnation deleted); past it the oldest deletion is forgotten, and a
+/// node that was away since then keeps that channel's files (logged).
+pub const DELETED_CHANNELS_MAX: usize = 1024;
 
 /// Most replicas one partition lists: a replication factor of 5, plus the
 /// replica a move adds before it takes one out.
@@ -91,6 +101,7 @@ impl fmt::Display for MetadataCommand {
             MetadataCommand::PlaceReplicas { channel, partition, replicas, .. } => {
                 write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
             }
+            MetadataCommand::DeleteChannel { name } => write!(f, "delete channel {name}"),
         }
     }
 }
@@ -121,16 +132,47 @@ pub struct MetadataState {
     pub leaders: std::collections::BTreeMap<String, std::collections::BTreeMap<u32, ReportedLeader>>,
     /// Durable and group positions in replicated partitions (forward only).
     pub positions: std::collections::BTreeMap<PositionKey, u64>,
+    /// Each channel's incarnation: the log index of the entry that created
+    /// it, which names its replicas' files (0: unknown, a channel from a
+    /// snapshot of the layout before incarnations).
+    pub incarnations: std::collections::BTreeMap<String, u64>,
+    /// Deleted channels' names, each with the highest incarnation deleted
+    /// (at most [`DELETED_CHANNELS_MAX`]): a node removes its files of the
+    /// name up to that incarnation, never a later one's
+    /// (docs/REPLICATION.md, "Deleting a replicated channel").
+    pub deleted: std::collections::BTreeMap<String, u64>,
 }
 
 impl MetadataState {
-    /// Applies one committed command. A channel created twice keeps its
-    /// first placement (the leader refuses a second creation; two racing
-    /// proposals both commit, and the first wins everywhere alike).
-    pub fn apply(&mut self, command: &MetadataCommand) {
+    /// Applies one committed command, the entry at `index` of the log. A
+    /// channel created twice keeps its first placement (the leader refuses
+    /// a second creation; two racing proposals both commit, and the first
+    /// wins everywhere alike).
+    pub fn apply(&mut self, command: &MetadataCommand, index: u64) {
         match command {
             MetadataCommand::CreateChannel { name, channel } => {
-                self.channels.entry(name.clone()).or_insert_with(|| channel.clone());
+                if !self.channels.contains_key(name) {
+                    self.channels.insert(name.clone(), channel.clone());
+                    self.incarnations.insert(name.clone(), index);
+                }
+            }
+            MetadataCommand::DeleteChannel { name } => {
+                if self.channels.remove(name).is_none() {
+                    return;
+                }
+                let incarnation = self.incarnations.remove(name).unwrap_or(0);
+                self.leaders.remove(name);
+                self.positions.retain(|(channel, ..), _| channel != name);
+                let deleted = self.deleted.entry(name.clone()).or_insert(incarnation);
+                *deleted = (*deleted).max(incarnation);
+                while self.deleted.len() > DELETED_CHANNELS_MAX {
+                    // The oldest deletion: the lowest incarnation.
+                    let oldest =
+                        self.deleted.iter().min_by_key(|(_, incarnation)| **incarnation).map(|(n, _)| n.clone());
+                    if let Some(oldest) = oldest {
+                        self.deleted.remove(&oldest);
+                    }
+                }
             }
             MetadataCommand::PartitionLeaders { reports } => {
                 for LeaderReport { channel, partition, leader, term } in reports {
@@ -218,7 +260,7 @@ mod tests {
     fn state() -> MetadataState {
         let mut state = MetadataState::default();
         let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3], vec![2, 3, 1]] };
-        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel });
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 1);
         state
     }
 
@@ -231,12 +273,12 @@ mod tests {
         let report = |partition, leader, term| MetadataCommand::PartitionLeaders {
             reports: vec![LeaderReport { channel: "orders".into(), partition, leader, term }],
         };
-        state.apply(&report(0, 2, 5));
-        state.apply(&report(0, 1, 4));
-        state.apply(&report(0, 9, 6));
-        state.apply(&report(7, 1, 9));
+        state.apply(&report(0, 2, 5), 2);
+        state.apply(&report(0, 1, 4), 2);
+        state.apply(&report(0, 9, 6), 2);
+        state.apply(&report(7, 1, 9), 2);
         assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 2, term: 5 }));
-        state.apply(&report(0, 3, 6));
+        state.apply(&report(0, 3, 6), 2);
         assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 3, term: 6 }));
         assert_eq!(state.reported_leader("orders", 7), None);
     }
@@ -255,22 +297,25 @@ mod tests {
             expected: expected.to_vec(),
             replicas: replicas.to_vec(),
         };
-        state.apply(&MetadataCommand::PartitionLeaders {
-            reports: vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 1, term: 3 }],
-        });
-        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 4]));
+        state.apply(
+            &MetadataCommand::PartitionLeaders {
+                reports: vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 1, term: 3 }],
+            },
+            2,
+        );
+        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 4]), 2);
         assert_eq!(state.channels["orders"].replicas[0], vec![1, 2, 3, 4]);
         assert_eq!(state.reported_leader("orders", 0).map(|leader| leader.node), Some(1));
-        state.apply(&place(0, &[1, 2, 3, 4], &[2, 3, 4]));
+        state.apply(&place(0, &[1, 2, 3, 4], &[2, 3, 4]), 2);
         assert_eq!(state.channels["orders"].replicas[0], vec![2, 3, 4]);
         assert_eq!(state.reported_leader("orders", 0), None);
         let before = state.clone();
-        state.apply(&place(5, &[1], &[1]));
-        state.apply(&place(1, &[2, 3, 1], &[]));
-        state.apply(&place(1, &[2, 3, 1], &[2, 2, 3]));
-        state.apply(&place(1, &[2, 3, 1], &[1, 2, 3, 4, 5, 6, 7]));
+        state.apply(&place(5, &[1], &[1]), 2);
+        state.apply(&place(1, &[2, 3, 1], &[]), 2);
+        state.apply(&place(1, &[2, 3, 1], &[2, 2, 3]), 2);
+        state.apply(&place(1, &[2, 3, 1], &[1, 2, 3, 4, 5, 6, 7]), 2);
         // Another move's step, made from an older view: not applied.
-        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 5]));
+        state.apply(&place(0, &[1, 2, 3], &[1, 2, 3, 5]), 2);
         assert_eq!(state, before);
     }
 
@@ -282,17 +327,58 @@ mod tests {
         let commit = |channel: &str, name: String, partition, offset| MetadataCommand::CommitPositions {
             positions: vec![ReplicatedPosition { channel: channel.into(), name, partition, group: false, offset }],
         };
-        state.apply(&commit("orders", "billing".into(), 1, 10));
-        state.apply(&commit("orders", "billing".into(), 1, 7));
-        state.apply(&commit("elsewhere", "billing".into(), 0, 3));
-        state.apply(&commit("orders", "billing".into(), 2, 3));
+        state.apply(&commit("orders", "billing".into(), 1, 10), 2);
+        state.apply(&commit("orders", "billing".into(), 1, 7), 2);
+        state.apply(&commit("elsewhere", "billing".into(), 0, 3), 2);
+        state.apply(&commit("orders", "billing".into(), 2, 3), 2);
         assert_eq!(state.positions.len(), 1);
         assert_eq!(state.positions.get(&("orders".into(), "billing".into(), 1, false)), Some(&10));
         for i in 0..REPLICATED_POSITIONS_MAX {
-            state.apply(&commit("orders", format!("n{i}"), 0, 1));
+            state.apply(&commit("orders", format!("n{i}"), 0, 1), 2);
         }
         assert_eq!(state.positions.len(), REPLICATED_POSITIONS_MAX);
-        state.apply(&commit("orders", "billing".into(), 1, 11));
+        state.apply(&commit("orders", "billing".into(), 1, 11), 2);
         assert_eq!(state.positions.get(&("orders".into(), "billing".into(), 1, false)), Some(&11));
+    }
+
+    /// A deletion removes the channel with its leaders and positions and
+    /// remembers the incarnation deleted; one of a channel that is not
+    /// there changes nothing; created again, the channel has the new
+    /// entry's incarnation and the deletion stays on record; past
+    /// `DELETED_CHANNELS_MAX` deletions the oldest is forgotten.
+    #[test]
+    fn a_deletion_removes_the_channel_and_remembers_its_incarnation() {
+        let mut state = state();
+        assert_eq!(state.incarnations.get("orders"), Some(&1));
+        let reports = vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 1, term: 2 }];
+        state.apply(&MetadataCommand::PartitionLeaders { reports }, 2);
+        let position = ReplicatedPosition {
+            channel: "orders".into(),
+            name: "billing".into(),
+            partition: 0,
+            group: false,
+            offset: 4,
+        };
+        state.apply(&MetadataCommand::CommitPositions { positions: vec![position] }, 3);
+        state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 4);
+        assert!(state.channels.is_empty() && state.leaders.is_empty() && state.positions.is_empty());
+        assert!(state.incarnations.is_empty());
+        assert_eq!(state.deleted.get("orders"), Some(&1));
+        state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 5);
+        assert_eq!(state.deleted.get("orders"), Some(&1));
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 9);
+        assert_eq!(state.incarnations.get("orders"), Some(&9));
+        assert_eq!(state.deleted.get("orders"), Some(&1));
+
+        for i in 0..DELETED_CHANNELS_MAX as u64 {
+            let name = format!("c{i}");
+            let channel = ReplicatedChannel { replication_factor: 1, replicas: vec![vec![1]] };
+            state.apply(&MetadataCommand::CreateChannel { name: name.clone(), channel }, 10 + 2 * i);
+            state.apply(&MetadataCommand::DeleteChannel { name }, 11 + 2 * i);
+        }
+        assert_eq!(state.deleted.len(), DELETED_CHANNELS_MAX);
+        assert!(!state.deleted.contains_key("orders"), "the oldest deletion is forgotten");
+        assert_eq!(state.deleted.get("c0"), Some(&10));
     }
 }

@@ -453,6 +453,11 @@ impl Broker {
         };
         for local in self.store.channels() {
             let name = local.name().as_str();
+            // A replicated channel's copy is listed from the metadata group
+            // only (one it no longer lists was deleted).
+            if local.settings().replicated == Some(true) {
+                continue;
+            }
             if wanted(name) && !channels.iter().any(|listed: &ChannelMetadata| listed.name == name) {
                 let partitions = own(node_id, local.partitions().len());
                 channels.push(ChannelMetadata { name: name.to_string(), replication_factor: 1, partitions });
@@ -664,5 +669,16 @@ impl crate::cluster::PartitionHost for BrokerHost {
             log: Arc::clone(&hosted.log),
             appended: Arc::new(move || writer.publish_tail()),
         })
+    }
+
+    fn remove_channel(&self, channel: &str) -> Result<(), String> {
+        let name = ChannelName::new(channel).map_err(|error| error.to_string())?;
+        match self.0.delete_channel(&name, true) {
+            Ok(()) | Err(DeleteError::Channel(ChannelError::Unknown)) => Ok(()),
+            Err(DeleteError::InUse { subscriptions }) => {
+                Err(format!("{subscriptions} live subscriptions on channel {name} (not expected with force)"))
+            }
+            Err(DeleteError::Channel(error)) => Err(error.describe(&name)),
+        }
     }
 }

@@ -668,9 +668,19 @@ impl Connection {
                 if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "delete channel").await {
                     return Flow::Continue;
                 }
-                if self.is_replicated(&name) {
-                    let message = format!("channel {name} is replicated: deleting a replicated channel is not built");
-                    return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+                if self.is_replicated(&name)
+                    && let Some(replicas) = self.broker.replicas()
+                {
+                    if !force {
+                        let message = format!(
+                            "channel {name} is replicated: its subscriptions on other nodes cannot be counted here; delete it with force, which ends them on every node"
+                        );
+                        return self.error(correlation_id, ErrorCode::ChannelInUse, message).await;
+                    }
+                    return match replicas.delete_channel(name.as_str()).await {
+                        Ok(()) => self.respond(correlation_id, Response::ChannelDeleted).await,
+                        Err(message) => self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
+                    };
                 }
                 // File work (moving and removing the channel's directory)
                 // runs on the blocking pool.
@@ -943,6 +953,12 @@ impl Connection {
             });
             replicas.submit(&group, publish, answer).await;
             return Flow::Continue;
+        }
+        // A replicated channel's local copy that the metadata group no
+        // longer lists: deleted, its files about to go.
+        if self.broker.store.channel(&name).is_some_and(|channel| channel.settings().replicated == Some(true)) {
+            let message = format!("channel {name} was a replicated channel and has been deleted");
+            return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
         }
         let channel = match self.open_channel(&name) {
             Ok(channel) => channel,
