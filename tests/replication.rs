@@ -1881,10 +1881,13 @@ async fn fetch_all(addr: &str, channel: &str, partition: u32) -> Vec<(u64, Strin
 /// without `force` is refused) is gone from every node: METADATA no longer
 /// lists it, a live subscription to it ends, and each node's files of it
 /// (the local copy and the Raft stores) are removed. Created again under
-/// the same name, it starts empty; and after every node restarts (applying
-/// again the metadata entries after its last snapshot), each still holds
-/// the new channel's records: a deletion applied again never removes a
-/// later incarnation's files.
+/// the same name (with another partition count), it starts empty. A node
+/// that was down through the deletion and the new creation removes the
+/// old channel's files when it comes back and holds the new one's
+/// records only. After every node restarts (applying again the metadata
+/// entries after its last snapshot), each still holds the new channel's
+/// records: a deletion applied again never removes a later incarnation's
+/// files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_used_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -1904,7 +1907,9 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
     let mut subscriber = Subscriber::subscribe(&reader, GROUPED, options).await.unwrap();
     assert_eq!(next_message(&mut subscriber).await, (0, "old-0-0".to_string()));
 
-    let admin = Connection::connect(&addrs[2], "admin").await.unwrap();
+    // Node 3 is down through the deletion and the new creation.
+    nodes[2].kill();
+    let admin = Connection::connect(&addrs[0], "admin").await.unwrap();
     let refused = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: false }).await.unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::ChannelInUse), "{refused}");
     let deleted = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: true }).await.unwrap();
@@ -1915,7 +1920,7 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
         .await
         .expect("the subscription to the deleted channel ended");
     let started = Instant::now();
-    for node in &nodes {
+    for node in &nodes[..2] {
         loop {
             let listed = async {
                 let connection = Connection::connect(&node.spec.client_addr, "metadata").await.ok()?;
@@ -1931,7 +1936,11 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
         }
     }
 
+    assert!(files(3).iter().all(|path| path.exists()), "node 3, down, still holds the old channel");
+    // Created again while node 3 is down (its first replica may be node
+    // 3, which starts its group: the others wait for it).
     create_channel_with(&nodes[1], GROUPED, 1, 3, 0).await;
+    nodes[2].start();
     leaders_agreed(&addrs, 1).await;
     publish_at_leader(&addrs, 0, (0..3).map(|i| format!("new-{i}"))).await;
     let expected: Vec<(u64, String)> = (0..3).map(|i| (i, format!("new-{i}"))).collect();
@@ -1949,6 +1958,8 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
         }
     };
     converged(&nodes).await;
+    let node3 = dir.path().join("node3").join("cluster").join("partitions").join(GROUPED);
+    assert!(!node3.join("1.redb").exists(), "node 3 kept the old channel's partition 1");
     for node in &mut nodes {
         node.kill();
     }

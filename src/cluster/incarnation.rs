@@ -32,27 +32,54 @@ pub enum Verdict {
     Leave,
 }
 
+/// A channel's files' marker: the incarnation they belong to, and whether
+/// their removal began (a crash midway leaves them marked so: never hosted
+/// again, only removed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marker {
+    pub incarnation: u64,
+    pub deleting: bool,
+}
+
+impl Marker {
+    pub fn of(incarnation: u64) -> Marker {
+        Marker { incarnation, deleting: false }
+    }
+}
+
 /// The verdict for files marked `marker` (`None`: no marker, so no files
 /// of any incarnation created since markers exist) when the state holds
 /// the channel at `incarnation` (or not at all) and remembers `deleted` as
-/// its highest deleted incarnation. Incarnation 0 is unknown (a channel
-/// from a snapshot of the layout before incarnations): such a channel was
-/// never deleted and created again, so with no deletion of the name on
-/// record its files match any incarnation, and with one they are the
-/// deleted channel's.
+/// the incarnation it deleted under that name. Incarnation 0 is unknown (a
+/// channel from a snapshot of the layout before incarnations): such a
+/// channel was never deleted and created again, so with no deletion of the
+/// name on record it matches any incarnation, and with one its files are
+/// the deleted channel's.
 ///
 /// The files of the state's own incarnation are always marked with it
 /// (the marker is written before them), so `RemoveThenHost` never takes
 /// them.
-pub fn verdict(marker: Option<u64>, incarnation: Option<u64>, deleted: Option<u64>) -> Verdict {
+pub fn verdict(marker: Option<Marker>, incarnation: Option<u64>, deleted: Option<u64>) -> Verdict {
+    if let Some(Marker { incarnation: files, deleting: true }) = marker {
+        // Being removed: finished once the state has passed the deletion.
+        return match (incarnation, deleted) {
+            (Some(current), _) if current > files => Verdict::RemoveThenHost,
+            (None, Some(deleted)) if files <= deleted => Verdict::Remove,
+            _ => Verdict::Wait,
+        };
+    }
     let older_or_host = if deleted.is_some() { Verdict::RemoveThenHost } else { Verdict::Host };
-    match (incarnation, marker) {
+    match (incarnation, marker.map(|marker| marker.incarnation)) {
         (Some(_), None) => older_or_host,
-        (Some(current), Some(files)) if files == current || current == 0 => Verdict::Host,
+        (Some(current), Some(files)) if files == current => Verdict::Host,
+        // Applying again from a snapshot of the earlier layout: the files
+        // may be a later incarnation's once the name was deleted.
+        (Some(0), Some(_)) if deleted.is_some() => Verdict::Wait,
+        (Some(0), Some(_)) => Verdict::Host,
         (Some(_), Some(0)) => older_or_host,
         (Some(current), Some(files)) if files < current => Verdict::RemoveThenHost,
         (Some(_), Some(_)) => Verdict::Wait,
-        (None, _) => match (deleted, marker) {
+        (None, files) => match (deleted, files) {
             (None, _) => Verdict::Leave,
             (Some(_), None | Some(0)) => Verdict::Remove,
             (Some(deleted), Some(files)) if files <= deleted => Verdict::Remove,
@@ -66,32 +93,48 @@ pub fn channel_dir(data_dir: &Path, channel: &str) -> PathBuf {
     data_dir.join("cluster").join("partitions").join(channel)
 }
 
+/// Most bytes a marker file holds ("deleting " and a u64, with room).
+const MARKER_BYTES_MAX: u64 = 64;
+
 /// The marker in `dir`, if any.
 ///
 /// # Errors
-/// It cannot be read, or does not hold a number.
-pub fn read_marker(dir: &Path) -> io::Result<Option<u64>> {
+/// It cannot be read, or does not hold a marker.
+pub fn read_marker(dir: &Path) -> io::Result<Option<Marker>> {
+    use std::io::Read;
     let path = dir.join(MARKER);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse().map(Some).map_err(|error| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {error}: {text:?}", path.display()))
-        }),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(error),
-    }
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let mut text = String::new();
+    file.take(MARKER_BYTES_MAX).read_to_string(&mut text)?;
+    let (deleting, number) = match text.trim().strip_prefix("deleting ") {
+        Some(number) => (true, number),
+        None => (false, text.trim()),
+    };
+    let incarnation = number.parse().map_err(|error| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {error}: {text:?}", path.display()))
+    })?;
+    Ok(Some(Marker { incarnation, deleting }))
 }
 
-/// Writes `incarnation` as the marker in `dir` (created if needed): a
-/// synced temporary file renamed over it, the directory synced, so that a
-/// crash leaves the old marker or the new one whole.
+/// Writes `marker` in `dir` (created if needed): a synced temporary file
+/// renamed over the old one, the directory synced, so that a crash leaves
+/// the old marker or the new one whole.
 ///
 /// # Errors
 /// A write, sync or rename failed.
-pub fn write_marker(dir: &Path, incarnation: u64) -> io::Result<()> {
+pub fn write_marker(dir: &Path, marker: Marker) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let temporary = dir.join(format!("{MARKER}.tmp"));
     let mut file = std::fs::File::create(&temporary)?;
-    writeln!(file, "{incarnation}")?;
+    if marker.deleting {
+        writeln!(file, "deleting {}", marker.incarnation)?;
+    } else {
+        writeln!(file, "{}", marker.incarnation)?;
+    }
     file.sync_all()?;
     std::fs::rename(&temporary, dir.join(MARKER))?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -124,6 +167,8 @@ pub fn remove_channel_dir(dir: &Path) -> io::Result<()> {
             std::fs::remove_file(entry.path())?;
         }
     }
+    // The rest is gone before the marker goes.
+    std::fs::File::open(dir)?.sync_all()?;
     match std::fs::remove_file(dir.join(MARKER)) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -144,33 +189,43 @@ mod tests {
     /// files are never removed, whatever entry is being applied again.
     #[test]
     fn files_of_a_later_incarnation_are_never_removed() {
+        let of = |incarnation| Some(Marker::of(incarnation));
+        let deleting = |incarnation| Some(Marker { incarnation, deleting: true });
         // The channel exists.
         assert_eq!(verdict(None, Some(12), None), Verdict::Host);
-        assert_eq!(verdict(Some(12), Some(12), Some(5)), Verdict::Host);
-        assert_eq!(verdict(Some(0), Some(12), None), Verdict::Host);
-        assert_eq!(verdict(Some(12), Some(0), None), Verdict::Host);
-        assert_eq!(verdict(Some(5), Some(12), Some(5)), Verdict::RemoveThenHost);
-        assert_eq!(verdict(Some(5), Some(12), None), Verdict::RemoveThenHost);
+        assert_eq!(verdict(of(12), Some(12), Some(5)), Verdict::Host);
+        assert_eq!(verdict(of(0), Some(12), None), Verdict::Host);
+        assert_eq!(verdict(of(12), Some(0), None), Verdict::Host);
+        assert_eq!(verdict(of(5), Some(12), Some(5)), Verdict::RemoveThenHost);
+        assert_eq!(verdict(of(5), Some(12), None), Verdict::RemoveThenHost);
         // Unmarked or unknown files, with a deletion of the name on record:
         // the deleted channel's (the current one's would be marked).
         assert_eq!(verdict(None, Some(12), Some(5)), Verdict::RemoveThenHost);
-        assert_eq!(verdict(Some(0), Some(12), Some(0)), Verdict::RemoveThenHost);
+        assert_eq!(verdict(of(0), Some(12), Some(0)), Verdict::RemoveThenHost);
         // Replaying "create X (5)" with the files of X (12) on disk.
-        assert_eq!(verdict(Some(12), Some(5), None), Verdict::Wait);
+        assert_eq!(verdict(of(12), Some(5), None), Verdict::Wait);
+        assert_eq!(verdict(of(12), Some(0), Some(5)), Verdict::Wait);
         // The channel is gone.
-        assert_eq!(verdict(Some(5), None, Some(5)), Verdict::Remove);
-        assert_eq!(verdict(Some(3), None, Some(5)), Verdict::Remove);
+        assert_eq!(verdict(of(5), None, Some(5)), Verdict::Remove);
+        assert_eq!(verdict(of(3), None, Some(5)), Verdict::Remove);
         assert_eq!(verdict(None, None, Some(5)), Verdict::Remove);
-        assert_eq!(verdict(Some(0), None, Some(5)), Verdict::Remove);
+        assert_eq!(verdict(of(0), None, Some(5)), Verdict::Remove);
         // Replaying "delete X (5)" with the files of X (12) on disk.
-        assert_eq!(verdict(Some(12), None, Some(5)), Verdict::Wait);
+        assert_eq!(verdict(of(12), None, Some(5)), Verdict::Wait);
         // A channel of unknown incarnation deleted: only unmarked or
         // unknown files go.
-        assert_eq!(verdict(Some(0), None, Some(0)), Verdict::Remove);
-        assert_eq!(verdict(Some(7), None, Some(0)), Verdict::Wait);
+        assert_eq!(verdict(of(0), None, Some(0)), Verdict::Remove);
+        assert_eq!(verdict(of(7), None, Some(0)), Verdict::Wait);
         // Never created, as far as the state knows.
-        assert_eq!(verdict(Some(12), None, None), Verdict::Leave);
+        assert_eq!(verdict(of(12), None, None), Verdict::Leave);
         assert_eq!(verdict(None, None, None), Verdict::Leave);
+        // A removal cut short: never hosted again, finished once the state
+        // has passed the deletion.
+        assert_eq!(verdict(deleting(5), Some(5), None), Verdict::Wait);
+        assert_eq!(verdict(deleting(5), Some(12), Some(5)), Verdict::RemoveThenHost);
+        assert_eq!(verdict(deleting(5), None, Some(5)), Verdict::Remove);
+        assert_eq!(verdict(deleting(12), None, Some(5)), Verdict::Wait);
+        assert_eq!(verdict(deleting(5), None, None), Verdict::Wait);
     }
 
     /// A marker is written whole and read back; removal takes every file
@@ -180,10 +235,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let channel = channel_dir(dir.path(), "orders");
         assert_eq!(read_marker(&channel).unwrap(), None);
-        write_marker(&channel, 42).unwrap();
-        assert_eq!(read_marker(&channel).unwrap(), Some(42));
-        write_marker(&channel, 43).unwrap();
-        assert_eq!(read_marker(&channel).unwrap(), Some(43));
+        write_marker(&channel, Marker::of(42)).unwrap();
+        assert_eq!(read_marker(&channel).unwrap(), Some(Marker::of(42)));
+        let deleting = Marker { incarnation: 42, deleting: true };
+        write_marker(&channel, deleting).unwrap();
+        assert_eq!(read_marker(&channel).unwrap(), Some(deleting));
         std::fs::write(channel.join("0.redb"), b"raft").unwrap();
         remove_channel_dir(&channel).unwrap();
         assert!(!channel.exists());
@@ -191,5 +247,7 @@ mod tests {
         std::fs::create_dir_all(&channel).unwrap();
         std::fs::write(channel.join(MARKER), b"not a number").unwrap();
         assert!(read_marker(&channel).is_err());
+        std::fs::write(channel.join(MARKER), vec![b'7'; 1 << 20]).unwrap();
+        assert!(read_marker(&channel).is_err(), "a long marker is read only so far, and refused");
     }
 }

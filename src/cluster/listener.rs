@@ -20,10 +20,10 @@ use tokio_util::task::TaskTracker;
 
 use super::partition::{PartitionRaft, PartitionSnapshot};
 use super::replicas::{LEADERSHIP_REPORT_TIMEOUT, REPLICATED_PARTITIONS_MAX, Replicas};
-use super::transport::{self, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
+use super::transport::{self, GroupId, NodeReply, NodeRequest, PartitionReply, PartitionRequest};
 use super::types::{
-    MetadataCommand, MetadataState, NodeAddrs, NodeId, POSITIONS_PER_COMMAND_MAX, Raft, ReplicatedChannel, Snapshot,
-    TypeConfig,
+    ChannelCommand, MetadataCommand, MetadataState, NodeAddrs, NodeId, POSITIONS_PER_COMMAND_MAX, Raft,
+    ReplicatedChannel, Snapshot, TypeConfig,
 };
 use super::{CLUSTER_CONNECTIONS_MAX, CLUSTER_HANDSHAKE_TIMEOUT};
 
@@ -227,6 +227,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             | NodeRequest::Partition { .. }
             | NodeRequest::Propose { .. }
             | NodeRequest::TransferLeader(_)
+            | NodeRequest::PartitionOf { .. }
     );
     if raft_message && peer == Peer::Operator {
         return NodeReply::Error(
@@ -265,30 +266,18 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
         }
         NodeRequest::AddNode { id, addrs } => add_node(raft, id, addrs).await,
         NodeRequest::RemoveNode { id } => remove_node(raft, id).await,
-        NodeRequest::Partition { group, request } => {
-            let Some(raft) = served.replicas.raft(&group) else { return NodeReply::UnknownGroup };
-            match request {
-                PartitionRequest::FullSnapshot { vote, meta, promise } => {
-                    let install = partition_message(
-                        &raft,
-                        PartitionRequest::FullSnapshot { vote, meta: meta.clone(), promise: promise.clone() },
-                    );
-                    served.replicas.receive_snapshot(&group, &vote, &meta, &promise, install).await
-                }
-                PartitionRequest::SegmentsToCopy { up_to } => {
-                    match served.replicas.segments_to_copy(&group, up_to).await {
-                        Ok(copies) => NodeReply::Partition(PartitionReply::SegmentsToCopy(copies)),
-                        Err(error) => NodeReply::Error(error),
-                    }
-                }
-                PartitionRequest::ReadSegment { base_offset, position, len } => {
-                    match served.replicas.read_segment(&group, base_offset, position, len).await {
-                        Ok(bytes) => NodeReply::Partition(PartitionReply::SegmentBytes(bytes)),
-                        Err(error) => NodeReply::Error(error),
-                    }
-                }
-                request => partition_message(&raft, request).await,
+        NodeRequest::PartitionOf { group, incarnation, request } => {
+            if !served.replicas.hosts_incarnation(&group.channel, incarnation) {
+                return NodeReply::UnknownGroup;
             }
+            partition_request(served, group, request).await
+        }
+        // Without an incarnation (an earlier build's): as of an unknown one.
+        NodeRequest::Partition { group, request } => {
+            if !served.replicas.hosts_incarnation(&group.channel, 0) {
+                return NodeReply::UnknownGroup;
+            }
+            partition_request(served, group, request).await
         }
         NodeRequest::CreateChannel { name, partitions, replication_factor } => {
             let _admin = served.admin.lock().await;
@@ -306,9 +295,18 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 return NodeReply::Error(format!("channel {name} is not a replicated channel"));
             }
             tracing::info!(channel = %name, "deleting a replicated channel");
-            match raft.client_write(MetadataCommand::DeleteChannel { name }).await {
-                Ok(_) => NodeReply::ChannelDeleted,
-                Err(error) => membership_error(&error),
+            // Bounded: a leader without a quorum would hold the admin lock.
+            match tokio::time::timeout(
+                LEADERSHIP_REPORT_TIMEOUT,
+                raft.client_write(MetadataCommand::DeleteChannel { name }),
+            )
+            .await
+            {
+                Ok(Ok(_)) => NodeReply::ChannelDeleted,
+                Ok(Err(error)) => membership_error(&error),
+                Err(_) => NodeReply::Error(format!(
+                    "the deletion was not committed within {LEADERSHIP_REPORT_TIMEOUT:?}: it may or may not be"
+                )),
             }
         }
         NodeRequest::MoveReplica { channel, partition, from, to } => {
@@ -321,6 +319,30 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 }
                 MetadataCommand::DeleteChannel { .. } => {
                     return NodeReply::Error("a channel is deleted with DeleteChannel, which checks it".into());
+                }
+                MetadataCommand::OfIncarnations { incarnations, .. }
+                    if incarnations.len() > POSITIONS_PER_COMMAND_MAX =>
+                {
+                    return NodeReply::Error(format!(
+                        "{} incarnations in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",
+                        incarnations.len()
+                    ));
+                }
+                MetadataCommand::OfIncarnations { command: ChannelCommand::PartitionLeaders { reports }, .. }
+                    if reports.len() > REPLICATED_PARTITIONS_MAX =>
+                {
+                    return NodeReply::Error(format!(
+                        "{} leader reports in one proposal; at most {REPLICATED_PARTITIONS_MAX}",
+                        reports.len()
+                    ));
+                }
+                MetadataCommand::OfIncarnations { command: ChannelCommand::CommitPositions { positions }, .. }
+                    if positions.len() > POSITIONS_PER_COMMAND_MAX =>
+                {
+                    return NodeReply::Error(format!(
+                        "{} positions in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",
+                        positions.len()
+                    ));
                 }
                 MetadataCommand::PartitionLeaders { reports } if reports.len() > REPLICATED_PARTITIONS_MAX => {
                     return NodeReply::Error(format!(
@@ -347,6 +369,31 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 Err(_) => NodeReply::Error(format!("not committed within {LEADERSHIP_REPORT_TIMEOUT:?}")),
             }
         }
+    }
+}
+
+/// A partition group's request, for the group this node runs.
+async fn partition_request(served: &Served, group: GroupId, request: PartitionRequest) -> NodeReply {
+    let Some(raft) = served.replicas.raft(&group) else { return NodeReply::UnknownGroup };
+    match request {
+        PartitionRequest::FullSnapshot { vote, meta, promise } => {
+            let install = partition_message(
+                &raft,
+                PartitionRequest::FullSnapshot { vote, meta: meta.clone(), promise: promise.clone() },
+            );
+            served.replicas.receive_snapshot(&group, &vote, &meta, &promise, install).await
+        }
+        PartitionRequest::SegmentsToCopy { up_to } => match served.replicas.segments_to_copy(&group, up_to).await {
+            Ok(copies) => NodeReply::Partition(PartitionReply::SegmentsToCopy(copies)),
+            Err(error) => NodeReply::Error(error),
+        },
+        PartitionRequest::ReadSegment { base_offset, position, len } => {
+            match served.replicas.read_segment(&group, base_offset, position, len).await {
+                Ok(bytes) => NodeReply::Partition(PartitionReply::SegmentBytes(bytes)),
+                Err(error) => NodeReply::Error(error),
+            }
+        }
+        request => partition_message(&raft, request).await,
     }
 }
 
@@ -434,9 +481,13 @@ async fn create_channel(
         channel: ReplicatedChannel { replication_factor, replicas: replicas.clone() },
     };
     tracing::info!(channel = name, ?replicas, "creating a replicated channel");
-    match raft.client_write(command).await {
-        Ok(_) => NodeReply::ChannelCreated { replicas },
-        Err(error) => membership_error(&error),
+    // Bounded: a leader without a quorum would hold the admin lock.
+    match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.client_write(command)).await {
+        Ok(Ok(_)) => NodeReply::ChannelCreated { replicas },
+        Ok(Err(error)) => membership_error(&error),
+        Err(_) => NodeReply::Error(format!(
+            "the creation was not committed within {LEADERSHIP_REPORT_TIMEOUT:?}: it may or may not be"
+        )),
     }
 }
 

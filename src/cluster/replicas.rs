@@ -24,14 +24,15 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::incarnation::Verdict;
+use super::incarnation::{Marker, Verdict};
 use super::partition::{self, PartitionRaft};
 pub use super::partition::{Publish, PublishApplied, PublishRefused, PublishResult};
 use super::transport::{
     GroupId, NodeReply, NodeRequest, PartitionNetwork, PartitionReply, PartitionRequest, PeerClient,
 };
 use super::types::{
-    LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel, ReplicatedPosition,
+    ChannelCommand, Deletion, LeaderReport, MetadataCommand, MetadataState, NodeAddrs, NodeId, Raft, ReplicatedChannel,
+    ReplicatedPosition,
 };
 use crate::protocol::{ChannelMetadata, NodeInfo, PartitionMetadata};
 use crate::storage::{ChannelLog, SegmentCopy, TRANSFER_SEGMENTS_MAX};
@@ -101,9 +102,10 @@ pub trait PartitionHost: Send + Sync + 'static {
     /// settings or with records of its own.
     fn open_partition(&self, channel: &str, partitions: u32, partition: u32) -> Result<HostedPartition, String>;
 
-    /// Removes the local channel `channel` (a deleted replicated channel's
-    /// copy): its subscriptions end, its files go. Nothing to remove is no
-    /// error.
+    /// Removes the local channel `channel` if it is a replicated channel's
+    /// copy (a deleted one's): its subscriptions end, its files go. Nothing
+    /// to remove, or a channel of the node's own by that name (left alone),
+    /// is no error.
     ///
     /// # Errors
     /// Its files could not be removed, or the broker is stopping.
@@ -419,9 +421,10 @@ impl Replicas {
         addr: String,
         up_to: u64,
     ) -> Result<partition::StagedCopy, String> {
+        let incarnation = self.hosted_incarnation(&id.channel).unwrap_or(0);
         let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
         let mut call = async |request: PartitionRequest| {
-            let request = NodeRequest::Partition { group: id.clone(), request };
+            let request = NodeRequest::PartitionOf { group: id.clone(), incarnation, request };
             match client.call(&request, TRANSFER_CALL_TIMEOUT).await.map_err(|error| error.to_string())? {
                 NodeReply::Partition(reply) => Ok(reply),
                 NodeReply::Error(error) => Err(error),
@@ -626,13 +629,13 @@ impl Replicas {
     /// Commits a partition's new replicas to the metadata group, and waits
     /// until this node applied it.
     async fn place(&self, id: &GroupId, expected: Vec<NodeId>, replicas: Vec<NodeId>) -> Result<(), String> {
-        let command = MetadataCommand::PlaceReplicas {
+        let command = ChannelCommand::PlaceReplicas {
             channel: id.channel.clone(),
             partition: id.partition,
             expected: expected.clone(),
             replicas: replicas.clone(),
         };
-        self.propose(command).await?;
+        self.propose(self.of_incarnations([id.channel.as_str()], command)).await?;
         let placed = |state: &MetadataState| {
             state.channels.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize)).cloned()
         };
@@ -942,8 +945,13 @@ impl Replicas {
             };
             // One proposal for all (a node hosts at most
             // REPLICATED_PARTITIONS_MAX groups).
-            if !led.is_empty()
-                && let Err(error) = self.propose(MetadataCommand::PartitionLeaders { reports: led }).await
+            let channels: Vec<String> = led.iter().map(|report| report.channel.clone()).collect();
+            let command = self.of_incarnations(
+                channels.iter().map(String::as_str),
+                ChannelCommand::PartitionLeaders { reports: led },
+            );
+            if !channels.is_empty()
+                && let Err(error) = self.propose(command).await
             {
                 tracing::debug!(%error, "partition leadership not recorded yet; reporting again");
             }
@@ -957,7 +965,26 @@ impl Replicas {
     /// # Errors
     /// The metadata group could not be reached or did not commit it.
     pub async fn commit_positions(&self, positions: Vec<ReplicatedPosition>) -> Result<(), String> {
-        self.propose(MetadataCommand::CommitPositions { positions }).await
+        let channels: Vec<String> = positions.iter().map(|position| position.channel.clone()).collect();
+        let command =
+            self.of_incarnations(channels.iter().map(String::as_str), ChannelCommand::CommitPositions { positions });
+        self.propose(command).await
+    }
+
+    /// `command` about `channels`, for the incarnations of them whose
+    /// files this node hosts: applied only to those incarnations (a
+    /// channel it does not host is left out, so its part is dropped).
+    fn of_incarnations<'a>(
+        &self,
+        channels: impl IntoIterator<Item = &'a str>,
+        command: ChannelCommand,
+    ) -> MetadataCommand {
+        let hosted = self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner());
+        let incarnations = channels
+            .into_iter()
+            .filter_map(|channel| hosted.get(channel).map(|&incarnation| (channel.to_string(), incarnation)))
+            .collect();
+        MetadataCommand::OfIncarnations { incarnations, command }
     }
 
     /// Where a durable subscription (`group` false) or a consumer group of
@@ -1080,7 +1107,7 @@ impl Replicas {
         &self,
         placed: &BTreeMap<String, ReplicatedChannel>,
         incarnations: &BTreeMap<String, u64>,
-        deleted: &BTreeMap<String, u64>,
+        deleted: &BTreeMap<String, Deletion>,
         host: &Arc<dyn PartitionHost>,
     ) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = self.hosted_groups().into_iter().map(|(id, _)| id.channel).collect();
@@ -1091,9 +1118,13 @@ impl Replicas {
                 .map(|(name, _)| name.clone()),
         );
         {
-            let handled = self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut handled = self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner());
+            handled.retain(|name, _| deleted.contains_key(name));
             names.extend(
-                deleted.iter().filter(|(name, at)| handled.get(*name) != Some(*at)).map(|(name, _)| name.clone()),
+                deleted
+                    .iter()
+                    .filter(|(name, deletion)| handled.get(*name) != Some(&deletion.at))
+                    .map(|(name, _)| name.clone()),
             );
         }
         let mut waiting = BTreeSet::new();
@@ -1107,40 +1138,54 @@ impl Replicas {
                 }
             };
             let incarnation = placed.contains_key(&name).then(|| incarnations.get(&name).copied().unwrap_or(0));
-            let deleted_at = deleted.get(&name).copied();
-            let verdict = super::incarnation::verdict(marker, incarnation, deleted_at);
+            let deletion = deleted.get(&name).copied();
+            let verdict = super::incarnation::verdict(marker, incarnation, deletion.map(|d| d.incarnation));
             match verdict {
                 Verdict::Host | Verdict::Leave => {}
                 Verdict::Wait => {
-                    tracing::info!(channel = %name, ?marker, ?incarnation, ?deleted_at, "this node's files of the channel are a later incarnation's than the metadata applied so far; waiting");
+                    tracing::debug!(channel = %name, ?marker, ?incarnation, ?deletion, "this node's files of the channel are a later incarnation's than the metadata applied so far, or being removed; waiting");
                     waiting.insert(name);
                     continue;
                 }
                 Verdict::Remove | Verdict::RemoveThenHost => {
-                    if let Err(error) = self.remove_replica_files(&name, host).await {
+                    if let Err(error) = self.remove_replica_files(&name, marker, host).await {
                         tracing::error!(channel = %name, %error, "cannot remove a deleted replicated channel's files; trying again at the next change");
                         waiting.insert(name);
                         continue;
                     }
                     if marker.is_some() {
-                        tracing::info!(channel = %name, ?marker, ?incarnation, ?deleted_at, "removed this node's files of a deleted incarnation of the channel");
+                        tracing::info!(channel = %name, ?marker, ?incarnation, ?deletion, "removed this node's files of a deleted incarnation of the channel");
                     }
                 }
             }
-            if incarnation.is_none()
-                && let Some(at) = deleted_at
-            {
-                self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner()).insert(name, at);
+            // Looked at again only when the name is deleted again (or is
+            // hosted or placed here).
+            if let Some(deletion) = deletion {
+                self.handled_deletions.lock().unwrap_or_else(|p| p.into_inner()).insert(name, deletion.at);
             }
         }
         waiting
     }
 
+    /// The incarnation of `channel` whose files this process hosts.
+    fn hosted_incarnation(&self, channel: &str) -> Option<u64> {
+        self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).get(channel).copied()
+    }
+
+    /// Whether a partition message from the group of `incarnation` of
+    /// `channel` is for this node's group: the incarnation it hosts, or
+    /// either unknown (0) for a name never deleted.
+    pub(super) fn hosts_incarnation(&self, channel: &str, incarnation: u64) -> bool {
+        let Some(hosted) = self.hosted_incarnation(channel) else { return false };
+        hosted == incarnation
+            || ((hosted == 0 || incarnation == 0) && !self.channels.borrow().deleted.contains_key(channel))
+    }
+
     /// The incarnation marker of this node's files of `channel`: the one
     /// this process hosts, or the one on disk.
-    fn marker_of(&self, channel: &str) -> std::io::Result<Option<u64>> {
+    fn marker_of(&self, channel: &str) -> std::io::Result<Option<Marker>> {
         if let Some(&hosted) = self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).get(channel) {
-            return Ok(Some(hosted));
+            return Ok(Some(Marker::of(hosted)));
         }
         super::incarnation::read_marker(&super::incarnation::channel_dir(&self.data_dir, channel))
     }
@@ -1148,7 +1193,12 @@ impl Replicas {
     /// Stops the groups of `channel` on this node, then removes its local
     /// copy (ending its subscriptions) and its Raft stores, the marker
     /// last.
-    async fn remove_replica_files(&self, channel: &str, host: &Arc<dyn PartitionHost>) -> Result<(), String> {
+    async fn remove_replica_files(
+        &self,
+        channel: &str,
+        marker: Option<Marker>,
+        host: &Arc<dyn PartitionHost>,
+    ) -> Result<(), String> {
         let stopped: Vec<(GroupId, Arc<PartitionGroup>)> = {
             let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
             let ids: Vec<GroupId> = groups.keys().filter(|id| id.channel == channel).cloned().collect();
@@ -1158,11 +1208,22 @@ impl Replicas {
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
+            // A segment copy being received writes into the local copy:
+            // it finishes (or fails) first.
+            let _copy_done = group.transfer.lock().await;
         }
         self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).remove(channel);
         let (host, name) = (Arc::clone(host), channel.to_string());
         let dir = super::incarnation::channel_dir(&self.data_dir, channel);
+        let exists = dir.exists();
         tokio::task::spawn_blocking(move || {
+            // Marked first: a crash midway leaves files that are never
+            // hosted again, only removed.
+            let incarnation = marker.map_or(0, |marker| marker.incarnation);
+            if exists || marker.is_some() {
+                super::incarnation::write_marker(&dir, Marker { incarnation, deleting: true })
+                    .map_err(|error| format!("{}: {error}", dir.display()))?;
+            }
             host.remove_channel(&name)?;
             super::incarnation::remove_channel_dir(&dir).map_err(|error| format!("{}: {error}", dir.display()))
         })
@@ -1176,10 +1237,13 @@ impl Replicas {
     async fn mark_incarnation(&self, channel: &str, incarnation: u64) -> Result<(), String> {
         let marker = self.marker_of(channel).map_err(|error| error.to_string())?;
         let hosted = match marker {
-            Some(marker) if marker == incarnation || incarnation == 0 => marker,
+            Some(marker) if marker.deleting => {
+                return Err(format!("its files of incarnation {} are being removed", marker.incarnation));
+            }
+            Some(marker) if marker.incarnation == incarnation || incarnation == 0 => marker.incarnation,
             _ => {
                 let dir = super::incarnation::channel_dir(&self.data_dir, channel);
-                tokio::task::spawn_blocking(move || super::incarnation::write_marker(&dir, incarnation))
+                tokio::task::spawn_blocking(move || super::incarnation::write_marker(&dir, Marker::of(incarnation)))
                     .await
                     .map_err(|error| error.to_string())?
                     .map_err(|error| error.to_string())?;
@@ -1197,7 +1261,9 @@ impl Replicas {
         waiting: &BTreeSet<String>,
         host: &Arc<dyn PartitionHost>,
     ) {
-        // A replica moved away: its group stops here (its files stay).
+        // A replica moved away, or a channel the state does not list (any
+        // more, or yet, while entries are applied again): its group stops
+        // here (its files stay).
         let moved_away: Vec<(GroupId, Arc<PartitionGroup>)> = {
             let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
             let gone: Vec<GroupId> = groups
@@ -1205,14 +1271,14 @@ impl Replicas {
                 .filter(|id| {
                     let replicas =
                         placed.get(&id.channel).and_then(|channel| channel.replicas.get(id.partition as usize));
-                    replicas.is_some_and(|replicas| !replicas.contains(&self.node_id))
+                    replicas.is_none_or(|replicas| !replicas.contains(&self.node_id))
                 })
                 .cloned()
                 .collect();
             gone.into_iter().filter_map(|id| groups.remove(&id).map(|group| (id, group))).collect()
         };
         for (id, group) in moved_away {
-            tracing::info!(group = %id, "this replica was moved to another node; its group stops here (its files stay)");
+            tracing::info!(group = %id, "this replica is no longer placed on this node (moved away, or its channel not listed); its group stops here (its files stay)");
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
@@ -1276,7 +1342,9 @@ impl Replicas {
         })
         .await
         .map_err(|error| error.to_string())??;
-        let network = PartitionNetwork { group: id.clone(), tls: self.tls.clone(), source_ip: self.source_ip };
+        let incarnation = self.hosted_incarnation(&id.channel).unwrap_or(0);
+        let network =
+            PartitionNetwork { group: id.clone(), incarnation, tls: self.tls.clone(), source_ip: self.source_ip };
         let raft = PartitionRaft::new(self.node_id, Arc::clone(&self.raft_config), network, store, machine)
             .await
             .map_err(|error| error.to_string())?;

@@ -105,6 +105,16 @@ pub enum NodeRequest {
     DeleteChannel {
         name: String,
     },
+    /// A replicated partition's Raft message (or segment transfer
+    /// request) from the group of one incarnation of its channel: a node
+    /// hosting another incarnation answers `UnknownGroup`, so that a
+    /// deleted channel's group, still running on a node that has not
+    /// applied the deletion yet, never talks to the new channel's.
+    PartitionOf {
+        group: GroupId,
+        incarnation: u64,
+        request: PartitionRequest,
+    },
 }
 
 /// Names a replicated partition's Raft group.
@@ -509,6 +519,8 @@ pub const APPEND_BYTES_PER_SEC_MIN: f64 = 10.0 * 1024.0 * 1024.0;
 /// is not built: `REPLICATED_PARTITIONS_MAX` bounds their number).
 pub struct PartitionNetwork {
     pub group: GroupId,
+    /// The incarnation of the channel this node's group belongs to.
+    pub incarnation: u64,
     pub tls: Option<TlsConnector>,
     pub source_ip: Option<std::net::IpAddr>,
 }
@@ -517,6 +529,7 @@ pub struct PartitionNetwork {
 pub struct PartitionPeer {
     client: PeerClient,
     group: GroupId,
+    incarnation: u64,
 }
 
 impl RaftNetworkFactory<PartitionTypes> for PartitionNetwork {
@@ -524,7 +537,7 @@ impl RaftNetworkFactory<PartitionTypes> for PartitionNetwork {
 
     async fn new_client(&mut self, _target: NodeId, node: &NodeAddrs) -> PartitionPeer {
         let client = PeerClient::new(node.cluster_addr.clone(), self.tls.clone()).with_source_ip(self.source_ip);
-        PartitionPeer { client, group: self.group.clone() }
+        PartitionPeer { client, group: self.group.clone(), incarnation: self.incarnation }
     }
 }
 
@@ -534,7 +547,7 @@ impl PartitionPeer {
         request: PartitionRequest,
         timeout: Duration,
     ) -> Result<PartitionReply, RPCError<PartitionTypes>> {
-        let request = NodeRequest::Partition { group: self.group.clone(), request };
+        let request = NodeRequest::PartitionOf { group: self.group.clone(), incarnation: self.incarnation, request };
         match self.client.call(&request, timeout).await {
             Ok(NodeReply::Partition(reply)) => Ok(reply),
             // Not (yet) running the group: as good as down.

@@ -46,6 +46,35 @@ pub enum MetadataCommand {
     /// `MetadataState::deleted`). New variants go last: postcard numbers
     /// them in order.
     DeleteChannel { name: String },
+    /// A command about channels as the proposing node hosts them: each
+    /// channel it names with the incarnation it was made for
+    /// (`incarnations`). The parts about a channel that is not at that
+    /// incarnation are dropped, so that a leader report, positions or a
+    /// placement made for a deleted channel never apply to one created
+    /// again under its name. Nodes propose their commands this way; the
+    /// bare commands above are still applied as before (from older logs).
+    OfIncarnations { incarnations: std::collections::BTreeMap<String, u64>, command: ChannelCommand },
+}
+
+/// A command about existing channels, proposed with the incarnations it
+/// was made for ([`MetadataCommand::OfIncarnations`]): the same as the
+/// commands of the same names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelCommand {
+    PartitionLeaders { reports: Vec<LeaderReport> },
+    CommitPositions { positions: Vec<ReplicatedPosition> },
+    PlaceReplicas { channel: String, partition: u32, expected: Vec<NodeId>, replicas: Vec<NodeId> },
+}
+
+/// A deleted channel as the metadata state remembers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    /// The incarnation deleted (the highest, if the name was deleted more
+    /// than once).
+    pub incarnation: u64,
+    /// The log index of the entry that deleted it last: the oldest
+    /// deletion is forgotten first.
+    pub at: u64,
 }
 
 /// Most deleted channels' names the metadata state remembers (with the
@@ -102,6 +131,13 @@ impl fmt::Display for MetadataCommand {
                 write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
             }
             MetadataCommand::DeleteChannel { name } => write!(f, "delete channel {name}"),
+            MetadataCommand::OfIncarnations { command, .. } => match command {
+                ChannelCommand::PartitionLeaders { reports } => write!(f, "{} partition leaders", reports.len()),
+                ChannelCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
+                ChannelCommand::PlaceReplicas { channel, partition, replicas, .. } => {
+                    write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
+                }
+            },
         }
     }
 }
@@ -136,11 +172,11 @@ pub struct MetadataState {
     /// it, which names its replicas' files (0: unknown, a channel from a
     /// snapshot of the layout before incarnations).
     pub incarnations: std::collections::BTreeMap<String, u64>,
-    /// Deleted channels' names, each with the highest incarnation deleted
-    /// (at most [`DELETED_CHANNELS_MAX`]): a node removes its files of the
-    /// name up to that incarnation, never a later one's
+    /// Deleted channels' names (at most [`DELETED_CHANNELS_MAX`], the
+    /// oldest deletion forgotten first): a node removes its files of the
+    /// name up to the incarnation deleted, never a later one's
     /// (docs/REPLICATION.md, "Deleting a replicated channel").
-    pub deleted: std::collections::BTreeMap<String, u64>,
+    pub deleted: std::collections::BTreeMap<String, Deletion>,
 }
 
 impl MetadataState {
@@ -163,16 +199,49 @@ impl MetadataState {
                 let incarnation = self.incarnations.remove(name).unwrap_or(0);
                 self.leaders.remove(name);
                 self.positions.retain(|(channel, ..), _| channel != name);
-                let deleted = self.deleted.entry(name.clone()).or_insert(incarnation);
-                *deleted = (*deleted).max(incarnation);
+                let deletion = self.deleted.entry(name.clone()).or_insert(Deletion { incarnation, at: index });
+                deletion.incarnation = deletion.incarnation.max(incarnation);
+                deletion.at = index;
                 while self.deleted.len() > DELETED_CHANNELS_MAX {
-                    // The oldest deletion: the lowest incarnation.
+                    // The oldest deletion (never this one: it is the latest).
                     let oldest =
-                        self.deleted.iter().min_by_key(|(_, incarnation)| **incarnation).map(|(n, _)| n.clone());
+                        self.deleted.iter().min_by_key(|(_, deletion)| deletion.at).map(|(name, _)| name.clone());
                     if let Some(oldest) = oldest {
                         self.deleted.remove(&oldest);
                     }
                 }
+            }
+            MetadataCommand::OfIncarnations { incarnations, command } => {
+                // Whether `channel` is at the incarnation the command was
+                // made for. An unknown incarnation (0: a channel from before
+                // incarnations) matches any of a name never deleted.
+                let current = |channel: &str| {
+                    let (Some(made_for), Some(&now)) = (incarnations.get(channel), self.incarnations.get(channel))
+                    else {
+                        return false;
+                    };
+                    *made_for == now || ((*made_for == 0 || now == 0) && !self.deleted.contains_key(channel))
+                };
+                let command = match command {
+                    ChannelCommand::PartitionLeaders { reports } => MetadataCommand::PartitionLeaders {
+                        reports: reports.iter().filter(|report| current(&report.channel)).cloned().collect(),
+                    },
+                    ChannelCommand::CommitPositions { positions } => MetadataCommand::CommitPositions {
+                        positions: positions.iter().filter(|position| current(&position.channel)).cloned().collect(),
+                    },
+                    ChannelCommand::PlaceReplicas { channel, partition, expected, replicas } => {
+                        if !current(channel) {
+                            return;
+                        }
+                        MetadataCommand::PlaceReplicas {
+                            channel: channel.clone(),
+                            partition: *partition,
+                            expected: expected.clone(),
+                            replicas: replicas.clone(),
+                        }
+                    }
+                };
+                self.apply(&command, index);
             }
             MetadataCommand::PartitionLeaders { reports } => {
                 for LeaderReport { channel, partition, leader, term } in reports {
@@ -363,13 +432,13 @@ mod tests {
         state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 4);
         assert!(state.channels.is_empty() && state.leaders.is_empty() && state.positions.is_empty());
         assert!(state.incarnations.is_empty());
-        assert_eq!(state.deleted.get("orders"), Some(&1));
+        assert_eq!(state.deleted.get("orders"), Some(&Deletion { incarnation: 1, at: 4 }));
         state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 5);
-        assert_eq!(state.deleted.get("orders"), Some(&1));
+        assert_eq!(state.deleted.get("orders"), Some(&Deletion { incarnation: 1, at: 4 }));
         let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
         state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 9);
         assert_eq!(state.incarnations.get("orders"), Some(&9));
-        assert_eq!(state.deleted.get("orders"), Some(&1));
+        assert_eq!(state.deleted.get("orders").map(|deletion| deletion.incarnation), Some(1));
 
         for i in 0..DELETED_CHANNELS_MAX as u64 {
             let name = format!("c{i}");
@@ -379,6 +448,77 @@ mod tests {
         }
         assert_eq!(state.deleted.len(), DELETED_CHANNELS_MAX);
         assert!(!state.deleted.contains_key("orders"), "the oldest deletion is forgotten");
-        assert_eq!(state.deleted.get("c0"), Some(&10));
+        assert_eq!(state.deleted.get("c0"), Some(&Deletion { incarnation: 10, at: 11 }));
+        // A long-lived channel deleted last keeps its deletion on record.
+        let channel = ReplicatedChannel { replication_factor: 1, replicas: vec![vec![1]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "early".into(), channel }, 5);
+        let late = 10 + 2 * DELETED_CHANNELS_MAX as u64;
+        state.apply(&MetadataCommand::DeleteChannel { name: "early".into() }, late);
+        assert_eq!(state.deleted.get("early"), Some(&Deletion { incarnation: 5, at: late }));
+        assert!(!state.deleted.contains_key("c0"));
+    }
+}
+
+#[cfg(test)]
+mod incarnation_tests {
+    use super::*;
+
+    /// Commands a node made for a channel's incarnation apply to that
+    /// incarnation only: after a deletion and a creation under the same
+    /// name, a late leader report, positions and a placement made for the
+    /// deleted channel are dropped, while those for the new one apply.
+    #[test]
+    fn commands_for_a_deleted_incarnation_do_not_apply_to_a_new_one() {
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel: channel.clone() }, 3);
+        state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 8);
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 12);
+        let of = |incarnation: u64, command: ChannelCommand| MetadataCommand::OfIncarnations {
+            incarnations: [("orders".to_string(), incarnation)].into(),
+            command,
+        };
+        let report = |term| ChannelCommand::PartitionLeaders {
+            reports: vec![LeaderReport { channel: "orders".into(), partition: 0, leader: 2, term }],
+        };
+        let position = |offset| ChannelCommand::CommitPositions {
+            positions: vec![ReplicatedPosition {
+                channel: "orders".into(),
+                name: "billing".into(),
+                partition: 0,
+                group: false,
+                offset,
+            }],
+        };
+        let place = ChannelCommand::PlaceReplicas {
+            channel: "orders".into(),
+            partition: 0,
+            expected: vec![1, 2, 3],
+            replicas: vec![1, 2, 3, 4],
+        };
+        for stale in [of(3, report(7)), of(3, position(900)), of(3, place.clone()), of(0, position(900))] {
+            state.apply(&stale, 13);
+        }
+        assert_eq!(state.reported_leader("orders", 0), None);
+        assert!(state.positions.is_empty());
+        assert_eq!(state.channels["orders"].replicas[0], vec![1, 2, 3]);
+        state.apply(&of(12, report(1)), 14);
+        state.apply(&of(12, position(4)), 15);
+        state.apply(&of(12, place), 16);
+        assert_eq!(state.reported_leader("orders", 0), Some(ReportedLeader { node: 2, term: 1 }));
+        assert_eq!(state.positions.values().copied().collect::<Vec<_>>(), vec![4]);
+        assert_eq!(state.channels["orders"].replicas[0], vec![1, 2, 3, 4]);
+        // A channel of unknown incarnation, never deleted: any matches.
+        state.incarnations.insert("legacy".into(), 0);
+        let legacy = ReplicatedChannel { replication_factor: 1, replicas: vec![vec![1]] };
+        state.channels.insert("legacy".into(), legacy);
+        let report = MetadataCommand::OfIncarnations {
+            incarnations: [("legacy".to_string(), 7)].into(),
+            command: ChannelCommand::PartitionLeaders {
+                reports: vec![LeaderReport { channel: "legacy".into(), partition: 0, leader: 1, term: 2 }],
+            },
+        };
+        state.apply(&report, 17);
+        assert_eq!(state.reported_leader("legacy", 0), Some(ReportedLeader { node: 1, term: 2 }));
     }
 }

@@ -673,6 +673,14 @@ impl crate::cluster::PartitionHost for BrokerHost {
 
     fn remove_channel(&self, channel: &str) -> Result<(), String> {
         let name = ChannelName::new(channel).map_err(|error| error.to_string())?;
+        // Only a replicated channel's copy: a channel of this node's own
+        // that took the name after the deletion is the user's.
+        if let Some(existing) = self.0.store.channel(&name)
+            && existing.settings().replicated != Some(true)
+        {
+            tracing::warn!(channel = %name, "a channel of this node's own has a deleted replicated channel's name: left alone");
+            return Ok(());
+        }
         match self.0.delete_channel(&name, true) {
             Ok(()) | Err(DeleteError::Channel(ChannelError::Unknown)) => Ok(()),
             Err(DeleteError::InUse { subscriptions }) => {
