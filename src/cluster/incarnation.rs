@@ -72,8 +72,8 @@ pub fn verdict(marker: Option<Marker>, incarnation: Option<u64>, deleted: Option
     match (incarnation, marker.map(|marker| marker.incarnation)) {
         (Some(_), None) => older_or_host,
         (Some(current), Some(files)) if files == current => Verdict::Host,
-        // Applying again from a snapshot of the earlier layout: the files
-        // may be a later incarnation's once the name was deleted.
+        // Not expected (a channel created again has a known incarnation);
+        // kept so that such files are never taken for the channel's.
         (Some(0), Some(_)) if deleted.is_some() => Verdict::Wait,
         (Some(0), Some(_)) => Verdict::Host,
         (Some(_), Some(0)) => older_or_host,

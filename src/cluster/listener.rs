@@ -287,7 +287,9 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
             create_channel(raft, &served.replicas.channels(), &name, partitions, replication_factor).await
         }
         NodeRequest::DeleteChannel { name } => {
-            let _admin = served.admin.lock().await;
+            let Ok(_admin) = tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, served.admin.lock()).await else {
+                return NodeReply::Error("another channel's creation or deletion is under way; try again".into());
+            };
             if let Some(not_leader) = unless_leader(raft) {
                 return not_leader;
             }
@@ -320,6 +322,15 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 MetadataCommand::DeleteChannel { .. } => {
                     return NodeReply::Error("a channel is deleted with DeleteChannel, which checks it".into());
                 }
+                // Nodes propose these with the incarnations they were made
+                // for (OfIncarnations).
+                MetadataCommand::PartitionLeaders { .. }
+                | MetadataCommand::CommitPositions { .. }
+                | MetadataCommand::PlaceReplicas { .. } => {
+                    return NodeReply::Error(
+                        "propose it with the incarnations it was made for (OfIncarnations)".into(),
+                    );
+                }
                 MetadataCommand::OfIncarnations { incarnations, .. }
                     if incarnations.len() > POSITIONS_PER_COMMAND_MAX =>
                 {
@@ -339,18 +350,6 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 MetadataCommand::OfIncarnations { command: ChannelCommand::CommitPositions { positions }, .. }
                     if positions.len() > POSITIONS_PER_COMMAND_MAX =>
                 {
-                    return NodeReply::Error(format!(
-                        "{} positions in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",
-                        positions.len()
-                    ));
-                }
-                MetadataCommand::PartitionLeaders { reports } if reports.len() > REPLICATED_PARTITIONS_MAX => {
-                    return NodeReply::Error(format!(
-                        "{} leader reports in one proposal; at most {REPLICATED_PARTITIONS_MAX}",
-                        reports.len()
-                    ));
-                }
-                MetadataCommand::CommitPositions { positions } if positions.len() > POSITIONS_PER_COMMAND_MAX => {
                     return NodeReply::Error(format!(
                         "{} positions in one proposal; at most {POSITIONS_PER_COMMAND_MAX}",
                         positions.len()

@@ -73,9 +73,21 @@ pub const MOVE_CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from
 pub const MOVE_CATCH_UP_LAG_ENTRIES: u64 = 1000;
 /// How often a partition group considers a snapshot.
 const SNAPSHOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// What a [`ChannelCommand`] is, for a log line.
+fn command_kind(command: &ChannelCommand) -> &'static str {
+    match command {
+        ChannelCommand::PartitionLeaders { .. } => "leader report",
+        ChannelCommand::CommitPositions { .. } => "positions",
+        ChannelCommand::PlaceReplicas { .. } => "placement",
+    }
+}
+
 /// How many `NotLeader` answers a channel's deletion follows to the
 /// metadata group's leader.
 const DELETE_REDIRECTS_MAX: usize = 3;
+/// Beyond the leader's own bounds, how long a node waits for a deletion's
+/// answer (the round trip, a loaded machine).
+const DELETE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a node looks for partitions it leads whose leadership the
 /// metadata group has not recorded yet (after an election), and reports
 /// them: how stale another node's METADATA answer can be, besides the
@@ -980,10 +992,21 @@ impl Replicas {
         command: ChannelCommand,
     ) -> MetadataCommand {
         let hosted = self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner());
-        let incarnations = channels
-            .into_iter()
-            .filter_map(|channel| hosted.get(channel).map(|&incarnation| (channel.to_string(), incarnation)))
-            .collect();
+        let mut incarnations = BTreeMap::new();
+        for channel in channels {
+            match hosted.get(channel) {
+                Some(&incarnation) => {
+                    incarnations.insert(channel.to_string(), incarnation);
+                }
+                None => {
+                    tracing::warn!(
+                        channel,
+                        kind = command_kind(&command),
+                        "not hosting this replicated channel's files: its part of a proposal is dropped"
+                    );
+                }
+            }
+        }
         MetadataCommand::OfIncarnations { incarnations, command }
     }
 
@@ -1034,7 +1057,9 @@ impl Replicas {
             };
             let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
             let request = NodeRequest::DeleteChannel { name: name.to_string() };
-            match client.call(&request, LEADERSHIP_REPORT_TIMEOUT).await {
+            // The leader waits for the admin lock, then for the commit,
+            // each at most LEADERSHIP_REPORT_TIMEOUT.
+            match client.call(&request, 2 * LEADERSHIP_REPORT_TIMEOUT + DELETE_CALL_MARGIN).await {
                 Ok(NodeReply::ChannelDeleted) => return Ok(()),
                 Ok(NodeReply::NotLeader { leader: Some((_, addrs)) }) => leader = Some(addrs.cluster_addr),
                 Ok(NodeReply::NotLeader { leader: None }) => {
@@ -1173,12 +1198,20 @@ impl Replicas {
     }
 
     /// Whether a partition message from the group of `incarnation` of
-    /// `channel` is for this node's group: the incarnation it hosts, or
-    /// either unknown (0) for a name never deleted.
+    /// `channel` is for this node's group: the incarnation it hosts; or,
+    /// either being unknown (0), a name never deleted as far as this node
+    /// knows, and an incarnation this node has applied the creation of
+    /// (one above its last applied metadata entry is a creation it has not
+    /// seen, after a deletion it has not seen either).
     pub(super) fn hosts_incarnation(&self, channel: &str, incarnation: u64) -> bool {
         let Some(hosted) = self.hosted_incarnation(channel) else { return false };
-        hosted == incarnation
-            || ((hosted == 0 || incarnation == 0) && !self.channels.borrow().deleted.contains_key(channel))
+        if hosted == incarnation {
+            return true;
+        }
+        let applied = self.metadata.metrics().borrow_watched().last_applied.map_or(0, |log_id| log_id.index);
+        (hosted == 0 || incarnation == 0)
+            && incarnation <= applied
+            && !self.channels.borrow().deleted.contains_key(channel)
     }
 
     /// The incarnation marker of this node's files of `channel`: the one

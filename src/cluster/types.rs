@@ -79,7 +79,8 @@ pub struct Deletion {
 
 /// Most deleted channels' names the metadata state remembers (with the
 /// incarnation deleted); past it the oldest deletion is forgotten, and a
-/// node that was away since then keeps that channel's files (logged).
+/// node that was away since then keeps that channel's files (OPERATIONS.md
+/// says how to remove them).
 pub const DELETED_CHANNELS_MAX: usize = 1024;
 
 /// Most replicas one partition lists: a replication factor of 5, plus the
@@ -213,14 +214,17 @@ impl MetadataState {
             }
             MetadataCommand::OfIncarnations { incarnations, command } => {
                 // Whether `channel` is at the incarnation the command was
-                // made for. An unknown incarnation (0: a channel from before
-                // incarnations) matches any of a name never deleted.
+                // made for: any, for a name never deleted (nodes may hold a
+                // channel from before incarnations as 0 or as its creating
+                // entry's index; the rule must not depend on which); once
+                // the name was deleted, exactly the channel's incarnation
+                // (the creating entry's index, which every node holds).
                 let current = |channel: &str| {
                     let (Some(made_for), Some(&now)) = (incarnations.get(channel), self.incarnations.get(channel))
                     else {
                         return false;
                     };
-                    *made_for == now || ((*made_for == 0 || now == 0) && !self.deleted.contains_key(channel))
+                    !self.deleted.contains_key(channel) || *made_for == now
                 };
                 let command = match command {
                     ChannelCommand::PartitionLeaders { reports } => MetadataCommand::PartitionLeaders {
