@@ -166,6 +166,9 @@ struct PartitionGroup {
     staged: partition::StagedCopySlot,
     /// Proposals in order, for the answering task.
     answers: mpsc::UnboundedSender<(Outcome, PublishAnswer)>,
+    /// Cancelled when the group stops here: a segment copy it is
+    /// receiving ends at its next request.
+    stopping: CancellationToken,
 }
 
 /// Snapshots the group (which lets openraft purge its Raft log) when it is
@@ -405,7 +408,7 @@ impl Replicas {
                 return NodeReply::Error(format!("the snapshot's sender, node {source}, is not a member"));
             };
             tracing::info!(group = %id, source, held, up_to = promise.next_offset, "copying the partition's segments from the leader (segment transfer)");
-            match self.copy_segments(id, &group.log, addr, promise.next_offset).await {
+            match self.copy_segments(id, &group.log, addr, promise.next_offset, &group.stopping).await {
                 Ok(staged) => *group.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(staged),
                 Err(error) => {
                     tracing::warn!(group = %id, %error, "segment transfer failed; the leader sends the snapshot again");
@@ -432,6 +435,7 @@ impl Replicas {
         log: &Arc<ChannelLog>,
         addr: String,
         up_to: u64,
+        stopping: &CancellationToken,
     ) -> Result<partition::StagedCopy, String> {
         let incarnation = self.hosted_incarnation(&id.channel).unwrap_or(0);
         let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
@@ -466,6 +470,9 @@ impl Replicas {
         for copy in &copies {
             let mut position = 0;
             while position < copy.bytes {
+                if stopping.is_cancelled() {
+                    return Err("the partition's group stopped on this node".into());
+                }
                 let len = (copy.bytes - position).min(TRANSFER_CHUNK_BYTES as u64) as u32;
                 if let Some(limiter) = &self.transfer_limiter {
                     let kib = NonZeroU32::new(len.div_ceil(1024)).unwrap_or(NonZeroU32::MIN);
@@ -1238,11 +1245,12 @@ impl Replicas {
             ids.into_iter().filter_map(|id| groups.remove(&id).map(|group| (id, group))).collect()
         };
         for (id, group) in stopped {
+            group.stopping.cancel();
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
             // A segment copy being received writes into the local copy:
-            // it finishes (or fails) first.
+            // it ends (at its next request) first.
             let _copy_done = group.transfer.lock().await;
         }
         self.hosted_incarnations.lock().unwrap_or_else(|p| p.into_inner()).remove(channel);
@@ -1312,6 +1320,7 @@ impl Replicas {
         };
         for (id, group) in moved_away {
             tracing::info!(group = %id, "this replica is no longer placed on this node (moved away, or its channel not listed); its group stops here (its files stay)");
+            group.stopping.cancel();
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
@@ -1414,7 +1423,14 @@ impl Replicas {
         tokio::spawn(snapshot_when_followers_hold(raft.clone(), self.raft_log_entries_max, self.stop.clone()));
         let (answers, queue) = mpsc::unbounded_channel();
         tokio::spawn(answer_in_order(queue));
-        Ok(PartitionGroup { raft, log, transfer: tokio::sync::Mutex::new(()), staged, answers })
+        Ok(PartitionGroup {
+            raft,
+            log,
+            transfer: tokio::sync::Mutex::new(()),
+            staged,
+            answers,
+            stopping: self.stop.child_token(),
+        })
     }
 
     /// Hands the leadership of every group this node leads to another of
@@ -1436,6 +1452,7 @@ impl Replicas {
         let groups: Vec<(GroupId, Arc<PartitionGroup>)> =
             self.groups.write().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (id, group) in groups {
+            group.stopping.cancel();
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(group = %id, %error, "a partition group did not stop cleanly");
             }
