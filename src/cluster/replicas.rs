@@ -1051,16 +1051,7 @@ impl Replicas {
         for _ in 0..DELETE_REDIRECTS_MAX {
             let addr = match leader.take() {
                 Some(addr) => addr,
-                None => {
-                    let metrics = self.metadata.metrics().borrow_watched().clone();
-                    let leader = metrics.current_leader.ok_or("the metadata group has no leader; try again")?;
-                    metrics
-                        .membership_config
-                        .membership()
-                        .get_node(&leader)
-                        .map(|addrs| addrs.cluster_addr.clone())
-                        .ok_or("the metadata leader is not a member")?
-                }
+                None => Self::metadata_leader_addr(&self.metadata.metrics().borrow_watched())?,
             };
             let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
             let request = NodeRequest::DeleteChannel { name: name.to_string() };
@@ -1082,6 +1073,18 @@ impl Replicas {
         Err("the metadata group's leadership kept moving; try again".into())
     }
 
+    /// The cluster address of the metadata group's leader, as `metrics`
+    /// name it.
+    fn metadata_leader_addr(metrics: &openraft::RaftMetrics<super::types::TypeConfig>) -> Result<String, String> {
+        let leader = metrics.current_leader.ok_or("the metadata group has no leader; try again")?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|addrs| addrs.cluster_addr.clone())
+            .ok_or_else(|| "the metadata leader is not a member".to_string())
+    }
+
     /// Proposes `command` to the metadata group: on this node when it
     /// leads it, else through its leader.
     async fn propose(&self, command: MetadataCommand) -> Result<(), String> {
@@ -1093,13 +1096,7 @@ impl Replicas {
                 .map(|_| ())
                 .map_err(|error| error.to_string());
         }
-        let leader = metrics.current_leader.ok_or("the metadata group has no leader")?;
-        let addr = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|addrs| addrs.cluster_addr.clone())
-            .ok_or("the metadata leader is not a member")?;
+        let addr = Self::metadata_leader_addr(&metrics)?;
         let request = NodeRequest::Propose { command };
         let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
         match client.call(&request, LEADERSHIP_REPORT_TIMEOUT).await.map_err(|error| error.to_string())? {

@@ -954,9 +954,11 @@ impl Connection {
             replicas.submit(&group, publish, answer).await;
             return Flow::Continue;
         }
-        // A replicated channel's local copy that the metadata group no
-        // longer lists: deleted, its files about to go.
-        if self.broker.store.channel(&name).is_some_and(|channel| channel.settings().replicated == Some(true)) {
+        // In cluster mode, a replicated channel's local copy that the
+        // metadata group no longer lists: deleted, its files about to go.
+        if self.broker.replicas().is_some()
+            && self.broker.store.channel(&name).is_some_and(|channel| channel.settings().replicated == Some(true))
+        {
             let message = format!("channel {name} was a replicated channel and has been deleted");
             return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
         }
