@@ -480,6 +480,15 @@ enum ClusterAction {
     /// Delete a replicated channel on every node: its subscriptions end
     /// and each node removes its files as it applies the deletion.
     DeleteChannel { name: String },
+    /// Add partitions to a replicated channel (never fewer): each new
+    /// partition a Raft group placed by the metadata leader, as at
+    /// creation. A key may then route to another partition.
+    AlterChannel {
+        name: String,
+        /// The new partition count.
+        #[arg(long)]
+        partitions: u32,
+    },
     /// Move a replicated partition's replica from one node to another: the
     /// new one joins as a learner, catches up (by segment transfer when the
     /// leader's Raft log no longer holds what it needs), then replaces the
@@ -590,6 +599,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Each partition's replicas, one line each.
+fn print_placement(replicas: &[Vec<u64>]) {
+    for (partition, nodes) in replicas.iter().enumerate() {
+        let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+        println!("  partition {partition}: nodes {}", nodes.join(", "));
+    }
+}
+
 async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> anyhow::Result<ExitCode> {
     use weir::cluster::{NodeAddrs, NodeReply, NodeRequest};
     let connector = match tls.ca {
@@ -609,6 +626,9 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
             replication_factor: *replication_factor,
         },
         ClusterAction::DeleteChannel { name } => NodeRequest::DeleteChannel { name: name.clone() },
+        ClusterAction::AlterChannel { name, partitions } => {
+            NodeRequest::AlterChannel { name: name.clone(), partitions: *partitions }
+        }
         ClusterAction::MoveReplica { channel, partition, from, to } => {
             NodeRequest::MoveReplica { channel: channel.clone(), partition: *partition, from: *from, to: *to }
         }
@@ -624,10 +644,11 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
         }
         NodeReply::ChannelCreated { replicas } => {
             println!("replicated channel created; replicas per partition (preferred leader first):");
-            for (partition, nodes) in replicas.iter().enumerate() {
-                let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
-                println!("  partition {partition}: nodes {}", nodes.join(", "));
-            }
+            print_placement(&replicas);
+        }
+        NodeReply::ChannelAltered { replicas } => {
+            println!("replicated channel altered; replicas per partition (preferred leader first):");
+            print_placement(&replicas);
         }
         NodeReply::ChannelDeleted => {
             println!("replicated channel deleted; each node removes its files as it applies the deletion");

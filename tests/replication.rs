@@ -1982,3 +1982,157 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
     leaders_agreed(&addrs, 1).await;
     converged(&nodes).await;
 }
+
+/// Partitions added to a replicated channel through any node
+/// (ALTER_CHANNEL) are replicated groups like the first ones: METADATA
+/// lists them with leaders on every node; a subscription of every
+/// partition is told of each (ASSIGNED) and reads what is published there;
+/// a consumer group (following its coordinator, which may move with the
+/// partition count) reads every record, old partitions and new; every
+/// replica holds the new partitions' records, also after every node is
+/// killed and started again. Fewer partitions are refused. With a
+/// replication factor below the node count, a subscription of every
+/// partition at a node that hosts none of a new partition's replicas is
+/// ended with `NotLeader` rather than left waiting on a partition that
+/// node never receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_to_a_replicated_channel_are_replicated_and_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = three_nodes_with_grouped(dir.path(), 2).await;
+    let mut expected = BTreeSet::new();
+    for partition in 0..2 {
+        let payloads: Vec<String> = (0..3).map(|i| format!("before-{partition}-{i}")).collect();
+        expected.extend(payloads.iter().cloned());
+        publish_at_leader(&addrs, partition, payloads.into_iter()).await;
+    }
+    // Every node hosts every partition (replication factor 3 on three).
+    let reader = Connection::connect(&addrs[1], "reader").await.unwrap();
+    let mut every = Subscriber::subscribe(&reader, GROUPED, SubscribeOptions::default()).await.unwrap();
+    let options = SubscribeOptions {
+        group: Some("billing".into()),
+        start: weir::protocol::StartPosition::Earliest,
+        ..SubscribeOptions::default()
+    };
+    let connect = weir::client::ConnectOptions { client_name: "member".into(), ..Default::default() };
+    let mut member =
+        FollowingSubscriber::subscribe(&addrs[0], connect, GROUPED, options, FollowOptions::default()).await.unwrap();
+    let mut moves = Vec::new();
+    let mut seen_by_member = BTreeSet::new();
+    while !expected.is_subset(&seen_by_member) {
+        seen_by_member.insert(next_followed(&mut member, &mut moves).await);
+    }
+
+    let admin = Connection::connect(&addrs[2], "admin").await.unwrap();
+    let altered = admin.request(Request::AlterChannel { channel: GROUPED.into(), partitions: 4 }).await.unwrap();
+    assert_eq!(altered, Response::ChannelAltered);
+    let fewer = admin.request(Request::AlterChannel { channel: GROUPED.into(), partitions: 3 }).await.unwrap_err();
+    assert_eq!(fewer.code(), Some(ErrorCode::InvalidRequest), "{fewer}");
+    leaders_agreed(&addrs, 4).await;
+    for addr in &addrs {
+        let connection = Connection::connect(addr, "metadata").await.unwrap();
+        let metadata = weir::client::Metadata::fetch(&connection, GROUPED).await.unwrap();
+        let channel = metadata.channels.iter().find(|channel| channel.name == GROUPED).unwrap();
+        assert_eq!(channel.partitions.len(), 4, "METADATA at {addr}: {metadata:?}");
+    }
+    let printed = weir_cluster(&["alter-channel", GROUPED, "--partitions", "4", "--node", &nodes[0].spec.cluster_addr]);
+    assert!(printed.contains("partition 3: nodes"), "{printed}");
+
+    let mut added = BTreeSet::new();
+    for partition in 0..4 {
+        let payloads: Vec<String> = (0..3).map(|i| format!("after-{partition}-{i}")).collect();
+        added.extend(payloads.iter().cloned());
+        publish_at_leader(&addrs, partition, payloads.into_iter()).await;
+    }
+    expected.extend(added.iter().cloned());
+
+    // The subscription of every partition: ASSIGNED for each new one, then
+    // every record, old and new.
+    let mut assigned = BTreeSet::new();
+    let mut seen_by_every = BTreeSet::new();
+    while !expected.is_subset(&seen_by_every) || assigned.len() < 2 {
+        let event = tokio::time::timeout(CONVERGE_LIMIT, every.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled: assigned {assigned:?}, seen {seen_by_every:?}"))
+            .expect("the subscription goes on")
+            .expect("no error");
+        match event {
+            weir::client::Event::Notice { partition, notice: weir::protocol::Notice::Assigned { .. } } => {
+                assigned.insert(partition);
+            }
+            weir::client::Event::Message { record, .. } => {
+                seen_by_every.insert(String::from_utf8(record.payload.to_vec()).unwrap());
+            }
+            weir::client::Event::Notice { .. } => {}
+        }
+    }
+    assert_eq!(assigned, BTreeSet::from([2, 3]));
+    while !expected.is_subset(&seen_by_member) {
+        let payload = next_followed(&mut member, &mut moves).await;
+        assert!(expected.contains(&payload), "never published: {payload}");
+        seen_by_member.insert(payload);
+    }
+
+    // Every replica of the new partitions holds their records, in order.
+    let new_partitions =
+        |partition: u32| -> Vec<(u64, String)> { (0..3).map(|i| (i, format!("after-{partition}-{i}"))).collect() };
+    let converged = async |nodes: &[Node]| {
+        let started = Instant::now();
+        for node in nodes {
+            for partition in 2..4 {
+                loop {
+                    let held = fetch_all(&node.spec.client_addr, GROUPED, partition).await;
+                    if held == new_partitions(partition) {
+                        break;
+                    }
+                    assert!(
+                        started.elapsed() < CONVERGE_LIMIT,
+                        "node {} partition {partition}: {held:?}",
+                        node.spec.id
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    converged(&nodes).await;
+    drop(every);
+    drop(member);
+    for node in &mut nodes {
+        node.kill();
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    leaders_agreed(&addrs, 4).await;
+    converged(&nodes).await;
+
+    // Replication factor 1: the new partition is placed on another node
+    // than the first (placement moves along with the partition index).
+    let single = "single";
+    create_channel_with(&nodes[0], single, 1, 1, 0).await;
+    let host = loop {
+        let connection = Connection::connect(&addrs[0], "metadata").await.unwrap();
+        let metadata = weir::client::Metadata::fetch(&connection, single).await.unwrap();
+        if let Some(leader) = metadata.leader_addr(single, 0) {
+            break leader.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reader = Connection::connect(&host, "reader").await.unwrap();
+    let mut every = Subscriber::subscribe(&reader, single, SubscribeOptions::default()).await.unwrap();
+    let admin = Connection::connect(&addrs[2], "admin").await.unwrap();
+    let altered = admin.request(Request::AlterChannel { channel: single.into(), partitions: 2 }).await.unwrap();
+    assert_eq!(altered, Response::ChannelAltered);
+    let ended = tokio::time::timeout(CONVERGE_LIMIT, async {
+        loop {
+            match every.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return error,
+                None => panic!("the subscription ended without a reason"),
+            }
+        }
+    })
+    .await
+    .expect("the subscription of every partition at a node hosting only some ended");
+    assert_eq!(ended.code(), Some(ErrorCode::NotLeader), "{ended}");
+}

@@ -311,6 +311,14 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 )),
             }
         }
+        NodeRequest::AlterChannel { name, partitions } => {
+            let Ok(_admin) = tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, served.admin.lock()).await else {
+                return NodeReply::Error(
+                    "another channel's creation, alteration or deletion is under way; try again".into(),
+                );
+            };
+            alter_channel(raft, &served.replicas.channels(), &name, partitions).await
+        }
         NodeRequest::MoveReplica { channel, partition, from, to } => {
             served.replicas.move_replica(&channel, partition, from, to).await
         }
@@ -321,6 +329,9 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 }
                 MetadataCommand::DeleteChannel { .. } => {
                     return NodeReply::Error("a channel is deleted with DeleteChannel, which checks it".into());
+                }
+                MetadataCommand::AddPartitions { .. } => {
+                    return NodeReply::Error("partitions are added with AlterChannel, which places them".into());
                 }
                 // Nodes propose these with the incarnations they were made
                 // for (OfIncarnations).
@@ -458,22 +469,9 @@ async fn create_channel(
             voters.len()
         ));
     }
-    // Where placement starts: moved along by the name, so that channels of
-    // one partition do not all prefer the same leader.
-    let start = name.bytes().fold(0usize, |sum, byte| sum.wrapping_add(usize::from(byte)));
-    let replicas: Vec<Vec<NodeId>> = (0..partitions as usize)
-        .map(|partition| {
-            (0..usize::from(replication_factor)).map(|k| voters[(start + partition + k) % voters.len()]).collect()
-        })
-        .collect();
-    for node in &voters {
-        let placed =
-            Replicas::placed_on(channels, *node) + replicas.iter().filter(|partition| partition.contains(node)).count();
-        if placed > REPLICATED_PARTITIONS_MAX {
-            return NodeReply::Error(format!(
-                "node {node} would host {placed} replicated partitions, above REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX})"
-            ));
-        }
+    let replicas = place_partitions(name, 0..partitions, replication_factor, &voters);
+    if let Err(refused) = check_hosted_counts(channels, &voters, &replicas) {
+        return refused;
     }
     let command = MetadataCommand::CreateChannel {
         name: name.to_string(),
@@ -486,6 +484,96 @@ async fn create_channel(
         Ok(Err(error)) => membership_error(&error),
         Err(_) => NodeReply::Error(format!(
             "the creation was not committed within {LEADERSHIP_REPORT_TIMEOUT:?}: it may or may not be"
+        )),
+    }
+}
+
+/// Each partition's replicas, for `partitions` of channel `name`:
+/// consecutive voters from a starting point moved along by the name (so
+/// that channels of one partition do not all prefer the same leader) and
+/// by the partition's index (so that a channel's preferred leaders spread
+/// over the nodes). Partitions added later are placed by the same rule.
+fn place_partitions(
+    name: &str,
+    partitions: std::ops::Range<u32>,
+    replication_factor: u8,
+    voters: &[NodeId],
+) -> Vec<Vec<NodeId>> {
+    let start = name.bytes().fold(0usize, |sum, byte| sum.wrapping_add(usize::from(byte)));
+    partitions
+        .map(|partition| {
+            (0..usize::from(replication_factor))
+                .map(|k| voters[(start + partition as usize + k) % voters.len()])
+                .collect()
+        })
+        .collect()
+}
+
+/// Refuses a placement that would put a node above
+/// `REPLICATED_PARTITIONS_MAX` hosted partitions.
+fn check_hosted_counts(channels: &MetadataState, voters: &[NodeId], added: &[Vec<NodeId>]) -> Result<(), NodeReply> {
+    for node in voters {
+        let placed =
+            Replicas::placed_on(channels, *node) + added.iter().filter(|partition| partition.contains(node)).count();
+        if placed > REPLICATED_PARTITIONS_MAX {
+            return Err(NodeReply::Error(format!(
+                "node {node} would host {placed} replicated partitions, above REPLICATED_PARTITIONS_MAX ({REPLICATED_PARTITIONS_MAX})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `weir cluster alter-channel` (and a node's ALTER_CHANNEL): grows a
+/// replicated channel to `partitions`, placing the new partitions by the
+/// rule creations use, and commits it (docs/REPLICATION.md, "Adding
+/// partitions to a replicated channel"). The same count is answered as
+/// done; fewer is refused.
+async fn alter_channel(raft: &Raft, channels: &MetadataState, name: &str, partitions: u32) -> NodeReply {
+    if let Some(not_leader) = unless_leader(raft) {
+        return not_leader;
+    }
+    let Some(channel) = channels.channels.get(name) else {
+        return NodeReply::Error(format!("channel {name} is not a replicated channel"));
+    };
+    let from = channel.replicas.len() as u32;
+    if partitions < from {
+        return NodeReply::Error(format!(
+            "channel {name} has {from} partitions: a channel's partitions can be added, never removed"
+        ));
+    }
+    if partitions == from {
+        return NodeReply::ChannelAltered { replicas: channel.replicas.clone() };
+    }
+    if partitions as usize > REPLICATED_PARTITIONS_MAX {
+        return NodeReply::Error(format!(
+            "{partitions} partitions: a replicated channel has 1..={REPLICATED_PARTITIONS_MAX} (REPLICATED_PARTITIONS_MAX)"
+        ));
+    }
+    let metrics = raft.metrics().borrow_watched().clone();
+    let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+    if usize::from(channel.replication_factor) > voters.len() {
+        return NodeReply::Error(format!(
+            "replication factor {} is above the {} voters of the cluster",
+            channel.replication_factor,
+            voters.len()
+        ));
+    }
+    let added = place_partitions(name, from..partitions, channel.replication_factor, &voters);
+    if let Err(refused) = check_hosted_counts(channels, &voters, &added) {
+        return refused;
+    }
+    let incarnation = channels.incarnations.get(name).copied().unwrap_or(0);
+    let mut replicas = channel.replicas.clone();
+    replicas.extend(added.iter().cloned());
+    tracing::info!(channel = name, from, to = partitions, ?added, "adding partitions to a replicated channel");
+    let command = MetadataCommand::AddPartitions { name: name.to_string(), incarnation, from, added };
+    // Bounded: a leader without a quorum would hold the admin lock.
+    match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.client_write(command)).await {
+        Ok(Ok(_)) => NodeReply::ChannelAltered { replicas },
+        Ok(Err(error)) => membership_error(&error),
+        Err(_) => NodeReply::Error(format!(
+            "the new partitions were not committed within {LEADERSHIP_REPORT_TIMEOUT:?}: they may or may not be"
         )),
     }
 }

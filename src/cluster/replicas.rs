@@ -82,12 +82,12 @@ fn command_kind(command: &ChannelCommand) -> &'static str {
     }
 }
 
-/// How many `NotLeader` answers a channel's deletion follows to the
-/// metadata group's leader.
-const DELETE_REDIRECTS_MAX: usize = 3;
+/// How many `NotLeader` answers a channel's deletion or alteration
+/// follows to the metadata group's leader.
+const ADMIN_REDIRECTS_MAX: usize = 3;
 /// Beyond the leader's own bounds, how long a node waits for a deletion's
-/// answer (the round trip, a loaded machine).
-const DELETE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// or an alteration's answer (the round trip, a loaded machine).
+const ADMIN_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a node looks for partitions it leads whose leadership the
 /// metadata group has not recorded yet (after an election), and reports
 /// them: how stale another node's METADATA answer can be, besides the
@@ -839,6 +839,42 @@ impl Replicas {
         }
     }
 
+    /// Whether the metadata state places a replica of `partition` of
+    /// `channel` on this node.
+    pub fn placed_here(&self, channel: &str, partition: u32) -> bool {
+        let state = self.channels.borrow();
+        let placed = state.channels.get(channel).and_then(|channel| channel.replicas.get(partition as usize));
+        placed.is_some_and(|replicas| replicas.contains(&self.node_id))
+    }
+
+    /// For a subscription of every partition of `channel` at this node:
+    /// resolves, with the `NotLeader` message naming where it is led,
+    /// once the metadata state lists a partition of the channel with no
+    /// replica on this node (added later, or moved away). Never while
+    /// every partition has one here, nor once the node stops.
+    pub fn placed_elsewhere(self: &Arc<Self>, channel: String) -> impl Future<Output = String> + Send + 'static {
+        let this = Arc::clone(self);
+        let mut changes = self.channels.clone();
+        async move {
+            loop {
+                // Checked before each wait: a change applied since the
+                // subscription started counts too.
+                let unplaced = {
+                    let state = changes.borrow_and_update();
+                    state.channels.get(&channel).and_then(|placed| {
+                        placed.replicas.iter().position(|replicas| !replicas.contains(&this.node_id))
+                    })
+                };
+                if let Some(partition) = unplaced {
+                    return this.hosting_elsewhere(&channel, partition as u32).to_string();
+                }
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
     /// Where to read a partition of a replicated channel this node hosts no
     /// replica of: `NotLeader` naming the partition's first replica.
     pub fn hosting_elsewhere(&self, channel: &str, partition: u32) -> ReplicatedPublishError {
@@ -1037,37 +1073,60 @@ impl Replicas {
             .collect()
     }
 
-    /// Deletes the replicated channel `name` (DELETE_CHANNEL with `force`):
-    /// asks the metadata group's leader, which checks and proposes it (this
-    /// node's own cluster listener when it leads), following `NotLeader` a
-    /// few times while leadership moves. Returns once the deletion is
-    /// committed; each node removes its files as it applies it.
+    /// Deletes the replicated channel `name` (DELETE_CHANNEL with `force`),
+    /// through the metadata group's leader (see `ask_admin`). Returns once
+    /// the deletion is committed; each node removes its files as it
+    /// applies it.
     ///
     /// # Errors
     /// The channel is not replicated, or no leader committed the deletion
     /// (it may or may not have been, after a timeout).
     pub async fn delete_channel(&self, name: &str) -> Result<(), String> {
+        let request = || NodeRequest::DeleteChannel { name: name.to_string() };
+        match self.ask_admin(request, "the channel may or may not have been deleted; list the channels").await? {
+            NodeReply::ChannelDeleted => Ok(()),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    /// Grows the replicated channel `name` to `partitions` (ALTER_CHANNEL),
+    /// through the metadata group's leader (see `ask_admin`). Returns
+    /// once the new partitions are committed; each node starts its new
+    /// groups as it applies them.
+    ///
+    /// # Errors
+    /// The channel is not replicated, the count is refused, or no leader
+    /// committed it (it may or may not have been, after a timeout).
+    pub async fn alter_channel(&self, name: &str, partitions: u32) -> Result<(), String> {
+        let request = || NodeRequest::AlterChannel { name: name.to_string(), partitions };
+        match self.ask_admin(request, "the partitions may or may not have been added; ask METADATA").await? {
+            NodeReply::ChannelAltered { .. } => Ok(()),
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    /// Asks the metadata group's leader, which checks and proposes an
+    /// admin request (this node's own cluster listener when it leads),
+    /// following `NotLeader` a few times while leadership moves. `unsure`
+    /// says what a lost answer leaves undecided.
+    async fn ask_admin(&self, request: impl Fn() -> NodeRequest, unsure: &str) -> Result<NodeReply, String> {
         let mut leader = None;
-        for _ in 0..DELETE_REDIRECTS_MAX {
+        for _ in 0..ADMIN_REDIRECTS_MAX {
             let addr = match leader.take() {
                 Some(addr) => addr,
                 None => Self::metadata_leader_addr(&self.metadata.metrics().borrow_watched())?,
             };
             let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
-            let request = NodeRequest::DeleteChannel { name: name.to_string() };
             // The leader waits for the admin lock, then for the commit,
             // each at most LEADERSHIP_REPORT_TIMEOUT.
-            match client.call(&request, 2 * LEADERSHIP_REPORT_TIMEOUT + DELETE_CALL_MARGIN).await {
-                Ok(NodeReply::ChannelDeleted) => return Ok(()),
+            match client.call(&request(), 2 * LEADERSHIP_REPORT_TIMEOUT + ADMIN_CALL_MARGIN).await {
                 Ok(NodeReply::NotLeader { leader: Some((_, addrs)) }) => leader = Some(addrs.cluster_addr),
                 Ok(NodeReply::NotLeader { leader: None }) => {
                     return Err("the metadata group has no leader; try again".into());
                 }
                 Ok(NodeReply::Error(message)) => return Err(message),
-                Ok(other) => return Err(format!("unexpected reply {other:?}")),
-                Err(error) => {
-                    return Err(format!("{error}: the channel may or may not have been deleted; list the channels"));
-                }
+                Ok(reply) => return Ok(reply),
+                Err(error) => return Err(format!("{error}: {unsure}")),
             }
         }
         Err("the metadata group's leadership kept moving; try again".into())

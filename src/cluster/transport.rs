@@ -115,6 +115,12 @@ pub enum NodeRequest {
         incarnation: u64,
         request: PartitionRequest,
     },
+    /// `weir cluster alter-channel`, and a node's ALTER_CHANNEL: grows a
+    /// replicated channel to `partitions`, on the metadata leader.
+    AlterChannel {
+        name: String,
+        partitions: u32,
+    },
 }
 
 /// Names a replicated partition's Raft group.
@@ -202,6 +208,12 @@ pub enum NodeReply {
     /// A replicated channel's deletion was committed (each node removes
     /// its files as it applies it).
     ChannelDeleted,
+    /// A replicated channel's new partition count was committed: each
+    /// partition's replicas, the preferred leader first (each node starts
+    /// its new groups as it applies it).
+    ChannelAltered {
+        replicas: Vec<Vec<NodeId>>,
+    },
 }
 
 /// Why a request to another node got no answer.

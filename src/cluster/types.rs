@@ -54,6 +54,13 @@ pub enum MetadataCommand {
     /// again under its name. Nodes propose their commands this way; the
     /// bare commands above are still applied as before (from older logs).
     OfIncarnations { incarnations: std::collections::BTreeMap<String, u64>, command: ChannelCommand },
+    /// Adds partitions to a replicated channel (proposed by the metadata
+    /// leader only): `added` are the new partitions' replicas, in order
+    /// after the `from` partitions it had. Applied only if the channel is
+    /// still at `incarnation` (the rule of `OfIncarnations`) with `from`
+    /// partitions, and only if every replica list is valid
+    /// (docs/REPLICATION.md, "Adding partitions to a replicated channel").
+    AddPartitions { name: String, incarnation: u64, from: u32, added: Vec<Vec<NodeId>> },
 }
 
 /// A command about existing channels, proposed with the incarnations it
@@ -132,6 +139,9 @@ impl fmt::Display for MetadataCommand {
                 write!(f, "{channel} partition {partition} placed on nodes {replicas:?}")
             }
             MetadataCommand::DeleteChannel { name } => write!(f, "delete channel {name}"),
+            MetadataCommand::AddPartitions { name, from, added, .. } => {
+                write!(f, "add partitions {from}..{} to channel {name}", *from as usize + added.len())
+            }
             MetadataCommand::OfIncarnations { command, .. } => match command {
                 ChannelCommand::PartitionLeaders { reports } => write!(f, "{} partition leaders", reports.len()),
                 ChannelCommand::CommitPositions { positions } => write!(f, "{} positions", positions.len()),
@@ -213,18 +223,8 @@ impl MetadataState {
                 }
             }
             MetadataCommand::OfIncarnations { incarnations, command } => {
-                // Whether `channel` is at the incarnation the command was
-                // made for: any, for a name never deleted (nodes may hold a
-                // channel from before incarnations as 0 or as its creating
-                // entry's index; the rule must not depend on which); once
-                // the name was deleted, exactly the channel's incarnation
-                // (the creating entry's index, which every node holds).
                 let current = |channel: &str| {
-                    let (Some(made_for), Some(&now)) = (incarnations.get(channel), self.incarnations.get(channel))
-                    else {
-                        return false;
-                    };
-                    !self.deleted.contains_key(channel) || *made_for == now
+                    incarnations.get(channel).is_some_and(|&made_for| self.is_at_incarnation(channel, made_for))
                 };
                 let command = match command {
                     ChannelCommand::PartitionLeaders { reports } => MetadataCommand::PartitionLeaders {
@@ -276,6 +276,23 @@ impl MetadataState {
                     *offset = (*offset).max(position.offset);
                 }
             }
+            MetadataCommand::AddPartitions { name, incarnation, from, added } => {
+                if !self.is_at_incarnation(name, *incarnation) {
+                    return;
+                }
+                let Some(channel) = self.channels.get_mut(name) else { return };
+                let replication_factor = usize::from(channel.replication_factor);
+                let valid = channel.replicas.len() == *from as usize
+                    && !added.is_empty()
+                    && channel.replicas.len() + added.len() <= super::REPLICATED_PARTITIONS_MAX
+                    && added.iter().all(|replicas| {
+                        replicas.len() == replication_factor
+                            && replicas.iter().collect::<std::collections::BTreeSet<_>>().len() == replicas.len()
+                    });
+                if valid {
+                    channel.replicas.extend(added.iter().cloned());
+                }
+            }
             MetadataCommand::PlaceReplicas { channel, partition, expected, replicas } => {
                 let distinct = replicas.iter().collect::<std::collections::BTreeSet<_>>().len() == replicas.len();
                 if replicas.is_empty() || replicas.len() > PARTITION_REPLICAS_MAX || !distinct {
@@ -298,6 +315,17 @@ impl MetadataState {
                 }
             }
         }
+    }
+
+    /// Whether `channel` exists at the incarnation a command was made for:
+    /// at any, for a name never deleted (nodes may hold a channel from
+    /// before incarnations as 0 or as its creating entry's index; the rule
+    /// must not depend on which); once the name was deleted, at exactly
+    /// the channel's incarnation (the creating entry's index, which every
+    /// node holds).
+    fn is_at_incarnation(&self, channel: &str, made_for: u64) -> bool {
+        let Some(&now) = self.incarnations.get(channel) else { return false };
+        !self.deleted.contains_key(channel) || made_for == now
     }
 
     /// The leader last reported for `partition` of `channel`.
@@ -524,5 +552,61 @@ mod incarnation_tests {
         };
         state.apply(&report, 17);
         assert_eq!(state.reported_leader("legacy", 0), Some(ReportedLeader { node: 1, term: 2 }));
+    }
+}
+
+#[cfg(test)]
+mod add_partitions_tests {
+    use super::*;
+
+    fn add(incarnation: u64, from: u32, added: Vec<Vec<NodeId>>) -> MetadataCommand {
+        MetadataCommand::AddPartitions { name: "orders".into(), incarnation, from, added }
+    }
+
+    /// Partitions are added once, to the incarnation and partition count
+    /// the leader placed them for, with valid replica lists only: a second
+    /// alteration placed for the old count (racing across a change of
+    /// leader), one for a deleted incarnation, and invalid lists leave the
+    /// channel as it was.
+    #[test]
+    fn partitions_are_added_to_the_incarnation_and_count_they_were_placed_for() {
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 3, replicas: vec![vec![1, 2, 3]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel: channel.clone() }, 3);
+        state.apply(&MetadataCommand::DeleteChannel { name: "orders".into() }, 8);
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 12);
+        let invalid = [
+            add(3, 1, vec![vec![2, 3, 1]]),
+            add(12, 2, vec![vec![2, 3, 1]]),
+            add(12, 1, vec![]),
+            add(12, 1, vec![vec![2, 3]]),
+            add(12, 1, vec![vec![2, 2, 3]]),
+            add(12, 1, vec![vec![1, 2, 3]; super::super::REPLICATED_PARTITIONS_MAX]),
+        ];
+        for (index, command) in invalid.iter().enumerate() {
+            state.apply(command, 13 + index as u64);
+            assert_eq!(state.channels["orders"].replicas, vec![vec![1, 2, 3]], "{command:?}");
+        }
+        state.apply(&add(12, 1, vec![vec![2, 3, 1], vec![3, 1, 2]]), 20);
+        assert_eq!(state.channels["orders"].replicas, vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2]]);
+        // The same alteration again (another leader's, placed for one
+        // partition) does not apply twice.
+        state.apply(&add(12, 1, vec![vec![2, 3, 1]]), 21);
+        assert_eq!(state.channels["orders"].replicas.len(), 3);
+        // Positions in a new partition are kept once it exists.
+        let position = MetadataCommand::OfIncarnations {
+            incarnations: [("orders".to_string(), 12)].into(),
+            command: ChannelCommand::CommitPositions {
+                positions: vec![ReplicatedPosition {
+                    channel: "orders".into(),
+                    name: "billing".into(),
+                    partition: 2,
+                    group: true,
+                    offset: 5,
+                }],
+            },
+        };
+        state.apply(&position, 22);
+        assert_eq!(state.positions.values().copied().collect::<Vec<_>>(), vec![5]);
     }
 }

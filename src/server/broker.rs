@@ -638,11 +638,22 @@ impl crate::cluster::PartitionHost for BrokerHost {
         let broker = &self.0;
         let name = ChannelName::new(channel).map_err(|error| error.to_string())?;
         match broker.store.channel(&name) {
-            Some(existing) if existing.settings() != replicated_settings(partitions) => {
+            // Any partition count: partitions are added to a replicated
+            // channel (and the state may lag its copy while a restarted
+            // node applies its log again).
+            Some(existing) if existing.settings() != replicated_settings(existing.settings().partition_count()) => {
                 return Err(format!(
                     "a local channel {name} exists ({:?}) that is not this replicated channel's copy: delete it first",
                     existing.settings()
                 ));
+            }
+            // A partition added to the channel (docs/REPLICATION.md,
+            // "Adding partitions to a replicated channel"): the copy grows
+            // as a single node's channel does, which rebalances the
+            // groups this node coordinates and announces the partition to
+            // its subscriptions of every partition.
+            Some(existing) if existing.partition_count() <= partition => {
+                broker.increase_partitions(&name, partitions).map_err(|error| error.describe(&name))?;
             }
             Some(_) => {}
             None => {

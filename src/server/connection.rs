@@ -29,7 +29,7 @@ use super::group::Handover;
 use super::member::MemberTask;
 use super::offsets::ChannelRef;
 use super::outbox::Outbox;
-use super::partition_follower::PartitionFollower;
+use super::partition_follower::{PartitionFollower, PlacedElsewhere};
 use super::stats::Stats;
 use super::subscription::Subscription;
 use super::{Delivery, Outbound};
@@ -123,6 +123,28 @@ impl CursorFactory {
         tokio::select! {
             sent = self.deliveries.send(delivery) => sent.is_ok(),
             () = cancel.cancelled() => false,
+        }
+    }
+
+    /// Ends the subscription from the server's side: queues ERROR and
+    /// UNSUBSCRIBED (one item, so that nothing comes between them); the
+    /// connection's writer marks the subscription ended when it writes
+    /// them. `cancel` is the subscription's.
+    pub async fn end(&self, cursors: &Cursors, cancel: &CancellationToken, code: ErrorCode, message: String) {
+        // The cursors stop first: their queued deliveries are dropped, so the
+        // last frames are not stuck behind a backlog.
+        for cursor in lock_cursors(cursors).values() {
+            cursor.cancel.cancel();
+        }
+        let mut frames = Response::Error { code: code as u16, message }.encode_for(self.version, 0);
+        let unsubscribed = Response::Unsubscribed { subscription_id: self.subscription_id };
+        frames.extend_from_slice(&unsubscribed.encode_for(self.version, 0));
+        let last = Delivery { ended: cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
+        // A client that never reads is closed by the writer's timeout
+        // (idle_timeout_ms), which ends this wait with the connection.
+        tokio::select! {
+            _ = self.deliveries.send(last) => {}
+            () = cancel.cancelled() => {}
         }
     }
 
@@ -625,10 +647,13 @@ impl Connection {
                 if !self.permitted(correlation_id, Operation::Admin, name.as_str(), "alter channel").await {
                     return Flow::Continue;
                 }
-                if self.is_replicated(&name) {
-                    let message =
-                        format!("channel {name} is replicated: adding partitions to a replicated channel is not built");
-                    return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+                if self.is_replicated(&name)
+                    && let Some(replicas) = self.broker.replicas()
+                {
+                    return match replicas.alter_channel(name.as_str(), partitions).await {
+                        Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
+                        Err(message) => self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
+                    };
                 }
                 match self.broker.increase_partitions(&name, partitions) {
                     Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
@@ -1238,13 +1263,18 @@ impl Connection {
         }
         let partitions = Arc::new(std::sync::Mutex::new(cursors));
         if partition.is_none() {
+            let placed_elsewhere = self
+                .broker
+                .replicas()
+                .filter(|replicas| replicas.is_replicated(name.as_str()))
+                .map(|replicas| Box::pin(replicas.placed_elsewhere(name.as_str().to_string())) as PlacedElsewhere);
             let follower = PartitionFollower {
                 factory,
                 channel: handle,
                 cursors: Arc::clone(&partitions),
                 cancel: cancel.clone(),
             };
-            tokio::spawn(follower.run());
+            tokio::spawn(follower.run(placed_elsewhere));
         }
         self.subscriptions.insert(subscription_id, SubscriptionHandle { cancel, partitions });
         Flow::Continue

@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::broker::ChannelHandle;
 use super::connection::{CursorFactory, Cursors, lock_cursors};
 use super::group::{Handover, Member};
-use super::{Delivery, Outbound};
-use crate::protocol::{ErrorCode, Notice, Response, StartPosition};
+use crate::protocol::{ErrorCode, Notice, StartPosition};
 use crate::storage::ChannelLog;
 
 /// Everything a member's task needs.
@@ -224,26 +223,8 @@ impl MemberTask {
         self.end_subscription(ErrorCode::GroupSessionExpired, message).await;
     }
 
-    /// Queues ERROR and UNSUBSCRIBED (one item, so that nothing comes
-    /// between them); the connection's writer marks the subscription ended
-    /// when it writes them.
     async fn end_subscription(&self, code: ErrorCode, message: String) {
-        // The cursors stop first: their queued deliveries are dropped, so the
-        // last frames are not stuck behind a backlog.
-        for cursor in lock_cursors(&self.cursors).values() {
-            cursor.cancel.cancel();
-        }
-        let version = self.factory.version;
-        let mut frames = Response::Error { code: code as u16, message }.encode_for(version, 0);
-        let unsubscribed = Response::Unsubscribed { subscription_id: self.factory.subscription_id };
-        frames.extend_from_slice(&unsubscribed.encode_for(version, 0));
-        let last = Delivery { ended: self.cancel.clone(), outbound: Outbound::Frame(frames), ends_subscription: true };
-        // A client that never reads is closed by the writer's timeout
-        // (idle_timeout_ms), which ends this wait with the connection.
-        tokio::select! {
-            _ = self.factory.deliveries.send(last) => {}
-            () = self.cancel.cancelled() => {}
-        }
+        self.factory.end(&self.cursors, &self.cancel, code, message).await;
     }
 
     async fn notify(&self, partition: u32, notice: Notice) {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::broker::ChannelHandle;
 use super::connection::{CursorFactory, Cursors, first_offset, lock_cursors};
 use super::offsets::ChannelRef;
-use crate::protocol::{Notice, StartPosition};
+use crate::protocol::{ErrorCode, Notice, StartPosition};
 
 /// Everything the task needs.
 pub(crate) struct PartitionFollower {
@@ -27,8 +27,19 @@ pub(crate) struct PartitionFollower {
     pub cancel: CancellationToken,
 }
 
+/// For a replicated channel (cluster mode): resolves, with the
+/// `NotLeader` message naming where it is led, once the channel has a
+/// partition none of whose replicas is on this node (added later, or moved
+/// away), which ends the subscription: this node never receives that
+/// partition's records (docs/REPLICATION.md, "Adding partitions to a
+/// replicated channel").
+pub(crate) type PlacedElsewhere = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+
 impl PartitionFollower {
-    pub async fn run(self) {
+    /// Runs until the subscription ends; `placed_elsewhere` (see
+    /// [`PlacedElsewhere`]) ends it when its node stops hosting a
+    /// partition.
+    pub async fn run(self, mut placed_elsewhere: Option<PlacedElsewhere>) {
         let mut partition_count = self.channel.partitions_added.subscribe();
         // A partition added between the subscription's start and this
         // task's is caught by the first pass.
@@ -48,6 +59,16 @@ impl PartitionFollower {
                 }
                 () = self.cancel.cancelled() => return,
                 () = self.channel.deleted.cancelled() => return,
+                message = async {
+                    match placed_elsewhere.as_mut() {
+                        Some(placed) => placed.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::info!(channel = %self.factory.channel, subscription = self.factory.subscription_id, "a partition of the channel is not hosted here: a subscription of every partition is sent on");
+                    self.factory.end(&self.cursors, &self.cancel, ErrorCode::NotLeader, message).await;
+                    return;
+                }
             }
         }
     }
@@ -57,8 +78,17 @@ impl PartitionFollower {
         if lock_cursors(&self.cursors).contains_key(&partition) {
             return;
         }
-        let Ok(handle) = self.channel.partition(partition) else { return };
         let broker = &self.factory.broker;
+        // A replicated channel's partition with no replica here has an
+        // empty local log that never fills: not read (`placed_elsewhere`
+        // ends the subscription).
+        if let Some(replicas) = broker.replicas()
+            && replicas.is_replicated(self.factory.channel.as_str())
+            && !replicas.placed_here(self.factory.channel.as_str(), partition)
+        {
+            return;
+        }
+        let Ok(handle) = self.channel.partition(partition) else { return };
         let channel_name = self.factory.channel.as_str();
         let durable_name = self.factory.durable_name.as_deref();
         let stored = durable_name.and_then(|durable| broker.offsets.get(channel_name, durable, partition));
