@@ -2136,3 +2136,33 @@ async fn partitions_added_to_a_replicated_channel_are_replicated_and_read() {
     .expect("the subscription of every partition at a node hosting only some ended");
     assert_eq!(ended.code(), Some(ErrorCode::NotLeader), "{ended}");
 }
+
+/// A channel created, and grown, while a node is down has a leader for
+/// every partition at once: the metadata leader puts a node it hears from
+/// first among each partition's replicas, and the first replica is the
+/// one that initialises the partition's group (were it the node that is
+/// down, the partition would have no leader until that node came back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_created_while_a_node_is_down_has_a_leader_for_every_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(dir.path(), false);
+    for node in &mut nodes {
+        node.start();
+    }
+    let addrs: Vec<String> = nodes.iter().map(|node| node.spec.client_addr.clone()).collect();
+    nodes[2].kill();
+    // Past the greatest election timeout since node 3 last answered, the
+    // metadata leader counts it as down (the age only grows: no race).
+    tokio::time::sleep(Duration::from_millis(2 * ELECTION_MAX_MS)).await;
+    // Three partitions of three replicas on three nodes: node 3 would
+    // come first in one of them.
+    let created = create_channel_with(&nodes[0], GROUPED, 3, 3, 0).await;
+    assert!(!created.contains("nodes 3,"), "node 3, down, initialises a partition: {created}");
+    leaders_agreed(&addrs[..2], 3).await;
+    let printed = weir_cluster(&["alter-channel", GROUPED, "--partitions", "6", "--node", &nodes[1].spec.cluster_addr]);
+    assert!(!printed.contains("nodes 3,"), "node 3, down, initialises a partition: {printed}");
+    leaders_agreed(&addrs[..2], 6).await;
+    publish_at_leader(&addrs[..2], 5, (0..3).map(|i| format!("r{i}"))).await;
+    nodes[2].start();
+    leaders_agreed(&addrs, 6).await;
+}

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::Instant as _;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::entry::RaftEntry;
 use openraft::raft::AppendEntriesRequest;
@@ -469,7 +470,7 @@ async fn create_channel(
             voters.len()
         ));
     }
-    let replicas = place_partitions(name, 0..partitions, replication_factor, &voters);
+    let replicas = place_partitions(name, 0..partitions, replication_factor, &voters, &live_voters(raft));
     if let Err(refused) = check_hosted_counts(channels, &voters, &replicas) {
         return refused;
     }
@@ -493,20 +494,45 @@ async fn create_channel(
 /// that channels of one partition do not all prefer the same leader) and
 /// by the partition's index (so that a channel's preferred leaders spread
 /// over the nodes). Partitions added later are placed by the same rule.
+/// The first replica, which initialises the partition's group, is the
+/// first of those nodes in `live` (the list rotated): a group whose first
+/// replica is down would have no leader until that node came back.
 fn place_partitions(
     name: &str,
     partitions: std::ops::Range<u32>,
     replication_factor: u8,
     voters: &[NodeId],
+    live: &BTreeSet<NodeId>,
 ) -> Vec<Vec<NodeId>> {
     let start = name.bytes().fold(0usize, |sum, byte| sum.wrapping_add(usize::from(byte)));
     partitions
         .map(|partition| {
-            (0..usize::from(replication_factor))
+            let mut replicas: Vec<NodeId> = (0..usize::from(replication_factor))
                 .map(|k| voters[(start + partition as usize + k) % voters.len()])
-                .collect()
+                .collect();
+            if let Some(first_live) = replicas.iter().position(|node| live.contains(node)) {
+                replicas.rotate_left(first_live);
+            }
+            replicas
         })
         .collect()
+}
+
+/// The voters this node, the metadata group's leader, heard from within
+/// the greatest election timeout (itself included): the nodes up, as far
+/// as it can tell.
+fn live_voters(raft: &Raft) -> BTreeSet<NodeId> {
+    let recent = Duration::from_millis(raft.config().election_timeout_max);
+    let metrics = raft.metrics().borrow_watched().clone();
+    let mut live: BTreeSet<NodeId> = metrics
+        .heartbeat
+        .iter()
+        .flatten()
+        .filter(|(_, acked)| acked.as_ref().is_some_and(|acked| acked.elapsed() <= recent))
+        .map(|(node, _)| *node)
+        .collect();
+    live.insert(metrics.id);
+    live
 }
 
 /// Refuses a placement that would put a node above
@@ -559,7 +585,7 @@ async fn alter_channel(raft: &Raft, channels: &MetadataState, name: &str, partit
             voters.len()
         ));
     }
-    let added = place_partitions(name, from..partitions, channel.replication_factor, &voters);
+    let added = place_partitions(name, from..partitions, channel.replication_factor, &voters, &live_voters(raft));
     if let Err(refused) = check_hosted_counts(channels, &voters, &added) {
         return refused;
     }
@@ -719,6 +745,30 @@ mod tests {
 
     use super::*;
     use crate::cluster::types::{Entry, LogId, Vote};
+
+    /// Partitions are placed on consecutive voters, moving along with the
+    /// partition index; a node that is down is never first (it would
+    /// initialise the group), and each partition keeps its set of nodes.
+    #[test]
+    fn placement_spreads_partitions_and_puts_a_live_node_first() {
+        let voters = [1, 2, 3];
+        let all: BTreeSet<NodeId> = voters.into_iter().collect();
+        let placed = place_partitions("a", 0..3, 2, &voters, &all);
+        let firsts: BTreeSet<NodeId> = placed.iter().map(|replicas| replicas[0]).collect();
+        assert_eq!(firsts, all, "preferred leaders spread over the nodes: {placed:?}");
+        let without_3: BTreeSet<NodeId> = [1, 2].into_iter().collect();
+        let live_first = place_partitions("a", 0..3, 2, &voters, &without_3);
+        for (partition, replicas) in live_first.iter().enumerate() {
+            assert_ne!(replicas[0], 3, "{live_first:?}");
+            let mut set = replicas.clone();
+            set.sort_unstable();
+            let mut expected = placed[partition].clone();
+            expected.sort_unstable();
+            assert_eq!(set, expected);
+        }
+        // Partitions added later continue the rotation.
+        assert_eq!(place_partitions("a", 2..3, 2, &voters, &all), placed[2..].to_vec());
+    }
 
     #[test]
     fn appended_entries_must_follow_the_previous_one_without_gaps() {
