@@ -647,7 +647,10 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
             print_placement(&replicas);
         }
         NodeReply::ChannelAltered { replicas } => {
-            println!("replicated channel altered; replicas per partition (preferred leader first):");
+            println!(
+                "replicated channel of {} partitions; replicas per partition (preferred leader first):",
+                replicas.len()
+            );
             print_placement(&replicas);
         }
         NodeReply::ChannelDeleted => {

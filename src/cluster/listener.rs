@@ -318,7 +318,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                     "another channel's creation, alteration or deletion is under way; try again".into(),
                 );
             };
-            alter_channel(raft, &served.replicas.channels(), &name, partitions).await
+            alter_channel(raft, &served.replicas, &name, partitions).await
         }
         NodeRequest::MoveReplica { channel, partition, from, to } => {
             served.replicas.move_replica(&channel, partition, from, to).await
@@ -555,10 +555,11 @@ fn check_hosted_counts(channels: &MetadataState, voters: &[NodeId], added: &[Vec
 /// rule creations use, and commits it (docs/REPLICATION.md, "Adding
 /// partitions to a replicated channel"). The same count is answered as
 /// done; fewer is refused.
-async fn alter_channel(raft: &Raft, channels: &MetadataState, name: &str, partitions: u32) -> NodeReply {
+async fn alter_channel(raft: &Raft, replicas: &Replicas, name: &str, partitions: u32) -> NodeReply {
     if let Some(not_leader) = unless_leader(raft) {
         return not_leader;
     }
+    let channels = replicas.channels();
     let Some(channel) = channels.channels.get(name) else {
         return NodeReply::Error(format!("channel {name} is not a replicated channel"));
     };
@@ -585,23 +586,74 @@ async fn alter_channel(raft: &Raft, channels: &MetadataState, name: &str, partit
             voters.len()
         ));
     }
-    let added = place_partitions(name, from..partitions, channel.replication_factor, &voters, &live_voters(raft));
-    if let Err(refused) = check_hosted_counts(channels, &voters, &added) {
+    // A channel read by consumer groups keeps a node holding every
+    // partition (its groups' coordinator): its new partitions go on such
+    // nodes when there are enough of them.
+    let holders: Vec<NodeId> =
+        voters.iter().copied().filter(|node| channel.replicas.iter().all(|replicas| replicas.contains(node))).collect();
+    let among = if is_read_by_groups(&channels, name) && holders.len() >= usize::from(channel.replication_factor) {
+        &holders
+    } else {
+        &voters
+    };
+    let added = place_partitions(name, from..partitions, channel.replication_factor, among, &live_voters(raft));
+    if let Err(refused) = check_hosted_counts(&channels, &voters, &added) {
         return refused;
     }
+    if let Some(refused) = groups_left_without_a_coordinator(&channels, name, &added) {
+        return NodeReply::Error(refused);
+    }
     let incarnation = channels.incarnations.get(name).copied().unwrap_or(0);
-    let mut replicas = channel.replicas.clone();
-    replicas.extend(added.iter().cloned());
+    let mut expected = channel.replicas.clone();
+    expected.extend(added.iter().cloned());
     tracing::info!(channel = name, from, to = partitions, ?added, "adding partitions to a replicated channel");
     let command = MetadataCommand::AddPartitions { name: name.to_string(), incarnation, from, added };
     // Bounded: a leader without a quorum would hold the admin lock.
     match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.client_write(command)).await {
-        Ok(Ok(_)) => NodeReply::ChannelAltered { replicas },
+        // Applied only if the channel was still as read above (an earlier
+        // alteration, say, not committed in time, may have applied
+        // first): what the state holds now says whether it did.
+        Ok(Ok(_)) => {
+            let now = replicas.channels().channels.get(name).map(|channel| channel.replicas.clone());
+            match now {
+                Some(now) if now == expected => NodeReply::ChannelAltered { replicas: now },
+                Some(now) => NodeReply::Error(format!(
+                    "channel {name} changed meanwhile (it has {} partitions now): nothing was added; ask again",
+                    now.len()
+                )),
+                None => NodeReply::Error(format!("channel {name} was deleted meanwhile")),
+            }
+        }
         Ok(Err(error)) => membership_error(&error),
         Err(_) => NodeReply::Error(format!(
             "the new partitions were not committed within {LEADERSHIP_REPORT_TIMEOUT:?}: they may or may not be"
         )),
     }
+}
+
+/// Whether consumer groups read channel `name`: they have positions in
+/// the state.
+fn is_read_by_groups(state: &MetadataState, name: &str) -> bool {
+    state.positions.keys().any(|(channel, _, _, group)| channel == name && *group)
+}
+
+/// Why adding partitions placed as `added` to channel `name` is refused
+/// when its consumer groups would be left without a coordinator: a node
+/// held a replica of every partition before (a group's coordinator must,
+/// REPLICATION.md "Consumer groups across nodes"), none would after, and
+/// groups read the channel. A channel no group reads may spread over any
+/// nodes.
+fn groups_left_without_a_coordinator(state: &MetadataState, name: &str, added: &[Vec<NodeId>]) -> Option<String> {
+    let channel = state.channels.get(name)?;
+    let holds_every = |node: &NodeId, partitions: &[Vec<NodeId>]| partitions.iter().all(|r| r.contains(node));
+    let nodes: BTreeSet<NodeId> = channel.replicas.iter().flatten().copied().collect();
+    let before = nodes.iter().any(|node| holds_every(node, &channel.replicas));
+    let after = nodes.iter().any(|node| holds_every(node, &channel.replicas) && holds_every(node, added));
+    (before && !after && is_read_by_groups(state, name)).then(|| {
+        format!(
+            "channel {name} is read by consumer groups, and fewer nodes than its replication factor hold a replica of every partition: after adding partitions none would, and a group's coordinator must (REPLICATION.md, \"Consumer groups across nodes\"); refused"
+        )
+    })
 }
 
 /// `NotLeader` unless this node leads the metadata group, which alone
@@ -768,6 +820,22 @@ mod tests {
         }
         // Partitions added later continue the rotation.
         assert_eq!(place_partitions("a", 2..3, 2, &voters, &all), placed[2..].to_vec());
+    }
+
+    /// Adding partitions that would leave no node holding every partition
+    /// is refused only for a channel consumer groups read.
+    #[test]
+    fn groups_keep_a_node_holding_every_partition() {
+        let mut state = MetadataState::default();
+        let channel = ReplicatedChannel { replication_factor: 1, replicas: vec![vec![1]] };
+        state.apply(&MetadataCommand::CreateChannel { name: "orders".into(), channel }, 1);
+        assert_eq!(groups_left_without_a_coordinator(&state, "orders", &[vec![2]]), None, "no group reads it");
+        state.positions.insert(("orders".into(), "billing".into(), 0, false), 3);
+        assert_eq!(groups_left_without_a_coordinator(&state, "orders", &[vec![2]]), None, "a durable reader");
+        state.positions.insert(("orders".into(), "billing".into(), 0, true), 3);
+        assert!(is_read_by_groups(&state, "orders"));
+        assert!(groups_left_without_a_coordinator(&state, "orders", &[vec![2]]).is_some());
+        assert_eq!(groups_left_without_a_coordinator(&state, "orders", &[vec![1]]), None, "node 1 holds both");
     }
 
     #[test]

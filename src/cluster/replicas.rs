@@ -848,31 +848,57 @@ impl Replicas {
     }
 
     /// For a subscription of every partition of `channel` at this node:
-    /// resolves, with the `NotLeader` message naming where it is led,
-    /// once the metadata state lists a partition of the channel with no
-    /// replica on this node (added later, or moved away). Never while
-    /// every partition has one here, nor once the node stops.
-    pub fn placed_elsewhere(self: &Arc<Self>, channel: String) -> impl Future<Output = String> + Send + 'static {
+    /// resolves once the metadata state lists a partition of the channel
+    /// with no replica on this node (added later, or moved away): `Ok`
+    /// with the `NotLeader` message naming a node that holds a replica of
+    /// every partition, `Err` with why none does. Never while every
+    /// partition has one here, nor once the node stops.
+    pub fn placed_elsewhere(
+        self: &Arc<Self>,
+        channel: String,
+    ) -> impl Future<Output = Result<String, String>> + Send + 'static {
         let this = Arc::clone(self);
         let mut changes = self.channels.clone();
         async move {
             loop {
                 // Checked before each wait: a change applied since the
                 // subscription started counts too.
-                let unplaced = {
+                let holders = {
                     let state = changes.borrow_and_update();
-                    state.channels.get(&channel).and_then(|placed| {
-                        placed.replicas.iter().position(|replicas| !replicas.contains(&this.node_id))
-                    })
+                    state.channels.get(&channel).map(Self::holding_every_partition)
                 };
-                if let Some(partition) = unplaced {
-                    return this.hosting_elsewhere(&channel, partition as u32).to_string();
+                if let Some(holders) = holders
+                    && !holders.contains(&this.node_id)
+                {
+                    return match holders.first() {
+                        Some(&holder) => {
+                            let leader = this.client_addr(holder);
+                            Ok(ReplicatedPublishError::NotLeader { leader }.to_string())
+                        }
+                        None => Err(format!(
+                            "no node holds a replica of every partition of channel {channel} any more: subscribe to each partition where it is led"
+                        )),
+                    };
                 }
                 if changes.changed().await.is_err() {
                     return std::future::pending().await;
                 }
             }
         }
+    }
+
+    /// The nodes that hold a replica of every partition of `channel`.
+    pub(super) fn holding_every_partition(channel: &ReplicatedChannel) -> Vec<NodeId> {
+        let Some(first) = channel.replicas.first() else { return Vec::new() };
+        first.iter().copied().filter(|node| channel.replicas.iter().all(|replicas| replicas.contains(node))).collect()
+    }
+
+    /// For a read of every partition of `channel`: `NotLeader` naming
+    /// another node that holds a replica of every partition, if one does.
+    pub fn holding_every_partition_elsewhere(&self, channel: &str) -> Option<ReplicatedPublishError> {
+        let holders = self.channels.borrow().channels.get(channel).map(Self::holding_every_partition)?;
+        let holder = holders.into_iter().find(|node| *node != self.node_id)?;
+        Some(ReplicatedPublishError::NotLeader { leader: self.client_addr(holder) })
     }
 
     /// Where to read a partition of a replicated channel this node hosts no

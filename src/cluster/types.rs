@@ -289,8 +289,27 @@ impl MetadataState {
                         replicas.len() == replication_factor
                             && replicas.iter().collect::<std::collections::BTreeSet<_>>().len() == replicas.len()
                     });
-                if valid {
-                    channel.replicas.extend(added.iter().cloned());
+                if !valid {
+                    return;
+                }
+                channel.replicas.extend(added.iter().cloned());
+                // The durable subscriptions and groups reading the channel
+                // read the new partitions from their start (0, empty as
+                // they are created): nothing published there is skipped
+                // by a reader that starts on them later at "latest".
+                let readers: std::collections::BTreeSet<(String, bool)> = self
+                    .positions
+                    .keys()
+                    .filter(|(channel, ..)| channel == name)
+                    .map(|(_, reader, _, group)| (reader.clone(), *group))
+                    .collect();
+                for (reader, group) in readers {
+                    for partition in *from..*from + added.len() as u32 {
+                        if self.positions.len() >= REPLICATED_POSITIONS_MAX {
+                            return;
+                        }
+                        self.positions.entry((name.clone(), reader.clone(), partition, group)).or_insert(0);
+                    }
                 }
             }
             MetadataCommand::PlaceReplicas { channel, partition, expected, replicas } => {
@@ -608,5 +627,11 @@ mod add_partitions_tests {
         };
         state.apply(&position, 22);
         assert_eq!(state.positions.values().copied().collect::<Vec<_>>(), vec![5]);
+        // The group reading the channel reads the next new partition from
+        // its start.
+        state.apply(&add(12, 3, vec![vec![1, 2, 3]]), 23);
+        let group_positions: Vec<(u32, u64)> =
+            state.positions.iter().map(|((_, _, partition, _), offset)| (*partition, *offset)).collect();
+        assert_eq!(group_positions, vec![(2, 5), (3, 0)]);
     }
 }

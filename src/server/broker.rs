@@ -206,9 +206,16 @@ impl Broker {
         Ok(())
     }
 
-    /// Raises the partition count of `name` and starts the new partitions'
-    /// writers.
+    /// Raises the partition count of `name` (at most `max_partitions`) and
+    /// starts the new partitions' writers.
     pub fn increase_partitions(&self, name: &ChannelName, count: u32) -> Result<(), ChannelError> {
+        self.increase_partitions_up_to(name, count, self.config.max_partitions as u32)
+    }
+
+    /// [`Broker::increase_partitions`] bounded by `count_max` (a
+    /// replicated channel's copy: the cluster's bound, not this node's
+    /// `max_partitions`, since the metadata leader placed the partitions).
+    fn increase_partitions_up_to(&self, name: &ChannelName, count: u32, count_max: u32) -> Result<(), ChannelError> {
         let handle = self.channel(name)?;
         // Under the channels lock, which a delete holds too: a channel
         // deleted meanwhile gets no partitions (nor files) back.
@@ -219,7 +226,7 @@ impl Broker {
         if handle.deleted.is_cancelled() || !channels.get(name).is_some_and(|current| Arc::ptr_eq(current, &handle)) {
             return Err(ChannelError::Storage(StorageError::UnknownChannel { channel: name.to_string() }));
         }
-        handle.channel.increase_partitions(count, self.config.max_partitions as u32).map_err(ChannelError::Storage)?;
+        handle.channel.increase_partitions(count, count_max).map_err(ChannelError::Storage)?;
         self.add_partition_handles(&handle);
         self.groups.partitions_changed(name, handle.partition_count());
         drop(channels);
@@ -653,7 +660,10 @@ impl crate::cluster::PartitionHost for BrokerHost {
             // groups this node coordinates and announces the partition to
             // its subscriptions of every partition.
             Some(existing) if existing.partition_count() <= partition => {
-                broker.increase_partitions(&name, partitions).map_err(|error| error.describe(&name))?;
+                let count_max = crate::cluster::REPLICATED_PARTITIONS_MAX as u32;
+                broker
+                    .increase_partitions_up_to(&name, partitions, count_max)
+                    .map_err(|error| error.describe(&name))?;
             }
             Some(_) => {}
             None => {

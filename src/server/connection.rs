@@ -650,10 +650,24 @@ impl Connection {
                 if self.is_replicated(&name)
                     && let Some(replicas) = self.broker.replicas()
                 {
+                    if partitions as usize > crate::cluster::REPLICATED_PARTITIONS_MAX {
+                        let message = format!(
+                            "channel {name} cannot have {partitions} partitions: a replicated channel has at most {} (REPLICATED_PARTITIONS_MAX)",
+                            crate::cluster::REPLICATED_PARTITIONS_MAX
+                        );
+                        return self.error(correlation_id, ErrorCode::TooManyPartitions, message).await;
+                    }
                     return match replicas.alter_channel(name.as_str(), partitions).await {
                         Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
                         Err(message) => self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
                     };
+                }
+                // A replicated channel's copy the metadata state does not
+                // list (deleted, or not applied yet on this node) is the
+                // cluster's to change, never this node's alone.
+                if self.is_unlisted_replicated_copy(&name) {
+                    let message = format!("channel {name} was a replicated channel and has been deleted");
+                    return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
                 }
                 match self.broker.increase_partitions(&name, partitions) {
                     Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
@@ -981,9 +995,7 @@ impl Connection {
         }
         // In cluster mode, a replicated channel's local copy that the
         // metadata group no longer lists: deleted, its files about to go.
-        if self.broker.replicas().is_some()
-            && self.broker.store.channel(&name).is_some_and(|channel| channel.settings().replicated == Some(true))
-        {
+        if self.is_unlisted_replicated_copy(&name) {
             let message = format!("channel {name} was a replicated channel and has been deleted");
             return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
         }
@@ -1528,6 +1540,14 @@ impl Connection {
         self.channel_name(correlation_id, channel).await.map(Some)
     }
 
+    /// Whether `name` is, in cluster mode, a replicated channel's local copy
+    /// (call it once `is_replicated` said no: the metadata state does not
+    /// list it, deleted or not applied yet on this node).
+    fn is_unlisted_replicated_copy(&self, name: &ChannelName) -> bool {
+        self.broker.replicas().is_some()
+            && self.broker.store.channel(name).is_some_and(|channel| channel.settings().replicated == Some(true))
+    }
+
     /// Whether `name` is a replicated channel (cluster mode).
     fn is_replicated(&self, name: &ChannelName) -> bool {
         self.broker.replicas().is_some_and(|replicas| replicas.is_replicated(name.as_str()))
@@ -1542,7 +1562,9 @@ impl Connection {
         // A partition it does not have is refused as for any channel.
         let mut partitions = partition.map_or(0..count, |partition| partition..(partition + 1).min(count));
         let unhosted = partitions.find(|&partition| !replicas.hosts(name.as_str(), partition))?;
-        Some(replicas.hosting_elsewhere(name.as_str(), unhosted).to_string())
+        // Every partition: a node that holds them all, if one does.
+        let every = partition.is_none().then(|| replicas.holding_every_partition_elsewhere(name.as_str())).flatten();
+        Some(every.unwrap_or_else(|| replicas.hosting_elsewhere(name.as_str(), unhosted)).to_string())
     }
 
     fn open_channel(&self, name: &ChannelName) -> Result<Arc<super::broker::ChannelHandle>, ChannelError> {

@@ -27,13 +27,13 @@ pub(crate) struct PartitionFollower {
     pub cancel: CancellationToken,
 }
 
-/// For a replicated channel (cluster mode): resolves, with the
-/// `NotLeader` message naming where it is led, once the channel has a
-/// partition none of whose replicas is on this node (added later, or moved
-/// away), which ends the subscription: this node never receives that
-/// partition's records (docs/REPLICATION.md, "Adding partitions to a
-/// replicated channel").
-pub(crate) type PlacedElsewhere = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+/// For a replicated channel (cluster mode): resolves once the channel has
+/// a partition none of whose replicas is on this node (added later, or
+/// moved away), which ends the subscription, since this node never
+/// receives that partition's records (docs/REPLICATION.md, "Adding
+/// partitions to a replicated channel"): `Ok` with the `NotLeader` message
+/// naming a node that holds every partition, `Err` with why none does.
+pub(crate) type PlacedElsewhere = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
 
 impl PartitionFollower {
     /// Runs until the subscription ends; `placed_elsewhere` (see
@@ -59,14 +59,18 @@ impl PartitionFollower {
                 }
                 () = self.cancel.cancelled() => return,
                 () = self.channel.deleted.cancelled() => return,
-                message = async {
+                placed = async {
                     match placed_elsewhere.as_mut() {
                         Some(placed) => placed.await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    tracing::info!(channel = %self.factory.channel, subscription = self.factory.subscription_id, "a partition of the channel is not hosted here: a subscription of every partition is sent on");
-                    self.factory.end(&self.cursors, &self.cancel, ErrorCode::NotLeader, message).await;
+                    tracing::info!(channel = %self.factory.channel, subscription = self.factory.subscription_id, "a partition of the channel is not hosted here: a subscription of every partition ends");
+                    let (code, message) = match placed {
+                        Ok(message) => (ErrorCode::NotLeader, message),
+                        Err(message) => (ErrorCode::InvalidRequest, message),
+                    };
+                    self.factory.end(&self.cursors, &self.cancel, code, message).await;
                     return;
                 }
             }
