@@ -39,4 +39,5 @@ pub mod protocol;
 pub mod record;
 pub mod security;
 pub mod server;
+pub mod stdout;
 pub mod storage;

@@ -17,6 +17,7 @@ use weir::config::Config;
 use weir::protocol::{Notice, Request, Response, StartPosition};
 use weir::record::Message;
 use weir::storage::FsyncPolicy;
+use weir::{out, outln};
 
 const DEFAULT_ADDR: &str = "127.0.0.1:7450";
 const DEFAULT_CLUSTER_ADDR: &str = "127.0.0.1:7451";
@@ -603,7 +604,7 @@ fn main() -> ExitCode {
 fn print_placement(replicas: &[Vec<u64>]) {
     for (partition, nodes) in replicas.iter().enumerate() {
         let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
-        println!("  partition {partition}: nodes {}", nodes.join(", "));
+        outln!("  partition {partition}: nodes {}", nodes.join(", "));
     }
 }
 
@@ -637,32 +638,32 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
     match reply {
         NodeReply::Status(status) => {
             if matches!(action, ClusterAction::Status { json: true }) {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                print!("{status}");
+                out!("{status}");
             }
         }
         NodeReply::ChannelCreated { replicas } => {
-            println!("replicated channel created; replicas per partition (preferred leader first):");
+            outln!("replicated channel created; replicas per partition (preferred leader first):");
             print_placement(&replicas);
         }
         NodeReply::ChannelAltered { replicas } => {
-            println!(
+            outln!(
                 "replicated channel of {} partitions; replicas per partition (preferred leader first):",
                 replicas.len()
             );
             print_placement(&replicas);
         }
         NodeReply::ChannelDeleted => {
-            println!("replicated channel deleted; each node removes its files as it applies the deletion");
+            outln!("replicated channel deleted; each node removes its files as it applies the deletion");
         }
         NodeReply::MembershipChanged { voters } => {
             let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
             match &action {
                 ClusterAction::MoveReplica { channel, partition, .. } => {
-                    println!("replica moved; {channel} partition {partition} replicas now: {}", voters.join(", "));
+                    outln!("replica moved; {channel} partition {partition} replicas now: {}", voters.join(", "));
                 }
-                _ => println!("membership changed; voters now: {}", voters.join(", ")),
+                _ => outln!("membership changed; voters now: {}", voters.join(", ")),
             }
         }
         NodeReply::NotLeader { leader: None } => {
@@ -671,7 +672,7 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
         NodeReply::NotLeader { leader: Some((id, addrs)) } => {
             bail!("node {id} ({}) leads, but the request did not reach it", addrs.cluster_addr)
         }
-        NodeReply::Error(message) => bail!("{message}"),
+        NodeReply::Error(message) | NodeReply::UnknownChannel(message) => bail!("{message}"),
         other => bail!("unexpected answer {other:?}"),
     }
     Ok(ExitCode::SUCCESS)
@@ -738,7 +739,7 @@ fn serve(
     }
     config.validate()?;
     if print_config {
-        print!("{}", config.to_toml());
+        out!("{}", config.to_toml());
         return Ok(ExitCode::SUCCESS);
     }
     init_logs(log_format, "info");
@@ -797,7 +798,7 @@ fn credentials_hash(generate: bool) -> anyhow::Result<ExitCode> {
         (1..=PRINCIPAL_TOKEN_BYTES_MAX).contains(&token.len()),
         "a token is 1 to {PRINCIPAL_TOKEN_BYTES_MAX} bytes"
     );
-    println!("{}", hash_token(&token).map_err(anyhow::Error::msg)?);
+    outln!("{}", hash_token(&token).map_err(anyhow::Error::msg)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -866,7 +867,7 @@ async fn publish(
     let to_message = |payload: String| Message { key: key.clone(), headers: Vec::new(), payload: Bytes::from(payload) };
     if let Some(message) = message {
         let receipt = publisher.publish(to_message(message)).await?;
-        println!("{}", receipt.offset);
+        outln!("{}", receipt.offset);
         publisher.close().await;
         return Ok(ExitCode::SUCCESS);
     }
@@ -878,7 +879,7 @@ async fn publish(
             let receipt: tokio::sync::oneshot::Receiver<Result<weir::client::Receipt, weir::client::ClientError>> =
                 receipt;
             match receipt.await {
-                Ok(Ok(receipt)) => println!("{}", receipt.offset),
+                Ok(Ok(receipt)) => outln!("{}", receipt.offset),
                 Ok(Err(error)) => failed = Some(error.to_string()),
                 Err(_) => failed = Some("the publisher stopped".into()),
             }
@@ -990,9 +991,9 @@ fn show_event(event: Event, several: bool) -> Option<(u32, u64)> {
             let time =
                 humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us));
             if several {
-                print!("{partition}\t");
+                out!("{partition}\t");
             }
-            println!(
+            outln!(
                 "{}\t{}\t{}\t{}",
                 record.offset,
                 time,
@@ -1052,7 +1053,7 @@ async fn channels_admin(broker: BrokerArgs, action: ChannelsAction) -> anyhow::R
         }
     };
     connection.request(request).await?;
-    println!("{done}");
+    outln!("{done}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1073,7 +1074,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                 floor: vec![series.summary()],
                 series: Vec::new(),
             };
-            print!("{}", report::table(&report));
+            out!("{}", report::table(&report));
         }
         BenchKind::Throughput { sizes, messages, bytes_max, subscriber_window, target, json } => {
             check_bench_bounds(&sizes, 1, &[])?;
@@ -1157,7 +1158,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
             }
             let curves = weir::bench::chart::overlay(each);
             weir::bench::chart::draw(&curves, &title, &output)?;
-            println!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
+            outln!("{}: {} curves from {} reports", output.display(), curves.len(), reports.len());
         }
         BenchKind::Latency { sizes, rate, seconds, warmup_seconds, floor_seconds, target, output } => {
             check_bench_bounds(&sizes, rate, &[seconds, warmup_seconds, floor_seconds])?;
@@ -1189,7 +1190,7 @@ async fn bench(kind: BenchKind) -> anyhow::Result<ExitCode> {
                 series: results.iter().flat_map(latency::SizeResult::series).map(|series| series.summary()).collect(),
             };
             target.stop().await?;
-            print!("{}", report::table(&report));
+            out!("{}", report::table(&report));
             output.write_hgrms(floors.iter().chain(results.iter().flat_map(latency::SizeResult::series)))?;
             output.write_json(&report)?;
             if let Some(stem) = &output.chart {
@@ -1263,15 +1264,15 @@ async fn bench_run(
         target.windows().await?,
         run.consumer_window
     );
-    println!("{} against {}", header.tool, header.target);
-    println!("workload: {}", header.workload);
-    println!("windows: {windows}");
+    outln!("{} against {}", header.tool, header.target);
+    outln!("workload: {}", header.workload);
+    outln!("windows: {windows}");
     if backlog_bytes > 0 {
-        println!("backlog: {backlog_bytes} bytes published before the consumers start, then drained");
+        outln!("backlog: {backlog_bytes} bytes published before the consumers start, then drained");
     }
     let unused = workload.unused_fields();
     if !unused.is_empty() {
-        println!("not implemented, ignored: {}", unused.iter().cloned().collect::<Vec<_>>().join(", "));
+        outln!("not implemented, ignored: {}", unused.iter().cloned().collect::<Vec<_>>().join(", "));
     }
     let options = runner::RunOptions {
         test,
@@ -1297,9 +1298,9 @@ async fn bench_run(
     }
     let table =
         report::Report { header: header.clone(), floor: floor.iter().map(|series| series.summary()).collect(), series };
-    print!("{}", report::table(&table));
+    out!("{}", report::table(&table));
     let totals = outcome.totals.clone();
-    println!(
+    outln!(
         "messages: {} acknowledged, {} failed, {} due and never sent; {} read over {} subscriptions per topic, {} redelivered, {} unread at the end",
         totals.acknowledged,
         totals.failed,
@@ -1310,10 +1311,10 @@ async fn bench_run(
         totals.unread
     );
     if let Some(failure) = &totals.first_failure {
-        println!("first failed publish: {failure}");
+        outln!("first failed publish: {failure}");
     }
     if let Some(drain) = &outcome.drain {
-        println!(
+        outln!(
             "backlog: {} messages built in {:.1} s, drained in {:.1} s at {:.0} msg/s / {:.1} MB/s while publishing went on",
             drain.backlog_messages,
             drain.build_seconds,
@@ -1444,7 +1445,7 @@ async fn bench_throughput(
         results,
     };
     target.stop().await?;
-    print!("{}", throughput::report_table(&report));
+    out!("{}", throughput::report_table(&report));
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -1462,15 +1463,18 @@ async fn groups(broker: BrokerArgs, channel: Option<String>) -> anyhow::Result<E
         bail!("unexpected answer to LIST_GROUPS");
     };
     for group in groups {
-        println!(
+        outln!(
             "group {} on {}: {} members, generation {}",
-            group.name, group.channel, group.member_count, group.generation
+            group.name,
+            group.channel,
+            group.member_count,
+            group.generation
         );
-        println!("    {:>9} {:>8} {:>12} {:>12}", "PARTITION", "MEMBER", "COMMITTED", "LAG");
+        outln!("    {:>9} {:>8} {:>12} {:>12}", "PARTITION", "MEMBER", "COMMITTED", "LAG");
         for partition in group.partitions {
             let owner = partition.owner.map_or_else(|| "-".to_owned(), |member| member.to_string());
             let committed = partition.committed.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
-            println!("    {:>9} {:>8} {:>12} {:>12}", partition.partition, owner, committed, partition.lag);
+            outln!("    {:>9} {:>8} {:>12} {:>12}", partition.partition, owner, committed, partition.lag);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -1480,20 +1484,20 @@ async fn metadata(broker: BrokerArgs, channel: Option<String>) -> anyhow::Result
     let connection = broker.connect().await?;
     let metadata = weir::client::Metadata::fetch(&connection, channel.as_deref().unwrap_or_default()).await?;
     if metadata.clustered {
-        println!("node {} of a cluster of {}:", metadata.node_id, metadata.nodes.len());
+        outln!("node {} of a cluster of {}:", metadata.node_id, metadata.nodes.len());
     } else {
-        println!("a single node (not in cluster mode):");
+        outln!("a single node (not in cluster mode):");
     }
     for node in &metadata.nodes {
-        println!("    node {} at {}", node.node_id, node.client_addr);
+        outln!("    node {} at {}", node.node_id, node.client_addr);
     }
-    println!("{:<32} {:>10} {:>6} {:>8} {:<20} REPLICAS", "CHANNEL", "PARTITION", "RF", "LEADER", "LEADER ADDRESS");
+    outln!("{:<32} {:>10} {:>6} {:>8} {:<20} REPLICAS", "CHANNEL", "PARTITION", "RF", "LEADER", "LEADER ADDRESS");
     for channel in &metadata.channels {
         for (partition, placed) in channel.partitions.iter().enumerate() {
             let leader = placed.leader.map_or_else(|| "-".to_owned(), |node| node.to_string());
             let address = placed.leader.and_then(|node| metadata.client_addr(node)).unwrap_or("-");
             let replicas: Vec<String> = placed.replicas.iter().map(u64::to_string).collect();
-            println!(
+            outln!(
                 "{:<32} {:>10} {:>6} {:>8} {:<20} {}",
                 channel.name,
                 partition,
@@ -1512,13 +1516,19 @@ async fn channels(broker: BrokerArgs) -> anyhow::Result<ExitCode> {
     let Response::Channels { channels } = connection.request(Request::ListChannels).await? else {
         bail!("unexpected answer to LIST_CHANNELS");
     };
-    println!(
+    outln!(
         "{:<32} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}",
-        "CHANNEL", "PARTITION", "START", "NEXT", "MESSAGES", "BYTES", "SEGMENTS"
+        "CHANNEL",
+        "PARTITION",
+        "START",
+        "NEXT",
+        "MESSAGES",
+        "BYTES",
+        "SEGMENTS"
     );
     for channel in channels {
         for (partition, info) in channel.partitions.iter().enumerate() {
-            println!(
+            outln!(
                 "{:<32} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8}",
                 channel.name,
                 partition,
@@ -1536,9 +1546,11 @@ async fn channels(broker: BrokerArgs) -> anyhow::Result<ExitCode> {
                 (false, true) => subscription.durable_name,
             };
             let acked = subscription.acked_offset.map_or_else(|| "-".to_owned(), |offset| offset.to_string());
-            println!(
+            outln!(
                 "    subscription {name} partition {}: next {} acked {acked} lag {}",
-                subscription.partition, subscription.next_offset, subscription.lag
+                subscription.partition,
+                subscription.next_offset,
+                subscription.lag
             );
         }
     }
@@ -1558,16 +1570,16 @@ async fn stats(broker: BrokerArgs, interval_ms: u64) -> anyhow::Result<ExitCode>
     let (second_at, counters, channels) = sample().await?;
     let seconds = second_at.duration_since(first_at).as_secs_f64();
     for (name, value) in &counters {
-        println!("{name:<44} {value}");
+        outln!("{name:<44} {value}");
     }
-    println!();
-    println!("{:<32} {:>12} {:>12} {:>12} {:>14}", "CHANNEL", "MSG/S", "MB/S", "NEXT", "BYTES");
+    outln!();
+    outln!("{:<32} {:>12} {:>12} {:>12} {:>14}", "CHANNEL", "MSG/S", "MB/S", "NEXT", "BYTES");
     for channel in &channels {
         let before = first_channels.iter().find(|c| c.name == channel.name);
         let messages =
             channel.messages_appended - before.map_or(0, |c| c.messages_appended.min(channel.messages_appended));
         let bytes = channel.bytes_appended - before.map_or(0, |c| c.bytes_appended.min(channel.bytes_appended));
-        println!(
+        outln!(
             "{:<32} {:>12.0} {:>12.2} {:>12} {:>14}",
             channel.name,
             messages as f64 / seconds,
@@ -1577,7 +1589,7 @@ async fn stats(broker: BrokerArgs, interval_ms: u64) -> anyhow::Result<ExitCode>
         );
         for subscription in &channel.subscriptions {
             let name = if subscription.durable_name.is_empty() { "(ephemeral)" } else { &subscription.durable_name };
-            println!("    subscription {name}: lag {} in flight {}", subscription.lag, subscription.inflight);
+            outln!("    subscription {name}: lag {} in flight {}", subscription.lag, subscription.inflight);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -1603,7 +1615,7 @@ fn check(data_dir: &Path, config: Option<&Path>, fsync: Option<FsyncPolicy>) -> 
     let report = weir::storage::check::check_data_dir(data_dir, &policies)
         .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", data_dir.display()))?;
     for problem in &report.problems {
-        println!("{problem}");
+        outln!("{problem}");
     }
     let summary = format!(
         "{} channels, {} segments, {} records, {} bytes",
@@ -1612,17 +1624,17 @@ fn check(data_dir: &Path, config: Option<&Path>, fsync: Option<FsyncPolicy>) -> 
     let (repairable, corrupt) = (report.count(Severity::Repairable), report.count(Severity::Corrupt));
     match report.verdict() {
         Verdict::Clean => {
-            println!("ok: {summary}");
+            outln!("ok: {summary}");
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Repairable => {
-            println!(
+            outln!(
                 "repairable: {summary}; {repairable} problems the broker repairs on start (torn tails cut, indexes rebuilt), nothing acknowledged is affected"
             );
             Ok(ExitCode::SUCCESS)
         }
         Verdict::Corrupt => {
-            println!("corrupt: {summary}; {corrupt} corrupt and {repairable} repairable problems");
+            outln!("corrupt: {summary}; {corrupt} corrupt and {repairable} repairable problems");
             Ok(ExitCode::from(1))
         }
     }

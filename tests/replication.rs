@@ -1831,6 +1831,9 @@ async fn a_following_subscriber_moves_on_by_itself_when_its_node_fails() {
     }
     assert_ne!(member.addr(), coordinator, "still at the killed node");
     assert!(!moves.is_empty(), "the move was not announced");
+    // Each move names its cause (the lost subscription), not the last
+    // error on the way (a node it could not reach).
+    assert!(moves.iter().all(|moved| !moved.starts_with("cannot connect")), "{moves:?}");
 }
 
 /// The next record's payload a `FollowingSubscriber` delivers, acknowledged;
@@ -1949,6 +1952,9 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
         }
     }
 
+    // Deleted again: there is no such channel any more.
+    let again = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: true }).await.unwrap_err();
+    assert_eq!(again.code(), Some(ErrorCode::UnknownChannel), "{again}");
     assert!(files(3).iter().all(|path| path.exists()), "node 3, down, still holds the old channel");
     // Created again while node 3 is down (its first replica may be node
     // 3, which starts its group: the others wait for it).

@@ -2193,3 +2193,24 @@ fn a_copy_replacing_a_log_is_undone_or_finished_at_open_after_a_crash() {
     assert_eq!(read_all(&log, middle), read_all(&source, middle));
     assert!(!marked.join("segment-transfer").exists());
 }
+
+/// The command line writing into a pipe whose reader has gone (`weir check
+/// DIR | head -0`) ends quietly with success, not with a panic (Rust's
+/// `println!` panics on a closed pipe).
+#[test]
+fn the_cli_ends_quietly_when_its_output_pipe_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("channels")).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("check")
+        .arg(dir.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+}

@@ -954,7 +954,7 @@ impl Reporter {
         }
         latencies.period.clear();
         drop(latencies);
-        println!("{line}");
+        crate::outln!("{line}");
         self.lines.push(line);
     }
 }

@@ -207,7 +207,9 @@ impl FollowingSubscriber {
                 }
                 Err(error) => match self.next_addr(&error) {
                     Some(next) => {
-                        reason = Some(error.to_string());
+                        // The move's cause: the first error, not the last
+                        // one on the way.
+                        reason.get_or_insert_with(|| error.to_string());
                         self.addr = next;
                     }
                     None => return Err(error),

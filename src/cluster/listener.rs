@@ -295,7 +295,7 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
                 return not_leader;
             }
             if !served.replicas.is_replicated(&name) {
-                return NodeReply::Error(format!("channel {name} is not a replicated channel"));
+                return NodeReply::UnknownChannel(format!("channel {name} is not a replicated channel"));
             }
             tracing::info!(channel = %name, "deleting a replicated channel");
             // Bounded: a leader without a quorum would hold the admin lock.
@@ -561,7 +561,7 @@ async fn alter_channel(raft: &Raft, replicas: &Replicas, name: &str, partitions:
     }
     let channels = replicas.channels();
     let Some(channel) = channels.channels.get(name) else {
-        return NodeReply::Error(format!("channel {name} is not a replicated channel"));
+        return NodeReply::UnknownChannel(format!("channel {name} is not a replicated channel"));
     };
     let from = channel.replicas.len() as u32;
     if partitions < from {
@@ -621,7 +621,7 @@ async fn alter_channel(raft: &Raft, replicas: &Replicas, name: &str, partitions:
                     "channel {name} changed meanwhile (it has {} partitions now): nothing was added; ask again",
                     now.len()
                 )),
-                None => NodeReply::Error(format!("channel {name} was deleted meanwhile")),
+                None => NodeReply::UnknownChannel(format!("channel {name} was deleted meanwhile")),
             }
         }
         Ok(Err(error)) => membership_error(&error),

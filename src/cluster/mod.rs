@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 
 pub use listener::REPLICATION_FACTORS;
 pub use replicas::{
-    ClusterMetadata, HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost, Publish,
-    PublishAnswer, PublishApplied, PublishRefused, PublishResult, REPLICATED_PARTITIONS_MAX, Replicas,
+    AdminError, ClusterMetadata, HostedPartition, PARTITION_RAFT_LOG_KEPT, PARTITION_SNAPSHOT_ENTRIES, PartitionHost,
+    Publish, PublishAnswer, PublishApplied, PublishRefused, PublishResult, REPLICATED_PARTITIONS_MAX, Replicas,
     ReplicatedPublishError,
 };
 pub use status::{ClusterStatus, MemberStatus, PartitionStatus};

@@ -82,6 +82,17 @@ fn command_kind(command: &ChannelCommand) -> &'static str {
     }
 }
 
+/// Why a replicated channel's deletion or alteration was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The metadata state lists no such replicated channel.
+    #[error("{0}")]
+    UnknownChannel(String),
+    /// Refused, or not known to be done (the message says which).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// How many `NotLeader` answers a channel's deletion or alteration
 /// follows to the metadata group's leader.
 const ADMIN_REDIRECTS_MAX: usize = 3;
@@ -1107,11 +1118,11 @@ impl Replicas {
     /// # Errors
     /// The channel is not replicated, or no leader committed the deletion
     /// (it may or may not have been, after a timeout).
-    pub async fn delete_channel(&self, name: &str) -> Result<(), String> {
+    pub async fn delete_channel(&self, name: &str) -> Result<(), AdminError> {
         let request = || NodeRequest::DeleteChannel { name: name.to_string() };
         match self.ask_admin(request, "the channel may or may not have been deleted; list the channels").await? {
             NodeReply::ChannelDeleted => Ok(()),
-            other => Err(format!("unexpected reply {other:?}")),
+            other => Err(AdminError::Refused(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -1123,11 +1134,11 @@ impl Replicas {
     /// # Errors
     /// The channel is not replicated, the count is refused, or no leader
     /// committed it (it may or may not have been, after a timeout).
-    pub async fn alter_channel(&self, name: &str, partitions: u32) -> Result<(), String> {
+    pub async fn alter_channel(&self, name: &str, partitions: u32) -> Result<(), AdminError> {
         let request = || NodeRequest::AlterChannel { name: name.to_string(), partitions };
         match self.ask_admin(request, "the partitions may or may not have been added; ask METADATA").await? {
             NodeReply::ChannelAltered { .. } => Ok(()),
-            other => Err(format!("unexpected reply {other:?}")),
+            other => Err(AdminError::Refused(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -1135,12 +1146,13 @@ impl Replicas {
     /// admin request (this node's own cluster listener when it leads),
     /// following `NotLeader` a few times while leadership moves. `unsure`
     /// says what a lost answer leaves undecided.
-    async fn ask_admin(&self, request: impl Fn() -> NodeRequest, unsure: &str) -> Result<NodeReply, String> {
+    async fn ask_admin(&self, request: impl Fn() -> NodeRequest, unsure: &str) -> Result<NodeReply, AdminError> {
         let mut leader = None;
         for _ in 0..ADMIN_REDIRECTS_MAX {
             let addr = match leader.take() {
                 Some(addr) => addr,
-                None => Self::metadata_leader_addr(&self.metadata.metrics().borrow_watched())?,
+                None => Self::metadata_leader_addr(&self.metadata.metrics().borrow_watched())
+                    .map_err(AdminError::Refused)?,
             };
             let mut client = PeerClient::new(addr, self.tls.clone()).with_source_ip(self.source_ip);
             // The leader waits for the admin lock, then for the commit,
@@ -1148,14 +1160,15 @@ impl Replicas {
             match client.call(&request(), 2 * LEADERSHIP_REPORT_TIMEOUT + ADMIN_CALL_MARGIN).await {
                 Ok(NodeReply::NotLeader { leader: Some((_, addrs)) }) => leader = Some(addrs.cluster_addr),
                 Ok(NodeReply::NotLeader { leader: None }) => {
-                    return Err("the metadata group has no leader; try again".into());
+                    return Err(AdminError::Refused("the metadata group has no leader; try again".into()));
                 }
-                Ok(NodeReply::Error(message)) => return Err(message),
+                Ok(NodeReply::Error(message)) => return Err(AdminError::Refused(message)),
+                Ok(NodeReply::UnknownChannel(message)) => return Err(AdminError::UnknownChannel(message)),
                 Ok(reply) => return Ok(reply),
-                Err(error) => return Err(format!("{error}: {unsure}")),
+                Err(error) => return Err(AdminError::Refused(format!("{error}: {unsure}"))),
             }
         }
-        Err("the metadata group's leadership kept moving; try again".into())
+        Err(AdminError::Refused("the metadata group's leadership kept moving; try again".into()))
     }
 
     /// The cluster address of the metadata group's leader, as `metrics`

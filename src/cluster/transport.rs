@@ -214,6 +214,9 @@ pub enum NodeReply {
     ChannelAltered {
         replicas: Vec<Vec<NodeId>>,
     },
+    /// A deletion or alteration named a channel the metadata state does
+    /// not list (never created, or deleted meanwhile).
+    UnknownChannel(String),
 }
 
 /// Why a request to another node got no answer.

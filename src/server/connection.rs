@@ -659,7 +659,7 @@ impl Connection {
                     }
                     return match replicas.alter_channel(name.as_str(), partitions).await {
                         Ok(()) => self.respond(correlation_id, Response::ChannelAltered).await,
-                        Err(message) => self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
+                        Err(error) => self.admin_error(correlation_id, error).await,
                     };
                 }
                 // A replicated channel's copy the metadata state does not
@@ -718,7 +718,7 @@ impl Connection {
                     }
                     return match replicas.delete_channel(name.as_str()).await {
                         Ok(()) => self.respond(correlation_id, Response::ChannelDeleted).await,
-                        Err(message) => self.error(correlation_id, ErrorCode::InvalidRequest, message).await,
+                        Err(error) => self.admin_error(correlation_id, error).await,
                     };
                 }
                 // File work (moving and removing the channel's directory)
@@ -1538,6 +1538,15 @@ impl Connection {
             return Some(None);
         }
         self.channel_name(correlation_id, channel).await.map(Some)
+    }
+
+    /// A replicated channel's deletion or alteration that was not done.
+    async fn admin_error(&mut self, correlation_id: u32, error: crate::cluster::AdminError) -> Flow {
+        let code = match &error {
+            crate::cluster::AdminError::UnknownChannel(_) => ErrorCode::UnknownChannel,
+            crate::cluster::AdminError::Refused(_) => ErrorCode::InvalidRequest,
+        };
+        self.error(correlation_id, code, error.to_string()).await
     }
 
     /// Whether `name` is, in cluster mode, a replicated channel's local copy
