@@ -592,6 +592,9 @@ fn main() -> ExitCode {
         Command::Bench { kind } => run_async(async move { tokio::spawn(bench(kind)).await? }),
     };
     match result {
+        // Its output could not be written (not a reader gone: a full
+        // disk, say); said on stderr already.
+        Ok(_) if weir::stdout::has_failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(error) => {
             eprintln!("weir: {}", one_line(&error));
@@ -663,7 +666,9 @@ async fn cluster(node: String, tls: ClusterTlsArgs, action: ClusterAction) -> an
                 ClusterAction::MoveReplica { channel, partition, .. } => {
                     outln!("replica moved; {channel} partition {partition} replicas now: {}", voters.join(", "));
                 }
-                _ => outln!("membership changed; voters now: {}", voters.join(", ")),
+                _ => {
+                    outln!("membership changed; voters now: {}", voters.join(", "));
+                }
             }
         }
         NodeReply::NotLeader { leader: None } => {
@@ -879,7 +884,10 @@ async fn publish(
             let receipt: tokio::sync::oneshot::Receiver<Result<weir::client::Receipt, weir::client::ClientError>> =
                 receipt;
             match receipt.await {
-                Ok(Ok(receipt)) => outln!("{}", receipt.offset),
+                // Published all the same once stdout is closed.
+                Ok(Ok(receipt)) => {
+                    outln!("{}", receipt.offset);
+                }
                 Ok(Err(error)) => failed = Some(error.to_string()),
                 Err(_) => failed = Some("the publisher stopped".into()),
             }
@@ -945,6 +953,7 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         let mut subscriber = Subscriber::subscribe(&connection, &channel, options).await?;
         let several = subscriber.partitions().len() != 1;
         while count.is_none_or(|count| received < count)
+            && !weir::stdout::is_closed()
             && let Some(event) = subscriber.next().await
         {
             if let Some((partition, offset)) = show_event(event?, several) {
@@ -966,6 +975,7 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
         FollowingSubscriber::subscribe(&broker.addr, broker.options("weir-cli"), &channel, options, follow).await?;
     let several = partition.is_none() && subscriber.partitions().len() != 1;
     while count.is_none_or(|count| received < count)
+        && !weir::stdout::is_closed()
         && let Some(followed) = subscriber.next().await
     {
         match followed? {
@@ -984,23 +994,22 @@ async fn subscribe(broker: BrokerArgs, channel: String, args: SubscribeArgs) -> 
 
 /// Prints a subscription's event (records on stdout, the partition first
 /// when it reads `several`; notices on stderr); returns the partition and
-/// offset to acknowledge for a record.
+/// offset to acknowledge for a record it printed (none once standard
+/// output is closed: see `weir::stdout`).
 fn show_event(event: Event, several: bool) -> Option<(u32, u64)> {
     match event {
         Event::Message { partition, record } => {
             let time =
                 humantime::format_rfc3339_micros(SystemTime::UNIX_EPOCH + Duration::from_micros(record.timestamp_us));
-            if several {
-                out!("{partition}\t");
-            }
-            outln!(
-                "{}\t{}\t{}\t{}",
+            let prefix = if several { format!("{partition}\t") } else { String::new() };
+            let printed = outln!(
+                "{prefix}{}\t{}\t{}\t{}",
                 record.offset,
                 time,
                 String::from_utf8_lossy(&record.key),
                 String::from_utf8_lossy(&record.payload)
             );
-            return Some((partition, record.offset));
+            return printed.then_some((partition, record.offset));
         }
         Event::Notice { partition, notice: Notice::Lag { lag, next_offset } } => {
             eprintln!("notice: partition {partition}: {lag} messages behind (next offset {next_offset})");

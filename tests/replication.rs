@@ -1956,8 +1956,7 @@ async fn a_deleted_replicated_channel_is_gone_everywhere_and_its_name_can_be_use
     let again = admin.request(Request::DeleteChannel { channel: GROUPED.into(), force: true }).await.unwrap_err();
     assert_eq!(again.code(), Some(ErrorCode::UnknownChannel), "{again}");
     assert!(files(3).iter().all(|path| path.exists()), "node 3, down, still holds the old channel");
-    // Created again while node 3 is down (its first replica may be node
-    // 3, which starts its group: the others wait for it).
+    // Created again while node 3 is down.
     create_channel_with(&nodes[1], GROUPED, 1, 3, 0).await;
     nodes[2].start();
     leaders_agreed(&addrs, 1).await;

@@ -954,6 +954,7 @@ impl Reporter {
         }
         latencies.period.clear();
         drop(latencies);
+        // A closed stdout does not stop the run (its files are written).
         crate::outln!("{line}");
         self.lines.push(line);
     }

@@ -12,6 +12,7 @@ use openraft::Instant as _;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::entry::RaftEntry;
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::ReadPolicy;
 use openraft::{ChangeMembers, RaftTypeConfig, ServerState};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -289,10 +290,15 @@ async fn handle(served: &Served, peer: Peer, request: NodeRequest) -> NodeReply 
         }
         NodeRequest::DeleteChannel { name } => {
             let Ok(_admin) = tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, served.admin.lock()).await else {
-                return NodeReply::Error("another channel's creation or deletion is under way; try again".into());
+                return NodeReply::Error(
+                    "another channel's creation, alteration or deletion is under way; try again".into(),
+                );
             };
             if let Some(not_leader) = unless_leader(raft) {
                 return not_leader;
+            }
+            if let Some(unsure) = applied_what_is_committed(raft).await {
+                return unsure;
             }
             if !served.replicas.is_replicated(&name) {
                 return NodeReply::UnknownChannel(format!("channel {name} is not a replicated channel"));
@@ -559,6 +565,9 @@ async fn alter_channel(raft: &Raft, replicas: &Replicas, name: &str, partitions:
     if let Some(not_leader) = unless_leader(raft) {
         return not_leader;
     }
+    if let Some(unsure) = applied_what_is_committed(raft).await {
+        return unsure;
+    }
     let channels = replicas.channels();
     let Some(channel) = channels.channels.get(name) else {
         return NodeReply::UnknownChannel(format!("channel {name} is not a replicated channel"));
@@ -604,19 +613,21 @@ async fn alter_channel(raft: &Raft, replicas: &Replicas, name: &str, partitions:
         return NodeReply::Error(refused);
     }
     let incarnation = channels.incarnations.get(name).copied().unwrap_or(0);
-    let mut expected = channel.replicas.clone();
-    expected.extend(added.iter().cloned());
     tracing::info!(channel = name, from, to = partitions, ?added, "adding partitions to a replicated channel");
     let command = MetadataCommand::AddPartitions { name: name.to_string(), incarnation, from, added };
     // Bounded: a leader without a quorum would hold the admin lock.
     match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.client_write(command)).await {
         // Applied only if the channel was still as read above (an earlier
         // alteration, say, not committed in time, may have applied
-        // first): what the state holds now says whether it did.
+        // first): the state now says whether the channel, the same
+        // incarnation, has the partitions asked for (a replica move may
+        // have changed a placement meanwhile, which does not matter).
         Ok(Ok(_)) => {
-            let now = replicas.channels().channels.get(name).map(|channel| channel.replicas.clone());
+            let state = replicas.channels();
+            let now = state.channels.get(name).map(|channel| channel.replicas.clone());
+            let same = state.incarnations.get(name).copied().unwrap_or(0) == incarnation;
             match now {
-                Some(now) if now == expected => NodeReply::ChannelAltered { replicas: now },
+                Some(now) if same && now.len() == partitions as usize => NodeReply::ChannelAltered { replicas: now },
                 Some(now) => NodeReply::Error(format!(
                     "channel {name} changed meanwhile (it has {} partitions now): nothing was added; ask again",
                     now.len()
@@ -654,6 +665,23 @@ fn groups_left_without_a_coordinator(state: &MetadataState, name: &str, added: &
             "channel {name} is read by consumer groups, and fewer nodes than its replication factor hold a replica of every partition: after adding partitions none would, and a group's coordinator must (REPLICATION.md, \"Consumer groups across nodes\"); refused"
         )
     })
+}
+
+/// For a leader about to read its state to check an admin request: waits
+/// (at most `LEADERSHIP_REPORT_TIMEOUT`) until it has applied everything
+/// committed (a leader just elected may not have applied its
+/// predecessor's last entries, say a channel's creation); the answer to
+/// give otherwise.
+async fn applied_what_is_committed(raft: &Raft) -> Option<NodeReply> {
+    match tokio::time::timeout(LEADERSHIP_REPORT_TIMEOUT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => {
+            Some(NodeReply::Error(format!("this node cannot confirm it leads the metadata group: {error}; try again")))
+        }
+        Err(_) => Some(NodeReply::Error(format!(
+            "this node could not confirm within {LEADERSHIP_REPORT_TIMEOUT:?} that it leads the metadata group; try again"
+        ))),
+    }
 }
 
 /// `NotLeader` unless this node leads the metadata group, which alone

@@ -904,6 +904,12 @@ impl Replicas {
         first.iter().copied().filter(|node| channel.replicas.iter().all(|replicas| replicas.contains(node))).collect()
     }
 
+    /// Whether some node holds a replica of every partition of `channel`.
+    pub fn any_holds_every_partition(&self, channel: &str) -> bool {
+        let state = self.channels.borrow();
+        state.channels.get(channel).is_some_and(|channel| !Self::holding_every_partition(channel).is_empty())
+    }
+
     /// For a read of every partition of `channel`: `NotLeader` naming
     /// another node that holds a replica of every partition, if one does.
     pub fn holding_every_partition_elsewhere(&self, channel: &str) -> Option<ReplicatedPublishError> {

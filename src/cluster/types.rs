@@ -293,22 +293,25 @@ impl MetadataState {
                     return;
                 }
                 channel.replicas.extend(added.iter().cloned());
-                // The durable subscriptions and groups reading the channel
-                // read the new partitions from their start (0, empty as
-                // they are created): nothing published there is skipped
-                // by a reader that starts on them later at "latest".
-                let readers: std::collections::BTreeSet<(String, bool)> = self
+                // The consumer groups reading the channel read the new
+                // partitions from their start (0, empty as they are
+                // created): a member assigned one later, perhaps at another
+                // coordinator, would otherwise start at "latest" and skip
+                // what was published there meanwhile. (A durable
+                // subscription reads a partition added later from its start
+                // already.) Within REPLICATED_POSITIONS_MAX.
+                let groups: std::collections::BTreeSet<String> = self
                     .positions
                     .keys()
-                    .filter(|(channel, ..)| channel == name)
-                    .map(|(_, reader, _, group)| (reader.clone(), *group))
+                    .filter(|(channel, _, _, group)| channel == name && *group)
+                    .map(|(_, group, ..)| group.clone())
                     .collect();
-                for (reader, group) in readers {
+                for group in groups {
                     for partition in *from..*from + added.len() as u32 {
                         if self.positions.len() >= REPLICATED_POSITIONS_MAX {
                             return;
                         }
-                        self.positions.entry((name.clone(), reader.clone(), partition, group)).or_insert(0);
+                        self.positions.entry((name.clone(), group.clone(), partition, true)).or_insert(0);
                     }
                 }
             }

@@ -666,7 +666,9 @@ impl Connection {
                 // list (deleted, or not applied yet on this node) is the
                 // cluster's to change, never this node's alone.
                 if self.is_unlisted_replicated_copy(&name) {
-                    let message = format!("channel {name} was a replicated channel and has been deleted");
+                    let message = format!(
+                        "channel {name} is not a replicated channel this node knows of (deleted, or not applied here yet)"
+                    );
                     return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
                 }
                 match self.broker.increase_partitions(&name, partitions) {
@@ -720,6 +722,16 @@ impl Connection {
                         Ok(()) => self.respond(correlation_id, Response::ChannelDeleted).await,
                         Err(error) => self.admin_error(correlation_id, error).await,
                     };
+                }
+                // A replicated channel's copy the metadata state does not
+                // list: removed by the node itself as the state says, never
+                // by a request (the state may only lag, on a node applying
+                // its log again, with the copy still the cluster's).
+                if self.is_unlisted_replicated_copy(&name) {
+                    let message = format!(
+                        "channel {name} is not a replicated channel this node knows of (deleted, or not applied here yet)"
+                    );
+                    return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
                 }
                 // File work (moving and removing the channel's directory)
                 // runs on the blocking pool.
@@ -1183,6 +1195,16 @@ impl Connection {
         // auto-created), against the channel it would become if it does not
         // exist yet.
         if let Some(refused) = self.unhosted_replicated(&name, partition) {
+            // Every partition, and no node holds them all: nowhere to send
+            // it (one subscription per partition, where each is led).
+            if partition.is_none()
+                && self.broker.replicas().is_some_and(|replicas| !replicas.any_holds_every_partition(name.as_str()))
+            {
+                let message = format!(
+                    "no node holds a replica of every partition of channel {name}: subscribe to each partition where it is led"
+                );
+                return self.error(correlation_id, ErrorCode::InvalidRequest, message).await;
+            }
             return self.error(correlation_id, ErrorCode::NotLeader, refused).await;
         }
         let exists = self.broker.store.channel(&name).is_some() || self.broker.store.unavailable(&name).is_some();
