@@ -665,10 +665,7 @@ impl Connection {
                 // A replicated channel's copy the metadata state does not
                 // list (deleted, or not applied yet on this node) is the
                 // cluster's to change, never this node's alone.
-                if self.is_unlisted_replicated_copy(&name) {
-                    let message = format!(
-                        "channel {name} is not a replicated channel this node knows of (deleted, or not applied here yet)"
-                    );
+                if let Some(message) = self.unlisted_replicated_copy(&name) {
                     return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
                 }
                 match self.broker.increase_partitions(&name, partitions) {
@@ -727,10 +724,7 @@ impl Connection {
                 // list: removed by the node itself as the state says, never
                 // by a request (the state may only lag, on a node applying
                 // its log again, with the copy still the cluster's).
-                if self.is_unlisted_replicated_copy(&name) {
-                    let message = format!(
-                        "channel {name} is not a replicated channel this node knows of (deleted, or not applied here yet)"
-                    );
+                if let Some(message) = self.unlisted_replicated_copy(&name) {
                     return self.error(correlation_id, ErrorCode::UnknownChannel, message).await;
                 }
                 // File work (moving and removing the channel's directory)
@@ -1569,6 +1563,15 @@ impl Connection {
             crate::cluster::AdminError::Refused(_) => ErrorCode::InvalidRequest,
         };
         self.error(correlation_id, code, error.to_string()).await
+    }
+
+    /// For an admin request on a replicated channel's local copy that this
+    /// node's metadata does not list (see `is_unlisted_replicated_copy`):
+    /// the `UnknownChannel` message.
+    fn unlisted_replicated_copy(&self, name: &ChannelName) -> Option<String> {
+        self.is_unlisted_replicated_copy(name).then(|| {
+            format!("channel {name} is not a replicated channel this node knows of (deleted, or not applied here yet)")
+        })
     }
 
     /// Whether `name` is, in cluster mode, a replicated channel's local copy
